@@ -1,0 +1,128 @@
+//! `magnetar`: one binary for every role of a Magnetar deployment, the
+//! operator CLI and the load generator.
+
+mod admin;
+mod perf;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use magnetar_metadata::{parse_peers, MetaNode, NodeConfig, RaftTuning};
+
+#[derive(Parser)]
+#[command(name = "magnetar", version, about = "Multi-protocol streaming gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a metadata node (a member of the raft group).
+    Meta(MetaArgs),
+    /// Operator commands.
+    Admin(admin::AdminArgs),
+    /// Load generators that print throughput and latency.
+    Perf(perf::PerfArgs),
+}
+
+#[derive(Args)]
+struct MetaArgs {
+    /// This node's id, unique in the group and at least 1.
+    #[arg(long, env = "MAGNETAR_META_ID")]
+    id: u64,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "MAGNETAR_META_LISTEN", default_value = "127.0.0.1:2379")]
+    listen: SocketAddr,
+    /// Where the raft log, vote and snapshots are kept.
+    #[arg(long, env = "MAGNETAR_META_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Every member as ID=HOST:PORT, comma-separated, this node included.
+    /// Omit for a group of one.
+    #[arg(long, env = "MAGNETAR_META_PEERS", default_value = "")]
+    peers: String,
+    /// Raft heartbeat interval.
+    #[arg(long, env = "MAGNETAR_META_HEARTBEAT_MS", default_value_t = RaftTuning::default().heartbeat_ms)]
+    heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout.
+    #[arg(long, env = "MAGNETAR_META_ELECTION_MIN_MS", default_value_t = RaftTuning::default().election_timeout_min_ms)]
+    election_min_ms: u64,
+    /// Upper bound of the randomised election timeout.
+    #[arg(long, env = "MAGNETAR_META_ELECTION_MAX_MS", default_value_t = RaftTuning::default().election_timeout_max_ms)]
+    election_max_ms: u64,
+    /// Take a snapshot after this many log entries.
+    #[arg(long, env = "MAGNETAR_META_SNAPSHOT_EVERY", default_value_t = RaftTuning::default().snapshot_every)]
+    snapshot_every: u64,
+    /// Log entries kept behind the last snapshot.
+    #[arg(long, env = "MAGNETAR_META_KEEP_LOGS", default_value_t = RaftTuning::default().keep_logs)]
+    keep_logs: u64,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
+    let peers = parse_peers(&args.peers)?;
+    let node = MetaNode::start(NodeConfig {
+        id: args.id,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        peers,
+        tuning: RaftTuning {
+            heartbeat_ms: args.heartbeat_ms,
+            election_timeout_min_ms: args.election_min_ms,
+            election_timeout_max_ms: args.election_max_ms,
+            snapshot_every: args.snapshot_every,
+            keep_logs: args.keep_logs,
+        },
+    })
+    .await
+    .context("starting the metadata node")?;
+    // A line on stdout that harnesses and operators can wait for.
+    println!("metadata node {} listening on {}", node.id(), node.local_addr());
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Meta(args) => run_meta(args).await,
+        Command::Admin(args) => admin::run(args).await,
+        Command::Perf(args) => perf::run(args).await,
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Harness: real `magnetar` processes on loopback ephemeral ports.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use magnetar_metadata::{ClientOptions, MetaClient};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_magnetar");
+
+/// A port that was free a moment ago. Raft peers must know each other's
+/// addresses before they start, so ports are chosen up front.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Spawns `cmd` and waits until it prints a stdout line containing `ready`.
+/// Later stdout is drained in the background; stderr goes to `log`.
+pub fn spawn_until(mut cmd: Command, ready: &str, log: &Path, timeout: Duration) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open log file");
+    cmd.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn magnetar");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains(&ready) {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        let _ = child.kill();
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("process did not become ready within {timeout:?}; its log:\n{log}");
+    }
+    child
+}
+
+pub struct MetaCluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: BTreeMap<u64, String>,
+    children: BTreeMap<u64, Child>,
+    extra: Vec<String>,
+}
+
+impl MetaCluster {
+    /// Starts `n` nodes, with `extra` arguments for each.
+    pub fn start(n: u64, extra: &[&str]) -> Self {
+        let addrs = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut c = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            addrs,
+            children: BTreeMap::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    pub fn peers(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}.log"))
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        assert!(!self.children.contains_key(&id), "node {id} already runs");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("meta")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &self.addrs[&id]])
+            .arg("--data-dir")
+            .arg(self.node_dir(id))
+            .args(["--peers", &self.peers()])
+            .args(["--heartbeat-ms", "100"])
+            .args(["--election-min-ms", "500", "--election-max-ms", "1000"])
+            .args(&self.extra)
+            .env("MAGNETAR_LOG", "info,openraft=warn");
+        let child = spawn_until(cmd, "listening on", &self.log_path(id), Duration::from_secs(30));
+        self.children.insert(id, child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.children.remove(&id) {
+            child.kill().expect("SIGKILL");
+            let _ = child.wait();
+        }
+    }
+
+    pub fn kill_all(&mut self) {
+        let ids: Vec<u64> = self.children.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+
+    /// True if every started node is still running.
+    pub fn all_running(&mut self) -> bool {
+        self.children
+            .values_mut()
+            .all(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.addrs.values().cloned().collect()
+    }
+
+    pub fn client(&self) -> MetaClient {
+        MetaClient::new(&self.endpoints()).expect("client")
+    }
+
+    pub fn client_with(&self, opts: ClientOptions) -> MetaClient {
+        MetaClient::with_options(&self.endpoints(), opts).expect("client")
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.children.keys().copied().collect()
+    }
+
+    /// The id of the node that reports itself leader, once one does.
+    pub async fn leader(&self, client: &MetaClient) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            for id in self.running() {
+                if let Ok(s) = client.node_status(&self.addrs[&id]).await {
+                    if s.state == "Leader" {
+                        return id;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader within 20 s; logs in {}", self.dir.path().display());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for id in self.addrs.keys() {
+            let log = std::fs::read_to_string(self.log_path(*id)).unwrap_or_default();
+            out.push_str(&format!("---- node {id} ----\n{log}\n"));
+        }
+        out
+    }
+}
+
+impl Drop for MetaCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.kill_all();
+    }
+}
