@@ -148,10 +148,10 @@ impl MetaClient {
             .and_then(|addr| self.inner.endpoints.iter().position(|e| e == addr))
             .filter(|&i| i != idx);
         let next = hinted.unwrap_or((idx + 1) % self.inner.endpoints.len());
-        let _ = self
-            .inner
-            .current
-            .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.inner
+                .current
+                .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed);
         hinted.is_some()
     }
 
@@ -188,7 +188,7 @@ impl MetaClient {
             let hinted = self.redirect(idx, &status);
             // Go straight to a named leader; back off once every node has
             // been tried, since then an election is probably under way.
-            if !hinted || tried % self.inner.endpoints.len() == 0 {
+            if !hinted || tried.is_multiple_of(self.inner.endpoints.len()) {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
@@ -289,7 +289,11 @@ impl MetaClient {
         self.delete_with(key, Some(version)).await
     }
 
-    async fn delete_with(&self, key: &str, expected_version: Option<u64>) -> Result<Option<KeyValue>> {
+    async fn delete_with(
+        &self,
+        key: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Option<KeyValue>> {
         let resp = self
             .call(self.inner.opts.retry_for, |mut c| async move {
                 c.delete(proto::DeleteRequest {
@@ -382,7 +386,9 @@ impl MetaClient {
             let mut stream = match opened {
                 Ok(s) => s.into_inner(),
                 Err(status) if status.code() == Code::OutOfRange => {
-                    let _ = tx.send(Err(MetaError::Compacted(status.message().into()))).await;
+                    let _ = tx
+                        .send(Err(MetaError::Compacted(status.message().into())))
+                        .await;
                     return;
                 }
                 Err(status) => {
@@ -405,7 +411,9 @@ impl MetaClient {
                             next = resp.start_after + 1;
                         }
                         for ev in resp.events {
-                            let Some(ev) = event_from_proto(ev) else { continue };
+                            let Some(ev) = event_from_proto(ev) else {
+                                continue;
+                            };
                             if ev.revision < next {
                                 continue;
                             }
@@ -416,7 +424,9 @@ impl MetaClient {
                         }
                     }
                     Some(Err(status)) if status.code() == Code::OutOfRange => {
-                        let _ = tx.send(Err(MetaError::Compacted(status.message().into()))).await;
+                        let _ = tx
+                            .send(Err(MetaError::Compacted(status.message().into())))
+                            .await;
                         return;
                     }
                     Some(Err(status)) => {
@@ -486,7 +496,8 @@ impl MetaClient {
     pub async fn revoke_session(&self, session: u64) -> Result<bool> {
         let resp = self
             .call(self.inner.opts.retry_for, |mut c| async move {
-                c.revoke_session(proto::RevokeSessionRequest { session }).await
+                c.revoke_session(proto::RevokeSessionRequest { session })
+                    .await
             })
             .await?;
         Ok(resp.into_inner().existed)
@@ -499,7 +510,9 @@ impl MetaClient {
             .endpoints
             .iter()
             .position(|e| e == endpoint)
-            .ok_or_else(|| MetaError::Config(format!("{endpoint} is not one of this client's endpoints")))?;
+            .ok_or_else(|| {
+                MetaError::Config(format!("{endpoint} is not one of this client's endpoints"))
+            })?;
         let mut rpc = self.rpc(idx);
         let fut = rpc.status(proto::StatusRequest {});
         match tokio::time::timeout(self.inner.opts.rpc_timeout, fut).await {

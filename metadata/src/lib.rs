@@ -30,8 +30,8 @@ pub mod proto {
 pub use client::{parse_endpoints, ClientOptions, MetaClient, PutOptions, Session};
 pub use error::{MetaError, Result};
 pub use server::{
-    parse_peers, MetaNode, NodeConfig, RaftTuning, LEADER_HEADER, MAX_KEY_BYTES, MAX_VALUE_BYTES,
-    MAX_SESSION_TTL_MS, MIN_SESSION_TTL_MS,
+    parse_peers, MetaNode, NodeConfig, RaftTuning, LEADER_HEADER, MAX_KEY_BYTES,
+    MAX_SESSION_TTL_MS, MAX_VALUE_BYTES, MIN_SESSION_TTL_MS,
 };
 pub use state::{Event, EventKind, KeyValue};
 
@@ -58,13 +58,13 @@ mod storage_suite {
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>> {
             let dir = tempfile::tempdir().map_err(|e| io(&e))?;
             let log = LogStore::open(&dir.path().join("log")).map_err(|e| io(&e))?;
-            let sm =
-                StateMachineStore::open(&dir.path().join("sm")).map_err(|e| io(&e))?;
+            let sm = StateMachineStore::open(&dir.path().join("sm")).map_err(|e| io(&e))?;
             Ok((dir, log, sm))
         }
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // openraft's error type, as the suite returns it
     fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
         Suite::test_all(Builder)
     }

@@ -6,6 +6,10 @@
 //! index in RocksDB too, so the node carries one storage engine, not two.
 //! Entries are keyed by big-endian index so that key order is log order.
 
+// openraft's trait methods return its own large `StorageError`; the helpers
+// here return it too rather than converting back and forth.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -33,7 +37,11 @@ pub struct LogStore {
     db: Arc<DB>,
 }
 
-fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<u64> {
     StorageIOError::new(subject, verb, AnyError::new(&e)).into()
 }
 
@@ -77,11 +85,15 @@ impl LogStore {
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_LOGS).expect("column family created at open")
+        self.db
+            .cf_handle(CF_LOGS)
+            .expect("column family created at open")
     }
 
     fn meta(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_META).expect("column family created at open")
+        self.db
+            .cf_handle(CF_META)
+            .expect("column family created at open")
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -103,8 +115,8 @@ impl LogStore {
         value: &T,
         subject: ErrorSubject<u64>,
     ) -> StoreResult<()> {
-        let bytes =
-            postcard::to_allocvec(value).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let bytes = postcard::to_allocvec(value)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         self.db
             .put_cf_opt(self.meta(), key, bytes, &synced())
             .map_err(|e| io_err(subject, ErrorVerb::Write, e))
@@ -230,9 +242,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.logs(), index_key(log_id.index), index_key(u64::MAX));
         batch.delete_cf(self.logs(), index_key(u64::MAX));
-        self.db
-            .write_opt(batch, &synced())
-            .map_err(write_logs_err)
+        self.db.write_opt(batch, &synced()).map_err(write_logs_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StoreResult<()> {

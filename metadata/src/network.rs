@@ -81,10 +81,14 @@ impl PeerClient {
     {
         let client = match &mut self.client {
             Ok(c) => c,
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))))
+            }
         };
-        let payload = postcard::to_allocvec(req)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = RaftRequest {
             from: self.from,
             payload,
@@ -98,11 +102,13 @@ impl PeerClient {
         };
         let reply: RaftReply = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
-                return Err(RPCError::Network(NetworkError::new(&TransportError(format!(
-                    "no reply from node {} within {:?}",
-                    self.target,
-                    option.hard_ttl()
-                )))))
+                return Err(RPCError::Network(NetworkError::new(&TransportError(
+                    format!(
+                        "no reply from node {} within {:?}",
+                        self.target,
+                        option.hard_ttl()
+                    ),
+                ))))
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)))
@@ -148,4 +154,3 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.call(&rpc, &option, Which::Vote).await
     }
 }
-

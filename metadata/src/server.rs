@@ -91,7 +91,10 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
             return Err(MetaError::Config("peer id 0 is reserved".into()));
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
             return Err(MetaError::Config(format!(
                 "peer {id} address {addr:?} is not HOST:PORT"
             )));
@@ -164,9 +167,15 @@ impl MetaNode {
         .validate()
         .map_err(|e| MetaError::Config(e.to_string()))?;
 
-        let raft = Raft::new(cfg.id, Arc::new(config), Network { id: cfg.id }, log.clone(), sm)
-            .await
-            .map_err(|e| MetaError::Storage(e.to_string()))?;
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(config),
+            Network { id: cfg.id },
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| MetaError::Storage(e.to_string()))?;
 
         let shared = Arc::new(NodeShared {
             id: cfg.id,
@@ -205,7 +214,11 @@ impl MetaNode {
             }
         });
 
-        if !raft.is_initialized().await.map_err(|e| MetaError::Storage(e.to_string()))? {
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| MetaError::Storage(e.to_string()))?
+        {
             let members: BTreeMap<u64, BasicNode> = peers
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode::new(addr)))
@@ -356,7 +369,10 @@ async fn lease_keeper(node: Arc<NodeShared>) {
             .collect();
         let now = Instant::now();
         let expired: Vec<u64> = {
-            let mut deadlines = node.deadlines.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut deadlines = node
+                .deadlines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let live: std::collections::HashSet<u64> = sessions.iter().map(|s| s.0).collect();
             deadlines.retain(|id, _| live.contains(id));
             sessions
@@ -507,7 +523,9 @@ impl Metadata for MetaService {
     ) -> Result<Response<proto::ListResponse>, Status> {
         let req = req.into_inner();
         if req.prefix.len() > MAX_KEY_BYTES {
-            return Err(Status::invalid_argument("prefix is longer than a key may be"));
+            return Err(Status::invalid_argument(
+                "prefix is longer than a key may be",
+            ));
         }
         let limit = match req.limit as usize {
             0 => LIST_PAGE,
@@ -588,7 +606,10 @@ impl Metadata for MetaService {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(session, Instant::now() + Duration::from_millis(ttl_ms));
-                Ok(Response::new(proto::GrantSessionResponse { session, ttl_ms }))
+                Ok(Response::new(proto::GrantSessionResponse {
+                    session,
+                    ttl_ms,
+                }))
             }
             other => Err(unexpected(other)),
         }

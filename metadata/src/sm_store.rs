@@ -169,8 +169,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
         let (data, last_log_id, last_membership) = {
             let st = self.shared.read();
-            let data = postcard::to_allocvec(&st.kv.data)
-                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            let data =
+                postcard::to_allocvec(&st.kv.data).map_err(|e| snap_err(ErrorVerb::Write, e))?;
             (data, st.last_applied, st.membership.clone())
         };
         let n = self.counter.fetch_add(1, Ordering::Relaxed);

@@ -403,7 +403,9 @@ mod tests {
         assert_eq!(kv.version, 1);
         // A second create-if-absent conflicts and reports the current value.
         let r = apply(&mut st, put("/a", "2", Some(0), 0));
-        assert!(matches!(r, CommandResult::Put { succeeded: false, kv: Some(ref c), .. } if c.value == "1"));
+        assert!(
+            matches!(r, CommandResult::Put { succeeded: false, kv: Some(ref c), .. } if c.value == "1")
+        );
         // Wrong version conflicts; the right one succeeds.
         assert!(matches!(
             apply(&mut st, put("/a", "2", Some(7), 0)),
@@ -413,7 +415,9 @@ mod tests {
             }
         ));
         let r = apply(&mut st, put("/a", "2", Some(1), 0));
-        assert!(matches!(r, CommandResult::Put { succeeded: true, kv: Some(ref k), .. } if k.version == 2 && k.create_revision == 1));
+        assert!(
+            matches!(r, CommandResult::Put { succeeded: true, kv: Some(ref k), .. } if k.version == 2 && k.create_revision == 1)
+        );
         // A conflict does not move the revision.
         assert_eq!(st.revision(), 2);
     }
@@ -512,10 +516,7 @@ mod tests {
         // Revisions 1..=5 were written; only the last three are kept.
         assert_eq!(st.history.since(2, ""), Err(3));
         let evs = st.history.since(4, "").expect("kept");
-        assert_eq!(
-            evs.iter().map(|e| e.revision).collect::<Vec<_>>(),
-            [4, 5]
-        );
+        assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), [4, 5]);
         assert_eq!(st.history.since(3, "/k4").expect("kept").len(), 1);
     }
 }

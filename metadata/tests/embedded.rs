@@ -53,7 +53,10 @@ async fn single_node_serves_and_survives_restart() -> Result<(), Box<dyn std::er
     let client = MetaClient::new(&[node.local_addr().to_string()])?;
     let keys = client.list_keys("/e/").await?;
     assert_eq!(keys.len(), 249);
-    assert_eq!(&client.get("/e/249").await?.expect("kept").value[..], b"249");
+    assert_eq!(
+        &client.get("/e/249").await?.expect("kept").value[..],
+        b"249"
+    );
     node.shutdown().await;
     Ok(())
 }

@@ -23,7 +23,12 @@ enum AdminCommand {
 #[derive(Args)]
 struct MetadataArgs {
     /// Metadata nodes, as HOST:PORT,HOST:PORT,...
-    #[arg(long, env = "MAGNETAR_META", default_value = "127.0.0.1:2379", global = true)]
+    #[arg(
+        long,
+        env = "MAGNETAR_META",
+        default_value = "127.0.0.1:2379",
+        global = true
+    )]
     meta: String,
     #[command(subcommand)]
     command: MetadataCommand,

@@ -87,7 +87,11 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     .await
     .context("starting the metadata node")?;
     // A line on stdout that harnesses and operators can wait for.
-    println!("metadata node {} listening on {}", node.id(), node.local_addr());
+    println!(
+        "metadata node {} listening on {}",
+        node.id(),
+        node.local_addr()
+    );
     wait_for_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -53,7 +53,10 @@ enum Op {
 }
 
 async fn metadata(args: MetadataPerf) -> anyhow::Result<()> {
-    anyhow::ensure!(args.concurrency > 0 && args.keys > 0, "concurrency and keys must be positive");
+    anyhow::ensure!(
+        args.concurrency > 0 && args.keys > 0,
+        "concurrency and keys must be positive"
+    );
     let client = MetaClient::new(&parse_endpoints(&args.meta))?;
     // One write first, so that leader discovery is not measured.
     client.put("/perf/warmup", "x").await?;

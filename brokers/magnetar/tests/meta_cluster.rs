@@ -61,7 +61,10 @@ async fn every_operation_on_three_nodes() -> TestResult {
     let b2 = client.compare_and_put("/ops/b", b.version, "third").await?;
     assert!(b2.version > b.version);
     assert_eq!(b2.create_revision, b.create_revision);
-    assert!(client.compare_and_put("/ops/b", b.version, "again").await.is_err());
+    assert!(client
+        .compare_and_put("/ops/b", b.version, "again")
+        .await
+        .is_err());
 
     // delete with a version
     let err = client
@@ -76,7 +79,13 @@ async fn every_operation_on_three_nodes() -> TestResult {
     assert!(client.delete("/ops/never").await?.is_none());
 
     // list by prefix, in key order, excluding neighbours of the prefix
-    for k in ["/ops/list/3", "/ops/list/1", "/ops/list/2", "/ops/listx", "/ops/lis"] {
+    for k in [
+        "/ops/list/3",
+        "/ops/list/1",
+        "/ops/list/2",
+        "/ops/listx",
+        "/ops/lis",
+    ] {
         client.put(k, k.to_string()).await?;
     }
     let keys = client.list_keys("/ops/list/").await?;
@@ -105,7 +114,10 @@ async fn every_operation_on_three_nodes() -> TestResult {
     }
     assert_eq!(seen[0], (want[0].0, want[0].1.to_string(), want[0].2));
     assert_eq!(seen[1], (want[1].0, want[1].1.to_string(), want[1].2));
-    assert_eq!((seen[2].0, seen[2].1.as_str()), (EventKind::Delete, "/ops/w/1"));
+    assert_eq!(
+        (seen[2].0, seen[2].1.as_str()),
+        (EventKind::Delete, "/ops/w/1")
+    );
     assert!(seen[1].2 < seen[2].2 && seen[2].2 < seen[3].2);
     assert_eq!(seen[3], (want[3].0, want[3].1.to_string(), want[3].2));
 
@@ -224,8 +236,7 @@ async fn ephemeral_keys_of_a_killed_client_expire() -> TestResult {
     tokio::time::sleep(ttl * 2).await;
     assert!(client.get("/eph/dead").await?.is_some());
 
-    holder.kill()?;
-    holder.wait()?;
+    holder.kill();
     let killed_at = Instant::now();
     while client.get("/eph/dead").await?.is_some() {
         assert!(
@@ -234,7 +245,10 @@ async fn ephemeral_keys_of_a_killed_client_expire() -> TestResult {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("dead client's key vanished {:?} after SIGKILL", killed_at.elapsed());
+    println!(
+        "dead client's key vanished {:?} after SIGKILL",
+        killed_at.elapsed()
+    );
     assert!(killed_at.elapsed() >= ttl / 2, "expired too early");
 
     // The live client's key outlasts several more TTLs.
@@ -252,7 +266,9 @@ async fn full_restart_keeps_everything() -> TestResult {
     let mut c = MetaCluster::start(3, &[]);
     let client = c.client();
     for i in 0..300 {
-        client.put(&format!("/rs/{i:04}"), format!("value-{i}")).await?;
+        client
+            .put(&format!("/rs/{i:04}"), format!("value-{i}"))
+            .await?;
     }
     client.delete("/rs/0007").await?;
     let before = client.put("/rs/last", "x").await?.version;
@@ -301,7 +317,9 @@ async fn snapshots_bound_the_log_and_catch_up_a_lagging_node() -> TestResult {
         tasks.push(tokio::spawn(async move {
             let mut i = t;
             while i < writes {
-                client.put(&format!("/snap/{i:06}"), vec![b'x'; 512]).await?;
+                client
+                    .put(&format!("/snap/{i:06}"), vec![b'x'; 512])
+                    .await?;
                 i += 16;
             }
             anyhow::Ok(())
@@ -315,7 +333,11 @@ async fn snapshots_bound_the_log_and_catch_up_a_lagging_node() -> TestResult {
     // purge batch in progress.
     let bound = snapshot_every + keep + 64 + 10;
     let check = |s: &magnetar_metadata::proto::StatusResponse| {
-        assert!(s.snapshot_index > 0, "node {} took no snapshot: {s:?}", s.id);
+        assert!(
+            s.snapshot_index > 0,
+            "node {} took no snapshot: {s:?}",
+            s.id
+        );
         assert!(
             s.log_entries <= bound,
             "node {} keeps {} log entries after {writes} writes (bound {bound})",
@@ -342,7 +364,7 @@ async fn snapshots_bound_the_log_and_catch_up_a_lagging_node() -> TestResult {
     loop {
         if let Ok(s) = client.node_status(&c.addrs[&lagging]).await {
             if s.revision >= target {
-                assert!(s.keys >= writes + 1);
+                assert!(s.keys > writes);
                 break;
             }
         }
@@ -366,17 +388,26 @@ async fn bad_input_gets_clear_errors() -> TestResult {
     let client = c.client();
 
     let err = client.put("", "x").await.expect_err("empty key");
-    assert!(matches!(&err, MetaError::InvalidArgument(m) if m.contains("empty")), "{err}");
+    assert!(
+        matches!(&err, MetaError::InvalidArgument(m) if m.contains("empty")),
+        "{err}"
+    );
 
     let err = client
         .put("/big", vec![0u8; MAX_VALUE_BYTES + 1])
         .await
         .expect_err("oversized value");
-    assert!(matches!(&err, MetaError::InvalidArgument(m) if m.contains("limit")), "{err}");
+    assert!(
+        matches!(&err, MetaError::InvalidArgument(m) if m.contains("limit")),
+        "{err}"
+    );
     // Exactly at the limit is fine.
     client.put("/big", vec![0u8; MAX_VALUE_BYTES]).await?;
 
-    let err = client.put(&"k".repeat(5000), "x").await.expect_err("long key");
+    let err = client
+        .put(&"k".repeat(5000), "x")
+        .await
+        .expect_err("long key");
     assert!(matches!(err, MetaError::InvalidArgument(_)), "{err}");
 
     let err = client
@@ -455,7 +486,15 @@ async fn bad_input_gets_clear_errors() -> TestResult {
         ("1=127.0.0.1:1,1=127.0.0.1:2", "twice"),
     ] {
         let out = Command::new(BIN)
-            .args(["meta", "--id", "1", "--listen", "127.0.0.1:0", "--peers", peers])
+            .args([
+                "meta",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--peers",
+                peers,
+            ])
             .arg("--data-dir")
             .arg(c.dir.path().join("bad"))
             .output()?;

@@ -23,16 +23,41 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// A child process that is SIGKILLed and reaped when dropped, so that a
+/// failing test leaves no process behind.
+pub struct Proc(Child);
+
+impl Proc {
+    /// SIGKILL, as a crash would, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Spawns `cmd` and waits until it prints a stdout line containing `ready`.
 /// Later stdout is drained in the background; stderr goes to `log`.
-pub fn spawn_until(mut cmd: Command, ready: &str, log: &Path, timeout: Duration) -> Child {
+pub fn spawn_until(mut cmd: Command, ready: &str, log: &Path, timeout: Duration) -> Proc {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("open log file");
-    cmd.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(log_file)
+        .stdin(Stdio::null());
     let mut child = cmd.spawn().expect("spawn magnetar");
+    // Moved into a `Proc` below, which reaps it.
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     let ready = ready.to_string();
@@ -46,18 +71,19 @@ pub fn spawn_until(mut cmd: Command, ready: &str, log: &Path, timeout: Duration)
             }
         }
     });
+    let mut proc = Proc(child);
     if rx.recv_timeout(timeout).is_err() {
-        let _ = child.kill();
+        proc.kill();
         let log = std::fs::read_to_string(log).unwrap_or_default();
         panic!("process did not become ready within {timeout:?}; its log:\n{log}");
     }
-    child
+    proc
 }
 
 pub struct MetaCluster {
     pub dir: tempfile::TempDir,
     pub addrs: BTreeMap<u64, String>,
-    children: BTreeMap<u64, Child>,
+    children: BTreeMap<u64, Proc>,
     extra: Vec<String>,
 }
 
@@ -108,15 +134,19 @@ impl MetaCluster {
             .args(["--election-min-ms", "500", "--election-max-ms", "1000"])
             .args(&self.extra)
             .env("MAGNETAR_LOG", "info,openraft=warn");
-        let child = spawn_until(cmd, "listening on", &self.log_path(id), Duration::from_secs(30));
+        let child = spawn_until(
+            cmd,
+            "listening on",
+            &self.log_path(id),
+            Duration::from_secs(30),
+        );
         self.children.insert(id, child);
     }
 
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.children.remove(&id) {
-            child.kill().expect("SIGKILL");
-            let _ = child.wait();
+            child.kill();
         }
     }
 
@@ -129,9 +159,7 @@ impl MetaCluster {
 
     /// True if every started node is still running.
     pub fn all_running(&mut self) -> bool {
-        self.children
-            .values_mut()
-            .all(|c| matches!(c.try_wait(), Ok(None)))
+        self.children.values_mut().all(Proc::running)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -163,7 +191,10 @@ impl MetaCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no leader within 20 s; logs in {}", self.dir.path().display());
+        panic!(
+            "no leader within 20 s; logs in {}",
+            self.dir.path().display()
+        );
     }
 
     pub fn logs(&self) -> String {
