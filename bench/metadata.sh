@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/magnetar-target}"
 scripts/bootstrap
-cargo build --release --locked -p magnetar
-bin="$CARGO_TARGET_DIR/release/magnetar"
+# MAGNETAR_BENCH_PROFILE=dev reuses the test build (dependencies optimised,
+# Magnetar's own code at opt-level 1) instead of compiling a release build.
+profile="${MAGNETAR_BENCH_PROFILE:-release}"
+cargo build --profile "$profile" --locked -p magnetar
+case "$profile" in dev) bin="$CARGO_TARGET_DIR/debug/magnetar" ;; *) bin="$CARGO_TARGET_DIR/$profile/magnetar" ;; esac
 
 dir=$(mktemp -d)
 pids=()

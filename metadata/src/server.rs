@@ -13,7 +13,7 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{MetaError, Result};
@@ -199,13 +199,18 @@ impl MetaNode {
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
+        // Socket options must be set on the incoming stream: the builder's
+        // own `tcp_nodelay` only applies to listeners tonic binds itself,
+        // and without it every reply waits out a delayed ACK (~40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(10)));
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .add_service(metadata)
                 .add_service(raft_rpc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = shutdown_rx.await;
                 })
                 .await;
