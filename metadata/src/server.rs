@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use futures::Stream;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use serde::de::DeserializeOwned;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -113,6 +114,7 @@ pub struct MetaNode {
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
     leases: tokio::task::JoinHandle<()>,
+    reads: tokio::task::JoinHandle<()>,
 }
 
 struct NodeShared {
@@ -125,6 +127,59 @@ struct NodeShared {
     /// and then replicated as a `RevokeSession` command, so every node
     /// deletes the same keys at the same log position.
     deadlines: Mutex<HashMap<u64, Instant>>,
+    reads: ReadBarrier,
+}
+
+/// Coalesces linearizable reads: one quorum check serves every read that
+/// arrived before the check started, as etcd batches ReadIndex requests.
+/// Without it, concurrent reads queue one heartbeat round each.
+struct ReadBarrier {
+    /// Tickets handed out to reads so far.
+    tickets: AtomicU64,
+    /// The highest ticket whose check has finished, and its outcome.
+    done: watch::Sender<(u64, Option<Status>)>,
+    kick: Notify,
+}
+
+impl ReadBarrier {
+    fn new() -> Self {
+        Self {
+            tickets: AtomicU64::new(0),
+            done: watch::channel((0, None)).0,
+            kick: Notify::new(),
+        }
+    }
+
+    async fn wait(&self) -> Result<(), Status> {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut done = self.done.subscribe();
+        self.kick.notify_one();
+        let outcome = done
+            .wait_for(|(upto, _)| *upto >= ticket)
+            .await
+            .map_err(|_| Status::unavailable("node is stopping"))?;
+        match &outcome.1 {
+            None => Ok(()),
+            Some(status) => Err(status.clone()),
+        }
+    }
+}
+
+/// Runs the quorum checks that [`ReadBarrier::wait`] asks for, one at a time.
+async fn read_barrier_loop(node: Arc<NodeShared>) {
+    loop {
+        node.reads.kick.notified().await;
+        loop {
+            // Every ticket up to here was taken before this check starts,
+            // so the check's outcome is valid for all of them.
+            let upto = node.reads.tickets.load(Ordering::SeqCst);
+            if upto <= node.reads.done.borrow().0 {
+                break;
+            }
+            let outcome = node.read_barrier().await.err();
+            node.reads.done.send_replace((upto, outcome));
+        }
+    }
 }
 
 impl MetaNode {
@@ -184,6 +239,7 @@ impl MetaNode {
             log,
             peers: peers.clone(),
             deadlines: Mutex::new(HashMap::new()),
+            reads: ReadBarrier::new(),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -237,6 +293,7 @@ impl MetaNode {
         }
 
         let leases = tokio::spawn(lease_keeper(shared.clone()));
+        let reads = tokio::spawn(read_barrier_loop(shared.clone()));
         tracing::info!(id = cfg.id, %addr, "metadata node started");
         Ok(Self {
             shared,
@@ -244,6 +301,7 @@ impl MetaNode {
             shutdown: Some(shutdown_tx),
             server,
             leases,
+            reads,
         })
     }
 
@@ -278,6 +336,7 @@ impl MetaNode {
             let _ = tx.send(());
         }
         self.leases.abort();
+        self.reads.abort();
         let _ = (&mut self.server).await;
         if let Err(e) = self.shared.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -291,6 +350,7 @@ impl Drop for MetaNode {
             let _ = tx.send(());
         }
         self.leases.abort();
+        self.reads.abort();
     }
 }
 
@@ -455,7 +515,7 @@ impl Metadata for MetaService {
     ) -> Result<Response<proto::GetResponse>, Status> {
         let req = req.into_inner();
         check_key(&req.key)?;
-        self.node.read_barrier().await?;
+        self.node.reads.wait().await?;
         let st = self.node.state.read();
         Ok(Response::new(proto::GetResponse {
             kv: st.kv.get(&req.key).cloned().map(kv_to_proto),
@@ -536,7 +596,7 @@ impl Metadata for MetaService {
             0 => LIST_PAGE,
             n => n.min(LIST_PAGE),
         };
-        self.node.read_barrier().await?;
+        self.node.reads.wait().await?;
         let st = self.node.state.read();
         let (kvs, more) = st.kv.list(&req.prefix, &req.start_after, limit);
         Ok(Response::new(proto::ListResponse {
