@@ -167,14 +167,21 @@ impl MetaClient {
         let mut tried = 0usize;
         loop {
             let idx = self.inner.current.load(Ordering::Relaxed);
-            let res = tokio::time::timeout(self.inner.opts.rpc_timeout, f(self.rpc(idx))).await;
+            // No single attempt may outlast the whole retry budget.
+            let attempt = self
+                .inner
+                .opts
+                .rpc_timeout
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(50));
+            let res = tokio::time::timeout(attempt, f(self.rpc(idx))).await;
             let status = match res {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) if retryable(&status) => status,
                 Ok(Err(status)) => return Err(MetaError::from_status(status)),
                 Err(_) => Status::deadline_exceeded(format!(
-                    "no reply from {} within {:?}",
-                    self.inner.endpoints[idx], self.inner.opts.rpc_timeout
+                    "no reply from {} within {attempt:?}",
+                    self.inner.endpoints[idx]
                 )),
             };
             if Instant::now() >= deadline {
@@ -355,8 +362,8 @@ impl MetaClient {
 
     /// Changes under `prefix` from `start_revision` on (0: from now). The
     /// stream survives node failures by resuming elsewhere after the last
-    /// revision it delivered; it ends with an error only if no node keeps
-    /// the events it needs any more.
+    /// revision it delivered; it ends with [`MetaError::Compacted`] only when
+    /// every node in turn says it no longer keeps the events it needs.
     pub fn watch(
         &self,
         prefix: &str,
@@ -372,6 +379,9 @@ impl MetaClient {
     async fn run_watch(&self, prefix: String, start: u64, tx: mpsc::Sender<Result<Event>>) {
         let mut next = start;
         let mut delay = Duration::from_millis(50);
+        // Nodes in a row that no longer keep the events at `next`: a node
+        // restored from a snapshot has a shorter history than its peers.
+        let mut compacted = 0usize;
         loop {
             let idx = self.inner.current.load(Ordering::Relaxed);
             let req = proto::WatchRequest {
@@ -386,10 +396,15 @@ impl MetaClient {
             let mut stream = match opened {
                 Ok(s) => s.into_inner(),
                 Err(status) if status.code() == Code::OutOfRange => {
-                    let _ = tx
-                        .send(Err(MetaError::Compacted(status.message().into())))
-                        .await;
-                    return;
+                    compacted += 1;
+                    if compacted >= self.inner.endpoints.len() {
+                        let _ = tx
+                            .send(Err(MetaError::Compacted(status.message().into())))
+                            .await;
+                        return;
+                    }
+                    self.redirect(idx, &Status::unavailable("history compacted here"));
+                    continue;
                 }
                 Err(status) => {
                     tracing::debug!(error = %status, node = %self.inner.endpoints[idx], "watch: retrying elsewhere");
@@ -407,6 +422,7 @@ impl MetaClient {
                 match item {
                     Some(Ok(resp)) => {
                         delay = Duration::from_millis(50);
+                        compacted = 0;
                         if next == 0 && resp.events.is_empty() {
                             next = resp.start_after + 1;
                         }
@@ -424,10 +440,15 @@ impl MetaClient {
                         }
                     }
                     Some(Err(status)) if status.code() == Code::OutOfRange => {
-                        let _ = tx
-                            .send(Err(MetaError::Compacted(status.message().into())))
-                            .await;
-                        return;
+                        compacted += 1;
+                        if compacted >= self.inner.endpoints.len() {
+                            let _ = tx
+                                .send(Err(MetaError::Compacted(status.message().into())))
+                                .await;
+                            return;
+                        }
+                        self.redirect(idx, &status);
+                        break;
                     }
                     Some(Err(status)) => {
                         self.redirect(idx, &status);
@@ -470,15 +491,22 @@ impl MetaClient {
 
     async fn keep_alive_loop(&self, id: u64, ttl: Duration, alive: watch::Sender<bool>) {
         let period = ttl / 3;
+        let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(period).await;
             let res = self
-                .call(ttl, |mut c| async move {
+                .call(period, |mut c| async move {
                     c.keep_alive(proto::KeepAliveRequest { session: id }).await
                 })
                 .await;
+            if last_ok.elapsed() >= ttl && res.is_err() {
+                // The store may already have expired it: claim nothing more.
+                tracing::warn!(session = id, "no keep-alive succeeded for a whole TTL");
+                let _ = alive.send(false);
+                return;
+            }
             match res {
-                Ok(_) => {}
+                Ok(_) => last_ok = Instant::now(),
                 Err(MetaError::Server {
                     code: Code::NotFound,
                     ..

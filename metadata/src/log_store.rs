@@ -75,9 +75,13 @@ impl LogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         // The log is small and short-lived: purged soon after each snapshot.
-        opts.set_max_total_wal_size(64 << 20);
+        // Small memtables and a WAL cap keep its bytes on disk bounded too,
+        // not only its entry count.
+        opts.set_max_total_wal_size(32 << 20);
+        let mut logs = Options::default();
+        logs.set_write_buffer_size(8 << 20);
         let cfs = [
-            ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_LOGS, logs),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;

@@ -128,6 +128,8 @@ struct NodeShared {
     /// deletes the same keys at the same log position.
     deadlines: Mutex<HashMap<u64, Instant>>,
     reads: ReadBarrier,
+    /// Set on shutdown; ends open watch streams so connections can close.
+    closing: watch::Sender<bool>,
 }
 
 /// Coalesces linearizable reads: one quorum check serves every read that
@@ -165,6 +167,11 @@ impl ReadBarrier {
     }
 }
 
+/// Longest a quorum check may take before the reads waiting on it fail with
+/// `UNAVAILABLE` (and the client retries), e.g. when a new leader is cut off
+/// before its first entry commits.
+const READ_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Runs the quorum checks that [`ReadBarrier::wait`] asks for, one at a time.
 async fn read_barrier_loop(node: Arc<NodeShared>) {
     loop {
@@ -176,7 +183,13 @@ async fn read_barrier_loop(node: Arc<NodeShared>) {
             if upto <= node.reads.done.borrow().0 {
                 break;
             }
-            let outcome = node.read_barrier().await.err();
+            let outcome = match tokio::time::timeout(READ_CHECK_TIMEOUT, node.read_barrier()).await
+            {
+                Ok(r) => r.err(),
+                Err(_) => Some(Status::unavailable(
+                    "leadership check timed out; the group may be electing a leader",
+                )),
+            };
             node.reads.done.send_replace((upto, outcome));
         }
     }
@@ -240,6 +253,7 @@ impl MetaNode {
             peers: peers.clone(),
             deadlines: Mutex::new(HashMap::new()),
             reads: ReadBarrier::new(),
+            closing: watch::channel(false).0,
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -335,9 +349,16 @@ impl MetaNode {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        self.shared.closing.send_replace(true);
         self.leases.abort();
         self.reads.abort();
-        let _ = (&mut self.server).await;
+        // Graceful stop waits for clients to hang up; do not wait forever.
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
         if let Err(e) = self.shared.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -412,16 +433,21 @@ impl NodeShared {
 async fn lease_keeper(node: Arc<NodeShared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = 0;
     loop {
         tick.tick().await;
-        if !node.is_leader() {
+        let current_term = node.raft.metrics().borrow().current_term;
+        if !node.is_leader() || current_term != term {
+            term = current_term;
             // A new leader starts every session's clock afresh, as etcd does,
             // so that a failover never expires a healthy client.
             node.deadlines
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clear();
-            continue;
+            if !node.is_leader() {
+                continue;
+            }
         }
         let sessions: Vec<(u64, u64)> = node
             .state
@@ -685,6 +711,11 @@ impl Metadata for MetaService {
         req: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
         let session = req.into_inner().session;
+        // A quorum check, not local belief: a leader cut off from the group
+        // must not keep sessions alive that the new leader is expiring. The
+        // check also waits until this node has applied every committed
+        // grant, so a new leader does not report a live session missing.
+        self.node.reads.wait().await?;
         if !self.node.is_leader() {
             return Err(self.node.current_not_leader());
         }
@@ -786,9 +817,14 @@ async fn forward_updates(
     mut next: u64,
     tx: mpsc::Sender<Result<proto::WatchResponse, Status>>,
 ) {
+    let mut closing = node.closing.subscribe();
     loop {
         let update = tokio::select! {
             _ = tx.closed() => return,
+            _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+                let _ = tx.send(Err(Status::unavailable("metadata node is shutting down"))).await;
+                return;
+            }
             u = rx.recv() => u,
         };
         let events: Vec<Event> = match update {

@@ -10,7 +10,7 @@ use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -76,6 +76,7 @@ pub struct StateMachineStore {
     shared: Arc<SharedState>,
     dir: PathBuf,
     counter: Arc<AtomicU64>,
+    persisted: Persisted,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
@@ -98,7 +99,9 @@ impl StateMachineStore {
             last_applied: None,
             membership: StoredMembership::default(),
         };
+        let mut on_disk = None;
         if let Some(file) = read_snapshot_file(dir)? {
+            on_disk = file.meta.last_log_id;
             let data: StateData = postcard::from_bytes(&file.data)
                 .map_err(|e| crate::MetaError::Storage(format!("corrupt snapshot: {e}")))?;
             applied.kv = KvState::from_data(data);
@@ -112,6 +115,7 @@ impl StateMachineStore {
             }),
             dir: dir.to_path_buf(),
             counter: Arc::new(AtomicU64::new(0)),
+            persisted: Arc::new(Mutex::new(on_disk)),
         })
     }
 
@@ -124,6 +128,7 @@ impl StateMachineStore {
             shared: self.shared.clone(),
             dir: self.dir.clone(),
             counter: self.counter.clone(),
+            persisted: self.persisted.clone(),
         }
     }
 }
@@ -138,7 +143,20 @@ fn read_snapshot_file(dir: &Path) -> Result<Option<SnapshotFile>, std::io::Error
     }
 }
 
-fn write_snapshot_file(dir: &Path, file: &SnapshotFile) -> std::io::Result<()> {
+/// The log id of the snapshot on disk. Building (openraft's own task) and
+/// installing (from the leader) may race; this lock orders their writes, and
+/// an older snapshot never replaces a newer one.
+type Persisted = Arc<Mutex<Option<LogId<u64>>>>;
+
+fn write_snapshot_file(
+    dir: &Path,
+    file: &SnapshotFile,
+    persisted: &Persisted,
+) -> std::io::Result<()> {
+    let mut on_disk = persisted.lock().unwrap_or_else(PoisonError::into_inner);
+    if on_disk.is_some() && *on_disk >= file.meta.last_log_id {
+        return Ok(());
+    }
     let bytes = postcard::to_allocvec(file).map_err(std::io::Error::other)?;
     let tmp = dir.join("snapshot.tmp");
     {
@@ -147,13 +165,19 @@ fn write_snapshot_file(dir: &Path, file: &SnapshotFile) -> std::io::Result<()> {
         f.sync_all()?;
     }
     fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-    fs::File::open(dir)?.sync_all()
+    fs::File::open(dir)?.sync_all()?;
+    *on_disk = file.meta.last_log_id;
+    Ok(())
 }
 
 /// Writes `file` off the runtime: serialising and syncing a large state must
 /// not stall raft's tasks.
-async fn persist(dir: PathBuf, file: SnapshotFile) -> StoreResult<SnapshotFile> {
-    tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &file).map(|()| file))
+async fn persist(
+    dir: PathBuf,
+    file: SnapshotFile,
+    persisted: Persisted,
+) -> StoreResult<SnapshotFile> {
+    tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &file, &persisted).map(|()| file))
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?
         .map_err(|e| snap_err(ErrorVerb::Write, e))
@@ -163,6 +187,7 @@ pub struct SnapshotBuilder {
     shared: Arc<SharedState>,
     dir: PathBuf,
     counter: Arc<AtomicU64>,
+    persisted: Persisted,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -184,7 +209,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let file = SnapshotFile { meta, data };
-        let file = persist(self.dir.clone(), file).await?;
+        let file = persist(self.dir.clone(), file, self.persisted.clone()).await?;
         Ok(Snapshot {
             meta: file.meta,
             snapshot: Box::new(Cursor::new(file.data)),
@@ -248,7 +273,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let data: StateData =
             postcard::from_bytes(&file.data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-        let file = persist(self.dir.clone(), file).await?;
+        let file = persist(self.dir.clone(), file, self.persisted.clone()).await?;
         let mut st = self.shared.write();
         let compacted = data.revision;
         st.kv = KvState::from_data(data);

@@ -42,10 +42,13 @@ async fn single_node_serves_and_survives_restart() -> Result<(), Box<dyn std::er
     }
     let ev = events.next().await.expect("stream open")?;
     assert_eq!((ev.kind, ev.kv.key.as_str()), (EventKind::Delete, "/e/000"));
-    drop(events);
     let status = client.node_status(&node.local_addr().to_string()).await?;
     assert!(status.snapshot_index > 0, "{status:?}");
-    node.shutdown().await;
+    // An open watch must not hold the node up on its way down.
+    tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+        .await
+        .expect("shutdown with a watch open");
+    drop(events);
 
     // Same directory, new process state: everything is still there.
     let node = MetaNode::start(config(dir.path())).await?;
