@@ -393,43 +393,27 @@ impl MetaClient {
                 _ = tx.closed() => return,
                 r = rpc.watch(req) => r,
             };
-            let mut stream = match opened {
-                Ok(s) => s.into_inner(),
-                Err(status) if status.code() == Code::OutOfRange => {
-                    compacted += 1;
-                    if compacted >= self.inner.endpoints.len() {
-                        let _ = tx
-                            .send(Err(MetaError::Compacted(status.message().into())))
-                            .await;
-                        return;
-                    }
-                    self.redirect(idx, &Status::unavailable("history compacted here"));
-                    continue;
-                }
-                Err(status) => {
-                    tracing::debug!(error = %status, node = %self.inner.endpoints[idx], "watch: retrying elsewhere");
-                    self.redirect(idx, &status);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
-                    continue;
-                }
-            };
-            loop {
-                let item = tokio::select! {
-                    _ = tx.closed() => return,
-                    i = stream.next() => i,
-                };
-                match item {
-                    Some(Ok(resp)) => {
+            // Whatever ends this node's stream (or refuses to open it).
+            let ended = match opened {
+                Err(status) => status,
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        let item = tokio::select! {
+                            _ = tx.closed() => return,
+                            i = stream.next() => i,
+                        };
+                        let resp = match item {
+                            Some(Ok(resp)) => resp,
+                            Some(Err(status)) => break status,
+                            None => break Status::unavailable("watch stream ended"),
+                        };
                         delay = Duration::from_millis(50);
                         compacted = 0;
                         if next == 0 && resp.events.is_empty() {
                             next = resp.start_after + 1;
                         }
-                        for ev in resp.events {
-                            let Some(ev) = event_from_proto(ev) else {
-                                continue;
-                            };
+                        for ev in resp.events.into_iter().filter_map(event_from_proto) {
                             if ev.revision < next {
                                 continue;
                             }
@@ -439,29 +423,21 @@ impl MetaClient {
                             }
                         }
                     }
-                    Some(Err(status)) if status.code() == Code::OutOfRange => {
-                        compacted += 1;
-                        if compacted >= self.inner.endpoints.len() {
-                            let _ = tx
-                                .send(Err(MetaError::Compacted(status.message().into())))
-                                .await;
-                            return;
-                        }
-                        self.redirect(idx, &status);
-                        break;
-                    }
-                    Some(Err(status)) => {
-                        self.redirect(idx, &status);
-                        break;
-                    }
-                    None => {
-                        // The node went away cleanly; try the next one.
-                        self.redirect(idx, &Status::unavailable("watch stream ended"));
-                        break;
-                    }
+                }
+            };
+            if ended.code() == Code::OutOfRange {
+                compacted += 1;
+                if compacted >= self.inner.endpoints.len() {
+                    let _ = tx
+                        .send(Err(MetaError::Compacted(ended.message().into())))
+                        .await;
+                    return;
                 }
             }
+            tracing::debug!(error = %ended, node = %self.inner.endpoints[idx], "watch: resuming elsewhere");
+            self.redirect(idx, &ended);
             tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
         }
     }
 
