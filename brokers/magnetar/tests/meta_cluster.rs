@@ -506,3 +506,81 @@ async fn bad_input_gets_clear_errors() -> TestResult {
     c.kill_all();
     Ok(())
 }
+
+/// `magnetar admin metadata …` against a running group, as an operator
+/// would type it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cli_round_trip() -> TestResult {
+    let c = MetaCluster::start(3, &[]);
+    let meta = c.endpoints().join(",");
+    let admin = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
+        let out = Command::new(BIN)
+            .args(["admin", "metadata", "--meta", &meta])
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+
+    // A watcher process, started first, sees what the others do.
+    let first = c.client().put("/cli/mark", "m").await?.version;
+    let watcher = Command::new(BIN)
+        .args(["admin", "metadata", "--meta", &meta, "watch", "/cli/a"])
+        .args(["--from-revision", &(first + 1).to_string(), "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+
+    let (ok, out, _) = admin(&["put", "/cli/a", "one"])?;
+    assert!(ok && out.starts_with("OK version="), "{out}");
+    let version: u64 = out.trim().trim_start_matches("OK version=").parse()?;
+    let (ok, out, _) = admin(&["get", "/cli/a"])?;
+    assert!(ok);
+    assert_eq!(out, "one\n");
+    let (ok, out, _) = admin(&["get", "-v", "/cli/a"])?;
+    assert!(ok && out.contains(&format!("version={version}")), "{out}");
+
+    // CAS through the CLI: a stale version is refused with a message.
+    let (ok, _, err) = admin(&["put", "/cli/a", "two", "--expect-version", "1"])?;
+    assert!(!ok && err.contains("version conflict"), "{err}");
+    let (ok, _, _) = admin(&[
+        "put",
+        "/cli/a",
+        "two",
+        "--expect-version",
+        &version.to_string(),
+    ])?;
+    assert!(ok);
+    let (ok, _, err) = admin(&["put", "/cli/a", "x", "--expect-version", "0"])?;
+    assert!(!ok && err.contains("version conflict"), "{err}");
+
+    admin(&["put", "/cli/b", "bee"])?;
+    let (ok, out, _) = admin(&["list", "/cli/"])?;
+    assert!(ok);
+    assert_eq!(out, "/cli/a\ttwo\n/cli/b\tbee\n/cli/mark\tm\n");
+    let (_, out, _) = admin(&["list", "/cli/", "--keys-only"])?;
+    assert_eq!(out, "/cli/a\n/cli/b\n/cli/mark\n");
+
+    let (ok, out, _) = admin(&["delete", "/cli/a"])?;
+    assert!(ok && out.starts_with("deleted /cli/a"), "{out}");
+    let (ok, _, err) = admin(&["get", "/cli/a"])?;
+    assert!(!ok && err.contains("not found"), "{err}");
+
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output()).await??;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_once(' ').map(|x| x.1).unwrap_or(l).to_string())
+        .collect();
+    assert_eq!(
+        lines,
+        ["PUT /cli/a\tone", "PUT /cli/a\ttwo", "DELETE /cli/a"]
+    );
+
+    let (ok, out, _) = admin(&["status"])?;
+    assert!(ok);
+    assert_eq!(out.matches("state=Leader").count(), 1, "{out}");
+    assert_eq!(out.matches("state=Follower").count(), 2, "{out}");
+    Ok(())
+}
