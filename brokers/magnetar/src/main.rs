@@ -63,8 +63,10 @@ struct MetaArgs {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
