@@ -258,7 +258,7 @@ impl MetaClient {
             .call(self.inner.opts.retry_for, |mut c| {
                 let req = proto::PutRequest {
                     key: key.into(),
-                    value: value.to_vec(),
+                    value: value.clone(),
                     expected_version: opts.expected_version,
                     session: opts.session,
                 };
@@ -571,30 +571,25 @@ impl Session {
 
     /// Puts `key` as an ephemeral key of this session.
     pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<KeyValue> {
-        self.client
-            .put_with(
-                key,
-                value,
-                PutOptions {
-                    expected_version: None,
-                    session: self.id,
-                },
-            )
-            .await
+        self.put_owned(key, value, None).await
     }
 
     /// Creates `key` as an ephemeral key of this session, if it is absent.
     pub async fn create(&self, key: &str, value: impl Into<Bytes>) -> Result<KeyValue> {
-        self.client
-            .put_with(
-                key,
-                value,
-                PutOptions {
-                    expected_version: Some(0),
-                    session: self.id,
-                },
-            )
-            .await
+        self.put_owned(key, value, Some(0)).await
+    }
+
+    async fn put_owned(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        expected_version: Option<u64>,
+    ) -> Result<KeyValue> {
+        let opts = PutOptions {
+            expected_version,
+            session: self.id,
+        };
+        self.client.put_with(key, value, opts).await
     }
 
     pub async fn revoke(self) -> Result<bool> {
@@ -612,7 +607,7 @@ impl Drop for Session {
 pub(crate) fn kv_from_proto(kv: proto::KeyValue) -> KeyValue {
     KeyValue {
         key: kv.key,
-        value: kv.value.into(),
+        value: kv.value,
         version: kv.version,
         create_revision: kv.create_revision,
         session: kv.session,

@@ -91,7 +91,7 @@ impl PeerClient {
             postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = RaftRequest {
             from: self.from,
-            payload,
+            payload: payload.into(),
         };
         let fut = async {
             match which {

@@ -502,7 +502,7 @@ fn check_key(key: &str) -> Result<(), Status> {
 pub(crate) fn kv_to_proto(kv: KeyValue) -> proto::KeyValue {
     proto::KeyValue {
         key: kv.key,
-        value: kv.value.to_vec(),
+        value: kv.value,
         version: kv.version,
         create_revision: kv.create_revision,
         session: kv.session,
@@ -563,7 +563,7 @@ impl Metadata for MetaService {
         }
         let cmd = Command::Put {
             key: req.key,
-            value: req.value.into(),
+            value: req.value,
             expected_version: req.expected_version,
             session: req.session,
         };
@@ -924,7 +924,11 @@ impl RaftService {
 
     fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
         postcard::to_allocvec(v)
-            .map(|payload| Response::new(RaftReply { payload }))
+            .map(|payload| {
+                Response::new(RaftReply {
+                    payload: payload.into(),
+                })
+            })
             .map_err(|e| Status::internal(format!("encoding raft reply: {e}")))
     }
 }

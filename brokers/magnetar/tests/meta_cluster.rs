@@ -457,7 +457,7 @@ async fn bad_input_gets_clear_errors() -> TestResult {
     let status = raft
         .append_entries(RaftRequest {
             from: 99,
-            payload: vec![1, 2, 3],
+            payload: vec![1, 2, 3].into(),
         })
         .await
         .expect_err("unknown peer");
@@ -467,7 +467,7 @@ async fn bad_input_gets_clear_errors() -> TestResult {
     let status = raft
         .vote(RaftRequest {
             from: 1,
-            payload: vec![0xff; 7],
+            payload: vec![0xff; 7].into(),
         })
         .await
         .expect_err("garbage payload");
