@@ -12,8 +12,12 @@
 //!
 //! Ledger and bookie metadata live in the metadata store ([`meta`]).
 
+pub mod auditor;
+pub mod client;
 pub mod error;
 pub mod meta;
+pub mod pool;
+pub mod server;
 pub mod storage;
 
 #[allow(clippy::all)]
@@ -21,4 +25,7 @@ pub mod proto {
     tonic::include_proto!("magnetar.bookie");
 }
 
+pub use client::{CreateOptions, LedgerClient, LedgerEntry, LedgerReader, LedgerWriter};
 pub use error::{BookieError, Result};
+pub use meta::{BookieInfo, LedgerMetadata, LedgerState, Segment};
+pub use server::{BookieConfig, BookieServer};

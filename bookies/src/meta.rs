@@ -66,8 +66,6 @@ pub struct LedgerMetadata {
     pub state: LedgerState,
     /// Last entry of a closed ledger; -1 when it holds none.
     pub last_entry: i64,
-    /// Total payload bytes of a closed ledger.
-    pub length: u64,
     pub segments: Vec<Segment>,
     pub created_ms: u64,
     /// Opaque to the ledger layer; the broker stores what it needs here.
@@ -149,7 +147,6 @@ mod tests {
             ack_quorum: 2,
             state: LedgerState::Open,
             last_entry: -1,
-            length: 0,
             segments: vec![
                 Segment {
                     first_entry: 0,

@@ -431,6 +431,18 @@ impl Storage {
         Ok(self.ledger_info(ledger).unwrap_or_default())
     }
 
+    /// Raises a ledger's LAC as the writer reports it. Not journaled: a LAC
+    /// lost in a crash only makes a reader or recovery start earlier.
+    pub fn update_lac(&self, ledger: u64, lac: i64) {
+        let mut st = lock(&self.inner.state);
+        if let Some(info) = st.ledgers.get_mut(&ledger) {
+            if lac > info.lac {
+                info.lac = lac;
+                st.dirty.insert(ledger);
+            }
+        }
+    }
+
     pub fn ledger_info(&self, ledger: u64) -> Option<LedgerInfo> {
         lock(&self.inner.state).ledgers.get(&ledger).copied()
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
+use magnetar_bookies::{CreateOptions, LedgerClient};
 use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, MetaClient, PutOptions};
 
 #[derive(Args)]
@@ -18,6 +19,83 @@ pub struct AdminArgs {
 enum AdminCommand {
     /// Read and write the metadata store directly, in the spirit of etcdctl.
     Metadata(MetadataArgs),
+    /// Registered bookies and their state.
+    Bookies(BookiesArgs),
+    /// Inspect, write, recover and delete ledgers.
+    Ledgers(LedgersArgs),
+}
+
+#[derive(Args)]
+struct BookiesArgs {
+    /// Metadata nodes, as HOST:PORT,HOST:PORT,...
+    #[arg(
+        long,
+        env = "MAGNETAR_META",
+        default_value = "127.0.0.1:2379",
+        global = true
+    )]
+    meta: String,
+    #[command(subcommand)]
+    command: BookiesCommand,
+}
+
+#[derive(Subcommand)]
+enum BookiesCommand {
+    /// Every bookie that ever registered, with whether it runs now.
+    List,
+}
+
+#[derive(Args)]
+struct LedgersArgs {
+    /// Metadata nodes, as HOST:PORT,HOST:PORT,...
+    #[arg(
+        long,
+        env = "MAGNETAR_META",
+        default_value = "127.0.0.1:2379",
+        global = true
+    )]
+    meta: String,
+    #[command(subcommand)]
+    command: LedgersCommand,
+}
+
+#[derive(Subcommand)]
+enum LedgersCommand {
+    /// Ledger ids.
+    List,
+    /// A ledger's metadata as JSON.
+    Show {
+        id: u64,
+    },
+    /// Create a ledger and add entries, printing each acknowledged entry id
+    /// as `acked N`; then close it.
+    Write {
+        #[arg(long, default_value_t = 3)]
+        ensemble: usize,
+        #[arg(long, default_value_t = 3)]
+        write_quorum: usize,
+        #[arg(long, default_value_t = 2)]
+        ack_quorum: usize,
+        #[arg(long, default_value_t = 1000)]
+        entries: u64,
+        #[arg(long, default_value_t = 1024)]
+        entry_size: usize,
+        #[arg(long, default_value_t = 100)]
+        max_in_flight: usize,
+    },
+    /// Print entries FIRST..=LAST as `ENTRY<TAB>BYTES<TAB>CRC32C`.
+    Read {
+        id: u64,
+        first: u64,
+        last: u64,
+    },
+    /// Fence and recover a ledger whose writer is gone, and close it.
+    Recover {
+        id: u64,
+    },
+    Delete {
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -99,6 +177,8 @@ fn print_kv(out: &mut impl Write, kv: &KeyValue, verbose: bool) -> std::io::Resu
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
         AdminCommand::Metadata(m) => run_metadata(m).await,
+        AdminCommand::Bookies(b) => run_bookies(b).await,
+        AdminCommand::Ledgers(l) => run_ledgers(l).await,
     }
 }
 
@@ -217,4 +297,105 @@ async fn run_metadata(args: MetadataArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn run_bookies(args: BookiesArgs) -> anyhow::Result<()> {
+    let client = LedgerClient::new(MetaClient::new(&parse_endpoints(&args.meta))?);
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        BookiesCommand::List => {
+            let running = client.pool().available().await?;
+            for b in client.pool().known().await? {
+                let state = match running.iter().find(|r| r.id == b.id) {
+                    Some(r) if r.read_only => "read-only",
+                    Some(_) => "writable",
+                    None => "down",
+                };
+                writeln!(out, "{}\t{}\t{state}", b.id, b.addr)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_ledgers(args: LedgersArgs) -> anyhow::Result<()> {
+    let client = LedgerClient::new(MetaClient::new(&parse_endpoints(&args.meta))?);
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        LedgersCommand::List => {
+            for id in client.list().await? {
+                writeln!(out, "{id}")?;
+            }
+        }
+        LedgersCommand::Show { id } => {
+            let (md, version) = client.metadata(id).await?;
+            out.write_all(&md.to_json())?;
+            writeln!(out, "\nversion={version}")?;
+        }
+        LedgersCommand::Write {
+            ensemble,
+            write_quorum,
+            ack_quorum,
+            entries,
+            entry_size,
+            max_in_flight,
+        } => {
+            let w = client
+                .create(CreateOptions::new(ensemble, write_quorum, ack_quorum))
+                .await?;
+            writeln!(out, "ledger {}", w.id())?;
+            out.flush()?;
+            let mut in_flight = futures::stream::FuturesOrdered::new();
+            for i in 0..entries {
+                if in_flight.len() >= max_in_flight.max(1) {
+                    if let Some(r) = in_flight.next().await {
+                        let e: u64 = r?;
+                        writeln!(out, "acked {e}")?;
+                        out.flush()?;
+                    }
+                }
+                in_flight.push_back(w.add(crate::perf::entry_payload(i, entry_size)));
+            }
+            while let Some(r) = in_flight.next().await {
+                writeln!(out, "acked {}", r?)?;
+                out.flush()?;
+            }
+            let md = w.close().await?;
+            writeln!(out, "closed last_entry={}", md.last_entry)?;
+        }
+        LedgersCommand::Read { id, first, last } => {
+            let r = client.open(id).await?;
+            let mut next = first;
+            while next <= last {
+                let hi = (next + 999).min(last);
+                for e in r.read(next, hi).await? {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{:08x}",
+                        e.entry_id,
+                        e.payload.len(),
+                        crc32c_of(&e.payload)
+                    )?;
+                }
+                next = hi + 1;
+            }
+        }
+        LedgersCommand::Recover { id } => {
+            let r = client.open_and_recover(id).await?;
+            writeln!(
+                out,
+                "ledger {id} closed at entry {}",
+                r.last_add_confirmed()
+            )?;
+        }
+        LedgersCommand::Delete { id } => {
+            client.delete(id).await?;
+            writeln!(out, "ledger {id} deleted")?;
+        }
+    }
+    Ok(())
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    magnetar_bookies::meta::entry_crc(0, 0, b)
 }

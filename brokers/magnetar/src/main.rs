@@ -2,6 +2,7 @@
 //! operator CLI and the load generator.
 
 mod admin;
+mod bookie;
 mod perf;
 
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run a metadata node (a member of the raft group).
     Meta(MetaArgs),
+    /// Run a bookie: a storage node for replicated ledgers.
+    Bookie(bookie::BookieArgs),
     /// Operator commands.
     Admin(admin::AdminArgs),
     /// Load generators that print throughput and latency.
@@ -100,7 +103,7 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
@@ -121,6 +124,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Meta(args) => run_meta(args).await,
+        Command::Bookie(args) => bookie::run(args).await,
         Command::Admin(args) => admin::run(args).await,
         Command::Perf(args) => perf::run(args).await,
     };

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use hdrhistogram::Histogram;
+use magnetar_bookies::{CreateOptions, LedgerClient};
 use magnetar_metadata::{parse_endpoints, MetaClient};
 
 #[derive(Args)]
@@ -19,6 +22,46 @@ pub struct PerfArgs {
 enum PerfCommand {
     /// Put, then get, keys on a metadata group.
     Metadata(MetadataPerf),
+    /// Write a ledger with pipelined adds, then read it back and verify it.
+    Ledger(LedgerPerf),
+}
+
+#[derive(Args)]
+struct LedgerPerf {
+    /// Metadata nodes, as HOST:PORT,HOST:PORT,...
+    #[arg(long, env = "MAGNETAR_META", default_value = "127.0.0.1:2379")]
+    meta: String,
+    /// Bookies per ledger (E).
+    #[arg(long, default_value_t = 3)]
+    ensemble: usize,
+    /// Copies of each entry (Qw).
+    #[arg(long, default_value_t = 3)]
+    write_quorum: usize,
+    /// Durable copies before an add completes (Qa).
+    #[arg(long, default_value_t = 2)]
+    ack_quorum: usize,
+    #[arg(long, default_value_t = 100_000)]
+    entries: u64,
+    #[arg(long, default_value_t = 1024)]
+    entry_size: usize,
+    /// Adds per second; unlimited if absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Adds in flight at most.
+    #[arg(long, default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// Keep the ledger instead of deleting it afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The payload `perf ledger` and `admin ledgers write` give an entry: its id,
+/// then bytes that depend on it, so that a read-back can be checked.
+pub fn entry_payload(entry: u64, size: usize) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(size.max(8));
+    v.extend_from_slice(&entry.to_le_bytes());
+    v.extend((8..size).map(|i| (entry as usize).wrapping_add(i) as u8));
+    bytes::Bytes::from(v)
 }
 
 #[derive(Args)]
@@ -43,6 +86,7 @@ struct MetadataPerf {
 pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     match args.command {
         PerfCommand::Metadata(m) => metadata(m).await,
+        PerfCommand::Ledger(l) => ledger(l).await,
     }
 }
 
@@ -120,4 +164,121 @@ async fn phase(
         total.add(t.await??)?;
     }
     Ok((start.elapsed(), total, errors.load(Ordering::Relaxed)))
+}
+
+async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
+    anyhow::ensure!(args.entries > 0, "--entries must be positive");
+    anyhow::ensure!(args.max_in_flight > 0, "--max-in-flight must be positive");
+    let client = LedgerClient::new(MetaClient::new(&parse_endpoints(&args.meta))?);
+    let w = client
+        .create(CreateOptions::new(
+            args.ensemble,
+            args.write_quorum,
+            args.ack_quorum,
+        ))
+        .await?;
+    let payloads: Vec<bytes::Bytes> = (0..args.entries.min(4096))
+        .map(|i| entry_payload(i, args.entry_size))
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0u64;
+    let mut in_flight = FuturesUnordered::new();
+    let start = Instant::now();
+    for i in 0..args.entries {
+        if let Some(rate) = args.rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        while in_flight.len() >= args.max_in_flight {
+            if let Some((t, r)) = in_flight.next().await {
+                record(&mut hist, &mut errors, t, r);
+            }
+        }
+        // Payloads repeat every 4096 entries, except for their id.
+        let mut p = payloads[(i % payloads.len() as u64) as usize].to_vec();
+        if p.len() >= 8 {
+            p[..8].copy_from_slice(&i.to_le_bytes());
+        }
+        let t = Instant::now();
+        let fut = w.add(bytes::Bytes::from(p));
+        in_flight.push(async move { (t, fut.await) });
+    }
+    while let Some((t, r)) = in_flight.next().await {
+        record(&mut hist, &mut errors, t, r);
+    }
+    let elapsed = start.elapsed();
+    let md = w.close().await?;
+
+    // Read everything back and check each entry.
+    let r = client.open(w.id()).await?;
+    let rstart = Instant::now();
+    let mut verified = 0u64;
+    let mut next = 0u64;
+    while (next as i64) <= md.last_entry {
+        let last = (next + 999).min(md.last_entry as u64);
+        match r.read(next, last).await {
+            Ok(entries) => {
+                for e in entries {
+                    let want_id = e.payload.get(..8).map(|b| {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(b);
+                        u64::from_le_bytes(a)
+                    });
+                    if want_id == Some(e.entry_id) && e.payload.len() == args.entry_size.max(8) {
+                        verified += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("read {next}..={last}: {e}");
+                errors += last - next + 1;
+            }
+        }
+        next = last + 1;
+    }
+    let relapsed = rstart.elapsed();
+    if !args.keep {
+        client.delete(w.id()).await?;
+    }
+    let done = hist.len();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let mb = (done as f64 * args.entry_size as f64) / (1 << 20) as f64;
+    println!(
+        "phase=read ledger={} entries={verified} read_entries_per_s={:.0} read_mb_per_s={:.1}",
+        w.id(),
+        verified as f64 / relapsed.as_secs_f64(),
+        verified as f64 * args.entry_size as f64 / (1 << 20) as f64 / relapsed.as_secs_f64(),
+    );
+    println!(
+        "ensemble={} write_quorum={} ack_quorum={} entries={done} entry_size={} entries_per_s={:.0} mb_per_s={:.1} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} errors={errors}",
+        args.ensemble,
+        args.write_quorum,
+        args.ack_quorum,
+        args.entry_size,
+        done as f64 / elapsed.as_secs_f64(),
+        mb / elapsed.as_secs_f64(),
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+    );
+    Ok(())
+}
+
+fn record(
+    hist: &mut Histogram<u64>,
+    errors: &mut u64,
+    t: Instant,
+    r: magnetar_bookies::Result<u64>,
+) {
+    match r {
+        Ok(_) => hist.saturating_record(t.elapsed().as_micros() as u64),
+        Err(e) => {
+            if *errors == 0 {
+                eprintln!("add failed: {e}");
+            }
+            *errors += 1;
+        }
+    }
 }

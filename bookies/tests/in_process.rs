@@ -1,0 +1,192 @@
+//! One metadata node and several bookies in this process: the ledger
+//! client's whole life cycle, quickly. The process-level fault tests are in
+//! the `magnetar` crate.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use magnetar_bookies::{
+    BookieConfig, BookieError, BookieServer, CreateOptions, LedgerClient, LedgerState,
+};
+use magnetar_metadata::{MetaClient, MetaNode, NodeConfig, RaftTuning};
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    meta: MetaNode,
+    bookies: Vec<Option<BookieServer>>,
+}
+
+impl Cluster {
+    async fn start(n: u64) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let meta = MetaNode::start(NodeConfig {
+            id: 1,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: path.join("meta"),
+            peers: Default::default(),
+            tuning: RaftTuning::default(),
+        })
+        .await
+        .expect("meta");
+        meta.wait_for_leader(Duration::from_secs(10))
+            .await
+            .expect("leader");
+        let mut c = Cluster {
+            _dir: dir,
+            dir: path,
+            meta,
+            bookies: Vec::new(),
+        };
+        for id in 1..=n {
+            let b = c.start_bookie(id).await;
+            c.bookies.push(Some(b));
+        }
+        c
+    }
+
+    fn meta_endpoints(&self) -> Vec<String> {
+        vec![self.meta.local_addr().to_string()]
+    }
+
+    async fn start_bookie(&self, id: u64) -> BookieServer {
+        let mut cfg = BookieConfig::new(
+            id,
+            "127.0.0.1:0".parse().expect("addr"),
+            self.dir.join(format!("bookie-{id}")),
+            self.meta_endpoints(),
+        );
+        cfg.session_ttl = Duration::from_millis(1000);
+        BookieServer::start(cfg).await.expect("bookie")
+    }
+
+    fn client(&self) -> LedgerClient {
+        LedgerClient::new(MetaClient::new(&self.meta_endpoints()).expect("meta client"))
+    }
+
+    async fn wait_bookies(&self, client: &LedgerClient, n: usize) {
+        for _ in 0..100 {
+            if client.pool().writable(&[]).await.expect("list").len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{n} bookies never registered");
+    }
+}
+
+fn payload(i: u64) -> Bytes {
+    Bytes::from(format!("entry-{i:06}-{}", "x".repeat((i % 50) as usize)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_close_recover_delete() {
+    let c = Cluster::start(3).await;
+    let client = c.client();
+    c.wait_bookies(&client, 3).await;
+
+    let w = client
+        .create(CreateOptions::new(3, 3, 2))
+        .await
+        .expect("create");
+    let futs: Vec<_> = (0..2000).map(|i| w.add(payload(i))).collect();
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(f.await.expect("add"), i as u64);
+    }
+    assert_eq!(w.last_add_confirmed(), 1999);
+
+    // A reader of the open ledger sees up to the LAC the bookies know.
+    let r = client.open(w.id()).await.expect("open");
+    assert!(
+        r.last_add_confirmed() >= 1990,
+        "lac {}",
+        r.last_add_confirmed()
+    );
+    let got = r.read(0, 99).await.expect("read");
+    assert_eq!(got.len(), 100);
+    assert!(got.iter().all(|e| e.payload == payload(e.entry_id)));
+    assert!(matches!(
+        r.read(0, 5000).await,
+        Err(BookieError::PastLac { .. })
+    ));
+
+    let md = w.close().await.expect("close");
+    assert_eq!(md.state, LedgerState::Closed);
+    assert_eq!(md.last_entry, 1999);
+    assert!(matches!(
+        w.add(payload(0)).await,
+        Err(BookieError::LedgerClosed(_))
+    ));
+
+    let r = client
+        .open_and_recover(w.id())
+        .await
+        .expect("recover closed");
+    assert_eq!(r.last_add_confirmed(), 1999);
+    let all = r.read(0, 1999).await.expect("read all");
+    assert_eq!(all.len(), 2000);
+    for e in &all {
+        assert_eq!(e.payload, payload(e.entry_id));
+    }
+
+    client.delete(w.id()).await.expect("delete");
+    assert!(matches!(
+        client.open(w.id()).await,
+        Err(BookieError::NoLedger(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_fences_a_live_writer() {
+    let c = Cluster::start(3).await;
+    let client = c.client();
+    c.wait_bookies(&client, 3).await;
+    let w = client
+        .create(CreateOptions::new(3, 2, 2))
+        .await
+        .expect("create");
+    for i in 0..100 {
+        w.add(payload(i)).await.expect("add");
+    }
+    let other = c.client();
+    let r = other.open_and_recover(w.id()).await.expect("recover");
+    assert_eq!(r.last_add_confirmed(), 99);
+    assert!(r.is_closed());
+    match w.add(payload(100)).await {
+        Err(BookieError::Fenced(id)) => assert_eq!(id, w.id()),
+        other => panic!("expected a fenced error, got {other:?}"),
+    }
+    assert!(w.close().await.is_err());
+    let all = r.read(0, 99).await.expect("read");
+    assert_eq!(all.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensemble_change_replaces_a_stopped_bookie() {
+    let mut c = Cluster::start(4).await;
+    let client = c.client();
+    c.wait_bookies(&client, 4).await;
+    let w = client
+        .create(CreateOptions::new(3, 3, 3))
+        .await
+        .expect("create");
+    for i in 0..200 {
+        w.add(payload(i)).await.expect("add");
+    }
+    let (md, _) = client.metadata(w.id()).await.expect("md");
+    let victim = md.segments[0].bookies[1];
+    let b = c.bookies[(victim - 1) as usize].take().expect("running");
+    b.shutdown().await;
+    let futs: Vec<_> = (200..600).map(|i| w.add(payload(i))).collect();
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(f.await.expect("add after a bookie stopped"), 200 + i as u64);
+    }
+    let md = w.close().await.expect("close");
+    assert_eq!(md.segments.len(), 2, "{md:?}");
+    assert!(!md.segments[1].bookies.contains(&victim));
+    let r = client.open(w.id()).await.expect("open");
+    let all = r.read(0, 599).await.expect("read");
+    assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
+    assert_eq!(all.len(), 600);
+}
