@@ -28,6 +28,10 @@ pub fn free_port() -> u16 {
 pub struct Proc(Child);
 
 impl Proc {
+    pub fn from_child(child: Child) -> Self {
+        Proc(child)
+    }
+
     /// SIGKILL, as a crash would, and reap.
     pub fn kill(&mut self) {
         let _ = self.0.kill();
@@ -214,4 +218,138 @@ impl Drop for MetaCluster {
         }
         self.kill_all();
     }
+}
+
+/// One metadata node and a set of bookie processes.
+pub struct LedgerCluster {
+    pub meta: MetaCluster,
+    pub bookie_addrs: BTreeMap<u64, String>,
+    bookies: BTreeMap<u64, Proc>,
+    bookie_args: BTreeMap<u64, Vec<String>>,
+}
+
+impl LedgerCluster {
+    /// Starts one meta node and bookies `1..=n`, each with `extra` args.
+    pub fn start(n: u64, extra: &[&str]) -> Self {
+        let meta = MetaCluster::start(1, &[]);
+        let mut c = Self {
+            meta,
+            bookie_addrs: BTreeMap::new(),
+            bookies: BTreeMap::new(),
+            bookie_args: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            c.add_bookie(id, extra);
+        }
+        c
+    }
+
+    pub fn meta_endpoint(&self) -> String {
+        self.meta.endpoints().join(",")
+    }
+
+    pub fn bookie_dir(&self, id: u64) -> PathBuf {
+        self.meta.dir.path().join(format!("bookie-{id}"))
+    }
+
+    pub fn bookie_log(&self, id: u64) -> PathBuf {
+        self.meta.dir.path().join(format!("bookie-{id}.log"))
+    }
+
+    pub fn add_bookie(&mut self, id: u64, extra: &[&str]) {
+        self.bookie_addrs
+            .insert(id, format!("127.0.0.1:{}", free_port()));
+        self.bookie_args
+            .insert(id, extra.iter().map(|s| s.to_string()).collect());
+        self.start_bookie(id);
+    }
+
+    pub fn start_bookie(&mut self, id: u64) {
+        assert!(!self.bookies.contains_key(&id), "bookie {id} already runs");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("bookie")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &self.bookie_addrs[&id]])
+            .arg("--data-dir")
+            .arg(self.bookie_dir(id))
+            .args(["--meta", &self.meta_endpoint()])
+            .args(["--session-ttl-ms", "1000"])
+            .args(&self.bookie_args[&id])
+            .env("MAGNETAR_LOG", "info,openraft=warn");
+        let child = spawn_until(
+            cmd,
+            "listening on",
+            &self.bookie_log(id),
+            Duration::from_secs(30),
+        );
+        self.bookies.insert(id, child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_bookie(&mut self, id: u64) {
+        if let Some(mut p) = self.bookies.remove(&id) {
+            p.kill();
+        }
+    }
+
+    pub fn client(&self) -> magnetar_bookies::LedgerClient {
+        magnetar_bookies::LedgerClient::new(self.meta.client())
+    }
+
+    /// Waits until `n` bookies are registered as writable.
+    pub async fn wait_writable(&self, client: &magnetar_bookies::LedgerClient, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(w) = client.pool().writable(&[]).await {
+                if w.len() >= n {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{n} writable bookies never registered");
+    }
+
+    /// A raw gRPC client of one bookie, to look at its copies directly.
+    pub fn raw(
+        &self,
+        id: u64,
+    ) -> magnetar_bookies::proto::bookie_client::BookieClient<tonic::transport::Channel> {
+        magnetar_bookies::pool::rpc(
+            magnetar_bookies::pool::channel_to(&self.bookie_addrs[&id]).expect("channel"),
+        )
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = self.meta.logs();
+        for id in self.bookie_addrs.keys() {
+            let log = std::fs::read_to_string(self.bookie_log(*id)).unwrap_or_default();
+            out.push_str(&format!("---- bookie {id} ----\n{log}\n"));
+        }
+        out
+    }
+}
+
+impl Drop for LedgerCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in self.bookie_addrs.keys() {
+                let log = std::fs::read_to_string(self.bookie_log(*id)).unwrap_or_default();
+                eprintln!("---- bookie {id} ----\n{log}");
+            }
+        }
+        let ids: Vec<u64> = self.bookies.keys().copied().collect();
+        for id in ids {
+            self.kill_bookie(id);
+        }
+    }
+}
+
+/// The payload `magnetar admin ledgers write` and `perf ledger` give an
+/// entry (the binary's `perf::entry_payload`).
+pub fn entry_payload(entry: u64, size: usize) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(size.max(8));
+    v.extend_from_slice(&entry.to_le_bytes());
+    v.extend((8..size).map(|i| (entry as usize).wrapping_add(i) as u8));
+    bytes::Bytes::from(v)
 }
