@@ -36,6 +36,8 @@ use crate::proto::{self, Code};
 const READ_BATCH: usize = 1000;
 /// Entries per add message to one bookie.
 const ADD_BATCH: usize = 512;
+/// How long a bookie may leave an add unanswered before it is replaced.
+const ADD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Ledger ids reserved per round trip to the metadata store.
 const ID_RANGE: u64 = 100;
 
@@ -307,14 +309,15 @@ impl LedgerClient {
 
         let writer = LedgerWriter::spawn(self.clone(), md.clone(), version, max_lac, true);
         let mut entry = (max_lac + 1) as u64;
-        loop {
-            match self.recovery_read(&md, entry).await? {
-                Some(payload) => {
-                    writer.add_recovery(entry, payload).await?;
-                    entry += 1;
-                }
-                None => break,
-            }
+        // Re-writes are pipelined behind the reads; each must complete
+        // before the ledger is closed.
+        let mut rewrites = Vec::new();
+        while let Some(payload) = self.recovery_read(&md, entry).await? {
+            rewrites.push(writer.add_recovery(entry, payload));
+            entry += 1;
+        }
+        for r in join_all(rewrites).await {
+            r?;
         }
         let md = writer.close().await?;
         tracing::info!(
@@ -565,8 +568,8 @@ impl LedgerClient {
             }
         }
         // The rest, one by one from the other replicas.
-        for i in 0..n {
-            if out[i].is_some() {
+        for (i, slot) in out.iter_mut().enumerate() {
+            if slot.is_some() {
                 continue;
             }
             let e = first + i as u64;
@@ -580,7 +583,7 @@ impl LedgerClient {
                 match self.read_from(b, md.id, vec![e]).await {
                     Ok(mut v) => match v.pop() {
                         Some(Ok(entry)) => {
-                            out[i] = Some(entry);
+                            *slot = Some(entry);
                             break;
                         }
                         Some(Err(err)) => reasons.push(format!("bookie {b}: {err}")),
@@ -589,7 +592,7 @@ impl LedgerClient {
                     Err(err) => reasons.push(err.to_string()),
                 }
             }
-            if out[i].is_none() {
+            if slot.is_none() {
                 return Err(BookieError::Unreadable {
                     ledger: md.id,
                     entry: e,
@@ -696,6 +699,8 @@ enum Cmd {
         error: String,
     },
     RetryEnsemble,
+    /// Periodic check for bookies that accept adds but never answer.
+    Tick,
 }
 
 /// Writes one ledger. Cheap to clone; adds from clones are ordered by the
@@ -750,6 +755,17 @@ impl LedgerWriter {
             tx: tx.downgrade(),
             md,
         };
+        let ticker = tx.downgrade();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ADD_TIMEOUT / 4);
+            loop {
+                every.tick().await;
+                match ticker.upgrade() {
+                    Some(t) if t.send(Cmd::Tick).is_ok() => {}
+                    _ => return,
+                }
+            }
+        });
         tokio::spawn(actor.run(rx));
         Self {
             id,
@@ -810,6 +826,8 @@ struct Pending {
     /// Ensemble positions that have acknowledged, as bits.
     acked: u64,
     done: Option<oneshot::Sender<Result<u64>>>,
+    /// When it was (last) sent to its write set.
+    sent: tokio::time::Instant,
 }
 
 struct AddStream {
@@ -945,6 +963,7 @@ impl Writer {
                 self.retry_scheduled = false;
                 self.change_ensemble().await;
             }
+            Cmd::Tick => self.check_timeouts().await,
         }
     }
 
@@ -980,6 +999,7 @@ impl Writer {
             crc,
             acked: 0,
             done: Some(done),
+            sent: tokio::time::Instant::now(),
         });
         let slot = self.pending.len() - 1;
         for idx in self.md.write_set(entry) {
@@ -1178,6 +1198,36 @@ impl Writer {
             p.acked &= !(1 << idx);
         }
         self.change_ensemble().await;
+    }
+
+    /// A bookie that has held the oldest pending add unanswered for
+    /// `ADD_TIMEOUT` is treated as failed (a hung process or a silent
+    /// network keeps the stream open without answering).
+    async fn check_timeouts(&mut self) {
+        let Some(front) = self.pending.front() else {
+            return;
+        };
+        if front.sent.elapsed() < ADD_TIMEOUT || self.error.is_some() {
+            return;
+        }
+        let entry = front.entry;
+        let acked = front.acked;
+        for idx in self.md.write_set(entry) {
+            if acked & (1 << idx) == 0 && !self.failed[idx] {
+                tracing::warn!(
+                    ledger = self.md.id,
+                    bookie = self.ensemble[idx],
+                    entry,
+                    "add timed out on a bookie"
+                );
+                self.bookie_failed(idx).await;
+            }
+        }
+        // Resent entries get a fresh clock.
+        let now = tokio::time::Instant::now();
+        for p in self.pending.iter_mut() {
+            p.sent = now;
+        }
     }
 
     fn schedule_retry(&mut self) {

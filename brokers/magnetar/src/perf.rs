@@ -177,6 +177,9 @@ async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
             args.ack_quorum,
         ))
         .await?;
+    let (md, _) = client.metadata(w.id()).await?;
+    let bookies = md.all_bookies();
+    let journal_before = journal_counters(&client, &bookies).await;
     let payloads: Vec<bytes::Bytes> = (0..args.entries.min(4096))
         .map(|i| entry_payload(i, args.entry_size))
         .collect();
@@ -208,6 +211,7 @@ async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed();
     let md = w.close().await?;
+    let journal_after = journal_counters(&client, &bookies).await;
 
     // Read everything back and check each entry.
     let r = client.open(w.id()).await?;
@@ -251,6 +255,15 @@ async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
         verified as f64 / relapsed.as_secs_f64(),
         verified as f64 * args.entry_size as f64 / (1 << 20) as f64 / relapsed.as_secs_f64(),
     );
+    let (syncs, records) = (
+        journal_after.0.saturating_sub(journal_before.0),
+        journal_after.1.saturating_sub(journal_before.1),
+    );
+    println!(
+        "phase=journal bookies={} fsyncs={syncs} records={records} records_per_fsync={:.1}",
+        bookies.len(),
+        records as f64 / syncs.max(1) as f64,
+    );
     println!(
         "ensemble={} write_quorum={} ack_quorum={} entries={done} entry_size={} entries_per_s={:.0} mb_per_s={:.1} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} errors={errors}",
         args.ensemble,
@@ -264,6 +277,21 @@ async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
         ms(0.999),
     );
     Ok(())
+}
+
+/// Journal fsyncs and the records they covered, summed over `bookies`.
+async fn journal_counters(client: &LedgerClient, bookies: &[u64]) -> (u64, u64) {
+    let mut sum = (0, 0);
+    for &b in bookies {
+        if let Ok(mut c) = client.pool().client(b).await {
+            if let Ok(i) = c.info(magnetar_bookies::proto::InfoRequest {}).await {
+                let i = i.into_inner();
+                sum.0 += i.journal_syncs;
+                sum.1 += i.journal_entries;
+            }
+        }
+    }
+    sum
 }
 
 fn record(

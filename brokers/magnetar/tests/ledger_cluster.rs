@@ -153,6 +153,41 @@ async fn bookie_sigkill_mid_stream_is_survived_by_ensemble_change() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_bookie_is_replaced_after_the_add_timeout() {
+    let c = LedgerCluster::start(3, &[]);
+    let client = c.client();
+    c.wait_writable(&client, 3).await;
+    let w = client
+        .create(CreateOptions::new(2, 2, 2))
+        .await
+        .expect("create");
+    add_range(&w, 0..1000, 100).await;
+    let (md, _) = client.metadata(w.id()).await.expect("metadata");
+    let victim = md.segments[0].bookies[1];
+    // Stopped, not killed: its connections stay open and say nothing.
+    c.signal_bookie(victim, "STOP");
+    // HTTP/2 keep-alive notices the silent peer within seconds; a bookie
+    // that answers pings but not adds (a stuck disk) hits the add timeout.
+    let acked = tokio::time::timeout(Duration::from_secs(40), add_range(&w, 1000..2000, 100))
+        .await
+        .expect("adds complete once the hung bookie is replaced");
+    assert_eq!(acked.len(), 1000);
+    let md = w.close().await.expect("close");
+    assert!(
+        !md.segments
+            .last()
+            .expect("segment")
+            .bookies
+            .contains(&victim),
+        "{md:?}"
+    );
+    c.signal_bookie(victim, "CONT");
+    let r = c.client().open(w.id()).await.expect("open");
+    let all = read_all(&r, 1999).await;
+    assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
+}
+
 /// Runs `magnetar admin ledgers write` and returns it with a reader of its
 /// stdout lines.
 fn spawn_writer(

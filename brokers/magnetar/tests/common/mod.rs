@@ -41,6 +41,17 @@ impl Proc {
     pub fn running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
     }
+
+    /// Sends a signal by name (`STOP`, `CONT`, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.0.id().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
 }
 
 impl Drop for Proc {
@@ -290,6 +301,10 @@ impl LedgerCluster {
         if let Some(mut p) = self.bookies.remove(&id) {
             p.kill();
         }
+    }
+
+    pub fn signal_bookie(&self, id: u64, sig: &str) {
+        self.bookies[&id].signal(sig);
     }
 
     pub fn client(&self) -> magnetar_bookies::LedgerClient {
