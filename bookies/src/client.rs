@@ -836,6 +836,13 @@ struct AddStream {
     batch: Vec<proto::Entry>,
 }
 
+/// Why a metadata update did not happen.
+enum Lost {
+    /// Another client moved the ledger out of this writer's state.
+    Taken(Box<LedgerMetadata>),
+    Meta(String),
+}
+
 /// Why a writer can take no more adds.
 #[derive(Clone)]
 enum Stop {
@@ -870,10 +877,7 @@ impl Writer {
         match stop {
             Stop::Fenced => BookieError::Fenced(self.md.id),
             Stop::Closed => BookieError::LedgerClosed(self.md.id),
-            Stop::Failed(m) => BookieError::Remote {
-                bookie: 0,
-                message: m.clone(),
-            },
+            Stop::Failed(m) => BookieError::WriterFailed(m.clone()),
         }
     }
 
@@ -1161,27 +1165,15 @@ impl Writer {
         if matches!(stop, Stop::Fenced) {
             tracing::warn!(ledger = self.md.id, "ledger fenced by another client");
         }
-        for mut p in self.pending.drain(..) {
+        let pending: Vec<_> = self.pending.drain(..).collect();
+        for mut p in pending {
             if let Some(done) = p.done.take() {
-                let _ = done.send(Err(match &stop {
-                    Stop::Fenced => BookieError::Fenced(self.md.id),
-                    Stop::Closed => BookieError::LedgerClosed(self.md.id),
-                    Stop::Failed(m) => BookieError::Remote {
-                        bookie: 0,
-                        message: m.clone(),
-                    },
-                }));
+                let _ = done.send(Err(self.stop_error(&stop)));
             }
         }
-        for done in self.closing.drain(..) {
-            let _ = done.send(Err(match &stop {
-                Stop::Fenced => BookieError::Fenced(self.md.id),
-                Stop::Closed => BookieError::LedgerClosed(self.md.id),
-                Stop::Failed(m) => BookieError::Remote {
-                    bookie: 0,
-                    message: m.clone(),
-                },
-            }));
+        let closing: Vec<_> = self.closing.drain(..).collect();
+        for done in closing {
+            let _ = done.send(Err(self.stop_error(&stop)));
         }
         self.streams.iter_mut().for_each(|s| *s = None);
         self.error = Some(stop);
@@ -1279,47 +1271,25 @@ impl Writer {
             ensemble[idx] = candidates[k];
         }
         let first = (self.lac + 1) as u64;
-        loop {
-            let mut md = self.md.clone();
-            match md.segments.last_mut() {
+        let update = self
+            .update_metadata(|md| match md.segments.last_mut() {
                 Some(last) if last.first_entry == first => last.bookies = ensemble.clone(),
                 _ => md.segments.push(Segment {
                     first_entry: first,
                     bookies: ensemble.clone(),
                 }),
+            })
+            .await;
+        match update {
+            Ok(()) => {}
+            Err(Lost::Taken(_)) => {
+                self.terminate(Stop::Fenced);
+                return;
             }
-            let key = meta::ledger_key(md.id);
-            match self
-                .client
-                .meta()
-                .compare_and_put(&key, self.md_version, md.to_json())
-                .await
-            {
-                Ok(kv) => {
-                    self.md = md;
-                    self.md_version = kv.version;
-                    break;
-                }
-                Err(MetaError::Conflict { .. }) => match self.client.metadata(self.md.id).await {
-                    Ok((cur, v)) if cur.state == self.owned_state() => {
-                        self.md = cur;
-                        self.md_version = v;
-                    }
-                    Ok(_) => {
-                        self.terminate(Stop::Fenced);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ensemble change: cannot re-read metadata");
-                        self.schedule_retry();
-                        return;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "ensemble change: metadata update failed");
-                    self.schedule_retry();
-                    return;
-                }
+            Err(Lost::Meta(e)) => {
+                tracing::warn!(error = %e, "ensemble change: metadata update failed");
+                self.schedule_retry();
+                return;
             }
         }
         tracing::info!(
@@ -1343,47 +1313,58 @@ impl Writer {
         }
     }
 
-    async fn finish_close(&mut self) {
+    /// Applies `change` to the ledger's metadata by compare-and-set,
+    /// re-reading and re-applying while the ledger is still this writer's.
+    async fn update_metadata(&mut self, change: impl Fn(&mut LedgerMetadata)) -> Result<(), Lost> {
         loop {
             let mut md = self.md.clone();
-            md.state = LedgerState::Closed;
-            md.last_entry = self.lac;
+            change(&mut md);
             let key = meta::ledger_key(md.id);
-            let res = self
+            match self
                 .client
                 .meta()
                 .compare_and_put(&key, self.md_version, md.to_json())
-                .await;
-            match res {
+                .await
+            {
                 Ok(kv) => {
                     self.md = md;
                     self.md_version = kv.version;
-                    break;
+                    return Ok(());
                 }
                 Err(MetaError::Conflict { .. }) => match self.client.metadata(self.md.id).await {
-                    Ok((cur, _))
-                        if cur.state == LedgerState::Closed && cur.last_entry == self.lac =>
-                    {
-                        self.md = cur;
-                        break;
-                    }
                     Ok((cur, v)) if cur.state == self.owned_state() => {
                         self.md = cur;
                         self.md_version = v;
                     }
-                    Ok(_) => {
-                        self.terminate(Stop::Fenced);
-                        return;
-                    }
-                    Err(e) => {
-                        self.terminate(Stop::Failed(format!("closing: {e}")));
-                        return;
-                    }
+                    Ok((cur, _)) => return Err(Lost::Taken(Box::new(cur))),
+                    Err(e) => return Err(Lost::Meta(e.to_string())),
                 },
-                Err(e) => {
-                    self.terminate(Stop::Failed(format!("closing: {e}")));
-                    return;
-                }
+                Err(e) => return Err(Lost::Meta(e.to_string())),
+            }
+        }
+    }
+
+    async fn finish_close(&mut self) {
+        let lac = self.lac;
+        let update = self
+            .update_metadata(|md| {
+                md.state = LedgerState::Closed;
+                md.last_entry = lac;
+            })
+            .await;
+        match update {
+            Ok(()) => {}
+            // Closed by a recovery that found exactly what was written.
+            Err(Lost::Taken(cur)) if cur.state == LedgerState::Closed && cur.last_entry == lac => {
+                self.md = *cur;
+            }
+            Err(Lost::Taken(_)) => {
+                self.terminate(Stop::Fenced);
+                return;
+            }
+            Err(Lost::Meta(e)) => {
+                self.terminate(Stop::Failed(format!("closing: {e}")));
+                return;
             }
         }
         for done in self.closing.drain(..) {

@@ -32,6 +32,10 @@ pub enum BookieError {
     #[error("ledger {0} is closed")]
     LedgerClosed(u64),
 
+    /// The writer stopped on an error it could not get past.
+    #[error("ledger writer failed: {0}")]
+    WriterFailed(String),
+
     /// A read asked for entries past the last add confirmed.
     #[error("entry {entry} of ledger {ledger} is past the last confirmed entry {lac}")]
     PastLac { ledger: u64, entry: u64, lac: i64 },

@@ -68,19 +68,7 @@ fn log_path(dir: &Path, id: u32) -> PathBuf {
 }
 
 pub fn list_logs(dir: &Path) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let name = e?.file_name();
-        if let Some(id) = name
-            .to_string_lossy()
-            .strip_suffix(".log")
-            .and_then(|s| s.parse().ok())
-        {
-            ids.push(id);
-        }
-    }
-    ids.sort_unstable();
-    Ok(ids)
+    super::journal::list_numbered(dir)
 }
 
 pub fn encode_record(e: &StoredEntry, out: &mut Vec<u8>) {

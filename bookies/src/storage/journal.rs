@@ -164,16 +164,25 @@ fn file_path(dir: &Path, seq: u64) -> PathBuf {
 
 /// Journal files present, oldest first.
 pub fn list_files(dir: &Path) -> Result<Vec<u64>> {
-    let mut seqs = Vec::new();
+    list_numbered(dir)
+}
+
+/// The numbers of the `N.log` files in `dir`, in order; journals and entry
+/// logs are both named so.
+pub fn list_numbered<T: std::str::FromStr + Ord>(dir: &Path) -> Result<Vec<T>> {
+    let mut ids = Vec::new();
     for e in fs::read_dir(dir)? {
         let name = e?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(seq) = name.strip_suffix(".log").and_then(|s| s.parse().ok()) {
-            seqs.push(seq);
+        if let Some(id) = name
+            .to_string_lossy()
+            .strip_suffix(".log")
+            .and_then(|s| s.parse().ok())
+        {
+            ids.push(id);
         }
     }
-    seqs.sort_unstable();
-    Ok(seqs)
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Reads every intact record at or after `from`, in order, calling `apply`
