@@ -312,6 +312,25 @@ async fn gc_loop(
         // first entry, so a ledger seen locally and absent from a later
         // listing has been deleted.
         let local = storage.ledgers();
+        // A store that never allocated a ledger id cannot be the one these
+        // ledgers were written under (a bookie pointed at the wrong
+        // metadata store must not wipe itself).
+        match client.get(meta::LEDGER_IDGEN_KEY).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if !local.is_empty() {
+                    tracing::warn!(
+                        ledgers = local.len(),
+                        "gc: the metadata store has never allocated a ledger; keeping local ledgers"
+                    );
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gc: metadata store unreachable");
+                continue;
+            }
+        }
         let listed = match client.list_keys(meta::LEDGER_META_PREFIX).await {
             Ok(keys) => keys
                 .iter()

@@ -42,15 +42,10 @@ impl Proc {
         matches!(self.0.try_wait(), Ok(None))
     }
 
-    /// Sends a signal by name (`STOP`, `CONT`, ...).
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.0.id().to_string())
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
+    /// Sends `sig` (for example `Signal::STOP`, `Signal::CONT`).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("a child's pid");
+        rustix::process::kill_process(pid, sig).expect("signal the child");
     }
 }
 
@@ -303,7 +298,7 @@ impl LedgerCluster {
         }
     }
 
-    pub fn signal_bookie(&self, id: u64, sig: &str) {
+    pub fn signal_bookie(&self, id: u64, sig: rustix::process::Signal) {
         self.bookies[&id].signal(sig);
     }
 
