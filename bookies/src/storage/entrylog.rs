@@ -73,31 +73,17 @@ pub fn list_logs(dir: &Path) -> Result<Vec<u32>> {
 
 pub fn encode_record(e: &StoredEntry, out: &mut Vec<u8>) {
     out.put_u32_le((HEADER - 4 + e.payload.len()) as u32);
-    out.put_u64_le(e.ledger);
-    out.put_u64_le(e.entry);
-    out.put_i64_le(e.lac);
-    out.put_u32_le(e.crc);
-    out.extend_from_slice(&e.payload);
+    e.put_fields(out);
 }
 
 /// Parses one record, checking it is the entry the index said it is and
 /// that its payload matches its CRC.
-pub fn decode_record(mut b: &[u8], ledger: u64, entry: u64) -> Result<StoredEntry> {
+pub fn decode_record(record: Bytes, ledger: u64, entry: u64) -> Result<StoredEntry> {
     let corrupt = || BookieError::Corrupt { ledger, entry };
-    if b.len() < HEADER {
+    if record.len() < HEADER || (&record[..4]).get_u32_le() as usize != record.len() - 4 {
         return Err(corrupt());
     }
-    let len = b.get_u32_le() as usize;
-    if len != b.len() {
-        return Err(corrupt());
-    }
-    let e = StoredEntry {
-        ledger: b.get_u64_le(),
-        entry: b.get_u64_le(),
-        lac: b.get_i64_le(),
-        crc: b.get_u32_le(),
-        payload: Bytes::copy_from_slice(b),
-    };
+    let e = StoredEntry::get_fields(record.slice(4..)).ok_or_else(corrupt)?;
     if e.ledger != ledger
         || e.entry != entry
         || crate::meta::entry_crc(ledger, entry, &e.payload) != e.crc
@@ -115,7 +101,20 @@ pub struct EntryLogs {
     writer: BufWriter<File>,
     offset: u64,
     pub usage: BTreeMap<u32, LogUsage>,
-    readers: RwLock<HashMap<u32, Arc<File>>>,
+    readers: Readers,
+}
+
+/// Read handles of every log, shared with readers so that a read never
+/// waits for the mutex a flush holds while it writes and syncs.
+pub type Readers = Arc<RwLock<HashMap<u32, Arc<File>>>>;
+
+/// A handle to read `log` with; it stays valid after the log is removed.
+pub fn reader(readers: &Readers, log: u32) -> Option<Arc<File>> {
+    readers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&log)
+        .cloned()
 }
 
 impl EntryLogs {
@@ -148,7 +147,7 @@ impl EntryLogs {
             writer,
             offset: 0,
             usage,
-            readers: RwLock::new(readers),
+            readers: Arc::new(RwLock::new(readers)),
         })
     }
 
@@ -196,13 +195,8 @@ impl EntryLogs {
         self.readers.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A handle to read `log` with; it stays valid after the log is removed.
-    pub fn reader(&self, log: u32) -> Option<Arc<File>> {
-        self.readers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&log)
-            .cloned()
+    pub fn readers(&self) -> Readers {
+        self.readers.clone()
     }
 
     pub fn remove(&mut self, log: u32) -> Result<()> {
@@ -216,6 +210,7 @@ impl EntryLogs {
     pub fn scan(&self, log: u32) -> Result<Vec<(Location, StoredEntry)>> {
         let mut data = Vec::new();
         File::open(log_path(&self.dir, log))?.read_to_end(&mut data)?;
+        let data = Bytes::from(data);
         let mut out = Vec::new();
         let mut off = 0usize;
         while off + HEADER <= data.len() {
@@ -225,13 +220,8 @@ impl EntryLogs {
             if len < HEADER || off + len > data.len() {
                 break;
             }
-            let mut b = &data[off + 4..off + len];
-            let e = StoredEntry {
-                ledger: b.get_u64_le(),
-                entry: b.get_u64_le(),
-                lac: b.get_i64_le(),
-                crc: b.get_u32_le(),
-                payload: Bytes::copy_from_slice(b),
+            let Some(e) = StoredEntry::get_fields(data.slice(off + 4..off + len)) else {
+                break;
             };
             out.push((
                 Location {
@@ -252,10 +242,10 @@ impl EntryLogs {
 }
 
 /// Reads a record's bytes.
-pub fn read_at(file: &File, loc: Location) -> Result<Vec<u8>> {
+pub fn read_at(file: &File, loc: Location) -> Result<Bytes> {
     let mut buf = vec![0u8; loc.len as usize];
     file.read_exact_at(&mut buf, loc.offset)?;
-    Ok(buf)
+    Ok(Bytes::from(buf))
 }
 
 fn create_log(dir: &Path, id: u32) -> Result<(BufWriter<File>, Arc<File>)> {

@@ -64,6 +64,41 @@ pub struct StoredEntry {
     pub payload: Bytes,
 }
 
+impl StoredEntry {
+    /// Ids, LAC, CRC and payload: the body journal records and entry-log
+    /// records share.
+    pub(crate) fn put_fields(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.ledger);
+        out.put_u64_le(self.entry);
+        out.put_i64_le(self.lac);
+        out.put_u32_le(self.crc);
+        out.extend_from_slice(&self.payload);
+    }
+
+    pub(crate) const FIELDS_HEADER: usize = 8 + 8 + 8 + 4;
+
+    /// Parses what `put_fields` wrote; the payload shares `body`'s memory.
+    pub(crate) fn get_fields(body: Bytes) -> Option<Self> {
+        if body.len() < Self::FIELDS_HEADER {
+            return None;
+        }
+        let mut b = &body[..];
+        let (ledger, entry, lac, crc) = (
+            b.get_u64_le(),
+            b.get_u64_le(),
+            b.get_i64_le(),
+            b.get_u32_le(),
+        );
+        Some(Self {
+            ledger,
+            entry,
+            lac,
+            crc,
+            payload: body.slice(Self::FIELDS_HEADER..),
+        })
+    }
+}
+
 /// What a journal record does once durable.
 #[derive(Debug, Clone)]
 pub enum Record {
@@ -86,11 +121,7 @@ impl Record {
         match self {
             Record::Add(e) => {
                 out.put_u8(REC_ADD);
-                out.put_u64_le(e.ledger);
-                out.put_u64_le(e.entry);
-                out.put_i64_le(e.lac);
-                out.put_u32_le(e.crc);
-                out.extend_from_slice(&e.payload);
+                e.put_fields(out);
             }
             Record::Fence(ledger) => {
                 out.put_u8(REC_FENCE);
@@ -103,33 +134,21 @@ impl Record {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    fn decode(mut body: &[u8]) -> Option<Record> {
-        if body.is_empty() {
-            return None;
-        }
-        match body.get_u8() {
-            REC_ADD if body.len() >= 28 => {
-                let ledger = body.get_u64_le();
-                let entry = body.get_u64_le();
-                let lac = body.get_i64_le();
-                let crc = body.get_u32_le();
-                Some(Record::Add(StoredEntry {
-                    ledger,
-                    entry,
-                    lac,
-                    crc,
-                    payload: Bytes::copy_from_slice(body),
-                }))
+    fn decode(body: Bytes) -> Option<Record> {
+        match *body.first()? {
+            REC_ADD => StoredEntry::get_fields(body.slice(1..)).map(Record::Add),
+            REC_FENCE if body.len() == 9 => {
+                let mut b = &body[1..];
+                Some(Record::Fence(b.get_u64_le()))
             }
-            REC_FENCE if body.len() == 8 => Some(Record::Fence(body.get_u64_le())),
             _ => None,
         }
     }
 }
 
-/// A batch of records from one request, acknowledged together.
+/// A batch of records from one request, acknowledged together. The
+/// journal thread encodes them straight into its write buffer.
 pub struct JournalReq {
-    pub buf: Vec<u8>,
     pub records: Vec<Record>,
     pub done: tokio::sync::oneshot::Sender<Result<()>>,
 }
@@ -162,11 +181,6 @@ fn file_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:012}.log"))
 }
 
-/// Journal files present, oldest first.
-pub fn list_files(dir: &Path) -> Result<Vec<u64>> {
-    list_numbered(dir)
-}
-
 /// The numbers of the `N.log` files in `dir`, in order; journals and entry
 /// logs are both named so.
 pub fn list_numbered<T: std::str::FromStr + Ord>(dir: &Path) -> Result<Vec<T>> {
@@ -195,7 +209,7 @@ pub fn replay(
     mut apply: impl FnMut(Record, JournalPos),
 ) -> Result<u64> {
     let mut last_seq = 0;
-    for seq in list_files(dir)? {
+    for seq in list_numbered::<u64>(dir)? {
         last_seq = seq;
         if seq < from.file {
             continue;
@@ -203,6 +217,7 @@ pub fn replay(
         let path = file_path(dir, seq);
         let mut data = Vec::new();
         File::open(&path)?.read_to_end(&mut data)?;
+        let data = Bytes::from(data);
         let mut off = if seq == from.file {
             from.offset as usize
         } else {
@@ -218,7 +233,7 @@ pub fn replay(
             if len == 0 || end > data.len() || crc32c::crc32c(&data[off + 8..end]) != crc {
                 break;
             }
-            let Some(rec) = Record::decode(&data[off + 8..end]) else {
+            let Some(rec) = Record::decode(data.slice(off + 8..end)) else {
                 break;
             };
             off = end;
@@ -248,7 +263,7 @@ pub fn replay(
 
 /// Deletes journal files that lie wholly before `checkpoint`.
 pub fn remove_before(dir: &Path, checkpoint: JournalPos) -> Result<()> {
-    for seq in list_files(dir)? {
+    for seq in list_numbered::<u64>(dir)? {
         if seq < checkpoint.file {
             fs::remove_file(file_path(dir, seq))?;
         }
@@ -297,7 +312,8 @@ impl JournalWriter {
         let mut buf = Vec::with_capacity(self.cfg.max_batch_bytes + (1 << 20));
         while let Ok(first) = rx.recv() {
             let deadline = Instant::now() + self.cfg.max_wait;
-            let mut bytes = first.buf.len();
+            let size = |r: &JournalReq| r.records.iter().map(Record::encoded_len).sum::<usize>();
+            let mut bytes = size(&first);
             let mut batch = vec![first];
             while bytes < self.cfg.max_batch_bytes {
                 let next = match rx.try_recv() {
@@ -317,12 +333,14 @@ impl JournalWriter {
                     }
                 };
                 let Some(r) = next else { break };
-                bytes += r.buf.len();
+                bytes += size(&r);
                 batch.push(r);
             }
             buf.clear();
             for r in &batch {
-                buf.extend_from_slice(&r.buf);
+                for rec in &r.records {
+                    rec.encode_into(&mut buf);
+                }
             }
             match self.write_and_sync(&buf) {
                 Ok(()) => {

@@ -176,6 +176,7 @@ struct Inner {
     db: DB,
     state: Mutex<State>,
     logs: Mutex<EntryLogs>,
+    readers: entrylog::Readers,
     read_cache: Mutex<ReadCache>,
     flush_lock: Mutex<()>,
     flush_wake: Condvar,
@@ -280,6 +281,7 @@ impl Storage {
             dir: dir.to_path_buf(),
             db,
             state: Mutex::new(state),
+            readers: logs.readers(),
             logs: Mutex::new(logs),
             read_cache: Mutex::new(ReadCache::default()),
             flush_lock: Mutex::new(()),
@@ -349,7 +351,6 @@ impl Storage {
         let mut refused = Vec::new();
         let mut accepted = Vec::new();
         let mut records = Vec::with_capacity(entries.len());
-        let mut buf = Vec::new();
         let read_only = self.is_read_only();
         {
             let st = lock(&self.inner.state);
@@ -372,9 +373,7 @@ impl Storage {
                     Some(err) => refused.push((e.ledger, e.entry, err)),
                     None => {
                         accepted.push((e.ledger, e.entry));
-                        let r = Record::Add(e);
-                        r.encode_into(&mut buf);
-                        records.push(r);
+                        records.push(Record::Add(e));
                     }
                 }
             }
@@ -387,7 +386,7 @@ impl Storage {
             };
         }
         let (done, rx) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.submit(JournalReq { buf, records, done }) {
+        if let Err(e) = self.submit(JournalReq { records, done }) {
             let msg = e.to_string();
             refused.extend(
                 accepted
@@ -417,13 +416,9 @@ impl Storage {
             }
             st.ledgers.entry(ledger).or_default().fenced = true;
         }
-        let mut buf = Vec::new();
-        let rec = Record::Fence(ledger);
-        rec.encode_into(&mut buf);
         let (done, rx) = tokio::sync::oneshot::channel();
         self.submit(JournalReq {
-            buf,
-            records: vec![rec],
+            records: vec![Record::Fence(ledger)],
             done,
         })?;
         rx.await
@@ -638,7 +633,7 @@ impl Inner {
                 });
             };
             let loc = Location::decode(&loc).ok_or(BookieError::Corrupt { ledger, entry })?;
-            let Some(file) = lock(&self.logs).reader(loc.log) else {
+            let Some(file) = entrylog::reader(&self.readers, loc.log) else {
                 last_err = Some(BookieError::Storage(format!(
                     "entry log {} missing",
                     loc.log
@@ -646,7 +641,7 @@ impl Inner {
                 continue;
             };
             let bytes = entrylog::read_at(&file, loc)?;
-            let e = entrylog::decode_record(&bytes, ledger, entry)?;
+            let e = entrylog::decode_record(bytes, ledger, entry)?;
             lock(&self.read_cache).insert(&e, self.cfg.read_cache_bytes);
             return Ok(e);
         }
