@@ -142,7 +142,7 @@ async fn rereplicate(client: &LedgerClient, ledger: u64, lost: &HashSet<u64>) ->
             if !lost.contains(&seg.bookies[idx]) {
                 continue;
             }
-            let candidates = pool_writable(client, &new_md.segments[s].bookies).await?;
+            let candidates = client.pool().writable(&new_md.segments[s].bookies).await?;
             let Some(&replacement) = candidates.choose(&mut rand::rng()) else {
                 tracing::warn!(ledger, "no bookie to re-replicate to");
                 return Ok(());
@@ -154,13 +154,8 @@ async fn rereplicate(client: &LedgerClient, ledger: u64, lost: &HashSet<u64>) ->
                 let wanted: Vec<u64> = (e as u64..=hi as u64)
                     .filter(|&x| md.write_set(x).contains(&idx))
                     .collect();
-                if let (Some(&lo), Some(&up)) = (wanted.first(), wanted.last()) {
-                    let entries: Vec<_> = client
-                        .read_range(&md, lo, up, &avoid)
-                        .await?
-                        .into_iter()
-                        .filter(|en| wanted.contains(&en.entry_id))
-                        .collect();
+                if !wanted.is_empty() {
+                    let entries = client.read_entries(&md, &wanted, &avoid).await?;
                     copied += entries.len();
                     client.replicate_to(replacement, ledger, entries).await?;
                 }
@@ -189,8 +184,4 @@ async fn rereplicate(client: &LedgerClient, ledger: u64, lost: &HashSet<u64>) ->
         Err(MetaError::Conflict { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-async fn pool_writable(client: &LedgerClient, exclude: &[u64]) -> Result<Vec<u64>> {
-    client.pool().writable(exclude).await
 }

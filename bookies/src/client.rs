@@ -519,24 +519,22 @@ impl LedgerClient {
         Ok(())
     }
 
-    /// Reads entries `first..=last` of `md`, each from any bookie of its
-    /// write set, trying the others on failure or a bad CRC.
-    pub(crate) async fn read_range(
+    /// Reads entries `ids` of `md` (in that order), each from any bookie of
+    /// its write set not in `avoid`, trying the others on failure or a bad
+    /// CRC.
+    pub(crate) async fn read_entries(
         &self,
         md: &LedgerMetadata,
-        first: u64,
-        last: u64,
+        ids: &[u64],
         avoid: &[u64],
     ) -> Result<Vec<LedgerEntry>> {
-        if last < first {
-            return Ok(Vec::new());
-        }
-        let n = (last - first + 1) as usize;
-        let mut out: Vec<Option<LedgerEntry>> = vec![None; n];
+        let mut out: Vec<Option<LedgerEntry>> = vec![None; ids.len()];
+        let slot: std::collections::HashMap<u64, usize> =
+            ids.iter().enumerate().map(|(i, &e)| (e, i)).collect();
         // First round: each entry from the first bookie of its write set,
         // batched per bookie.
         let mut per_bookie: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
-        for e in first..=last {
+        for &e in ids {
             let seg = md.segment_for(e);
             let ws = md.write_set(e);
             let b = ws
@@ -560,19 +558,17 @@ impl LedgerClient {
         for (_, r) in results {
             if let Ok(v) = r {
                 for e in v.into_iter().flatten() {
-                    if (first..=last).contains(&e.entry_id) {
-                        let i = (e.entry_id - first) as usize;
+                    if let Some(&i) = slot.get(&e.entry_id) {
                         out[i] = Some(e);
                     }
                 }
             }
         }
         // The rest, one by one from the other replicas.
-        for (i, slot) in out.iter_mut().enumerate() {
+        for (slot, &e) in out.iter_mut().zip(ids) {
             if slot.is_some() {
                 continue;
             }
-            let e = first + i as u64;
             let seg = md.segment_for(e);
             let mut reasons = Vec::new();
             for &idx in md.write_set(e).iter() {
@@ -672,18 +668,15 @@ impl LedgerReader {
                 lac: self.lac,
             });
         }
-        self.client.read_range(&self.md, first, last, &[]).await
+        let ids: Vec<u64> = (first..=last).collect();
+        self.client.read_entries(&self.md, &ids, &[]).await
     }
 }
 
 enum Cmd {
     Add {
-        payload: Bytes,
-        done: oneshot::Sender<Result<u64>>,
-    },
-    /// Recovery re-writes an entry under its existing id.
-    RecoveryAdd {
-        entry: u64,
+        /// Set by recovery, which re-writes entries under their ids.
+        entry: Option<u64>,
         payload: Bytes,
         done: oneshot::Sender<Result<u64>>,
     },
@@ -786,18 +779,20 @@ impl LedgerWriter {
     /// Queues an entry. The returned future resolves to its entry id once
     /// Qa bookies have it durable and every earlier entry has completed.
     pub fn add(&self, payload: Bytes) -> impl Future<Output = Result<u64>> + Send + 'static {
-        let (done, rx) = oneshot::channel();
-        let sent = self.tx.send(Cmd::Add { payload, done });
-        let id = self.id;
-        async move {
-            sent.map_err(|_| BookieError::LedgerClosed(id))?;
-            rx.await.map_err(|_| BookieError::LedgerClosed(id))?
-        }
+        self.queue(None, payload)
     }
 
     fn add_recovery(&self, entry: u64, payload: Bytes) -> impl Future<Output = Result<u64>> {
+        self.queue(Some(entry), payload)
+    }
+
+    fn queue(
+        &self,
+        entry: Option<u64>,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<u64>> + Send + 'static {
         let (done, rx) = oneshot::channel();
-        let sent = self.tx.send(Cmd::RecoveryAdd {
+        let sent = self.tx.send(Cmd::Add {
             entry,
             payload,
             done,
@@ -912,12 +907,11 @@ impl Writer {
 
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Add { payload, done } => self.enqueue(None, payload, done),
-            Cmd::RecoveryAdd {
+            Cmd::Add {
                 entry,
                 payload,
                 done,
-            } => self.enqueue(Some(entry), payload, done),
+            } => self.enqueue(entry, payload, done),
             Cmd::Close(done) => match &self.error {
                 Some(Stop::Closed) => {
                     let _ = done.send(Ok(self.md.clone()));
@@ -1055,10 +1049,11 @@ impl Writer {
         }
     }
 
-    /// Tells the bookies the LAC once it has moved past what the last
-    /// entries carried, so that readers see the tail of an idle ledger.
+    /// Tells the bookies the LAC once the writer is idle, so that readers
+    /// see the tail of an idle ledger. While adds flow, each entry carries
+    /// the LAC and no extra message is needed.
     fn send_lac(&mut self) {
-        if self.lac <= self.lac_sent || self.error.is_some() {
+        if self.lac <= self.lac_sent || self.error.is_some() || !self.pending.is_empty() {
             return;
         }
         self.lac_sent = self.lac;

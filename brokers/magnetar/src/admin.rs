@@ -83,7 +83,8 @@ enum LedgersCommand {
         #[arg(long, default_value_t = 100)]
         max_in_flight: usize,
     },
-    /// Print entries FIRST..=LAST as `ENTRY<TAB>BYTES<TAB>CRC32C`.
+    /// Print entries FIRST..=LAST as `ENTRY<TAB>BYTES<TAB>CRC32C`, the
+    /// checksum each entry is stored with.
     Read {
         id: u64,
         first: u64,
@@ -374,7 +375,7 @@ async fn run_ledgers(args: LedgersArgs) -> anyhow::Result<()> {
                         "{}\t{}\t{:08x}",
                         e.entry_id,
                         e.payload.len(),
-                        crc32c_of(&e.payload)
+                        magnetar_bookies::meta::entry_crc(id, e.entry_id, &e.payload)
                     )?;
                 }
                 next = hi + 1;
@@ -394,8 +395,4 @@ async fn run_ledgers(args: LedgersArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn crc32c_of(b: &[u8]) -> u32 {
-    magnetar_bookies::meta::entry_crc(0, 0, b)
 }

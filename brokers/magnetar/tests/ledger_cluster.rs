@@ -52,6 +52,37 @@ async fn read_all(r: &LedgerReader, last: u64) -> Vec<magnetar_bookies::LedgerEn
     out
 }
 
+/// Sends entry 0 of `ledger` straight to one bookie; its one answer.
+async fn raw_add(
+    c: &LedgerCluster,
+    bookie: u64,
+    ledger: u64,
+    payload: &'static [u8],
+    crc: u32,
+) -> proto::AddResponse {
+    let req = proto::AddRequest {
+        entries: vec![proto::Entry {
+            ledger_id: ledger,
+            entry_id: 0,
+            lac: -1,
+            crc,
+            payload: Bytes::from_static(payload),
+        }],
+        recovery: false,
+        ledger_id: 0,
+        lac: -1,
+    };
+    c.raw(bookie)
+        .add(tokio_stream::once(req))
+        .await
+        .expect("add stream")
+        .into_inner()
+        .message()
+        .await
+        .expect("answer")
+        .expect("one message")
+}
+
 /// Reads one entry straight from one bookie.
 async fn read_direct(c: &LedgerCluster, bookie: u64, ledger: u64, entry: u64) -> (Code, Bytes) {
     let resp = c
@@ -533,24 +564,7 @@ async fn corruption_is_caught_and_bad_requests_get_codes() {
     assert_eq!(code, Code::NoLedger);
     let (code, _) = read_direct(&c, victim, w.id(), 5000).await;
     assert_eq!(code, Code::NoEntry);
-    let bad_crc = proto::AddRequest {
-        entries: vec![proto::Entry {
-            ledger_id: 424_242,
-            entry_id: 0,
-            lac: -1,
-            crc: 1,
-            payload: Bytes::from_static(b"payload"),
-        }],
-        recovery: false,
-        ledger_id: 0,
-        lac: -1,
-    };
-    let mut acks = raw
-        .add(tokio_stream::once(bad_crc))
-        .await
-        .expect("add stream")
-        .into_inner();
-    let resp = acks.message().await.expect("answer").expect("one message");
+    let resp = raw_add(&c, victim, 424_242, b"payload", 1).await;
     assert_eq!(resp.results[0].code, Code::BadRequest as i32, "{resp:?}");
     assert!(
         raw.info(proto::InfoRequest {}).await.is_ok(),
@@ -580,28 +594,8 @@ async fn corruption_is_caught_and_bad_requests_get_codes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ro_add = proto::AddRequest {
-        entries: vec![proto::Entry {
-            ledger_id: 424_243,
-            entry_id: 0,
-            lac: -1,
-            crc: magnetar_bookies::meta::entry_crc(424_243, 0, b"x"),
-            payload: Bytes::from_static(b"x"),
-        }],
-        recovery: false,
-        ledger_id: 0,
-        lac: -1,
-    };
-    let resp = c
-        .raw(4)
-        .add(tokio_stream::once(ro_add))
-        .await
-        .expect("add stream")
-        .into_inner()
-        .message()
-        .await
-        .expect("answer")
-        .expect("message");
+    let crc = magnetar_bookies::meta::entry_crc(424_243, 0, b"x");
+    let resp = raw_add(&c, 4, 424_243, b"x", crc).await;
     assert_eq!(resp.results[0].code, Code::ReadOnly as i32);
     match client.create(CreateOptions::new(4, 4, 4)).await {
         Err(BookieError::NotEnoughBookies {
