@@ -3,22 +3,11 @@
 # machine's own fsync rate, and runs `magnetar perf ledger` with 1 KiB
 # entries: at E=Qw=Qa=1 and at 3/3/2 with 10,000 adds in flight
 # (throughput), and at 3/3/2 with 100 in flight (latency).
-#   bench/ledger.sh [extra perf args, e.g. --entries 500000]
+#   bench/ledger.sh [extra perf args, e.g. --rate 50000]
+#   MAGNETAR_BENCH_ENTRIES=500000 bench/ledger.sh
 set -euo pipefail
 extra=("$@")
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/magnetar-target}"
-scripts/bootstrap
-# MAGNETAR_BENCH_PROFILE=dev reuses the test build (dependencies optimised,
-# Magnetar's own code at opt-level 1) instead of compiling a release build.
-profile="${MAGNETAR_BENCH_PROFILE:-release}"
-cargo build --profile "$profile" --locked -p magnetar
-case "$profile" in dev) bin="$CARGO_TARGET_DIR/debug/magnetar" ;; *) bin="$CARGO_TARGET_DIR/$profile/magnetar" ;; esac
-
-dir=$(mktemp -d "${MAGNETAR_BENCH_DIR:-${TMPDIR:-/tmp}}/magnetar-bench.XXXXXX")
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh"
 
 # The disk's own rate of 4 KiB writes each followed by a sync, the ceiling
 # for a journal that fsyncs every entry.
@@ -29,9 +18,6 @@ end=$(date +%s.%N)
 fsync_per_s=$(python3 -c "print(round($n/($end-$start)))")
 echo "machine fsync_per_s=$fsync_per_s (dd bs=4k oflag=dsync, $(nproc) cores)"
 rm -f "$dir/fsync-probe"
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_line() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timed out waiting for $1" >&2; exit 1; }
 
 mp=$(port)
 "$bin" meta --id 1 --listen "127.0.0.1:$mp" --data-dir "$dir/meta" >"$dir/meta.out" 2>"$dir/meta.log" &

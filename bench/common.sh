@@ -1,0 +1,19 @@
+# Sourced by the bench scripts: builds the binary into $bin, makes a scratch
+# $dir removed on exit with every process in $pids, and offers `port` (a free
+# loopback port) and `wait_line FILE TEXT`.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/magnetar-target}"
+scripts/bootstrap
+# MAGNETAR_BENCH_PROFILE=dev reuses the test build (dependencies optimised,
+# Magnetar's own code at opt-level 1) instead of compiling a release build.
+profile="${MAGNETAR_BENCH_PROFILE:-release}"
+cargo build --profile "$profile" --locked -p magnetar
+case "$profile" in dev) bin="$CARGO_TARGET_DIR/debug/magnetar" ;; *) bin="$CARGO_TARGET_DIR/$profile/magnetar" ;; esac
+
+dir=$(mktemp -d "${MAGNETAR_BENCH_DIR:-${TMPDIR:-/tmp}}/magnetar-bench.XXXXXX")
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_line() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timed out waiting for $1" >&2; exit 1; }
