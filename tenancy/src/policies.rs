@@ -216,11 +216,13 @@ mod tests {
         let mut p = Policies::default();
         p.bundles.num_bundles = 0;
         assert!(p.validate().is_err());
-        let mut p = Policies::default();
-        p.retention_policies = Some(RetentionPolicies {
-            retention_time_in_minutes: -2,
-            retention_size_in_mb: 0,
-        });
+        let p = Policies {
+            retention_policies: Some(RetentionPolicies {
+                retention_time_in_minutes: -2,
+                retention_size_in_mb: 0,
+            }),
+            ..Policies::default()
+        };
         assert!(p.validate().is_err());
         let mut p = Policies::default();
         p.backlog_quota_map.insert(

@@ -1,1 +1,908 @@
-//! (being written)
+//! A managed ledger: one topic partition as an ordered list of ledgers.
+//!
+//! Every entry is one record batch and occupies a run of per-partition
+//! offsets; the batch's base offset is assigned here, in append order. The
+//! ledger list lives in the metadata store under `/managed-ledgers/` and is
+//! only ever changed with compare-and-set, so a broker that lost the topic
+//! to another one finds out at its next change, if the bookies' fencing has
+//! not told it first.
+//!
+//! Writes go through one actor task per managed ledger, which keeps offset
+//! assignment, rollover and failure handling sequential. Reads use shared
+//! state directly: an offset index of the ledgers written or recovered here
+//! (binary search by reading entries for older ones), and a tail cache so
+//! that consumers keeping up never touch the bookies.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use magnetar_bookies::{BookieError, CreateOptions, LedgerClient, LedgerReader, LedgerWriter};
+use magnetar_metadata::MetaError;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{BrokerError, Result};
+use crate::format::{with_base_offset, BatchHeader};
+
+pub const ML_PREFIX: &str = "/managed-ledgers/";
+/// Entries fetched per bookie read while scanning a recovered ledger.
+const SCAN_CHUNK: u64 = 1000;
+
+#[derive(Clone, Debug)]
+pub struct ManagedLedgerConfig {
+    pub ensemble: usize,
+    pub write_quorum: usize,
+    pub ack_quorum: usize,
+    /// Roll over to a new ledger after this many entries, bytes or time.
+    pub max_entries_per_ledger: u64,
+    pub max_ledger_bytes: u64,
+    pub max_ledger_age: Duration,
+    /// Bytes of the most recent entries kept in memory for readers.
+    pub cache_bytes: usize,
+    /// Adds in flight to the bookies before appends wait.
+    pub max_pending_adds: usize,
+}
+
+impl Default for ManagedLedgerConfig {
+    fn default() -> Self {
+        ManagedLedgerConfig {
+            ensemble: 1,
+            write_quorum: 1,
+            ack_quorum: 1,
+            max_entries_per_ledger: 50_000,
+            max_ledger_bytes: 128 << 20,
+            max_ledger_age: Duration::from_secs(4 * 3600),
+            cache_bytes: 4 << 20,
+            max_pending_adds: 1000,
+        }
+    }
+}
+
+/// One ledger of the list, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerInfo {
+    pub id: u64,
+    pub first_offset: u64,
+    #[serde(default)]
+    pub entries: u64,
+    /// Offsets the ledger's entries occupy.
+    #[serde(default)]
+    pub offsets: u64,
+    #[serde(default)]
+    pub size: u64,
+    pub created_ms: u64,
+    /// 0 while the ledger is being written.
+    #[serde(default)]
+    pub closed_ms: u64,
+}
+
+impl LedgerInfo {
+    pub fn end_offset(&self) -> u64 {
+        self.first_offset + self.offsets
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed_ms != 0
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Record {
+    ledgers: Vec<LedgerInfo>,
+    /// The end of the partition, for when trimming left no ledger with data.
+    #[serde(default)]
+    next_offset: u64,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+/// One entry read back: a record batch and the offsets it occupies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub ledger_id: u64,
+    pub entry_id: u64,
+    pub base_offset: u64,
+    pub offsets: u64,
+    pub data: Bytes,
+}
+
+impl Entry {
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + self.offsets
+    }
+}
+
+struct State {
+    ledgers: Vec<LedgerInfo>,
+    version: u64,
+    /// Everything below is durable and readable.
+    next_offset: u64,
+    properties: BTreeMap<String, String>,
+    /// Base offset of every entry, for ledgers written or scanned here.
+    indexes: HashMap<u64, Vec<u64>>,
+    cache: VecDeque<Entry>,
+    cache_bytes: usize,
+    /// Set when the ledger can take no more writes (fenced, closed).
+    failed: Option<String>,
+}
+
+impl State {
+    fn start_offset(&self) -> u64 {
+        self.ledgers
+            .first()
+            .map_or(self.next_offset, |l| l.first_offset)
+    }
+
+    fn record(&self) -> Record {
+        Record {
+            ledgers: self.ledgers.clone(),
+            next_offset: self.next_offset,
+            properties: self.properties.clone(),
+        }
+    }
+}
+
+struct Inner {
+    name: String,
+    key: String,
+    client: LedgerClient,
+    cfg: ManagedLedgerConfig,
+    state: RwLock<State>,
+    end_tx: watch::Sender<u64>,
+    readers: Mutex<HashMap<u64, LedgerReader>>,
+}
+
+enum Cmd {
+    Append {
+        batch: Bytes,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Trim {
+        keep_from: u64,
+        reply: oneshot::Sender<Result<Vec<u64>>>,
+    },
+    SetProperties {
+        props: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Close {
+        delete: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// Handle to a managed ledger; cheap to clone.
+#[derive(Clone)]
+pub struct ManagedLedger {
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl std::fmt::Debug for ManagedLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedLedger")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    magnetar_bookies::meta::now_ms()
+}
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::CorruptMetadata {
+        key: key.into(),
+        reason: e.to_string(),
+    }
+}
+
+fn lock_err<T>(p: std::sync::PoisonError<T>) -> T {
+    p.into_inner()
+}
+
+impl ManagedLedger {
+    /// Opens (or creates) the managed ledger `name` for writing: recovers
+    /// the last ledger a previous owner left open, then starts a new one.
+    pub async fn open(client: LedgerClient, name: &str, cfg: ManagedLedgerConfig) -> Result<Self> {
+        let key = format!("{ML_PREFIX}{name}");
+        let meta = client.pool().meta().clone();
+        let (mut record, mut version) = match meta.get(&key).await? {
+            Some(kv) => (
+                serde_json::from_slice::<Record>(&kv.value).map_err(|e| corrupt(&key, e))?,
+                kv.version,
+            ),
+            None => (Record::default(), 0),
+        };
+        let mut indexes = HashMap::new();
+        let mut dropped = Vec::new();
+        if let Some(last) = record.ledgers.last().cloned() {
+            if !last.is_closed() {
+                match recover_ledger(&client, &last).await? {
+                    Some((info, index)) => {
+                        indexes.insert(info.id, index);
+                        if let Some(l) = record.ledgers.last_mut() {
+                            *l = info;
+                        }
+                    }
+                    None => {
+                        record.ledgers.pop();
+                        dropped.push(last.id);
+                    }
+                }
+            }
+        }
+        let next_offset = record
+            .ledgers
+            .last()
+            .map_or(0, LedgerInfo::end_offset)
+            .max(record.next_offset);
+        record.next_offset = next_offset;
+        if !dropped.is_empty() || version == 0 {
+            let json = serde_json::to_vec(&record).map_err(|e| corrupt(&key, e))?;
+            version = match meta.compare_and_put(&key, version, json).await {
+                Ok(kv) => kv.version,
+                Err(MetaError::Conflict { .. }) => {
+                    return Err(BrokerError::TopicUnavailable(name.into()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+        }
+        for id in dropped {
+            if let Err(e) = client.delete(id).await {
+                tracing::warn!(ledger = id, "deleting an empty ledger: {e}");
+            }
+        }
+        let (end_tx, _) = watch::channel(next_offset);
+        let inner = Arc::new(Inner {
+            name: name.into(),
+            key,
+            client,
+            state: RwLock::new(State {
+                ledgers: record.ledgers,
+                version,
+                next_offset,
+                properties: record.properties,
+                indexes,
+                cache: VecDeque::new(),
+                cache_bytes: 0,
+                failed: None,
+            }),
+            end_tx,
+            readers: Mutex::default(),
+            cfg,
+        });
+        let (tx, rx) = mpsc::channel(inner.cfg.max_pending_adds.max(16));
+        let mut actor = Actor {
+            inner: inner.clone(),
+            rx,
+            writer: None,
+            opened_at: Instant::now(),
+            assigned: next_offset,
+            inflight: FuturesOrdered::new(),
+            rolling: false,
+            failing: false,
+        };
+        // A ledger ready before the first append keeps that append quick
+        // and surfaces a lack of bookies at open time.
+        actor.start_ledger().await?;
+        tokio::spawn(actor.run());
+        Ok(ManagedLedger { inner, tx })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(lock_err)
+    }
+
+    /// The first offset still stored.
+    pub fn start_offset(&self) -> u64 {
+        self.state().start_offset()
+    }
+
+    /// One past the last durable offset: Kafka's high watermark.
+    pub fn end_offset(&self) -> u64 {
+        self.state().next_offset
+    }
+
+    /// Follows [`ManagedLedger::end_offset`] as appends complete.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.inner.end_tx.subscribe()
+    }
+
+    pub fn ledgers(&self) -> Vec<LedgerInfo> {
+        self.state().ledgers.clone()
+    }
+
+    /// Bytes stored in all ledgers.
+    pub fn size(&self) -> u64 {
+        self.state().ledgers.iter().map(|l| l.size).sum()
+    }
+
+    pub fn properties(&self) -> BTreeMap<String, String> {
+        self.state().properties.clone()
+    }
+
+    /// Why the ledger takes no more writes, if it does not.
+    pub fn failure(&self) -> Option<String> {
+        self.state().failed.clone()
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> Cmd) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || BrokerError::TopicUnavailable(self.inner.name.clone());
+        self.tx.send(cmd(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Appends one record batch and returns its base offset once it is
+    /// durable. Appends complete in the order they were called.
+    pub fn append(&self, batch: Bytes) -> impl std::future::Future<Output = Result<u64>> + Send {
+        let this = self.clone();
+        async move { this.call(|reply| Cmd::Append { batch, reply }).await }
+    }
+
+    /// Deletes whole ledgers that end at or before `keep_from`; the ledger
+    /// being written is kept. Returns the deleted ledger ids.
+    pub async fn trim(&self, keep_from: u64) -> Result<Vec<u64>> {
+        self.call(|reply| Cmd::Trim { keep_from, reply }).await
+    }
+
+    pub async fn set_properties(&self, props: BTreeMap<String, String>) -> Result<()> {
+        self.call(|reply| Cmd::SetProperties { props, reply }).await
+    }
+
+    /// Waits for outstanding appends, closes the current ledger and stops
+    /// taking writes, so that the next owner needs no recovery.
+    pub async fn close(&self) -> Result<()> {
+        self.call(|reply| Cmd::Close {
+            delete: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Closes, then deletes every ledger and the ledger list.
+    pub async fn delete(&self) -> Result<()> {
+        self.call(|reply| Cmd::Close {
+            delete: true,
+            reply,
+        })
+        .await
+    }
+
+    /// Reads entries from the one holding `offset` onwards, within one
+    /// ledger, up to `max_entries` and about `max_bytes` (at least one
+    /// entry). Offsets before the start read from the start; an empty
+    /// result means nothing at or past `offset` is durable yet.
+    pub async fn read(
+        &self,
+        offset: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>> {
+        let max_entries = max_entries.max(1);
+        let (ledger, known) = {
+            let st = self.state();
+            let offset = offset.max(st.start_offset());
+            if offset >= st.next_offset {
+                return Ok(Vec::new());
+            }
+            if let Some(hit) = from_cache(&st.cache, offset, max_entries, max_bytes) {
+                return Ok(hit);
+            }
+            let Some(ledger) = st
+                .ledgers
+                .iter()
+                .rev()
+                .find(|l| l.first_offset <= offset && l.end_offset() > offset)
+                .cloned()
+            else {
+                return Ok(Vec::new());
+            };
+            let known = st
+                .indexes
+                .get(&ledger.id)
+                .map(|idx| idx.partition_point(|&b| b <= offset).saturating_sub(1) as u64);
+            (ledger, known)
+        };
+        let offset = offset.max(ledger.first_offset);
+        let first = match known {
+            Some(e) => e,
+            None => self.search(&ledger, offset).await?,
+        };
+        let last = (first + max_entries as u64 - 1).min(ledger.entries.saturating_sub(1));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in self.read_range(&ledger, first, last).await? {
+            if !out.is_empty() && bytes + e.data.len() > max_bytes {
+                break;
+            }
+            bytes += e.data.len();
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    async fn reader(&self, ledger: &LedgerInfo, fresh: bool) -> Result<LedgerReader> {
+        let cached = if fresh {
+            None
+        } else {
+            self.inner
+                .readers
+                .lock()
+                .unwrap_or_else(lock_err)
+                .get(&ledger.id)
+                .cloned()
+        };
+        let mut r = match cached {
+            Some(r) => r,
+            None => {
+                let r = self.inner.client.open(ledger.id).await?;
+                self.inner
+                    .readers
+                    .lock()
+                    .unwrap_or_else(lock_err)
+                    .insert(ledger.id, r.clone());
+                r
+            }
+        };
+        r.assume_confirmed(ledger.entries as i64 - 1);
+        Ok(r)
+    }
+
+    async fn read_range(&self, ledger: &LedgerInfo, first: u64, last: u64) -> Result<Vec<Entry>> {
+        let raw = match self.reader(ledger, false).await?.read(first, last).await {
+            Ok(v) => v,
+            // The cached reader's ensemble may predate a replacement.
+            Err(_) => self.reader(ledger, true).await?.read(first, last).await?,
+        };
+        raw.into_iter()
+            .map(|e| {
+                let h = BatchHeader::parse(&e.payload)?;
+                Ok(Entry {
+                    ledger_id: ledger.id,
+                    entry_id: e.entry_id,
+                    base_offset: h.base_offset.max(0) as u64,
+                    offsets: h.offset_count(),
+                    data: e.payload,
+                })
+            })
+            .collect()
+    }
+
+    /// Binary search by reading entries, for ledgers without an index.
+    async fn search(&self, ledger: &LedgerInfo, offset: u64) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, ledger.entries.saturating_sub(1));
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            let e = self.read_range(ledger, mid, mid).await?;
+            match e.first() {
+                Some(e) if e.base_offset <= offset => lo = mid,
+                Some(_) => hi = mid - 1,
+                None => return Err(BrokerError::TopicUnavailable(self.inner.name.clone())),
+            }
+        }
+        Ok(lo)
+    }
+}
+
+fn from_cache(
+    cache: &VecDeque<Entry>,
+    offset: u64,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Option<Vec<Entry>> {
+    let front = cache.front()?;
+    if front.base_offset > offset {
+        return None;
+    }
+    let at = cache.partition_point(|e| e.end_offset() <= offset);
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for e in cache.iter().skip(at).take(max_entries) {
+        if !out.is_empty() && bytes + e.data.len() > max_bytes {
+            break;
+        }
+        bytes += e.data.len();
+        out.push(e.clone());
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Fences and closes a ledger a previous owner left open, and scans it for
+/// its offsets and size. `None` when it holds no entry.
+async fn recover_ledger(
+    client: &LedgerClient,
+    info: &LedgerInfo,
+) -> Result<Option<(LedgerInfo, Vec<u64>)>> {
+    let reader = match client.open_and_recover(info.id).await {
+        Ok(r) => r,
+        Err(BookieError::NoLedger(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let lac = reader.last_add_confirmed();
+    if lac < 0 {
+        return Ok(None);
+    }
+    let mut out = info.clone();
+    out.entries = 0;
+    out.offsets = 0;
+    out.size = 0;
+    let mut index = Vec::with_capacity(lac as usize + 1);
+    let mut first = 0u64;
+    while first as i64 <= lac {
+        let last = (first + SCAN_CHUNK - 1).min(lac as u64);
+        for e in reader.read(first, last).await? {
+            let h = BatchHeader::parse(&e.payload)?;
+            index.push(h.base_offset.max(0) as u64);
+            out.entries += 1;
+            out.offsets = (h.base_offset.max(0) as u64 + h.offset_count()) - out.first_offset;
+            out.size += e.payload.len() as u64;
+        }
+        first = last + 1;
+    }
+    out.closed_ms = now_ms();
+    Ok(Some((out, index)))
+}
+
+struct InFlight {
+    base: u64,
+    offsets: u64,
+    data: Bytes,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+type AddFuture = BoxFuture<'static, (InFlight, std::result::Result<u64, BookieError>)>;
+
+struct Actor {
+    inner: Arc<Inner>,
+    rx: mpsc::Receiver<Cmd>,
+    writer: Option<LedgerWriter>,
+    opened_at: Instant,
+    /// Next offset to hand out; ahead of the durable end by what is in
+    /// flight.
+    assigned: u64,
+    inflight: FuturesOrdered<AddFuture>,
+    /// A rollover waits for the adds in flight, then runs.
+    rolling: bool,
+    /// An add failed; the rest in flight fail too, then the ledger closes
+    /// at its last confirmed entry and writing resumes on a new one.
+    failing: bool,
+}
+
+impl Actor {
+    fn state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(lock_err)
+    }
+
+    fn failed(&self) -> Option<BrokerError> {
+        self.state()
+            .failed
+            .as_ref()
+            .map(|_| BrokerError::TopicUnavailable(self.inner.name.clone()))
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let accept = !self.rolling
+                && !self.failing
+                && self.inflight.len() < self.inner.cfg.max_pending_adds;
+            tokio::select! {
+                biased;
+                Some((f, res)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.complete(f, res);
+                }
+                cmd = self.rx.recv(), if accept => match cmd {
+                    Some(Cmd::Append { batch, reply }) => self.append(batch, reply).await,
+                    Some(Cmd::Trim { keep_from, reply }) => {
+                        let r = self.trim(keep_from).await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::SetProperties { props, reply }) => {
+                        self.state().properties = props;
+                        let r = self.persist().await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Close { delete, reply }) => {
+                        let r = self.close(delete).await;
+                        let _ = reply.send(r);
+                        return;
+                    }
+                    None => {
+                        let _ = self.close(false).await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => {
+                    let has_entries = self.current().is_some_and(|l| l.entries > 0);
+                    if self.writer.is_some()
+                        && has_entries
+                        && self.opened_at.elapsed() >= self.inner.cfg.max_ledger_age
+                    {
+                        self.rolling = true;
+                    }
+                }
+            }
+            if self.inflight.is_empty() {
+                if self.failing {
+                    self.failing = false;
+                    if let Err(e) = self.close_current().await {
+                        tracing::warn!(ml = %self.inner.name, "closing a failed ledger: {e}");
+                    }
+                } else if self.rolling {
+                    self.rolling = false;
+                    if let Err(e) = self.rollover().await {
+                        tracing::warn!(ml = %self.inner.name, "rollover: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn current(&self) -> Option<LedgerInfo> {
+        let st = self.inner.state.read().unwrap_or_else(lock_err);
+        st.ledgers.last().filter(|l| !l.is_closed()).cloned()
+    }
+
+    async fn append(&mut self, batch: Bytes, reply: oneshot::Sender<Result<u64>>) {
+        if let Some(e) = self.failed() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if self.writer.is_none() {
+            if let Err(e) = self.start_ledger().await {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        let Some(writer) = &self.writer else {
+            let _ = reply.send(Err(BrokerError::TopicUnavailable(self.inner.name.clone())));
+            return;
+        };
+        let h = match BatchHeader::parse(&batch) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let base = self.assigned;
+        self.assigned += h.offset_count();
+        let data = with_base_offset(batch, base);
+        let add = writer.add(data.clone());
+        let f = InFlight {
+            base,
+            offsets: h.offset_count(),
+            data,
+            reply,
+        };
+        self.inflight
+            .push_back(async move { (f, add.await) }.boxed());
+    }
+
+    fn complete(&mut self, f: InFlight, res: std::result::Result<u64, BookieError>) {
+        let entry_id = match res {
+            Ok(id) if !self.failing => id,
+            Ok(_) => {
+                // Cannot happen with an in-order writer; refusing keeps the
+                // offsets of the new ledger contiguous all the same.
+                let _ = f
+                    .reply
+                    .send(Err(BrokerError::TopicUnavailable(self.inner.name.clone())));
+                return;
+            }
+            Err(e) => {
+                if matches!(e, BookieError::Fenced(_)) {
+                    self.state().failed = Some(format!("fenced: {e}"));
+                    self.writer = None;
+                    let _ = f.reply.send(Err(BrokerError::NotOwner {
+                        topic: self.inner.name.clone(),
+                        owner: None,
+                    }));
+                } else {
+                    self.failing = true;
+                    let _ = f.reply.send(Err(e.into()));
+                }
+                return;
+            }
+        };
+        let cfg = &self.inner.cfg;
+        let mut roll = false;
+        {
+            let mut st = self.inner.state.write().unwrap_or_else(lock_err);
+            let st = &mut *st;
+            if let Some(cur) = st.ledgers.last_mut() {
+                cur.entries += 1;
+                cur.offsets = f.base + f.offsets - cur.first_offset;
+                cur.size += f.data.len() as u64;
+                roll =
+                    cur.entries >= cfg.max_entries_per_ledger || cur.size >= cfg.max_ledger_bytes;
+                st.indexes.entry(cur.id).or_default().push(f.base);
+                st.cache_bytes += f.data.len();
+                st.cache.push_back(Entry {
+                    ledger_id: cur.id,
+                    entry_id,
+                    base_offset: f.base,
+                    offsets: f.offsets,
+                    data: f.data,
+                });
+                while st.cache_bytes > cfg.cache_bytes && st.cache.len() > 1 {
+                    if let Some(old) = st.cache.pop_front() {
+                        st.cache_bytes -= old.data.len();
+                    }
+                }
+            }
+            st.next_offset = f.base + f.offsets;
+        }
+        self.inner.end_tx.send_replace(f.base + f.offsets);
+        let _ = f.reply.send(Ok(f.base));
+        if roll {
+            self.rolling = true;
+        }
+    }
+
+    /// Writes the ledger list; losing the compare-and-set means another
+    /// broker owns the topic now.
+    async fn persist(&mut self) -> Result<()> {
+        let (record, version) = {
+            let st = self.inner.state.read().unwrap_or_else(lock_err);
+            (st.record(), st.version)
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| corrupt(&self.inner.key, e))?;
+        let meta = self.inner.client.pool().meta();
+        match meta.compare_and_put(&self.inner.key, version, json).await {
+            Ok(kv) => {
+                self.state().version = kv.version;
+                Ok(())
+            }
+            Err(MetaError::Conflict { .. }) => {
+                self.state().failed = Some("ledger list changed by another broker".into());
+                Err(BrokerError::NotOwner {
+                    topic: self.inner.name.clone(),
+                    owner: None,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn start_ledger(&mut self) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let mut opts = CreateOptions::new(cfg.ensemble, cfg.write_quorum, cfg.ack_quorum);
+        opts.custom
+            .insert("managed-ledger".into(), self.inner.name.clone());
+        let writer = self.inner.client.create(opts).await?;
+        let first_offset = self.assigned;
+        self.state().ledgers.push(LedgerInfo {
+            id: writer.id(),
+            first_offset,
+            entries: 0,
+            offsets: 0,
+            size: 0,
+            created_ms: now_ms(),
+            closed_ms: 0,
+        });
+        if let Err(e) = self.persist().await {
+            self.state().ledgers.pop();
+            let _ = self.inner.client.delete(writer.id()).await;
+            return Err(e);
+        }
+        self.writer = Some(writer);
+        self.opened_at = Instant::now();
+        Ok(())
+    }
+
+    /// Closes the ledger being written at its last confirmed entry. An
+    /// empty one is dropped from the list instead.
+    async fn close_current(&mut self) -> Result<()> {
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        if let Err(e) = writer.close().await {
+            // The list below still ends this ledger where its confirmed
+            // entries end; nothing reads past that.
+            tracing::warn!(ml = %self.inner.name, ledger = writer.id(), "close: {e}");
+        }
+        let empty = {
+            let mut st = self.state();
+            let next = st.next_offset;
+            let empty = st.ledgers.last().is_some_and(|l| l.entries == 0);
+            if empty {
+                st.ledgers.pop();
+            } else if let Some(cur) = st.ledgers.last_mut() {
+                cur.closed_ms = now_ms();
+            }
+            empty.then_some(next)
+        };
+        self.assigned = self.inner.state.read().unwrap_or_else(lock_err).next_offset;
+        self.persist().await?;
+        if empty.is_some() {
+            let _ = self.inner.client.delete(writer.id()).await;
+        }
+        Ok(())
+    }
+
+    async fn rollover(&mut self) -> Result<()> {
+        self.close_current().await?;
+        self.start_ledger().await
+    }
+
+    async fn trim(&mut self, keep_from: u64) -> Result<Vec<u64>> {
+        let removed: Vec<LedgerInfo> = {
+            let mut st = self.state();
+            let n = st
+                .ledgers
+                .iter()
+                .take_while(|l| l.is_closed() && l.end_offset() <= keep_from)
+                .count();
+            st.ledgers.drain(..n).collect()
+        };
+        if removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Err(e) = self.persist().await {
+            let mut st = self.state();
+            for (i, l) in removed.into_iter().enumerate() {
+                st.ledgers.insert(i, l);
+            }
+            return Err(e);
+        }
+        let mut ids = Vec::with_capacity(removed.len());
+        for l in removed {
+            {
+                let mut st = self.state();
+                st.indexes.remove(&l.id);
+            }
+            self.inner
+                .readers
+                .lock()
+                .unwrap_or_else(lock_err)
+                .remove(&l.id);
+            if let Err(e) = self.inner.client.delete(l.id).await {
+                tracing::warn!(ml = %self.inner.name, ledger = l.id, "delete: {e}");
+            }
+            ids.push(l.id);
+        }
+        Ok(ids)
+    }
+
+    async fn close(&mut self, delete: bool) -> Result<()> {
+        while let Some((f, res)) = self.inflight.next().await {
+            self.complete(f, res);
+        }
+        let closed = if self.failed().is_none() {
+            self.close_current().await
+        } else {
+            Ok(())
+        };
+        self.state().failed = Some("closed".into());
+        if !delete {
+            return closed;
+        }
+        let ids: Vec<u64> = self.state().ledgers.iter().map(|l| l.id).collect();
+        for id in ids {
+            match self.inner.client.delete(id).await {
+                Ok(()) | Err(BookieError::NoLedger(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.inner
+            .client
+            .pool()
+            .meta()
+            .delete(&self.inner.key)
+            .await?;
+        Ok(())
+    }
+}

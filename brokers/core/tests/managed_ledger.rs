@@ -1,0 +1,147 @@
+//! Managed ledgers against a real metadata node and bookie.
+
+mod common;
+use common::Cluster;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use magnetar_broker::format::{decode_entry, encode_messages, Message};
+use magnetar_broker::managed_ledger::{ManagedLedger, ManagedLedgerConfig};
+use magnetar_broker::BrokerError;
+
+fn batch(i: u64, n: usize) -> Bytes {
+    let msgs: Vec<Message> = (0..n).map(|j| Message::new(format!("m{i}-{j}"))).collect();
+    encode_messages(&msgs).expect("encode")
+}
+
+fn small_ledgers() -> ManagedLedgerConfig {
+    ManagedLedgerConfig {
+        max_entries_per_ledger: 50,
+        cache_bytes: 4096,
+        ..ManagedLedgerConfig::default()
+    }
+}
+
+/// Reads every message from `from` to the end, in order.
+async fn read_all(ml: &ManagedLedger, from: u64) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut at = from;
+    loop {
+        let entries = ml.read(at, 17, 1 << 20).await.expect("read");
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            for m in decode_entry(&e.data).expect("decode") {
+                if m.offset >= at {
+                    let v = m.message.value.expect("value");
+                    out.push((m.offset, String::from_utf8(v.to_vec()).expect("utf8")));
+                }
+            }
+            at = e.end_offset();
+        }
+    }
+}
+
+#[tokio::test]
+async fn offsets_rollover_reads_and_reopen() {
+    let c = Cluster::start(1).await;
+    let ml = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/a", small_ledgers())
+        .await
+        .expect("open");
+    // Pipelined appends of batches of 1..=3 messages complete in order with
+    // contiguous offsets.
+    let futs: Vec<_> = (0..200u64)
+        .map(|i| ml.append(batch(i, 1 + (i % 3) as usize)))
+        .collect();
+    let mut expect = 0;
+    for (i, f) in futs.into_iter().enumerate() {
+        let base = f.await.expect("append");
+        assert_eq!(base, expect, "append {i}");
+        expect += 1 + (i as u64 % 3);
+    }
+    assert_eq!(ml.end_offset(), expect);
+    assert!(ml.ledgers().len() >= 4, "rolled over: {:?}", ml.ledgers());
+    let all = read_all(&ml, 0).await;
+    assert_eq!(all.len() as u64, expect);
+    assert!(all.iter().enumerate().all(|(i, (o, _))| *o == i as u64));
+    // A read from the middle of a batch starts with that batch.
+    let mid = ml.read(4, 1, 1 << 20).await.expect("read");
+    assert!(mid[0].base_offset <= 4 && mid[0].end_offset() > 4);
+    ml.close().await.expect("close");
+
+    // Reopening finds everything, searches old ledgers without an index,
+    // and continues the offsets.
+    let ml = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/a", small_ledgers())
+        .await
+        .expect("reopen");
+    assert_eq!(ml.end_offset(), expect);
+    assert_eq!(read_all(&ml, 0).await, all);
+    assert_eq!(read_all(&ml, 123).await, all[123..].to_vec());
+    let base = ml.append(batch(999, 1)).await.expect("append");
+    assert_eq!(base, expect);
+}
+
+#[tokio::test]
+async fn takeover_fences_the_old_owner_and_keeps_every_acknowledged_entry() {
+    let c = Cluster::start(1).await;
+    let cfg = ManagedLedgerConfig::default();
+    let old = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/b", cfg.clone())
+        .await
+        .expect("open");
+    for i in 0..100 {
+        old.append(batch(i, 1)).await.expect("append");
+    }
+    // A new owner opens while the old one is alive and never closed.
+    let new = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/b", cfg)
+        .await
+        .expect("takeover");
+    assert_eq!(new.end_offset(), 100);
+    match old.append(batch(100, 1)).await {
+        Err(BrokerError::NotOwner { .. }) | Err(BrokerError::TopicUnavailable(_)) => {}
+        other => panic!("old owner could still append: {other:?}"),
+    }
+    assert_eq!(new.append(batch(100, 1)).await.expect("append"), 100);
+    let all = read_all(&new, 0).await;
+    assert_eq!(all.len(), 101);
+    assert_eq!(all[99].1, "m99-0");
+    assert_eq!(all[100].1, "m100-0");
+}
+
+#[tokio::test]
+async fn trim_deletes_whole_ledgers_on_the_bookies() {
+    let c = Cluster::start(1).await;
+    let ml = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/c", small_ledgers())
+        .await
+        .expect("open");
+    for i in 0..180 {
+        ml.append(batch(i, 1)).await.expect("append");
+    }
+    let before = ml.ledgers();
+    let deleted = ml.trim(120).await.expect("trim");
+    // Ledgers [0,50) and [50,100) end before 120; [100,150) does not.
+    assert_eq!(deleted, vec![before[0].id, before[1].id]);
+    assert_eq!(ml.start_offset(), 100);
+    let client = c.ledger_client();
+    for id in &deleted {
+        assert!(
+            client.metadata(*id).await.is_err(),
+            "ledger {id} metadata kept"
+        );
+    }
+    // The bookie forgets them too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let storage = c.bookies[0].storage();
+    for id in &deleted {
+        assert!(
+            storage.read(*id, 0).is_err(),
+            "bookie still serves ledger {id}"
+        );
+    }
+    // Reads below the start begin at the start.
+    let e = ml.read(0, 1, 1 << 20).await.expect("read");
+    assert_eq!(e[0].base_offset, 100);
+    ml.delete().await.expect("delete");
+    assert!(client.metadata(before[3].id).await.is_err());
+}
