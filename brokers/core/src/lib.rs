@@ -9,12 +9,26 @@
 //!   with per-partition offsets and a tail cache;
 //! - [`cursor`]: durable cursors (mark-delete offset, acknowledged ranges,
 //!   redelivery counts);
-//! - [`routing`]: exchanges and bindings per namespace, RabbitMQ's model.
+//! - [`routing`]: exchanges and bindings per namespace, RabbitMQ's model;
+//! - [`subscription`]: dispatchers with credit-based flow control, acks,
+//!   redelivery and dead-lettering;
+//! - [`service`]: [`Broker`], the protocol-neutral API, with topic loading,
+//!   bundle ownership through metadata leases, routing and retention.
 
 pub mod cursor;
 pub mod error;
 pub mod format;
+pub mod log;
 pub mod managed_ledger;
 pub mod routing;
+pub mod service;
+pub mod subscription;
+pub mod topic;
 
 pub use error::{BrokerError, Result};
+pub use format::{Message, StoredMessage};
+pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult};
+pub use subscription::{
+    Consumer, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition, ResetTo,
+    SubscriptionOptions, SubscriptionType,
+};

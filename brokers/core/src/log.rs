@@ -1,0 +1,175 @@
+//! Where a partition's entries live: a managed ledger for persistent
+//! topics, or a bounded in-memory log for non-persistent ones. Dispatchers
+//! and fetches read both the same way.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::error::{BrokerError, Result};
+use crate::format::{with_base_offset, BatchHeader};
+use crate::managed_ledger::{Entry, ManagedLedger};
+
+#[derive(Clone, Debug)]
+pub enum PartitionLog {
+    Managed(ManagedLedger),
+    Memory(MemoryLog),
+}
+
+impl PartitionLog {
+    pub async fn append(&self, batch: Bytes) -> Result<u64> {
+        match self {
+            PartitionLog::Managed(ml) => ml.append(batch).await,
+            PartitionLog::Memory(m) => m.append(batch),
+        }
+    }
+
+    pub async fn read(
+        &self,
+        offset: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>> {
+        match self {
+            PartitionLog::Managed(ml) => ml.read(offset, max_entries, max_bytes).await,
+            PartitionLog::Memory(m) => Ok(m.read(offset, max_entries, max_bytes)),
+        }
+    }
+
+    pub fn start_offset(&self) -> u64 {
+        match self {
+            PartitionLog::Managed(ml) => ml.start_offset(),
+            PartitionLog::Memory(m) => m.start_offset(),
+        }
+    }
+
+    pub fn end_offset(&self) -> u64 {
+        match self {
+            PartitionLog::Managed(ml) => ml.end_offset(),
+            PartitionLog::Memory(m) => m.end_offset(),
+        }
+    }
+
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        match self {
+            PartitionLog::Managed(ml) => ml.watch_end(),
+            PartitionLog::Memory(m) => m.end_tx.subscribe(),
+        }
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        matches!(self, PartitionLog::Managed(_))
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            PartitionLog::Managed(ml) => ml.size(),
+            PartitionLog::Memory(m) => m.inner().bytes as u64,
+        }
+    }
+}
+
+struct MemInner {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    next: u64,
+    closed: bool,
+}
+
+/// A non-persistent partition: the most recent entries up to a byte
+/// budget. Consumers that fall behind the budget lose the oldest messages,
+/// which is what non-persistent topics promise.
+#[derive(Clone)]
+pub struct MemoryLog {
+    inner: Arc<Mutex<MemInner>>,
+    end_tx: Arc<watch::Sender<u64>>,
+    capacity: usize,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for MemoryLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLog")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl MemoryLog {
+    pub fn new(name: &str, capacity: usize) -> Self {
+        MemoryLog {
+            inner: Arc::new(Mutex::new(MemInner {
+                entries: VecDeque::new(),
+                bytes: 0,
+                next: 0,
+                closed: false,
+            })),
+            end_tx: Arc::new(watch::channel(0).0),
+            capacity,
+            name: name.into(),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn append(&self, batch: Bytes) -> Result<u64> {
+        let h = BatchHeader::parse(&batch)?;
+        let end = {
+            let mut m = self.inner();
+            if m.closed {
+                return Err(BrokerError::TopicUnavailable(self.name.to_string()));
+            }
+            let base = m.next;
+            let data = with_base_offset(batch, base);
+            m.bytes += data.len();
+            m.next += h.offset_count();
+            m.entries.push_back(Entry {
+                ledger_id: 0,
+                entry_id: base,
+                base_offset: base,
+                offsets: h.offset_count(),
+                data,
+            });
+            while m.bytes > self.capacity && m.entries.len() > 1 {
+                if let Some(old) = m.entries.pop_front() {
+                    m.bytes -= old.data.len();
+                }
+            }
+            m.next
+        };
+        self.end_tx.send_replace(end);
+        Ok(end - h.offset_count())
+    }
+
+    pub fn read(&self, offset: u64, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
+        let m = self.inner();
+        let at = m.entries.partition_point(|e| e.end_offset() <= offset);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in m.entries.iter().skip(at).take(max_entries.max(1)) {
+            if !out.is_empty() && bytes + e.data.len() > max_bytes {
+                break;
+            }
+            bytes += e.data.len();
+            out.push(e.clone());
+        }
+        out
+    }
+
+    pub fn start_offset(&self) -> u64 {
+        let m = self.inner();
+        m.entries.front().map_or(m.next, |e| e.base_offset)
+    }
+
+    pub fn end_offset(&self) -> u64 {
+        self.inner().next
+    }
+
+    pub fn close(&self) {
+        self.inner().closed = true;
+    }
+}

@@ -1,0 +1,959 @@
+//! The broker service and its protocol-neutral API, [`Broker`].
+//!
+//! Protocol crates call only this handle: publish, fetch, subscribe,
+//! declare and bind, route. It loads topics on demand, once this broker
+//! owns the topic's namespace bundle through a lease in the metadata store;
+//! otherwise it answers [`BrokerError::NotOwner`] with the owner's address.
+//!
+//! Ownership is an ephemeral key per bundle, tied to this broker's session.
+//! When a broker dies its session expires, its keys vanish, and the next
+//! broker asked for one of its topics takes the bundle, which recovers
+//! (fences) the topic's last ledger before any write.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use magnetar_bookies::LedgerClient;
+use magnetar_metadata::{MetaClient, MetaError, Session};
+use magnetar_tenancy::{NamespaceName, Policies, TenancyStore, TopicDomain, TopicName};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, OnceCell, RwLock};
+
+use crate::error::{BrokerError, Result};
+use crate::format::Message;
+use crate::log::{MemoryLog, PartitionLog};
+use crate::managed_ledger::{Entry, ManagedLedger, ManagedLedgerConfig, ML_PREFIX};
+use crate::routing::{Binding, ExchangeDef, HeaderValue, Routed, RoutingSnapshot, RoutingTable};
+use crate::subscription::{Consumer, ConsumerOptions, DeadLetterSink, SubscriptionOptions};
+use crate::topic::{RetentionDefaults, Topic, TopicStats};
+
+const OWNER_PREFIX: &str = "/namespace-owners/";
+const BROKERS_PREFIX: &str = "/brokers/active/";
+const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
+const ROUTING_PREFIX: &str = "/routing/";
+
+/// How a broker is reached, as stored in its registration and in the
+/// ownership keys it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    pub id: String,
+    /// Base URL of the HTTP listener (admin API, WebSocket).
+    pub http_url: String,
+    /// Advertised protocol listeners, by protocol name (`kafka`, `amqp`,
+    /// `mqtt`), as `host:port`.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub cluster: String,
+    pub info: BrokerInfo,
+    pub managed_ledger: ManagedLedgerConfig,
+    /// Byte budget of each non-persistent partition.
+    pub memory_topic_bytes: usize,
+    pub retention: RetentionDefaults,
+    /// How often retention runs over the loaded topics.
+    pub retention_interval: Duration,
+    /// TTL of this broker's metadata session: how long its ownership
+    /// outlives it after a crash.
+    pub session_ttl: Duration,
+    /// Create topics on first publish or subscribe, as Pulsar and Kafka do
+    /// by default.
+    pub auto_create_topics: bool,
+}
+
+impl BrokerConfig {
+    pub fn new(cluster: &str, info: BrokerInfo) -> Self {
+        BrokerConfig {
+            cluster: cluster.into(),
+            info,
+            managed_ledger: ManagedLedgerConfig::default(),
+            memory_topic_bytes: 16 << 20,
+            retention: RetentionDefaults::default(),
+            retention_interval: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(10),
+            auto_create_topics: true,
+        }
+    }
+}
+
+/// What a fetch returns: entries from the requested offset on, and where
+/// the partition starts and ends.
+#[derive(Clone, Debug)]
+pub struct FetchResult {
+    pub entries: Vec<Entry>,
+    pub start_offset: u64,
+    pub end_offset: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PartitionedMetadata {
+    partitions: u32,
+}
+
+type TopicCell = Arc<OnceCell<Arc<Topic>>>;
+
+struct NamespaceRouting {
+    table: RoutingTable,
+    version: u64,
+    /// Queues that live as long as this broker does (exclusive AMQP
+    /// queues, clean MQTT sessions): non-persistent topics, never stored.
+    transient: HashSet<String>,
+}
+
+struct Inner {
+    cfg: BrokerConfig,
+    meta: MetaClient,
+    ledgers: LedgerClient,
+    tenancy: TenancyStore,
+    session: RwLock<Session>,
+    topics: Mutex<HashMap<TopicName, TopicCell>>,
+    routing: Mutex<HashMap<NamespaceName, Arc<Mutex<NamespaceRouting>>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// The protocol-neutral broker API. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("id", &self.inner.cfg.info.id)
+            .finish()
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| BrokerError::CorruptMetadata {
+        key: key.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The bundle (hash range) of a topic, named as Pulsar names bundles.
+pub fn bundle_of(topic: &TopicName, num_bundles: u32) -> String {
+    let n = u64::from(num_bundles.max(1));
+    let h = u64::from(crc32c::crc32c(topic.to_string().as_bytes()));
+    let i = (h * n) >> 32;
+    let lo = (i << 32) / n;
+    let hi = ((i + 1) << 32) / n;
+    format!("0x{lo:08x}_0x{:08x}", hi.min(u64::from(u32::MAX)))
+}
+
+impl Broker {
+    /// Registers this broker, makes sure the cluster, `public` and
+    /// `public/default` exist, and starts the background work.
+    pub async fn start(meta: MetaClient, cfg: BrokerConfig) -> Result<Broker> {
+        let tenancy = TenancyStore::new(meta.clone());
+        let cluster = magnetar_tenancy::ClusterData {
+            service_url: Some(cfg.info.http_url.clone()),
+            ..Default::default()
+        };
+        tenancy.ensure_defaults(&cfg.cluster, &cluster).await?;
+        let session = meta.grant_session(cfg.session_ttl).await?;
+        session
+            .put(&format!("{BROKERS_PREFIX}{}", cfg.info.id), json(&cfg.info))
+            .await?;
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let inner = Arc::new(Inner {
+            ledgers: LedgerClient::new(meta.clone()),
+            tenancy,
+            session: RwLock::new(session),
+            topics: Mutex::new(HashMap::new()),
+            routing: Mutex::new(HashMap::new()),
+            shutdown,
+            meta,
+            cfg,
+        });
+        let broker = Broker { inner };
+        tokio::spawn(session_keeper(Arc::downgrade(&broker.inner)));
+        tokio::spawn(retention_loop(Arc::downgrade(&broker.inner)));
+        tokio::spawn(routing_watch(Arc::downgrade(&broker.inner)));
+        Ok(broker)
+    }
+
+    pub fn info(&self) -> &BrokerInfo {
+        &self.inner.cfg.info
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.cfg
+    }
+
+    pub fn tenancy(&self) -> &TenancyStore {
+        &self.inner.tenancy
+    }
+
+    pub fn meta(&self) -> &MetaClient {
+        &self.inner.meta
+    }
+
+    pub fn ledger_client(&self) -> &LedgerClient {
+        &self.inner.ledgers
+    }
+
+    /// Registered brokers, from the metadata store.
+    pub async fn active_brokers(&self) -> Result<Vec<BrokerInfo>> {
+        let mut out = Vec::new();
+        for kv in self.inner.meta.list(BROKERS_PREFIX).await? {
+            out.push(parse(&kv.key, &kv.value)?);
+        }
+        Ok(out)
+    }
+
+    // ---- ownership ----
+
+    async fn policies(&self, ns: &NamespaceName) -> Result<Policies> {
+        match self.inner.tenancy.get_policies(ns).await {
+            Ok(p) => Ok(p),
+            Err(magnetar_tenancy::TenancyError::NotFound(_)) => {
+                Err(BrokerError::NotFound(format!("namespace {ns}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn owner_key(topic: &TopicName, policies: &Policies) -> String {
+        format!(
+            "{OWNER_PREFIX}{}/{}",
+            topic.namespace(),
+            bundle_of(topic, policies.bundles.num_bundles)
+        )
+    }
+
+    /// The broker owning `topic`'s bundle, taking the bundle if nobody
+    /// holds it.
+    pub async fn lookup(&self, topic: &TopicName) -> Result<BrokerInfo> {
+        let policies = self.policies(topic.namespace()).await?;
+        let key = Self::owner_key(topic, &policies);
+        loop {
+            if let Some(kv) = self.inner.meta.get(&key).await? {
+                return parse(&key, &kv.value);
+            }
+            let session = self.inner.session.read().await;
+            match session.create(&key, json(&self.inner.cfg.info)).await {
+                Ok(_) => return Ok(self.inner.cfg.info.clone()),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn ensure_owner(&self, topic: &TopicName) -> Result<()> {
+        let owner = self.lookup(topic).await?;
+        if owner.id == self.inner.cfg.info.id {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOwner {
+                topic: topic.to_string(),
+                owner: Some(owner.http_url),
+            })
+        }
+    }
+
+    // ---- topics ----
+
+    fn ml_key(topic: &TopicName) -> String {
+        format!("{ML_PREFIX}{}", topic.path())
+    }
+
+    /// Whether the topic exists: stored data for a persistent topic,
+    /// partition metadata for a partitioned one.
+    pub async fn topic_exists(&self, topic: &TopicName) -> Result<bool> {
+        if self.inner.topics.lock().await.contains_key(topic) {
+            return Ok(true);
+        }
+        if self.partitions(topic).await?.is_some() {
+            return Ok(true);
+        }
+        Ok(topic.is_persistent() && self.inner.meta.get(&Self::ml_key(topic)).await?.is_some())
+    }
+
+    /// The loaded topic, loading it if this broker owns it.
+    pub async fn topic(&self, name: &TopicName, create: bool) -> Result<Arc<Topic>> {
+        let cell = {
+            let mut topics = self.inner.topics.lock().await;
+            topics.entry(name.clone()).or_default().clone()
+        };
+        let loaded = cell.get_or_try_init(|| self.load_topic(name, create)).await;
+        match loaded {
+            Ok(t) => Ok(t.clone()),
+            Err(e) => {
+                let mut topics = self.inner.topics.lock().await;
+                if topics.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                    topics.remove(name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn load_topic(&self, name: &TopicName, create: bool) -> Result<Arc<Topic>> {
+        if *self.inner.shutdown.borrow() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let policies = self.policies(name.namespace()).await?;
+        self.ensure_owner(name).await?;
+        if self.partitions(name).await?.is_some() {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{name} is a partitioned topic; use its partitions"
+            )));
+        }
+        let log = match name.domain() {
+            TopicDomain::Persistent => {
+                let exists = self.inner.meta.get(&Self::ml_key(name)).await?.is_some();
+                let may_create = create && self.inner.cfg.auto_create_topics;
+                if !exists && !may_create {
+                    return Err(BrokerError::NotFound(format!("topic {name}")));
+                }
+                if !exists {
+                    self.check_topic_quota(name, &policies).await?;
+                }
+                let ml = ManagedLedger::open(
+                    self.inner.ledgers.clone(),
+                    &name.path(),
+                    self.inner.cfg.managed_ledger.clone(),
+                )
+                .await?;
+                PartitionLog::Managed(ml)
+            }
+            TopicDomain::NonPersistent => PartitionLog::Memory(MemoryLog::new(
+                &name.to_string(),
+                self.inner.cfg.memory_topic_bytes,
+            )),
+        };
+        Topic::load(
+            name.clone(),
+            log,
+            self.inner.meta.clone(),
+            Some(self.dead_letter_sink(name.namespace().clone())),
+        )
+        .await
+    }
+
+    async fn check_topic_quota(&self, name: &TopicName, policies: &Policies) -> Result<()> {
+        if let Some(max) = policies.max_topics_per_namespace.filter(|&m| m > 0) {
+            let n = self.list_topics(name.namespace()).await?.len();
+            if n >= max as usize {
+                return Err(BrokerError::QuotaExceeded(format!(
+                    "namespace {} already has {n} topics (max {max})",
+                    name.namespace()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter_sink(&self, ns: NamespaceName) -> DeadLetterSink {
+        let weak = Arc::downgrade(&self.inner);
+        Arc::new(move |topic: String, msg: Message| {
+            let weak = weak.clone();
+            let ns = ns.clone();
+            Box::pin(async move {
+                let inner = weak.upgrade().ok_or(BrokerError::ShuttingDown)?;
+                let broker = Broker { inner };
+                let name = resolve_in(&ns, &topic)?;
+                broker.publish(&name, vec![msg]).await.map(drop)
+            })
+        })
+    }
+
+    /// Creates a non-partitioned persistent topic (idempotent for
+    /// protocols; the admin API checks existence first).
+    pub async fn create_topic(&self, name: &TopicName) -> Result<()> {
+        self.topic(name, true).await.map(drop)
+    }
+
+    pub async fn partitions(&self, base: &TopicName) -> Result<Option<u32>> {
+        let key = format!("{PARTITIONED_PREFIX}{}", base.path());
+        match self.inner.meta.get(&key).await? {
+            Some(kv) => Ok(Some(
+                parse::<PartitionedMetadata>(&key, &kv.value)?.partitions,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates a partitioned topic: partition metadata only; partitions are
+    /// created on first use, as in Pulsar.
+    pub async fn create_partitioned_topic(&self, base: &TopicName, partitions: u32) -> Result<()> {
+        if partitions == 0 || partitions > 10_000 {
+            return Err(BrokerError::InvalidArgument(
+                "partitions must be between 1 and 10000".into(),
+            ));
+        }
+        if base.partition_index().is_some() {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{base} names a partition"
+            )));
+        }
+        self.policies(base.namespace()).await?;
+        if self.inner.meta.get(&Self::ml_key(base)).await?.is_some() {
+            return Err(BrokerError::AlreadyExists(format!("topic {base}")));
+        }
+        let key = format!("{PARTITIONED_PREFIX}{}", base.path());
+        match self
+            .inner
+            .meta
+            .create(&key, json(&PartitionedMetadata { partitions }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(MetaError::Conflict { .. }) => Err(BrokerError::AlreadyExists(format!(
+                "partitioned topic {base}"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Raises the partition count; Kafka and Pulsar only ever add.
+    pub async fn update_partitions(&self, base: &TopicName, partitions: u32) -> Result<()> {
+        let key = format!("{PARTITIONED_PREFIX}{}", base.path());
+        let kv = self
+            .inner
+            .meta
+            .get(&key)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {base}")))?;
+        let cur: PartitionedMetadata = parse(&key, &kv.value)?;
+        if partitions <= cur.partitions {
+            return Err(BrokerError::InvalidArgument(format!(
+                "partitions can only grow (now {})",
+                cur.partitions
+            )));
+        }
+        self.inner
+            .meta
+            .compare_and_put(&key, kv.version, json(&PartitionedMetadata { partitions }))
+            .await?;
+        Ok(())
+    }
+
+    /// Persistent topics stored in a namespace (partitions included).
+    pub async fn list_topics(&self, ns: &NamespaceName) -> Result<Vec<TopicName>> {
+        let prefix = format!("{ML_PREFIX}{ns}/persistent/");
+        let mut out = Vec::new();
+        for key in self.inner.meta.list_keys(&prefix).await? {
+            if let Some(path) = key.strip_prefix(ML_PREFIX) {
+                out.push(TopicName::from_path(path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_partitioned_topics(&self, ns: &NamespaceName) -> Result<Vec<TopicName>> {
+        let prefix = format!("{PARTITIONED_PREFIX}{ns}/persistent/");
+        let mut out = Vec::new();
+        for key in self.inner.meta.list_keys(&prefix).await? {
+            if let Some(path) = key.strip_prefix(PARTITIONED_PREFIX) {
+                out.push(TopicName::from_path(path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a topic, or every partition of a partitioned one.
+    pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        if let Some(n) = self.partitions(name).await? {
+            for i in 0..n {
+                let p = name.partition(i);
+                if self.topic_exists(&p).await? {
+                    self.delete_partition(&p, force).await?;
+                }
+            }
+            self.inner
+                .meta
+                .delete(&format!("{PARTITIONED_PREFIX}{}", name.path()))
+                .await?;
+            return Ok(());
+        }
+        self.delete_partition(name, force).await
+    }
+
+    async fn delete_partition(&self, name: &TopicName, force: bool) -> Result<()> {
+        let topic = self.topic(name, false).await?;
+        topic.delete(force).await?;
+        self.inner.topics.lock().await.remove(name);
+        Ok(())
+    }
+
+    /// Closes a loaded topic here (its cursors written, its ledger
+    /// closed), so that any broker can load it next.
+    pub async fn unload_topic(&self, name: &TopicName) -> Result<()> {
+        let cell = self.inner.topics.lock().await.remove(name);
+        if let Some(t) = cell.and_then(|c| c.get().cloned()) {
+            t.close().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn loaded_topics(&self) -> Vec<Arc<Topic>> {
+        self.inner
+            .topics
+            .lock()
+            .await
+            .values()
+            .filter_map(|c| c.get().cloned())
+            .collect()
+    }
+
+    pub async fn topic_stats(&self, name: &TopicName) -> Result<TopicStats> {
+        self.topic(name, false).await?.stats().await
+    }
+
+    // ---- data path ----
+
+    /// Publishes messages to one partition (or non-partitioned topic) as
+    /// one batch; returns the first message's offset.
+    pub async fn publish(&self, topic: &TopicName, messages: Vec<Message>) -> Result<u64> {
+        self.topic(topic, true).await?.publish(&messages).await
+    }
+
+    /// Appends a Kafka record batch unchanged but for its base offset.
+    pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<u64> {
+        self.topic(topic, true).await?.publish_batch(batch).await
+    }
+
+    /// Reads entries from `offset` on, up to about `max_bytes`; with
+    /// `wait`, waits that long for data when there is none yet.
+    pub async fn fetch(
+        &self,
+        topic: &TopicName,
+        offset: u64,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<FetchResult> {
+        let t = self.topic(topic, false).await?;
+        let log = t.log();
+        let mut end_rx = log.watch_end();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let entries = log.read(offset, 1000, max_bytes).await?;
+            if !entries.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(FetchResult {
+                    entries,
+                    start_offset: log.start_offset(),
+                    end_offset: log.end_offset(),
+                });
+            }
+            if *end_rx.borrow_and_update() > offset {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, end_rx.changed())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+    }
+
+    pub async fn subscribe(
+        &self,
+        topic: &TopicName,
+        subscription: &str,
+        opts: SubscriptionOptions,
+        consumer: ConsumerOptions,
+    ) -> Result<Consumer> {
+        self.topic(topic, true)
+            .await?
+            .subscribe(subscription, opts, consumer)
+            .await
+    }
+
+    pub async fn unsubscribe(
+        &self,
+        topic: &TopicName,
+        subscription: &str,
+        force: bool,
+    ) -> Result<()> {
+        self.topic(topic, false)
+            .await?
+            .unsubscribe(subscription, force)
+            .await
+    }
+
+    // ---- routing ----
+
+    async fn routing(&self, ns: &NamespaceName) -> Result<Arc<Mutex<NamespaceRouting>>> {
+        if let Some(r) = self.inner.routing.lock().await.get(ns) {
+            return Ok(r.clone());
+        }
+        self.policies(ns).await?;
+        let key = format!("{ROUTING_PREFIX}{ns}");
+        let (table, version) = match self.inner.meta.get(&key).await? {
+            Some(kv) => (
+                RoutingTable::from_snapshot(parse::<RoutingSnapshot>(&key, &kv.value)?)?,
+                kv.version,
+            ),
+            None => (RoutingTable::new(), 0),
+        };
+        let r = Arc::new(Mutex::new(NamespaceRouting {
+            table,
+            version,
+            transient: HashSet::new(),
+        }));
+        let mut all = self.inner.routing.lock().await;
+        Ok(all.entry(ns.clone()).or_insert(r).clone())
+    }
+
+    /// Runs `f` on the namespace's table and stores the durable part, with
+    /// compare-and-set; another broker's concurrent change makes this
+    /// reload and retry.
+    async fn modify_routing<T>(
+        &self,
+        ns: &NamespaceName,
+        mut f: impl FnMut(&mut NamespaceRouting) -> Result<T>,
+    ) -> Result<T> {
+        let key = format!("{ROUTING_PREFIX}{ns}");
+        for _ in 0..16 {
+            let r = self.routing(ns).await?;
+            let mut g = r.lock().await;
+            let before = g.table.clone();
+            let before_transient = g.transient.clone();
+            let out = f(&mut g)?;
+            let snapshot = durable_snapshot(&g);
+            match self
+                .inner
+                .meta
+                .compare_and_put(&key, g.version, json(&snapshot))
+                .await
+            {
+                Ok(kv) => {
+                    g.version = kv.version;
+                    return Ok(out);
+                }
+                Err(MetaError::Conflict { current, .. }) => {
+                    g.table = before;
+                    g.transient = before_transient;
+                    // Someone else changed it; take theirs and go again.
+                    let fresh = match current {
+                        Some(kv) => Some((
+                            RoutingTable::from_snapshot(parse(&key, &kv.value)?)?,
+                            kv.version,
+                        )),
+                        None => None,
+                    };
+                    if let Some((table, version)) = fresh {
+                        let transient: Vec<String> = g.transient.iter().cloned().collect();
+                        g.table = table;
+                        for q in transient {
+                            let _ = g.table.declare_queue(&q);
+                        }
+                        g.version = version;
+                    } else {
+                        g.version = 0;
+                    }
+                }
+                Err(e) => {
+                    g.table = before;
+                    g.transient = before_transient;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(BrokerError::TopicUnavailable(format!(
+            "routing of {ns} keeps changing"
+        )))
+    }
+
+    pub async fn declare_exchange(
+        &self,
+        ns: &NamespaceName,
+        def: ExchangeDef,
+        passive: bool,
+    ) -> Result<()> {
+        if passive {
+            let r = self.routing(ns).await?;
+            return r.lock().await.table.declare_exchange(def, true).map(drop);
+        }
+        self.modify_routing(ns, |r| r.table.declare_exchange(def.clone(), false))
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete_exchange(
+        &self,
+        ns: &NamespaceName,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<()> {
+        self.modify_routing(ns, |r| r.table.delete_exchange(name, if_unused))
+            .await
+            .map(drop)
+    }
+
+    /// Declares a queue: a topic named after it in the namespace. A
+    /// durable queue is a persistent topic; a transient one is
+    /// non-persistent and known to this broker only.
+    pub async fn declare_queue(
+        &self,
+        ns: &NamespaceName,
+        name: &str,
+        durable: bool,
+    ) -> Result<TopicName> {
+        let topic = self.queue_topic(ns, name, durable)?;
+        if durable {
+            self.create_topic(&topic).await?;
+        }
+        self.modify_routing(ns, |r| {
+            r.table.declare_queue(name)?;
+            if !durable {
+                r.transient.insert(name.to_string());
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(topic)
+    }
+
+    /// The topic behind a queue name.
+    pub fn queue_topic(&self, ns: &NamespaceName, name: &str, durable: bool) -> Result<TopicName> {
+        let domain = if durable {
+            TopicDomain::Persistent
+        } else {
+            TopicDomain::NonPersistent
+        };
+        Ok(ns.topic(domain, name)?)
+    }
+
+    pub async fn queue_exists(&self, ns: &NamespaceName, name: &str) -> Result<bool> {
+        let r = self.routing(ns).await?;
+        let g = r.lock().await;
+        Ok(g.table.has_queue(name))
+    }
+
+    /// Deletes a queue, its bindings and its topic.
+    pub async fn delete_queue(&self, ns: &NamespaceName, name: &str) -> Result<()> {
+        let durable = {
+            let r = self.routing(ns).await?;
+            let g = r.lock().await;
+            !g.transient.contains(name)
+        };
+        self.modify_routing(ns, |r| {
+            r.transient.remove(name);
+            Ok(r.table.delete_queue(name))
+        })
+        .await?;
+        let topic = self.queue_topic(ns, name, durable)?;
+        match self.delete_topic(&topic, true).await {
+            Ok(()) | Err(BrokerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn bind(&self, ns: &NamespaceName, binding: Binding) -> Result<()> {
+        self.modify_routing(ns, |r| r.table.bind(binding.clone()))
+            .await
+            .map(drop)
+    }
+
+    pub async fn unbind(&self, ns: &NamespaceName, binding: &Binding) -> Result<()> {
+        self.modify_routing(ns, |r| r.table.unbind(binding))
+            .await
+            .map(drop)
+    }
+
+    pub async fn routing_snapshot(&self, ns: &NamespaceName) -> Result<RoutingSnapshot> {
+        let r = self.routing(ns).await?;
+        let g = r.lock().await;
+        Ok(g.table.to_snapshot())
+    }
+
+    /// Routes a message through an exchange and publishes it to every
+    /// queue it reaches. Returns the queues; empty means unroutable.
+    pub async fn route_publish(
+        &self,
+        ns: &NamespaceName,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+        message: Message,
+    ) -> Result<Routed> {
+        let (routed, transient) = {
+            let r = self.routing(ns).await?;
+            let g = r.lock().await;
+            (
+                g.table.route(exchange, routing_key, headers)?,
+                g.transient.clone(),
+            )
+        };
+        let publishes = routed.queues.iter().map(|q| {
+            let topic = self.queue_topic(ns, q, !transient.contains(q));
+            let message = message.clone();
+            async move { self.publish(&topic?, vec![message]).await }
+        });
+        for r in futures::future::join_all(publishes).await {
+            r?;
+        }
+        Ok(routed)
+    }
+
+    /// Runs retention over every loaded persistent topic now.
+    pub async fn run_retention(&self) -> Result<Vec<u64>> {
+        let mut deleted = Vec::new();
+        for t in self.loaded_topics().await {
+            if !t.log().is_persistent() {
+                continue;
+            }
+            let policies = self.policies(t.name().namespace()).await?;
+            deleted.extend(
+                t.apply_retention(&policies, self.inner.cfg.retention)
+                    .await?,
+            );
+        }
+        Ok(deleted)
+    }
+
+    /// Closes every topic (cursors written, ledgers closed) and gives up
+    /// ownership, so that other brokers take over without recovery.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let topics: Vec<TopicCell> = self
+            .inner
+            .topics
+            .lock()
+            .await
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in topics {
+            if let Some(t) = c.get() {
+                if let Err(e) = t.close().await {
+                    tracing::warn!(topic = %t.name(), "closing: {e}");
+                }
+            }
+        }
+        let session = self.inner.session.read().await;
+        let _ = self.inner.meta.revoke_session(session.id()).await;
+    }
+}
+
+/// Resolves a topic name given relative to a namespace.
+pub fn resolve_in(ns: &NamespaceName, name: &str) -> Result<TopicName> {
+    if name.contains("://") {
+        Ok(name.parse()?)
+    } else {
+        Ok(ns.topic(TopicDomain::Persistent, name)?)
+    }
+}
+
+fn durable_snapshot(r: &NamespaceRouting) -> RoutingSnapshot {
+    let mut s = r.table.to_snapshot();
+    s.exchanges.retain(|e| e.durable);
+    let durable_exchanges: HashSet<String> = s.exchanges.iter().map(|e| e.name.clone()).collect();
+    s.queues.retain(|q| !r.transient.contains(q));
+    let durable_queues: HashSet<String> = s.queues.iter().cloned().collect();
+    let kept = |name: &str, is_queue: bool| {
+        if is_queue {
+            durable_queues.contains(name)
+        } else {
+            RoutingTable::is_predeclared(name) || durable_exchanges.contains(name)
+        }
+    };
+    s.bindings.retain(|b| {
+        let dest_ok = match &b.destination {
+            crate::routing::Destination::Queue(q) => kept(q, true),
+            crate::routing::Destination::Exchange(e) => kept(e, false),
+        };
+        kept(&b.source, false) && dest_ok
+    });
+    s
+}
+
+/// Keeps a live metadata session: when the store expires it (this broker
+/// was cut off too long), every topic is dropped, since their bundles may
+/// already be owned elsewhere, and a new session starts.
+async fn session_keeper(weak: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        if inner.session.read().await.is_alive() {
+            continue;
+        }
+        tracing::warn!("metadata session expired; dropping every topic");
+        inner.topics.lock().await.clear();
+        match inner.meta.grant_session(inner.cfg.session_ttl).await {
+            Ok(s) => {
+                let key = format!("{BROKERS_PREFIX}{}", inner.cfg.info.id);
+                if let Err(e) = s.put(&key, json(&inner.cfg.info)).await {
+                    tracing::warn!("registering again: {e}");
+                }
+                *inner.session.write().await = s;
+            }
+            Err(e) => tracing::warn!("new metadata session: {e}"),
+        }
+    }
+}
+
+async fn retention_loop(weak: Weak<Inner>) {
+    loop {
+        let interval = match weak.upgrade() {
+            Some(i) => i.cfg.retention_interval,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        let broker = Broker { inner };
+        if let Err(e) = broker.run_retention().await {
+            tracing::warn!("retention: {e}");
+        }
+    }
+}
+
+/// Drops cached routing tables that another broker changed.
+async fn routing_watch(weak: Weak<Inner>) {
+    let Some(inner) = weak.upgrade() else {
+        return;
+    };
+    let mut events = inner.meta.watch(ROUTING_PREFIX, 0);
+    drop(inner);
+    while let Some(ev) = events.next().await {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let Ok(ev) = ev else {
+            continue;
+        };
+        let Some(ns) = ev
+            .kv
+            .key
+            .strip_prefix(ROUTING_PREFIX)
+            .and_then(|s| s.parse::<NamespaceName>().ok())
+        else {
+            continue;
+        };
+        let stale = {
+            let all = inner.routing.lock().await;
+            all.get(&ns).cloned()
+        };
+        if let Some(r) = stale {
+            let g = r.lock().await;
+            if g.version < ev.kv.version && g.transient.is_empty() {
+                drop(g);
+                inner.routing.lock().await.remove(&ns);
+            }
+        }
+    }
+}

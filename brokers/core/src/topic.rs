@@ -1,0 +1,466 @@
+//! A loaded topic partition: its log and its subscriptions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use magnetar_metadata::{MetaClient, MetaError};
+use magnetar_tenancy::{Policies, TopicName};
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::cursor::CursorState;
+use crate::error::{BrokerError, Result};
+use crate::format::{encode_messages, validate_batch, Message};
+use crate::log::PartitionLog;
+use crate::managed_ledger::LedgerInfo;
+use crate::subscription::{
+    cursor_key, cursor_record, load_cursor, Consumer, ConsumerOptions, CursorStore, DeadLetterSink,
+    InitialPosition, ResetTo, Subscription, SubscriptionOptions, SubscriptionSetup,
+    SubscriptionStats, CURSOR_PREFIX,
+};
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicStats {
+    pub msg_in_counter: u64,
+    pub bytes_in_counter: u64,
+    pub storage_size: u64,
+    pub start_offset: u64,
+    pub end_offset: u64,
+    pub ledger_count: usize,
+    pub subscriptions: BTreeMap<String, SubscriptionStats>,
+}
+
+/// Retention applied when a namespace sets none: acknowledged data of
+/// topics with subscriptions goes at once (queue semantics); topics without
+/// subscriptions keep data for this long (stream semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct RetentionDefaults {
+    pub stream_minutes: i64,
+    pub stream_mb: i64,
+}
+
+impl Default for RetentionDefaults {
+    fn default() -> Self {
+        // Kafka's default: a week, unbounded size.
+        RetentionDefaults {
+            stream_minutes: 7 * 24 * 60,
+            stream_mb: -1,
+        }
+    }
+}
+
+pub struct Topic {
+    name: TopicName,
+    log: PartitionLog,
+    meta: MetaClient,
+    subs: Mutex<HashMap<String, Subscription>>,
+    dead_letter: Option<DeadLetterSink>,
+    msg_in: AtomicU64,
+    bytes_in: AtomicU64,
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topic").field("name", &self.name).finish()
+    }
+}
+
+impl Topic {
+    /// Wraps an opened log and restarts the durable subscriptions stored
+    /// for it, so that acknowledgement-based retention sees them even
+    /// before their consumers return.
+    pub async fn load(
+        name: TopicName,
+        log: PartitionLog,
+        meta: MetaClient,
+        dead_letter: Option<DeadLetterSink>,
+    ) -> Result<Arc<Topic>> {
+        let topic = Arc::new(Topic {
+            name,
+            log,
+            meta,
+            subs: Mutex::new(HashMap::new()),
+            dead_letter,
+            msg_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+        });
+        if topic.log.is_persistent() {
+            let prefix = format!("{CURSOR_PREFIX}{}/", topic.name.path());
+            let keys = topic.meta.list_keys(&prefix).await?;
+            let mut subs = topic.subs.lock().await;
+            for key in keys {
+                let Some(enc) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let sub = magnetar_tenancy::names::decode_segment(enc)?;
+                if let Some((sub_type, state, version)) = load_cursor(&topic.meta, &key).await? {
+                    let opts = SubscriptionOptions {
+                        sub_type,
+                        ..SubscriptionOptions::default()
+                    };
+                    let s = topic.start_subscription(&sub, state, opts, Some(version), key);
+                    subs.insert(sub, s);
+                }
+            }
+        }
+        Ok(topic)
+    }
+
+    pub fn name(&self) -> &TopicName {
+        &self.name
+    }
+
+    pub fn log(&self) -> &PartitionLog {
+        &self.log
+    }
+
+    fn start_subscription(
+        &self,
+        sub: &str,
+        cursor: CursorState,
+        opts: SubscriptionOptions,
+        version: Option<u64>,
+        key: String,
+    ) -> Subscription {
+        let store = (opts.durable && self.log.is_persistent()).then(|| CursorStore {
+            meta: self.meta.clone(),
+            key,
+            version: version.unwrap_or(0),
+        });
+        Subscription::start(SubscriptionSetup {
+            topic: self.name.to_string(),
+            name: sub.into(),
+            log: self.log.clone(),
+            cursor,
+            opts,
+            store,
+            dead_letter: self.dead_letter.clone(),
+            partition: self.name.partition_index().unwrap_or(0),
+        })
+    }
+
+    pub async fn publish(&self, messages: &[Message]) -> Result<u64> {
+        let batch = encode_messages(messages)?;
+        self.append(batch, messages.len() as u64).await
+    }
+
+    /// Appends a Kafka record batch as it came from the client, after
+    /// checking it as a Kafka broker would.
+    pub async fn publish_batch(&self, batch: Bytes) -> Result<u64> {
+        let h = validate_batch(&batch)?;
+        self.append(batch, h.record_count.max(0) as u64).await
+    }
+
+    async fn append(&self, batch: Bytes, messages: u64) -> Result<u64> {
+        let len = batch.len() as u64;
+        let base = self.log.append(batch).await?;
+        self.msg_in.fetch_add(messages, Ordering::Relaxed);
+        self.bytes_in.fetch_add(len, Ordering::Relaxed);
+        Ok(base)
+    }
+
+    /// Attaches a consumer, creating the subscription if needed.
+    pub async fn subscribe(
+        &self,
+        sub: &str,
+        opts: SubscriptionOptions,
+        consumer: ConsumerOptions,
+    ) -> Result<Consumer> {
+        if sub.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "subscription name is empty".into(),
+            ));
+        }
+        let s = self.get_or_create_subscription(sub, opts).await?;
+        s.add_consumer(consumer).await
+    }
+
+    pub async fn get_or_create_subscription(
+        &self,
+        sub: &str,
+        opts: SubscriptionOptions,
+    ) -> Result<Subscription> {
+        let mut subs = self.subs.lock().await;
+        if let Some(s) = subs.get(sub) {
+            if s.is_running() {
+                if s.sub_type() != opts.sub_type {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "subscription {sub} is of type {:?}, not {:?}",
+                        s.sub_type(),
+                        opts.sub_type
+                    )));
+                }
+                return Ok(s.clone());
+            }
+            subs.remove(sub);
+        }
+        let key = cursor_key(&self.name.path(), sub);
+        let durable = opts.durable && self.log.is_persistent();
+        let (state, version) = match durable.then_some(()) {
+            Some(()) => match load_cursor(&self.meta, &key).await? {
+                Some((_, state, version)) => (state, Some(version)),
+                None => (self.new_cursor(opts.initial_position), None),
+            },
+            None => (self.new_cursor(opts.initial_position), None),
+        };
+        // A durable subscription exists from its creation on, even before
+        // its first acknowledgement.
+        let version = match (durable, version) {
+            (true, None) => {
+                match self
+                    .meta
+                    .create(&key, cursor_record(opts.sub_type, &state))
+                    .await
+                {
+                    Ok(kv) => Some(kv.version),
+                    Err(MetaError::Conflict { .. }) => {
+                        return Err(BrokerError::TopicUnavailable(self.name.to_string()))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (_, v) => v,
+        };
+        let s = self.start_subscription(sub, state, opts, version, key);
+        subs.insert(sub.into(), s.clone());
+        Ok(s)
+    }
+
+    fn new_cursor(&self, at: InitialPosition) -> CursorState {
+        let start = match at {
+            InitialPosition::Latest => self.log.end_offset(),
+            InitialPosition::Earliest => self.log.start_offset(),
+        };
+        CursorState::new(start, magnetar_bookies::meta::now_ms())
+    }
+
+    pub async fn subscription(&self, sub: &str) -> Result<Subscription> {
+        self.subs
+            .lock()
+            .await
+            .get(sub)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("subscription {sub} on {}", self.name)))
+    }
+
+    pub async fn subscriptions(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.subs.lock().await.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes a subscription and its cursor; refused while consumers are
+    /// attached unless `force`.
+    pub async fn unsubscribe(&self, sub: &str, force: bool) -> Result<()> {
+        let s = self.subscription(sub).await?;
+        if !force && !s.stats().await?.consumers.is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "subscription {sub} has active consumers"
+            )));
+        }
+        s.delete().await?;
+        self.subs.lock().await.remove(sub);
+        Ok(())
+    }
+
+    pub async fn reset_subscription(&self, sub: &str, to: ResetTo) -> Result<()> {
+        self.subscription(sub).await?.reset(to).await
+    }
+
+    pub async fn stats(&self) -> Result<TopicStats> {
+        let subs: Vec<(String, Subscription)> = self
+            .subs
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (name, s) in subs {
+            if let Ok(st) = s.stats().await {
+                out.insert(name, st);
+            }
+        }
+        let ledgers = self.ledgers();
+        Ok(TopicStats {
+            msg_in_counter: self.msg_in.load(Ordering::Relaxed),
+            bytes_in_counter: self.bytes_in.load(Ordering::Relaxed),
+            storage_size: self.log.size(),
+            start_offset: self.log.start_offset(),
+            end_offset: self.log.end_offset(),
+            ledger_count: ledgers.len(),
+            subscriptions: out,
+        })
+    }
+
+    pub fn ledgers(&self) -> Vec<LedgerInfo> {
+        match &self.log {
+            PartitionLog::Managed(ml) => ml.ledgers(),
+            PartitionLog::Memory(_) => Vec::new(),
+        }
+    }
+
+    /// Deletes the ledgers retention no longer keeps; returns their ids.
+    pub async fn apply_retention(
+        &self,
+        policies: &Policies,
+        defaults: RetentionDefaults,
+    ) -> Result<Vec<u64>> {
+        let PartitionLog::Managed(ml) = &self.log else {
+            return Ok(Vec::new());
+        };
+        let slowest = {
+            let subs = self.subs.lock().await;
+            subs.values()
+                .filter(|s| s.is_durable())
+                .map(Subscription::mark_delete)
+                .min()
+        };
+        let (minutes, mb, acked_limit) = match (&policies.retention_policies, slowest) {
+            (Some(r), s) => (r.retention_time_in_minutes, r.retention_size_in_mb, s),
+            (None, Some(s)) => (0, 0, Some(s)),
+            (None, None) => (defaults.stream_minutes, defaults.stream_mb, None),
+        };
+        let keep_from = deletable_prefix(
+            &ml.ledgers(),
+            acked_limit,
+            minutes,
+            mb,
+            magnetar_bookies::meta::now_ms(),
+        );
+        match keep_from {
+            Some(k) => ml.trim(k).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Stops the subscriptions (writing their cursors) and closes the log.
+    pub async fn close(&self) -> Result<()> {
+        let subs: Vec<Subscription> = self.subs.lock().await.drain().map(|(_, s)| s).collect();
+        for s in subs {
+            let _ = s.close().await;
+        }
+        match &self.log {
+            PartitionLog::Managed(ml) => ml.close().await,
+            PartitionLog::Memory(m) => {
+                m.close();
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes the topic's data and cursors. Refused while consumers are
+    /// attached unless `force`.
+    pub async fn delete(&self, force: bool) -> Result<()> {
+        let subs: Vec<(String, Subscription)> = self
+            .subs
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !force {
+            for (name, s) in &subs {
+                if s.stats().await.is_ok_and(|st| !st.consumers.is_empty()) {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "topic {} has consumers on subscription {name}",
+                        self.name
+                    )));
+                }
+            }
+        }
+        for (_, s) in subs {
+            match s.delete().await {
+                Ok(()) | Err(BrokerError::TopicUnavailable(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.subs.lock().await.clear();
+        // Cursors of subscriptions that were not loaded.
+        let prefix = format!("{CURSOR_PREFIX}{}/", self.name.path());
+        for key in self.meta.list_keys(&prefix).await? {
+            self.meta.delete(&key).await?;
+        }
+        match &self.log {
+            PartitionLog::Managed(ml) => ml.delete().await,
+            PartitionLog::Memory(m) => {
+                m.close();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The offset before which every closed ledger may go, or `None`.
+///
+/// A ledger may go when it is wholly acknowledged (`acked_limit`, when
+/// subscriptions count) and retention no longer holds it: its age exceeds
+/// `minutes`, or the data after it alone already fills `mb`. -1 means no
+/// limit on that dimension.
+pub fn deletable_prefix(
+    ledgers: &[LedgerInfo],
+    acked_limit: Option<u64>,
+    minutes: i64,
+    mb: i64,
+    now_ms: u64,
+) -> Option<u64> {
+    let total: u64 = ledgers.iter().map(|l| l.size).sum();
+    let mut remaining = total;
+    let mut keep_from = None;
+    for l in ledgers {
+        if !l.is_closed() || acked_limit.is_some_and(|a| l.end_offset() > a) {
+            break;
+        }
+        let expired = minutes >= 0 && now_ms.saturating_sub(l.closed_ms) >= minutes as u64 * 60_000;
+        let over_size = mb >= 0 && remaining > (mb as u64) << 20;
+        if !(expired || over_size) {
+            break;
+        }
+        remaining -= l.size;
+        keep_from = Some(l.end_offset());
+    }
+    keep_from
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(first: u64, n: u64, size: u64, closed_ms: u64) -> LedgerInfo {
+        LedgerInfo {
+            id: first,
+            first_offset: first,
+            entries: n,
+            offsets: n,
+            size,
+            created_ms: 1,
+            closed_ms,
+        }
+    }
+
+    #[test]
+    fn retention_rules() {
+        let min = 60_000;
+        let ls = vec![
+            ledger(0, 10, 1 << 20, 1),
+            ledger(10, 10, 1 << 20, 5 * min),
+            ledger(20, 10, 1 << 20, 0),
+        ];
+        // Acked up to 15: only the first ledger is wholly acknowledged.
+        assert_eq!(deletable_prefix(&ls, Some(15), 0, 0, 10 * min), Some(10));
+        assert_eq!(deletable_prefix(&ls, Some(30), 0, 0, 10 * min), Some(20));
+        // Nothing acknowledged, nothing goes.
+        assert_eq!(deletable_prefix(&ls, Some(0), 0, 0, 10 * min), None);
+        // Time: ten minutes keeps everything at minute 10 but the first.
+        assert_eq!(deletable_prefix(&ls, None, 9, -1, 10 * min), Some(10));
+        assert_eq!(deletable_prefix(&ls, None, -1, -1, 10 * min), None);
+        // Size: 2 MB of retention lets the first ledger go (3 MB total).
+        assert_eq!(deletable_prefix(&ls, None, -1, 2, 10 * min), Some(10));
+        assert_eq!(deletable_prefix(&ls, None, -1, 1, 10 * min), Some(20));
+        // The ledger being written never goes.
+        assert_eq!(deletable_prefix(&ls, None, 0, 0, 10 * min), Some(20));
+    }
+}

@@ -1,0 +1,607 @@
+//! The protocol-neutral broker API against a real metadata node and
+//! bookie, all in this process.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::Cluster;
+use magnetar_broker::managed_ledger::ManagedLedgerConfig;
+use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind, HeaderValue};
+use magnetar_broker::{
+    Broker, BrokerConfig, BrokerInfo, Consumer, ConsumerOptions, DeadLetterPolicy, Delivery,
+    InitialPosition, Message, SubscriptionOptions, SubscriptionType,
+};
+use magnetar_tenancy::{NamespaceName, TopicName};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(id: &str) -> BrokerConfig {
+    let mut cfg = BrokerConfig::new(
+        "test",
+        BrokerInfo {
+            id: id.into(),
+            http_url: format!("http://{id}"),
+            listeners: Default::default(),
+        },
+    );
+    cfg.managed_ledger = ManagedLedgerConfig {
+        max_entries_per_ledger: 20,
+        ..ManagedLedgerConfig::default()
+    };
+    cfg.retention_interval = Duration::from_secs(3600);
+    cfg
+}
+
+async fn broker(c: &Cluster) -> Broker {
+    Broker::start(c.meta_client(), config("b1"))
+        .await
+        .expect("broker")
+}
+
+fn topic(s: &str) -> TopicName {
+    s.parse().expect("topic")
+}
+
+fn shared(sub_type: SubscriptionType) -> SubscriptionOptions {
+    SubscriptionOptions {
+        sub_type,
+        initial_position: InitialPosition::Earliest,
+        ..SubscriptionOptions::default()
+    }
+}
+
+fn named(name: &str) -> ConsumerOptions {
+    ConsumerOptions {
+        name: name.into(),
+        ..ConsumerOptions::default()
+    }
+}
+
+fn text(d: &Delivery) -> String {
+    String::from_utf8(d.message.value.clone().unwrap_or_default().to_vec()).expect("utf8")
+}
+
+async fn recv(c: &mut Consumer) -> Delivery {
+    tokio::time::timeout(WAIT, c.recv())
+        .await
+        .expect("a message in time")
+        .expect("subscription open")
+}
+
+async fn nothing_within(c: &mut Consumer, d: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(d, c.recv()).await {
+        panic!("unexpected delivery of offset {}", m.offset);
+    }
+}
+
+async fn publish_n(b: &Broker, t: &TopicName, n: usize) {
+    for i in 0..n {
+        b.publish(t, vec![Message::new(format!("m{i}"))])
+            .await
+            .expect("publish");
+    }
+}
+
+#[tokio::test]
+async fn per_partition_order_and_fetch() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let base = topic("orders");
+    b.create_partitioned_topic(&base, 3)
+        .await
+        .expect("partitioned");
+    assert_eq!(b.partitions(&base).await.expect("meta"), Some(3));
+    // Producers to the three partitions run concurrently, each pipelined.
+    let tasks: Vec<_> = (0..3u32)
+        .map(|p| {
+            let b = b.clone();
+            let t = base.partition(p);
+            tokio::spawn(async move {
+                let futs: Vec<_> = (0..200)
+                    .map(|i| {
+                        let b = b.clone();
+                        let t = t.clone();
+                        async move { b.publish(&t, vec![Message::new(format!("p{p}-{i}"))]).await }
+                    })
+                    .collect();
+                futures::future::join_all(futs).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        for r in t.await.expect("join") {
+            r.expect("publish");
+        }
+    }
+    for p in 0..3u32 {
+        let t = base.partition(p);
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while at < 200 {
+            let f = b
+                .fetch(&t, at, 1 << 20, Duration::ZERO)
+                .await
+                .expect("fetch");
+            assert_eq!(f.end_offset, 200);
+            for e in f.entries {
+                for m in magnetar_broker::format::decode_entry(&e.data).expect("decode") {
+                    seen.push((m.offset, m.message.value.expect("v")));
+                }
+                at = e.end_offset();
+            }
+        }
+        // Offsets are dense and the payloads of one partition keep the
+        // order the producer's futures were created in.
+        let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, (0..200).collect::<Vec<_>>());
+    }
+    // A fetch past the end waits for data, then returns it.
+    let t = base.partition(0);
+    let waiter = {
+        let b = b.clone();
+        let t = t.clone();
+        tokio::spawn(async move { b.fetch(&t, 200, 1 << 20, WAIT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.publish(&t, vec![Message::new("late")])
+        .await
+        .expect("publish");
+    let f = waiter.await.expect("join").expect("fetch");
+    assert_eq!(f.entries[0].base_offset, 200);
+    // The partitioned base name itself is not a partition.
+    assert!(b.publish(&base, vec![Message::new("x")]).await.is_err());
+}
+
+#[tokio::test]
+async fn shared_subscription_spreads_and_redelivers_when_a_consumer_closes() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("work");
+    let opts = shared(SubscriptionType::Shared);
+    let mut consumers = Vec::new();
+    for name in ["c1", "c2", "c3"] {
+        let c = b
+            .subscribe(&t, "workers", opts.clone(), named(name))
+            .await
+            .expect("subscribe");
+        c.flow(1000);
+        consumers.push(c);
+    }
+    publish_n(&b, &t, 300).await;
+    let mut got: Vec<Vec<Delivery>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut total = 0;
+    while total < 300 {
+        for (i, c) in consumers.iter_mut().enumerate() {
+            while let Some(d) = c.try_recv() {
+                got[i].push(d);
+                total += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, g) in got.iter().enumerate() {
+        assert!(g.len() >= 60, "consumer {i} got only {}", g.len());
+    }
+    // c2 and c3 acknowledge; c1 closes without acknowledging.
+    for (i, c) in consumers.iter().enumerate().skip(1) {
+        c.ack_many(got[i].iter().map(|d| d.offset).collect());
+    }
+    let c1_offsets: BTreeSet<u64> = got[0].iter().map(|d| d.offset).collect();
+    let mut rest = consumers.split_off(1);
+    drop(consumers);
+    let mut redelivered = BTreeSet::new();
+    while redelivered.len() < c1_offsets.len() {
+        for c in rest.iter_mut() {
+            while let Some(d) = c.try_recv() {
+                assert_eq!(d.redelivery_count, 1, "offset {}", d.offset);
+                assert!(c1_offsets.contains(&d.offset));
+                redelivered.insert(d.offset);
+                c.ack(d.offset);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(redelivered, c1_offsets);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = b.topic_stats(&t).await.expect("stats");
+    let s = &stats.subscriptions["workers"];
+    assert_eq!(s.msg_backlog, 0, "{s:?}");
+    assert_eq!(s.mark_delete_offset, 300);
+}
+
+#[tokio::test]
+async fn cumulative_and_individual_acks_survive_reconnects() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("acks");
+    let opts = shared(SubscriptionType::Exclusive);
+    let mut c1 = b
+        .subscribe(&t, "s", opts.clone(), named("a"))
+        .await
+        .expect("subscribe");
+    // Exclusive admits one consumer.
+    assert!(b
+        .subscribe(&t, "s", opts.clone(), named("b"))
+        .await
+        .is_err());
+    c1.flow(100);
+    publish_n(&b, &t, 10).await;
+    for i in 0..10 {
+        assert_eq!(recv(&mut c1).await.offset, i);
+    }
+    c1.ack_cumulative(4).expect("cumulative");
+    c1.ack(5);
+    c1.ack(7);
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c2 = b
+        .subscribe(&t, "s", opts.clone(), named("a"))
+        .await
+        .expect("resubscribe");
+    c2.flow(100);
+    let mut offsets = Vec::new();
+    for _ in 0..3 {
+        offsets.push(recv(&mut c2).await.offset);
+    }
+    assert_eq!(offsets, vec![6, 8, 9]);
+    nothing_within(&mut c2, Duration::from_millis(200)).await;
+    // Cumulative acks are refused on shared subscriptions.
+    let s = b
+        .subscribe(&t, "shared", shared(SubscriptionType::Shared), named("x"))
+        .await
+        .expect("shared");
+    assert!(s.ack_cumulative(1).is_err());
+    // A different type on a live subscription is refused.
+    assert!(b
+        .subscribe(&t, "shared", shared(SubscriptionType::Failover), named("y"))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn nack_and_ack_timeout_redeliver_and_dead_letter_after_n() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("flaky");
+    // Negative acknowledgement with a delay.
+    let mut c1 = b
+        .subscribe(&t, "nack", shared(SubscriptionType::Shared), named("a"))
+        .await
+        .expect("subscribe");
+    c1.flow(100);
+    publish_n(&b, &t, 1).await;
+    let d = recv(&mut c1).await;
+    assert_eq!(d.redelivery_count, 0);
+    let at = tokio::time::Instant::now();
+    c1.nack(vec![d.offset], Duration::from_millis(300));
+    let again = recv(&mut c1).await;
+    assert!(
+        at.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        at.elapsed()
+    );
+    assert_eq!((again.offset, again.redelivery_count), (d.offset, 1));
+    c1.ack(again.offset);
+
+    // Ack timeout.
+    let mut c2 = b
+        .subscribe(
+            &t,
+            "timeout",
+            shared(SubscriptionType::Shared),
+            ConsumerOptions {
+                name: "t".into(),
+                ack_timeout: Some(Duration::from_millis(300)),
+                ..ConsumerOptions::default()
+            },
+        )
+        .await
+        .expect("subscribe");
+    c2.flow(100);
+    let first = recv(&mut c2).await;
+    let second = recv(&mut c2).await;
+    assert_eq!((first.offset, second.offset), (0, 0));
+    assert_eq!(second.redelivery_count, 1);
+    c2.ack(second.offset);
+    nothing_within(&mut c2, Duration::from_millis(500)).await;
+
+    // Dead letter after two redeliveries: three deliveries, then the DLQ.
+    let opts = SubscriptionOptions {
+        dead_letter: Some(DeadLetterPolicy {
+            max_redeliveries: 2,
+            topic: None,
+        }),
+        ..shared(SubscriptionType::Shared)
+    };
+    let mut c3 = b
+        .subscribe(&t, "dl", opts, named("d"))
+        .await
+        .expect("subscribe");
+    c3.flow(100);
+    for n in 0..3 {
+        let d = recv(&mut c3).await;
+        assert_eq!(d.redelivery_count, n);
+        c3.nack(vec![d.offset], Duration::ZERO);
+    }
+    nothing_within(&mut c3, Duration::from_millis(300)).await;
+    let dlq = topic("persistent://public/default/flaky-dl-DLQ");
+    let mut dc = b
+        .subscribe(
+            &dlq,
+            "inspect",
+            shared(SubscriptionType::Exclusive),
+            named("i"),
+        )
+        .await
+        .expect("dlq subscribe");
+    dc.flow(10);
+    let dead = recv(&mut dc).await;
+    assert_eq!(text(&dead), "m0");
+    assert_eq!(
+        dead.message.header("REAL_TOPIC").map(|v| v.to_vec()),
+        Some(b"persistent://public/default/flaky".to_vec())
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = b.topic_stats(&t).await.expect("stats");
+    assert_eq!(stats.subscriptions["dl"].msg_backlog, 0);
+}
+
+#[tokio::test]
+async fn failover_and_key_shared() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("keys");
+    // Failover: only the active consumer (lowest priority, then name)
+    // receives; when it leaves the standby takes over its unacked messages.
+    let opts = shared(SubscriptionType::Failover);
+    let mut a = b
+        .subscribe(&t, "fo", opts.clone(), named("a"))
+        .await
+        .expect("a");
+    let mut z = b
+        .subscribe(&t, "fo", opts.clone(), named("z"))
+        .await
+        .expect("z");
+    a.flow(100);
+    z.flow(100);
+    publish_n(&b, &t, 5).await;
+    for i in 0..5 {
+        assert_eq!(recv(&mut a).await.offset, i);
+    }
+    nothing_within(&mut z, Duration::from_millis(200)).await;
+    a.ack(0);
+    drop(a);
+    for i in 1..5 {
+        let d = recv(&mut z).await;
+        assert_eq!((d.offset, d.redelivery_count), (i, 1));
+    }
+
+    // Key-shared: every key sticks to one consumer.
+    let opts = shared(SubscriptionType::KeyShared);
+    let mut ks = Vec::new();
+    for name in ["k1", "k2", "k3"] {
+        let c = b
+            .subscribe(&t, "ks", opts.clone(), named(name))
+            .await
+            .expect("ks");
+        c.flow(1000);
+        ks.push(c);
+    }
+    for i in 0..300 {
+        let m = Message::new(format!("v{i}")).with_key(format!("key-{}", i % 10));
+        b.publish(&t, vec![m]).await.expect("publish");
+    }
+    let mut owner: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+    let mut last: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut n = 0;
+    while n < 300 {
+        for (i, c) in ks.iter_mut().enumerate() {
+            while let Some(d) = c.try_recv() {
+                if d.offset < 5 {
+                    c.ack(d.offset);
+                    continue;
+                }
+                let key = d.message.key.clone().expect("key").to_vec();
+                assert_eq!(*owner.entry(key.clone()).or_insert(i), i, "key moved");
+                let prev = last.insert(key, d.offset);
+                assert!(prev.is_none_or(|p| p < d.offset), "order within a key");
+                c.ack(d.offset);
+                n += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let users: BTreeSet<usize> = owner.values().copied().collect();
+    assert!(users.len() >= 2, "keys spread over consumers: {owner:?}");
+}
+
+#[tokio::test]
+async fn retention_by_acknowledgement_deletes_ledgers_on_the_bookies() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("queue-like");
+    let mut q = b
+        .subscribe(&t, "q", shared(SubscriptionType::Shared), named("q"))
+        .await
+        .expect("subscribe");
+    q.flow(1000);
+    publish_n(&b, &t, 100).await;
+    let before = b.topic(&t, false).await.expect("topic").ledgers();
+    assert!(before.len() >= 5, "{before:?}");
+    // Half acknowledged: only wholly acknowledged ledgers may go.
+    for _ in 0..50 {
+        let d = recv(&mut q).await;
+        q.ack(d.offset);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted = b.run_retention().await.expect("retention");
+    assert_eq!(deleted.len(), 2, "ledgers of offsets 0..40 go: {before:?}");
+    for _ in 50..100 {
+        let d = recv(&mut q).await;
+        q.ack(d.offset);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted2 = b.run_retention().await.expect("retention");
+    // Everything acknowledged is gone; only the ledger being written stays.
+    let after = b.topic(&t, false).await.expect("topic").ledgers();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(!after[0].is_closed());
+    assert_eq!(deleted.len() + deleted2.len(), 5);
+    let client = c.ledger_client();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for id in deleted.iter().chain(&deleted2) {
+        assert!(
+            client.metadata(*id).await.is_err(),
+            "ledger {id} metadata kept"
+        );
+        assert!(
+            c.bookies[0].storage().read(*id, 0).is_err(),
+            "bookie still holds ledger {id}"
+        );
+    }
+    // A topic without subscriptions keeps its data (stream retention).
+    let s = topic("stream");
+    publish_n(&b, &s, 60).await;
+    assert!(b.run_retention().await.expect("retention").is_empty());
+    assert_eq!(b.topic_stats(&s).await.expect("stats").start_offset, 0);
+}
+
+#[tokio::test]
+async fn exchanges_route_like_rabbitmq() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let ns = NamespaceName::default_namespace();
+    for q in ["qa", "qb", "qc", "qd"] {
+        b.declare_queue(&ns, q, true).await.expect("queue");
+    }
+    let ex = |name: &str, kind| ExchangeDef {
+        durable: true,
+        ..ExchangeDef::new(name, kind)
+    };
+    b.declare_exchange(&ns, ex("logs", ExchangeKind::Topic), false)
+        .await
+        .expect("x");
+    b.declare_exchange(&ns, ex("all", ExchangeKind::Fanout), false)
+        .await
+        .expect("x");
+    b.declare_exchange(&ns, ex("direct", ExchangeKind::Direct), false)
+        .await
+        .expect("x");
+    b.declare_exchange(&ns, ex("hdr", ExchangeKind::Headers), false)
+        .await
+        .expect("x");
+    b.bind(&ns, Binding::queue("logs", "qa", "*.error"))
+        .await
+        .expect("bind");
+    b.bind(&ns, Binding::queue("logs", "qb", "kern.#"))
+        .await
+        .expect("bind");
+    b.bind(&ns, Binding::queue("direct", "qc", "k"))
+        .await
+        .expect("bind");
+    b.bind(&ns, Binding::queue("all", "qd", ""))
+        .await
+        .expect("bind");
+    b.bind(
+        &ns,
+        Binding::queue("hdr", "qd", "").with_arguments(vec![
+            ("x-match".into(), HeaderValue::from("any")),
+            ("format".into(), HeaderValue::from("pdf")),
+        ]),
+    )
+    .await
+    .expect("bind");
+    // Exchange to exchange: everything on `logs` also goes to `all`.
+    b.bind(&ns, Binding::exchange("logs", "all", "#"))
+        .await
+        .expect("e2e");
+    let route = |ex: &'static str, key: &'static str, headers: Vec<(String, HeaderValue)>| {
+        let b = b.clone();
+        let ns = ns.clone();
+        async move {
+            b.route_publish(&ns, ex, key, &headers, Message::new(key))
+                .await
+                .expect("route")
+                .queues
+                .into_iter()
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        route("logs", "kern.error", vec![]).await,
+        vec!["qa", "qb", "qd"]
+    );
+    assert_eq!(route("logs", "app.error", vec![]).await, vec!["qa", "qd"]);
+    assert_eq!(route("logs", "kern", vec![]).await, vec!["qb", "qd"]);
+    assert_eq!(route("logs", "a.b.error", vec![]).await, vec!["qd"]);
+    assert_eq!(route("direct", "k", vec![]).await, vec!["qc"]);
+    assert!(route("direct", "other", vec![]).await.is_empty());
+    assert_eq!(route("", "qc", vec![]).await, vec!["qc"]);
+    assert_eq!(
+        route("hdr", "", vec![("format".into(), HeaderValue::from("pdf"))]).await,
+        vec!["qd"]
+    );
+    assert!(
+        route("hdr", "", vec![("format".into(), HeaderValue::from("zip"))])
+            .await
+            .is_empty()
+    );
+    // The routed messages are in the queues' topics.
+    let qa = ns
+        .topic(magnetar_tenancy::TopicDomain::Persistent, "qa")
+        .expect("t");
+    let mut c1 = b
+        .subscribe(&qa, "read", shared(SubscriptionType::Exclusive), named("r"))
+        .await
+        .expect("subscribe");
+    c1.flow(10);
+    assert_eq!(text(&recv(&mut c1).await), "kern.error");
+    assert_eq!(text(&recv(&mut c1).await), "app.error");
+    // Durable routing survives a broker restart.
+    b.shutdown().await;
+    let b2 = Broker::start(c.meta_client(), config("b1"))
+        .await
+        .expect("restart");
+    let again = b2
+        .route_publish(&ns, "logs", "x.error", &[], Message::new("again"))
+        .await
+        .expect("route");
+    assert_eq!(
+        again.queues.into_iter().collect::<Vec<_>>(),
+        vec!["qa", "qd"]
+    );
+}
+
+#[tokio::test]
+async fn data_and_cursors_survive_a_broker_restart() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("durable");
+    let mut s = b
+        .subscribe(&t, "s", shared(SubscriptionType::Shared), named("a"))
+        .await
+        .expect("subscribe");
+    s.flow(100);
+    publish_n(&b, &t, 50).await;
+    for _ in 0..30 {
+        let d = recv(&mut s).await;
+        s.ack(d.offset);
+    }
+    drop(s);
+    b.shutdown().await;
+    let b = Broker::start(c.meta_client(), config("b1"))
+        .await
+        .expect("restart");
+    let mut s = b
+        .subscribe(&t, "s", shared(SubscriptionType::Shared), named("a"))
+        .await
+        .expect("subscribe");
+    s.flow(100);
+    for i in 30..50 {
+        let d = recv(&mut s).await;
+        assert_eq!((d.offset, text(&d)), (i, format!("m{i}")));
+    }
+    assert_eq!(b.topic_stats(&t).await.expect("stats").end_offset, 50);
+}
