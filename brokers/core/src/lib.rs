@@ -13,11 +13,13 @@
 //! - [`subscription`]: dispatchers with credit-based flow control, acks,
 //!   redelivery and dead-lettering;
 //! - [`service`]: [`Broker`], the protocol-neutral API, with topic loading,
-//!   bundle ownership through metadata leases, routing and retention.
+//!   bundle ownership through metadata leases, routing and retention;
+//! - [`http`]: the admin REST API, after Pulsar's.
 
 pub mod cursor;
 pub mod error;
 pub mod format;
+pub mod http;
 pub mod log;
 pub mod managed_ledger;
 pub mod routing;

@@ -69,3 +69,13 @@ impl Cluster {
         LedgerClient::new(self.meta_client())
     }
 }
+
+impl Drop for Cluster {
+    /// Joins the bookies' storage threads: a RocksDB still open when the
+    /// test process exits aborts it.
+    fn drop(&mut self) {
+        for b in &self.bookies {
+            b.storage().stop_threads();
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! The admin REST API on the HTTP listener, following Pulsar's paths and
+//! JSON shapes where Pulsar has them.
+//!
+//! Errors are JSON `{"reason": "..."}`. Unknown names answer 404 and names
+//! that can never be valid answer 400; a topic owned by another broker
+//! answers 307 to that broker, as Pulsar's admin API does.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use magnetar_tenancy::{
+    ClusterData, NamespaceName, Policies, TenancyError, TenantInfo, TopicDomain, TopicName,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::BrokerError;
+use crate::service::Broker;
+use crate::subscription::{InitialPosition, ResetTo, SubscriptionOptions, SubscriptionType};
+
+/// An error as the admin API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    reason: String,
+    location: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            reason: reason.into(),
+            location: None,
+        }
+    }
+
+    fn bad_request(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(json!({ "reason": self.reason }))).into_response();
+        if let Some(loc) = self.location.and_then(|l| l.parse().ok()) {
+            r.headers_mut().insert(header::LOCATION, loc);
+        }
+        r
+    }
+}
+
+fn tenancy_status(e: &TenancyError) -> StatusCode {
+    match e {
+        TenancyError::InvalidName(_) | TenancyError::InvalidPolicy(_) => StatusCode::BAD_REQUEST,
+        TenancyError::NotFound(_) => StatusCode::NOT_FOUND,
+        TenancyError::AlreadyExists(_) | TenancyError::NotEmpty(_) | TenancyError::Conflict(_) => {
+            StatusCode::CONFLICT
+        }
+        TenancyError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
+        TenancyError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<TenancyError> for ApiError {
+    fn from(e: TenancyError) -> Self {
+        ApiError::new(tenancy_status(&e), e.to_string())
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        let status = match &e {
+            BrokerError::Tenancy(t) => tenancy_status(t),
+            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::AlreadyExists(_) | BrokerError::ConsumerBusy(_) => StatusCode::CONFLICT,
+            BrokerError::InvalidArgument(_) | BrokerError::CorruptBatch(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            BrokerError::PreconditionFailed(_) | BrokerError::QuotaExceeded(_) => {
+                StatusCode::PRECONDITION_FAILED
+            }
+            BrokerError::AccessRefused(_) => StatusCode::FORBIDDEN,
+            BrokerError::NotOwner { owner, .. } => {
+                return ApiError {
+                    status: StatusCode::TEMPORARY_REDIRECT,
+                    reason: e.to_string(),
+                    location: owner.clone(),
+                }
+            }
+            BrokerError::TopicUnavailable(_)
+            | BrokerError::ShuttingDown
+            | BrokerError::Bookie(_)
+            | BrokerError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::CorruptMetadata { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+}
+
+fn namespace(t: &str, ns: &str) -> ApiResult<NamespaceName> {
+    Ok(NamespaceName::new(t, ns)?)
+}
+
+fn topic_name(domain: &str, t: &str, ns: &str, topic: &str) -> ApiResult<TopicName> {
+    let domain = TopicDomain::parse(domain)?;
+    Ok(namespace(t, ns)?.topic(domain, topic)?)
+}
+
+/// Redirects to the owner when this broker does not own the topic.
+async fn owned(b: &Broker, topic: &TopicName, uri: &Uri) -> ApiResult<()> {
+    let owner = b.lookup(topic).await?;
+    if owner.id == b.info().id {
+        return Ok(());
+    }
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    Err(ApiError {
+        status: StatusCode::TEMPORARY_REDIRECT,
+        reason: format!("{topic} is served by {}", owner.http_url),
+        location: Some(format!("{}{path}", owner.http_url.trim_end_matches('/'))),
+    })
+}
+
+pub fn router(broker: Broker) -> Router {
+    let topics = Router::new()
+        .route("/{domain}/{tenant}/{ns}", get(list_topics))
+        .route("/{domain}/{tenant}/{ns}/partitioned", get(list_partitioned))
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}",
+            put(create_topic).delete(delete_topic),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/partitions",
+            put(create_partitioned)
+                .post(update_partitions)
+                .get(get_partitions)
+                .delete(delete_topic),
+        )
+        .route("/{domain}/{tenant}/{ns}/{topic}/stats", get(topic_stats))
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/partitioned-stats",
+            get(partitioned_stats),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/internalStats",
+            get(internal_stats),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscriptions",
+            get(list_subscriptions),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}",
+            put(create_subscription).delete(delete_subscription),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/skip/{n}",
+            post(skip),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/skip_all",
+            post(skip_all),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/resetcursor",
+            post(reset_cursor),
+        )
+        .route("/{domain}/{tenant}/{ns}/{topic}/unload", put(unload));
+    Router::new()
+        .route("/admin/v2/clusters", get(list_clusters))
+        .route(
+            "/admin/v2/clusters/{cluster}",
+            get(get_cluster)
+                .put(create_cluster)
+                .post(update_cluster)
+                .delete(delete_cluster),
+        )
+        .route("/admin/v2/tenants", get(list_tenants))
+        .route(
+            "/admin/v2/tenants/{tenant}",
+            get(get_tenant)
+                .put(create_tenant)
+                .post(update_tenant)
+                .delete(delete_tenant),
+        )
+        .route("/admin/v2/namespaces/{tenant}", get(list_namespaces))
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}",
+            get(get_namespace)
+                .put(create_namespace)
+                .delete(delete_namespace),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/topics",
+            get(namespace_topics),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/permissions/{role}",
+            post(grant_permission).delete(revoke_permission),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/{policy}",
+            get(get_policy)
+                .post(set_policy)
+                .put(set_policy)
+                .delete(remove_policy),
+        )
+        .nest("/admin/v2", topics)
+        .route("/admin/v2/brokers/health", get(health))
+        .route("/admin/v2/brokers/ready", get(ready))
+        .route("/admin/v2/brokers/{cluster}", get(list_brokers))
+        .route(
+            "/lookup/v2/topic/{domain}/{tenant}/{ns}/{topic}",
+            get(lookup),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(broker)
+}
+
+// ---- clusters ----
+
+async fn list_clusters(State(b): State<Broker>) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(b.tenancy().list_clusters().await?))
+}
+
+async fn get_cluster(
+    State(b): State<Broker>,
+    Path(c): Path<String>,
+) -> ApiResult<Json<ClusterData>> {
+    Ok(Json(b.tenancy().get_cluster(&c).await?))
+}
+
+async fn create_cluster(
+    State(b): State<Broker>,
+    Path(c): Path<String>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let data: ClusterData = body(&raw)?;
+    b.tenancy().create_cluster(&c, &data).await?;
+    Ok(no_content())
+}
+
+async fn update_cluster(
+    State(b): State<Broker>,
+    Path(c): Path<String>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let data: ClusterData = body(&raw)?;
+    b.tenancy().update_cluster(&c, data).await?;
+    Ok(no_content())
+}
+
+async fn delete_cluster(State(b): State<Broker>, Path(c): Path<String>) -> ApiResult<Response> {
+    b.tenancy().delete_cluster(&c).await?;
+    Ok(no_content())
+}
+
+// ---- tenants ----
+
+async fn list_tenants(State(b): State<Broker>) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(b.tenancy().list_tenants().await?))
+}
+
+async fn get_tenant(State(b): State<Broker>, Path(t): Path<String>) -> ApiResult<Json<TenantInfo>> {
+    Ok(Json(b.tenancy().get_tenant(&t).await?))
+}
+
+/// An absent body means "no admin roles, this cluster".
+fn tenant_body(b: &Broker, raw: &Bytes) -> ApiResult<TenantInfo> {
+    let mut info: TenantInfo = if raw.is_empty() {
+        TenantInfo::default()
+    } else {
+        body(raw)?
+    };
+    if info.allowed_clusters.is_empty() {
+        info.allowed_clusters.insert(b.config().cluster.clone());
+    }
+    Ok(info)
+}
+
+async fn create_tenant(
+    State(b): State<Broker>,
+    Path(t): Path<String>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let info = tenant_body(&b, &raw)?;
+    b.tenancy().create_tenant(&t, &info).await?;
+    Ok(no_content())
+}
+
+async fn update_tenant(
+    State(b): State<Broker>,
+    Path(t): Path<String>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let info = tenant_body(&b, &raw)?;
+    b.tenancy().update_tenant(&t, info).await?;
+    Ok(no_content())
+}
+
+async fn delete_tenant(State(b): State<Broker>, Path(t): Path<String>) -> ApiResult<Response> {
+    b.tenancy().delete_tenant(&t).await?;
+    Ok(no_content())
+}
+
+// ---- namespaces ----
+
+async fn list_namespaces(
+    State(b): State<Broker>,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    b.tenancy().get_tenant(&t).await?;
+    let names = b.tenancy().list_namespaces(&t).await?;
+    Ok(Json(names.iter().map(ToString::to_string).collect()))
+}
+
+async fn get_namespace(
+    State(b): State<Broker>,
+    Path((t, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Policies>> {
+    Ok(Json(b.tenancy().get_policies(&namespace(&t, &ns)?).await?))
+}
+
+async fn create_namespace(
+    State(b): State<Broker>,
+    Path((t, ns)): Path<(String, String)>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let ns = namespace(&t, &ns)?;
+    let mut policies: Policies = if raw.is_empty() {
+        Policies::default()
+    } else {
+        body(&raw)?
+    };
+    if policies.replication_clusters.is_empty() {
+        policies
+            .replication_clusters
+            .insert(b.config().cluster.clone());
+    }
+    b.tenancy().create_namespace(&ns, &policies).await?;
+    Ok(no_content())
+}
+
+async fn delete_namespace(
+    State(b): State<Broker>,
+    Path((t, ns)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let ns = namespace(&t, &ns)?;
+    b.tenancy().get_policies(&ns).await?;
+    let topics = b.list_topics(&ns).await?;
+    let partitioned = b.list_partitioned_topics(&ns).await?;
+    if !topics.is_empty() || !partitioned.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("namespace {ns} still has topics"),
+        ));
+    }
+    b.tenancy().delete_namespace(&ns).await?;
+    Ok(no_content())
+}
+
+async fn namespace_topics(
+    State(b): State<Broker>,
+    Path((t, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    let ns = namespace(&t, &ns)?;
+    b.tenancy().get_policies(&ns).await?;
+    let topics = b.list_topics(&ns).await?;
+    Ok(Json(topics.iter().map(ToString::to_string).collect()))
+}
+
+/// Policy sub-resources and the `Policies` field each one sets.
+fn policy_field(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "retention" => "retention_policies",
+        "messageTTL" => "message_ttl_in_seconds",
+        "backlogQuotaMap" => "backlog_quota_map",
+        "replication" => "replication_clusters",
+        "permissions" => "auth_policies",
+        "bundles" => "bundles",
+        "offloadThreshold" => "offload_threshold",
+        "offloadDeletionLagMs" => "offload_deletion_lag_ms",
+        "maxProducersPerTopic" => "max_producers_per_topic",
+        "maxConsumersPerTopic" => "max_consumers_per_topic",
+        "maxConsumersPerSubscription" => "max_consumers_per_subscription",
+        "maxTopicsPerNamespace" => "max_topics_per_namespace",
+        "maxConnectionsPerBroker" => "max_connections_per_broker",
+        "publishRate" => "publish_max_message_rate",
+        "deduplication" => "deduplication_enabled",
+        "backlogQuota" => "backlog_quota_map",
+        _ => return None,
+    })
+}
+
+fn policy_or_404(name: &str) -> ApiResult<&'static str> {
+    policy_field(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no namespace policy {name:?}"),
+        )
+    })
+}
+
+async fn get_policy(
+    State(b): State<Broker>,
+    Path((t, ns, policy)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let field = policy_or_404(&policy)?;
+    let p = b.tenancy().get_policies(&namespace(&t, &ns)?).await?;
+    let v = serde_json::to_value(&p).unwrap_or(Value::Null);
+    let value = match (policy.as_str(), v.get(field)) {
+        ("backlogQuota", Some(map)) => map
+            .get(magnetar_tenancy::policies::BACKLOG_QUOTA_STORAGE)
+            .cloned()
+            .unwrap_or(Value::Null),
+        (_, Some(v)) => v.clone(),
+        (_, None) => Value::Null,
+    };
+    if value.is_null() {
+        return Ok(no_content());
+    }
+    Ok(Json(value).into_response())
+}
+
+/// Sets one policy field: the body is the field's value, checked by
+/// parsing the whole policy set again.
+async fn set_policy(
+    State(b): State<Broker>,
+    Path((t, ns, policy)): Path<(String, String, String)>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let field = policy_or_404(&policy)?;
+    let value: Value = body(&raw)?;
+    let ns = namespace(&t, &ns)?;
+    let value = if policy == "backlogQuota" {
+        json!({ magnetar_tenancy::policies::BACKLOG_QUOTA_STORAGE: value })
+    } else {
+        value
+    };
+    apply_policy(&b, &ns, field, Some(value)).await
+}
+
+async fn remove_policy(
+    State(b): State<Broker>,
+    Path((t, ns, policy)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let field = policy_or_404(&policy)?;
+    apply_policy(&b, &namespace(&t, &ns)?, field, None).await
+}
+
+async fn apply_policy(
+    b: &Broker,
+    ns: &NamespaceName,
+    field: &str,
+    value: Option<Value>,
+) -> ApiResult<Response> {
+    let mut parse_error = None;
+    let r = b
+        .tenancy()
+        .modify_policies(ns, |p| {
+            let mut v = serde_json::to_value(&*p).unwrap_or(Value::Null);
+            let Some(obj) = v.as_object_mut() else {
+                return Ok(());
+            };
+            match &value {
+                Some(x) => obj.insert(field.to_string(), x.clone()),
+                None => obj.remove(field),
+            };
+            match serde_json::from_value::<Policies>(v) {
+                Ok(new) => *p = new,
+                Err(e) => {
+                    parse_error = Some(e.to_string());
+                    return Err(TenancyError::InvalidPolicy(e.to_string()));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) => Ok(no_content()),
+        Err(TenancyError::InvalidPolicy(m)) => Err(ApiError::bad_request(
+            parse_error.map_or(m, |e| format!("invalid value for {field}: {e}")),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn grant_permission(
+    State(b): State<Broker>,
+    Path((t, ns, role)): Path<(String, String, String)>,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let actions: std::collections::BTreeSet<magnetar_tenancy::AuthAction> = body(&raw)?;
+    b.tenancy()
+        .modify_policies(&namespace(&t, &ns)?, |p| {
+            p.auth_policies
+                .namespace_auth
+                .insert(role.clone(), actions.clone());
+            Ok(())
+        })
+        .await?;
+    Ok(no_content())
+}
+
+async fn revoke_permission(
+    State(b): State<Broker>,
+    Path((t, ns, role)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    b.tenancy()
+        .modify_policies(&namespace(&t, &ns)?, |p| {
+            p.auth_policies.namespace_auth.remove(&role);
+            Ok(())
+        })
+        .await?;
+    Ok(no_content())
+}
+
+// ---- topics ----
+
+async fn list_topics(
+    State(b): State<Broker>,
+    Path((domain, t, ns)): Path<(String, String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    let ns = namespace(&t, &ns)?;
+    b.tenancy().get_policies(&ns).await?;
+    if TopicDomain::parse(&domain)? == TopicDomain::NonPersistent {
+        let loaded = b.loaded_topics().await;
+        let mut names: Vec<String> = loaded
+            .iter()
+            .filter(|t| !t.name().is_persistent() && t.name().namespace() == &ns)
+            .map(|t| t.name().to_string())
+            .collect();
+        names.sort();
+        return Ok(Json(names));
+    }
+    let topics = b.list_topics(&ns).await?;
+    Ok(Json(topics.iter().map(ToString::to_string).collect()))
+}
+
+async fn list_partitioned(
+    State(b): State<Broker>,
+    Path((_domain, t, ns)): Path<(String, String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    let ns = namespace(&t, &ns)?;
+    b.tenancy().get_policies(&ns).await?;
+    let topics = b.list_partitioned_topics(&ns).await?;
+    Ok(Json(topics.iter().map(ToString::to_string).collect()))
+}
+
+type TopicPath = Path<(String, String, String, String)>;
+
+async fn create_topic(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    b.tenancy().get_policies(name.namespace()).await?;
+    if b.topic_exists(&name).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("topic {name} already exists"),
+        ));
+    }
+    owned(&b, &name, &uri).await?;
+    b.create_topic(&name).await?;
+    Ok(no_content())
+}
+
+#[derive(Deserialize, Default)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_topic(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    Query(q): Query<ForceQuery>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    if !b.topic_exists(&name).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} not found"),
+        ));
+    }
+    if b.partitions(&name).await?.is_none() {
+        owned(&b, &name, &uri).await?;
+    }
+    b.delete_topic(&name, q.force).await?;
+    Ok(no_content())
+}
+
+async fn create_partitioned(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let n: u32 = body(&raw)?;
+    b.create_partitioned_topic(&name, n).await?;
+    Ok(no_content())
+}
+
+async fn update_partitions(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let n: u32 = body(&raw)?;
+    b.update_partitions(&name, n).await?;
+    Ok(no_content())
+}
+
+async fn get_partitions(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    match b.partitions(&name).await? {
+        Some(n) => Ok(Json(json!({ "partitions": n }))),
+        None if b.topic_exists(&name).await? => Ok(Json(json!({ "partitions": 0 }))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} not found"),
+        )),
+    }
+}
+
+/// Loads an existing topic here, redirecting to its owner if need be.
+async fn existing_topic(
+    b: &Broker,
+    name: &TopicName,
+    uri: &Uri,
+) -> ApiResult<std::sync::Arc<crate::topic::Topic>> {
+    if !b.topic_exists(name).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} not found"),
+        ));
+    }
+    if b.partitions(name).await?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{name} is partitioned; address one of its partitions"),
+        ));
+    }
+    owned(b, name, uri).await?;
+    Ok(b.topic(name, false).await?)
+}
+
+async fn topic_stats(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    Ok(Json(topic.stats().await?).into_response())
+}
+
+async fn partitioned_stats(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let n = b.partitions(&name).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("partitioned topic {name} not found"),
+        )
+    })?;
+    let mut partitions = BTreeMap::new();
+    let (mut msg_in, mut bytes_in, mut size) = (0u64, 0u64, 0u64);
+    for i in 0..n {
+        let p = name.partition(i);
+        if !b.topic_exists(&p).await? {
+            continue;
+        }
+        // Partitions owned elsewhere are reported by their owner.
+        if let Ok(s) = b.topic_stats(&p).await {
+            msg_in += s.msg_in_counter;
+            bytes_in += s.bytes_in_counter;
+            size += s.storage_size;
+            partitions.insert(
+                p.to_string(),
+                serde_json::to_value(&s).unwrap_or(Value::Null),
+            );
+        }
+    }
+    Ok(Json(json!({
+        "metadata": { "partitions": n },
+        "msgInCounter": msg_in,
+        "bytesInCounter": bytes_in,
+        "storageSize": size,
+        "partitions": partitions,
+    })))
+}
+
+async fn internal_stats(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    let ledgers = topic.ledgers();
+    let stats = topic.stats().await?;
+    Ok(Json(json!({
+        "entriesAddedCounter": stats.msg_in_counter,
+        "numberOfEntries": ledgers.iter().map(|l| l.entries).sum::<u64>(),
+        "totalSize": stats.storage_size,
+        "currentLedgerEntries": ledgers.last().map_or(0, |l| l.entries),
+        "currentLedgerSize": ledgers.last().map_or(0, |l| l.size),
+        "ledgers": ledgers.iter().map(|l| json!({
+            "ledgerId": l.id,
+            "entries": l.entries,
+            "size": l.size,
+            "firstOffset": l.first_offset,
+            "offsets": l.offsets,
+        })).collect::<Vec<_>>(),
+        "cursors": stats.subscriptions.iter().map(|(k, s)| (k.clone(), json!({
+            "markDeleteOffset": s.mark_delete_offset,
+            "readOffset": s.read_offset,
+        }))).collect::<BTreeMap<_, _>>(),
+    })))
+}
+
+async fn list_subscriptions(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Json<Vec<String>>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    Ok(Json(topic.subscriptions().await))
+}
+
+/// The body names where a new subscription starts: `"latest"`,
+/// `"earliest"` or `{"offset": N}`.
+async fn create_subscription(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    uri: Uri,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    if topic.subscriptions().await.contains(&sub) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("subscription {sub} already exists on {name}"),
+        ));
+    }
+    let start: Value = if raw.is_empty() {
+        json!("latest")
+    } else {
+        body(&raw)?
+    };
+    let (initial_position, offset) = match &start {
+        Value::String(s) if s.eq_ignore_ascii_case("latest") => (InitialPosition::Latest, None),
+        Value::String(s) if s.eq_ignore_ascii_case("earliest") => (InitialPosition::Earliest, None),
+        v => match v.get("offset").and_then(Value::as_u64) {
+            Some(o) => (InitialPosition::Earliest, Some(o)),
+            None => {
+                return Err(ApiError::bad_request(
+                    "body must be \"latest\", \"earliest\" or {\"offset\": N}",
+                ))
+            }
+        },
+    };
+    let opts = SubscriptionOptions {
+        sub_type: SubscriptionType::Exclusive,
+        initial_position,
+        ..SubscriptionOptions::default()
+    };
+    let s = topic.get_or_create_subscription(&sub, opts).await?;
+    if let Some(o) = offset {
+        s.reset(ResetTo::Offset(o)).await?;
+    }
+    Ok(no_content())
+}
+
+async fn delete_subscription(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    Query(q): Query<ForceQuery>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    topic.unsubscribe(&sub, q.force).await?;
+    Ok(no_content())
+}
+
+async fn skip(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub, n)): Path<(String, String, String, String, String, u64)>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    topic.reset_subscription(&sub, ResetTo::Skip(n)).await?;
+    Ok(no_content())
+}
+
+async fn skip_all(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    topic.reset_subscription(&sub, ResetTo::End).await?;
+    Ok(no_content())
+}
+
+#[derive(Deserialize)]
+struct ResetBody {
+    offset: u64,
+}
+
+async fn reset_cursor(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    uri: Uri,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let r: ResetBody = body(&raw)?;
+    let topic = existing_topic(&b, &name, &uri).await?;
+    topic
+        .reset_subscription(&sub, ResetTo::Offset(r.offset))
+        .await?;
+    Ok(no_content())
+}
+
+async fn unload(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    existing_topic(&b, &name, &uri).await?;
+    b.unload_topic(&name).await?;
+    Ok(no_content())
+}
+
+// ---- brokers ----
+
+async fn list_brokers(
+    State(b): State<Broker>,
+    Path(cluster): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    if cluster != b.config().cluster {
+        b.tenancy().get_cluster(&cluster).await?;
+        return Ok(Json(Vec::new()));
+    }
+    let mut ids: Vec<String> = b
+        .active_brokers()
+        .await?
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    ids.sort();
+    Ok(Json(ids))
+}
+
+/// Healthy when the metadata store answers and a message makes it
+/// through this broker's own heartbeat topic.
+async fn health(State(b): State<Broker>) -> ApiResult<Response> {
+    let ns = NamespaceName::default_namespace();
+    let name = ns.topic(
+        TopicDomain::NonPersistent,
+        &format!("healthcheck-{}", b.info().id.replace([':', '/'], "_")),
+    )?;
+    b.publish(&name, vec![crate::format::Message::new("ping")])
+        .await?;
+    b.tenancy().list_clusters().await?;
+    Ok("ok".into_response())
+}
+
+async fn ready(State(b): State<Broker>) -> ApiResult<Response> {
+    b.tenancy().list_clusters().await?;
+    Ok("ok".into_response())
+}
+
+async fn lookup(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    b.tenancy().get_policies(name.namespace()).await?;
+    let owner = b.lookup(&name).await?;
+    let listener = |p: &str| owner.listeners.get(p).cloned();
+    Ok(Json(json!({
+        "brokerUrl": listener("pulsar"),
+        "httpUrl": owner.http_url,
+        "kafkaUrl": listener("kafka"),
+        "amqpUrl": listener("amqp"),
+        "mqttUrl": listener("mqtt"),
+    })))
+}
