@@ -11,6 +11,14 @@ use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, MetaClient, PutOpt
 
 #[derive(Args)]
 pub struct AdminArgs {
+    /// A broker's HTTP listener, for the commands that use the REST API.
+    #[arg(
+        long,
+        env = "MAGNETAR_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -23,6 +31,8 @@ enum AdminCommand {
     Bookies(BookiesArgs),
     /// Inspect, write, recover and delete ledgers.
     Ledgers(LedgersArgs),
+    #[command(flatten)]
+    Rest(crate::admin_rest::RestCommand),
 }
 
 #[derive(Args)]
@@ -180,6 +190,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Metadata(m) => run_metadata(m).await,
         AdminCommand::Bookies(b) => run_bookies(b).await,
         AdminCommand::Ledgers(l) => run_ledgers(l).await,
+        AdminCommand::Rest(c) => crate::admin_rest::run(args.url, c).await,
     }
 }
 

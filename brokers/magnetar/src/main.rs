@@ -2,7 +2,9 @@
 //! operator CLI and the load generator.
 
 mod admin;
+mod admin_rest;
 mod bookie;
+mod broker;
 mod perf;
 
 use std::net::SocketAddr;
@@ -21,6 +23,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run everything in one process: metadata node, bookie and broker.
+    Standalone(broker::StandaloneArgs),
+    /// Run a broker against an existing metadata group and bookies.
+    Broker(broker::BrokerArgs),
     /// Run a metadata node (a member of the raft group).
     Meta(MetaArgs),
     /// Run a bookie: a storage node for replicated ledgers.
@@ -123,6 +129,8 @@ async fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let res = match cli.command {
+        Command::Standalone(args) => broker::run_standalone(args).await,
+        Command::Broker(args) => broker::run_broker(args).await,
         Command::Meta(args) => run_meta(args).await,
         Command::Bookie(args) => bookie::run(args).await,
         Command::Admin(args) => admin::run(args).await,

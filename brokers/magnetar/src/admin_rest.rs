@@ -1,0 +1,548 @@
+//! `magnetar admin {clusters,tenants,namespaces,topics,brokers}`: a CLI over
+//! the admin REST API, in the spirit of `pulsar-admin`.
+
+use anyhow::Context;
+use clap::Subcommand;
+use magnetar_tenancy::names::encode_segment;
+use magnetar_tenancy::{NamespaceName, TopicName};
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub enum RestCommand {
+    /// Clusters (regions) known to the metadata store.
+    Clusters {
+        #[command(subcommand)]
+        command: ClustersCommand,
+    },
+    /// Tenants.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Namespaces and their policies.
+    Namespaces {
+        #[command(subcommand)]
+        command: NamespacesCommand,
+    },
+    /// Topics, partitions, subscriptions and stats.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Brokers and their health.
+    Brokers {
+        #[command(subcommand)]
+        command: BrokersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClustersCommand {
+    List,
+    Get {
+        name: String,
+    },
+    Create {
+        name: String,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TenantsCommand {
+    List,
+    Get {
+        name: String,
+    },
+    Create {
+        name: String,
+        /// Comma-separated roles allowed to administer the tenant.
+        #[arg(long, default_value = "")]
+        admin_roles: String,
+        /// Comma-separated clusters (default: this broker's cluster).
+        #[arg(long, default_value = "")]
+        allowed_clusters: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NamespacesCommand {
+    /// Namespaces of a tenant.
+    List {
+        tenant: String,
+    },
+    /// A namespace's policies as JSON.
+    Get {
+        namespace: String,
+    },
+    Create {
+        namespace: String,
+    },
+    Delete {
+        namespace: String,
+    },
+    /// Topics stored in the namespace.
+    Topics {
+        namespace: String,
+    },
+    /// Retention of acknowledged data (-1: unlimited).
+    SetRetention {
+        namespace: String,
+        #[arg(long, allow_hyphen_values = true)]
+        time_minutes: i64,
+        #[arg(long, allow_hyphen_values = true)]
+        size_mb: i64,
+    },
+    SetMessageTtl {
+        namespace: String,
+        seconds: u32,
+    },
+    /// Any policy sub-resource (e.g. maxTopicsPerNamespace) to a JSON value.
+    SetPolicy {
+        namespace: String,
+        policy: String,
+        value: String,
+    },
+    GetPolicy {
+        namespace: String,
+        policy: String,
+    },
+    /// Grant a role actions (produce, consume, admin), comma-separated.
+    Grant {
+        namespace: String,
+        role: String,
+        actions: String,
+    },
+    Revoke {
+        namespace: String,
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TopicsCommand {
+    /// Topics of a namespace.
+    List {
+        namespace: String,
+    },
+    Create {
+        topic: String,
+        /// Create a partitioned topic with this many partitions.
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// Raise a partitioned topic's partition count.
+    UpdatePartitions {
+        topic: String,
+        partitions: u32,
+    },
+    Partitions {
+        topic: String,
+    },
+    Delete {
+        topic: String,
+        #[arg(long)]
+        force: bool,
+        /// Delete every partition of a partitioned topic.
+        #[arg(long)]
+        partitioned: bool,
+    },
+    Stats {
+        topic: String,
+    },
+    PartitionedStats {
+        topic: String,
+    },
+    InternalStats {
+        topic: String,
+    },
+    Subscriptions {
+        topic: String,
+    },
+    CreateSubscription {
+        topic: String,
+        subscription: String,
+        /// latest, earliest, or an offset.
+        #[arg(long, default_value = "latest")]
+        from: String,
+    },
+    DeleteSubscription {
+        topic: String,
+        subscription: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Skip {
+        topic: String,
+        subscription: String,
+        count: u64,
+    },
+    SkipAll {
+        topic: String,
+        subscription: String,
+    },
+    ResetCursor {
+        topic: String,
+        subscription: String,
+        offset: u64,
+    },
+    Unload {
+        topic: String,
+    },
+    Lookup {
+        topic: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BrokersCommand {
+    /// Brokers of a cluster.
+    List { cluster: String },
+    /// `ok` when the broker can publish to its own heartbeat topic.
+    Health,
+}
+
+struct Rest {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Rest {
+    /// Performs a call and prints the result: JSON pretty-printed, text as
+    /// is, nothing for an empty success.
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<()> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())?;
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut req = self.http.request(m, &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        if !status.is_success() {
+            let reason = parsed
+                .as_ref()
+                .and_then(|v| v.get("reason"))
+                .and_then(Value::as_str)
+                .map_or(text.clone(), str::to_string);
+            anyhow::bail!("{status}: {reason}");
+        }
+        match parsed {
+            Some(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+            None if !text.is_empty() => println!("{text}"),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn ns_path(ns: &str) -> anyhow::Result<String> {
+    let ns: NamespaceName = ns.parse()?;
+    Ok(format!("/admin/v2/namespaces/{ns}"))
+}
+
+/// `/admin/v2/{domain}/{tenant}/{ns}/{encoded local name}`.
+fn topic_path(topic: &str) -> anyhow::Result<String> {
+    let t: TopicName = topic.parse()?;
+    Ok(format!(
+        "/admin/v2/{}/{}/{}",
+        t.domain(),
+        t.namespace(),
+        encode_segment(t.local_name())
+    ))
+}
+
+pub async fn run(url: String, command: RestCommand) -> anyhow::Result<()> {
+    let rest = Rest {
+        http: reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?,
+        url,
+    };
+    match command {
+        RestCommand::Clusters { command } => match command {
+            ClustersCommand::List => rest.call("GET", "/admin/v2/clusters", None).await,
+            ClustersCommand::Get { name } => {
+                rest.call("GET", &format!("/admin/v2/clusters/{name}"), None)
+                    .await
+            }
+            ClustersCommand::Create { name, url } => {
+                let body = json!({ "serviceUrl": url });
+                rest.call("PUT", &format!("/admin/v2/clusters/{name}"), Some(body))
+                    .await
+            }
+            ClustersCommand::Delete { name } => {
+                rest.call("DELETE", &format!("/admin/v2/clusters/{name}"), None)
+                    .await
+            }
+        },
+        RestCommand::Tenants { command } => match command {
+            TenantsCommand::List => rest.call("GET", "/admin/v2/tenants", None).await,
+            TenantsCommand::Get { name } => {
+                rest.call("GET", &format!("/admin/v2/tenants/{name}"), None)
+                    .await
+            }
+            TenantsCommand::Create {
+                name,
+                admin_roles,
+                allowed_clusters,
+            } => {
+                let body = json!({
+                    "adminRoles": list(&admin_roles),
+                    "allowedClusters": list(&allowed_clusters),
+                });
+                rest.call("PUT", &format!("/admin/v2/tenants/{name}"), Some(body))
+                    .await
+            }
+            TenantsCommand::Delete { name } => {
+                rest.call("DELETE", &format!("/admin/v2/tenants/{name}"), None)
+                    .await
+            }
+        },
+        RestCommand::Namespaces { command } => run_namespaces(&rest, command).await,
+        RestCommand::Topics { command } => run_topics(&rest, command).await,
+        RestCommand::Brokers { command } => match command {
+            BrokersCommand::List { cluster } => {
+                rest.call("GET", &format!("/admin/v2/brokers/{cluster}"), None)
+                    .await
+            }
+            BrokersCommand::Health => rest.call("GET", "/admin/v2/brokers/health", None).await,
+        },
+    }
+}
+
+async fn run_namespaces(rest: &Rest, command: NamespacesCommand) -> anyhow::Result<()> {
+    match command {
+        NamespacesCommand::List { tenant } => {
+            rest.call("GET", &format!("/admin/v2/namespaces/{tenant}"), None)
+                .await
+        }
+        NamespacesCommand::Get { namespace } => rest.call("GET", &ns_path(&namespace)?, None).await,
+        NamespacesCommand::Create { namespace } => {
+            rest.call("PUT", &ns_path(&namespace)?, None).await
+        }
+        NamespacesCommand::Delete { namespace } => {
+            rest.call("DELETE", &ns_path(&namespace)?, None).await
+        }
+        NamespacesCommand::Topics { namespace } => {
+            rest.call("GET", &format!("{}/topics", ns_path(&namespace)?), None)
+                .await
+        }
+        NamespacesCommand::SetRetention {
+            namespace,
+            time_minutes,
+            size_mb,
+        } => {
+            let body = json!({
+                "retentionTimeInMinutes": time_minutes,
+                "retentionSizeInMB": size_mb,
+            });
+            rest.call(
+                "POST",
+                &format!("{}/retention", ns_path(&namespace)?),
+                Some(body),
+            )
+            .await
+        }
+        NamespacesCommand::SetMessageTtl { namespace, seconds } => {
+            rest.call(
+                "POST",
+                &format!("{}/messageTTL", ns_path(&namespace)?),
+                Some(json!(seconds)),
+            )
+            .await
+        }
+        NamespacesCommand::SetPolicy {
+            namespace,
+            policy,
+            value,
+        } => {
+            let v: Value = serde_json::from_str(&value).context("the value must be JSON")?;
+            rest.call(
+                "POST",
+                &format!("{}/{policy}", ns_path(&namespace)?),
+                Some(v),
+            )
+            .await
+        }
+        NamespacesCommand::GetPolicy { namespace, policy } => {
+            rest.call("GET", &format!("{}/{policy}", ns_path(&namespace)?), None)
+                .await
+        }
+        NamespacesCommand::Grant {
+            namespace,
+            role,
+            actions,
+        } => {
+            rest.call(
+                "POST",
+                &format!("{}/permissions/{role}", ns_path(&namespace)?),
+                Some(json!(list(&actions))),
+            )
+            .await
+        }
+        NamespacesCommand::Revoke { namespace, role } => {
+            rest.call(
+                "DELETE",
+                &format!("{}/permissions/{role}", ns_path(&namespace)?),
+                None,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_topics(rest: &Rest, command: TopicsCommand) -> anyhow::Result<()> {
+    match command {
+        TopicsCommand::List { namespace } => {
+            let ns: NamespaceName = namespace.parse()?;
+            rest.call("GET", &format!("/admin/v2/persistent/{ns}"), None)
+                .await
+        }
+        TopicsCommand::Create { topic, partitions } => {
+            let p = topic_path(&topic)?;
+            match partitions {
+                Some(n) => {
+                    rest.call("PUT", &format!("{p}/partitions"), Some(json!(n)))
+                        .await
+                }
+                None => rest.call("PUT", &p, None).await,
+            }
+        }
+        TopicsCommand::UpdatePartitions { topic, partitions } => {
+            let p = topic_path(&topic)?;
+            rest.call("POST", &format!("{p}/partitions"), Some(json!(partitions)))
+                .await
+        }
+        TopicsCommand::Partitions { topic } => {
+            rest.call("GET", &format!("{}/partitions", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::Delete {
+            topic,
+            force,
+            partitioned,
+        } => {
+            let p = topic_path(&topic)?;
+            let p = if partitioned {
+                format!("{p}/partitions")
+            } else {
+                p
+            };
+            rest.call("DELETE", &format!("{p}?force={force}"), None)
+                .await
+        }
+        TopicsCommand::Stats { topic } => {
+            rest.call("GET", &format!("{}/stats", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::PartitionedStats { topic } => {
+            let p = topic_path(&topic)?;
+            rest.call("GET", &format!("{p}/partitioned-stats"), None)
+                .await
+        }
+        TopicsCommand::InternalStats { topic } => {
+            let p = topic_path(&topic)?;
+            rest.call("GET", &format!("{p}/internalStats"), None).await
+        }
+        TopicsCommand::Subscriptions { topic } => {
+            let p = topic_path(&topic)?;
+            rest.call("GET", &format!("{p}/subscriptions"), None).await
+        }
+        TopicsCommand::CreateSubscription {
+            topic,
+            subscription,
+            from,
+        } => {
+            let body = match from.parse::<u64>() {
+                Ok(o) => json!({ "offset": o }),
+                Err(_) => json!(from),
+            };
+            let p = topic_path(&topic)?;
+            let s = encode_segment(&subscription);
+            rest.call("PUT", &format!("{p}/subscription/{s}"), Some(body))
+                .await
+        }
+        TopicsCommand::DeleteSubscription {
+            topic,
+            subscription,
+            force,
+        } => {
+            let p = topic_path(&topic)?;
+            let s = encode_segment(&subscription);
+            rest.call(
+                "DELETE",
+                &format!("{p}/subscription/{s}?force={force}"),
+                None,
+            )
+            .await
+        }
+        TopicsCommand::Skip {
+            topic,
+            subscription,
+            count,
+        } => {
+            let p = topic_path(&topic)?;
+            let s = encode_segment(&subscription);
+            rest.call("POST", &format!("{p}/subscription/{s}/skip/{count}"), None)
+                .await
+        }
+        TopicsCommand::SkipAll {
+            topic,
+            subscription,
+        } => {
+            let p = topic_path(&topic)?;
+            let s = encode_segment(&subscription);
+            rest.call("POST", &format!("{p}/subscription/{s}/skip_all"), None)
+                .await
+        }
+        TopicsCommand::ResetCursor {
+            topic,
+            subscription,
+            offset,
+        } => {
+            let p = topic_path(&topic)?;
+            let s = encode_segment(&subscription);
+            rest.call(
+                "POST",
+                &format!("{p}/subscription/{s}/resetcursor"),
+                Some(json!({ "offset": offset })),
+            )
+            .await
+        }
+        TopicsCommand::Unload { topic } => {
+            rest.call("PUT", &format!("{}/unload", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::Lookup { topic } => {
+            let t: TopicName = topic.parse()?;
+            let path = format!(
+                "/lookup/v2/topic/{}/{}/{}",
+                t.domain(),
+                t.namespace(),
+                encode_segment(t.local_name())
+            );
+            rest.call("GET", &path, None).await
+        }
+    }
+}

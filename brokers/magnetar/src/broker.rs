@@ -1,0 +1,256 @@
+//! `magnetar broker` and `magnetar standalone`.
+//!
+//! Standalone is the embedded default: one metadata node, one bookie and
+//! one broker in this process, data under one directory, ledgers at
+//! 1/1/1. A broker on its own joins an existing metadata group and bookies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use magnetar_bookies::{BookieConfig, BookieServer, LedgerClient};
+use magnetar_broker::managed_ledger::ManagedLedgerConfig;
+use magnetar_broker::topic::RetentionDefaults;
+use magnetar_broker::{Broker, BrokerConfig, BrokerInfo};
+use magnetar_metadata::{parse_endpoints, MetaClient, MetaNode, NodeConfig, RaftTuning};
+
+/// Options every broker has, standalone or not.
+#[derive(Args, Clone)]
+pub struct BrokerOptions {
+    /// HTTP listener: admin REST API, health, lookup.
+    #[arg(long, env = "MAGNETAR_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    /// HOST:PORT other brokers and clients use to reach the HTTP listener
+    /// (default: the bound address). It also names this broker.
+    #[arg(long, env = "MAGNETAR_ADVERTISED_HTTP")]
+    advertised_http: Option<String>,
+    /// Bookies each ledger is written to, and copies per entry.
+    #[arg(long, env = "MAGNETAR_ENSEMBLE")]
+    ensemble: Option<usize>,
+    #[arg(long, env = "MAGNETAR_WRITE_QUORUM")]
+    write_quorum: Option<usize>,
+    /// Copies that must be durable before an add is acknowledged.
+    #[arg(long, env = "MAGNETAR_ACK_QUORUM")]
+    ack_quorum: Option<usize>,
+    /// A topic's current ledger rolls over past this many entries...
+    #[arg(long, env = "MAGNETAR_LEDGER_MAX_ENTRIES", default_value_t = 50_000)]
+    ledger_max_entries: u64,
+    /// ...or this many MiB...
+    #[arg(long, env = "MAGNETAR_LEDGER_MAX_MB", default_value_t = 128)]
+    ledger_max_mb: u64,
+    /// ...or this age in seconds.
+    #[arg(long, env = "MAGNETAR_LEDGER_MAX_AGE_S", default_value_t = 4 * 3600)]
+    ledger_max_age_s: u64,
+    /// Tail cache per topic partition, in MiB.
+    #[arg(long, env = "MAGNETAR_TOPIC_CACHE_MB", default_value_t = 4)]
+    topic_cache_mb: usize,
+    /// Byte budget of each non-persistent partition, in MiB.
+    #[arg(long, env = "MAGNETAR_MEMORY_TOPIC_MB", default_value_t = 16)]
+    memory_topic_mb: usize,
+    /// Retention of topics without subscriptions when the namespace sets
+    /// none, in minutes (-1: forever).
+    #[arg(long, env = "MAGNETAR_DEFAULT_RETENTION_MINUTES", default_value_t = 7 * 24 * 60)]
+    default_retention_minutes: i64,
+    /// How often retention deletes expired ledgers, in seconds.
+    #[arg(long, env = "MAGNETAR_RETENTION_INTERVAL_S", default_value_t = 60)]
+    retention_interval_s: u64,
+    /// How long this broker's topics stay owned after it dies, in ms.
+    #[arg(long, env = "MAGNETAR_BROKER_SESSION_TTL_MS", default_value_t = 10_000)]
+    session_ttl_ms: u64,
+}
+
+#[derive(Args)]
+pub struct BrokerArgs {
+    /// Metadata nodes, as HOST:PORT,HOST:PORT,...
+    #[arg(long, env = "MAGNETAR_META", default_value = "127.0.0.1:2379")]
+    meta: String,
+    /// Name of this cluster (region).
+    #[arg(long, env = "MAGNETAR_CLUSTER", default_value = "local")]
+    cluster: String,
+    #[command(flatten)]
+    opts: BrokerOptions,
+}
+
+#[derive(Args)]
+pub struct StandaloneArgs {
+    /// Metadata, journal, entry logs and index all live here.
+    #[arg(long, env = "MAGNETAR_DATA_DIR", default_value = "data/standalone")]
+    data_dir: PathBuf,
+    /// The embedded metadata node's gRPC listener.
+    #[arg(long, env = "MAGNETAR_META_LISTEN", default_value = "127.0.0.1:2379")]
+    meta_listen: SocketAddr,
+    /// The embedded bookie's gRPC listener.
+    #[arg(long, env = "MAGNETAR_BOOKIE_LISTEN", default_value = "127.0.0.1:3181")]
+    bookie_listen: SocketAddr,
+    #[arg(long, env = "MAGNETAR_CLUSTER", default_value = "standalone")]
+    cluster: String,
+    #[command(flatten)]
+    opts: BrokerOptions,
+}
+
+struct Http {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<(tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind(opts.http_listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener on {}", opts.http_listen))?;
+    let bound = listener.local_addr()?;
+    let advertised = opts
+        .advertised_http
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    Ok((listener, advertised))
+}
+
+fn serve_http(listener: tokio::net::TcpListener, broker: Broker) -> anyhow::Result<Http> {
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = magnetar_broker::http::router(broker);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok(Http { addr, stop, task })
+}
+
+fn broker_config(
+    cluster: &str,
+    advertised: &str,
+    opts: &BrokerOptions,
+    quorum: (usize, usize, usize),
+) -> anyhow::Result<BrokerConfig> {
+    let (e, qw, qa) = (
+        opts.ensemble.unwrap_or(quorum.0),
+        opts.write_quorum.unwrap_or(quorum.1),
+        opts.ack_quorum.unwrap_or(quorum.2),
+    );
+    anyhow::ensure!(
+        qa >= 1 && qa <= qw && qw <= e,
+        "need 1 <= ack quorum <= write quorum <= ensemble (got {e}/{qw}/{qa})"
+    );
+    let mut cfg = BrokerConfig::new(
+        cluster,
+        BrokerInfo {
+            id: advertised.to_string(),
+            http_url: format!("http://{advertised}"),
+            listeners: Default::default(),
+        },
+    );
+    cfg.managed_ledger = ManagedLedgerConfig {
+        ensemble: e,
+        write_quorum: qw,
+        ack_quorum: qa,
+        max_entries_per_ledger: opts.ledger_max_entries.max(1),
+        max_ledger_bytes: opts.ledger_max_mb.max(1) << 20,
+        max_ledger_age: Duration::from_secs(opts.ledger_max_age_s.max(1)),
+        cache_bytes: opts.topic_cache_mb << 20,
+        ..ManagedLedgerConfig::default()
+    };
+    cfg.memory_topic_bytes = opts.memory_topic_mb.max(1) << 20;
+    cfg.retention = RetentionDefaults {
+        stream_minutes: opts.default_retention_minutes,
+        stream_mb: -1,
+    };
+    cfg.retention_interval = Duration::from_secs(opts.retention_interval_s.max(1));
+    cfg.session_ttl = Duration::from_millis(opts.session_ttl_ms);
+    Ok(cfg)
+}
+
+async fn stop_http(http: Http) {
+    let _ = http.stop.send(());
+    if tokio::time::timeout(Duration::from_secs(5), http.task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open at shutdown");
+    }
+}
+
+pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    let endpoints = parse_endpoints(&args.meta);
+    anyhow::ensure!(!endpoints.is_empty(), "--meta names no metadata node");
+    let meta = MetaClient::new(&endpoints)?;
+    let (listener, advertised) = bind_http(&args.opts).await?;
+    let cfg = broker_config(&args.cluster, &advertised, &args.opts, (3, 3, 2))?;
+    let broker = Broker::start(meta, cfg)
+        .await
+        .context("starting the broker")?;
+    let http = serve_http(listener, broker.clone())?;
+    println!("magnetar broker ready: http={}", http.addr);
+    crate::wait_for_signal().await;
+    tracing::info!("shutting down");
+    broker.shutdown().await;
+    stop_http(http).await;
+    Ok(())
+}
+
+pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let node = MetaNode::start(NodeConfig {
+        id: 1,
+        listen: args.meta_listen,
+        data_dir: args.data_dir.join("meta"),
+        peers: Default::default(),
+        tuning: RaftTuning::default(),
+    })
+    .await
+    .context("starting the embedded metadata node")?;
+    node.wait_for_leader(Duration::from_secs(30))
+        .await
+        .context("waiting for the metadata node")?;
+    let endpoints = vec![node.local_addr().to_string()];
+    let bookie = BookieServer::start(BookieConfig::new(
+        1,
+        args.bookie_listen,
+        args.data_dir.join("bookie"),
+        endpoints.clone(),
+    ))
+    .await
+    .context("starting the embedded bookie")?;
+    let meta = MetaClient::new(&endpoints)?;
+    wait_for_bookie(&meta).await?;
+    let (listener, advertised) = bind_http(&args.opts).await?;
+    let cfg = broker_config(&args.cluster, &advertised, &args.opts, (1, 1, 1))?;
+    let broker = Broker::start(meta, cfg)
+        .await
+        .context("starting the broker")?;
+    let http = serve_http(listener, broker.clone())?;
+    // The one line harnesses and users wait for.
+    println!(
+        "magnetar standalone ready: http={} meta={} bookie={} data={}",
+        http.addr,
+        node.local_addr(),
+        bookie.local_addr(),
+        args.data_dir.display()
+    );
+    crate::wait_for_signal().await;
+    tracing::info!("shutting down");
+    broker.shutdown().await;
+    stop_http(http).await;
+    bookie.shutdown().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// A bookie registers right after it starts; the broker needs it before
+/// it can open any topic.
+async fn wait_for_bookie(meta: &MetaClient) -> anyhow::Result<()> {
+    let client = LedgerClient::new(meta.clone());
+    for _ in 0..300 {
+        if !client.pool().writable(&[]).await?.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the embedded bookie never registered")
+}
