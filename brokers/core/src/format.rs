@@ -232,9 +232,24 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// An idempotent producer's identity and the sequence number of the first
+/// message of a batch, as Kafka's idempotent producers send them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerSequence {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub base_sequence: i32,
+}
+
 /// Encodes messages as one uncompressed batch with base offset 0; the
 /// managed ledger assigns the real offset on append.
 pub fn encode_messages(messages: &[Message]) -> Result<Bytes> {
+    encode_batch(messages, None)
+}
+
+/// As [`encode_messages`], stamped with a producer's sequence numbers so
+/// that the partition can drop retried duplicates.
+pub fn encode_batch(messages: &[Message], producer: Option<ProducerSequence>) -> Result<Bytes> {
     if messages.is_empty() {
         return Err(BrokerError::InvalidArgument(
             "no messages to publish".into(),
@@ -254,14 +269,16 @@ pub fn encode_messages(messages: &[Message]) -> Result<Bytes> {
                 control: false,
                 delete_horizon: false,
                 partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-                producer_id: NO_PRODUCER_ID,
-                producer_epoch: NO_PRODUCER_EPOCH,
+                producer_id: producer.map_or(NO_PRODUCER_ID, |p| p.producer_id),
+                producer_epoch: producer.map_or(NO_PRODUCER_EPOCH, |p| p.epoch),
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
                 // The encoder keeps records in one batch while offset minus
                 // sequence stays constant; this makes the base sequence -1,
                 // Kafka's "no sequence".
-                sequence: NO_SEQUENCE.wrapping_add(i as i32),
+                sequence: producer
+                    .map_or(NO_SEQUENCE, |p| p.base_sequence)
+                    .wrapping_add(i as i32),
                 timestamp: if m.timestamp_ms > 0 {
                     m.timestamp_ms
                 } else {

@@ -28,9 +28,10 @@ pub mod subscription;
 pub mod topic;
 
 pub use error::{BrokerError, Result};
-pub use format::{Message, StoredMessage};
+pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult};
 pub use subscription::{
     Consumer, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition, ResetTo,
     SubscriptionOptions, SubscriptionType,
 };
+pub use topic::Published;

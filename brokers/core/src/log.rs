@@ -6,6 +6,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
@@ -20,9 +22,17 @@ pub enum PartitionLog {
 
 impl PartitionLog {
     pub async fn append(&self, batch: Bytes) -> Result<u64> {
+        self.submit(batch).await?.await
+    }
+
+    /// See [`ManagedLedger::submit`].
+    pub async fn submit(&self, batch: Bytes) -> Result<BoxFuture<'static, Result<u64>>> {
         match self {
-            PartitionLog::Managed(ml) => ml.append(batch).await,
-            PartitionLog::Memory(m) => m.append(batch),
+            PartitionLog::Managed(ml) => Ok(ml.submit(batch).await?.boxed()),
+            PartitionLog::Memory(m) => {
+                let r = m.append(batch);
+                Ok(async move { r }.boxed())
+            }
         }
     }
 

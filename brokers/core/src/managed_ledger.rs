@@ -99,6 +99,47 @@ struct Record {
     next_offset: u64,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    /// Last sequence per idempotent producer, for deduplication.
+    #[serde(default)]
+    producers: BTreeMap<i64, ProducerSeq>,
+}
+
+/// The last batch an idempotent producer wrote: Kafka's producer id,
+/// epoch and sequence numbers, taken from the stored batch headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerSeq {
+    pub epoch: i16,
+    /// Sequence of the producer's last record.
+    pub last_sequence: i64,
+    /// Offset of that batch.
+    pub offset: u64,
+}
+
+/// Producers remembered per partition; the least recently seen go first.
+const MAX_PRODUCERS: usize = 10_000;
+
+fn note_producer(map: &mut BTreeMap<i64, ProducerSeq>, h: &BatchHeader, offset: u64) {
+    if h.producer_id < 0 || h.base_sequence < 0 {
+        return;
+    }
+    let last_sequence = i64::from(h.base_sequence) + i64::from(h.record_count.max(1)) - 1;
+    let e = map.entry(h.producer_id).or_insert(ProducerSeq {
+        epoch: h.producer_epoch,
+        last_sequence,
+        offset,
+    });
+    if (h.producer_epoch, last_sequence) >= (e.epoch, e.last_sequence) {
+        *e = ProducerSeq {
+            epoch: h.producer_epoch,
+            last_sequence,
+            offset,
+        };
+    }
+    if map.len() > MAX_PRODUCERS {
+        if let Some((&oldest, _)) = map.iter().min_by_key(|(_, p)| p.offset) {
+            map.remove(&oldest);
+        }
+    }
 }
 
 /// One entry read back: a record batch and the offsets it occupies.
@@ -129,6 +170,7 @@ struct State {
     cache_bytes: usize,
     /// Set when the ledger can take no more writes (fenced, closed).
     failed: Option<String>,
+    producers: BTreeMap<i64, ProducerSeq>,
 }
 
 impl State {
@@ -143,6 +185,7 @@ impl State {
             ledgers: self.ledgers.clone(),
             next_offset: self.next_offset,
             properties: self.properties.clone(),
+            producers: self.producers.clone(),
         }
     }
 }
@@ -223,7 +266,7 @@ impl ManagedLedger {
         let mut dropped = Vec::new();
         if let Some(last) = record.ledgers.last().cloned() {
             if !last.is_closed() {
-                match recover_ledger(&client, &last).await? {
+                match recover_ledger(&client, &last, &mut record.producers).await? {
                     Some((info, index)) => {
                         indexes.insert(info.id, index);
                         if let Some(l) = record.ledgers.last_mut() {
@@ -268,6 +311,7 @@ impl ManagedLedger {
                 version,
                 next_offset,
                 properties: record.properties,
+                producers: record.producers,
                 indexes,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
@@ -331,6 +375,11 @@ impl ManagedLedger {
         self.state().properties.clone()
     }
 
+    /// What the partition last stored from an idempotent producer.
+    pub fn producer(&self, producer_id: i64) -> Option<ProducerSeq> {
+        self.state().producers.get(&producer_id).copied()
+    }
+
     /// Why the ledger takes no more writes, if it does not.
     pub fn failure(&self) -> Option<String> {
         self.state().failed.clone()
@@ -347,7 +396,25 @@ impl ManagedLedger {
     /// durable. Appends complete in the order they were called.
     pub fn append(&self, batch: Bytes) -> impl std::future::Future<Output = Result<u64>> + Send {
         let this = self.clone();
-        async move { this.call(|reply| Cmd::Append { batch, reply }).await }
+        async move { this.submit(batch).await?.await }
+    }
+
+    /// Queues an append and returns once its place in the order is fixed;
+    /// the returned future resolves when it is durable. Lets a caller
+    /// decide order-sensitive things (deduplication) under its own lock
+    /// without holding that lock until the bookies answer.
+    pub async fn submit(
+        &self,
+        batch: Bytes,
+    ) -> Result<impl std::future::Future<Output = Result<u64>> + Send + 'static> {
+        let (reply, rx) = oneshot::channel();
+        let name = self.inner.name.clone();
+        let gone = move || BrokerError::TopicUnavailable(name.clone());
+        self.tx
+            .send(Cmd::Append { batch, reply })
+            .await
+            .map_err(|_| gone())?;
+        Ok(async move { rx.await.map_err(|_| gone())? })
     }
 
     /// Deletes whole ledgers that end at or before `keep_from`; the ledger
@@ -523,6 +590,7 @@ fn from_cache(
 async fn recover_ledger(
     client: &LedgerClient,
     info: &LedgerInfo,
+    producers: &mut BTreeMap<i64, ProducerSeq>,
 ) -> Result<Option<(LedgerInfo, Vec<u64>)>> {
     let reader = match client.open_and_recover(info.id).await {
         Ok(r) => r,
@@ -543,6 +611,7 @@ async fn recover_ledger(
         let last = (first + SCAN_CHUNK - 1).min(lac as u64);
         for e in reader.read(first, last).await? {
             let h = BatchHeader::parse(&e.payload)?;
+            note_producer(producers, &h, h.base_offset.max(0) as u64);
             index.push(h.base_offset.max(0) as u64);
             out.entries += 1;
             out.offsets = (h.base_offset.max(0) as u64 + h.offset_count()) - out.first_offset;
@@ -557,6 +626,7 @@ async fn recover_ledger(
 struct InFlight {
     base: u64,
     offsets: u64,
+    header: BatchHeader,
     data: Bytes,
     reply: oneshot::Sender<Result<u64>>,
 }
@@ -684,6 +754,7 @@ impl Actor {
         let f = InFlight {
             base,
             offsets: h.offset_count(),
+            header: h,
             data,
             reply,
         };
@@ -744,6 +815,7 @@ impl Actor {
                 }
             }
             st.next_offset = f.base + f.offsets;
+            note_producer(&mut st.producers, &f.header, f.base);
         }
         self.inner.end_tx.send_replace(f.base + f.offsets);
         let _ = f.reply.send(Ok(f.base));

@@ -23,12 +23,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::error::{BrokerError, Result};
-use crate::format::Message;
+use crate::format::{Message, ProducerSequence};
 use crate::log::{MemoryLog, PartitionLog};
 use crate::managed_ledger::{Entry, ManagedLedger, ManagedLedgerConfig, ML_PREFIX};
 use crate::routing::{Binding, ExchangeDef, HeaderValue, Routed, RoutingSnapshot, RoutingTable};
 use crate::subscription::{Consumer, ConsumerOptions, DeadLetterSink, SubscriptionOptions};
-use crate::topic::{RetentionDefaults, Topic, TopicStats};
+use crate::topic::{Published, RetentionDefaults, Topic, TopicStats};
 
 const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
@@ -520,8 +520,22 @@ impl Broker {
         self.topic(topic, true).await?.publish(&messages).await
     }
 
+    /// Publishes with a producer's sequence numbers; retries of stored
+    /// batches come back as [`Published::Duplicate`].
+    pub async fn publish_idempotent(
+        &self,
+        topic: &TopicName,
+        messages: Vec<Message>,
+        producer: ProducerSequence,
+    ) -> Result<Published> {
+        self.topic(topic, true)
+            .await?
+            .publish_idempotent(&messages, producer)
+            .await
+    }
+
     /// Appends a Kafka record batch unchanged but for its base offset.
-    pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<u64> {
+    pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {
         self.topic(topic, true).await?.publish_batch(batch).await
     }
 

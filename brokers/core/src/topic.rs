@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use crate::cursor::CursorState;
 use crate::error::{BrokerError, Result};
-use crate::format::{encode_messages, validate_batch, Message};
+use crate::format::{encode_batch, encode_messages, validate_batch, Message, ProducerSequence};
 use crate::log::PartitionLog;
 use crate::managed_ledger::LedgerInfo;
 use crate::subscription::{
@@ -52,10 +52,31 @@ impl Default for RetentionDefaults {
     }
 }
 
+/// What a publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Stored; the offset of its first message.
+    Stored(u64),
+    /// A retry of something already stored (same producer, sequence at
+    /// or below the last stored); nothing was written.
+    Duplicate,
+}
+
+impl Published {
+    pub fn offset(self) -> Option<u64> {
+        match self {
+            Published::Stored(o) => Some(o),
+            Published::Duplicate => None,
+        }
+    }
+}
+
 pub struct Topic {
     name: TopicName,
     log: PartitionLog,
     meta: MetaClient,
+    /// Next sequence expected per producer, counting appends in flight.
+    in_flight: Mutex<HashMap<i64, i64>>,
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
     msg_in: AtomicU64,
@@ -82,6 +103,7 @@ impl Topic {
             name,
             log,
             meta,
+            in_flight: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
             dead_letter,
             msg_in: AtomicU64::new(0),
@@ -147,11 +169,84 @@ impl Topic {
         self.append(batch, messages.len() as u64).await
     }
 
+    /// Publishes with a producer's sequence numbers: a batch whose
+    /// sequence the partition already stored is acknowledged again without
+    /// being written twice, so that retries after a broker failure do not
+    /// duplicate.
+    pub async fn publish_idempotent(
+        &self,
+        messages: &[Message],
+        producer: ProducerSequence,
+    ) -> Result<Published> {
+        let batch = encode_batch(messages, Some(producer))?;
+        self.append_idempotent(batch, producer, messages.len() as u64)
+            .await
+    }
+
     /// Appends a Kafka record batch as it came from the client, after
-    /// checking it as a Kafka broker would.
-    pub async fn publish_batch(&self, batch: Bytes) -> Result<u64> {
+    /// checking it as a Kafka broker would. Batches from idempotent
+    /// producers are deduplicated.
+    pub async fn publish_batch(&self, batch: Bytes) -> Result<Published> {
         let h = validate_batch(&batch)?;
-        self.append(batch, h.record_count.max(0) as u64).await
+        let count = h.record_count.max(0) as u64;
+        if h.producer_id >= 0 && h.base_sequence >= 0 {
+            let p = ProducerSequence {
+                producer_id: h.producer_id,
+                epoch: h.producer_epoch,
+                base_sequence: h.base_sequence,
+            };
+            return self.append_idempotent(batch, p, count).await;
+        }
+        self.append(batch, count).await.map(Published::Stored)
+    }
+
+    async fn append_idempotent(
+        &self,
+        batch: Bytes,
+        p: ProducerSequence,
+        count: u64,
+    ) -> Result<Published> {
+        let PartitionLog::Managed(ml) = &self.log else {
+            // Nothing survives a restart of a non-persistent topic, so
+            // there is nothing to deduplicate against.
+            return self.append(batch, count).await.map(Published::Stored);
+        };
+        let base = i64::from(p.base_sequence);
+        let len = batch.len() as u64;
+        let pending = {
+            let mut in_flight = self.in_flight.lock().await;
+            let stored = ml
+                .producer(p.producer_id)
+                .filter(|s| s.epoch == p.epoch)
+                .map(|s| s.last_sequence);
+            if stored.is_some_and(|last| base <= last) {
+                return Ok(Published::Duplicate);
+            }
+            if in_flight
+                .get(&p.producer_id)
+                .is_some_and(|&next| base < next)
+            {
+                return Err(BrokerError::TopicUnavailable(format!(
+                    "{}: an earlier send of sequence {base} is still in flight",
+                    self.name
+                )));
+            }
+            in_flight.insert(p.producer_id, base + count.max(1) as i64);
+            self.log.submit(batch).await?
+        };
+        match pending.await {
+            Ok(offset) => {
+                self.msg_in.fetch_add(count, Ordering::Relaxed);
+                self.bytes_in.fetch_add(len, Ordering::Relaxed);
+                Ok(Published::Stored(offset))
+            }
+            Err(e) => {
+                // Later sends of this producer fail too; it starts again
+                // from what the partition stored.
+                self.in_flight.lock().await.remove(&p.producer_id);
+                Err(e)
+            }
+        }
     }
 
     async fn append(&self, batch: Bytes, messages: u64) -> Result<u64> {

@@ -605,3 +605,52 @@ async fn data_and_cursors_survive_a_broker_restart() {
     }
     assert_eq!(b.topic_stats(&t).await.expect("stats").end_offset, 50);
 }
+
+#[tokio::test]
+async fn retried_sends_of_an_idempotent_producer_are_stored_once() {
+    use magnetar_broker::{ProducerSequence, Published};
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let t = topic("dedup");
+    let seq = |n: i32| ProducerSequence {
+        producer_id: 42,
+        epoch: 0,
+        base_sequence: n,
+    };
+    for n in 0..10 {
+        let r = b
+            .publish_idempotent(&t, vec![Message::new(format!("m{n}"))], seq(n))
+            .await
+            .expect("publish");
+        assert_eq!(r, Published::Stored(n as u64));
+    }
+    let again = b
+        .publish_idempotent(&t, vec![Message::new("m5")], seq(5))
+        .await
+        .expect("retry");
+    assert_eq!(again, Published::Duplicate);
+    // The state outlives the broker.
+    b.shutdown().await;
+    let b = Broker::start(c.meta_client(), config("b1"))
+        .await
+        .expect("restart");
+    assert_eq!(
+        b.publish_idempotent(&t, vec![Message::new("m9")], seq(9))
+            .await
+            .expect("retry"),
+        Published::Duplicate
+    );
+    assert_eq!(
+        b.publish_idempotent(&t, vec![Message::new("m10")], seq(10))
+            .await
+            .expect("next"),
+        Published::Stored(10)
+    );
+    // Without a producer identity nothing is deduplicated.
+    assert_eq!(
+        b.publish(&t, vec![Message::new("plain")])
+            .await
+            .expect("plain"),
+        11
+    );
+}
