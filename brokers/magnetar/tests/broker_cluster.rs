@@ -206,7 +206,7 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
         cluster.meta.dir.path().join("broker-a.log"),
         cluster.meta.dir.path().join("broker-b.log"),
     ];
-    let mut brokers = vec![
+    let mut brokers = [
         Some(start_broker(&cluster, ports[0], &logs[0])),
         Some(start_broker(&cluster, ports[1], &logs[1])),
     ];
