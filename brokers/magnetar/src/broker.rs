@@ -193,52 +193,104 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A metadata node, a bookie and a broker in this process.
+pub struct Embedded {
+    pub node: MetaNode,
+    pub bookie: BookieServer,
+    pub broker: Broker,
+}
+
+impl Embedded {
+    /// Starts all three with data under `data_dir`; the broker's HTTP
+    /// listener is the caller's business.
+    pub async fn start(
+        data_dir: &std::path::Path,
+        meta_listen: SocketAddr,
+        bookie_listen: SocketAddr,
+        cfg: impl FnOnce() -> anyhow::Result<BrokerConfig>,
+    ) -> anyhow::Result<Embedded> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let node = MetaNode::start(NodeConfig {
+            id: 1,
+            listen: meta_listen,
+            data_dir: data_dir.join("meta"),
+            peers: Default::default(),
+            tuning: RaftTuning::default(),
+        })
+        .await
+        .context("starting the embedded metadata node")?;
+        node.wait_for_leader(Duration::from_secs(30))
+            .await
+            .context("waiting for the metadata node")?;
+        let endpoints = vec![node.local_addr().to_string()];
+        let bookie = BookieServer::start(BookieConfig::new(
+            1,
+            bookie_listen,
+            data_dir.join("bookie"),
+            endpoints.clone(),
+        ))
+        .await
+        .context("starting the embedded bookie")?;
+        let meta = MetaClient::new(&endpoints)?;
+        wait_for_bookie(&meta).await?;
+        let broker = Broker::start(meta, cfg()?)
+            .await
+            .context("starting the broker")?;
+        Ok(Embedded {
+            node,
+            bookie,
+            broker,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        self.broker.shutdown().await;
+        self.bookie.shutdown().await;
+        self.node.shutdown().await;
+    }
+}
+
+/// The broker settings of standalone: ledgers on the one bookie.
+pub fn standalone_config(cluster: &str, advertised: &str) -> anyhow::Result<BrokerConfig> {
+    broker_config(
+        cluster,
+        advertised,
+        &BrokerOptions::parse_defaults(),
+        (1, 1, 1),
+    )
+}
+
+impl BrokerOptions {
+    fn parse_defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            opts: BrokerOptions,
+        }
+        <Wrapper as clap::Parser>::parse_from(["magnetar"]).opts
+    }
+}
+
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let node = MetaNode::start(NodeConfig {
-        id: 1,
-        listen: args.meta_listen,
-        data_dir: args.data_dir.join("meta"),
-        peers: Default::default(),
-        tuning: RaftTuning::default(),
-    })
-    .await
-    .context("starting the embedded metadata node")?;
-    node.wait_for_leader(Duration::from_secs(30))
-        .await
-        .context("waiting for the metadata node")?;
-    let endpoints = vec![node.local_addr().to_string()];
-    let bookie = BookieServer::start(BookieConfig::new(
-        1,
-        args.bookie_listen,
-        args.data_dir.join("bookie"),
-        endpoints.clone(),
-    ))
-    .await
-    .context("starting the embedded bookie")?;
-    let meta = MetaClient::new(&endpoints)?;
-    wait_for_bookie(&meta).await?;
     let (listener, advertised) = bind_http(&args.opts).await?;
-    let cfg = broker_config(&args.cluster, &advertised, &args.opts, (1, 1, 1))?;
-    let broker = Broker::start(meta, cfg)
-        .await
-        .context("starting the broker")?;
-    let http = serve_http(listener, broker.clone())?;
+    let embedded = Embedded::start(&args.data_dir, args.meta_listen, args.bookie_listen, || {
+        broker_config(&args.cluster, &advertised, &args.opts, (1, 1, 1))
+    })
+    .await?;
+    let http = serve_http(listener, embedded.broker.clone())?;
     // The one line harnesses and users wait for.
     println!(
         "magnetar standalone ready: http={} meta={} bookie={} data={}",
         http.addr,
-        node.local_addr(),
-        bookie.local_addr(),
+        embedded.node.local_addr(),
+        embedded.bookie.local_addr(),
         args.data_dir.display()
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
-    broker.shutdown().await;
     stop_http(http).await;
-    bookie.shutdown().await;
-    node.shutdown().await;
+    embedded.shutdown().await;
     Ok(())
 }
 

@@ -24,6 +24,34 @@ enum PerfCommand {
     Metadata(MetadataPerf),
     /// Write a ledger with pipelined adds, then read it back and verify it.
     Ledger(LedgerPerf),
+    /// Memory under a large backlog: an embedded standalone (metadata node,
+    /// bookie, broker) in this process, a subscription whose consumer
+    /// barely reads, and a million messages published past it.
+    Backlog(BacklogPerf),
+}
+
+#[derive(Args)]
+struct BacklogPerf {
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages per published batch (one entry).
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// Batches in flight at most.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// The slow consumer's rate, in messages per second.
+    #[arg(long, default_value_t = 1000)]
+    consume_rate: u64,
+    /// How long the slow consumer reads after publishing ends, in seconds.
+    #[arg(long, default_value_t = 10)]
+    consume_secs: u64,
+    /// Data directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -87,6 +115,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     match args.command {
         PerfCommand::Metadata(m) => metadata(m).await,
         PerfCommand::Ledger(l) => ledger(l).await,
+        PerfCommand::Backlog(b) => backlog(b).await,
     }
 }
 
@@ -309,4 +338,139 @@ fn record(
             *errors += 1;
         }
     }
+}
+
+/// Resident and peak resident memory of this process, in MiB.
+fn rss_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {
+    use magnetar_broker::{
+        ConsumerOptions, InitialPosition, Message, SubscriptionOptions, SubscriptionType,
+    };
+    anyhow::ensure!(
+        args.batch >= 1 && args.size >= 1,
+        "--batch and --size must be positive"
+    );
+    let tmp = tempfile::tempdir()?;
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let embedded = crate::broker::Embedded::start(&dir, any, any, || {
+        crate::broker::standalone_config("perf", "127.0.0.1:0")
+    })
+    .await?;
+    let broker = embedded.broker.clone();
+    let topic: magnetar_tenancy::TopicName = "persistent://public/default/perf-backlog".parse()?;
+    let mut consumer = broker
+        .subscribe(
+            &topic,
+            "slow",
+            SubscriptionOptions {
+                sub_type: SubscriptionType::Shared,
+                initial_position: InitialPosition::Earliest,
+                ..SubscriptionOptions::default()
+            },
+            ConsumerOptions {
+                name: "slow".into(),
+                ..ConsumerOptions::default()
+            },
+        )
+        .await?;
+    let (rss0, _) = rss_mb();
+    println!("phase=start rss_mb={rss0:.0}");
+
+    // The consumer reads throughout, at its slow rate.
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let consumed = consumed.clone();
+        let stop = stop.clone();
+        let pause = Duration::from_secs_f64(1.0 / args.consume_rate.max(1) as f64);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                consumer.flow(1);
+                if let Ok(Some(d)) =
+                    tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+                {
+                    consumer.ack(d.offset);
+                    consumed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(pause).await;
+            }
+        })
+    };
+    let peak = Arc::new(std::sync::Mutex::new(0f64));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let (rss, _) = rss_mb();
+                {
+                    let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+                    *p = p.max(rss);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
+    let batches = args.messages.div_ceil(args.batch as u64);
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut errors = 0u64;
+    for i in 0..batches {
+        let n = (args.messages - i * args.batch as u64).min(args.batch as u64);
+        let msgs: Vec<Message> = (0..n).map(|_| Message::new(payload.clone())).collect();
+        let b = broker.clone();
+        let t = topic.clone();
+        in_flight.push(async move { b.publish(&t, msgs).await });
+        while in_flight.len() >= args.max_in_flight {
+            if let Some(Err(_)) = in_flight.next().await {
+                errors += 1;
+            }
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        if r.is_err() {
+            errors += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (rss, _) = rss_mb();
+    println!(
+        "phase=publish messages={} size={} batch={} secs={secs:.1} msgs_per_s={:.0} mb_per_s={:.1} rss_mb={rss:.0} errors={errors}",
+        args.messages,
+        args.size,
+        args.batch,
+        args.messages as f64 / secs,
+        (args.messages * args.size as u64) as f64 / secs / 1e6,
+    );
+    tokio::time::sleep(Duration::from_secs(args.consume_secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.await;
+    sampler.abort();
+    let stats = broker.topic_stats(&topic).await?;
+    let backlog = stats.subscriptions.get("slow").map_or(0, |s| s.msg_backlog);
+    let (rss, hwm) = rss_mb();
+    let peak = (*peak.lock().unwrap_or_else(|e| e.into_inner())).max(rss);
+    println!(
+        "backlog={backlog} consumed={} rss_mb={rss:.0} peak_rss_mb={peak:.0} vm_hwm_mb={hwm:.0} (one process: metadata node, bookie and broker)",
+        consumed.load(Ordering::Relaxed)
+    );
+    embedded.shutdown().await;
+    Ok(())
 }
