@@ -299,8 +299,16 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 async fn wait_for_bookie(meta: &MetaClient) -> anyhow::Result<()> {
     let client = LedgerClient::new(meta.clone());
     for _ in 0..300 {
-        if !client.pool().writable(&[]).await?.is_empty() {
+        let running = client.pool().available().await?;
+        if running.iter().any(|b| !b.read_only) {
             return Ok(());
+        }
+        if !running.is_empty() {
+            // Waiting would not help: the disk must be freed first.
+            anyhow::bail!(
+                "the embedded bookie is read-only: its disk is fuller than the bookie's \
+                 disk-usage threshold (95%); free some space and start again"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
