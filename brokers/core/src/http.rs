@@ -43,6 +43,10 @@ impl ApiError {
     fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, reason)
     }
+
+    fn not_found(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, reason)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -601,10 +605,7 @@ async fn delete_topic(
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
     if !b.topic_exists(&name).await? {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} not found"),
-        ));
+        return Err(ApiError::not_found(format!("topic {name} not found")));
     }
     if b.partitions(&name).await?.is_none() {
         owned(&b, &name, &uri).await?;
@@ -613,25 +614,27 @@ async fn delete_topic(
     Ok(no_content())
 }
 
-async fn create_partitioned(
-    State(b): State<Broker>,
-    Path((d, t, ns, topic)): TopicPath,
-    raw: Bytes,
-) -> ApiResult<Response> {
-    let name = topic_name(&d, &t, &ns, &topic)?;
-    let n: u32 = body(&raw)?;
-    b.create_partitioned_topic(&name, n).await?;
-    Ok(no_content())
+async fn create_partitioned(b: State<Broker>, p: TopicPath, raw: Bytes) -> ApiResult<Response> {
+    set_partitions(b, p, raw, true).await
 }
 
-async fn update_partitions(
+async fn update_partitions(b: State<Broker>, p: TopicPath, raw: Bytes) -> ApiResult<Response> {
+    set_partitions(b, p, raw, false).await
+}
+
+async fn set_partitions(
     State(b): State<Broker>,
     Path((d, t, ns, topic)): TopicPath,
     raw: Bytes,
+    create: bool,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
     let n: u32 = body(&raw)?;
-    b.update_partitions(&name, n).await?;
+    if create {
+        b.create_partitioned_topic(&name, n).await?;
+    } else {
+        b.update_partitions(&name, n).await?;
+    }
     Ok(no_content())
 }
 
@@ -643,10 +646,7 @@ async fn get_partitions(
     match b.partitions(&name).await? {
         Some(n) => Ok(Json(json!({ "partitions": n }))),
         None if b.topic_exists(&name).await? => Ok(Json(json!({ "partitions": 0 }))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} not found"),
-        )),
+        None => Err(ApiError::not_found(format!("topic {name} not found"))),
     }
 }
 
@@ -657,10 +657,7 @@ async fn existing_topic(
     uri: &Uri,
 ) -> ApiResult<std::sync::Arc<crate::topic::Topic>> {
     if !b.topic_exists(name).await? {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} not found"),
-        ));
+        return Err(ApiError::not_found(format!("topic {name} not found")));
     }
     if b.partitions(name).await?.is_some() {
         return Err(ApiError::new(
@@ -763,7 +760,7 @@ async fn list_subscriptions(
 /// `"earliest"` or `{"offset": N}`.
 async fn create_subscription(
     State(b): State<Broker>,
-    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    Path((d, t, ns, topic, sub)): SubscriptionPath,
     uri: Uri,
     raw: Bytes,
 ) -> ApiResult<Response> {
@@ -806,7 +803,7 @@ async fn create_subscription(
 
 async fn delete_subscription(
     State(b): State<Broker>,
-    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    Path((d, t, ns, topic, sub)): SubscriptionPath,
     Query(q): Query<ForceQuery>,
     uri: Uri,
 ) -> ApiResult<Response> {
@@ -816,26 +813,35 @@ async fn delete_subscription(
     Ok(no_content())
 }
 
+type SubscriptionPath = Path<(String, String, String, String, String)>;
+
+async fn reset_to(
+    b: &Broker,
+    path: SubscriptionPath,
+    uri: &Uri,
+    to: ResetTo,
+) -> ApiResult<Response> {
+    let Path((d, t, ns, topic, sub)) = path;
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let topic = existing_topic(b, &name, uri).await?;
+    topic.reset_subscription(&sub, to).await?;
+    Ok(no_content())
+}
+
 async fn skip(
     State(b): State<Broker>,
     Path((d, t, ns, topic, sub, n)): Path<(String, String, String, String, String, u64)>,
     uri: Uri,
 ) -> ApiResult<Response> {
-    let name = topic_name(&d, &t, &ns, &topic)?;
-    let topic = existing_topic(&b, &name, &uri).await?;
-    topic.reset_subscription(&sub, ResetTo::Skip(n)).await?;
-    Ok(no_content())
+    reset_to(&b, Path((d, t, ns, topic, sub)), &uri, ResetTo::Skip(n)).await
 }
 
 async fn skip_all(
     State(b): State<Broker>,
-    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    path: SubscriptionPath,
     uri: Uri,
 ) -> ApiResult<Response> {
-    let name = topic_name(&d, &t, &ns, &topic)?;
-    let topic = existing_topic(&b, &name, &uri).await?;
-    topic.reset_subscription(&sub, ResetTo::End).await?;
-    Ok(no_content())
+    reset_to(&b, path, &uri, ResetTo::End).await
 }
 
 #[derive(Deserialize)]
@@ -845,17 +851,12 @@ struct ResetBody {
 
 async fn reset_cursor(
     State(b): State<Broker>,
-    Path((d, t, ns, topic, sub)): Path<(String, String, String, String, String)>,
+    path: SubscriptionPath,
     uri: Uri,
     raw: Bytes,
 ) -> ApiResult<Response> {
-    let name = topic_name(&d, &t, &ns, &topic)?;
     let r: ResetBody = body(&raw)?;
-    let topic = existing_topic(&b, &name, &uri).await?;
-    topic
-        .reset_subscription(&sub, ResetTo::Offset(r.offset))
-        .await?;
-    Ok(no_content())
+    reset_to(&b, path, &uri, ResetTo::Offset(r.offset)).await
 }
 
 async fn unload(

@@ -156,18 +156,7 @@ impl MemoryLog {
     }
 
     pub fn read(&self, offset: u64, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
-        let m = self.inner();
-        let at = m.entries.partition_point(|e| e.end_offset() <= offset);
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for e in m.entries.iter().skip(at).take(max_entries.max(1)) {
-            if !out.is_empty() && bytes + e.data.len() > max_bytes {
-                break;
-            }
-            bytes += e.data.len();
-            out.push(e.clone());
-        }
-        out
+        crate::managed_ledger::entries_from(&self.inner().entries, offset, max_entries, max_bytes)
     }
 
     pub fn start_offset(&self) -> u64 {

@@ -487,16 +487,8 @@ impl ManagedLedger {
             None => self.search(&ledger, offset).await?,
         };
         let last = (first + max_entries as u64 - 1).min(ledger.entries.saturating_sub(1));
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for e in self.read_range(&ledger, first, last).await? {
-            if !out.is_empty() && bytes + e.data.len() > max_bytes {
-                break;
-            }
-            bytes += e.data.len();
-            out.push(e);
-        }
-        Ok(out)
+        let entries = self.read_range(&ledger, first, last).await?;
+        Ok(take_within(entries.into_iter(), max_entries, max_bytes))
     }
 
     async fn reader(&self, ledger: &LedgerInfo, fresh: bool) -> Result<LedgerReader> {
@@ -568,21 +560,40 @@ fn from_cache(
     max_entries: usize,
     max_bytes: usize,
 ) -> Option<Vec<Entry>> {
-    let front = cache.front()?;
-    if front.base_offset > offset {
+    if cache.front()?.base_offset > offset {
         return None;
     }
-    let at = cache.partition_point(|e| e.end_offset() <= offset);
+    let out = entries_from(cache, offset, max_entries, max_bytes);
+    (!out.is_empty()).then_some(out)
+}
+
+/// Entries of an in-memory run holding `offset` and on.
+pub(crate) fn entries_from(
+    entries: &VecDeque<Entry>,
+    offset: u64,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Entry> {
+    let at = entries.partition_point(|e| e.end_offset() <= offset);
+    take_within(entries.iter().skip(at).cloned(), max_entries, max_bytes)
+}
+
+/// Up to `max_entries` entries and about `max_bytes`: always at least one.
+fn take_within(
+    entries: impl Iterator<Item = Entry>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut bytes = 0;
-    for e in cache.iter().skip(at).take(max_entries) {
+    for e in entries.take(max_entries.max(1)) {
         if !out.is_empty() && bytes + e.data.len() > max_bytes {
             break;
         }
         bytes += e.data.len();
-        out.push(e.clone());
+        out.push(e);
     }
-    (!out.is_empty()).then_some(out)
+    out
 }
 
 /// Fences and closes a ledger a previous owner left open, and scans it for

@@ -901,8 +901,18 @@ async fn session_keeper(weak: Weak<Inner>) {
         if inner.session.read().await.is_alive() {
             continue;
         }
-        tracing::warn!("metadata session expired; dropping every topic");
-        inner.topics.lock().await.clear();
+        tracing::warn!("metadata session expired; unloading every topic");
+        let lost: Vec<TopicCell> = inner.topics.lock().await.drain().map(|(_, c)| c).collect();
+        // Closing stops the dispatchers and tries to close the ledgers; a
+        // broker that already took a topic over makes that fail harmlessly
+        // (compare-and-set, fencing).
+        for c in lost {
+            if let Some(t) = c.get() {
+                if let Err(e) = t.close().await {
+                    tracing::debug!(topic = %t.name(), "closing a lost topic: {e}");
+                }
+            }
+        }
         match inner.meta.grant_session(inner.cfg.session_ttl).await {
             Ok(s) => {
                 let key = format!("{BROKERS_PREFIX}{}", inner.cfg.info.id);

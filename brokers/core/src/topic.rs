@@ -365,14 +365,19 @@ impl Topic {
         self.subscription(sub).await?.reset(to).await
     }
 
-    pub async fn stats(&self) -> Result<TopicStats> {
-        let subs: Vec<(String, Subscription)> = self
-            .subs
+    /// The subscriptions, copied out so that no lock is held while asking
+    /// their dispatchers.
+    async fn subscription_list(&self) -> Vec<(String, Subscription)> {
+        self.subs
             .lock()
             .await
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+            .collect()
+    }
+
+    pub async fn stats(&self) -> Result<TopicStats> {
+        let subs = self.subscription_list().await;
         let mut out = BTreeMap::new();
         for (name, s) in subs {
             if let Ok(st) = s.stats().await {
@@ -450,13 +455,7 @@ impl Topic {
     /// Deletes the topic's data and cursors. Refused while consumers are
     /// attached unless `force`.
     pub async fn delete(&self, force: bool) -> Result<()> {
-        let subs: Vec<(String, Subscription)> = self
-            .subs
-            .lock()
-            .await
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let subs = self.subscription_list().await;
         if !force {
             for (name, s) in &subs {
                 if s.stats().await.is_ok_and(|st| !st.consumers.is_empty()) {

@@ -112,6 +112,18 @@ async fn stats(c: &reqwest::Client, url: &str, topic: &str) -> Value {
     .expect("json")
 }
 
+async fn lookup(c: &reqwest::Client, url: &str, topic: &str) -> Value {
+    c.get(format!(
+        "{url}/lookup/v2/topic/persistent/public/default/{topic}"
+    ))
+    .send()
+    .await
+    .expect("lookup")
+    .json()
+    .await
+    .expect("json")
+}
+
 fn wait_exit(p: &mut Proc, within: Duration) {
     let start = Instant::now();
     while p.running() {
@@ -225,18 +237,10 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
     .expect("create")
     .error_for_status()
     .expect("create status");
-    let lookup: Value = c
-        .get(format!(
-            "{}/lookup/v2/topic/persistent/public/default/stream",
-            urls[1]
-        ))
-        .send()
-        .await
-        .expect("lookup")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(lookup["httpUrl"], json!(urls[0]));
+    assert_eq!(
+        lookup(&c, &urls[1], "stream").await["httpUrl"],
+        json!(urls[0])
+    );
 
     let mut killed_at: Option<Instant> = None;
     let mut takeover = None;
@@ -293,16 +297,8 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
     assert_eq!(payloads, expected, "in order");
     let offsets: Vec<u64> = stored.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (0..TOTAL).collect::<Vec<_>>());
-    let owner: Value = c
-        .get(format!(
-            "{}/lookup/v2/topic/persistent/public/default/stream",
-            urls[1]
-        ))
-        .send()
-        .await
-        .expect("lookup")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(owner["httpUrl"], json!(urls[1]));
+    assert_eq!(
+        lookup(&c, &urls[1], "stream").await["httpUrl"],
+        json!(urls[1])
+    );
 }
