@@ -234,6 +234,10 @@ pub fn router(broker: Broker) -> Router {
         )
         .route("/topics/{domain}/{tenant}/{ns}/{topic}", post(rest_produce))
         .route(
+            "/internal/v1/batch/{tenant}/{ns}/{domain}/{topic}",
+            post(forwarded_batch),
+        )
+        .route(
             "/topics/{domain}/{tenant}/{ns}/{topic}/messages",
             get(rest_read),
         )
@@ -1107,4 +1111,18 @@ async fn rest_read(
         "startOffset": ends.0,
         "endOffset": ends.1,
     })))
+}
+
+/// A publish forwarded by another broker: one record batch, appended here
+/// or refused, never forwarded again.
+async fn forwarded_batch(
+    State(b): State<Broker>,
+    Path((t, ns, d, topic)): Path<(String, String, String, String)>,
+    raw: Bytes,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    match b.publish_batch_local(&name, raw).await? {
+        crate::topic::Published::Stored(o) => Ok(Json(json!({ "offset": o }))),
+        crate::topic::Published::Duplicate => Ok(Json(json!({ "duplicate": true }))),
+    }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use magnetar_bookies::LedgerClient;
-use magnetar_metadata::{MetaClient, MetaError, Session};
+use magnetar_metadata::{EventKind, MetaClient, MetaError, Session};
 use magnetar_tenancy::{NamespaceName, Policies, TenancyStore, TopicDomain, TopicName};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OnceCell, RwLock};
@@ -34,6 +34,9 @@ const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
 const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
 const ROUTING_PREFIX: &str = "/routing/";
+/// Where brokers send each other publishes for topics they do not own,
+/// followed by the topic's path.
+pub const FORWARD_PATH: &str = "/internal/v1/batch/";
 
 /// How a broker is reached, as stored in its registration and in the
 /// ownership keys it holds.
@@ -105,9 +108,37 @@ struct NamespaceRouting {
     transient: HashSet<String>,
 }
 
+impl NamespaceRouting {
+    /// Takes a stored table (another broker's change) as the new base and
+    /// replays this broker's own transient part on it: non-durable
+    /// exchanges, transient queues and the bindings that involve them.
+    fn adopt(&mut self, stored: RoutingTable, version: u64) {
+        let full = self.table.to_snapshot();
+        let durable = durable_snapshot(self);
+        let mut next = stored;
+        for e in full.exchanges {
+            if !durable.exchanges.iter().any(|d| d.name == e.name) {
+                let _ = next.declare_exchange(e, false);
+            }
+        }
+        for q in &self.transient {
+            let _ = next.declare_queue(q);
+        }
+        for b in full.bindings {
+            if !durable.bindings.contains(&b) {
+                let _ = next.bind(b);
+            }
+        }
+        self.table = next;
+        self.version = version;
+    }
+}
+
 struct Inner {
     cfg: BrokerConfig,
     meta: MetaClient,
+    /// For forwarding to other brokers.
+    http: reqwest::Client,
     ledgers: LedgerClient,
     tenancy: TenancyStore,
     session: RwLock<Session>,
@@ -166,7 +197,13 @@ impl Broker {
             .put(&format!("{BROKERS_PREFIX}{}", cfg.info.id), json(&cfg.info))
             .await?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| BrokerError::InvalidArgument(format!("HTTP client: {e}")))?;
         let inner = Arc::new(Inner {
+            http,
             ledgers: LedgerClient::new(meta.clone()),
             tenancy,
             session: RwLock::new(session),
@@ -517,7 +554,20 @@ impl Broker {
     /// Publishes messages to one partition (or non-partitioned topic) as
     /// one batch; returns the first message's offset.
     pub async fn publish(&self, topic: &TopicName, messages: Vec<Message>) -> Result<u64> {
-        self.topic(topic, true).await?.publish(&messages).await
+        match self.topic(topic, true).await {
+            Ok(t) => t.publish(&messages).await,
+            Err(BrokerError::NotOwner {
+                owner: Some(url), ..
+            }) => {
+                let batch = crate::format::encode_messages(&messages)?;
+                match self.forward(&url, topic, batch).await? {
+                    Published::Stored(o) => Ok(o),
+                    // A batch without a producer id is never a duplicate.
+                    Published::Duplicate => Err(BrokerError::TopicUnavailable(topic.to_string())),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Publishes with a producer's sequence numbers; retries of stored
@@ -528,15 +578,72 @@ impl Broker {
         messages: Vec<Message>,
         producer: ProducerSequence,
     ) -> Result<Published> {
-        self.topic(topic, true)
-            .await?
-            .publish_idempotent(&messages, producer)
-            .await
+        match self.topic(topic, true).await {
+            Ok(t) => t.publish_idempotent(&messages, producer).await,
+            Err(BrokerError::NotOwner {
+                owner: Some(url), ..
+            }) => {
+                let batch = crate::format::encode_batch(&messages, Some(producer))?;
+                self.forward(&url, topic, batch).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Appends a Kafka record batch unchanged but for its base offset.
+    /// Appends a Kafka record batch unchanged but for its base offset,
+    /// forwarding it to the owner when that is another broker.
     pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {
+        match self.topic(topic, true).await {
+            Ok(t) => t.publish_batch(batch).await,
+            Err(BrokerError::NotOwner {
+                owner: Some(url), ..
+            }) => self.forward(&url, topic, batch).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Appends a batch here only, never forwarding: what a forwarded
+    /// publish arrives as.
+    pub async fn publish_batch_local(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {
         self.topic(topic, true).await?.publish_batch(batch).await
+    }
+
+    /// Sends a batch to the owning broker's internal endpoint. One hop
+    /// only: the owner appends it or refuses.
+    async fn forward(&self, owner_url: &str, topic: &TopicName, batch: Bytes) -> Result<Published> {
+        let url = format!(
+            "{}{FORWARD_PATH}{}",
+            owner_url.trim_end_matches('/'),
+            topic.path()
+        );
+        let unavailable = |why: String| BrokerError::TopicUnavailable(format!("{topic}: {why}"));
+        let resp = self
+            .inner
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(batch)
+            .send()
+            .await
+            .map_err(|e| unavailable(format!("forwarding to {owner_url}: {e}")))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| unavailable(format!("reply of {owner_url}: {e}")))?;
+        if !status.is_success() {
+            let reason = body["reason"].as_str().unwrap_or("no reason").to_string();
+            return Err(match status.as_u16() {
+                400 => BrokerError::InvalidArgument(reason),
+                404 => BrokerError::NotFound(reason),
+                _ => unavailable(reason),
+            });
+        }
+        match body["offset"].as_u64() {
+            Some(o) => Ok(Published::Stored(o)),
+            None if body["duplicate"].as_bool() == Some(true) => Ok(Published::Duplicate),
+            None => Err(unavailable(format!("unreadable reply of {owner_url}"))),
+        }
     }
 
     /// Reads entries from `offset` on, up to about `max_bytes`; with
@@ -652,22 +759,12 @@ impl Broker {
                     g.table = before;
                     g.transient = before_transient;
                     // Someone else changed it; take theirs and go again.
-                    let fresh = match current {
-                        Some(kv) => Some((
-                            RoutingTable::from_snapshot(parse(&key, &kv.value)?)?,
-                            kv.version,
-                        )),
-                        None => None,
-                    };
-                    if let Some((table, version)) = fresh {
-                        let transient: Vec<String> = g.transient.iter().cloned().collect();
-                        g.table = table;
-                        for q in transient {
-                            let _ = g.table.declare_queue(&q);
+                    match current {
+                        Some(kv) => {
+                            let table = RoutingTable::from_snapshot(parse(&key, &kv.value)?)?;
+                            g.adopt(table, kv.version);
                         }
-                        g.version = version;
-                    } else {
-                        g.version = 0;
+                        None => g.adopt(RoutingTable::new(), 0),
                     }
                 }
                 Err(e) => {
@@ -968,13 +1065,34 @@ async fn routing_watch(weak: Weak<Inner>) {
         else {
             continue;
         };
-        let stale = {
+        let cached = {
             let all = inner.routing.lock().await;
             all.get(&ns).cloned()
         };
-        if let Some(r) = stale {
-            let g = r.lock().await;
-            if g.version < ev.kv.version && g.transient.is_empty() {
+        let Some(r) = cached else {
+            continue;
+        };
+        let mut g = r.lock().await;
+        if ev.kv.version <= g.version && ev.kind == EventKind::Put {
+            continue;
+        }
+        let stored = match ev.kind {
+            EventKind::Put => serde_json::from_slice::<RoutingSnapshot>(&ev.kv.value)
+                .ok()
+                .and_then(|s| RoutingTable::from_snapshot(s).ok()),
+            EventKind::Delete => Some(RoutingTable::new()),
+        };
+        match stored {
+            Some(table) => {
+                let version = if ev.kind == EventKind::Put {
+                    ev.kv.version
+                } else {
+                    0
+                };
+                g.adopt(table, version);
+            }
+            None => {
+                // Unreadable: drop the cache so the next use reports it.
                 drop(g);
                 inner.routing.lock().await.remove(&ns);
             }

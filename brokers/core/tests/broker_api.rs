@@ -654,3 +654,79 @@ async fn retried_sends_of_an_idempotent_producer_are_stored_once() {
         11
     );
 }
+
+/// A broker with its HTTP listener, which other brokers forward to.
+async fn serving_broker(c: &Cluster) -> Broker {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let mut cfg = config(&addr);
+    cfg.info.http_url = format!("http://{addr}");
+    let b = Broker::start(c.meta_client(), cfg).await.expect("broker");
+    let app = magnetar_broker::http::router(b.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    b
+}
+
+#[tokio::test]
+async fn routing_changes_of_another_broker_keep_local_transient_queues() {
+    let c = Cluster::start(1).await;
+    let b1 = serving_broker(&c).await;
+    let b2 = serving_broker(&c).await;
+    let ns = NamespaceName::default_namespace();
+    // b1: a transient queue bound to amq.topic, as a clean MQTT session has.
+    b1.declare_queue(&ns, "session-1", false)
+        .await
+        .expect("queue");
+    b1.bind(&ns, Binding::queue("amq.topic", "session-1", "sensors.#"))
+        .await
+        .expect("bind");
+    // b2 adds a durable queue and binding; b1 learns of it by watching.
+    b2.declare_queue(&ns, "archive", true).await.expect("queue");
+    b2.bind(&ns, Binding::queue("amq.topic", "archive", "sensors.*"))
+        .await
+        .expect("bind");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let routed = b1
+            .route_publish(&ns, "amq.topic", "sensors.t1", &[], Message::new("21.5"))
+            .await
+            .expect("route");
+        let queues: Vec<String> = routed.queues.into_iter().collect();
+        if queues == vec!["archive".to_string(), "session-1".to_string()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routes seen by b1: {queues:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b1 changes routing again after b2: its write is based on b2's.
+    b1.bind(&ns, Binding::queue("amq.topic", "archive", "alerts.#"))
+        .await
+        .expect("bind");
+    let stored = b2.routing_snapshot(&ns).await.expect("snapshot");
+    assert!(
+        stored.queues.iter().all(|q| q != "session-1"),
+        "transient queue stored"
+    );
+    // b2 owns `archive`: what b1 routed there was forwarded and stored.
+    let archive = ns
+        .topic(magnetar_tenancy::TopicDomain::Persistent, "archive")
+        .expect("t");
+    assert_eq!(b2.lookup(&archive).await.expect("owner").id, b2.info().id);
+    assert!(b2.topic_stats(&archive).await.expect("stats").end_offset >= 1);
+    // A plain publish to it through b1 is forwarded too.
+    let at = b1
+        .publish(&archive, vec![Message::new("via b1")])
+        .await
+        .expect("forwarded");
+    let f = b2
+        .fetch(&archive, at, 1 << 20, Duration::ZERO)
+        .await
+        .expect("fetch");
+    let m = &magnetar_broker::format::decode_entry(&f.entries[0].data).expect("decode")[0];
+    assert_eq!(m.message.value.as_deref(), Some(&b"via b1"[..]));
+}
