@@ -17,6 +17,16 @@ struct Cluster {
     bookies: Vec<Option<BookieServer>>,
 }
 
+impl Drop for Cluster {
+    /// Joins the bookies' storage threads: a RocksDB still open when the
+    /// test process exits can abort it.
+    fn drop(&mut self) {
+        for b in self.bookies.iter().flatten() {
+            b.storage().stop_threads();
+        }
+    }
+}
+
 impl Cluster {
     async fn start(n: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
