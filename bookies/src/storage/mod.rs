@@ -503,10 +503,11 @@ impl Storage {
 }
 
 impl Drop for Storage {
+    /// Joins the threads, which hold the index: a RocksDB left open while
+    /// the process exits can abort it. Neither thread holds a `Storage`, so
+    /// this never joins the thread it runs on.
     fn drop(&mut self) {
-        lock(&self.journal).take();
-        lock(&self.inner.flush_wake_lock).0 = true;
-        self.inner.flush_wake.notify_all();
+        self.stop_threads();
     }
 }
 
