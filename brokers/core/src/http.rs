@@ -184,6 +184,10 @@ pub fn router(broker: Broker) -> Router {
             "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/resetcursor",
             post(reset_cursor),
         )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/resetcursor/{timestamp}",
+            post(reset_cursor_to_time),
+        )
         .route("/{domain}/{tenant}/{ns}/{topic}/unload", put(unload));
     Router::new()
         .route("/admin/v2/clusters", get(list_clusters))
@@ -861,6 +865,27 @@ async fn reset_cursor(
 ) -> ApiResult<Response> {
     let r: ResetBody = body(&raw)?;
     reset_to(&b, path, &uri, ResetTo::Offset(r.offset)).await
+}
+
+/// Pulsar's reset by publish time: to the first message at or after
+/// `timestamp` (milliseconds since the epoch).
+async fn reset_cursor_to_time(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic, sub, ts)): Path<(String, String, String, String, String, i64)>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let offset = existing_topic(&b, &name, &uri)
+        .await?
+        .offset_for_timestamp(ts)
+        .await?;
+    reset_to(
+        &b,
+        Path((d, t, ns, topic, sub)),
+        &uri,
+        ResetTo::Offset(offset),
+    )
+    .await
 }
 
 async fn unload(

@@ -48,6 +48,14 @@ impl PartitionLog {
         }
     }
 
+    /// See [`ManagedLedger::offset_for_timestamp`].
+    pub async fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64> {
+        match self {
+            PartitionLog::Managed(ml) => ml.offset_for_timestamp(ts_ms).await,
+            PartitionLog::Memory(m) => Ok(m.offset_for_timestamp(ts_ms)),
+        }
+    }
+
     pub fn start_offset(&self) -> u64 {
         match self {
             PartitionLog::Managed(ml) => ml.start_offset(),
@@ -157,6 +165,14 @@ impl MemoryLog {
 
     pub fn read(&self, offset: u64, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
         crate::managed_ledger::entries_from(&self.inner().entries, offset, max_entries, max_bytes)
+    }
+
+    pub fn offset_for_timestamp(&self, ts_ms: i64) -> u64 {
+        let m = self.inner();
+        m.entries
+            .iter()
+            .find(|e| BatchHeader::parse(&e.data).is_ok_and(|h| h.max_timestamp >= ts_ms))
+            .map_or(m.next, |e| e.base_offset)
     }
 
     pub fn start_offset(&self) -> u64 {

@@ -491,6 +491,52 @@ impl ManagedLedger {
         Ok(take_within(entries.into_iter(), max_entries, max_bytes))
     }
 
+    /// The first offset of the earliest entry whose newest timestamp is at
+    /// or after `ts_ms`, or the end when there is none: Kafka's lookup by
+    /// timestamp, at batch granularity. Binary search by reading one
+    /// entry per step, first over ledgers, then within one.
+    pub async fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64> {
+        let ledgers: Vec<LedgerInfo> = self
+            .ledgers()
+            .into_iter()
+            .filter(|l| l.entries > 0)
+            .collect();
+        let newest =
+            |entry: Entry| -> Result<i64> { Ok(BatchHeader::parse(&entry.data)?.max_timestamp) };
+        let (mut lo, mut hi) = (0usize, ledgers.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let l = &ledgers[mid];
+            let last = self.entry(l, l.entries - 1).await?;
+            if newest(last)? >= ts_ms {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let Some(l) = ledgers.get(lo) else {
+            return Ok(self.end_offset());
+        };
+        let (mut a, mut b) = (0u64, l.entries - 1);
+        while a < b {
+            let mid = a + (b - a) / 2;
+            if newest(self.entry(l, mid).await?)? >= ts_ms {
+                b = mid;
+            } else {
+                a = mid + 1;
+            }
+        }
+        Ok(self.entry(l, a).await?.base_offset)
+    }
+
+    async fn entry(&self, ledger: &LedgerInfo, id: u64) -> Result<Entry> {
+        self.read_range(ledger, id, id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| BrokerError::TopicUnavailable(self.inner.name.clone()))
+    }
+
     async fn reader(&self, ledger: &LedgerInfo, fresh: bool) -> Result<LedgerReader> {
         let cached = if fresh {
             None

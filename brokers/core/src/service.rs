@@ -911,7 +911,8 @@ impl Broker {
         Ok(routed)
     }
 
-    /// Runs retention over every loaded persistent topic now.
+    /// Expires messages past the namespace's message TTL, then runs
+    /// retention, over every loaded persistent topic now.
     pub async fn run_retention(&self) -> Result<Vec<u64>> {
         let mut deleted = Vec::new();
         for t in self.loaded_topics().await {
@@ -919,6 +920,10 @@ impl Broker {
                 continue;
             }
             let policies = self.policies(t.name().namespace()).await?;
+            if let Some(ttl) = policies.message_ttl_in_seconds.filter(|&s| s > 0) {
+                t.expire_messages(Duration::from_secs(u64::from(ttl)))
+                    .await?;
+            }
             deleted.extend(
                 t.apply_retention(&policies, self.inner.cfg.retention)
                     .await?,

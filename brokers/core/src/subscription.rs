@@ -341,6 +341,14 @@ impl Subscription {
         self.call(|reply| Cmd::Reset(to, reply)).await?
     }
 
+    /// Acknowledges everything before `offset` that is not yet: how
+    /// expired messages (message TTL) leave a subscription.
+    pub fn expire_before(&self, offset: u64) {
+        if offset > self.mark_delete() {
+            let _ = self.tx.send(Cmd::AckCumulative(offset - 1));
+        }
+    }
+
     /// Stops the dispatcher after writing the cursor; consumers see the end
     /// of their delivery stream.
     pub async fn close(&self) -> Result<()> {

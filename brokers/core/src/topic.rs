@@ -403,6 +403,23 @@ impl Topic {
         }
     }
 
+    /// Expires messages older than `ttl` from every subscription, as
+    /// Pulsar's message TTL does: they count as acknowledged. Returns the
+    /// offset before which messages expired.
+    pub async fn expire_messages(&self, ttl: std::time::Duration) -> Result<u64> {
+        let cutoff = magnetar_bookies::meta::now_ms().saturating_sub(ttl.as_millis() as u64);
+        let boundary = self.log.offset_for_timestamp(cutoff as i64).await?;
+        for (_, s) in self.subscription_list().await {
+            s.expire_before(boundary);
+        }
+        Ok(boundary)
+    }
+
+    /// Offset of the first batch with a timestamp at or after `ts_ms`.
+    pub async fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64> {
+        self.log.offset_for_timestamp(ts_ms).await
+    }
+
     /// Deletes the ledgers retention no longer keeps; returns their ids.
     pub async fn apply_retention(
         &self,

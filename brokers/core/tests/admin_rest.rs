@@ -391,6 +391,11 @@ async fn topics_subscriptions_and_stats() {
     .await;
     let stats = api.ok("GET", &format!("{t}/events/stats"), None).await;
     assert_eq!(stats["subscriptions"]["audit"]["msgBacklog"], json!(0));
+    // Back to the first message published at or after the epoch: all ten.
+    let by_time = format!("{t}/events/subscription/audit/resetcursor/0");
+    api.ok("POST", &by_time, None).await;
+    let stats = api.ok("GET", &format!("{t}/events/stats"), None).await;
+    assert_eq!(stats["subscriptions"]["audit"]["msgBacklog"], json!(10));
     let internal = api
         .ok("GET", &format!("{t}/events/internalStats"), None)
         .await;

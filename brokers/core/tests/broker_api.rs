@@ -730,3 +730,44 @@ async fn routing_changes_of_another_broker_keep_local_transient_queues() {
     let m = &magnetar_broker::format::decode_entry(&f.entries[0].data).expect("decode")[0];
     assert_eq!(m.message.value.as_deref(), Some(&b"via b1"[..]));
 }
+
+#[tokio::test]
+async fn message_ttl_expires_old_messages_and_timestamps_find_offsets() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let ns: NamespaceName = "public/ttl".parse().expect("ns");
+    let policies = magnetar_tenancy::Policies {
+        message_ttl_in_seconds: Some(1),
+        ..Default::default()
+    };
+    b.tenancy()
+        .create_namespace(&ns, &policies)
+        .await
+        .expect("namespace");
+    let t = topic("persistent://public/ttl/readings");
+    let _idle = b
+        .subscribe(&t, "idle", shared(SubscriptionType::Shared), named("idle"))
+        .await
+        .expect("subscribe");
+    // 25 messages span two ledgers (20 entries each), then a pause.
+    publish_n(&b, &t, 25).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let between = magnetar_bookies::meta::now_ms() as i64;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    publish_n(&b, &t, 5).await;
+    let topic = b.topic(&t, false).await.expect("topic");
+    assert_eq!(topic.offset_for_timestamp(0).await.expect("lookup"), 0);
+    assert_eq!(
+        topic.offset_for_timestamp(between).await.expect("lookup"),
+        25
+    );
+    assert_eq!(
+        topic.offset_for_timestamp(i64::MAX).await.expect("lookup"),
+        30
+    );
+    // The first 25 are older than the TTL: they expire from the cursor.
+    b.run_retention().await.expect("retention");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = &b.topic_stats(&t).await.expect("stats").subscriptions["idle"];
+    assert_eq!((s.mark_delete_offset, s.msg_backlog), (25, 5), "{s:?}");
+}
