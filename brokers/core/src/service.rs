@@ -370,13 +370,15 @@ impl Broker {
                 self.inner.cfg.memory_topic_bytes,
             )),
         };
-        Topic::load(
+        let topic = Topic::load(
             name.clone(),
             log,
             self.inner.meta.clone(),
             Some(self.dead_letter_sink(name.namespace().clone())),
         )
-        .await
+        .await?;
+        topic.set_policies(&policies);
+        Ok(topic)
     }
 
     async fn check_topic_quota(&self, name: &TopicName, policies: &Policies) -> Result<()> {
@@ -920,10 +922,12 @@ impl Broker {
                 continue;
             }
             let policies = self.policies(t.name().namespace()).await?;
+            t.set_policies(&policies);
             if let Some(ttl) = policies.message_ttl_in_seconds.filter(|&s| s > 0) {
                 t.expire_messages(Duration::from_secs(u64::from(ttl)))
                     .await?;
             }
+            t.evict_backlog().await?;
             deleted.extend(
                 t.apply_retention(&policies, self.inner.cfg.retention)
                     .await?,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use magnetar_metadata::{MetaClient, MetaError};
-use magnetar_tenancy::{Policies, TopicName};
+use magnetar_tenancy::{BacklogQuota, BacklogQuotaPolicy, Policies, TopicName};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -32,6 +32,9 @@ pub struct TopicStats {
     pub ledger_count: usize,
     pub subscriptions: BTreeMap<String, SubscriptionStats>,
 }
+
+/// Longest a publish waits under the producer-request-hold policy.
+const QUOTA_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Retention applied when a namespace sets none: acknowledged data of
 /// topics with subscriptions goes at once (queue semantics); topics without
@@ -77,6 +80,8 @@ pub struct Topic {
     meta: MetaClient,
     /// Next sequence expected per producer, counting appends in flight.
     in_flight: Mutex<HashMap<i64, i64>>,
+    /// The namespace's backlog quota, refreshed whenever retention runs.
+    quota: std::sync::RwLock<Option<BacklogQuota>>,
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
     msg_in: AtomicU64,
@@ -104,6 +109,7 @@ impl Topic {
             log,
             meta,
             in_flight: Mutex::new(HashMap::new()),
+            quota: std::sync::RwLock::new(None),
             subs: Mutex::new(HashMap::new()),
             dead_letter,
             msg_in: AtomicU64::new(0),
@@ -211,6 +217,7 @@ impl Topic {
             // there is nothing to deduplicate against.
             return self.append(batch, count).await.map(Published::Stored);
         };
+        self.check_quota().await?;
         let base = i64::from(p.base_sequence);
         let len = batch.len() as u64;
         let pending = {
@@ -250,6 +257,7 @@ impl Topic {
     }
 
     async fn append(&self, batch: Bytes, messages: u64) -> Result<u64> {
+        self.check_quota().await?;
         let len = batch.len() as u64;
         let base = self.log.append(batch).await?;
         self.msg_in.fetch_add(messages, Ordering::Relaxed);
@@ -420,6 +428,92 @@ impl Topic {
         self.log.offset_for_timestamp(ts_ms).await
     }
 
+    /// Takes the namespace's current policies (the backlog quota).
+    pub fn set_policies(&self, policies: &Policies) {
+        *self.quota.write().unwrap_or_else(|p| p.into_inner()) = policies.backlog_quota().copied();
+    }
+
+    fn quota(&self) -> Option<BacklogQuota> {
+        *self.quota.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the slowest durable subscription stands, if there is one.
+    async fn slowest_mark_delete(&self) -> Option<u64> {
+        let subs = self.subs.lock().await;
+        subs.values()
+            .filter(|s| s.is_durable())
+            .map(Subscription::mark_delete)
+            .min()
+    }
+
+    /// Bytes of the ledgers not wholly acknowledged by the slowest
+    /// subscription (ledger granularity, as Pulsar measures it).
+    pub async fn backlog_bytes(&self) -> u64 {
+        let Some(slowest) = self.slowest_mark_delete().await else {
+            return 0;
+        };
+        self.ledgers()
+            .iter()
+            .filter(|l| l.end_offset() > slowest)
+            .map(|l| l.size)
+            .sum()
+    }
+
+    /// Refuses (or holds) a publish while the backlog is over the quota.
+    async fn check_quota(&self) -> Result<()> {
+        let Some(q) = self.quota().filter(|q| q.limit_size >= 0) else {
+            return Ok(());
+        };
+        if !self.log.is_persistent() || q.policy == BacklogQuotaPolicy::ConsumerBacklogEviction {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + QUOTA_HOLD;
+        loop {
+            let backlog = self.backlog_bytes().await;
+            if backlog <= q.limit_size as u64 {
+                return Ok(());
+            }
+            if q.policy == BacklogQuotaPolicy::ProducerException
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Err(BrokerError::QuotaExceeded(format!(
+                    "{}: backlog of {backlog} bytes is over the quota of {} bytes",
+                    self.name, q.limit_size
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// With the consumer-backlog-eviction policy, moves subscriptions that
+    /// are too far behind forward to the oldest ledger the quota allows.
+    pub async fn evict_backlog(&self) -> Result<()> {
+        let Some(q) = self.quota().filter(|q| {
+            q.limit_size >= 0 && q.policy == BacklogQuotaPolicy::ConsumerBacklogEviction
+        }) else {
+            return Ok(());
+        };
+        if self.backlog_bytes().await <= q.limit_size as u64 {
+            return Ok(());
+        }
+        // The newest ledgers that fit in the quota stay; the ledger being
+        // written always does.
+        let ledgers = self.ledgers();
+        let mut kept = 0u64;
+        let mut boundary = ledgers.last().map_or(0, |l| l.first_offset);
+        for l in ledgers.iter().rev().skip(1) {
+            kept += l.size;
+            if kept > q.limit_size as u64 {
+                break;
+            }
+            boundary = l.first_offset;
+        }
+        for (_, s) in self.subscription_list().await {
+            s.expire_before(boundary);
+        }
+        Ok(())
+    }
+
     /// Deletes the ledgers retention no longer keeps; returns their ids.
     pub async fn apply_retention(
         &self,
@@ -429,13 +523,7 @@ impl Topic {
         let PartitionLog::Managed(ml) = &self.log else {
             return Ok(Vec::new());
         };
-        let slowest = {
-            let subs = self.subs.lock().await;
-            subs.values()
-                .filter(|s| s.is_durable())
-                .map(Subscription::mark_delete)
-                .min()
-        };
+        let slowest = self.slowest_mark_delete().await;
         let (minutes, mb, acked_limit) = match (&policies.retention_policies, slowest) {
             (Some(r), s) => (r.retention_time_in_minutes, r.retention_size_in_mb, s),
             (None, Some(s)) => (0, 0, Some(s)),

@@ -771,3 +771,83 @@ async fn message_ttl_expires_old_messages_and_timestamps_find_offsets() {
     let s = &b.topic_stats(&t).await.expect("stats").subscriptions["idle"];
     assert_eq!((s.mark_delete_offset, s.msg_backlog), (25, 5), "{s:?}");
 }
+
+#[tokio::test]
+async fn backlog_quota_refuses_producers_or_evicts_the_slowest() {
+    use magnetar_tenancy::{BacklogQuota, BacklogQuotaPolicy, Policies};
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let quota = |policy| Policies {
+        backlog_quota_map: [(
+            "destination_storage".to_string(),
+            BacklogQuota {
+                limit_size: 2048,
+                limit_time: -1,
+                policy,
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    // producer_exception: publishing fails once the backlog is over 2 KiB,
+    // and works again once the subscription catches up.
+    let strict: NamespaceName = "public/strict".parse().expect("ns");
+    b.tenancy()
+        .create_namespace(&strict, &quota(BacklogQuotaPolicy::ProducerException))
+        .await
+        .expect("namespace");
+    let t = topic("persistent://public/strict/q");
+    let mut c1 = b
+        .subscribe(&t, "slow", shared(SubscriptionType::Shared), named("slow"))
+        .await
+        .expect("subscribe");
+    let mut stored = 0;
+    let refused = loop {
+        match b.publish(&t, vec![Message::new(vec![b'x'; 100])]).await {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 1000, "the quota never applied");
+    };
+    assert!(
+        matches!(refused, magnetar_broker::BrokerError::QuotaExceeded(_)),
+        "{refused:?}"
+    );
+    assert!(stored >= 10, "refused too early, after {stored}");
+    c1.flow(10_000);
+    for _ in 0..stored {
+        let d = recv(&mut c1).await;
+        c1.ack(d.offset);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.publish(&t, vec![Message::new("again")])
+        .await
+        .expect("under quota again");
+
+    // consumer_backlog_eviction: retention moves the slow cursor forward.
+    let evict: NamespaceName = "public/evict".parse().expect("ns");
+    b.tenancy()
+        .create_namespace(&evict, &quota(BacklogQuotaPolicy::ConsumerBacklogEviction))
+        .await
+        .expect("namespace");
+    let t = topic("persistent://public/evict/q");
+    let _idle = b
+        .subscribe(&t, "idle", shared(SubscriptionType::Shared), named("idle"))
+        .await
+        .expect("subscribe");
+    for _ in 0..100 {
+        b.publish(&t, vec![Message::new(vec![b'x'; 100])])
+            .await
+            .expect("never refused");
+    }
+    let topic = b.topic(&t, false).await.expect("topic");
+    assert!(topic.backlog_bytes().await > 2048);
+    b.run_retention().await.expect("retention");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = &b.topic_stats(&t).await.expect("stats").subscriptions["idle"];
+    assert!(s.mark_delete_offset >= 60, "{s:?}");
+    assert!(
+        topic.backlog_bytes().await <= 2048 + 20 * 200,
+        "within the quota, to a ledger"
+    );
+}
