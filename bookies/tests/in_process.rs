@@ -8,7 +8,7 @@ use bytes::Bytes;
 use magnetar_bookies::{
     BookieConfig, BookieError, BookieServer, CreateOptions, LedgerClient, LedgerState,
 };
-use magnetar_metadata::{MetaClient, MetaNode, NodeConfig, RaftTuning};
+use magnetar_metadata::{MetaClient, MetaNode, NodeConfig};
 
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -17,27 +17,14 @@ struct Cluster {
     bookies: Vec<Option<BookieServer>>,
 }
 
-impl Drop for Cluster {
-    /// Joins the bookies' storage threads: a RocksDB still open when the
-    /// test process exits can abort it.
-    fn drop(&mut self) {
-        for b in self.bookies.iter().flatten() {
-            b.storage().stop_threads();
-        }
-    }
-}
-
 impl Cluster {
     async fn start(n: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_path_buf();
-        let meta = MetaNode::start(NodeConfig {
-            id: 1,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: path.join("meta"),
-            peers: Default::default(),
-            tuning: RaftTuning::default(),
-        })
+        let meta = MetaNode::start(NodeConfig::single(
+            "127.0.0.1:0".parse().expect("addr"),
+            path.join("meta"),
+        ))
         .await
         .expect("meta");
         meta.wait_for_leader(Duration::from_secs(10))

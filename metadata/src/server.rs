@@ -77,6 +77,19 @@ pub struct NodeConfig {
     pub tuning: RaftTuning,
 }
 
+impl NodeConfig {
+    /// A group of one, node 1: the embedded mode of standalone and tests.
+    pub fn single(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id: 1,
+            listen,
+            data_dir,
+            peers: BTreeMap::new(),
+            tuning: RaftTuning::default(),
+        }
+    }
+}
+
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();

@@ -2,20 +2,17 @@
 
 use std::time::Duration;
 
-use magnetar_metadata::{MetaClient, MetaNode, NodeConfig, RaftTuning};
+use magnetar_metadata::{MetaClient, MetaNode, NodeConfig};
 use magnetar_tenancy::{
     ClusterData, NamespaceName, Policies, RetentionPolicies, TenancyError, TenancyStore, TenantInfo,
 };
 
 async fn start() -> (tempfile::TempDir, MetaNode, TenancyStore) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = MetaNode::start(NodeConfig {
-        id: 1,
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().join("meta"),
-        peers: Default::default(),
-        tuning: RaftTuning::default(),
-    })
+    let node = MetaNode::start(NodeConfig::single(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("meta"),
+    ))
     .await
     .expect("meta");
     node.wait_for_leader(Duration::from_secs(10))

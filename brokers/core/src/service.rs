@@ -139,6 +139,8 @@ struct Inner {
     meta: MetaClient,
     /// For forwarding to other brokers.
     http: reqwest::Client,
+    /// Owners of topics this broker forwarded to, by HTTP URL.
+    remote_owners: std::sync::Mutex<HashMap<TopicName, String>>,
     ledgers: LedgerClient,
     tenancy: TenancyStore,
     session: RwLock<Session>,
@@ -204,6 +206,7 @@ impl Broker {
             .map_err(|e| BrokerError::InvalidArgument(format!("HTTP client: {e}")))?;
         let inner = Arc::new(Inner {
             http,
+            remote_owners: std::sync::Mutex::default(),
             ledgers: LedgerClient::new(meta.clone()),
             tenancy,
             session: RwLock::new(session),
@@ -556,19 +559,11 @@ impl Broker {
     /// Publishes messages to one partition (or non-partitioned topic) as
     /// one batch; returns the first message's offset.
     pub async fn publish(&self, topic: &TopicName, messages: Vec<Message>) -> Result<u64> {
-        match self.topic(topic, true).await {
-            Ok(t) => t.publish(&messages).await,
-            Err(BrokerError::NotOwner {
-                owner: Some(url), ..
-            }) => {
-                let batch = crate::format::encode_messages(&messages)?;
-                match self.forward(&url, topic, batch).await? {
-                    Published::Stored(o) => Ok(o),
-                    // A batch without a producer id is never a duplicate.
-                    Published::Duplicate => Err(BrokerError::TopicUnavailable(topic.to_string())),
-                }
-            }
-            Err(e) => Err(e),
+        let batch = crate::format::encode_messages(&messages)?;
+        match self.publish_batch(topic, batch).await? {
+            Published::Stored(o) => Ok(o),
+            // A batch without a producer id is never a duplicate.
+            Published::Duplicate => Err(BrokerError::TopicUnavailable(topic.to_string())),
         }
     }
 
@@ -580,28 +575,48 @@ impl Broker {
         messages: Vec<Message>,
         producer: ProducerSequence,
     ) -> Result<Published> {
+        let batch = crate::format::encode_batch(&messages, Some(producer))?;
+        self.publish_batch(topic, batch).await
+    }
+
+    /// Appends a record batch (a Kafka client's, or one encoded here)
+    /// unchanged but for its base offset; batches of idempotent producers
+    /// are deduplicated. A topic owned by another broker gets the batch
+    /// forwarded; the owner is remembered until a forward to it fails.
+    pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {
+        let cached = self.remote_owners().get(topic).cloned();
+        if let Some(url) = cached {
+            match self.forward(&url, topic, batch.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(e @ (BrokerError::InvalidArgument(_) | BrokerError::NotFound(_))) => {
+                    return Err(e)
+                }
+                // Moved or gone: ask again below.
+                Err(_) => {
+                    self.remote_owners().remove(topic);
+                }
+            }
+        }
         match self.topic(topic, true).await {
-            Ok(t) => t.publish_idempotent(&messages, producer).await,
+            Ok(t) => t.publish_batch(batch).await,
             Err(BrokerError::NotOwner {
                 owner: Some(url), ..
             }) => {
-                let batch = crate::format::encode_batch(&messages, Some(producer))?;
-                self.forward(&url, topic, batch).await
+                let r = self.forward(&url, topic, batch).await;
+                if r.is_ok() {
+                    self.remote_owners().insert(topic.clone(), url);
+                }
+                r
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Appends a Kafka record batch unchanged but for its base offset,
-    /// forwarding it to the owner when that is another broker.
-    pub async fn publish_batch(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {
-        match self.topic(topic, true).await {
-            Ok(t) => t.publish_batch(batch).await,
-            Err(BrokerError::NotOwner {
-                owner: Some(url), ..
-            }) => self.forward(&url, topic, batch).await,
-            Err(e) => Err(e),
-        }
+    fn remote_owners(&self) -> std::sync::MutexGuard<'_, HashMap<TopicName, String>> {
+        self.inner
+            .remote_owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends a batch here only, never forwarding: what a forwarded
@@ -894,19 +909,24 @@ impl Broker {
         headers: &[(String, HeaderValue)],
         message: Message,
     ) -> Result<Routed> {
-        let (routed, transient) = {
+        // The queues' topics are named under the lock; the message is
+        // encoded once and the same batch appended to each.
+        let (routed, topics) = {
             let r = self.routing(ns).await?;
             let g = r.lock().await;
-            (
-                g.table.route(exchange, routing_key, headers)?,
-                g.transient.clone(),
-            )
+            let routed = g.table.route(exchange, routing_key, headers)?;
+            let topics = routed
+                .queues
+                .iter()
+                .map(|q| self.queue_topic(ns, q, !g.transient.contains(q)))
+                .collect::<Result<Vec<_>>>()?;
+            (routed, topics)
         };
-        let publishes = routed.queues.iter().map(|q| {
-            let topic = self.queue_topic(ns, q, !transient.contains(q));
-            let message = message.clone();
-            async move { self.publish(&topic?, vec![message]).await }
-        });
+        if topics.is_empty() {
+            return Ok(routed);
+        }
+        let batch = crate::format::encode_messages(std::slice::from_ref(&message))?;
+        let publishes = topics.iter().map(|t| self.publish_batch(t, batch.clone()));
         for r in futures::future::join_all(publishes).await {
             r?;
         }

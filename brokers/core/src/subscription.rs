@@ -283,6 +283,7 @@ impl Subscription {
             consumers: Vec::new(),
             next_consumer: 1,
             rr: 0,
+            active: 0,
             read_pos,
             buffer: VecDeque::new(),
             pending: BTreeMap::new(),
@@ -476,6 +477,9 @@ struct Dispatcher {
     consumers: Vec<Slot>,
     next_consumer: u64,
     rr: usize,
+    /// Index of the consumer that receives on exclusive and failover
+    /// subscriptions.
+    active: usize,
     /// Next offset to read from the log.
     read_pos: u64,
     /// Decoded messages from `read_pos` onwards, not yet delivered.
@@ -789,6 +793,7 @@ impl Dispatcher {
             unacked: 0,
             msg_out: 0,
         });
+        self.elect_active();
         Ok(Consumer {
             id,
             sub_type: self.sub_type,
@@ -802,6 +807,7 @@ impl Dispatcher {
             return;
         };
         self.consumers.remove(i);
+        self.elect_active();
         let theirs: Vec<u64> = self
             .pending
             .iter()
@@ -813,6 +819,27 @@ impl Dispatcher {
         }
     }
 
+    /// The failover (or exclusive) consumer that receives: lowest
+    /// priority, then name; partitions spread over equally ranked ones, as
+    /// in Pulsar. Chosen when consumers come and go, not per message.
+    fn elect_active(&mut self) {
+        let mut order: Vec<usize> = (0..self.consumers.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&self.consumers[a], &self.consumers[b]);
+            (a.priority, &a.name, a.id).cmp(&(b.priority, &b.name, b.id))
+        });
+        let Some(&first) = order.first() else {
+            self.active = 0;
+            return;
+        };
+        let best = self.consumers[first].priority;
+        let tied = order
+            .iter()
+            .take_while(|&&i| self.consumers[i].priority == best)
+            .count();
+        self.active = order[self.partition as usize % tied];
+    }
+
     /// Which consumer may take a message now, if any.
     fn pick(&mut self, offset: u64, kh: u64) -> Option<usize> {
         if self.consumers.is_empty() {
@@ -820,20 +847,8 @@ impl Dispatcher {
         }
         match self.sub_type {
             SubscriptionType::Exclusive | SubscriptionType::Failover => {
-                let mut order: Vec<usize> = (0..self.consumers.len()).collect();
-                order.sort_by(|&a, &b| {
-                    let (a, b) = (&self.consumers[a], &self.consumers[b]);
-                    (a.priority, &a.name, a.id).cmp(&(b.priority, &b.name, b.id))
-                });
-                // Partitions spread over consumers of equal priority, as in
-                // Pulsar's failover subscriptions.
-                let best = self.consumers[order[0]].priority;
-                let tied = order
-                    .iter()
-                    .take_while(|&&i| self.consumers[i].priority == best)
-                    .count();
-                let active = order[self.partition as usize % tied];
-                (self.consumers[active].permits > 0).then_some(active)
+                let a = self.active;
+                (self.consumers.get(a)?.permits > 0).then_some(a)
             }
             SubscriptionType::Shared => {
                 let best = self

@@ -14,7 +14,7 @@ use magnetar_bookies::{BookieConfig, BookieServer, LedgerClient};
 use magnetar_broker::managed_ledger::ManagedLedgerConfig;
 use magnetar_broker::topic::RetentionDefaults;
 use magnetar_broker::{Broker, BrokerConfig, BrokerInfo};
-use magnetar_metadata::{parse_endpoints, MetaClient, MetaNode, NodeConfig, RaftTuning};
+use magnetar_metadata::{parse_endpoints, MetaClient, MetaNode, NodeConfig};
 
 /// Options every broker has, standalone or not.
 #[derive(Args, Clone)]
@@ -211,15 +211,9 @@ impl Embedded {
     ) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        let node = MetaNode::start(NodeConfig {
-            id: 1,
-            listen: meta_listen,
-            data_dir: data_dir.join("meta"),
-            peers: Default::default(),
-            tuning: RaftTuning::default(),
-        })
-        .await
-        .context("starting the embedded metadata node")?;
+        let node = MetaNode::start(NodeConfig::single(meta_listen, data_dir.join("meta")))
+            .await
+            .context("starting the embedded metadata node")?;
         node.wait_for_leader(Duration::from_secs(30))
             .await
             .context("waiting for the metadata node")?;

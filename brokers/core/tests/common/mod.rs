@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use magnetar_bookies::{BookieConfig, BookieServer, LedgerClient};
-use magnetar_metadata::{MetaClient, MetaNode, NodeConfig, RaftTuning};
+use magnetar_metadata::{MetaClient, MetaNode, NodeConfig};
 
 pub struct Cluster {
     pub dir: PathBuf,
@@ -18,13 +18,10 @@ impl Cluster {
     pub async fn start(bookies: u64) -> Cluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let meta = MetaNode::start(NodeConfig {
-            id: 1,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: dir.join("meta"),
-            peers: Default::default(),
-            tuning: RaftTuning::default(),
-        })
+        let meta = MetaNode::start(NodeConfig::single(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.join("meta"),
+        ))
         .await
         .expect("meta");
         meta.wait_for_leader(Duration::from_secs(10))
@@ -67,15 +64,5 @@ impl Cluster {
 
     pub fn ledger_client(&self) -> LedgerClient {
         LedgerClient::new(self.meta_client())
-    }
-}
-
-impl Drop for Cluster {
-    /// Joins the bookies' storage threads: a RocksDB still open when the
-    /// test process exits aborts it.
-    fn drop(&mut self) {
-        for b in &self.bookies {
-            b.storage().stop_threads();
-        }
     }
 }
