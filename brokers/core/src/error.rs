@@ -42,6 +42,14 @@ pub enum BrokerError {
     #[error("subscription {0} already has an exclusive consumer")]
     ConsumerBusy(String),
 
+    /// An idempotent producer skipped sequence numbers.
+    #[error("out-of-order sequence: {0}")]
+    OutOfOrderSequence(String),
+
+    /// A newer instance of the producer (a higher epoch) has written.
+    #[error("producer fenced: {0}")]
+    ProducerFenced(String),
+
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
 

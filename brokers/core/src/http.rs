@@ -82,7 +82,10 @@ impl From<BrokerError> for ApiError {
         let status = match &e {
             BrokerError::Tenancy(t) => tenancy_status(t),
             BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
-            BrokerError::AlreadyExists(_) | BrokerError::ConsumerBusy(_) => StatusCode::CONFLICT,
+            BrokerError::AlreadyExists(_)
+            | BrokerError::ConsumerBusy(_)
+            | BrokerError::OutOfOrderSequence(_)
+            | BrokerError::ProducerFenced(_) => StatusCode::CONFLICT,
             BrokerError::InvalidArgument(_) | BrokerError::CorruptBatch(_) => {
                 StatusCode::BAD_REQUEST
             }

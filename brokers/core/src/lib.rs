@@ -14,6 +14,7 @@
 //!   redelivery and dead-lettering;
 //! - [`service`]: [`Broker`], the protocol-neutral API, with topic loading,
 //!   bundle ownership through metadata leases, routing and retention;
+//! - [`state`]: durable per-protocol state (group offsets, sessions);
 //! - [`http`]: the admin REST API, after Pulsar's.
 
 pub mod cursor;
@@ -24,14 +25,16 @@ pub mod log;
 pub mod managed_ledger;
 pub mod routing;
 pub mod service;
+pub mod state;
 pub mod subscription;
 pub mod topic;
 
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult};
+pub use state::{StateStore, Versioned};
 pub use subscription::{
     Consumer, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition, ResetTo,
     SubscriptionOptions, SubscriptionType,
 };
-pub use topic::Published;
+pub use topic::{PendingPublish, Published};

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use magnetar_metadata::{MetaClient, MetaError};
 use magnetar_tenancy::{BacklogQuota, BacklogQuotaPolicy, Policies, TopicName};
 use serde::Serialize;
@@ -78,15 +80,34 @@ pub struct Topic {
     name: TopicName,
     log: PartitionLog,
     meta: MetaClient,
-    /// Next sequence expected per producer, counting appends in flight.
-    in_flight: Mutex<HashMap<i64, i64>>,
+    /// Epoch and next sequence expected per producer, counting appends in
+    /// flight.
+    in_flight: Arc<Mutex<HashMap<i64, (i16, i64)>>>,
     /// The namespace's backlog quota, refreshed whenever retention runs.
     quota: std::sync::RwLock<Option<BacklogQuota>>,
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
+    stats: Arc<InCounters>,
+}
+
+#[derive(Debug, Default)]
+struct InCounters {
     msg_in: AtomicU64,
     bytes_in: AtomicU64,
 }
+
+/// The counters a publish bumps once it is durable.
+struct Counters(Arc<InCounters>);
+
+impl Counters {
+    fn add(&self, messages: u64, bytes: u64) {
+        self.0.msg_in.fetch_add(messages, Ordering::Relaxed);
+        self.0.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A publish whose place is fixed, resolving when it is durable.
+pub type PendingPublish = BoxFuture<'static, Result<Published>>;
 
 impl std::fmt::Debug for Topic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,12 +129,11 @@ impl Topic {
             name,
             log,
             meta,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Arc::default(),
             quota: std::sync::RwLock::new(None),
             subs: Mutex::new(HashMap::new()),
             dead_letter,
-            msg_in: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
+            stats: Arc::default(),
         });
         if topic.log.is_persistent() {
             let prefix = format!("{CURSOR_PREFIX}{}/", topic.name.path());
@@ -185,7 +205,8 @@ impl Topic {
         producer: ProducerSequence,
     ) -> Result<Published> {
         let batch = encode_batch(messages, Some(producer))?;
-        self.append_idempotent(batch, producer, messages.len() as u64)
+        self.submit_idempotent(batch, producer, messages.len() as u64)
+            .await?
             .await
     }
 
@@ -193,6 +214,14 @@ impl Topic {
     /// checking it as a Kafka broker would. Batches from idempotent
     /// producers are deduplicated.
     pub async fn publish_batch(&self, batch: Bytes) -> Result<Published> {
+        self.submit_batch(batch).await?.await
+    }
+
+    /// Like [`Topic::publish_batch`], in two steps: returns once the
+    /// batch's place in the partition is fixed (and its sequence checked),
+    /// with a future that resolves when it is durable. A connection that
+    /// pipelines requests submits them in order and awaits them in any.
+    pub async fn submit_batch(&self, batch: Bytes) -> Result<PendingPublish> {
         let h = validate_batch(&batch)?;
         let count = h.record_count.max(0) as u64;
         if h.producer_id >= 0 && h.base_sequence >= 0 {
@@ -201,67 +230,106 @@ impl Topic {
                 epoch: h.producer_epoch,
                 base_sequence: h.base_sequence,
             };
-            return self.append_idempotent(batch, p, count).await;
+            return self.submit_idempotent(batch, p, count).await;
         }
-        self.append(batch, count).await.map(Published::Stored)
+        self.check_quota().await?;
+        let pending = self.log.submit(batch.clone()).await?;
+        let stats = self.counters();
+        let len = batch.len() as u64;
+        Ok(async move {
+            let offset = pending.await?;
+            stats.add(count, len);
+            Ok(Published::Stored(offset))
+        }
+        .boxed())
     }
 
-    async fn append_idempotent(
+    fn counters(&self) -> Counters {
+        Counters(self.stats.clone())
+    }
+
+    /// Checks a producer's sequence as Kafka does, per partition: a
+    /// sequence already stored is a duplicate, a gap is out of order, an
+    /// older epoch is fenced, and a new epoch starts again at zero.
+    async fn submit_idempotent(
         &self,
         batch: Bytes,
         p: ProducerSequence,
         count: u64,
-    ) -> Result<Published> {
+    ) -> Result<PendingPublish> {
         let PartitionLog::Managed(ml) = &self.log else {
             // Nothing survives a restart of a non-persistent topic, so
             // there is nothing to deduplicate against.
-            return self.append(batch, count).await.map(Published::Stored);
+            let pending = self.log.submit(batch).await?;
+            return Ok(async move { pending.await.map(Published::Stored) }.boxed());
         };
         self.check_quota().await?;
         let base = i64::from(p.base_sequence);
         let len = batch.len() as u64;
         let pending = {
             let mut in_flight = self.in_flight.lock().await;
-            let stored = ml
-                .producer(p.producer_id)
-                .filter(|s| s.epoch == p.epoch)
-                .map(|s| s.last_sequence);
-            if stored.is_some_and(|last| base <= last) {
-                return Ok(Published::Duplicate);
-            }
-            if in_flight
-                .get(&p.producer_id)
-                .is_some_and(|&next| base < next)
-            {
-                return Err(BrokerError::TopicUnavailable(format!(
-                    "{}: an earlier send of sequence {base} is still in flight",
-                    self.name
+            let stored = ml.producer(p.producer_id);
+            if let Some(s) = stored.filter(|s| p.epoch < s.epoch) {
+                return Err(BrokerError::ProducerFenced(format!(
+                    "{}: producer {} has epoch {}, the partition has seen {}",
+                    self.name, p.producer_id, p.epoch, s.epoch
                 )));
             }
-            in_flight.insert(p.producer_id, base + count.max(1) as i64);
+            let stored_last = stored
+                .filter(|s| s.epoch == p.epoch)
+                .map(|s| s.last_sequence);
+            if stored_last.is_some_and(|last| base <= last) {
+                return Ok(async { Ok(Published::Duplicate) }.boxed());
+            }
+            let expected = in_flight
+                .get(&p.producer_id)
+                .filter(|(epoch, _)| *epoch == p.epoch)
+                .map(|&(_, next)| next)
+                .or(stored_last.map(|last| last + 1))
+                .or(stored.map(|_| 0));
+            match expected {
+                Some(next) if base < next => {
+                    return Err(BrokerError::TopicUnavailable(format!(
+                        "{}: an earlier send of sequence {base} is still in flight",
+                        self.name
+                    )))
+                }
+                Some(next) if base > next => {
+                    return Err(BrokerError::OutOfOrderSequence(format!(
+                        "{}: producer {} sent sequence {base}, expected {next}",
+                        self.name, p.producer_id
+                    )))
+                }
+                _ => {}
+            }
+            in_flight.insert(p.producer_id, (p.epoch, base + count.max(1) as i64));
             self.log.submit(batch).await?
         };
-        match pending.await {
-            Ok(offset) => {
-                self.msg_in.fetch_add(count, Ordering::Relaxed);
-                self.bytes_in.fetch_add(len, Ordering::Relaxed);
-                Ok(Published::Stored(offset))
-            }
-            Err(e) => {
-                // Later sends of this producer fail too; it starts again
-                // from what the partition stored.
-                self.in_flight.lock().await.remove(&p.producer_id);
-                Err(e)
+        let stats = self.counters();
+        let in_flight = Arc::clone(&self.in_flight);
+        let producer_id = p.producer_id;
+        Ok(async move {
+            match pending.await {
+                Ok(offset) => {
+                    stats.add(count, len);
+                    Ok(Published::Stored(offset))
+                }
+                Err(e) => {
+                    // Later sends of this producer fail too; it starts
+                    // again from what the partition stored.
+                    in_flight.lock().await.remove(&producer_id);
+                    Err(e)
+                }
             }
         }
+        .boxed())
     }
 
     async fn append(&self, batch: Bytes, messages: u64) -> Result<u64> {
         self.check_quota().await?;
         let len = batch.len() as u64;
         let base = self.log.append(batch).await?;
-        self.msg_in.fetch_add(messages, Ordering::Relaxed);
-        self.bytes_in.fetch_add(len, Ordering::Relaxed);
+        self.counters().add(messages, len);
         Ok(base)
     }
 
@@ -394,8 +462,8 @@ impl Topic {
         }
         let ledgers = self.ledgers();
         Ok(TopicStats {
-            msg_in_counter: self.msg_in.load(Ordering::Relaxed),
-            bytes_in_counter: self.bytes_in.load(Ordering::Relaxed),
+            msg_in_counter: self.stats.msg_in.load(Ordering::Relaxed),
+            bytes_in_counter: self.stats.bytes_in.load(Ordering::Relaxed),
             storage_size: self.log.size(),
             start_offset: self.log.start_offset(),
             end_offset: self.log.end_offset(),

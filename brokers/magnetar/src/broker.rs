@@ -59,6 +59,79 @@ pub struct BrokerOptions {
     /// How long this broker's topics stay owned after it dies, in ms.
     #[arg(long, env = "MAGNETAR_BROKER_SESSION_TTL_MS", default_value_t = 10_000)]
     session_ttl_ms: u64,
+    /// Kafka listener.
+    #[arg(long, env = "MAGNETAR_KAFKA_LISTEN", default_value = "127.0.0.1:9092")]
+    kafka_listen: SocketAddr,
+    /// HOST:PORT Kafka clients are told to connect to (Metadata and
+    /// FindCoordinator answers); default: the bound address.
+    #[arg(long, env = "MAGNETAR_ADVERTISED_KAFKA")]
+    advertised_kafka: Option<String>,
+    /// Namespace of Kafka topics for clients whose SASL user names none.
+    #[arg(
+        long,
+        env = "MAGNETAR_KAFKA_NAMESPACE",
+        default_value = "public/default"
+    )]
+    kafka_namespace: String,
+    /// Partitions of Kafka topics created without a count (Kafka's
+    /// `num.partitions`).
+    #[arg(long, env = "MAGNETAR_KAFKA_PARTITIONS", default_value_t = 1)]
+    kafka_partitions: u32,
+    /// How long a new consumer group waits for more members before its
+    /// first rebalance (Kafka's `group.initial.rebalance.delay.ms`).
+    #[arg(
+        long,
+        env = "MAGNETAR_KAFKA_GROUP_INITIAL_DELAY_MS",
+        default_value_t = 3000
+    )]
+    kafka_group_initial_delay_ms: u64,
+}
+
+/// The protocol listeners, bound before the broker registers so that its
+/// registration can advertise them.
+struct Listeners {
+    kafka: tokio::net::TcpListener,
+    kafka_advertised: String,
+}
+
+async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
+    let kafka = tokio::net::TcpListener::bind(opts.kafka_listen)
+        .await
+        .with_context(|| format!("binding the Kafka listener on {}", opts.kafka_listen))?;
+    let bound = kafka.local_addr()?;
+    Ok(Listeners {
+        kafka,
+        kafka_advertised: opts
+            .advertised_kafka
+            .clone()
+            .unwrap_or_else(|| bound.to_string()),
+    })
+}
+
+/// The running protocol servers.
+struct Protocols {
+    kafka: magnetar_kafka::KafkaServer,
+}
+
+impl Protocols {
+    fn start(l: Listeners, broker: &Broker, opts: &BrokerOptions) -> anyhow::Result<Protocols> {
+        let kafka_cfg = magnetar_kafka::KafkaConfig {
+            default_namespace: opts
+                .kafka_namespace
+                .parse()
+                .with_context(|| format!("--kafka-namespace {}", opts.kafka_namespace))?,
+            default_partitions: opts.kafka_partitions.max(1),
+            group_initial_rebalance_delay: Duration::from_millis(opts.kafka_group_initial_delay_ms),
+            ..Default::default()
+        };
+        Ok(Protocols {
+            kafka: magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?,
+        })
+    }
+
+    fn stop(&self) {
+        self.kafka.stop();
+    }
 }
 
 #[derive(Args)]
@@ -127,6 +200,7 @@ fn broker_config(
     advertised: &str,
     opts: &BrokerOptions,
     quorum: (usize, usize, usize),
+    listeners: Option<&Listeners>,
 ) -> anyhow::Result<BrokerConfig> {
     let (e, qw, qa) = (
         opts.ensemble.unwrap_or(quorum.0),
@@ -142,7 +216,9 @@ fn broker_config(
         BrokerInfo {
             id: advertised.to_string(),
             http_url: format!("http://{advertised}"),
-            listeners: Default::default(),
+            listeners: listeners
+                .map(|l| [("kafka".to_string(), l.kafka_advertised.clone())].into())
+                .unwrap_or_default(),
         },
     );
     cfg.managed_ledger = ManagedLedgerConfig {
@@ -180,14 +256,27 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!endpoints.is_empty(), "--meta names no metadata node");
     let meta = MetaClient::new(&endpoints)?;
     let (listener, advertised) = bind_http(&args.opts).await?;
-    let cfg = broker_config(&args.cluster, &advertised, &args.opts, (3, 3, 2))?;
+    let listeners = bind_protocols(&args.opts).await?;
+    let cfg = broker_config(
+        &args.cluster,
+        &advertised,
+        &args.opts,
+        (3, 3, 2),
+        Some(&listeners),
+    )?;
     let broker = Broker::start(meta, cfg)
         .await
         .context("starting the broker")?;
     let http = serve_http(listener, broker.clone())?;
-    println!("magnetar broker ready: http={}", http.addr);
+    let protocols = Protocols::start(listeners, &broker, &args.opts)?;
+    println!(
+        "magnetar broker ready: http={} kafka={}",
+        http.addr,
+        protocols.kafka.local_addr()
+    );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
+    protocols.stop();
     broker.shutdown().await;
     stop_http(http).await;
     Ok(())
@@ -252,6 +341,7 @@ pub fn standalone_config(cluster: &str, advertised: &str) -> anyhow::Result<Brok
         advertised,
         &BrokerOptions::parse_defaults(),
         (1, 1, 1),
+        None,
     )
 }
 
@@ -268,21 +358,31 @@ impl BrokerOptions {
 
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let (listener, advertised) = bind_http(&args.opts).await?;
+    let listeners = bind_protocols(&args.opts).await?;
     let embedded = Embedded::start(&args.data_dir, args.meta_listen, args.bookie_listen, || {
-        broker_config(&args.cluster, &advertised, &args.opts, (1, 1, 1))
+        broker_config(
+            &args.cluster,
+            &advertised,
+            &args.opts,
+            (1, 1, 1),
+            Some(&listeners),
+        )
     })
     .await?;
     let http = serve_http(listener, embedded.broker.clone())?;
+    let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
     // The one line harnesses and users wait for.
     println!(
-        "magnetar standalone ready: http={} meta={} bookie={} data={}",
+        "magnetar standalone ready: http={} kafka={} meta={} bookie={} data={}",
         http.addr,
+        protocols.kafka.local_addr(),
         embedded.node.local_addr(),
         embedded.bookie.local_addr(),
         args.data_dir.display()
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
+    protocols.stop();
     stop_http(http).await;
     embedded.shutdown().await;
     Ok(())

@@ -1,0 +1,582 @@
+//! Topic administration: create, delete, add partitions, and topic
+//! configs.
+//!
+//! Kafka topic configs are kept per topic in the broker's state store, as
+//! overrides of the namespace's policies; DescribeConfigs shows each
+//! override, or the value the namespace policy (or Kafka's default)
+//! gives.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::ResponseError as E;
+use magnetar_broker::BrokerError;
+use magnetar_tenancy::{NamespaceName, TopicName as Name};
+
+use crate::error::code_of;
+use crate::handler::{str, Caller, Ctx, Layout};
+
+/// ConfigResource type of a topic.
+const TOPIC_RESOURCE: i8 = 2;
+const BROKER_RESOURCE: i8 = 4;
+
+/// Config sources, as DescribeConfigs reports them.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_DEFAULT: i8 = 5;
+
+/// Topic configs Kafka clients commonly read or set, and their defaults.
+const TOPIC_CONFIGS: &[(&str, &str)] = &[
+    ("cleanup.policy", "delete"),
+    ("compression.type", "producer"),
+    ("max.message.bytes", "1048588"),
+    ("message.timestamp.type", "CreateTime"),
+    ("min.insync.replicas", "1"),
+    ("retention.bytes", "-1"),
+    ("retention.ms", "604800000"),
+    ("segment.bytes", "1073741824"),
+    ("segment.ms", "604800000"),
+];
+
+fn valid_value(name: &str, value: &str) -> bool {
+    match name {
+        "cleanup.policy" => value
+            .split(',')
+            .all(|p| matches!(p.trim(), "delete" | "compact")),
+        "compression.type" => matches!(
+            value,
+            "producer" | "uncompressed" | "gzip" | "snappy" | "lz4" | "zstd"
+        ),
+        "message.timestamp.type" => matches!(value, "CreateTime" | "LogAppendTime"),
+        _ => value.parse::<i64>().is_ok(),
+    }
+}
+
+type Configs = BTreeMap<String, String>;
+
+impl Ctx {
+    fn configs_key(t: &Name) -> String {
+        t.path()
+    }
+
+    pub(crate) async fn topic_overrides(&self, t: &Name) -> Result<(Configs, u64), i16> {
+        let store = self.broker.state("kafka-topic-configs");
+        match store.get(&Self::configs_key(t)).await {
+            Ok(Some(v)) => Ok((
+                serde_json::from_slice(&v.value).unwrap_or_default(),
+                v.version,
+            )),
+            Ok(None) => Ok((Configs::new(), 0)),
+            Err(e) => Err(code_of(&e)),
+        }
+    }
+
+    async fn store_overrides(&self, t: &Name, configs: &Configs, version: u64) -> Result<(), i16> {
+        let store = self.broker.state("kafka-topic-configs");
+        let bytes = serde_json::to_vec(configs).map_err(|_| E::UnknownServerError.code())?;
+        store
+            .compare_and_put(&Self::configs_key(t), version, bytes)
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                BrokerError::PreconditionFailed(_) => E::ConcurrentTransactions.code(),
+                e => code_of(&e),
+            })
+    }
+
+    fn check_configs<'a>(
+        &self,
+        configs: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<(), (i16, String)> {
+        for (name, value) in configs {
+            if !TOPIC_CONFIGS.iter().any(|(n, _)| *n == name) {
+                return Err((
+                    E::InvalidConfig.code(),
+                    format!("unknown topic config {name}"),
+                ));
+            }
+            if let Some(v) = value {
+                if !valid_value(name, v) {
+                    return Err((
+                        E::InvalidConfig.code(),
+                        format!("invalid value {v:?} for {name}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The value a namespace gives a config when the topic has no
+    /// override.
+    async fn namespace_default(&self, ns: &NamespaceName, name: &str) -> Option<String> {
+        let p = self.broker.tenancy().get_policies(ns).await.ok()?;
+        let r = p.retention_policies.as_ref()?;
+        match name {
+            "retention.ms" if r.retention_time_in_minutes != 0 => {
+                Some(if r.retention_time_in_minutes < 0 {
+                    "-1".into()
+                } else {
+                    (r.retention_time_in_minutes * 60_000).to_string()
+                })
+            }
+            "retention.bytes" if r.retention_size_in_mb != 0 => {
+                Some(if r.retention_size_in_mb < 0 {
+                    "-1".into()
+                } else {
+                    (r.retention_size_in_mb * 1024 * 1024).to_string()
+                })
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) async fn create_topics(
+        &self,
+        c: &Caller,
+        r: CreateTopicsRequest,
+    ) -> CreateTopicsResponse {
+        let mut topics = Vec::with_capacity(r.topics.len());
+        for t in r.topics {
+            let mut res = CreatableTopicResult::default()
+                .with_name(t.name.clone())
+                .with_num_partitions(-1)
+                .with_replication_factor(-1);
+            let outcome = self.create_one(c, &t, r.validate_only).await;
+            match outcome {
+                Ok(n) => {
+                    res.num_partitions = n as i32;
+                    res.replication_factor = 1;
+                }
+                Err((code, msg)) => {
+                    res.error_code = code;
+                    res.error_message = Some(str(msg));
+                }
+            }
+            topics.push(res);
+        }
+        CreateTopicsResponse::default().with_topics(topics)
+    }
+
+    async fn create_one(
+        &self,
+        c: &Caller,
+        t: &create_topics_request::CreatableTopic,
+        validate_only: bool,
+    ) -> Result<u32, (i16, String)> {
+        let name = t.name.0.as_str();
+        let base = self
+            .topic_name(&c.ns, name)
+            .map_err(|code| (code, format!("invalid topic name {name:?}")))?;
+        let partitions = match t.num_partitions {
+            -1 => self.cfg.default_partitions,
+            n if n >= 1 && n <= 10_000 => n as u32,
+            n => {
+                return Err((
+                    E::InvalidPartitions.code(),
+                    format!("{n} partitions is not allowed"),
+                ))
+            }
+        };
+        if !(t.replication_factor == -1 || t.replication_factor >= 1) {
+            return Err((
+                E::InvalidReplicationFactor.code(),
+                "replication factor must be at least 1".into(),
+            ));
+        }
+        if !t.assignments.is_empty() {
+            return Err((
+                E::InvalidReplicaAssignment.code(),
+                "replica assignments are chosen by the bookies".into(),
+            ));
+        }
+        self.check_configs(
+            t.configs
+                .iter()
+                .map(|c| (c.name.as_str(), c.value.as_deref())),
+        )?;
+        let exists = self
+            .layout(&base)
+            .await
+            .map_err(|e| (code_of(&e), e.to_string()))?
+            .is_some();
+        if exists {
+            return Err((
+                E::TopicAlreadyExists.code(),
+                format!("topic {name} already exists"),
+            ));
+        }
+        if validate_only {
+            return Ok(partitions);
+        }
+        match self.create_topic(&base, partitions).await {
+            Ok(()) => {}
+            Err(BrokerError::AlreadyExists(m)) => return Err((E::TopicAlreadyExists.code(), m)),
+            Err(e) => return Err((code_of(&e), e.to_string())),
+        }
+        let configs: Configs = t
+            .configs
+            .iter()
+            .filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string())))
+            .collect();
+        if !configs.is_empty() {
+            self.store_overrides(&base, &configs, 0)
+                .await
+                .map_err(|code| (code, "configs not stored".to_string()))?;
+        }
+        Ok(partitions)
+    }
+
+    pub(crate) async fn delete_topics(
+        &self,
+        c: &Caller,
+        r: DeleteTopicsRequest,
+        v: i16,
+    ) -> DeleteTopicsResponse {
+        let names: Vec<String> = if v >= 6 {
+            r.topics
+                .iter()
+                .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+                .collect()
+        } else {
+            r.topic_names.iter().map(|n| n.0.to_string()).collect()
+        };
+        let mut responses = Vec::with_capacity(names.len());
+        for name in names {
+            let code = self.delete_one(&c.ns, &name).await.err().unwrap_or(0);
+            responses.push(
+                DeletableTopicResult::default()
+                    .with_name(Some(TopicName(str(name))))
+                    .with_error_code(code),
+            );
+        }
+        DeleteTopicsResponse::default().with_responses(responses)
+    }
+
+    async fn delete_one(&self, ns: &NamespaceName, name: &str) -> Result<(), i16> {
+        let base = self.topic_name(ns, name)?;
+        let layout = self
+            .layout(&base)
+            .await
+            .map_err(|e| code_of(&e))?
+            .ok_or(E::UnknownTopicOrPartition.code())?;
+        // Kafka deletes topics that still have consumers.
+        let result = match layout {
+            Layout::Partitioned(_) | Layout::Single => self.broker.delete_topic(&base, true).await,
+        };
+        self.forget_layout(&base);
+        result.map_err(|e| code_of(&e))?;
+        let _ = self
+            .broker
+            .state("kafka-topic-configs")
+            .delete(&Self::configs_key(&base))
+            .await;
+        Ok(())
+    }
+
+    pub(crate) async fn create_partitions(
+        &self,
+        c: &Caller,
+        r: CreatePartitionsRequest,
+    ) -> CreatePartitionsResponse {
+        let mut results = Vec::with_capacity(r.topics.len());
+        for t in r.topics {
+            let outcome = self
+                .grow(
+                    &c.ns,
+                    t.name.0.as_str(),
+                    t.count,
+                    r.validate_only,
+                    t.assignments.is_some(),
+                )
+                .await;
+            let mut res = CreatePartitionsTopicResult::default().with_name(t.name);
+            if let Err((code, msg)) = outcome {
+                res.error_code = code;
+                res.error_message = Some(str(msg));
+            }
+            results.push(res);
+        }
+        CreatePartitionsResponse::default().with_results(results)
+    }
+
+    async fn grow(
+        &self,
+        ns: &NamespaceName,
+        name: &str,
+        count: i32,
+        validate_only: bool,
+        assignments: bool,
+    ) -> Result<(), (i16, String)> {
+        let base = self
+            .topic_name(ns, name)
+            .map_err(|code| (code, format!("invalid topic name {name:?}")))?;
+        self.forget_layout(&base);
+        let layout = self
+            .layout(&base)
+            .await
+            .map_err(|e| (code_of(&e), e.to_string()))?
+            .ok_or((
+                E::UnknownTopicOrPartition.code(),
+                format!("topic {name} does not exist"),
+            ))?;
+        let current = match layout {
+            Layout::Partitioned(n) => n,
+            Layout::Single => {
+                return Err((
+                    E::InvalidPartitions.code(),
+                    format!("{name} is not a partitioned topic and cannot grow"),
+                ))
+            }
+        };
+        if assignments {
+            return Err((
+                E::InvalidReplicaAssignment.code(),
+                "replica assignments are chosen by the bookies".into(),
+            ));
+        }
+        if count <= current as i32 {
+            return Err((
+                E::InvalidPartitions.code(),
+                format!("topic {name} has {current} partitions; {count} would not add any"),
+            ));
+        }
+        if count > 10_000 {
+            return Err((
+                E::InvalidPartitions.code(),
+                format!("{count} partitions is too many"),
+            ));
+        }
+        if validate_only {
+            return Ok(());
+        }
+        let r = self.broker.update_partitions(&base, count as u32).await;
+        self.forget_layout(&base);
+        r.map_err(|e| (code_of(&e), e.to_string()))
+    }
+
+    pub(crate) async fn describe_configs(
+        &self,
+        c: &Caller,
+        r: DescribeConfigsRequest,
+    ) -> DescribeConfigsResponse {
+        let mut results = Vec::with_capacity(r.resources.len());
+        for res in r.resources {
+            let mut out = DescribeConfigsResult::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name.clone());
+            let wanted = |n: &str| {
+                res.configuration_keys
+                    .as_ref()
+                    .is_none_or(|ks| ks.iter().any(|k| k.as_str() == n))
+            };
+            match res.resource_type {
+                TOPIC_RESOURCE => {
+                    let found = async {
+                        let base = self.topic_name(&c.ns, &res.resource_name)?;
+                        self.layout(&base)
+                            .await
+                            .map_err(|e| code_of(&e))?
+                            .ok_or(E::UnknownTopicOrPartition.code())?;
+                        let (overrides, _) = self.topic_overrides(&base).await?;
+                        Ok::<_, i16>(overrides)
+                    }
+                    .await;
+                    match found {
+                        Err(code) => out.error_code = code,
+                        Ok(overrides) => {
+                            for (name, default) in TOPIC_CONFIGS {
+                                if !wanted(name) {
+                                    continue;
+                                }
+                                let (value, source) = match overrides.get(*name) {
+                                    Some(v) => (v.clone(), SOURCE_TOPIC),
+                                    None => (
+                                        self.namespace_default(&c.ns, name)
+                                            .await
+                                            .unwrap_or_else(|| default.to_string()),
+                                        SOURCE_DEFAULT,
+                                    ),
+                                };
+                                out.configs.push(
+                                    DescribeConfigsResourceResult::default()
+                                        .with_name(str(*name))
+                                        .with_value(Some(str(value)))
+                                        .with_config_source(source),
+                                );
+                            }
+                        }
+                    }
+                }
+                BROKER_RESOURCE => {
+                    for (name, value) in [
+                        (
+                            "auto.create.topics.enable",
+                            self.broker.config().auto_create_topics.to_string(),
+                        ),
+                        ("num.partitions", self.cfg.default_partitions.to_string()),
+                    ] {
+                        if wanted(name) {
+                            out.configs.push(
+                                DescribeConfigsResourceResult::default()
+                                    .with_name(str(name))
+                                    .with_value(Some(str(value)))
+                                    .with_read_only(true)
+                                    .with_config_source(SOURCE_DEFAULT),
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    out.error_code = E::InvalidRequest.code();
+                    out.error_message = Some(str("only topic and broker configs are described"));
+                }
+            }
+            results.push(out);
+        }
+        DescribeConfigsResponse::default().with_results(results)
+    }
+
+    /// Applies config changes: `Some(value)` sets, `None` removes. With
+    /// `replace`, every override not named is removed (AlterConfigs).
+    async fn change_configs(
+        &self,
+        ns: &NamespaceName,
+        resource_type: i8,
+        resource: &str,
+        changes: Vec<(String, Option<String>)>,
+        replace: bool,
+        validate_only: bool,
+    ) -> Result<(), (i16, String)> {
+        if resource_type != TOPIC_RESOURCE {
+            return Err((
+                E::InvalidRequest.code(),
+                "only topic configs can be changed".into(),
+            ));
+        }
+        self.check_configs(changes.iter().map(|(n, v)| (n.as_str(), v.as_deref())))?;
+        let base = self
+            .topic_name(ns, resource)
+            .map_err(|code| (code, format!("invalid topic name {resource:?}")))?;
+        self.layout(&base)
+            .await
+            .map_err(|e| (code_of(&e), e.to_string()))?
+            .ok_or((
+                E::UnknownTopicOrPartition.code(),
+                format!("topic {resource} does not exist"),
+            ))?;
+        if validate_only {
+            return Ok(());
+        }
+        loop {
+            let (mut configs, version) = self
+                .topic_overrides(&base)
+                .await
+                .map_err(|c| (c, "configs unreadable".into()))?;
+            if replace {
+                configs.clear();
+            }
+            for (n, v) in &changes {
+                match v {
+                    Some(v) => configs.insert(n.clone(), v.clone()),
+                    None => configs.remove(n),
+                };
+            }
+            match self.store_overrides(&base, &configs, version).await {
+                Ok(()) => return Ok(()),
+                Err(c) if c == E::ConcurrentTransactions.code() => continue,
+                Err(c) => return Err((c, "configs not stored".into())),
+            }
+        }
+    }
+
+    pub(crate) async fn alter_configs(
+        &self,
+        c: &Caller,
+        r: AlterConfigsRequest,
+    ) -> AlterConfigsResponse {
+        use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+        let mut responses = Vec::new();
+        for res in r.resources {
+            let changes = res
+                .configs
+                .iter()
+                .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
+                .collect();
+            let outcome = self
+                .change_configs(
+                    &c.ns,
+                    res.resource_type,
+                    &res.resource_name,
+                    changes,
+                    true,
+                    r.validate_only,
+                )
+                .await;
+            let mut out = AlterConfigsResourceResponse::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name);
+            if let Err((code, msg)) = outcome {
+                out.error_code = code;
+                out.error_message = Some(str(msg));
+            }
+            responses.push(out);
+        }
+        AlterConfigsResponse::default().with_responses(responses)
+    }
+
+    pub(crate) async fn incremental_alter_configs(
+        &self,
+        c: &Caller,
+        r: IncrementalAlterConfigsRequest,
+    ) -> IncrementalAlterConfigsResponse {
+        use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
+        let mut responses = Vec::new();
+        for res in r.resources {
+            let mut changes = Vec::new();
+            let mut bad = None;
+            for cfg in &res.configs {
+                let name = cfg.name.to_string();
+                match cfg.config_operation {
+                    0 => changes.push((name, cfg.value.as_ref().map(|v| v.to_string()))),
+                    1 => changes.push((name, None)),
+                    // APPEND and SUBTRACT apply to list configs only.
+                    _ => {
+                        bad = Some(format!(
+                            "operation {} is not supported for {name}",
+                            cfg.config_operation
+                        ))
+                    }
+                }
+            }
+            let outcome = match bad {
+                Some(msg) => Err((E::InvalidConfig.code(), msg)),
+                None => {
+                    self.change_configs(
+                        &c.ns,
+                        res.resource_type,
+                        &res.resource_name,
+                        changes,
+                        false,
+                        r.validate_only,
+                    )
+                    .await
+                }
+            };
+            let mut out = AlterConfigsResourceResponse::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name);
+            if let Err((code, msg)) = outcome {
+                out.error_code = code;
+                out.error_message = Some(str(msg));
+            }
+            responses.push(out);
+        }
+        IncrementalAlterConfigsResponse::default().with_responses(responses)
+    }
+}

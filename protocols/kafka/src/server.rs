@@ -1,0 +1,156 @@
+//! The Kafka listener: one task reads and decodes a connection's requests,
+//! another writes the responses back in request order.
+//!
+//! Requests are started in the order they arrive, and a produce request
+//! fixes its batches' places in their partitions before the next request
+//! is read, so that a client pipelining produce requests (librdkafka keeps
+//! up to five in flight) gets them appended in order. Everything after
+//! that point runs concurrently; responses still leave in order, as Kafka
+//! requires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use kafka_protocol::messages::ApiKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, DecodeError};
+use crate::handler::{Ctx, Session};
+use crate::KafkaConfig;
+use magnetar_broker::Broker;
+
+/// Requests of one connection started but not yet answered.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// A running Kafka listener.
+#[derive(Debug)]
+pub struct KafkaServer {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KafkaServer {
+    /// Serves Kafka clients on `listener` for `broker`. The broker's
+    /// registration should already advertise this listener under
+    /// `kafka`, since Metadata answers send clients there.
+    pub fn start(listener: TcpListener, broker: Broker, cfg: KafkaConfig) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let ctx = Arc::new(Ctx::new(broker, cfg));
+        ctx.start_background();
+        let task = tokio::spawn(accept_loop(listener, ctx));
+        info!(%local_addr, "Kafka listener started");
+        Ok(KafkaServer { local_addr, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for KafkaServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(stream, peer, ctx).await {
+                        debug!(%peer, "Kafka connection closed: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("Kafka accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What the writer waits for: a response, or nothing (acks=0 produce).
+type Pending = BoxFuture<'static, Option<Bytes>>;
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+) -> std::io::Result<()> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(pending) = rx.recv().await {
+            if let Some(bytes) = pending.await {
+                wr.write_all(&bytes).await?;
+            }
+        }
+        wr.shutdown().await
+    });
+    let mut session = Session::new(&ctx, peer);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let max = ctx.cfg.max_request_bytes;
+    let result = 'read: loop {
+        loop {
+            let frame = match codec::split_frame(&mut buf, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(%peer, "closing Kafka connection: {e}");
+                    break 'read Ok(());
+                }
+            };
+            let pending: Pending = match codec::decode_request(frame) {
+                Ok(req) => match ctx.start(&mut session, req).await {
+                    Some(p) => p,
+                    None => continue,
+                },
+                Err(DecodeError::Respond {
+                    api_key: ApiKey::ApiVersions,
+                    correlation_id,
+                    code,
+                }) => {
+                    let r = codec::unsupported_api_versions(correlation_id, code).ok();
+                    Box::pin(async move { r })
+                }
+                Err(DecodeError::Respond { .. }) => break 'read Ok(()),
+                Err(DecodeError::Close(why)) => {
+                    warn!(%peer, "closing Kafka connection: {why}");
+                    break 'read Ok(());
+                }
+            };
+            if tx.send(pending).await.is_err() {
+                break 'read Ok(());
+            }
+            if session.closing {
+                break 'read Ok(());
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    drop(tx);
+    // Answers already started still go out before the close.
+    match writer.await {
+        Ok(Err(e)) => debug!(%peer, "Kafka write failed: {e}"),
+        Err(e) => debug!(%peer, "Kafka writer ended: {e}"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
