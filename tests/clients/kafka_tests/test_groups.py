@@ -1,0 +1,182 @@
+"""Consumer groups and producers across rebalances and broker restarts."""
+
+import signal
+import time
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def create(bootstrap, name, partitions):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+    ).values():
+        f.result(30)
+
+
+def produce(bootstrap, topic, n, start=0, partitions=None):
+    p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
+    for i in range(start, start + n):
+        kw = {} if partitions is None else {"partition": i % partitions}
+        p.produce(topic, key=b"%d" % i, value=b"m%d" % i, **kw)
+    assert p.flush(60) == 0
+
+
+def consumer(bootstrap, group, **extra):
+    conf = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+    }
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def test_three_members_share_six_partitions_and_a_leaver_is_rebalanced(standalone):
+    create(standalone.kafka, "six", 6)
+    assigned = {}
+
+    def tracker(name):
+        def on_assign(c, parts):
+            assigned[name] = sorted(p.partition for p in parts)
+
+        def on_revoke(c, parts):
+            assigned[name] = []
+
+        return on_assign, on_revoke
+
+    members = {}
+    for name in ("a", "b", "c"):
+        c = consumer(standalone.kafka, "trio")
+        on_assign, on_revoke = tracker(name)
+        c.subscribe(["six"], on_assign=on_assign, on_revoke=on_revoke)
+        members[name] = c
+
+    def settle(names, per_member, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for n in names:
+                members[n].poll(0.1)
+            parts = [assigned.get(n, []) for n in names]
+            flat = sorted(p for ps in parts for p in ps)
+            if flat == list(range(6)) and all(len(ps) == per_member for ps in parts):
+                return
+        raise AssertionError(f"no balanced assignment: {assigned}")
+
+    settle(["a", "b", "c"], 2)
+    members.pop("c").close()  # LeaveGroup
+    assigned.pop("c", None)
+    settle(["a", "b"], 3)
+    for c in members.values():
+        c.close()
+
+
+def read_until(c, want, timeout=60):
+    """Polls until `want` messages arrived; returns (partition, offset, value)."""
+    out = []
+    deadline = time.time() + timeout
+    while len(out) < want and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is None:
+            continue
+        assert m.error() is None, m.error()
+        out.append((m.partition(), m.offset(), m.value()))
+    assert len(out) == want, f"got {len(out)} of {want}"
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_committed_offsets_survive_consumer_and_broker_restarts(standalone, how):
+    topic = f"commits-{how}"
+    create(standalone.kafka, topic, 3)
+    produce(standalone.kafka, topic, 900, partitions=3)
+    group = f"g-{how}"
+    seen = []
+    committed = {}
+
+    def session(count):
+        c = consumer(standalone.kafka, group)
+        c.subscribe([topic])
+        got = read_until(c, count)
+        # Each partition resumes exactly at its last commit.
+        firsts = {}
+        for p, o, _ in got:
+            firsts.setdefault(p, o)
+        for p, o in firsts.items():
+            assert o == committed.get(p, 0), f"partition {p} resumed at {o}, committed {committed.get(p, 0)}"
+        last = {}
+        for p, o, _ in got:
+            last[p] = o + 1
+        c.commit(offsets=[TopicPartition(topic, p, o) for p, o in last.items()], asynchronous=False)
+        stored = c.committed([TopicPartition(topic, p) for p in range(3)], timeout=30)
+        for tp in stored:
+            if tp.partition in last:
+                assert tp.offset == last[tp.partition]
+        committed.update(last)
+        c.close()
+        seen.extend(got)
+
+    session(300)          # then a consumer restart
+    session(300)
+    standalone.restart(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+    c = consumer(standalone.kafka, group)
+    stored = c.committed([TopicPartition(topic, p) for p in range(3)], timeout=30)
+    assert {tp.partition: tp.offset for tp in stored if tp.offset >= 0} == committed
+    c.close()
+    session(300)
+    values = [v for _, _, v in seen]
+    assert len(values) == len(set(values)) == 900, "a message was skipped or read twice"
+
+
+def test_idempotent_producer_across_a_broker_kill_leaves_no_duplicates(standalone):
+    topic = "idempotent"
+    create(standalone.kafka, topic, 2)
+    p = Producer({
+        "bootstrap.servers": standalone.kafka,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "message.timeout.ms": 120000,
+        "retry.backoff.ms": 100,
+    })
+    delivered = []
+    errors = []
+
+    def on_delivery(err, msg):
+        (errors if err else delivered).append(err or msg.value())
+
+    total = 20000
+    killed = False
+    for i in range(total):
+        while True:
+            try:
+                p.produce(topic, value=b"%d" % i, on_delivery=on_delivery)
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+        # Keep about a thousand in flight, so that the kill lands mid-stream.
+        while i - len(delivered) - len(errors) > 1000:
+            p.poll(0.01)
+        if not killed and len(delivered) >= 5000:
+            standalone.kill()
+            standalone.start()
+            killed = True
+    assert p.flush(120) == 0
+    assert killed
+    assert not errors, errors[:5]
+    assert len(delivered) == total
+
+    c = consumer(standalone.kafka, "idem-check")
+    c.assign([TopicPartition(topic, p, 0) for p in range(2)])
+    got = [v for _, _, v in read_until(c, total, timeout=120)]
+    time.sleep(2)
+    extra = c.poll(1.0)
+    c.close()
+    assert extra is None, "more messages than were produced"
+    assert sorted(int(v) for v in got) == list(range(total)), "duplicates or gaps"
