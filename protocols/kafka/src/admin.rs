@@ -175,7 +175,7 @@ impl Ctx {
             .map_err(|code| (code, format!("invalid topic name {name:?}")))?;
         let partitions = match t.num_partitions {
             -1 => self.cfg.default_partitions,
-            n if n >= 1 && n <= 10_000 => n as u32,
+            n if (1..=10_000).contains(&n) => n as u32,
             n => {
                 return Err((
                     E::InvalidPartitions.code(),

@@ -158,6 +158,12 @@ fn unb64(s: &str) -> Bytes {
 
 type GroupKey = (NamespaceName, String);
 
+/// A topic and the partitions an OffsetFetch asks for.
+type TopicAsk = (TopicName, Vec<i32>);
+
+/// Partition, offset, metadata, leader epoch, error code.
+type FetchedOffset = (i32, i64, Option<String>, i32, i16);
+
 pub(crate) struct GroupCoordinator {
     broker: Broker,
     cfg: KafkaConfig,
@@ -952,7 +958,7 @@ impl GroupCoordinator {
     ) -> OffsetFetchResponse {
         use kafka_protocol::messages::offset_fetch_response::*;
         // Version 8 batches groups; earlier versions ask for one.
-        let asks: Vec<(String, Option<Vec<(TopicName, Vec<i32>)>>)> = if v >= 8 {
+        let asks: Vec<(String, Option<Vec<TopicAsk>>)> = if v >= 8 {
             r.groups
                 .into_iter()
                 .map(|g| {
@@ -978,8 +984,7 @@ impl GroupCoordinator {
         };
         let mut groups = Vec::new();
         for (group, topics) in asks {
-            let mut out_topics: Vec<(TopicName, Vec<(i32, i64, Option<String>, i32, i16)>)> =
-                Vec::new();
+            let mut out_topics: Vec<(TopicName, Vec<FetchedOffset>)> = Vec::new();
             let result = match self.check_coordinator(&c.ns, &group).await {
                 Err(code) => Err(code),
                 Ok(()) => self.read_offsets(&c.ns, &group).await.map(|(rec, _)| rec),

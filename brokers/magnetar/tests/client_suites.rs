@@ -1,0 +1,50 @@
+//! The protocol suites written against independent client libraries
+//! (`tests/clients/`, run with pytest from the virtualenv that
+//! `scripts/bootstrap` prepares). Each suite starts its own
+//! `magnetar standalone` processes on ephemeral loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_magnetar");
+
+fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("MAGNETAR_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/magnetar-venv")))
+        .expect("HOME or MAGNETAR_VENV is set");
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/bootstrap first",
+        python.display()
+    );
+    python
+}
+
+fn pytest(suite: &str) {
+    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients");
+    let status = Command::new(venv_python())
+        .current_dir(&clients)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:warnings",
+            "--import-mode=importlib",
+            "--durations=5",
+            suite,
+        ])
+        .env("MAGNETAR_BIN", BIN)
+        .status()
+        .expect("pytest runs");
+    assert!(status.success(), "pytest {suite} failed: {status}");
+}
+
+#[test]
+fn kafka_clients() {
+    pytest("kafka_tests");
+}
