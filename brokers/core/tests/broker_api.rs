@@ -10,8 +10,8 @@ use common::Cluster;
 use magnetar_broker::managed_ledger::ManagedLedgerConfig;
 use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind, HeaderValue};
 use magnetar_broker::{
-    Broker, BrokerConfig, BrokerInfo, Consumer, ConsumerOptions, DeadLetterPolicy, Delivery,
-    InitialPosition, Message, SubscriptionOptions, SubscriptionType,
+    Broker, BrokerConfig, BrokerError, BrokerInfo, Consumer, ConsumerOptions, DeadLetterPolicy,
+    Delivery, InitialPosition, Message, SubscriptionOptions, SubscriptionType,
 };
 use magnetar_tenancy::{NamespaceName, TopicName};
 
@@ -652,6 +652,40 @@ async fn retried_sends_of_an_idempotent_producer_are_stored_once() {
             .await
             .expect("plain"),
         11
+    );
+    // A gap is out of order, as Kafka's brokers answer it.
+    let gap = b
+        .publish_idempotent(&t, vec![Message::new("m13")], seq(13))
+        .await;
+    assert!(
+        matches!(gap, Err(BrokerError::OutOfOrderSequence(_))),
+        "{gap:?}"
+    );
+    // A new epoch starts again at zero and fences the old one.
+    let epoch = |e: i16, n: i32| ProducerSequence {
+        producer_id: 42,
+        epoch: e,
+        base_sequence: n,
+    };
+    let restart = b
+        .publish_idempotent(&t, vec![Message::new("e1-3")], epoch(1, 3))
+        .await;
+    assert!(
+        matches!(restart, Err(BrokerError::OutOfOrderSequence(_))),
+        "{restart:?}"
+    );
+    assert_eq!(
+        b.publish_idempotent(&t, vec![Message::new("e1-0")], epoch(1, 0))
+            .await
+            .expect("new epoch"),
+        Published::Stored(12)
+    );
+    let old = b
+        .publish_idempotent(&t, vec![Message::new("m11")], seq(11))
+        .await;
+    assert!(
+        matches!(old, Err(BrokerError::ProducerFenced(_))),
+        "{old:?}"
     );
 }
 

@@ -28,6 +28,8 @@ enum PerfCommand {
     /// bookie, broker) in this process, a subscription whose consumer
     /// barely reads, and a million messages published past it.
     Backlog(BacklogPerf),
+    /// Produce and consume through a Kafka listener with librdkafka.
+    Kafka(crate::perf_kafka::KafkaPerf),
 }
 
 #[derive(Args)]
@@ -116,6 +118,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Metadata(m) => metadata(m).await,
         PerfCommand::Ledger(l) => ledger(l).await,
         PerfCommand::Backlog(b) => backlog(b).await,
+        PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
     }
 }
 

@@ -444,6 +444,7 @@ impl Ctx {
                 });
             }
         }
+        let mut closed = false;
         let mut watches: Vec<_> = parts
             .iter()
             .filter_map(|p| p.topic.as_ref().ok().map(|t| t.log().watch_end()))
@@ -508,6 +509,7 @@ impl Ctx {
             let errors = out.iter().any(|d| d.error_code != 0);
             if total >= min_bytes.max(1)
                 || errors
+                || closed
                 || tokio::time::Instant::now() >= deadline
                 || watches.is_empty()
             {
@@ -520,11 +522,13 @@ impl Ctx {
                 }
                 return FetchResponse::default().with_responses(responses);
             }
-            // Wait for any partition to grow, or the deadline.
+            // Wait for any partition to grow, or the deadline. A partition
+            // closed meanwhile (unloaded, deleted) ends the wait: the next
+            // round answers with what it finds.
             let changed =
                 futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                continue;
+            if let Ok((Err(_), _, _)) = tokio::time::timeout_at(deadline, changed).await {
+                closed = true;
             }
         }
     }
