@@ -486,7 +486,13 @@ impl ManagedLedger {
             Some(e) => e,
             None => self.search(&ledger, offset).await?,
         };
-        let last = (first + max_entries as u64 - 1).min(ledger.entries.saturating_sub(1));
+        // Read about max_bytes, judged by the ledger's mean entry size,
+        // rather than max_entries: a catch-up reader asking for 1 MiB must
+        // not pull a thousand large entries off the bookies to use a few.
+        let mean = ledger.size.checked_div(ledger.entries).unwrap_or(0).max(1);
+        let by_bytes = (max_bytes as u64 / mean).saturating_add(1);
+        let count = (max_entries as u64).min(by_bytes).max(1);
+        let last = (first + count - 1).min(ledger.entries.saturating_sub(1));
         let entries = self.read_range(&ledger, first, last).await?;
         Ok(take_within(entries.into_iter(), max_entries, max_bytes))
     }
