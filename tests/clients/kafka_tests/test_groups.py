@@ -180,3 +180,55 @@ def test_idempotent_producer_across_a_broker_kill_leaves_no_duplicates(standalon
     c.close()
     assert extra is None, "more messages than were produced"
     assert sorted(int(v) for v in got) == list(range(total)), "duplicates or gaps"
+
+
+def test_a_static_member_rejoining_within_its_session_keeps_its_partitions(standalone):
+    """KIP-345: a member with group.instance.id that restarts comes back to
+    its old assignment, and the other member sees no rebalance."""
+    create(standalone.kafka, "static", 6)
+    events = {"a": [], "b": []}
+
+    def member(name, instance):
+        c = consumer(standalone.kafka, "static-group", **{
+            "group.instance.id": instance,
+            "session.timeout.ms": 20000,
+        })
+
+        def on_assign(_, parts):
+            events[name].append(("assign", sorted(p.partition for p in parts)))
+
+        def on_revoke(_, parts):
+            events[name].append(("revoke", sorted(p.partition for p in parts)))
+
+        c.subscribe(["static"], on_assign=on_assign, on_revoke=on_revoke)
+        return c
+
+    a = member("a", "inst-a")
+    b = member("b", "inst-b")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        a.poll(0.1)
+        b.poll(0.1)
+        la = events["a"][-1][1] if events["a"] and events["a"][-1][0] == "assign" else []
+        lb = events["b"][-1][1] if events["b"] and events["b"][-1][0] == "assign" else []
+        if sorted(la + lb) == list(range(6)) and len(la) == len(lb) == 3:
+            break
+    else:
+        raise AssertionError(f"no balanced assignment: {events}")
+    b_parts = events["b"][-1][1]
+    a_events = len(events["a"])
+
+    b.close()  # a static member leaves no LeaveGroup behind
+    events["b2"] = []
+    b2 = member("b2", "inst-b")
+    deadline = time.time() + 30
+    while time.time() < deadline and not events["b2"]:
+        a.poll(0.1)
+        b2.poll(0.1)
+    assert events["b2"] == [("assign", b_parts)], events
+    for _ in range(20):
+        a.poll(0.1)
+        b2.poll(0.1)
+    assert len(events["a"]) == a_events, f"the other member was rebalanced: {events['a']}"
+    a.close()
+    b2.close()
