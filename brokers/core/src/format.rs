@@ -304,6 +304,46 @@ pub fn encode_batch(messages: &[Message], producer: Option<ProducerSequence>) ->
     Ok(buf.freeze())
 }
 
+/// The compression codec of Kafka's attribute bits (0 none, 1 gzip,
+/// 2 snappy, 3 lz4, 4 zstd).
+pub fn compression_of(codec: u16) -> Option<Compression> {
+    Some(match codec {
+        0 => Compression::None,
+        1 => Compression::Gzip,
+        2 => Compression::Snappy,
+        3 => Compression::Lz4,
+        4 => Compression::Zstd,
+        _ => return None,
+    })
+}
+
+/// Re-encodes a batch with another compression codec, keeping its
+/// records, producer fields, timestamps and offsets; as a Kafka broker
+/// does for a topic whose `compression.type` is not the producer's. A
+/// batch already in that codec, or a control batch, comes back as it was.
+pub fn recompress(batch: Bytes, codec: u16) -> Result<Bytes> {
+    let h = validate_batch(&batch)?;
+    if h.compression() == codec || h.is_control() {
+        return Ok(batch);
+    }
+    let compression = compression_of(codec)
+        .ok_or_else(|| BrokerError::InvalidArgument(format!("compression codec {codec}")))?;
+    let mut buf = batch.clone();
+    let set = RecordBatchDecoder::decode(&mut buf)
+        .map_err(|e| BrokerError::CorruptBatch(format!("decoding records: {e}")))?;
+    let mut out = BytesMut::with_capacity(batch.len());
+    RecordBatchEncoder::encode(
+        &mut out,
+        &set.records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )
+    .map_err(|e| BrokerError::InvalidArgument(format!("encoding records: {e}")))?;
+    Ok(out.freeze())
+}
+
 /// Decodes the records of one stored batch (any compression). Control
 /// records (transaction markers) are not messages and are skipped.
 pub fn decode_entry(entry: &Bytes) -> Result<Vec<StoredMessage>> {
@@ -336,6 +376,42 @@ pub fn decode_entry(entry: &Bytes) -> Result<Vec<StoredMessage>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn recompression_keeps_records_and_producer_fields() {
+        let msgs: Vec<Message> = (0..50)
+            .map(|i| {
+                Message::new(format!("value {i} ").repeat(20))
+                    .with_key(format!("k{i}"))
+                    .with_header("h", format!("{i}"))
+            })
+            .collect();
+        let p = ProducerSequence {
+            producer_id: 7,
+            epoch: 2,
+            base_sequence: 40,
+        };
+        let plain = with_base_offset(encode_batch(&msgs, Some(p)).expect("encodes"), 100);
+        for codec in [1u16, 2, 3, 4, 0] {
+            let packed = recompress(plain.clone(), codec).expect("recompresses");
+            let h = validate_batch(&packed).expect("valid");
+            assert_eq!(h.compression(), codec);
+            assert_eq!(
+                (h.producer_id, h.producer_epoch, h.base_sequence),
+                (7, 2, 40)
+            );
+            assert_eq!(h.base_offset, 100);
+            if codec != 0 {
+                assert!(packed.len() < plain.len(), "codec {codec}");
+            }
+            let back = decode_entry(&packed).expect("decodes");
+            assert_eq!(back.len(), 50);
+            assert_eq!(back[3].offset, 103);
+            assert_eq!(back[3].message.value, msgs[3].value);
+            assert_eq!(back[3].message.key, msgs[3].key);
+            assert_eq!(back[3].message.headers, msgs[3].headers);
+        }
+    }
+
     use super::*;
 
     fn sample(n: usize) -> Vec<Message> {

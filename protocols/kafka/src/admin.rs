@@ -6,7 +6,8 @@
 //! override, or the value the namespace policy (or Kafka's default)
 //! gives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
@@ -59,6 +60,10 @@ fn valid_value(name: &str, value: &str) -> bool {
 
 type Configs = BTreeMap<String, String>;
 
+/// How long a topic's codec setting is trusted; another broker's change
+/// is seen within this.
+const CONFIG_TTL: Duration = Duration::from_secs(5);
+
 impl Ctx {
     fn configs_key(t: &Name) -> String {
         t.path()
@@ -76,7 +81,36 @@ impl Ctx {
         }
     }
 
+    /// The codec batches of `t` are stored in, when its
+    /// `compression.type` names one.
+    pub(crate) async fn target_codec(&self, t: &Name) -> Option<u16> {
+        if let Some((c, at)) = self.codecs_lock().get(t).copied() {
+            if at.elapsed() < CONFIG_TTL {
+                return c;
+            }
+        }
+        let codec = match self.topic_overrides(t).await {
+            Ok((configs, _)) => match configs.get("compression.type").map(String::as_str) {
+                Some("uncompressed") => Some(0),
+                Some("gzip") => Some(1),
+                Some("snappy") => Some(2),
+                Some("lz4") => Some(3),
+                Some("zstd") => Some(4),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        self.codecs_lock()
+            .insert(t.clone(), (codec, Instant::now()));
+        codec
+    }
+
+    fn codecs_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Name, (Option<u16>, Instant)>> {
+        self.codecs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn store_overrides(&self, t: &Name, configs: &Configs, version: u64) -> Result<(), i16> {
+        self.codecs_lock().remove(t);
         let store = self.broker.state("kafka-topic-configs");
         let bytes = serde_json::to_vec(configs).map_err(|_| E::UnknownServerError.code())?;
         store

@@ -21,7 +21,7 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::format::{split_batches, BatchHeader};
+use magnetar_broker::format::{recompress, split_batches, BatchHeader};
 use magnetar_broker::service::resolve_in;
 use magnetar_broker::topic::Topic;
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, PendingPublish, Published};
@@ -91,6 +91,9 @@ pub(crate) struct Ctx {
     pub broker: Broker,
     pub cfg: KafkaConfig,
     layouts: Mutex<HashMap<Name, (Layout, Instant)>>,
+    /// Each topic's `compression.type` as a codec (`None`: the
+    /// producer's), cached like layouts.
+    pub(crate) codecs: Mutex<HashMap<Name, (Option<u16>, Instant)>>,
     pub groups: Arc<GroupCoordinator>,
     pub txns: TxnCoordinator,
 }
@@ -142,6 +145,7 @@ impl Ctx {
             broker,
             cfg,
             layouts: Mutex::new(HashMap::new()),
+            codecs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -389,9 +393,15 @@ impl Ctx {
         transactional: bool,
     ) -> Result<(Vec<PendingPublish>, Arc<Topic>), i16> {
         let t = self.partition(ns, topic, index).await?;
-        let batches = split_batches(records.unwrap_or_default()).map_err(|e| code_of(&e))?;
+        let mut batches = split_batches(records.unwrap_or_default()).map_err(|e| code_of(&e))?;
         if batches.is_empty() {
             return Err(E::CorruptMessage.code());
+        }
+        if let Some(codec) = self.target_codec(&self.topic_name(ns, topic)?).await {
+            batches = batches
+                .into_iter()
+                .map(|b| recompress(b, codec).map_err(|e| code_of(&e)))
+                .collect::<Result<_, _>>()?;
         }
         let mut pending = Vec::with_capacity(batches.len());
         for b in batches {

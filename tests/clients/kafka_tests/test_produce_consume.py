@@ -146,3 +146,31 @@ def test_kcat_lists_produces_and_consumes(standalone):
     out = subprocess.run(kcat + ["-C", "-t", "kcat-topic", "-e", "-f", "%k=%s@%o\n"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.splitlines() == [f"key{i}=value{i}@{i}" for i in range(100)]
+
+
+def test_topic_compression_type_recompresses_what_producers_send(standalone):
+    import json
+    import urllib.request
+
+    admin = AdminClient({"bootstrap.servers": standalone.kafka})
+    topics = [NewTopic("packed", num_partitions=1, replication_factor=1,
+                       config={"compression.type": "gzip"}),
+              NewTopic("unpacked", num_partitions=1, replication_factor=1)]
+    for f in admin.create_topics(topics).values():
+        f.result(30)
+    value = b"the same sentence, over and over. " * 30
+    for topic in ("packed", "unpacked"):
+        p = Producer({"bootstrap.servers": standalone.kafka, "acks": "all",
+                      "compression.type": "none", "linger.ms": 20})
+        for i in range(2000):
+            p.produce(topic, key=b"%d" % i, value=value)
+        assert p.flush(60) == 0
+
+    def stored(topic):
+        url = f"{standalone.http}/admin/v2/persistent/public/default/{topic}-partition-0/stats"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)["storageSize"]
+
+    assert stored("packed") * 5 < stored("unpacked"), (stored("packed"), stored("unpacked"))
+    got = consume_all(standalone.kafka, "packed", 1, 2000)[0]
+    assert [(k, v) for _, k, v, _, _ in got] == [(b"%d" % i, value) for i in range(2000)]
