@@ -48,6 +48,17 @@ impl PartitionLog {
         }
     }
 
+    /// See [`ManagedLedger::delete_before`]. Non-persistent logs keep no
+    /// such mark.
+    pub async fn delete_before(&self, offset: u64) -> Result<u64> {
+        match self {
+            PartitionLog::Managed(ml) => ml.delete_before(offset).await,
+            PartitionLog::Memory(_) => Err(BrokerError::InvalidArgument(
+                "records of a non-persistent topic cannot be deleted".into(),
+            )),
+        }
+    }
+
     /// See [`ManagedLedger::offset_for_timestamp`].
     pub async fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64> {
         match self {

@@ -102,6 +102,10 @@ struct Record {
     /// Last sequence per idempotent producer, for deduplication.
     #[serde(default)]
     producers: BTreeMap<i64, ProducerSeq>,
+    /// Offsets below this are deleted even inside a kept ledger (Kafka's
+    /// DeleteRecords).
+    #[serde(default)]
+    low_watermark: u64,
 }
 
 /// The last batch an idempotent producer wrote: Kafka's producer id,
@@ -171,6 +175,7 @@ struct State {
     /// Set when the ledger can take no more writes (fenced, closed).
     failed: Option<String>,
     producers: BTreeMap<i64, ProducerSeq>,
+    low_watermark: u64,
 }
 
 impl State {
@@ -178,6 +183,7 @@ impl State {
         self.ledgers
             .first()
             .map_or(self.next_offset, |l| l.first_offset)
+            .max(self.low_watermark.min(self.next_offset))
     }
 
     fn record(&self) -> Record {
@@ -186,6 +192,7 @@ impl State {
             next_offset: self.next_offset,
             properties: self.properties.clone(),
             producers: self.producers.clone(),
+            low_watermark: self.low_watermark,
         }
     }
 }
@@ -208,6 +215,10 @@ enum Cmd {
     Trim {
         keep_from: u64,
         reply: oneshot::Sender<Result<Vec<u64>>>,
+    },
+    DeleteBefore {
+        offset: u64,
+        reply: oneshot::Sender<Result<u64>>,
     },
     SetProperties {
         props: BTreeMap<String, String>,
@@ -312,6 +323,7 @@ impl ManagedLedger {
                 next_offset,
                 properties: record.properties,
                 producers: record.producers,
+                low_watermark: record.low_watermark,
                 indexes,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
@@ -423,6 +435,13 @@ impl ManagedLedger {
         self.call(|reply| Cmd::Trim { keep_from, reply }).await
     }
 
+    /// Deletes every message below `offset` (at most the end): reads
+    /// start there from now on, and ledgers wholly below it go. Returns
+    /// the new start. Kafka's DeleteRecords.
+    pub async fn delete_before(&self, offset: u64) -> Result<u64> {
+        self.call(|reply| Cmd::DeleteBefore { offset, reply }).await
+    }
+
     pub async fn set_properties(&self, props: BTreeMap<String, String>) -> Result<()> {
         self.call(|reply| Cmd::SetProperties { props, reply }).await
     }
@@ -457,9 +476,9 @@ impl ManagedLedger {
         max_bytes: usize,
     ) -> Result<Vec<Entry>> {
         let max_entries = max_entries.max(1);
+        let offset = offset.max(self.start_offset());
         let (ledger, known) = {
             let st = self.state();
-            let offset = offset.max(st.start_offset());
             if offset >= st.next_offset {
                 return Ok(Vec::new());
             }
@@ -742,6 +761,10 @@ impl Actor {
                         let r = self.trim(keep_from).await;
                         let _ = reply.send(r);
                     }
+                    Some(Cmd::DeleteBefore { offset, reply }) => {
+                        let r = self.delete_before(offset).await;
+                        let _ = reply.send(r);
+                    }
                     Some(Cmd::SetProperties { props, reply }) => {
                         self.state().properties = props;
                         let r = self.persist().await;
@@ -971,6 +994,28 @@ impl Actor {
     async fn rollover(&mut self) -> Result<()> {
         self.close_current().await?;
         self.start_ledger().await
+    }
+
+    async fn delete_before(&mut self, offset: u64) -> Result<u64> {
+        let previous = {
+            let mut st = self.state();
+            if offset > st.next_offset {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "offset {offset} is past the end {}",
+                    st.next_offset
+                )));
+            }
+            if offset <= st.start_offset() {
+                return Ok(st.start_offset());
+            }
+            std::mem::replace(&mut st.low_watermark, offset)
+        };
+        if let Err(e) = self.persist().await {
+            self.state().low_watermark = previous;
+            return Err(e);
+        }
+        self.trim(offset).await?;
+        Ok(self.state().start_offset())
     }
 
     async fn trim(&mut self, keep_from: u64) -> Result<Vec<u64>> {

@@ -142,6 +142,24 @@ async fn trim_deletes_whole_ledgers_on_the_bookies() {
     // Reads below the start begin at the start.
     let e = ml.read(0, 1, 1 << 20).await.expect("read");
     assert_eq!(e[0].base_offset, 100);
+
+    // A start inside a ledger (Kafka's DeleteRecords) is kept across a
+    // reopen, and a start past the end is refused.
+    assert_eq!(ml.delete_before(130).await.expect("delete before"), 130);
+    assert_eq!(
+        ml.read(0, 1, 1 << 20).await.expect("read")[0].base_offset,
+        130
+    );
+    assert!(matches!(
+        ml.delete_before(500).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    ml.close().await.expect("close");
+    let ml = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/c", small_ledgers())
+        .await
+        .expect("reopen");
+    assert_eq!(ml.start_offset(), 130);
+    assert_eq!(read_all(&ml, 0).await.first().map(|m| m.0), Some(130));
     ml.delete().await.expect("delete");
     assert!(client.metadata(before[3].id).await.is_err());
 }

@@ -394,6 +394,48 @@ impl Ctx {
         r.map_err(|e| (code_of(&e), e.to_string()))
     }
 
+    /// Moves each partition's start up to the given offset (-1: its end).
+    pub(crate) async fn delete_records(
+        &self,
+        c: &Caller,
+        r: DeleteRecordsRequest,
+    ) -> DeleteRecordsResponse {
+        use kafka_protocol::messages::delete_records_response::{
+            DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
+        };
+        let mut topics = Vec::with_capacity(r.topics.len());
+        for t in r.topics {
+            let mut partitions = Vec::with_capacity(t.partitions.len());
+            for p in t.partitions {
+                let mut out = DeleteRecordsPartitionResult::default()
+                    .with_partition_index(p.partition_index)
+                    .with_low_watermark(-1);
+                match self.partition(&c.ns, &t.name.0, p.partition_index).await {
+                    Err(code) => out.error_code = code,
+                    Ok(topic) => {
+                        let end = topic.log().end_offset() as i64;
+                        let to = if p.offset == -1 { end } else { p.offset };
+                        if to < 0 || to > end {
+                            out.error_code = E::OffsetOutOfRange.code();
+                        } else {
+                            match topic.log().delete_before(to as u64).await {
+                                Ok(low) => out.low_watermark = low as i64,
+                                Err(e) => out.error_code = code_of(&e),
+                            }
+                        }
+                    }
+                }
+                partitions.push(out);
+            }
+            topics.push(
+                DeleteRecordsTopicResult::default()
+                    .with_name(t.name)
+                    .with_partitions(partitions),
+            );
+        }
+        DeleteRecordsResponse::default().with_topics(topics)
+    }
+
     pub(crate) async fn describe_configs(
         &self,
         c: &Caller,

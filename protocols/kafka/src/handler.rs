@@ -317,6 +317,7 @@ impl Ctx {
             Q::CreateTopics(r) => A::CreateTopics(self.create_topics(c, r).await),
             Q::DeleteTopics(r) => A::DeleteTopics(self.delete_topics(c, r, v).await),
             Q::CreatePartitions(r) => A::CreatePartitions(self.create_partitions(c, r).await),
+            Q::DeleteRecords(r) => A::DeleteRecords(self.delete_records(c, r).await),
             Q::DescribeConfigs(r) => A::DescribeConfigs(self.describe_configs(c, r).await),
             Q::AlterConfigs(r) => A::AlterConfigs(self.alter_configs(c, r).await),
             Q::IncrementalAlterConfigs(r) => {

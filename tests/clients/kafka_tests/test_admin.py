@@ -107,3 +107,44 @@ def test_groups_are_listed_described_and_deleted(standalone, admin):
     assert desc["group_state"] == "Empty", desc
     admin.delete_groups(["adm-group"])
     assert "adm-group" not in {g["group_id"] for g in admin.list_groups()}
+
+
+def test_delete_records_moves_the_start_of_a_partition(standalone, admin):
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient as CAdmin
+
+    admin.create_topics([NewTopic("trimmed", 1, 1)])
+    p = KafkaProducer(bootstrap_servers=standalone.kafka, acks="all")
+    for i in range(100):
+        p.send("trimmed", b"%d" % i)
+    p.flush()
+    p.close()
+
+    ca = CAdmin({"bootstrap.servers": standalone.kafka})
+    (f,) = ca.delete_records([TopicPartition("trimmed", 0, 40)]).values()
+    assert f.result(30).low_watermark == 40
+
+    c = Consumer({"bootstrap.servers": standalone.kafka, "group.id": "trim-check"})
+    assert c.get_watermark_offsets(TopicPartition("trimmed", 0), timeout=10) == (40, 100)
+    c.assign([TopicPartition("trimmed", 0, 0)])  # below the start: reset
+    c.close()
+
+    c = KafkaConsumer(bootstrap_servers=standalone.kafka, auto_offset_reset="earliest",
+                      enable_auto_commit=False, consumer_timeout_ms=15000)
+    from kafka import TopicPartition as KTP
+    c.assign([KTP("trimmed", 0)])
+    c.seek_to_beginning()
+    got = []
+    for m in c:
+        got.append((m.offset, m.value))
+        if len(got) == 60:
+            break
+    c.close()
+    assert got == [(i, b"%d" % i) for i in range(40, 100)]
+
+    # Past the end is out of range; -1 means the end.
+    (f,) = ca.delete_records([TopicPartition("trimmed", 0, 500)]).values()
+    with pytest.raises(Exception, match="OFFSET_OUT_OF_RANGE"):
+        f.result(30)
+    (f,) = ca.delete_records([TopicPartition("trimmed", 0, -1)]).values()
+    assert f.result(30).low_watermark == 100
