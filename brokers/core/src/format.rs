@@ -9,7 +9,7 @@
 //! Kafka's CRC covers the bytes from the attributes field on, not the base
 //! offset, so the rewrite needs no re-checksum.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
@@ -250,6 +250,60 @@ pub fn encode_messages(messages: &[Message]) -> Result<Bytes> {
 /// As [`encode_messages`], stamped with a producer's sequence numbers so
 /// that the partition can drop retried duplicates.
 pub fn encode_batch(messages: &[Message], producer: Option<ProducerSequence>) -> Result<Bytes> {
+    encode_records(messages, producer, false)
+}
+
+/// A batch of a producer's open transaction.
+pub fn encode_transactional(messages: &[Message], producer: ProducerSequence) -> Result<Bytes> {
+    encode_records(messages, Some(producer), true)
+}
+
+/// A transaction marker: a control batch of one record whose key is
+/// version 0 and the marker type, and whose value is Kafka's
+/// EndTxnMarker (version 0, coordinator epoch).
+pub fn encode_control(producer_id: i64, epoch: i16, kind: ControlType) -> Result<Bytes> {
+    let mut key = BytesMut::with_capacity(4);
+    key.put_i16(0);
+    key.put_i16(match kind {
+        ControlType::Abort => 0,
+        ControlType::Commit => 1,
+    });
+    let mut value = BytesMut::with_capacity(6);
+    value.put_i16(0);
+    value.put_i32(0);
+    let record = Record {
+        transactional: true,
+        control: true,
+        delete_horizon: false,
+        partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
+        producer_id,
+        producer_epoch: epoch,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: NO_SEQUENCE,
+        timestamp: now_ms(),
+        key: Some(key.freeze()),
+        value: Some(value.freeze()),
+        headers: Default::default(),
+    };
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + 32);
+    RecordBatchEncoder::encode(
+        &mut buf,
+        std::slice::from_ref(&record),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .map_err(|e| BrokerError::InvalidArgument(format!("encoding a marker: {e}")))?;
+    Ok(buf.freeze())
+}
+
+fn encode_records(
+    messages: &[Message],
+    producer: Option<ProducerSequence>,
+    transactional: bool,
+) -> Result<Bytes> {
     if messages.is_empty() {
         return Err(BrokerError::InvalidArgument(
             "no messages to publish".into(),
@@ -265,7 +319,7 @@ pub fn encode_batch(messages: &[Message], producer: Option<ProducerSequence>) ->
                 headers.insert(StrBytes::from_string(name.clone()), value.clone());
             }
             Record {
-                transactional: false,
+                transactional,
                 control: false,
                 delete_horizon: false,
                 partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
@@ -302,6 +356,30 @@ pub fn encode_batch(messages: &[Message], producer: Option<ProducerSequence>) ->
     )
     .map_err(|e| BrokerError::InvalidArgument(format!("encoding records: {e}")))?;
     Ok(buf.freeze())
+}
+
+/// What a control batch (a transaction marker) says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlType {
+    Abort,
+    Commit,
+}
+
+/// The marker type of a control batch: its one record's key is a version
+/// (i16) and a type (i16, 0 abort, 1 commit). `None` for other batches.
+pub fn control_type(batch: &Bytes) -> Option<ControlType> {
+    let h = BatchHeader::parse(batch).ok()?;
+    if !h.is_control() {
+        return None;
+    }
+    let mut buf = batch.slice(..h.size.min(batch.len()));
+    let set = RecordBatchDecoder::decode(&mut buf).ok()?;
+    let key = set.records.first()?.key.as_ref()?;
+    match key.get(2..4).map(|t| i16::from_be_bytes([t[0], t[1]])) {
+        Some(0) => Some(ControlType::Abort),
+        Some(1) => Some(ControlType::Commit),
+        _ => None,
+    }
 }
 
 /// The compression codec of Kafka's attribute bits (0 none, 1 gzip,

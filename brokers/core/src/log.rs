@@ -48,6 +48,23 @@ impl PartitionLog {
         }
     }
 
+    /// See [`ManagedLedger::last_stable_offset`]; non-persistent logs
+    /// take no transactions.
+    pub fn last_stable_offset(&self) -> u64 {
+        match self {
+            PartitionLog::Managed(ml) => ml.last_stable_offset(),
+            PartitionLog::Memory(_) => self.end_offset(),
+        }
+    }
+
+    /// See [`ManagedLedger::aborted_between`].
+    pub fn aborted_between(&self, from: u64, to: u64) -> Vec<crate::managed_ledger::AbortedTxn> {
+        match self {
+            PartitionLog::Managed(ml) => ml.aborted_between(from, to),
+            PartitionLog::Memory(_) => Vec::new(),
+        }
+    }
+
     /// See [`ManagedLedger::delete_before`]. Non-persistent logs keep no
     /// such mark.
     pub async fn delete_before(&self, offset: u64) -> Result<u64> {

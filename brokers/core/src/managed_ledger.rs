@@ -106,6 +106,53 @@ struct Record {
     /// DeleteRecords).
     #[serde(default)]
     low_watermark: u64,
+    #[serde(default)]
+    txns: TxnIndex,
+}
+
+/// Transactions seen in the partition's batches: where each producer's
+/// open transaction began, and the aborted ones, as Kafka's read-committed
+/// consumers need them (last stable offset, aborted-transaction lists).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnIndex {
+    #[serde(default)]
+    pub open: BTreeMap<i64, u64>,
+    #[serde(default)]
+    pub aborted: Vec<AbortedTxn>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortedTxn {
+    pub producer_id: i64,
+    pub first_offset: u64,
+    /// Offset of the abort marker.
+    pub last_offset: u64,
+}
+
+impl TxnIndex {
+    /// Takes a stored batch into account, in offset order.
+    fn note(&mut self, h: &BatchHeader, data: &Bytes, offset: u64) {
+        if !h.is_transactional() || h.producer_id < 0 {
+            return;
+        }
+        if !h.is_control() {
+            self.open.entry(h.producer_id).or_insert(offset);
+            return;
+        }
+        let first = self.open.remove(&h.producer_id);
+        if crate::format::control_type(data) == Some(crate::format::ControlType::Abort) {
+            self.aborted.push(AbortedTxn {
+                producer_id: h.producer_id,
+                first_offset: first.unwrap_or(offset),
+                last_offset: offset,
+            });
+        }
+    }
+
+    /// Forgets aborted transactions wholly below `start`.
+    fn trim(&mut self, start: u64) {
+        self.aborted.retain(|a| a.last_offset >= start);
+    }
 }
 
 /// The last batch an idempotent producer wrote: Kafka's producer id,
@@ -176,6 +223,7 @@ struct State {
     failed: Option<String>,
     producers: BTreeMap<i64, ProducerSeq>,
     low_watermark: u64,
+    txns: TxnIndex,
 }
 
 impl State {
@@ -193,6 +241,7 @@ impl State {
             properties: self.properties.clone(),
             producers: self.producers.clone(),
             low_watermark: self.low_watermark,
+            txns: self.txns.clone(),
         }
     }
 }
@@ -277,7 +326,9 @@ impl ManagedLedger {
         let mut dropped = Vec::new();
         if let Some(last) = record.ledgers.last().cloned() {
             if !last.is_closed() {
-                match recover_ledger(&client, &last, &mut record.producers).await? {
+                match recover_ledger(&client, &last, &mut record.producers, &mut record.txns)
+                    .await?
+                {
                     Some((info, index)) => {
                         indexes.insert(info.id, index);
                         if let Some(l) = record.ledgers.last_mut() {
@@ -324,6 +375,7 @@ impl ManagedLedger {
                 properties: record.properties,
                 producers: record.producers,
                 low_watermark: record.low_watermark,
+                txns: record.txns,
                 indexes,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
@@ -367,6 +419,30 @@ impl ManagedLedger {
     /// One past the last durable offset: Kafka's high watermark.
     pub fn end_offset(&self) -> u64 {
         self.state().next_offset
+    }
+
+    /// The first offset of the oldest open transaction, or the end: what
+    /// Kafka's read-committed consumers may read up to.
+    pub fn last_stable_offset(&self) -> u64 {
+        let st = self.state();
+        st.txns
+            .open
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(st.next_offset)
+            .min(st.next_offset)
+    }
+
+    /// Aborted transactions with data in `[from, to)`.
+    pub fn aborted_between(&self, from: u64, to: u64) -> Vec<AbortedTxn> {
+        self.state()
+            .txns
+            .aborted
+            .iter()
+            .filter(|a| a.last_offset >= from && a.first_offset < to)
+            .copied()
+            .collect()
     }
 
     /// Follows [`ManagedLedger::end_offset`] as appends complete.
@@ -673,6 +749,7 @@ async fn recover_ledger(
     client: &LedgerClient,
     info: &LedgerInfo,
     producers: &mut BTreeMap<i64, ProducerSeq>,
+    txns: &mut TxnIndex,
 ) -> Result<Option<(LedgerInfo, Vec<u64>)>> {
     let reader = match client.open_and_recover(info.id).await {
         Ok(r) => r,
@@ -694,6 +771,7 @@ async fn recover_ledger(
         for e in reader.read(first, last).await? {
             let h = BatchHeader::parse(&e.payload)?;
             note_producer(producers, &h, h.base_offset.max(0) as u64);
+            txns.note(&h, &e.payload, h.base_offset.max(0) as u64);
             index.push(h.base_offset.max(0) as u64);
             out.entries += 1;
             out.offsets = (h.base_offset.max(0) as u64 + h.offset_count()) - out.first_offset;
@@ -879,6 +957,8 @@ impl Actor {
         {
             let mut st = self.inner.state.write().unwrap_or_else(lock_err);
             let st = &mut *st;
+            // Before the data moves into the cache: markers are read here.
+            st.txns.note(&f.header, &f.data, f.base);
             if let Some(cur) = st.ledgers.last_mut() {
                 cur.entries += 1;
                 cur.offsets = f.base + f.offsets - cur.first_offset;
@@ -1030,6 +1110,11 @@ impl Actor {
         };
         if removed.is_empty() {
             return Ok(Vec::new());
+        }
+        {
+            let mut st = self.state();
+            let start = st.start_offset();
+            st.txns.trim(start);
         }
         if let Err(e) = self.persist().await {
             let mut st = self.state();

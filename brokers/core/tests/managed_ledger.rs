@@ -194,3 +194,60 @@ async fn producer_sequences_survive_takeover() {
     assert_eq!((p.last_sequence, p.offset), (119, 118));
     assert_eq!(new.producer(8), None);
 }
+
+#[tokio::test]
+async fn transactions_give_a_last_stable_offset_and_aborted_lists() {
+    use magnetar_broker::format::{encode_control, encode_transactional, ControlType};
+    use magnetar_broker::managed_ledger::AbortedTxn;
+    use magnetar_broker::ProducerSequence;
+
+    let c = Cluster::start(1).await;
+    let cfg = small_ledgers();
+    let ml = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/txn", cfg.clone())
+        .await
+        .expect("open");
+    let txn = |pid: i64, seq: i32, n: usize| {
+        let msgs: Vec<Message> = (0..n)
+            .map(|j| Message::new(format!("p{pid}-{j}")))
+            .collect();
+        encode_transactional(
+            &msgs,
+            ProducerSequence {
+                producer_id: pid,
+                epoch: 0,
+                base_sequence: seq,
+            },
+        )
+        .expect("encode")
+    };
+    ml.append(batch(0, 2)).await.expect("plain"); // 0..2
+    ml.append(txn(7, 0, 3)).await.expect("txn 7"); // 2..5
+    ml.append(txn(8, 0, 2)).await.expect("txn 8"); // 5..7
+    ml.append(batch(1, 1)).await.expect("plain"); // 7
+    assert_eq!(ml.end_offset(), 8);
+    assert_eq!(ml.last_stable_offset(), 2, "7 is open from 2");
+    let abort = encode_control(7, 0, ControlType::Abort).expect("marker");
+    assert_eq!(ml.append(abort).await.expect("abort 7"), 8);
+    assert_eq!(ml.last_stable_offset(), 5, "8 is still open");
+    let commit = encode_control(8, 0, ControlType::Commit).expect("marker");
+    ml.append(commit).await.expect("commit 8"); // 9
+    assert_eq!(ml.last_stable_offset(), 10);
+    let aborted = AbortedTxn {
+        producer_id: 7,
+        first_offset: 2,
+        last_offset: 8,
+    };
+    assert_eq!(ml.aborted_between(0, 10), vec![aborted]);
+    assert_eq!(ml.aborted_between(9, 10), vec![]);
+    // Markers are not messages.
+    let values = read_all(&ml, 0).await;
+    assert_eq!(values.len(), 8);
+
+    // A new owner, without a clean close, rebuilds the index by scanning.
+    ml.append(txn(9, 0, 1)).await.expect("txn 9"); // 10
+    let new = ManagedLedger::open(c.ledger_client(), "t/ns/persistent/txn", cfg)
+        .await
+        .expect("takeover");
+    assert_eq!(new.last_stable_offset(), 10, "9 is open from 10");
+    assert_eq!(new.aborted_between(0, 11), vec![aborted]);
+}

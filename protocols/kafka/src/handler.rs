@@ -480,10 +480,12 @@ impl Ctx {
                 };
                 let log = t.log();
                 let (start, end) = (log.start_offset() as i64, log.end_offset() as i64);
-                // No transactions yet: everything stored is stable.
-                let stable = end;
+                let lso = log.last_stable_offset() as i64;
+                // Read-committed consumers stop at the oldest open
+                // transaction.
+                let stable = if read_committed { lso } else { end };
                 d.high_watermark = end;
-                d.last_stable_offset = stable;
+                d.last_stable_offset = lso;
                 d.log_start_offset = start;
                 if p.offset < start || p.offset > end {
                     d.error_code = E::OffsetOutOfRange.code();
@@ -506,7 +508,17 @@ impl Ctx {
                             }
                             total += buf.len();
                             if read_committed {
-                                d.aborted_transactions = Some(Vec::new());
+                                use kafka_protocol::messages::fetch_response::AbortedTransaction;
+                                d.aborted_transactions = Some(
+                                    log.aborted_between(p.offset as u64, stable as u64)
+                                        .into_iter()
+                                        .map(|a| {
+                                            AbortedTransaction::default()
+                                                .with_producer_id(ProducerId(a.producer_id))
+                                                .with_first_offset(a.first_offset as i64)
+                                        })
+                                        .collect(),
+                                );
                             }
                             d.records = Some(buf.freeze());
                         }
@@ -547,6 +559,7 @@ impl Ctx {
     // ---- offsets ----
 
     async fn list_offsets(&self, c: &Caller, r: ListOffsetsRequest) -> ListOffsetsResponse {
+        let read_committed = r.isolation_level == 1;
         let mut topics = Vec::with_capacity(r.topics.len());
         for t in r.topics {
             let mut partitions = Vec::with_capacity(t.partitions.len());
@@ -561,7 +574,11 @@ impl Ctx {
                     Ok(topic) => {
                         let log = topic.log();
                         let end = log.end_offset();
-                        let latest = end;
+                        let latest = if read_committed {
+                            log.last_stable_offset()
+                        } else {
+                            end
+                        };
                         match p.timestamp {
                             -2 => out.offset = log.start_offset() as i64,
                             -1 | -3 => out.offset = latest as i64,
