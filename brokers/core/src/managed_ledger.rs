@@ -139,11 +139,15 @@ impl TxnIndex {
             self.open.entry(h.producer_id).or_insert(offset);
             return;
         }
-        let first = self.open.remove(&h.producer_id);
+        // A marker for a partition the transaction never wrote to leaves
+        // nothing to skip.
+        let Some(first) = self.open.remove(&h.producer_id) else {
+            return;
+        };
         if crate::format::control_type(data) == Some(crate::format::ControlType::Abort) {
             self.aborted.push(AbortedTxn {
                 producer_id: h.producer_id,
-                first_offset: first.unwrap_or(offset),
+                first_offset: first,
                 last_offset: offset,
             });
         }
@@ -170,6 +174,24 @@ pub struct ProducerSeq {
 const MAX_PRODUCERS: usize = 10_000;
 
 fn note_producer(map: &mut BTreeMap<i64, ProducerSeq>, h: &BatchHeader, offset: u64) {
+    if h.is_control() && h.producer_id >= 0 {
+        // A marker written with a newer epoch fences the older one: its
+        // writes are refused from now on, and the new epoch starts at 0.
+        let newer = map
+            .get(&h.producer_id)
+            .is_none_or(|e| h.producer_epoch > e.epoch);
+        if newer {
+            map.insert(
+                h.producer_id,
+                ProducerSeq {
+                    epoch: h.producer_epoch,
+                    last_sequence: -1,
+                    offset,
+                },
+            );
+        }
+        return;
+    }
     if h.producer_id < 0 || h.base_sequence < 0 {
         return;
     }

@@ -1153,6 +1153,125 @@ impl GroupCoordinator {
         resp
     }
 
+    // ---- transactional offsets ----
+
+    fn txn_key(ns: &NamespaceName, group: &str, pid: i64) -> String {
+        format!("{}/txn/{pid}", group_path(ns, group))
+    }
+
+    /// TxnOffsetCommit: offsets held aside until the transaction ends.
+    pub async fn txn_commit(
+        &self,
+        c: &Caller,
+        r: TxnOffsetCommitRequest,
+    ) -> TxnOffsetCommitResponse {
+        use kafka_protocol::messages::txn_offset_commit_response::{
+            TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+        };
+        let group = r.group_id.0.to_string();
+        let pid = r.producer_id.0;
+        let mut code = self
+            .check_coordinator(&c.ns, &group)
+            .await
+            .err()
+            .unwrap_or(0);
+        if code == 0 && !r.member_id.is_empty() {
+            code = self
+                .commit_allowed(&c.ns, &group, r.member_id.as_str(), r.generation_id)
+                .await
+                .err()
+                .unwrap_or(0);
+        }
+        if code == 0 {
+            let now = now_ms();
+            let key = Self::txn_key(&c.ns, &group, pid);
+            code = loop {
+                let (mut rec, version) = match self.store.get(&key).await {
+                    Ok(Some(v)) => (
+                        serde_json::from_slice::<OffsetsRecord>(&v.value).unwrap_or_default(),
+                        v.version,
+                    ),
+                    Ok(None) => (OffsetsRecord::default(), 0),
+                    Err(e) => break code_of(&e),
+                };
+                for t in &r.topics {
+                    let parts = rec.topics.entry(t.name.0.to_string()).or_default();
+                    for p in &t.partitions {
+                        parts.insert(
+                            p.partition_index,
+                            Committed {
+                                offset: p.committed_offset,
+                                metadata: p.committed_metadata.as_ref().map(|m| m.to_string()),
+                                leader_epoch: p.committed_leader_epoch,
+                                timestamp_ms: now,
+                            },
+                        );
+                    }
+                }
+                let Ok(bytes) = serde_json::to_vec(&rec) else {
+                    break E::UnknownServerError.code();
+                };
+                match self.store.compare_and_put(&key, version, bytes).await {
+                    Ok(_) => break 0,
+                    Err(BrokerError::PreconditionFailed(_)) => continue,
+                    Err(e) => break code_of(&e),
+                }
+            };
+        }
+        let topics = r
+            .topics
+            .into_iter()
+            .map(|t| {
+                TxnOffsetCommitResponseTopic::default()
+                    .with_name(t.name)
+                    .with_partitions(
+                        t.partitions
+                            .iter()
+                            .map(|p| {
+                                TxnOffsetCommitResponsePartition::default()
+                                    .with_partition_index(p.partition_index)
+                                    .with_error_code(code)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        TxnOffsetCommitResponse::default().with_topics(topics)
+    }
+
+    /// At the end of a transaction: its held offsets become the group's
+    /// committed offsets (commit) or are dropped (abort).
+    pub async fn settle_txn_offsets(
+        &self,
+        ns: &NamespaceName,
+        group: &str,
+        pid: i64,
+        commit: bool,
+    ) -> Result<(), i16> {
+        let key = Self::txn_key(ns, group, pid);
+        let held = match self.store.get(&key).await {
+            Ok(Some(v)) => serde_json::from_slice::<OffsetsRecord>(&v.value).unwrap_or_default(),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(code_of(&e)),
+        };
+        if commit {
+            self.modify_offsets(ns, group, |rec| {
+                for (t, parts) in &held.topics {
+                    let mine = rec.topics.entry(t.clone()).or_default();
+                    for (p, c) in parts {
+                        mine.insert(*p, c.clone());
+                    }
+                }
+            })
+            .await?;
+        }
+        self.store
+            .delete(&key)
+            .await
+            .map(drop)
+            .map_err(|e| code_of(&e))
+    }
+
     // ---- administration ----
 
     pub async fn describe(&self, c: &Caller, r: DescribeGroupsRequest) -> DescribeGroupsResponse {

@@ -302,7 +302,13 @@ impl Ctx {
             Q::ListOffsets(r) => A::ListOffsets(self.list_offsets(c, r).await),
             Q::OffsetForLeaderEpoch(r) => A::OffsetForLeaderEpoch(self.leader_epochs(c, r).await),
             Q::DescribeCluster(_) => A::DescribeCluster(self.describe_cluster().await),
-            Q::InitProducerId(r) => A::InitProducerId(self.txns.init_producer_id(c, r).await),
+            Q::InitProducerId(r) => A::InitProducerId(self.txns.init_producer_id(self, c, r).await),
+            Q::AddPartitionsToTxn(r) => {
+                A::AddPartitionsToTxn(self.txns.add_partitions(self, c, r).await)
+            }
+            Q::AddOffsetsToTxn(r) => A::AddOffsetsToTxn(self.txns.add_offsets(c, r).await),
+            Q::EndTxn(r) => A::EndTxn(self.txns.end(self, c, r).await),
+            Q::TxnOffsetCommit(r) => A::TxnOffsetCommit(self.groups.txn_commit(c, r).await),
             Q::FindCoordinator(r) => A::FindCoordinator(self.find_coordinator(c, r, v).await),
             Q::JoinGroup(r) => A::JoinGroup(self.groups.join(c, r, v).await),
             Q::SyncGroup(r) => A::SyncGroup(self.groups.sync(c, r).await),
@@ -411,10 +417,9 @@ impl Ctx {
                 // Only the transaction coordinator writes markers.
                 return Err(E::InvalidRecord.code());
             }
-            if h.is_transactional() || transactional {
-                // Transactions are not served yet (ApiVersions does not
-                // list their APIs), so no client should send these.
-                return Err(E::TransactionalIdAuthorizationFailed.code());
+            if h.is_transactional() != transactional {
+                // A transactional producer's batches say so, and only its.
+                return Err(E::InvalidRecord.code());
             }
             pending.push(t.submit_batch(b).await.map_err(|e| code_of(&e))?);
         }

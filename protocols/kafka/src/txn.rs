@@ -1,31 +1,79 @@
-//! Producer ids for idempotent producers.
+//! Producer ids, and the transaction coordinator.
 //!
 //! Ids come from a cluster-wide sequence in blocks, so that every broker
 //! hands out unique ids without a round trip per producer.
+//!
+//! A transactional id's coordinator is the owner of the bundle of
+//! `__transaction_state-partition-N` in the namespace, as for groups. Its
+//! state (producer id, epoch, phase, partitions and groups) is one record
+//! in the broker's state store, changed with compare-and-set, so that a
+//! coordinator taking over after a failure finishes what the old one
+//! began. Ending a transaction writes a marker into every partition it
+//! touched, through the broker's publish path (which forwards to each
+//! partition's owner); the partitions index markers themselves, which
+//! gives read-committed fetches their last stable offset and aborted
+//! lists.
 
-use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use kafka_protocol::messages::add_partitions_to_txn_response::{
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::*;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::{Broker, BrokerInfo};
-use magnetar_tenancy::NamespaceName;
+use magnetar_broker::format::{encode_control, ControlType};
+use magnetar_broker::{Broker, BrokerError, BrokerInfo, StateStore};
+use magnetar_tenancy::names::encode_segment;
+use magnetar_tenancy::{NamespaceName, TopicDomain, TopicName as Name};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::error::code_of;
-use crate::handler::Caller;
+use crate::handler::{now_ms, Caller, Ctx};
 
 const ID_SEQUENCE: &str = "kafka-producer-ids";
 const ID_BLOCK: u64 = 1000;
+const COORDINATOR_SLOTS: u32 = 50;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Phase {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TxnRecord {
+    producer_id: i64,
+    epoch: i16,
+    phase: Phase,
+    /// Full names of the partition topics written in this transaction.
+    partitions: BTreeSet<String>,
+    groups: BTreeSet<String>,
+    timeout_ms: i32,
+    started_ms: i64,
+}
 
 pub(crate) struct TxnCoordinator {
     broker: Broker,
+    store: StateStore,
     /// The unused rest of this broker's block: next id, end (exclusive).
     ids: Mutex<(u64, u64)>,
+    /// One lock per transactional id, so that its requests apply in turn.
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl TxnCoordinator {
     pub fn new(broker: Broker) -> Self {
         TxnCoordinator {
+            store: broker.state("kafka-txns"),
             broker,
             ids: Mutex::new((0, 0)),
+            locks: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -44,31 +92,398 @@ impl TxnCoordinator {
         Ok(id as i64)
     }
 
+    pub async fn coordinator_of(&self, ns: &NamespaceName, id: &str) -> Result<BrokerInfo, i16> {
+        let slot = crc32c::crc32c(id.as_bytes()) % COORDINATOR_SLOTS;
+        let name = ns
+            .topic(
+                TopicDomain::Persistent,
+                &format!("__transaction_state-partition-{slot}"),
+            )
+            .map_err(|_| E::InvalidRequest.code())?;
+        self.broker
+            .lookup(&name)
+            .await
+            .map_err(|_| E::CoordinatorNotAvailable.code())
+    }
+
+    async fn check_coordinator(&self, ns: &NamespaceName, id: &str) -> Result<(), i16> {
+        if id.is_empty() {
+            return Err(E::InvalidRequest.code());
+        }
+        let owner = self.coordinator_of(ns, id).await?;
+        if owner.id == self.broker.info().id {
+            Ok(())
+        } else {
+            Err(E::NotCoordinator.code())
+        }
+    }
+
+    fn lock_of(&self, ns: &NamespaceName, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(Self::key(ns, id)).or_default())
+    }
+
+    fn key(ns: &NamespaceName, id: &str) -> String {
+        format!("{ns}/{}", encode_segment(id))
+    }
+
+    async fn load(&self, ns: &NamespaceName, id: &str) -> Result<Option<(TxnRecord, u64)>, i16> {
+        match self.store.get(&Self::key(ns, id)).await {
+            Ok(Some(v)) => serde_json::from_slice(&v.value)
+                .map(|r| Some((r, v.version)))
+                .map_err(|_| E::UnknownServerError.code()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(code_of(&e)),
+        }
+    }
+
+    async fn save(
+        &self,
+        ns: &NamespaceName,
+        id: &str,
+        r: &TxnRecord,
+        version: u64,
+    ) -> Result<u64, i16> {
+        let bytes = serde_json::to_vec(r).map_err(|_| E::UnknownServerError.code())?;
+        self.store
+            .compare_and_put(&Self::key(ns, id), version, bytes)
+            .await
+            .map_err(|e| match e {
+                // Another coordinator moved the record on: this one is stale.
+                BrokerError::PreconditionFailed(_) => E::NotCoordinator.code(),
+                e => code_of(&e),
+            })
+    }
+
+    /// Writes the markers of a prepared transaction, settles its group
+    /// offsets, and records it complete.
+    async fn complete(
+        &self,
+        ctx: &Ctx,
+        ns: &NamespaceName,
+        id: &str,
+        mut r: TxnRecord,
+        version: u64,
+    ) -> Result<(TxnRecord, u64), i16> {
+        let commit = match r.phase {
+            Phase::PrepareCommit => true,
+            Phase::PrepareAbort => false,
+            _ => return Ok((r, version)),
+        };
+        let kind = if commit {
+            ControlType::Commit
+        } else {
+            ControlType::Abort
+        };
+        for p in &r.partitions {
+            let name: Name = p.parse().map_err(|_| E::UnknownServerError.code())?;
+            let marker = encode_control(r.producer_id, r.epoch, kind).map_err(|e| code_of(&e))?;
+            // Markers are retried by the client's EndTxn until they land.
+            self.broker
+                .publish_batch(&name, marker)
+                .await
+                .map_err(|e| code_of(&e))?;
+        }
+        for g in &r.groups {
+            ctx.groups
+                .settle_txn_offsets(ns, g, r.producer_id, commit)
+                .await?;
+        }
+        r.phase = if commit {
+            Phase::CompleteCommit
+        } else {
+            Phase::CompleteAbort
+        };
+        r.partitions.clear();
+        r.groups.clear();
+        let version = self.save(ns, id, &r, version).await?;
+        Ok((r, version))
+    }
+
     pub async fn init_producer_id(
         &self,
-        _c: &Caller,
+        ctx: &Ctx,
+        c: &Caller,
         r: InitProducerIdRequest,
     ) -> InitProducerIdResponse {
         let mut out = InitProducerIdResponse::default()
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1);
-        if r.transactional_id.is_some() {
-            // Transactions are not served yet; ApiVersions does not list
-            // their APIs.
-            out.error_code = E::TransactionalIdAuthorizationFailed.code();
+        let Some(txn_id) = r.transactional_id.as_ref().map(|t| t.0.to_string()) else {
+            match self.next_producer_id().await {
+                Ok(id) => {
+                    out.producer_id = ProducerId(id);
+                    out.producer_epoch = 0;
+                }
+                Err(code) => out.error_code = code,
+            }
             return out;
-        }
-        match self.next_producer_id().await {
-            Ok(id) => {
-                out.producer_id = ProducerId(id);
-                out.producer_epoch = 0;
+        };
+        match self
+            .init_transactional(ctx, &c.ns, &txn_id, r.transaction_timeout_ms)
+            .await
+        {
+            Ok((pid, epoch)) => {
+                out.producer_id = ProducerId(pid);
+                out.producer_epoch = epoch;
             }
             Err(code) => out.error_code = code,
         }
         out
     }
 
-    pub async fn coordinator_of(&self, _ns: &NamespaceName, _key: &str) -> Result<BrokerInfo, i16> {
-        Err(E::CoordinatorNotAvailable.code())
+    async fn init_transactional(
+        &self,
+        ctx: &Ctx,
+        ns: &NamespaceName,
+        id: &str,
+        timeout_ms: i32,
+    ) -> Result<(i64, i16), i16> {
+        self.check_coordinator(ns, id).await?;
+        if timeout_ms <= 0 {
+            return Err(E::InvalidTransactionTimeout.code());
+        }
+        let lock = self.lock_of(ns, id);
+        let _held = lock.lock().await;
+        let (mut r, mut version) = match self.load(ns, id).await? {
+            Some(found) => found,
+            None => {
+                let r = TxnRecord {
+                    producer_id: self.next_producer_id().await?,
+                    epoch: -1,
+                    phase: Phase::Empty,
+                    partitions: BTreeSet::new(),
+                    groups: BTreeSet::new(),
+                    timeout_ms,
+                    started_ms: 0,
+                };
+                (r, 0)
+            }
+        };
+        // A previous instance's transaction: finish a prepared one, and
+        // abort an open one under the new epoch, which fences that
+        // instance.
+        if matches!(r.phase, Phase::PrepareCommit | Phase::PrepareAbort) {
+            (r, version) = self.complete(ctx, ns, id, r, version).await?;
+        }
+        if r.epoch >= i16::MAX - 1 {
+            r.producer_id = self.next_producer_id().await?;
+            r.epoch = -1;
+        }
+        r.epoch += 1;
+        r.timeout_ms = timeout_ms;
+        if r.phase == Phase::Ongoing {
+            r.phase = Phase::PrepareAbort;
+            version = self.save(ns, id, &r, version).await?;
+            (r, version) = self.complete(ctx, ns, id, r, version).await?;
+        }
+        r.phase = Phase::Empty;
+        self.save(ns, id, &r, version).await?;
+        Ok((r.producer_id, r.epoch))
+    }
+
+    /// Checks a request's producer against the stored transaction.
+    fn check_producer(r: &TxnRecord, pid: i64, epoch: i16) -> Result<(), i16> {
+        if r.producer_id != pid {
+            return Err(E::InvalidProducerIdMapping.code());
+        }
+        if r.epoch != epoch {
+            return Err(E::InvalidProducerEpoch.code());
+        }
+        if matches!(r.phase, Phase::PrepareCommit | Phase::PrepareAbort) {
+            return Err(E::ConcurrentTransactions.code());
+        }
+        Ok(())
+    }
+
+    /// Adds partitions or groups to the open transaction.
+    async fn add(
+        &self,
+        ns: &NamespaceName,
+        id: &str,
+        pid: i64,
+        epoch: i16,
+        partitions: &[String],
+        group: Option<&str>,
+    ) -> Result<(), i16> {
+        self.check_coordinator(ns, id).await?;
+        let lock = self.lock_of(ns, id);
+        let _held = lock.lock().await;
+        let (mut r, version) = self
+            .load(ns, id)
+            .await?
+            .ok_or(E::InvalidProducerIdMapping.code())?;
+        Self::check_producer(&r, pid, epoch)?;
+        if r.phase != Phase::Ongoing {
+            r.phase = Phase::Ongoing;
+            r.started_ms = now_ms();
+            r.partitions.clear();
+            r.groups.clear();
+        }
+        r.partitions.extend(partitions.iter().cloned());
+        r.groups.extend(group.map(String::from));
+        self.save(ns, id, &r, version).await.map(drop)
+    }
+
+    pub async fn add_partitions(
+        &self,
+        ctx: &Ctx,
+        c: &Caller,
+        r: AddPartitionsToTxnRequest,
+    ) -> AddPartitionsToTxnResponse {
+        let id = r.v3_and_below_transactional_id.0.to_string();
+        // Resolve every partition first; one unknown fails them all.
+        let mut names = Vec::new();
+        let mut results = Vec::new();
+        let mut failed = false;
+        for t in &r.v3_and_below_topics {
+            let mut per = Vec::new();
+            for &p in &t.partitions {
+                let code = match ctx.partition_name(&c.ns, &t.name.0, p).await {
+                    Ok(n) => {
+                        names.push(n.to_string());
+                        0
+                    }
+                    Err(code) => {
+                        failed = true;
+                        code
+                    }
+                };
+                per.push((p, code));
+            }
+            results.push((t.name.clone(), per));
+        }
+        let outcome = if failed {
+            Err(E::OperationNotAttempted.code())
+        } else {
+            self.add(
+                &c.ns,
+                &id,
+                r.v3_and_below_producer_id.0,
+                r.v3_and_below_producer_epoch,
+                &names,
+                None,
+            )
+            .await
+        };
+        let results = results
+            .into_iter()
+            .map(|(name, per)| {
+                AddPartitionsToTxnTopicResult::default()
+                    .with_name(name)
+                    .with_results_by_partition(
+                        per.into_iter()
+                            .map(|(p, code)| {
+                                let code = match (&outcome, code) {
+                                    (_, c) if c != 0 => c,
+                                    (Err(c), _) => *c,
+                                    (Ok(()), _) => 0,
+                                };
+                                AddPartitionsToTxnPartitionResult::default()
+                                    .with_partition_index(p)
+                                    .with_partition_error_code(code)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(results)
+    }
+
+    pub async fn add_offsets(
+        &self,
+        c: &Caller,
+        r: AddOffsetsToTxnRequest,
+    ) -> AddOffsetsToTxnResponse {
+        let code = self
+            .add(
+                &c.ns,
+                &r.transactional_id.0,
+                r.producer_id.0,
+                r.producer_epoch,
+                &[],
+                Some(&r.group_id.0),
+            )
+            .await
+            .err()
+            .unwrap_or(0);
+        AddOffsetsToTxnResponse::default().with_error_code(code)
+    }
+
+    pub async fn end(&self, ctx: &Ctx, c: &Caller, r: EndTxnRequest) -> EndTxnResponse {
+        let code = self
+            .end_txn(
+                ctx,
+                &c.ns,
+                &r.transactional_id.0,
+                r.producer_id.0,
+                r.producer_epoch,
+                r.committed,
+            )
+            .await
+            .err()
+            .unwrap_or(0);
+        EndTxnResponse::default().with_error_code(code)
+    }
+
+    async fn end_txn(
+        &self,
+        ctx: &Ctx,
+        ns: &NamespaceName,
+        id: &str,
+        pid: i64,
+        epoch: i16,
+        commit: bool,
+    ) -> Result<(), i16> {
+        self.check_coordinator(ns, id).await?;
+        let lock = self.lock_of(ns, id);
+        let _held = lock.lock().await;
+        let (mut r, version) = self
+            .load(ns, id)
+            .await?
+            .ok_or(E::InvalidProducerIdMapping.code())?;
+        if r.producer_id != pid {
+            return Err(E::InvalidProducerIdMapping.code());
+        }
+        if r.epoch != epoch {
+            return Err(E::InvalidProducerEpoch.code());
+        }
+        let version = match (r.phase, commit) {
+            (Phase::Ongoing, _) => {
+                r.phase = if commit {
+                    Phase::PrepareCommit
+                } else {
+                    Phase::PrepareAbort
+                };
+                self.save(ns, id, &r, version).await?
+            }
+            // A retry of an end that is under way or done.
+            (Phase::PrepareCommit, true) | (Phase::PrepareAbort, false) => version,
+            (Phase::CompleteCommit, true) | (Phase::CompleteAbort, false) => return Ok(()),
+            // Ending a transaction that wrote nothing.
+            (Phase::Empty, _) => return Ok(()),
+            _ => return Err(E::InvalidTxnState.code()),
+        };
+        self.complete(ctx, ns, id, r, version).await.map(drop)
+    }
+}
+
+impl Ctx {
+    /// The stored topic of a Kafka partition, without loading it.
+    pub(crate) async fn partition_name(
+        &self,
+        ns: &NamespaceName,
+        topic: &str,
+        index: i32,
+    ) -> Result<Name, i16> {
+        let base = self.topic_name(ns, topic)?;
+        let layout = self
+            .layout(&base)
+            .await
+            .map_err(|e| code_of(&e))?
+            .ok_or(E::UnknownTopicOrPartition.code())?;
+        layout
+            .partition(&base, index)
+            .ok_or(E::UnknownTopicOrPartition.code())
     }
 }

@@ -232,3 +232,65 @@ def test_a_static_member_rejoining_within_its_session_keeps_its_partitions(stand
     assert len(events["a"]) == a_events, f"the other member was rebalanced: {events['a']}"
     a.close()
     b2.close()
+
+
+def test_transactions_hide_aborted_records_from_read_committed(standalone):
+    create(standalone.kafka, "txn", 2)
+    create(standalone.kafka, "txn-in", 1)
+    produce(standalone.kafka, "txn-in", 10)
+    p = Producer({"bootstrap.servers": standalone.kafka, "transactional.id": "tx-1"})
+    p.init_transactions(30)
+
+    p.begin_transaction()
+    for i in range(100):
+        p.produce("txn", key=b"%d" % i, value=b"committed-%d" % i)
+    # Consumed input offsets commit with the transaction.
+    c = consumer(standalone.kafka, "txn-group")
+    c.subscribe(["txn-in"])
+    read_until(c, 10)
+    p.send_offsets_to_transaction([TopicPartition("txn-in", 0, 10)], c.consumer_group_metadata(), 30)
+    p.commit_transaction(30)
+
+    p.begin_transaction()
+    for i in range(50):
+        p.produce("txn", key=b"%d" % i, value=b"aborted-%d" % i)
+    p.flush(30)
+    p.abort_transaction(30)
+
+    p.begin_transaction()
+    for i in range(10):
+        p.produce("txn", key=b"%d" % i, value=b"late-%d" % i)
+    p.commit_transaction(30)
+
+    committed = c.committed([TopicPartition("txn-in", 0)], timeout=30)
+    assert committed[0].offset == 10
+    c.close()
+
+    def values(isolation):
+        r = consumer(standalone.kafka, f"txn-reader-{isolation}", **{"isolation.level": isolation})
+        r.assign([TopicPartition("txn", p, 0) for p in range(2)])
+        got = []
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = r.poll(0.5)
+            if m is None:
+                if len(got) >= 110:
+                    break
+                continue
+            assert m.error() is None, m.error()
+            got.append(m.value())
+        r.close()
+        return got
+
+    got = values("read_committed")
+    assert sorted(got) == sorted([b"committed-%d" % i for i in range(100)] + [b"late-%d" % i for i in range(10)])
+    uncommitted = values("read_uncommitted")
+    assert len([v for v in uncommitted if v.startswith(b"aborted-")]) == 50
+
+    # A second instance with the same transactional.id fences the first.
+    p2 = Producer({"bootstrap.servers": standalone.kafka, "transactional.id": "tx-1"})
+    p2.init_transactions(30)
+    p.begin_transaction()
+    p.produce("txn", value=b"zombie")
+    with pytest.raises(Exception):
+        p.commit_transaction(10)
