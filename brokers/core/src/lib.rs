@@ -31,7 +31,7 @@ pub mod topic;
 
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
-pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult};
+pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult, TopicPolicies};
 pub use state::{StateStore, Versioned};
 pub use subscription::{
     Consumer, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition, ResetTo,

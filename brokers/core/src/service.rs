@@ -35,6 +35,16 @@ const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
 const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
 const ROUTING_PREFIX: &str = "/routing/";
+const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
+
+/// Policies set on one topic (all its partitions), over its namespace's,
+/// as Pulsar's topic-level policies are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicPolicies {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policies: Option<magnetar_tenancy::RetentionPolicies>,
+}
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.
 pub const FORWARD_PATH: &str = "/internal/v1/batch/";
@@ -291,6 +301,42 @@ impl Broker {
         }
     }
 
+    fn topic_policies_key(topic: &TopicName) -> String {
+        format!("{TOPIC_POLICIES_PREFIX}{}", topic.base().path())
+    }
+
+    /// The topic's own policies (for a partition: its topic's).
+    pub async fn topic_policies(&self, topic: &TopicName) -> Result<TopicPolicies> {
+        let key = Self::topic_policies_key(topic);
+        match self.inner.meta.get(&key).await? {
+            Some(kv) => parse(&key, &kv.value),
+            None => Ok(TopicPolicies::default()),
+        }
+    }
+
+    /// Sets the topic's own policies; the default (nothing set) removes
+    /// them, and the namespace's apply again. Retention picks them up at
+    /// its next run.
+    pub async fn set_topic_policies(&self, topic: &TopicName, p: &TopicPolicies) -> Result<()> {
+        let key = Self::topic_policies_key(topic);
+        if *p == TopicPolicies::default() {
+            self.inner.meta.delete(&key).await?;
+        } else {
+            self.inner.meta.put(&key, json(p)).await?;
+        }
+        Ok(())
+    }
+
+    /// The namespace's policies with the topic's own laid over them.
+    async fn effective_policies(&self, topic: &TopicName) -> Result<Policies> {
+        let mut p = self.policies(topic.namespace()).await?;
+        let own = self.topic_policies(topic).await?;
+        if own.retention_policies.is_some() {
+            p.retention_policies = own.retention_policies;
+        }
+        Ok(p)
+    }
+
     async fn ensure_owner(&self, topic: &TopicName) -> Result<()> {
         let owner = self.lookup(topic).await?;
         if owner.id == self.inner.cfg.info.id {
@@ -519,9 +565,14 @@ impl Broker {
                 .meta
                 .delete(&format!("{PARTITIONED_PREFIX}{}", name.path()))
                 .await?;
-            return Ok(());
+        } else {
+            self.delete_partition(name, force).await?;
         }
-        self.delete_partition(name, force).await
+        self.inner
+            .meta
+            .delete(&Self::topic_policies_key(name))
+            .await?;
+        Ok(())
     }
 
     async fn delete_partition(&self, name: &TopicName, force: bool) -> Result<()> {
@@ -962,7 +1013,7 @@ impl Broker {
             if !t.log().is_persistent() {
                 continue;
             }
-            let policies = self.policies(t.name().namespace()).await?;
+            let policies = self.effective_policies(t.name()).await?;
             t.set_policies(&policies);
             if let Some(ttl) = policies.message_ttl_in_seconds.filter(|&s| s > 0) {
                 t.expire_messages(Duration::from_secs(u64::from(ttl)))

@@ -17,8 +17,8 @@ use kafka_protocol::messages::describe_configs_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::BrokerError;
-use magnetar_tenancy::{NamespaceName, TopicName as Name};
+use magnetar_broker::{BrokerError, TopicPolicies};
+use magnetar_tenancy::{NamespaceName, RetentionPolicies, TopicName as Name};
 
 use crate::error::code_of;
 use crate::handler::{str, Caller, Ctx, Layout};
@@ -109,6 +109,36 @@ impl Ctx {
         self.codecs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Lays `retention.ms` and `retention.bytes` onto the topic's own
+    /// retention policy, so that retention applies them; with neither set
+    /// the namespace's policy applies again.
+    async fn apply_retention_configs(&self, t: &Name, configs: &Configs) -> Result<(), i16> {
+        let ms = configs
+            .get("retention.ms")
+            .and_then(|v| v.parse::<i64>().ok());
+        let bytes = configs
+            .get("retention.bytes")
+            .and_then(|v| v.parse::<i64>().ok());
+        let retention = (ms.is_some() || bytes.is_some()).then(|| RetentionPolicies {
+            // Kafka's defaults for the one not set: a week, unbounded.
+            retention_time_in_minutes: match ms.unwrap_or(604_800_000) {
+                v if v < 0 => -1,
+                v => (v + 59_999) / 60_000,
+            },
+            retention_size_in_mb: match bytes.unwrap_or(-1) {
+                v if v < 0 => -1,
+                v => (v + (1 << 20) - 1) >> 20,
+            },
+        });
+        let policies = TopicPolicies {
+            retention_policies: retention,
+        };
+        self.broker
+            .set_topic_policies(t, &policies)
+            .await
+            .map_err(|e| code_of(&e))
+    }
+
     async fn store_overrides(&self, t: &Name, configs: &Configs, version: u64) -> Result<(), i16> {
         self.codecs_lock().remove(t);
         let store = self.broker.state("kafka-topic-configs");
@@ -116,11 +146,11 @@ impl Ctx {
         store
             .compare_and_put(&Self::configs_key(t), version, bytes)
             .await
-            .map(drop)
             .map_err(|e| match e {
                 BrokerError::PreconditionFailed(_) => E::ConcurrentTransactions.code(),
                 e => code_of(&e),
-            })
+            })?;
+        self.apply_retention_configs(t, configs).await
     }
 
     fn check_configs<'a>(
