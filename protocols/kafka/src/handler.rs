@@ -151,6 +151,15 @@ impl Ctx {
 
     pub fn start_background(self: &Arc<Self>) {
         self.groups.start_background();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(ctx) = weak.upgrade() else { return };
+                ctx.txns.expire(&ctx).await;
+            }
+        });
     }
 
     pub fn node_id(&self) -> i32 {

@@ -65,6 +65,9 @@ pub(crate) struct TxnCoordinator {
     ids: Mutex<(u64, u64)>,
     /// One lock per transactional id, so that its requests apply in turn.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Transactions opened here, by namespace and id, with their
+    /// deadlines: the expiry sweep aborts those still open past it.
+    open: std::sync::Mutex<HashMap<(NamespaceName, String), i64>>,
 }
 
 impl TxnCoordinator {
@@ -74,7 +77,51 @@ impl TxnCoordinator {
             broker,
             ids: Mutex::new((0, 0)),
             locks: std::sync::Mutex::new(HashMap::new()),
+            open: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn open_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NamespaceName, String), i64>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Aborts transactions open longer than their timeout, as Kafka does,
+    /// under a new epoch that fences the producer which let it lapse.
+    pub async fn expire(&self, ctx: &Ctx) {
+        let now = now_ms();
+        let due: Vec<(NamespaceName, String)> = self
+            .open_lock()
+            .iter()
+            .filter(|(_, &deadline)| deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (ns, id) in due {
+            self.open_lock().remove(&(ns.clone(), id.clone()));
+            if let Err(code) = self.abort_expired(ctx, &ns, &id).await {
+                tracing::warn!(txn = %id, "aborting an expired transaction failed ({code})");
+            }
+        }
+    }
+
+    async fn abort_expired(&self, ctx: &Ctx, ns: &NamespaceName, id: &str) -> Result<(), i16> {
+        self.check_coordinator(ns, id).await?;
+        let lock = self.lock_of(ns, id);
+        let _held = lock.lock().await;
+        let Some((mut r, version)) = self.load(ns, id).await? else {
+            return Ok(());
+        };
+        let expired = r.started_ms + i64::from(r.timeout_ms) <= now_ms();
+        if r.phase != Phase::Ongoing || !expired {
+            return Ok(());
+        }
+        if r.epoch >= i16::MAX - 1 {
+            r.producer_id = self.next_producer_id().await?;
+            r.epoch = -1;
+        }
+        r.epoch += 1;
+        r.phase = Phase::PrepareAbort;
+        let version = self.save(ns, id, &r, version).await?;
+        self.complete(ctx, ns, id, r, version).await.map(drop)
     }
 
     async fn next_producer_id(&self) -> Result<i64, i16> {
@@ -322,7 +369,12 @@ impl TxnCoordinator {
         }
         r.partitions.extend(partitions.iter().cloned());
         r.groups.extend(group.map(String::from));
-        self.save(ns, id, &r, version).await.map(drop)
+        self.save(ns, id, &r, version).await?;
+        self.open_lock().insert(
+            (ns.clone(), id.to_string()),
+            r.started_ms + i64::from(r.timeout_ms),
+        );
+        Ok(())
     }
 
     pub async fn add_partitions(

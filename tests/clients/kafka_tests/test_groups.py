@@ -294,3 +294,26 @@ def test_transactions_hide_aborted_records_from_read_committed(standalone):
     p.produce("txn", value=b"zombie")
     with pytest.raises(Exception):
         p.commit_transaction(10)
+
+
+def test_a_lapsed_transaction_is_aborted_after_its_timeout(standalone):
+    create(standalone.kafka, "lapsed", 1)
+    p = Producer({"bootstrap.servers": standalone.kafka, "transactional.id": "tx-lapse",
+                  "transaction.timeout.ms": 3000})
+    p.init_transactions(30)
+    p.begin_transaction()
+    for i in range(5):
+        p.produce("lapsed", value=b"open-%d" % i, partition=0)
+    p.flush(30)
+    produce(standalone.kafka, "lapsed", 3, partitions=1)
+
+    r = consumer(standalone.kafka, "lapse-reader", **{"isolation.level": "read_committed"})
+    r.assign([TopicPartition("lapsed", 0, 0)])
+    # The open transaction holds read-committed readers back ...
+    assert r.poll(1.0) is None
+    # ... until the coordinator aborts it.
+    got = [v for _, _, v in read_until(r, 3, timeout=30)]
+    r.close()
+    assert got == [b"m0", b"m1", b"m2"]
+    with pytest.raises(Exception):
+        p.commit_transaction(10)
