@@ -574,9 +574,9 @@ impl ManagedLedger {
         max_bytes: usize,
     ) -> Result<Vec<Entry>> {
         let max_entries = max_entries.max(1);
-        let offset = offset.max(self.start_offset());
-        let (ledger, known) = {
+        let (offset, ledger, known) = {
             let st = self.state();
+            let offset = offset.max(st.start_offset());
             if offset >= st.next_offset {
                 return Ok(Vec::new());
             }
@@ -596,7 +596,7 @@ impl ManagedLedger {
                 .indexes
                 .get(&ledger.id)
                 .map(|idx| idx.partition_point(|&b| b <= offset).saturating_sub(1) as u64);
-            (ledger, known)
+            (offset, ledger, known)
         };
         let offset = offset.max(ledger.first_offset);
         let first = match known {

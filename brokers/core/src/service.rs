@@ -29,7 +29,7 @@ use crate::managed_ledger::{Entry, ManagedLedger, ManagedLedgerConfig, ML_PREFIX
 use crate::routing::{Binding, ExchangeDef, HeaderValue, Routed, RoutingSnapshot, RoutingTable};
 use crate::state::StateStore;
 use crate::subscription::{Consumer, ConsumerOptions, DeadLetterSink, SubscriptionOptions};
-use crate::topic::{PendingPublish, Published, RetentionDefaults, Topic, TopicStats};
+use crate::topic::{Published, RetentionDefaults, Topic, TopicStats};
 
 const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
@@ -669,15 +669,6 @@ impl Broker {
             .remote_owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Submits a batch to a partition this broker owns, never forwarding:
-    /// returns once the batch's place is fixed, with a future that
-    /// resolves when it is durable (see [`Topic::submit_batch`]). Protocols
-    /// whose clients find the owner themselves (Kafka) use this, so that
-    /// pipelined requests keep their order.
-    pub async fn submit_batch(&self, topic: &TopicName, batch: Bytes) -> Result<PendingPublish> {
-        self.topic(topic, true).await?.submit_batch(batch).await
     }
 
     /// Durable state for one protocol's sessions, under its own area.

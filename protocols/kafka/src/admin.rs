@@ -139,18 +139,27 @@ impl Ctx {
             .map_err(|e| code_of(&e))
     }
 
-    async fn store_overrides(&self, t: &Name, configs: &Configs, version: u64) -> Result<(), i16> {
+    /// Stores a topic's overrides if they are still at `version`;
+    /// `Ok(false)` when another change came first.
+    async fn store_overrides(
+        &self,
+        t: &Name,
+        configs: &Configs,
+        version: u64,
+    ) -> Result<bool, i16> {
         self.codecs_lock().remove(t);
         let store = self.broker.state("kafka-topic-configs");
         let bytes = serde_json::to_vec(configs).map_err(|_| E::UnknownServerError.code())?;
-        store
+        match store
             .compare_and_put(&Self::configs_key(t), version, bytes)
             .await
-            .map_err(|e| match e {
-                BrokerError::PreconditionFailed(_) => E::ConcurrentTransactions.code(),
-                e => code_of(&e),
-            })?;
-        self.apply_retention_configs(t, configs).await
+        {
+            Ok(_) => {}
+            Err(BrokerError::PreconditionFailed(_)) => return Ok(false),
+            Err(e) => return Err(code_of(&e)),
+        }
+        self.apply_retention_configs(t, configs).await?;
+        Ok(true)
     }
 
     fn check_configs<'a>(
@@ -289,9 +298,16 @@ impl Ctx {
             .filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string())))
             .collect();
         if !configs.is_empty() {
-            self.store_overrides(&base, &configs, 0)
+            let stored = self
+                .store_overrides(&base, &configs, 0)
                 .await
                 .map_err(|code| (code, "configs not stored".to_string()))?;
+            if !stored {
+                return Err((
+                    E::InvalidConfig.code(),
+                    "configs changed concurrently".into(),
+                ));
+            }
         }
         Ok(partitions)
     }
@@ -324,15 +340,12 @@ impl Ctx {
 
     async fn delete_one(&self, ns: &NamespaceName, name: &str) -> Result<(), i16> {
         let base = self.topic_name(ns, name)?;
-        let layout = self
-            .layout(&base)
+        self.layout(&base)
             .await
             .map_err(|e| code_of(&e))?
             .ok_or(E::UnknownTopicOrPartition.code())?;
         // Kafka deletes topics that still have consumers.
-        let result = match layout {
-            Layout::Partitioned(_) | Layout::Single => self.broker.delete_topic(&base, true).await,
-        };
+        let result = self.broker.delete_topic(&base, true).await;
         self.forget_layout(&base);
         result.map_err(|e| code_of(&e))?;
         let _ = self
@@ -594,8 +607,8 @@ impl Ctx {
                 };
             }
             match self.store_overrides(&base, &configs, version).await {
-                Ok(()) => return Ok(()),
-                Err(c) if c == E::ConcurrentTransactions.code() => continue,
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
                 Err(c) => return Err((c, "configs not stored".into())),
             }
         }

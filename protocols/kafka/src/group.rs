@@ -23,19 +23,21 @@ use kafka_protocol::protocol::Decodable;
 use kafka_protocol::ResponseError as E;
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, StateStore};
 use magnetar_tenancy::names::encode_segment;
-use magnetar_tenancy::{NamespaceName, TopicDomain};
+use magnetar_tenancy::NamespaceName;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Mutex};
 use tracing::debug;
 
+use crate::coordinator::{self, Kind};
 use crate::error::code_of;
 use crate::handler::{now_ms, str, Caller};
 use crate::KafkaConfig;
 
-/// Coordinator slots per namespace: groups hash onto this many names.
-const COORDINATOR_SLOTS: u32 = 50;
 const MIN_SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
 const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long a member id handed out with MEMBER_ID_REQUIRED waits for
+/// its join.
+const PENDING_MEMBER_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
@@ -206,34 +208,12 @@ impl GroupCoordinator {
         });
     }
 
-    /// The broker coordinating `group`: the owner of its slot's bundle.
     pub async fn coordinator_of(&self, ns: &NamespaceName, group: &str) -> Result<BrokerInfo, i16> {
-        let slot = crc32c::crc32c(group.as_bytes()) % COORDINATOR_SLOTS;
-        let name = ns
-            .topic(
-                TopicDomain::Persistent,
-                &format!("__consumer_offsets-partition-{slot}"),
-            )
-            .map_err(|_| E::InvalidGroupId.code())?;
-        self.broker.lookup(&name).await.map_err(|e| match e {
-            BrokerError::NotFound(_) => E::GroupAuthorizationFailed.code(),
-            e => {
-                debug!("coordinator lookup failed: {e}");
-                E::CoordinatorNotAvailable.code()
-            }
-        })
+        coordinator::owner(&self.broker, ns, Kind::Group, group).await
     }
 
     async fn check_coordinator(&self, ns: &NamespaceName, group: &str) -> Result<(), i16> {
-        if group.is_empty() {
-            return Err(E::InvalidGroupId.code());
-        }
-        let owner = self.coordinator_of(ns, group).await?;
-        if owner.id == self.broker.info().id {
-            Ok(())
-        } else {
-            Err(E::NotCoordinator.code())
-        }
+        coordinator::check_local(&self.broker, ns, Kind::Group, group).await
     }
 
     async fn group(&self, ns: &NamespaceName, id: &str) -> Result<Arc<Mutex<Group>>, i16> {
@@ -309,37 +289,7 @@ impl GroupCoordinator {
 
     /// Writes the group's membership through, at settled states.
     async fn persist(&self, g: &Group) {
-        let record = GroupRecord {
-            generation: g.generation,
-            protocol_type: g.protocol_type.clone(),
-            protocol: g.protocol.clone(),
-            leader: g.leader.clone(),
-            members: g
-                .members
-                .values()
-                .map(|m| MemberRecord {
-                    id: m.id.clone(),
-                    instance_id: m.instance_id.clone(),
-                    client_id: m.client_id.clone(),
-                    client_host: m.client_host.clone(),
-                    session_timeout_ms: m.session_timeout.as_millis() as u64,
-                    rebalance_timeout_ms: m.rebalance_timeout.as_millis() as u64,
-                    protocol_type: m.protocol_type.clone(),
-                    protocols: m
-                        .protocols
-                        .iter()
-                        .map(|(n, d)| (n.clone(), b64(d)))
-                        .collect(),
-                    assignment: b64(&m.assignment),
-                })
-                .collect(),
-        };
-        let key = format!("{}/meta", group_path(&g.ns, &g.id));
-        if let Ok(bytes) = serde_json::to_vec(&record) {
-            if let Err(e) = self.store.put(&key, bytes).await {
-                tracing::warn!("group {}: state not stored: {e}", g.id);
-            }
-        }
+        store_settled(&self.store, g).await;
     }
 
     // ---- membership ----
@@ -432,7 +382,7 @@ impl GroupCoordinator {
                             if g.state == State::Stable && unchanged {
                                 let resp = self.join_response(&g, &fresh, false);
                                 self.persist(&g).await;
-                                return resp.with_skip_assignment(false);
+                                return resp;
                             }
                         }
                     }
@@ -477,9 +427,9 @@ impl GroupCoordinator {
             member.session_timeout = session_timeout;
             member.rebalance_timeout = rebalance_timeout;
             member.last_seen = now;
-            if let Some(old) = member.join_waiter.replace(tx) {
-                drop(old);
-            }
+            // A repeated join replaces the earlier one, whose caller then
+            // hears UNKNOWN_MEMBER_ID, as a superseded request.
+            member.join_waiter = Some(tx);
             g.protocol_type = Some(protocol_type);
             let is_leader = g.leader.as_deref() == Some(member_id.as_str());
             match g.state {
@@ -564,7 +514,7 @@ impl GroupCoordinator {
                         return;
                     }
                     if complete_join_if_ready(&mut g, force) {
-                        persist_with(&store, &g).await;
+                        store_settled(&store, &g).await;
                         return;
                     }
                 }
@@ -794,9 +744,8 @@ impl GroupCoordinator {
 
     async fn expire_members(&self, g: &mut Group) {
         let now = Instant::now();
-        g.pending.retain(|_, at| {
-            now.duration_since(*at) < MAX_SESSION_TIMEOUT.min(Duration::from_secs(300))
-        });
+        g.pending
+            .retain(|_, at| now.duration_since(*at) < PENDING_MEMBER_TTL);
         let expired: Vec<String> = g
             .members
             .values()
@@ -1466,18 +1415,43 @@ fn complete_join_if_ready(g: &mut Group, force: bool) -> bool {
     true
 }
 
-async fn persist_with(store: &StateStore, g: &Group) {
-    // Only settled states are written; a completed join is settled once
-    // the leader syncs, or empty now.
-    if g.state == State::Empty {
-        let key = format!("{}/meta", group_path(&g.ns, &g.id));
-        let record = GroupRecord {
-            generation: g.generation,
-            protocol_type: g.protocol_type.clone(),
-            ..Default::default()
-        };
-        if let Ok(bytes) = serde_json::to_vec(&record) {
-            let _ = store.put(&key, bytes).await;
+/// Writes a settled group (stable, or empty) to the store. A group
+/// between join and sync is not settled: its members hold a generation
+/// whose assignments do not exist yet, and a coordinator taking over must
+/// not hand them out empty, so such a group keeps its last settled record.
+async fn store_settled(store: &StateStore, g: &Group) {
+    if !matches!(g.state, State::Stable | State::Empty) {
+        return;
+    }
+    let record = GroupRecord {
+        generation: g.generation,
+        protocol_type: g.protocol_type.clone(),
+        protocol: g.protocol.clone(),
+        leader: g.leader.clone(),
+        members: g
+            .members
+            .values()
+            .map(|m| MemberRecord {
+                id: m.id.clone(),
+                instance_id: m.instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                session_timeout_ms: m.session_timeout.as_millis() as u64,
+                rebalance_timeout_ms: m.rebalance_timeout.as_millis() as u64,
+                protocol_type: m.protocol_type.clone(),
+                protocols: m
+                    .protocols
+                    .iter()
+                    .map(|(n, d)| (n.clone(), b64(d)))
+                    .collect(),
+                assignment: b64(&m.assignment),
+            })
+            .collect(),
+    };
+    let key = format!("{}/meta", group_path(&g.ns, &g.id));
+    if let Ok(bytes) = serde_json::to_vec(&record) {
+        if let Err(e) = store.put(&key, bytes).await {
+            tracing::warn!("group {}: state not stored: {e}", g.id);
         }
     }
 }

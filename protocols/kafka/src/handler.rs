@@ -224,19 +224,29 @@ impl Ctx {
         topic: &str,
         index: i32,
     ) -> Result<Arc<Topic>, i16> {
+        let name = self.partition_name(ns, topic, index).await?;
+        self.broker
+            .topic(&name, true)
+            .await
+            .map_err(|e| code_of(&e))
+    }
+
+    /// The stored topic of a Kafka partition, without loading it.
+    pub async fn partition_name(
+        &self,
+        ns: &NamespaceName,
+        topic: &str,
+        index: i32,
+    ) -> Result<Name, i16> {
         let base = self.topic_name(ns, topic)?;
         let layout = self
             .layout(&base)
             .await
             .map_err(|e| code_of(&e))?
             .ok_or(E::UnknownTopicOrPartition.code())?;
-        let name = layout
+        layout
             .partition(&base, index)
-            .ok_or(E::UnknownTopicOrPartition.code())?;
-        self.broker
-            .topic(&name, true)
-            .await
-            .map_err(|e| code_of(&e))
+            .ok_or(E::UnknownTopicOrPartition.code())
     }
 
     /// Starts a request. Produce requests fix their batches' order here,
@@ -413,7 +423,7 @@ impl Ctx {
         if batches.is_empty() {
             return Err(E::CorruptMessage.code());
         }
-        if let Some(codec) = self.target_codec(&self.topic_name(ns, topic)?).await {
+        if let Some(codec) = self.target_codec(&t.name().base()).await {
             batches = batches
                 .into_iter()
                 .map(|b| recompress(b, codec).map_err(|e| code_of(&e)))
@@ -510,17 +520,29 @@ impl Ctx {
                 if p.offset < stable && (room > 0 || total == 0) {
                     match log.read(p.offset as u64, 1000, room.max(1)).await {
                         Ok(entries) => {
-                            let mut buf = BytesMut::new();
+                            let mut chunks: Vec<Bytes> = Vec::with_capacity(entries.len());
+                            let mut len = 0;
                             for e in entries {
-                                if e.base_offset as i64 >= stable {
+                                if e.base_offset as i64 >= stable
+                                    || (len > 0 && len + e.data.len() > room)
+                                {
                                     break;
                                 }
-                                if !buf.is_empty() && buf.len() + e.data.len() > room {
-                                    break;
-                                }
-                                buf.extend_from_slice(&e.data);
+                                len += e.data.len();
+                                chunks.push(e.data);
                             }
-                            total += buf.len();
+                            total += len;
+                            // One entry goes out as stored; several are
+                            // joined into one record set.
+                            let records = if chunks.len() == 1 {
+                                chunks.pop().unwrap_or_default()
+                            } else {
+                                let mut buf = BytesMut::with_capacity(len);
+                                for c in &chunks {
+                                    buf.extend_from_slice(c);
+                                }
+                                buf.freeze()
+                            };
                             if read_committed {
                                 use kafka_protocol::messages::fetch_response::AbortedTransaction;
                                 d.aborted_transactions = Some(
@@ -534,7 +556,7 @@ impl Ctx {
                                         .collect(),
                                 );
                             }
-                            d.records = Some(buf.freeze());
+                            d.records = Some(records);
                         }
                         Err(e) => d.error_code = code_of(&e),
                     }

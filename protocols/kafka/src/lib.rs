@@ -18,6 +18,7 @@ pub mod server;
 pub mod versions;
 
 mod admin;
+mod coordinator;
 mod group;
 mod handler;
 mod sasl;

@@ -25,16 +25,16 @@ use kafka_protocol::ResponseError as E;
 use magnetar_broker::format::{encode_control, ControlType};
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, StateStore};
 use magnetar_tenancy::names::encode_segment;
-use magnetar_tenancy::{NamespaceName, TopicDomain, TopicName as Name};
+use magnetar_tenancy::{NamespaceName, TopicName as Name};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::coordinator::{self, Kind};
 use crate::error::code_of;
 use crate::handler::{now_ms, Caller, Ctx};
 
 const ID_SEQUENCE: &str = "kafka-producer-ids";
 const ID_BLOCK: u64 = 1000;
-const COORDINATOR_SLOTS: u32 = 50;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
@@ -104,10 +104,8 @@ impl TxnCoordinator {
     }
 
     async fn abort_expired(&self, ctx: &Ctx, ns: &NamespaceName, id: &str) -> Result<(), i16> {
-        self.check_coordinator(ns, id).await?;
-        let lock = self.lock_of(ns, id);
-        let _held = lock.lock().await;
-        let Some((mut r, version)) = self.load(ns, id).await? else {
+        let (_held, record) = self.begin(ns, id).await?;
+        let Some((mut r, version)) = record else {
             return Ok(());
         };
         let expired = r.started_ms + i64::from(r.timeout_ms) <= now_ms();
@@ -140,34 +138,28 @@ impl TxnCoordinator {
     }
 
     pub async fn coordinator_of(&self, ns: &NamespaceName, id: &str) -> Result<BrokerInfo, i16> {
-        let slot = crc32c::crc32c(id.as_bytes()) % COORDINATOR_SLOTS;
-        let name = ns
-            .topic(
-                TopicDomain::Persistent,
-                &format!("__transaction_state-partition-{slot}"),
-            )
-            .map_err(|_| E::InvalidRequest.code())?;
-        self.broker
-            .lookup(&name)
-            .await
-            .map_err(|_| E::CoordinatorNotAvailable.code())
+        coordinator::owner(&self.broker, ns, Kind::Transaction, id).await
     }
 
     async fn check_coordinator(&self, ns: &NamespaceName, id: &str) -> Result<(), i16> {
-        if id.is_empty() {
-            return Err(E::InvalidRequest.code());
-        }
-        let owner = self.coordinator_of(ns, id).await?;
-        if owner.id == self.broker.info().id {
-            Ok(())
-        } else {
-            Err(E::NotCoordinator.code())
-        }
+        coordinator::check_local(&self.broker, ns, Kind::Transaction, id).await
     }
 
-    fn lock_of(&self, ns: &NamespaceName, id: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(locks.entry(Self::key(ns, id)).or_default())
+    /// Checks that this broker coordinates `id`, then takes its lock and
+    /// loads its record; the guard keeps the id's requests in turn.
+    async fn begin(
+        &self,
+        ns: &NamespaceName,
+        id: &str,
+    ) -> Result<(OwnedMutexGuard<()>, Option<(TxnRecord, u64)>), i16> {
+        self.check_coordinator(ns, id).await?;
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(locks.entry(Self::key(ns, id)).or_default())
+        };
+        let held = lock.lock_owned().await;
+        let record = self.load(ns, id).await?;
+        Ok((held, record))
     }
 
     fn key(ns: &NamespaceName, id: &str) -> String {
@@ -286,13 +278,11 @@ impl TxnCoordinator {
         id: &str,
         timeout_ms: i32,
     ) -> Result<(i64, i16), i16> {
-        self.check_coordinator(ns, id).await?;
         if timeout_ms <= 0 {
             return Err(E::InvalidTransactionTimeout.code());
         }
-        let lock = self.lock_of(ns, id);
-        let _held = lock.lock().await;
-        let (mut r, mut version) = match self.load(ns, id).await? {
+        let (_held, record) = self.begin(ns, id).await?;
+        let (mut r, mut version) = match record {
             Some(found) => found,
             None => {
                 let r = TxnRecord {
@@ -353,13 +343,8 @@ impl TxnCoordinator {
         partitions: &[String],
         group: Option<&str>,
     ) -> Result<(), i16> {
-        self.check_coordinator(ns, id).await?;
-        let lock = self.lock_of(ns, id);
-        let _held = lock.lock().await;
-        let (mut r, version) = self
-            .load(ns, id)
-            .await?
-            .ok_or(E::InvalidProducerIdMapping.code())?;
+        let (_held, record) = self.begin(ns, id).await?;
+        let (mut r, version) = record.ok_or(E::InvalidProducerIdMapping.code())?;
         Self::check_producer(&r, pid, epoch)?;
         if r.phase != Phase::Ongoing {
             r.phase = Phase::Ongoing;
@@ -487,13 +472,8 @@ impl TxnCoordinator {
         epoch: i16,
         commit: bool,
     ) -> Result<(), i16> {
-        self.check_coordinator(ns, id).await?;
-        let lock = self.lock_of(ns, id);
-        let _held = lock.lock().await;
-        let (mut r, version) = self
-            .load(ns, id)
-            .await?
-            .ok_or(E::InvalidProducerIdMapping.code())?;
+        let (_held, record) = self.begin(ns, id).await?;
+        let (mut r, version) = record.ok_or(E::InvalidProducerIdMapping.code())?;
         if r.producer_id != pid {
             return Err(E::InvalidProducerIdMapping.code());
         }
@@ -517,25 +497,5 @@ impl TxnCoordinator {
             _ => return Err(E::InvalidTxnState.code()),
         };
         self.complete(ctx, ns, id, r, version).await.map(drop)
-    }
-}
-
-impl Ctx {
-    /// The stored topic of a Kafka partition, without loading it.
-    pub(crate) async fn partition_name(
-        &self,
-        ns: &NamespaceName,
-        topic: &str,
-        index: i32,
-    ) -> Result<Name, i16> {
-        let base = self.topic_name(ns, topic)?;
-        let layout = self
-            .layout(&base)
-            .await
-            .map_err(|e| code_of(&e))?
-            .ok_or(E::UnknownTopicOrPartition.code())?;
-        layout
-            .partition(&base, index)
-            .ok_or(E::UnknownTopicOrPartition.code())
     }
 }
