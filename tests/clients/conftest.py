@@ -24,13 +24,17 @@ class Standalone:
     def __init__(self, data_dir, extra=()):
         self.data_dir = data_dir
         self.extra = list(extra)
-        self.ports = {k: free_port() for k in ("http", "kafka", "meta", "bookie")}
+        self.ports = {k: free_port() for k in ("http", "kafka", "amqp", "meta", "bookie")}
         self.proc = None
         self.log_path = os.path.join(data_dir, "standalone.log")
 
     @property
     def kafka(self):
         return f"127.0.0.1:{self.ports['kafka']}"
+
+    @property
+    def amqp_port(self):
+        return self.ports["amqp"]
 
     @property
     def http(self):
@@ -46,6 +50,7 @@ class Standalone:
                 "--data-dir", os.path.join(self.data_dir, "data"),
                 "--http-listen", f"127.0.0.1:{self.ports['http']}",
                 "--kafka-listen", self.kafka,
+                "--amqp-listen", f"127.0.0.1:{self.ports['amqp']}",
                 "--meta-listen", f"127.0.0.1:{self.ports['meta']}",
                 "--bookie-listen", f"127.0.0.1:{self.ports['bookie']}",
                 "--kafka-group-initial-delay-ms", "300",

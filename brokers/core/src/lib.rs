@@ -34,7 +34,7 @@ pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult, TopicPolicies};
 pub use state::{StateStore, Versioned};
 pub use subscription::{
-    Consumer, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition, ResetTo,
-    SubscriptionOptions, SubscriptionType,
+    Consumer, ConsumerControl, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition,
+    ResetTo, SubscriptionOptions, SubscriptionType,
 };
 pub use topic::{PendingPublish, Published};

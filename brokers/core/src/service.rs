@@ -962,6 +962,36 @@ impl Broker {
         Ok(g.table.to_snapshot())
     }
 
+    /// The queues a message would reach through `exchange`, with their
+    /// topics, without publishing: for front ends that apply per-queue
+    /// rules (length limits, confirms) before they append.
+    pub async fn route(
+        &self,
+        ns: &NamespaceName,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+    ) -> Result<Vec<(String, TopicName)>> {
+        let r = self.routing(ns).await?;
+        let g = r.lock().await;
+        let routed = g.table.route(exchange, routing_key, headers)?;
+        routed
+            .queues
+            .into_iter()
+            .map(|q| {
+                let t = self.queue_topic(ns, &q, !g.transient.contains(&q))?;
+                Ok((q, t))
+            })
+            .collect()
+    }
+
+    /// Whether a queue was declared non-durable (held in memory).
+    pub async fn queue_is_transient(&self, ns: &NamespaceName, name: &str) -> Result<bool> {
+        let r = self.routing(ns).await?;
+        let g = r.lock().await;
+        Ok(g.transient.contains(name))
+    }
+
     /// Routes a message through an exchange and publishes it to every
     /// queue it reaches. Returns the queues; empty means unroutable.
     pub async fn route_publish(

@@ -202,6 +202,9 @@ enum Cmd {
     Ack(u64, Vec<u64>),
     AckCumulative(u64),
     Nack(u64, Vec<u64>, Duration),
+    /// Offer one message to a consumer now; the reply says whether one was
+    /// sent, and no permit is left behind either way.
+    Get(u64, oneshot::Sender<Result<bool>>),
     Reset(ResetTo, oneshot::Sender<Result<()>>),
     Stats(oneshot::Sender<SubscriptionStats>),
     /// Stop; with `delete`, remove the durable cursor too.
@@ -431,6 +434,62 @@ impl Consumer {
     }
 
     /// Negative acknowledgement: redeliver after `delay`.
+    pub fn nack(&self, offsets: Vec<u64>, delay: Duration) {
+        let _ = self.tx.send(Cmd::Nack(self.id, offsets, delay));
+    }
+
+    /// A handle for flow and acknowledgements that can be kept apart from
+    /// the receiving end, for front ends that receive in one task and
+    /// acknowledge from another.
+    pub fn control(&self) -> ConsumerControl {
+        ConsumerControl {
+            id: self.id,
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Pulls one message if the subscription has one ready now: the next
+    /// message in dispatch order is sent to this consumer (and can be
+    /// taken with [`Consumer::try_recv`]), or `false` means there is none.
+    /// What AMQP's basic.get needs: an answer, not a wait.
+    pub async fn get_one(&self) -> Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || BrokerError::TopicUnavailable("subscription stopped".into());
+        self.tx.send(Cmd::Get(self.id, reply)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Flow and acknowledgements for one consumer, detached from its
+/// receiving end; cheap to clone. It does not keep the consumer attached.
+#[derive(Clone)]
+pub struct ConsumerControl {
+    id: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for ConsumerControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerControl")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl ConsumerControl {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn flow(&self, permits: u64) {
+        let _ = self.tx.send(Cmd::Flow(self.id, permits));
+    }
+
+    pub fn ack(&self, offsets: Vec<u64>) {
+        let _ = self.tx.send(Cmd::Ack(self.id, offsets));
+    }
+
+    /// Redeliver after `delay` (zero: at once, before newer messages).
     pub fn nack(&self, offsets: Vec<u64>, delay: Duration) {
         let _ = self.tx.send(Cmd::Nack(self.id, offsets, delay));
     }
@@ -710,6 +769,10 @@ impl Dispatcher {
                     }
                 }
             }
+            Cmd::Get(id, reply) => {
+                let r = self.get_one(id).await;
+                let _ = reply.send(r);
+            }
             Cmd::Reset(to, reply) => {
                 let target = match to {
                     ResetTo::Offset(o) => o.clamp(self.log.start_offset(), self.log.end_offset()),
@@ -748,6 +811,23 @@ impl Dispatcher {
             }
         }
         Flow::Continue
+    }
+
+    /// One permit for one dispatch round; whatever was not used is taken
+    /// back, so that the consumer holds no credit afterwards.
+    async fn get_one(&mut self, id: u64) -> Result<bool> {
+        let Some(i) = self.consumers.iter().position(|c| c.id == id) else {
+            return Err(BrokerError::InvalidArgument(format!("no consumer {id}")));
+        };
+        let before = self.consumers[i].msg_out;
+        self.consumers[i].permits = 1;
+        let r = self.dispatch().await;
+        let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) else {
+            return Ok(false);
+        };
+        c.permits = 0;
+        r?;
+        Ok(c.msg_out > before)
     }
 
     fn forget_pending(&mut self, off: u64) {

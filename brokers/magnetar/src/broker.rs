@@ -85,6 +85,12 @@ pub struct BrokerOptions {
         default_value_t = 3000
     )]
     kafka_group_initial_delay_ms: u64,
+    /// AMQP 0-9-1 listener.
+    #[arg(long, env = "MAGNETAR_AMQP_LISTEN", default_value = "127.0.0.1:5672")]
+    amqp_listen: SocketAddr,
+    /// Heartbeat interval offered to AMQP clients, in seconds (0: none).
+    #[arg(long, env = "MAGNETAR_AMQP_HEARTBEAT_S", default_value_t = 60)]
+    amqp_heartbeat_s: u16,
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -92,6 +98,7 @@ pub struct BrokerOptions {
 struct Listeners {
     kafka: tokio::net::TcpListener,
     kafka_advertised: String,
+    amqp: tokio::net::TcpListener,
 }
 
 async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
@@ -99,7 +106,11 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
         .await
         .with_context(|| format!("binding the Kafka listener on {}", opts.kafka_listen))?;
     let bound = kafka.local_addr()?;
+    let amqp = tokio::net::TcpListener::bind(opts.amqp_listen)
+        .await
+        .with_context(|| format!("binding the AMQP listener on {}", opts.amqp_listen))?;
     Ok(Listeners {
+        amqp,
         kafka,
         kafka_advertised: opts
             .advertised_kafka
@@ -111,6 +122,7 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
 /// The running protocol servers.
 struct Protocols {
     kafka: magnetar_kafka::KafkaServer,
+    amqp: magnetar_amqp::AmqpServer,
 }
 
 impl Protocols {
@@ -124,13 +136,19 @@ impl Protocols {
             group_initial_rebalance_delay: Duration::from_millis(opts.kafka_group_initial_delay_ms),
             ..Default::default()
         };
+        let amqp_cfg = magnetar_amqp::AmqpConfig {
+            heartbeat: opts.amqp_heartbeat_s,
+            ..Default::default()
+        };
         Ok(Protocols {
             kafka: magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?,
+            amqp: magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?,
         })
     }
 
     fn stop(&self) {
         self.kafka.stop();
+        self.amqp.stop();
     }
 }
 
@@ -270,9 +288,10 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let http = serve_http(listener, broker.clone())?;
     let protocols = Protocols::start(listeners, &broker, &args.opts)?;
     println!(
-        "magnetar broker ready: http={} kafka={}",
+        "magnetar broker ready: http={} kafka={} amqp={}",
         http.addr,
-        protocols.kafka.local_addr()
+        protocols.kafka.local_addr(),
+        protocols.amqp.local_addr()
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
@@ -373,9 +392,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
     // The one line harnesses and users wait for.
     println!(
-        "magnetar standalone ready: http={} kafka={} meta={} bookie={} data={}",
+        "magnetar standalone ready: http={} kafka={} amqp={} meta={} bookie={} data={}",
         http.addr,
         protocols.kafka.local_addr(),
+        protocols.amqp.local_addr(),
         embedded.node.local_addr(),
         embedded.bookie.local_addr(),
         args.data_dir.display()

@@ -40,7 +40,12 @@ impl Standalone {
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--http-listen", &format!("127.0.0.1:{}", self.ports.0)])
-            .args(["--kafka-listen", "127.0.0.1:0"])
+            .args([
+                "--kafka-listen",
+                "127.0.0.1:0",
+                "--amqp-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--meta-listen", &format!("127.0.0.1:{}", self.ports.1)])
             .args(["--bookie-listen", &format!("127.0.0.1:{}", self.ports.2)])
             .env("MAGNETAR_LOG", "info,openraft=warn");
@@ -195,7 +200,12 @@ fn start_broker(cluster: &LedgerCluster, port: u16, log: &Path) -> Proc {
     cmd.arg("broker")
         .args(["--meta", &cluster.meta_endpoint()])
         .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--kafka-listen", "127.0.0.1:0"])
+        .args([
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--amqp-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--cluster", "local"])
         .args(["--session-ttl-ms", "2000"])
         .args([

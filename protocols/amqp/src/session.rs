@@ -1,0 +1,1825 @@
+//! One AMQP connection: the handshake, its channels, and the methods they
+//! carry, turned into calls on the broker's protocol-neutral API.
+//!
+//! A connection is one task. It reads frames, runs methods in order, and
+//! takes events from helpers: one task per consumer forwarding deliveries,
+//! and one publish pipeline per channel that waits for durability and
+//! reports publisher confirms. Writes go through a writer task, so that
+//! nothing here blocks on a slow socket but the reads that backpressure
+//! the publisher.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, tx, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind};
+use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
+use magnetar_broker::{
+    Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, StateStore,
+};
+use magnetar_tenancy::{NamespaceName, TopicName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::channel::{Assembler, Publish, Tags};
+use crate::codec::{self, CodecError, Frame};
+use crate::error::{self, exception_of, AmqpError, Exception};
+use crate::props;
+use crate::queue::{self as qdef, QueueDef, QUEUE_SUBSCRIPTION};
+use crate::AmqpConfig;
+
+/// Credit a consumer without a prefetch limit is kept topped up to; it
+/// bounds what sits in memory between the subscription and the socket.
+const UNLIMITED_CREDIT: u64 = 1000;
+/// Publishes of one channel between the socket and durability.
+const PIPELINE_DEPTH: usize = 4096;
+
+/// What every connection of a listener shares.
+pub(crate) struct Ctx {
+    pub broker: Broker,
+    pub cfg: AmqpConfig,
+    pub store: StateStore,
+    next_conn: AtomicU64,
+    registry: std::sync::Mutex<Registry>,
+}
+
+/// Per-queue facts that only matter while the broker runs.
+#[derive(Default)]
+struct Registry {
+    queues: HashMap<(NamespaceName, String), QueueInfo>,
+}
+
+struct QueueInfo {
+    def: QueueDef,
+    /// The connection an exclusive queue belongs to.
+    owner: Option<u64>,
+    consumers: u32,
+    exclusive_consumer: bool,
+}
+
+impl Ctx {
+    pub fn new(broker: Broker, cfg: AmqpConfig) -> Self {
+        let store = broker.state(qdef::STATE_AREA);
+        Ctx {
+            broker,
+            cfg,
+            store,
+            next_conn: AtomicU64::new(1),
+            registry: std::sync::Mutex::new(Registry::default()),
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Events from a connection's helper tasks.
+enum Event {
+    Deliver {
+        channel: u16,
+        gen: u64,
+        consumer: String,
+        control: ConsumerControl,
+        delivery: Delivery,
+    },
+    /// The subscription stopped under a consumer (its queue was deleted).
+    ConsumerEnded {
+        channel: u16,
+        gen: u64,
+        consumer: String,
+    },
+    Confirmed {
+        channel: u16,
+        gen: u64,
+        seq: u64,
+        multiple: bool,
+        ok: bool,
+    },
+}
+
+/// What settling a delivery tag acts on.
+struct Unacked {
+    control: ConsumerControl,
+    offset: u64,
+    /// Return a permit to the consumer when settled (prefetch).
+    credit: bool,
+    queue: String,
+}
+
+struct ConsumerEntry {
+    queue: String,
+    no_ack: bool,
+    /// Limited prefetch: permits come back on settle; otherwise on send.
+    limited: bool,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Consumer>,
+}
+
+type Pending = BoxFuture<'static, Result<(), BrokerError>>;
+
+struct Chan {
+    gen: u64,
+    closing: bool,
+    assembler: Assembler,
+    tags: Tags<Unacked>,
+    consumers: HashMap<String, ConsumerEntry>,
+    /// basic.get's consumers, one per queue, never given standing credit.
+    getters: HashMap<String, Consumer>,
+    /// Consumers cancelled with deliveries still unsettled: kept attached
+    /// so that those deliveries stay theirs until settled or closed.
+    retired: Vec<Consumer>,
+    prefetch: u16,
+    confirm: bool,
+    next_seq: u64,
+    pipeline: mpsc::Sender<(u64, Pending)>,
+    last_queue: String,
+    next_ctag: u64,
+}
+
+enum Phase {
+    StartOk,
+    TuneOk,
+    Open,
+    Running,
+}
+
+pub(crate) struct Conn {
+    ctx: Arc<Ctx>,
+    id: u64,
+    out: mpsc::UnboundedSender<Bytes>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    vhost: String,
+    ns: NamespaceName,
+    channels: HashMap<u16, Chan>,
+    next_gen: u64,
+    exclusive_queues: Vec<String>,
+    /// Set once connection.close went out; only close-ok matters then.
+    closing: bool,
+}
+
+/// Serves one connection until it closes.
+pub(crate) async fn serve<S>(stream: S, ctx: Arc<Ctx>) -> Result<(), AmqpError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(write_loop(wr, out_rx));
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        id: ctx.next_conn.fetch_add(1, Ordering::Relaxed),
+        frame_max: ctx.cfg.frame_max,
+        channel_max: ctx.cfg.channel_max,
+        heartbeat: 0,
+        ctx,
+        out,
+        events_tx,
+        vhost: String::new(),
+        ns: NamespaceName::default_namespace(),
+        channels: HashMap::new(),
+        next_gen: 1,
+        exclusive_queues: Vec::new(),
+        closing: false,
+    };
+    let r = conn.run(&mut rd, events_rx).await;
+    conn.cleanup().await;
+    drop(conn);
+    // Let what is queued (a connection.close) reach the peer.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    r
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn method_ids(m: &AMQPClass) -> (u16, u16) {
+    (m.get_amqp_class_id(), m.get_amqp_method_id())
+}
+
+fn short(s: &str) -> ShortString {
+    ShortString::try_new(s).unwrap_or_default()
+}
+
+fn vhost_namespace(vhost: &str) -> Option<NamespaceName> {
+    if vhost == "/" || vhost.is_empty() {
+        return Some(NamespaceName::default_namespace());
+    }
+    let v = vhost.trim_start_matches('/');
+    v.parse().ok()
+}
+
+impl Conn {
+    fn send(&self, bytes: BytesMut) {
+        let _ = self.out.send(bytes.freeze());
+    }
+
+    fn send_method(&self, channel: u16, m: AMQPClass) {
+        let mut b = BytesMut::with_capacity(64);
+        codec::encode_method(&mut b, channel, m);
+        self.send(b);
+    }
+
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(), AmqpError> {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Protocol header first; a wrong one is answered with ours.
+        loop {
+            match codec::decode_protocol_header(&mut buf) {
+                Ok(Some(())) => break,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = self.out.send(Bytes::from_static(&codec::PROTOCOL_HEADER));
+                    return Err(e.into());
+                }
+            }
+            let read = tokio::time::timeout(self.ctx.cfg.handshake_timeout, rd.read_buf(&mut buf));
+            match read.await {
+                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        self.send_start();
+        let mut phase = Phase::StartOk;
+        let handshake_deadline = Instant::now() + self.ctx.cfg.handshake_timeout;
+        let mut last_read = Instant::now();
+        let mut last_write_tick = Instant::now();
+        loop {
+            // Decode everything buffered before reading again.
+            loop {
+                let max = if matches!(phase, Phase::Running) {
+                    self.frame_max
+                } else {
+                    self.ctx.cfg.frame_max
+                };
+                let frame = match codec::decode_frame(&mut buf, max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.close_connection(codec_exception(&e));
+                        return Err(e.into());
+                    }
+                };
+                match self.on_frame(frame, &mut phase).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(()),
+                    Err(ex) => {
+                        self.close_connection(ex.clone());
+                        return Err(ex.into());
+                    }
+                }
+            }
+            let hb = Duration::from_secs(u64::from(self.heartbeat));
+            let tick = if self.heartbeat > 0 {
+                hb / 2
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => {
+                    match r {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => last_read = Instant::now(),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(ev) = events.recv() => {
+                    if let Err(ex) = self.on_event(ev) {
+                        self.close_connection(ex.clone());
+                        return Err(ex.into());
+                    }
+                }
+                _ = tokio::time::sleep_until(last_write_tick + tick) => {
+                    last_write_tick = Instant::now();
+                    if !matches!(phase, Phase::Running) && Instant::now() > handshake_deadline {
+                        return Ok(());
+                    }
+                    if self.heartbeat > 0 {
+                        // Two missed heartbeats from the peer: it is gone.
+                        if last_read.elapsed() > hb * 2 {
+                            debug!(conn = self.id, "missed heartbeats; closing");
+                            return Ok(());
+                        }
+                        let mut b = BytesMut::with_capacity(8);
+                        codec::encode_heartbeat(&mut b);
+                        self.send(b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_start(&self) {
+        let mut caps = FieldTable::default();
+        for c in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            caps.insert(c.into(), AMQPValue::Boolean(true));
+        }
+        let mut props = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+        props.insert("product".into(), s("Magnetar"));
+        props.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+        props.insert("platform".into(), s("Rust"));
+        props.insert("cluster_name".into(), s(&self.ctx.broker.config().cluster));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                locales: LongString::from("en_US"),
+            })),
+        );
+    }
+
+    fn close_connection(&mut self, ex: Exception) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        debug!(conn = self.id, "closing connection: {ex}");
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: ex.code,
+                reply_text: short(&ex.reply_text()),
+                class_id: ex.class_id,
+                method_id: ex.method_id,
+            })),
+        );
+    }
+
+    /// Handles one frame; `Ok(false)` ends the connection cleanly.
+    async fn on_frame(&mut self, frame: Frame, phase: &mut Phase) -> Result<bool, Exception> {
+        let ch = frame.channel();
+        if self.closing {
+            // After connection.close only close-ok (or a crossing close) counts.
+            return Ok(!matches!(
+                frame,
+                Frame::Method(_, ref m) if matches!(**m, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) | AMQPClass::Connection(connection::AMQPMethod::Close(_)))
+            ));
+        }
+        match frame {
+            Frame::Heartbeat(0) => Ok(true),
+            Frame::Heartbeat(_) => Err(Exception::new(
+                error::COMMAND_INVALID,
+                "heartbeat on a channel other than 0",
+            )),
+            Frame::Method(0, m) => self.on_connection_method(*m, phase).await,
+            _ if !matches!(phase, Phase::Running) => Err(Exception::new(
+                error::CHANNEL_ERROR,
+                format!("channel {ch} used before the connection is open"),
+            )),
+            Frame::Method(ch, m) => {
+                let ids = method_ids(&m);
+                match self.on_channel_method(ch, *m).await {
+                    Ok(()) => Ok(true),
+                    Err(ex) => self.raise(ch, ex.on(ids.0, ids.1)).map(|()| true),
+                }
+            }
+            frame @ (Frame::Header(..) | Frame::Body(..)) => {
+                let max = self.ctx.cfg.max_message_size;
+                let Some(c) = self.channels.get_mut(&ch) else {
+                    return Err(Exception::new(
+                        error::CHANNEL_ERROR,
+                        format!("expected 'channel.open' on channel {ch}"),
+                    ));
+                };
+                if c.closing {
+                    return Ok(true);
+                }
+                match c.assembler.feed(frame, max) {
+                    Ok(Some(p)) => {
+                        if let Err(ex) = self.publish(ch, p).await {
+                            self.raise(ch, ex.on(60, 40))?;
+                        }
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(true),
+                    Err(ex) => self.raise(ch, ex.on(60, 40)).map(|()| true),
+                }
+            }
+        }
+    }
+
+    /// Soft exceptions close the channel; hard ones the connection.
+    fn raise(&mut self, ch: u16, ex: Exception) -> Result<(), Exception> {
+        if ex.is_hard() {
+            return Err(ex);
+        }
+        debug!(conn = self.id, ch, "channel exception: {ex}");
+        self.close_channel_resources(ch, true);
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: ex.code,
+                reply_text: short(&ex.reply_text()),
+                class_id: ex.class_id,
+                method_id: ex.method_id,
+            })),
+        );
+        Ok(())
+    }
+
+    async fn on_connection_method(
+        &mut self,
+        m: AMQPClass,
+        phase: &mut Phase,
+    ) -> Result<bool, Exception> {
+        let ids = method_ids(&m);
+        let AMQPClass::Connection(m) = m else {
+            return Err(Exception::new(
+                error::COMMAND_INVALID,
+                "only connection methods are allowed on channel 0",
+            )
+            .on(ids.0, ids.1));
+        };
+        use connection::AMQPMethod as M;
+        match (m, &phase) {
+            (M::StartOk(s), Phase::StartOk) => {
+                let mech = s.mechanism.as_str();
+                if mech != "PLAIN" && mech != "AMQPLAIN" {
+                    return Err(Exception::new(
+                        error::ACCESS_REFUSED,
+                        format!("unsupported authentication mechanism '{mech}'"),
+                    )
+                    .on(ids.0, ids.1));
+                }
+                // Credentials are not checked yet: the auth hook comes with
+                // tenancy's tokens. PLAIN and AMQPLAIN are both accepted.
+                self.send_method(
+                    0,
+                    AMQPClass::Connection(M::Tune(connection::Tune {
+                        channel_max: self.ctx.cfg.channel_max,
+                        frame_max: self.ctx.cfg.frame_max,
+                        heartbeat: self.ctx.cfg.heartbeat,
+                    })),
+                );
+                *phase = Phase::TuneOk;
+                Ok(true)
+            }
+            (M::TuneOk(t), Phase::TuneOk) => {
+                if t.frame_max != 0 && t.frame_max < codec::FRAME_MIN_SIZE {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!(
+                            "frame_max={} < {} min size",
+                            t.frame_max,
+                            codec::FRAME_MIN_SIZE
+                        ),
+                    ));
+                }
+                if t.frame_max > self.ctx.cfg.frame_max {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!(
+                            "frame_max={} > {} max size",
+                            t.frame_max, self.ctx.cfg.frame_max
+                        ),
+                    ));
+                }
+                if t.frame_max != 0 {
+                    self.frame_max = t.frame_max;
+                }
+                if t.channel_max != 0 {
+                    self.channel_max = t.channel_max.min(self.ctx.cfg.channel_max);
+                }
+                self.heartbeat = t.heartbeat;
+                *phase = Phase::Open;
+                Ok(true)
+            }
+            (M::Open(o), Phase::Open) => {
+                let vhost = o.virtual_host.as_str().to_owned();
+                let Some(ns) = vhost_namespace(&vhost) else {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!("vhost {vhost} not found"),
+                    ));
+                };
+                let exists = self
+                    .ctx
+                    .broker
+                    .tenancy()
+                    .namespace_exists(&ns)
+                    .await
+                    .unwrap_or(false);
+                if !exists {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!("vhost {vhost} not found"),
+                    ));
+                }
+                self.vhost = vhost;
+                self.ns = ns;
+                self.send_method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
+                *phase = Phase::Running;
+                Ok(true)
+            }
+            (M::Close(_), _) => {
+                self.send_method(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
+                Ok(false)
+            }
+            (M::CloseOk(_), _) => Ok(false),
+            (M::Blocked(_) | M::Unblocked(_), Phase::Running) => Ok(true),
+            (M::UpdateSecret(_), Phase::Running) => {
+                self.send_method(
+                    0,
+                    AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})),
+                );
+                Ok(true)
+            }
+            (m, _) => Err(Exception::new(
+                error::COMMAND_INVALID,
+                format!("connection method {m:?} is not valid now"),
+            )
+            .on(ids.0, ids.1)),
+        }
+    }
+
+    fn chan(&mut self, ch: u16) -> Result<&mut Chan, Exception> {
+        self.channels.get_mut(&ch).ok_or_else(|| {
+            Exception::new(
+                error::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}"),
+            )
+        })
+    }
+
+    async fn on_channel_method(&mut self, ch: u16, m: AMQPClass) -> Result<(), Exception> {
+        // A channel closed by us only listens for close and close-ok.
+        if let Some(c) = self.channels.get(&ch) {
+            if c.closing {
+                match m {
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&ch);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        self.channels.remove(&ch);
+                        self.send_method(
+                            ch,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
+                    }
+                    _ => {}
+                }
+                return Ok(());
+            }
+            if c.assembler.is_receiving() {
+                return Err(Exception::new(
+                    error::UNEXPECTED_FRAME,
+                    "expected content header or body, got a method",
+                ));
+            }
+        }
+        match m {
+            AMQPClass::Channel(m) => self.on_channel(ch, m),
+            _ if !self.channels.contains_key(&ch) => Err(Exception::new(
+                error::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}"),
+            )),
+            AMQPClass::Exchange(m) => self.on_exchange(ch, m).await,
+            AMQPClass::Queue(m) => self.on_queue(ch, m).await,
+            AMQPClass::Basic(m) => self.on_basic(ch, m).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                let c = self.chan(ch)?;
+                c.confirm = true;
+                if !s.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Tx(m) => self.on_tx(ch, m),
+            other => Err(Exception::new(
+                error::NOT_IMPLEMENTED,
+                format!("method {:?} is not implemented", method_ids(&other)),
+            )),
+        }
+    }
+
+    fn on_channel(&mut self, ch: u16, m: channel::AMQPMethod) -> Result<(), Exception> {
+        use channel::AMQPMethod as M;
+        match m {
+            M::Open(_) => {
+                if ch > self.channel_max {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!(
+                            "channel {ch} is over the negotiated channel_max {}",
+                            self.channel_max
+                        ),
+                    ));
+                }
+                if self.channels.contains_key(&ch) {
+                    return Err(Exception::new(
+                        error::CHANNEL_ERROR,
+                        format!("channel {ch} is already open"),
+                    ));
+                }
+                let gen = self.next_gen;
+                self.next_gen += 1;
+                let pipeline = self.start_pipeline(ch, gen);
+                self.channels.insert(
+                    ch,
+                    Chan {
+                        gen,
+                        closing: false,
+                        assembler: Assembler::default(),
+                        tags: Tags::default(),
+                        consumers: HashMap::new(),
+                        getters: HashMap::new(),
+                        retired: Vec::new(),
+                        prefetch: 0,
+                        confirm: false,
+                        next_seq: 1,
+                        pipeline,
+                        last_queue: String::new(),
+                        next_ctag: 1,
+                    },
+                );
+                self.send_method(ch, AMQPClass::Channel(M::OpenOk(channel::OpenOk {})));
+                Ok(())
+            }
+            M::Close(_) => {
+                self.close_channel_resources(ch, false);
+                self.channels.remove(&ch);
+                self.send_method(ch, AMQPClass::Channel(M::CloseOk(channel::CloseOk {})));
+                Ok(())
+            }
+            M::CloseOk(_) => {
+                self.channels.remove(&ch);
+                Ok(())
+            }
+            M::Flow(f) => {
+                self.chan(ch)?;
+                self.send_method(
+                    ch,
+                    AMQPClass::Channel(M::FlowOk(channel::FlowOk { active: f.active })),
+                );
+                Ok(())
+            }
+            M::FlowOk(_) => Ok(()),
+            M::OpenOk(_) => Err(Exception::new(
+                error::COMMAND_INVALID,
+                "channel.open-ok is a server method",
+            )),
+        }
+    }
+
+    /// The publish pipeline of a channel: publishes wait here, in order,
+    /// for durability; confirms are reported as they complete, runs of
+    /// already-durable ones as one `multiple` ack.
+    fn start_pipeline(&self, channel: u16, gen: u64) -> mpsc::Sender<(u64, Pending)> {
+        let (tx, mut rx) = mpsc::channel::<(u64, Pending)>(PIPELINE_DEPTH);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut next: Option<(u64, Pending)> = None;
+            loop {
+                let (seq, fut) = match next.take() {
+                    Some(x) => x,
+                    None => match rx.recv().await {
+                        Some(x) => x,
+                        None => return,
+                    },
+                };
+                let ok = match fut.await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        debug!("publish failed: {e}");
+                        false
+                    }
+                };
+                let mut last = seq;
+                if ok && seq > 0 {
+                    while let Ok((s, mut f)) = rx.try_recv() {
+                        match (&mut f).now_or_never() {
+                            Some(Ok(())) if s == last + 1 => last = s,
+                            Some(r) => {
+                                next = Some((s, async move { r }.boxed()));
+                                break;
+                            }
+                            None => {
+                                next = Some((s, f));
+                                break;
+                            }
+                        }
+                    }
+                }
+                if seq > 0 {
+                    let _ = events.send(Event::Confirmed {
+                        channel,
+                        gen,
+                        seq: last,
+                        multiple: last != seq,
+                        ok,
+                    });
+                }
+            }
+        });
+        tx
+    }
+
+    /// Detaches a channel's consumers and requeues what it holds, as a
+    /// channel close does.
+    fn close_channel_resources(&mut self, ch: u16, keep_closing: bool) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        c.closing = keep_closing;
+        let consumers: Vec<(String, ConsumerEntry)> = c.consumers.drain().collect();
+        for u in c.tags.drain() {
+            u.control.nack(vec![u.offset], Duration::ZERO);
+        }
+        c.getters.clear();
+        c.retired.clear();
+        let mut queues = Vec::new();
+        for (_, e) in consumers {
+            e.task.abort();
+            queues.push(e.queue);
+        }
+        for q in queues {
+            self.release_consumer(&q, false);
+        }
+    }
+
+    // ---- exchanges ----
+
+    async fn on_exchange(&mut self, ch: u16, m: exchange::AMQPMethod) -> Result<(), Exception> {
+        use exchange::AMQPMethod as M;
+        let b = self.ctx.broker.clone();
+        match m {
+            M::Declare(d) => {
+                let name = d.exchange.as_str();
+                let kind = ExchangeKind::parse(d.kind.as_str()).map_err(|_| {
+                    Exception::new(
+                        error::COMMAND_INVALID,
+                        format!("unknown exchange type '{}'", d.kind.as_str()),
+                    )
+                });
+                let kind = match (kind, d.passive) {
+                    (Ok(k), _) => k,
+                    // A passive declare names no type worth checking.
+                    (Err(_), true) => ExchangeKind::Direct,
+                    (Err(e), false) => return Err(e),
+                };
+                if name.starts_with("amq.")
+                    && !d.passive
+                    && !magnetar_broker::routing::RoutingTable::is_predeclared(name)
+                {
+                    return Err(Exception::new(
+                        error::ACCESS_REFUSED,
+                        format!(
+                            "exchange '{name}' in vhost '{}' contains reserved prefix 'amq.'",
+                            self.vhost
+                        ),
+                    ));
+                }
+                let mut def = ExchangeDef::new(name, kind);
+                def.durable = d.durable;
+                def.auto_delete = d.auto_delete;
+                def.internal = d.internal;
+                for (k, v) in &d.arguments {
+                    let text = String::from_utf8_lossy(&props::value_text(v)).into_owned();
+                    if k.as_str() == "alternate-exchange" {
+                        def.alternate_exchange = Some(text);
+                    } else {
+                        def.arguments.insert(k.as_str().to_owned(), text);
+                    }
+                }
+                b.declare_exchange(&self.ns, def, d.passive)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})),
+                    );
+                }
+            }
+            M::Delete(d) => {
+                b.delete_exchange(&self.ns, d.exchange.as_str(), d.if_unused)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                if !d.nowait {
+                    self.send_method(ch, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})));
+                }
+            }
+            M::Bind(x) => {
+                let binding = Binding::exchange(
+                    x.source.as_str(),
+                    x.destination.as_str(),
+                    x.routing_key.as_str(),
+                )
+                .with_arguments(props::header_values(&x.arguments));
+                b.bind(&self.ns, binding)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                if !x.nowait {
+                    self.send_method(ch, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})));
+                }
+            }
+            M::Unbind(x) => {
+                let binding = Binding::exchange(
+                    x.source.as_str(),
+                    x.destination.as_str(),
+                    x.routing_key.as_str(),
+                )
+                .with_arguments(props::header_values(&x.arguments));
+                b.unbind(&self.ns, &binding)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                if !x.nowait {
+                    self.send_method(ch, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})));
+                }
+            }
+            other => {
+                return Err(Exception::new(
+                    error::COMMAND_INVALID,
+                    format!("{other:?} is a server method"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// A broker error as an exception, its text in RabbitMQ's words.
+    fn vhost_text(&self, e: BrokerError) -> Exception {
+        let mut ex = exception_of(&e);
+        ex.text = ex
+            .text
+            .replace("in namespace", &format!("in vhost '{}'", self.vhost));
+        ex
+    }
+
+    // ---- queues ----
+
+    /// The queue a method names: "" is the channel's last declared queue.
+    fn queue_name(&mut self, ch: u16, name: &str) -> Result<String, Exception> {
+        if !name.is_empty() {
+            return Ok(name.to_owned());
+        }
+        let last = self.chan(ch)?.last_queue.clone();
+        if last.is_empty() {
+            return Err(Exception::new(
+                error::NOT_FOUND,
+                "no previously declared queue",
+            ));
+        }
+        Ok(last)
+    }
+
+    fn not_found(&self, queue: &str) -> Exception {
+        Exception::new(
+            error::NOT_FOUND,
+            format!("no queue '{queue}' in vhost '{}'", self.vhost),
+        )
+    }
+
+    fn locked(&self, queue: &str) -> Exception {
+        Exception::new(
+            error::RESOURCE_LOCKED,
+            format!(
+                "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}'. \
+                 It could be originally declared on another connection or the exclusive \
+                 property value does not match that of the original declaration.",
+                self.vhost
+            ),
+        )
+    }
+
+    /// The queue's definition, if it exists, checking exclusive ownership.
+    async fn lookup_queue(&self, name: &str) -> Result<Option<QueueDef>, Exception> {
+        let key = (self.ns.clone(), name.to_owned());
+        {
+            let reg = self.ctx.registry();
+            if let Some(info) = reg.queues.get(&key) {
+                if info.owner.is_some_and(|o| o != self.id) {
+                    return Err(self.locked(name));
+                }
+                return Ok(Some(info.def.clone()));
+            }
+        }
+        let b = &self.ctx.broker;
+        if !b
+            .queue_exists(&self.ns, name)
+            .await
+            .map_err(Exception::from)?
+        {
+            return Ok(None);
+        }
+        let def = match qdef::load(&self.ctx.store, &self.ns, name)
+            .await
+            .map_err(Exception::from)?
+        {
+            Some(d) => d,
+            None => {
+                let transient = b
+                    .queue_is_transient(&self.ns, name)
+                    .await
+                    .map_err(Exception::from)?;
+                QueueDef::implicit(name, !transient)
+            }
+        };
+        let mut reg = self.ctx.registry();
+        let info = reg.queues.entry(key).or_insert(QueueInfo {
+            def,
+            owner: None,
+            consumers: 0,
+            exclusive_consumer: false,
+        });
+        Ok(Some(info.def.clone()))
+    }
+
+    async fn require_queue(
+        &mut self,
+        ch: u16,
+        name: &str,
+    ) -> Result<(String, QueueDef), Exception> {
+        let name = self.queue_name(ch, name)?;
+        match self.lookup_queue(&name).await? {
+            Some(def) => Ok((name, def)),
+            None => Err(self.not_found(&name)),
+        }
+    }
+
+    fn queue_topic(&self, def: &QueueDef) -> Result<TopicName, Exception> {
+        self.ctx
+            .broker
+            .queue_topic(&self.ns, &def.name, def.durable)
+            .map_err(Exception::from)
+    }
+
+    /// The queue's shared subscription, started if need be.
+    async fn queue_subscription(
+        &self,
+        def: &QueueDef,
+    ) -> Result<magnetar_broker::subscription::Subscription, Exception> {
+        let topic = self.queue_topic(def)?;
+        let t = self
+            .ctx
+            .broker
+            .topic(&topic, true)
+            .await
+            .map_err(Exception::from)?;
+        t.get_or_create_subscription(
+            QUEUE_SUBSCRIPTION,
+            SubscriptionOptions {
+                sub_type: SubscriptionType::Shared,
+                initial_position: InitialPosition::Earliest,
+                durable: def.durable,
+                dead_letter: None,
+            },
+        )
+        .await
+        .map_err(Exception::from)
+    }
+
+    /// Ready messages and consumers of a queue, for declare-ok and get-ok.
+    async fn queue_counts(&self, def: &QueueDef) -> (u32, u32) {
+        let consumers = {
+            let reg = self.ctx.registry();
+            reg.queues
+                .get(&(self.ns.clone(), def.name.clone()))
+                .map_or(0, |i| i.consumers)
+        };
+        let ready = match self.queue_subscription(def).await {
+            Ok(s) => s
+                .stats()
+                .await
+                .map(|st| st.msg_backlog.saturating_sub(st.unacked_messages))
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        (u32::try_from(ready).unwrap_or(u32::MAX), consumers)
+    }
+
+    async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), Exception> {
+        use queue::AMQPMethod as M;
+        match m {
+            M::Declare(d) => {
+                let (name, msgs, consumers) = self.queue_declare(&d).await?;
+                self.chan(ch)?.last_queue = name.clone();
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                            queue: short(&name),
+                            message_count: msgs,
+                            consumer_count: consumers,
+                        })),
+                    );
+                }
+            }
+            M::Bind(x) => {
+                let (name, _) = self.require_queue(ch, x.queue.as_str()).await?;
+                let key = if x.routing_key.as_str().is_empty() && x.queue.as_str().is_empty() {
+                    name.clone()
+                } else {
+                    x.routing_key.as_str().to_owned()
+                };
+                let binding = Binding::queue(x.exchange.as_str(), name, key)
+                    .with_arguments(props::header_values(&x.arguments));
+                self.ctx
+                    .broker
+                    .bind(&self.ns, binding)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                if !x.nowait {
+                    self.send_method(ch, AMQPClass::Queue(M::BindOk(queue::BindOk {})));
+                }
+            }
+            M::Unbind(x) => {
+                let (name, _) = self.require_queue(ch, x.queue.as_str()).await?;
+                let binding = Binding::queue(x.exchange.as_str(), name, x.routing_key.as_str())
+                    .with_arguments(props::header_values(&x.arguments));
+                self.ctx
+                    .broker
+                    .unbind(&self.ns, &binding)
+                    .await
+                    .map_err(|e| self.vhost_text(e))?;
+                self.send_method(ch, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
+            }
+            M::Purge(p) => {
+                let (_, def) = self.require_queue(ch, p.queue.as_str()).await?;
+                let (ready, _) = self.queue_counts(&def).await;
+                let sub = self.queue_subscription(&def).await?;
+                // Everything not delivered goes; delivered messages stay
+                // with their consumers, as in RabbitMQ.
+                sub.reset(magnetar_broker::ResetTo::End)
+                    .await
+                    .map_err(Exception::from)?;
+                if !p.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
+                            message_count: ready,
+                        })),
+                    );
+                }
+            }
+            M::Delete(d) => {
+                let name = self.queue_name(ch, d.queue.as_str())?;
+                let count = match self.lookup_queue(&name).await? {
+                    None => 0,
+                    Some(def) => {
+                        let (ready, consumers) = self.queue_counts(&def).await;
+                        if d.if_unused && consumers > 0 {
+                            return Err(Exception::new(
+                                error::PRECONDITION_FAILED,
+                                format!("queue '{name}' in vhost '{}' in use", self.vhost),
+                            ));
+                        }
+                        if d.if_empty && ready > 0 {
+                            return Err(Exception::new(
+                                error::PRECONDITION_FAILED,
+                                format!("queue '{name}' in vhost '{}' is not empty", self.vhost),
+                            ));
+                        }
+                        self.delete_queue(&name).await?;
+                        ready
+                    }
+                };
+                if !d.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
+                            message_count: count,
+                        })),
+                    );
+                }
+            }
+            other => {
+                return Err(Exception::new(
+                    error::COMMAND_INVALID,
+                    format!("{other:?} is a server method"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    async fn queue_declare(&mut self, d: &queue::Declare) -> Result<(String, u32, u32), Exception> {
+        let mut name = d.queue.as_str().to_owned();
+        if name.is_empty() {
+            if d.passive {
+                return Err(self.not_found(""));
+            }
+            name = format!("amq.gen-{}", random_suffix());
+        } else if name.starts_with("amq.") && !d.passive {
+            return Err(Exception::new(
+                error::ACCESS_REFUSED,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        let wanted = QueueDef::new(
+            &name,
+            d.durable,
+            d.exclusive,
+            d.auto_delete,
+            d.arguments.clone(),
+        )?;
+        if let Some(existing) = self.lookup_queue(&name).await? {
+            if !d.passive {
+                existing.check_equivalent(&wanted, &self.vhost)?;
+            }
+            let (msgs, consumers) = self.queue_counts(&existing).await;
+            return Ok((name, msgs, consumers));
+        }
+        if d.passive {
+            return Err(self.not_found(&name));
+        }
+        self.ctx
+            .broker
+            .declare_queue(&self.ns, &name, d.durable)
+            .await
+            .map_err(|e| self.vhost_text(e))?;
+        if d.durable && !d.exclusive {
+            qdef::save(&self.ctx.store, &self.ns, &wanted)
+                .await
+                .map_err(Exception::from)?;
+        }
+        {
+            let mut reg = self.ctx.registry();
+            reg.queues.insert(
+                (self.ns.clone(), name.clone()),
+                QueueInfo {
+                    def: wanted.clone(),
+                    owner: d.exclusive.then_some(self.id),
+                    consumers: 0,
+                    exclusive_consumer: false,
+                },
+            );
+        }
+        if d.exclusive {
+            self.exclusive_queues.push(name.clone());
+        }
+        // The subscription exists from the declare on, so that what is
+        // published before the first consumer waits for it.
+        self.queue_subscription(&wanted).await?;
+        Ok((name, 0, 0))
+    }
+
+    async fn delete_queue(&mut self, name: &str) -> Result<(), Exception> {
+        self.ctx
+            .broker
+            .delete_queue(&self.ns, name)
+            .await
+            .map_err(Exception::from)?;
+        qdef::remove(&self.ctx.store, &self.ns, name)
+            .await
+            .map_err(Exception::from)?;
+        self.ctx
+            .registry()
+            .queues
+            .remove(&(self.ns.clone(), name.to_owned()));
+        self.exclusive_queues.retain(|q| q != name);
+        Ok(())
+    }
+
+    /// One consumer of `queue` went away; an auto-delete queue left
+    /// without consumers is deleted.
+    fn release_consumer(&mut self, queue: &str, _cancelled: bool) {
+        let key = (self.ns.clone(), queue.to_owned());
+        let doomed = {
+            let mut reg = self.ctx.registry();
+            match reg.queues.get_mut(&key) {
+                Some(info) => {
+                    info.consumers = info.consumers.saturating_sub(1);
+                    info.exclusive_consumer = false;
+                    info.consumers == 0 && info.def.auto_delete
+                }
+                None => false,
+            }
+        };
+        if doomed {
+            let broker = self.ctx.broker.clone();
+            let store = self.ctx.store.clone();
+            let ns = self.ns.clone();
+            let ctx = Arc::clone(&self.ctx);
+            let q = queue.to_owned();
+            tokio::spawn(async move {
+                let _ = broker.delete_queue(&ns, &q).await;
+                let _ = qdef::remove(&store, &ns, &q).await;
+                ctx.registry().queues.remove(&(ns, q));
+            });
+        }
+    }
+
+    // ---- basic ----
+
+    async fn on_basic(&mut self, ch: u16, m: basic::AMQPMethod) -> Result<(), Exception> {
+        use basic::AMQPMethod as M;
+        match m {
+            M::Qos(q) => {
+                // Per-consumer limits (global=false) apply to consumers
+                // started afterwards; a channel-wide limit is applied the
+                // same way, consumer by consumer.
+                self.chan(ch)?.prefetch = q.prefetch_count;
+                self.send_method(ch, AMQPClass::Basic(M::QosOk(basic::QosOk {})));
+            }
+            M::Consume(c) => self.consume(ch, c).await?,
+            M::Cancel(c) => {
+                let tag = c.consumer_tag.as_str().to_owned();
+                self.cancel(ch, &tag).await;
+                if !c.nowait {
+                    self.send_method(
+                        ch,
+                        AMQPClass::Basic(M::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+            }
+            M::Publish(p) => {
+                if !p.exchange.as_str().is_empty() || !p.routing_key.as_str().is_empty() {
+                    // Checked when the content is complete.
+                }
+                self.chan(ch)?.assembler.start(p)?;
+            }
+            M::Get(g) => self.get(ch, g).await?,
+            M::Ack(a) => {
+                let settled = self.chan(ch)?.tags.settle(a.delivery_tag, a.multiple)?;
+                settle(settled, Settle::Ack);
+            }
+            M::Nack(n) => {
+                let settled = self.chan(ch)?.tags.settle(n.delivery_tag, n.multiple)?;
+                self.reject(settled, n.requeue);
+            }
+            M::Reject(r) => {
+                let settled = self.chan(ch)?.tags.settle(r.delivery_tag, false)?;
+                self.reject(settled, r.requeue);
+            }
+            M::Recover(_) | M::RecoverAsync(_) => {
+                let all = self.chan(ch)?.tags.drain();
+                settle(all, Settle::Requeue);
+                self.send_method(ch, AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+            }
+            other => {
+                return Err(Exception::new(
+                    error::COMMAND_INVALID,
+                    format!("{other:?} is a server method"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, settled: Vec<Unacked>, requeue: bool) {
+        if requeue {
+            settle(settled, Settle::Requeue);
+        } else {
+            // Without a dead-letter exchange a rejected message is dropped.
+            settle(settled, Settle::Ack);
+        }
+    }
+
+    async fn consume(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
+        let (name, def) = self.require_queue(ch, c.queue.as_str()).await?;
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            let n = {
+                let chan = self.chan(ch)?;
+                chan.next_ctag += 1;
+                chan.next_ctag
+            };
+            format!("amq.ctag-{}-{n}", random_suffix())
+        } else {
+            c.consumer_tag.as_str().to_owned()
+        };
+        if self.chan(ch)?.consumers.contains_key(&tag) {
+            return Err(Exception::new(
+                error::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let priority = c
+            .arguments
+            .inner()
+            .get("x-priority")
+            .map(props::header_value)
+            .and_then(|v| match v {
+                magnetar_broker::routing::HeaderValue::Int(n) => i32::try_from(n).ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
+        {
+            let mut reg = self.ctx.registry();
+            let info = reg
+                .queues
+                .get_mut(&(self.ns.clone(), name.clone()))
+                .ok_or_else(|| self.not_found(&name))?;
+            if info.exclusive_consumer || (c.exclusive && info.consumers > 0) {
+                return Err(Exception::new(
+                    error::ACCESS_REFUSED,
+                    format!("queue '{name}' in vhost '{}' in exclusive use", self.vhost),
+                ));
+            }
+            info.consumers += 1;
+            info.exclusive_consumer = c.exclusive;
+        }
+        let sub = match self.queue_subscription(&def).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_consumer(&name, false);
+                return Err(e);
+            }
+        };
+        let consumer = match sub
+            .add_consumer(ConsumerOptions {
+                name: tag.clone(),
+                // Ours serves lower values first; RabbitMQ higher.
+                priority: priority.saturating_neg(),
+                ack_timeout: None,
+            })
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.release_consumer(&name, false);
+                return Err(exception_of(&e));
+            }
+        };
+        let prefetch = self.chan(ch)?.prefetch;
+        let limited = prefetch > 0 && !c.no_ack;
+        let control = consumer.control();
+        control.flow(if limited {
+            u64::from(prefetch)
+        } else {
+            UNLIMITED_CREDIT
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let gen = self.chan(ch)?.gen;
+        let task = tokio::spawn(forward_deliveries(
+            consumer,
+            stop_rx,
+            self.events_tx.clone(),
+            ch,
+            gen,
+            tag.clone(),
+        ));
+        if !c.nowait {
+            self.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                })),
+            );
+        }
+        self.chan(ch)?.consumers.insert(
+            tag,
+            ConsumerEntry {
+                queue: name,
+                no_ack: c.no_ack,
+                limited,
+                stop: Some(stop_tx),
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    async fn cancel(&mut self, ch: u16, tag: &str) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let Some(mut e) = c.consumers.remove(tag) else {
+            return;
+        };
+        if let Some(stop) = e.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Ok(mut consumer) = e.task.await {
+            // Credited but not yet sent: back to the queue.
+            let mut back = Vec::new();
+            while let Some(d) = consumer.try_recv() {
+                back.push(d.offset);
+            }
+            if !back.is_empty() {
+                consumer.nack(back, Duration::ZERO);
+            }
+            let c = self.channels.get_mut(&ch);
+            if let Some(c) = c {
+                let id = consumer.id();
+                let holds = {
+                    let mut any = false;
+                    c.tags.retain(|_, u| {
+                        any |= u.control.id() == id;
+                        true
+                    });
+                    any
+                };
+                if holds {
+                    c.retired.push(consumer);
+                }
+            }
+        }
+        self.release_consumer(&e.queue, true);
+    }
+
+    async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
+        let (name, def) = self.require_queue(ch, g.queue.as_str()).await?;
+        if !self.chan(ch)?.getters.contains_key(&name) {
+            let sub = self.queue_subscription(&def).await?;
+            let consumer = sub
+                .add_consumer(ConsumerOptions {
+                    name: format!("basic.get-{}-{ch}", self.id),
+                    ..Default::default()
+                })
+                .await
+                .map_err(Exception::from)?;
+            self.chan(ch)?.getters.insert(name.clone(), consumer);
+        }
+        let got = {
+            let Some(consumer) = self.chan(ch)?.getters.get_mut(&name) else {
+                return Ok(());
+            };
+            match consumer.get_one().await {
+                Ok(true) => consumer.try_recv().map(|d| (d, consumer.control())),
+                Ok(false) => None,
+                Err(e) => {
+                    self.chan(ch)?.getters.remove(&name);
+                    return Err(exception_of(&e));
+                }
+            }
+        };
+        let Some((d, control)) = got else {
+            self.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+            );
+            return Ok(());
+        };
+        let (remaining, _) = self.queue_counts(&def).await;
+        let delivered = props::from_record(&d.message, &name);
+        let chan = self.chan(ch)?;
+        let tag = if g.no_ack {
+            control.ack(vec![d.offset]);
+            chan.tags.issue(None)
+        } else {
+            chan.tags.issue(Some(Unacked {
+                control,
+                offset: d.offset,
+                credit: false,
+                queue: name.clone(),
+            }))
+        };
+        let mut b = BytesMut::with_capacity(delivered.body.len() + 256);
+        codec::encode_content(
+            &mut b,
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                delivery_tag: tag,
+                redelivered: d.redelivery_count > 0,
+                exchange: short(&delivered.exchange),
+                routing_key: short(&delivered.routing_key),
+                message_count: remaining,
+            })),
+            delivered.properties,
+            &delivered.body,
+            self.frame_max,
+        );
+        self.send(b);
+        Ok(())
+    }
+
+    async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
+        let msg = &p.message;
+        if let Some(Err(e)) = props::expiration_ms(&msg.properties) {
+            return Err(Exception::new(error::PRECONDITION_FAILED, e));
+        }
+        let headers = msg
+            .properties
+            .headers()
+            .as_ref()
+            .map(props::header_values)
+            .unwrap_or_default();
+        let routes = self
+            .ctx
+            .broker
+            .route(&self.ns, &msg.exchange, &msg.routing_key, &headers)
+            .await
+            .map_err(|e| self.vhost_text(e))?;
+        let record = props::to_record(msg);
+        let batch = magnetar_broker::format::encode_messages(std::slice::from_ref(&record))
+            .map_err(Exception::from)?;
+        let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
+        for (_, topic) in &routes {
+            pending.push(self.submit(topic, batch.clone()).await);
+        }
+        if routes.is_empty() && p.mandatory {
+            let mut b = BytesMut::with_capacity(msg.body.len() + 256);
+            codec::encode_content(
+                &mut b,
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: error::NO_ROUTE,
+                    reply_text: short("NO_ROUTE"),
+                    exchange: short(&msg.exchange),
+                    routing_key: short(&msg.routing_key),
+                })),
+                msg.properties.clone(),
+                &msg.body,
+                self.frame_max,
+            );
+            self.send(b);
+        }
+        let chan = self.chan(ch)?;
+        let seq = if chan.confirm {
+            chan.next_seq += 1;
+            chan.next_seq - 1
+        } else {
+            0
+        };
+        let all: Pending = async move {
+            for r in futures::future::join_all(pending).await {
+                r?;
+            }
+            Ok(())
+        }
+        .boxed();
+        let pipeline = chan.pipeline.clone();
+        // A full pipeline holds this connection's reads: backpressure.
+        let _ = pipeline.send((seq, all)).await;
+        Ok(())
+    }
+
+    /// Fixes a batch's place in a queue's topic now and returns the wait
+    /// for its durability. Topics served elsewhere are forwarded.
+    async fn submit(&self, topic: &TopicName, batch: Bytes) -> Pending {
+        let b = self.ctx.broker.clone();
+        match b.topic(topic, true).await {
+            Ok(t) => match t.submit_batch(batch).await {
+                Ok(p) => async move { p.await.map(drop) }.boxed(),
+                Err(e) => async move { Err(e) }.boxed(),
+            },
+            Err(BrokerError::NotOwner { .. }) => {
+                let topic = topic.clone();
+                async move { b.publish_batch(&topic, batch).await.map(drop) }.boxed()
+            }
+            Err(e) => async move { Err(e) }.boxed(),
+        }
+    }
+
+    fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
+        use tx::AMQPMethod as M;
+        let reply = match m {
+            M::Select(_) => M::SelectOk(tx::SelectOk {}),
+            M::Commit(_) => M::CommitOk(tx::CommitOk {}),
+            M::Rollback(_) => M::RollbackOk(tx::RollbackOk {}),
+            other => {
+                return Err(Exception::new(
+                    error::COMMAND_INVALID,
+                    format!("{other:?} is a server method"),
+                ))
+            }
+        };
+        self.chan(ch)?;
+        self.send_method(ch, AMQPClass::Tx(reply));
+        Ok(())
+    }
+
+    // ---- events ----
+
+    fn on_event(&mut self, ev: Event) -> Result<(), Exception> {
+        match ev {
+            Event::Deliver {
+                channel,
+                gen,
+                consumer,
+                control,
+                delivery,
+            } => self.deliver(channel, gen, consumer, control, delivery),
+            Event::ConsumerEnded {
+                channel,
+                gen,
+                consumer,
+            } => {
+                let Some(c) = self.channels.get_mut(&channel).filter(|c| c.gen == gen) else {
+                    return Ok(());
+                };
+                let Some(e) = c.consumers.remove(&consumer) else {
+                    return Ok(());
+                };
+                self.release_consumer(&e.queue, false);
+                // consumer_cancel_notify: the client learns its queue went.
+                self.send_method(
+                    channel,
+                    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                        consumer_tag: short(&consumer),
+                        nowait: true,
+                    })),
+                );
+                Ok(())
+            }
+            Event::Confirmed {
+                channel,
+                gen,
+                seq,
+                multiple,
+                ok,
+            } => {
+                if !self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|c| c.gen == gen && !c.closing)
+                {
+                    return Ok(());
+                }
+                let m = if ok {
+                    basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: seq,
+                        multiple,
+                    })
+                } else {
+                    basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple,
+                        requeue: false,
+                    })
+                };
+                self.send_method(channel, AMQPClass::Basic(m));
+                Ok(())
+            }
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        ch: u16,
+        gen: u64,
+        consumer: String,
+        control: ConsumerControl,
+        d: Delivery,
+    ) -> Result<(), Exception> {
+        let frame_max = self.frame_max;
+        let Some(c) = self
+            .channels
+            .get_mut(&ch)
+            .filter(|c| c.gen == gen && !c.closing)
+        else {
+            control.nack(vec![d.offset], Duration::ZERO);
+            return Ok(());
+        };
+        let Some(entry) = c.consumers.get(&consumer) else {
+            control.nack(vec![d.offset], Duration::ZERO);
+            return Ok(());
+        };
+        let queue = entry.queue.clone();
+        let (no_ack, limited) = (entry.no_ack, entry.limited);
+        let tag = if no_ack {
+            control.ack(vec![d.offset]);
+            c.tags.issue(None)
+        } else {
+            c.tags.issue(Some(Unacked {
+                control: control.clone(),
+                offset: d.offset,
+                credit: limited,
+                queue: queue.clone(),
+            }))
+        };
+        if !limited {
+            control.flow(1);
+        }
+        let delivered = props::from_record(&d.message, &queue);
+        let mut b = BytesMut::with_capacity(delivered.body.len() + 256);
+        codec::encode_content(
+            &mut b,
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: short(&consumer),
+                delivery_tag: tag,
+                redelivered: d.redelivery_count > 0,
+                exchange: short(&delivered.exchange),
+                routing_key: short(&delivered.routing_key),
+            })),
+            delivered.properties,
+            &delivered.body,
+            frame_max,
+        );
+        self.send(b);
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) {
+        let chans: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in chans {
+            self.close_channel_resources(ch, false);
+        }
+        self.channels.clear();
+        for q in std::mem::take(&mut self.exclusive_queues) {
+            let _ = self.delete_queue(&q).await;
+        }
+    }
+}
+
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+/// Acknowledges or requeues settled deliveries, returning prefetch permits.
+fn settle(items: Vec<Unacked>, how: Settle) {
+    for u in items {
+        match how {
+            Settle::Ack => u.control.ack(vec![u.offset]),
+            Settle::Requeue => u.control.nack(vec![u.offset], Duration::ZERO),
+        }
+        if u.credit {
+            u.control.flow(1);
+        }
+        let _ = &u.queue;
+    }
+}
+
+/// Forwards a consumer's deliveries to its connection until stopped;
+/// returns the consumer so that its unsettled deliveries stay its own.
+async fn forward_deliveries(
+    mut consumer: Consumer,
+    mut stop: oneshot::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+    channel: u16,
+    gen: u64,
+    tag: String,
+) -> Consumer {
+    let control = consumer.control();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => return consumer,
+            d = consumer.recv() => match d {
+                Some(delivery) => {
+                    let ev = Event::Deliver {
+                        channel,
+                        gen,
+                        consumer: tag.clone(),
+                        control: control.clone(),
+                        delivery,
+                    };
+                    if events.send(ev).is_err() {
+                        return consumer;
+                    }
+                }
+                None => {
+                    let _ = events.send(Event::ConsumerEnded { channel, gen, consumer: tag });
+                    return consumer;
+                }
+            }
+        }
+    }
+}
+
+fn codec_exception(e: &CodecError) -> Exception {
+    Exception::new(e.reply_code(), e.to_string())
+}
+
+/// RabbitMQ's server-named queues and consumer tags end in random text.
+fn random_suffix() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::rng();
+    (0..22)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
