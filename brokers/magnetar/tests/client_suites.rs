@@ -48,3 +48,8 @@ fn pytest(suite: &str) {
 fn kafka_clients() {
     pytest("kafka_tests");
 }
+
+#[test]
+fn amqp_clients() {
+    pytest("amqp_tests");
+}

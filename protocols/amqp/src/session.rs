@@ -55,7 +55,21 @@ pub(crate) struct Ctx {
 #[derive(Default)]
 struct Registry {
     queues: HashMap<(NamespaceName, String), QueueInfo>,
+    /// Direct reply-to consumers by the token in their reply address.
+    replies: HashMap<String, ReplyTarget>,
 }
+
+/// Where replies to `amq.rabbitmq.reply-to.<token>` go.
+#[derive(Clone)]
+struct ReplyTarget {
+    events: mpsc::UnboundedSender<Event>,
+    channel: u16,
+    gen: u64,
+    consumer: String,
+}
+
+/// RabbitMQ's pseudo-queue for direct reply-to.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 struct QueueInfo {
     def: QueueDef,
@@ -104,6 +118,13 @@ enum Event {
         multiple: bool,
         ok: bool,
     },
+    /// A reply published to this connection's direct reply-to address.
+    Reply {
+        channel: u16,
+        gen: u64,
+        consumer: String,
+        message: props::Published,
+    },
 }
 
 /// What settling a delivery tag acts on.
@@ -143,6 +164,8 @@ struct Chan {
     pipeline: mpsc::Sender<(u64, Pending)>,
     last_queue: String,
     next_ctag: u64,
+    /// The direct reply-to consumer: its tag and address token.
+    reply_to: Option<(String, String)>,
 }
 
 enum Phase {
@@ -678,6 +701,7 @@ impl Conn {
                         pipeline,
                         last_queue: String::new(),
                         next_ctag: 1,
+                        reply_to: None,
                     },
                 );
                 self.send_method(ch, AMQPClass::Channel(M::OpenOk(channel::OpenOk {})));
@@ -775,6 +799,9 @@ impl Conn {
         }
         c.getters.clear();
         c.retired.clear();
+        if let Some((_, token)) = c.reply_to.take() {
+            self.ctx.registry().replies.remove(&token);
+        }
         let mut queues = Vec::new();
         for (_, e) in consumers {
             e.task.abort();
@@ -1317,6 +1344,9 @@ impl Conn {
     }
 
     async fn consume(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
+        if c.queue.as_str() == REPLY_TO {
+            return self.consume_replies(ch, c);
+        }
         let (name, def) = self.require_queue(ch, c.queue.as_str()).await?;
         let tag = if c.consumer_tag.as_str().is_empty() {
             let n = {
@@ -1420,10 +1450,59 @@ impl Conn {
         Ok(())
     }
 
+    /// Direct reply-to: a no-ack consumer of the pseudo-queue, fed by
+    /// publishes to `amq.rabbitmq.reply-to.<token>` without any queue.
+    fn consume_replies(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
+        if !c.no_ack {
+            return Err(Exception::new(
+                error::PRECONDITION_FAILED,
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        let events = self.events_tx.clone();
+        let conn = self.id;
+        let chan = self.chan(ch)?;
+        if chan.reply_to.is_some() {
+            return Err(Exception::new(
+                error::PRECONDITION_FAILED,
+                "reply consumer already set",
+            ));
+        }
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            format!("amq.ctag-{}", random_suffix())
+        } else {
+            c.consumer_tag.as_str().to_owned()
+        };
+        let token = format!("{conn}.{ch}.{}", random_suffix());
+        chan.reply_to = Some((tag.clone(), token.clone()));
+        let target = ReplyTarget {
+            events,
+            channel: ch,
+            gen: chan.gen,
+            consumer: tag.clone(),
+        };
+        self.ctx.registry().replies.insert(token, target);
+        if !c.nowait {
+            self.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                })),
+            );
+        }
+        Ok(())
+    }
+
     async fn cancel(&mut self, ch: u16, tag: &str) {
         let Some(c) = self.channels.get_mut(&ch) else {
             return;
         };
+        if c.reply_to.as_ref().is_some_and(|(t, _)| t == tag) {
+            if let Some((_, token)) = c.reply_to.take() {
+                self.ctx.registry().replies.remove(&token);
+            }
+            return;
+        }
         let Some(mut e) = c.consumers.remove(tag) else {
             return;
         };
@@ -1524,7 +1603,27 @@ impl Conn {
         Ok(())
     }
 
-    async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
+    async fn publish(&mut self, ch: u16, mut p: Publish) -> Result<(), Exception> {
+        if p.message
+            .properties
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| r.as_str() == REPLY_TO)
+        {
+            let Some((_, token)) = self.chan(ch)?.reply_to.clone() else {
+                return Err(Exception::new(
+                    error::PRECONDITION_FAILED,
+                    "fast reply consumer does not exist",
+                ));
+            };
+            let props = p.message.properties.clone();
+            p.message.properties = props.with_reply_to(short(&format!("{REPLY_TO}.{token}")));
+        }
+        if p.message.exchange.is_empty() {
+            if let Some(token) = p.message.routing_key.strip_prefix(&format!("{REPLY_TO}.")) {
+                return self.publish_reply(ch, token.to_owned(), p).await;
+            }
+        }
         let msg = &p.message;
         if let Some(Err(e)) = props::expiration_ms(&msg.properties) {
             return Err(Exception::new(error::PRECONDITION_FAILED, e));
@@ -1582,6 +1681,48 @@ impl Conn {
         let pipeline = chan.pipeline.clone();
         // A full pipeline holds this connection's reads: backpressure.
         let _ = pipeline.send((seq, all)).await;
+        Ok(())
+    }
+
+    /// A reply goes straight to the channel that waits for it; it is not
+    /// stored, as in RabbitMQ, so it is confirmed at once.
+    async fn publish_reply(&mut self, ch: u16, token: String, p: Publish) -> Result<(), Exception> {
+        let target = self.ctx.registry().replies.get(&token).cloned();
+        let delivered = match target {
+            Some(t) => t
+                .events
+                .send(Event::Reply {
+                    channel: t.channel,
+                    gen: t.gen,
+                    consumer: t.consumer,
+                    message: p.message.clone(),
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !delivered && p.mandatory {
+            let mut b = BytesMut::with_capacity(p.message.body.len() + 256);
+            codec::encode_content(
+                &mut b,
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: error::NO_ROUTE,
+                    reply_text: short("NO_ROUTE"),
+                    exchange: short(""),
+                    routing_key: short(&p.message.routing_key),
+                })),
+                p.message.properties.clone(),
+                &p.message.body,
+                self.frame_max,
+            );
+            self.send(b);
+        }
+        let chan = self.chan(ch)?;
+        if chan.confirm {
+            let seq = chan.next_seq;
+            chan.next_seq += 1;
+            let _ = chan.pipeline.send((seq, async { Ok(()) }.boxed())).await;
+        }
         Ok(())
     }
 
@@ -1651,6 +1792,39 @@ impl Conn {
                         nowait: true,
                     })),
                 );
+                Ok(())
+            }
+            Event::Reply {
+                channel,
+                gen,
+                consumer,
+                message,
+            } => {
+                let frame_max = self.frame_max;
+                let Some(c) = self
+                    .channels
+                    .get_mut(&channel)
+                    .filter(|c| c.gen == gen && !c.closing)
+                else {
+                    return Ok(());
+                };
+                let tag = c.tags.issue(None);
+                let mut b = BytesMut::with_capacity(message.body.len() + 256);
+                codec::encode_content(
+                    &mut b,
+                    channel,
+                    AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                        consumer_tag: short(&consumer),
+                        delivery_tag: tag,
+                        redelivered: false,
+                        exchange: short(""),
+                        routing_key: short(&message.routing_key),
+                    })),
+                    message.properties,
+                    &message.body,
+                    frame_max,
+                );
+                self.send(b);
                 Ok(())
             }
             Event::Confirmed {

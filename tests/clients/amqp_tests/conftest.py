@@ -1,0 +1,40 @@
+"""AMQP fixtures: pika connections to the module's standalone process."""
+
+import pika
+import pytest
+
+
+@pytest.fixture
+def connect(standalone):
+    """Opens pika blocking connections, closed at the end of the test."""
+    opened = []
+
+    def open_(vhost="/", **kw):
+        params = pika.ConnectionParameters(
+            "127.0.0.1", standalone.amqp_port, virtual_host=vhost,
+            connection_attempts=3, retry_delay=0.5, **kw)
+        c = pika.BlockingConnection(params)
+        opened.append(c)
+        return c
+
+    yield open_
+    for c in opened:
+        try:
+            if c.is_open:
+                c.close()
+        except Exception:
+            pass
+
+
+def drain(ch, queue, n, timeout=10):
+    """Takes up to `n` messages from `queue` with basic.get, acking them."""
+    import time
+    out = []
+    deadline = time.time() + timeout
+    while len(out) < n and time.time() < deadline:
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.02)
+            continue
+        out.append((method, props, body))
+    return out
