@@ -125,6 +125,10 @@ pub struct Delivery {
     pub message: Message,
 }
 
+/// Decides, message by message from the head, what [`Subscription::reap`]
+/// takes.
+pub type ReapPredicate = Box<dyn FnMut(&StoredMessage) -> bool + Send>;
+
 /// Sends a message to a dead-letter topic; supplied by the topic layer.
 pub type DeadLetterSink =
     Arc<dyn Fn(String, Message) -> BoxFuture<'static, Result<()>> + Send + Sync>;
@@ -205,6 +209,11 @@ enum Cmd {
     /// Offer one message to a consumer now; the reply says whether one was
     /// sent, and no permit is left behind either way.
     Get(u64, oneshot::Sender<Result<bool>>),
+    Reap {
+        max: usize,
+        pred: ReapPredicate,
+        reply: oneshot::Sender<Result<Vec<StoredMessage>>>,
+    },
     Reset(ResetTo, oneshot::Sender<Result<()>>),
     Stats(oneshot::Sender<SubscriptionStats>),
     /// Stop; with `delete`, remove the durable cursor too.
@@ -351,6 +360,15 @@ impl Subscription {
         if offset > self.mark_delete() {
             let _ = self.tx.send(Cmd::AckCumulative(offset - 1));
         }
+    }
+
+    /// Takes messages off the head of the queue: from the oldest message
+    /// that is neither acknowledged nor out with a consumer, while `pred`
+    /// holds, at most `max`. They are acknowledged here and handed back,
+    /// for the caller to dead-letter or drop; what queues with a message
+    /// TTL or a length limit need.
+    pub async fn reap(&self, max: usize, pred: ReapPredicate) -> Result<Vec<StoredMessage>> {
+        self.call(|reply| Cmd::Reap { max, pred, reply }).await?
     }
 
     /// Stops the dispatcher after writing the cursor; consumers see the end
@@ -773,6 +791,10 @@ impl Dispatcher {
                 let r = self.get_one(id).await;
                 let _ = reply.send(r);
             }
+            Cmd::Reap { max, pred, reply } => {
+                let r = self.reap(max, pred).await;
+                let _ = reply.send(r);
+            }
             Cmd::Reset(to, reply) => {
                 let target = match to {
                     ResetTo::Offset(o) => o.clamp(self.log.start_offset(), self.log.end_offset()),
@@ -828,6 +850,40 @@ impl Dispatcher {
         c.permits = 0;
         r?;
         Ok(c.msg_out > before)
+    }
+
+    async fn reap(&mut self, max: usize, mut pred: ReapPredicate) -> Result<Vec<StoredMessage>> {
+        let mut out = Vec::new();
+        let mut pos = self.cursor.mark_delete.max(self.log.start_offset());
+        'read: while out.len() < max && pos < self.log.end_offset() {
+            let entries = self.log.read(pos, READ_ENTRIES, READ_BYTES).await?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                for m in decode_entry(&e.data)? {
+                    if m.offset < pos
+                        || self.cursor.is_acked(m.offset)
+                        || self.pending.contains_key(&m.offset)
+                    {
+                        continue;
+                    }
+                    if out.len() >= max || !pred(&m) {
+                        break 'read;
+                    }
+                    self.replay.remove(&m.offset);
+                    self.cursor.ack(m.offset);
+                    out.push(m);
+                }
+                pos = pos.max(e.end_offset());
+            }
+        }
+        if !out.is_empty() {
+            let taken: HashSet<u64> = out.iter().map(|m| m.offset).collect();
+            self.buffer.retain(|m| !taken.contains(&m.offset));
+            self.mark_dirty();
+        }
+        Ok(out)
     }
 
     fn forget_pending(&mut self, off: u64) {

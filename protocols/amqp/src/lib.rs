@@ -18,6 +18,7 @@
 
 pub mod channel;
 pub mod codec;
+pub mod deadletter;
 pub mod error;
 pub mod props;
 pub mod queue;

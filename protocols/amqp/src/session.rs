@@ -21,7 +21,7 @@ use futures::FutureExt;
 use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind};
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
 use magnetar_broker::{
-    Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, StateStore,
+    Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, Message, StateStore,
 };
 use magnetar_tenancy::{NamespaceName, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,9 +31,10 @@ use tracing::debug;
 
 use crate::channel::{Assembler, Publish, Tags};
 use crate::codec::{self, CodecError, Frame};
+use crate::deadletter::{dead_lettered, Reason};
 use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
-use crate::queue::{self as qdef, QueueDef, QUEUE_SUBSCRIPTION};
+use crate::queue::{self as qdef, Overflow, QueueDef, QUEUE_SUBSCRIPTION};
 use crate::AmqpConfig;
 
 /// Credit a consumer without a prefetch limit is kept topped up to; it
@@ -57,6 +58,8 @@ struct Registry {
     queues: HashMap<(NamespaceName, String), QueueInfo>,
     /// Direct reply-to consumers by the token in their reply address.
     replies: HashMap<String, ReplyTarget>,
+    /// Queues whose head is being expired.
+    sweepers: std::collections::HashSet<(NamespaceName, String)>,
 }
 
 /// Where replies to `amq.rabbitmq.reply-to.<token>` go.
@@ -94,6 +97,163 @@ impl Ctx {
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn known_def(&self, ns: &NamespaceName, queue: &str) -> Option<QueueDef> {
+        self.registry()
+            .queues
+            .get(&(ns.clone(), queue.to_owned()))
+            .map(|i| i.def.clone())
+    }
+
+    /// Republishes a message that left `def`'s queue to its dead-letter
+    /// exchange, if it has one; otherwise the message is simply gone.
+    /// A copy that would come straight back to the same queue for a reason
+    /// other than rejection is dropped, as RabbitMQ breaks such cycles.
+    async fn dead_letter(
+        &self,
+        ns: &NamespaceName,
+        def: &QueueDef,
+        record: &Message,
+        reason: Reason,
+    ) -> Result<(), BrokerError> {
+        let Some(dlx) = &def.args.dead_letter_exchange else {
+            return Ok(());
+        };
+        let d = props::from_record(record, &def.name);
+        let published = props::Published {
+            exchange: d.exchange,
+            routing_key: d.routing_key,
+            properties: d.properties,
+            body: d.body,
+        };
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let out = dead_lettered(
+            published,
+            &def.name,
+            reason,
+            dlx,
+            def.args.dead_letter_routing_key.as_deref(),
+            now_s,
+        );
+        let headers = out
+            .properties
+            .headers()
+            .as_ref()
+            .map(props::header_values)
+            .unwrap_or_default();
+        let routes = match self
+            .broker
+            .route(ns, &out.exchange, &out.routing_key, &headers)
+            .await
+        {
+            Ok(r) => r,
+            // A dead-letter exchange that does not exist drops the message.
+            Err(BrokerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let batch = magnetar_broker::format::encode_messages(std::slice::from_ref(
+            &props::to_record(&out),
+        ))?;
+        for (q, topic) in routes {
+            if q == def.name && reason != Reason::Rejected {
+                continue;
+            }
+            self.broker.publish_batch(&topic, batch.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps expiring the head of a queue with a message TTL while the
+    /// queue exists, whether or not anyone consumes it.
+    fn ensure_sweeper(self: &Arc<Self>, ns: &NamespaceName, def: &QueueDef) {
+        let key = (ns.clone(), def.name.clone());
+        {
+            let mut reg = self.registry();
+            if !reg.sweepers.insert(key.clone()) {
+                return;
+            }
+        }
+        let ctx = Arc::clone(self);
+        let ttl = def.args.message_ttl_ms;
+        tokio::spawn(async move {
+            let period = Duration::from_millis(ttl.map_or(1000, |t| (t / 4).clamp(20, 1000)));
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(def) = ctx.known_def(&key.0, &key.1) else {
+                    break;
+                };
+                if let Err(e) = ctx.expire_head(&key.0, &def).await {
+                    debug!(queue = %def.name, "expiring: {e}");
+                }
+            }
+            ctx.registry().sweepers.remove(&key);
+        });
+    }
+
+    /// Dead-letters (or drops) the oldest ready messages beyond `max`.
+    async fn drop_head(
+        &self,
+        ns: &NamespaceName,
+        def: &QueueDef,
+        sub: &magnetar_broker::subscription::Subscription,
+        max: u64,
+    ) -> Result<(), BrokerError> {
+        let st = sub.stats().await?;
+        let ready = st.msg_backlog.saturating_sub(st.unacked_messages);
+        if ready <= max {
+            return Ok(());
+        }
+        let over = usize::try_from(ready - max).unwrap_or(usize::MAX);
+        for m in sub.reap(over, Box::new(|_| true)).await? {
+            self.dead_letter(ns, def, &m.message, Reason::MaxLen)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn expire_head(&self, ns: &NamespaceName, def: &QueueDef) -> Result<(), BrokerError> {
+        let topic = self.broker.queue_topic(ns, &def.name, def.durable)?;
+        let t = self.broker.topic(&topic, false).await?;
+        let Ok(sub) = t.subscription(QUEUE_SUBSCRIPTION).await else {
+            return Ok(());
+        };
+        let ttl = def.args.message_ttl_ms;
+        loop {
+            let now = now_ms();
+            let expired = sub
+                .reap(256, Box::new(move |m| is_expired(&m.message, ttl, now)))
+                .await?;
+            if expired.is_empty() {
+                return Ok(());
+            }
+            for m in &expired {
+                self.dead_letter(ns, def, &m.message, Reason::Expired)
+                    .await?;
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Whether a stored message is past its queue's TTL or its own
+/// `expiration`, counted from when it was stored.
+fn is_expired(m: &Message, queue_ttl: Option<u64>, now: i64) -> bool {
+    let own = props::record_expiration_ms(m);
+    let ttl = match (queue_ttl, own) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => match a.or(b) {
+            Some(t) => t,
+            None => return false,
+        },
+    };
+    now.saturating_sub(m.timestamp_ms) >= i64::try_from(ttl).unwrap_or(i64::MAX)
 }
 
 /// Events from a connection's helper tasks.
@@ -134,10 +294,13 @@ struct Unacked {
     /// Return a permit to the consumer when settled (prefetch).
     credit: bool,
     queue: String,
+    /// Kept for queues with a dead-letter exchange, for reject and nack.
+    message: Option<Message>,
 }
 
 struct ConsumerEntry {
     queue: String,
+    def: Arc<QueueDef>,
     no_ack: bool,
     /// Limited prefetch: permits come back on settle; otherwise on send.
     limited: bool,
@@ -990,14 +1153,20 @@ impl Conn {
                 QueueDef::implicit(name, !transient)
             }
         };
-        let mut reg = self.ctx.registry();
-        let info = reg.queues.entry(key).or_insert(QueueInfo {
-            def,
-            owner: None,
-            consumers: 0,
-            exclusive_consumer: false,
-        });
-        Ok(Some(info.def.clone()))
+        let def = {
+            let mut reg = self.ctx.registry();
+            let info = reg.queues.entry(key).or_insert(QueueInfo {
+                def,
+                owner: None,
+                consumers: 0,
+                exclusive_consumer: false,
+            });
+            info.def.clone()
+        };
+        if def.args.message_ttl_ms.is_some() {
+            self.ctx.ensure_sweeper(&self.ns, &def);
+        }
+        Ok(Some(def))
     }
 
     async fn require_queue(
@@ -1226,6 +1395,9 @@ impl Conn {
         // The subscription exists from the declare on, so that what is
         // published before the first consumer waits for it.
         self.queue_subscription(&wanted).await?;
+        if wanted.args.message_ttl_ms.is_some() {
+            self.ctx.ensure_sweeper(&self.ns, &wanted);
+        }
         Ok((name, 0, 0))
     }
 
@@ -1337,10 +1509,43 @@ impl Conn {
     fn reject(&mut self, settled: Vec<Unacked>, requeue: bool) {
         if requeue {
             settle(settled, Settle::Requeue);
-        } else {
-            // Without a dead-letter exchange a rejected message is dropped.
-            settle(settled, Settle::Ack);
+            return;
         }
+        // Without a dead-letter exchange a rejected message is dropped;
+        // with one it is acknowledged once republished there.
+        for u in settled {
+            if u.credit {
+                u.control.flow(1);
+            }
+            match (u.message, self.ctx.known_def(&self.ns, &u.queue)) {
+                (Some(m), Some(def)) => {
+                    self.spawn_dead_letter(def, m, Reason::Rejected, u.control, u.offset);
+                }
+                _ => u.control.ack(vec![u.offset]),
+            }
+        }
+    }
+
+    fn spawn_dead_letter(
+        &self,
+        def: QueueDef,
+        message: Message,
+        reason: Reason,
+        control: ConsumerControl,
+        offset: u64,
+    ) {
+        let ctx = Arc::clone(&self.ctx);
+        let ns = self.ns.clone();
+        tokio::spawn(async move {
+            match ctx.dead_letter(&ns, &def, &message, reason).await {
+                Ok(()) => control.ack(vec![offset]),
+                Err(e) => {
+                    // Not republished: it stays in its queue.
+                    debug!(queue = %def.name, "dead-lettering failed: {e}");
+                    control.nack(vec![offset], Duration::from_secs(1));
+                }
+            }
+        });
     }
 
     async fn consume(&mut self, ch: u16, c: basic::Consume) -> Result<(), Exception> {
@@ -1441,6 +1646,7 @@ impl Conn {
             tag,
             ConsumerEntry {
                 queue: name,
+                def: Arc::new(def),
                 no_ack: c.no_ack,
                 limited,
                 stop: Some(stop_tx),
@@ -1550,18 +1756,36 @@ impl Conn {
                 .map_err(Exception::from)?;
             self.chan(ch)?.getters.insert(name.clone(), consumer);
         }
-        let got = {
+        let got = loop {
             let Some(consumer) = self.chan(ch)?.getters.get_mut(&name) else {
                 return Ok(());
             };
-            match consumer.get_one().await {
+            let got = match consumer.get_one().await {
                 Ok(true) => consumer.try_recv().map(|d| (d, consumer.control())),
                 Ok(false) => None,
                 Err(e) => {
                     self.chan(ch)?.getters.remove(&name);
                     return Err(exception_of(&e));
                 }
+            };
+            // Expired or past the delivery limit: dead-lettered, not given.
+            let Some((d, control)) = got else {
+                break None;
+            };
+            let over_limit = def
+                .args
+                .delivery_limit
+                .is_some_and(|l| u64::from(d.redelivery_count) > l);
+            let expired = is_expired(&d.message, def.args.message_ttl_ms, now_ms());
+            if !over_limit && !expired {
+                break Some((d, control));
             }
+            let reason = if expired {
+                Reason::Expired
+            } else {
+                Reason::DeliveryLimit
+            };
+            self.spawn_dead_letter(def.clone(), d.message, reason, control, d.offset);
         };
         let Some((d, control)) = got else {
             self.send_method(
@@ -1582,6 +1806,11 @@ impl Conn {
                 offset: d.offset,
                 credit: false,
                 queue: name.clone(),
+                message: def
+                    .args
+                    .dead_letter_exchange
+                    .is_some()
+                    .then(|| d.message.clone()),
             }))
         };
         let mut b = BytesMut::with_capacity(delivered.body.len() + 256);
@@ -1644,8 +1873,65 @@ impl Conn {
         let batch = magnetar_broker::format::encode_messages(std::slice::from_ref(&record))
             .map_err(Exception::from)?;
         let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
-        for (_, topic) in &routes {
-            pending.push(self.submit(topic, batch.clone()).await);
+        let expires = msg.properties.expiration().is_some();
+        let mut rejected = false;
+        for (q, topic) in &routes {
+            let def = match self.ctx.known_def(&self.ns, q) {
+                Some(d) => Some(d),
+                None => self.lookup_queue(q).await.ok().flatten(),
+            };
+            let Some(def) = def else {
+                pending.push(self.submit(topic, batch.clone()).await);
+                continue;
+            };
+            if expires {
+                self.ctx.ensure_sweeper(&self.ns, &def);
+            }
+            let Some(max) = def.args.max_length else {
+                pending.push(self.submit(topic, batch.clone()).await);
+                continue;
+            };
+            match def.args.overflow {
+                Overflow::RejectPublish | Overflow::RejectPublishDlx => {
+                    let (ready, _) = self.queue_counts(&def).await;
+                    if u64::from(ready) >= max {
+                        rejected = true;
+                        if def.args.overflow == Overflow::RejectPublishDlx {
+                            let ctx = Arc::clone(&self.ctx);
+                            let ns = self.ns.clone();
+                            let record = record.clone();
+                            tokio::spawn(async move {
+                                let _ = ctx.dead_letter(&ns, &def, &record, Reason::MaxLen).await;
+                            });
+                        }
+                        continue;
+                    }
+                    pending.push(self.submit(topic, batch.clone()).await);
+                }
+                Overflow::DropHead => {
+                    let stored = self.submit(topic, batch.clone()).await;
+                    let sub = self.queue_subscription(&def).await?;
+                    let ctx = Arc::clone(&self.ctx);
+                    let ns = self.ns.clone();
+                    pending.push(
+                        async move {
+                            stored.await?;
+                            ctx.drop_head(&ns, &def, &sub, max).await
+                        }
+                        .boxed(),
+                    );
+                }
+            }
+        }
+        if rejected {
+            pending.push(
+                async {
+                    Err(BrokerError::QuotaExceeded(
+                        "queue is at its max-length".into(),
+                    ))
+                }
+                .boxed(),
+            );
         }
         if routes.is_empty() && p.mandatory {
             let mut b = BytesMut::with_capacity(msg.body.len() + 256);
@@ -1882,6 +2168,26 @@ impl Conn {
         };
         let queue = entry.queue.clone();
         let (no_ack, limited) = (entry.no_ack, entry.limited);
+        let def = Arc::clone(&entry.def);
+        let over_limit = def
+            .args
+            .delivery_limit
+            .is_some_and(|l| u64::from(d.redelivery_count) > l);
+        let expired = is_expired(&d.message, def.args.message_ttl_ms, now_ms());
+        if over_limit || expired {
+            let reason = if expired {
+                Reason::Expired
+            } else {
+                Reason::DeliveryLimit
+            };
+            self.spawn_dead_letter((*def).clone(), d.message, reason, control.clone(), d.offset);
+            control.flow(1);
+            return Ok(());
+        }
+        let keep = def.args.dead_letter_exchange.is_some();
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return Ok(());
+        };
         let tag = if no_ack {
             control.ack(vec![d.offset]);
             c.tags.issue(None)
@@ -1891,6 +2197,7 @@ impl Conn {
                 offset: d.offset,
                 credit: limited,
                 queue: queue.clone(),
+                message: keep.then(|| d.message.clone()),
             }))
         };
         if !limited {
