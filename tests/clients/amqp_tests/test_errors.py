@@ -1,0 +1,136 @@
+"""Errors are RabbitMQ's reply codes, as channel or connection exceptions;
+malformed frames close the connection with 501 or 502."""
+
+import socket
+import struct
+
+import pika
+import pytest
+
+
+def closed(fn):
+    with pytest.raises((pika.exceptions.ChannelClosedByBroker,
+                        pika.exceptions.ConnectionClosedByBroker)) as e:
+        fn()
+    return e.value.reply_code, e.value.reply_text
+
+
+def test_channel_exceptions(connect):
+    conn = connect()
+    ch = conn.channel()
+    ch.queue_declare("errs", arguments={"x-message-ttl": 1000})
+    code, text = closed(lambda: ch.queue_declare("errs", arguments={"x-message-ttl": 2000}))
+    assert code == 406 and "inequivalent arg 'x-message-ttl'" in text
+    ch = conn.channel()
+    assert closed(lambda: ch.queue_declare("missing", passive=True))[0] == 404
+    ch = conn.channel()
+    assert closed(lambda: ch.basic_publish("no-such-exchange", "k", b"x") or ch.basic_get("errs"))[0] == 404
+    ch = conn.channel()
+    assert closed(lambda: ch.exchange_declare("amq.custom", exchange_type="direct"))[0] == 403
+    ch = conn.channel()
+    ch.exchange_declare("typed", exchange_type="direct")
+    assert closed(lambda: ch.exchange_declare("typed", exchange_type="fanout"))[0] == 406
+    ch = conn.channel()
+    assert closed(lambda: ch.basic_ack(999) or ch.queue_declare("errs", passive=True))[0] == 406
+    ch = conn.channel()
+    assert closed(lambda: ch.queue_declare("badarg", arguments={"x-overflow": "nope"}))[0] == 406
+
+
+def test_exclusive_queue_of_another_connection_is_locked(connect):
+    a = connect().channel()
+    q = a.queue_declare("mine", exclusive=True).method.queue
+    b = connect().channel()
+    assert closed(lambda: b.queue_declare(q, exclusive=True))[0] == 405
+    b = connect().channel()
+    assert closed(lambda: b.basic_consume(q, lambda *_: None))[0] == 405
+    # Gone with its connection.
+    a.connection.close()
+    c = connect().channel()
+    assert closed(lambda: c.queue_declare(q, passive=True))[0] == 404
+
+
+def test_exclusive_consumer_refuses_others(connect):
+    ch = connect().channel()
+    ch.queue_declare("solo")
+    ch.basic_consume("solo", lambda *_: None, exclusive=True)
+    other = connect().channel()
+    assert closed(lambda: other.basic_consume("solo", lambda *_: None))[0] == 403
+
+
+def test_unknown_vhost_is_not_allowed(connect):
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as e:
+        connect(vhost="nosuch/tenant")
+    assert "530" in str(e.value) and "NOT_ALLOWED" in str(e.value)
+
+
+def test_deleting_a_queue_cancels_its_consumers(connect):
+    conn = connect()
+    ch = conn.channel()
+    ch.queue_declare("doomed")
+    cancelled = []
+    ch.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+    tag = ch.basic_consume("doomed", lambda *_: None)
+    other = connect().channel()
+    other.queue_delete("doomed")
+    import time
+    deadline = time.time() + 10
+    while not cancelled and time.time() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    assert cancelled == [tag]
+
+
+def raw_session(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"AMQP\x00\x00\x09\x01")
+    return s
+
+
+def read_close(s):
+    """Reads frames until connection.close; returns its reply code."""
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+        while len(buf) >= 7:
+            kind, ch, size = struct.unpack(">BHI", buf[:7])
+            if len(buf) < size + 8:
+                break
+            payload, buf = buf[7:7 + size], buf[size + 8:]
+            if kind == 1 and payload[:4] == b"\x00\x0a\x00\x32":
+                return struct.unpack(">H", payload[4:6])[0]
+
+
+def method(channel, class_id, method_id, args=b""):
+    payload = struct.pack(">HH", class_id, method_id) + args
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
+def test_malformed_frames_close_with_frame_or_syntax_errors(standalone):
+    # A bad frame end: 501.
+    s = raw_session(standalone.amqp_port)
+    s.sendall(struct.pack(">BHI", 8, 0, 0) + b"\x00")
+    assert read_close(s) == 501
+    # An unknown frame type: 501.
+    s = raw_session(standalone.amqp_port)
+    s.sendall(struct.pack(">BHI", 7, 0, 0) + b"\xce")
+    assert read_close(s) == 501
+    # A method with garbage arguments: 502.
+    s = raw_session(standalone.amqp_port)
+    s.sendall(method(0, 10, 11, b"\xff\xff\xff\xff"))
+    assert read_close(s) == 502
+    # A frame over frame_max: 501.
+    s = raw_session(standalone.amqp_port)
+    s.sendall(struct.pack(">BHI", 3, 1, 1 << 30))
+    assert read_close(s) == 501
+    # The broker is still fine.
+    c = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", standalone.amqp_port))
+    c.channel().queue_declare("still-fine")
+    c.close()
+
+
+def test_wrong_protocol_header_gets_ours_back(standalone):
+    s = socket.create_connection(("127.0.0.1", standalone.amqp_port), timeout=5)
+    s.sendall(b"AMQP\x01\x01\x00\x0a")
+    assert s.recv(8) == b"AMQP\x00\x00\x09\x01"
