@@ -6,6 +6,7 @@ mod admin_rest;
 mod bookie;
 mod broker;
 mod perf;
+mod perf_amqp;
 mod perf_kafka;
 
 use std::net::SocketAddr;

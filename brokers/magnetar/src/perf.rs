@@ -30,6 +30,9 @@ enum PerfCommand {
     Backlog(BacklogPerf),
     /// Produce and consume through a Kafka listener with librdkafka.
     Kafka(crate::perf_kafka::KafkaPerf),
+    /// Publish (with confirms) and consume through an AMQP listener with
+    /// lapin; works against RabbitMQ too.
+    Amqp(crate::perf_amqp::AmqpPerf),
 }
 
 #[derive(Args)]
@@ -119,6 +122,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Ledger(l) => ledger(l).await,
         PerfCommand::Backlog(b) => backlog(b).await,
         PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
+        PerfCommand::Amqp(a) => crate::perf_amqp::run(a).await,
     }
 }
 
