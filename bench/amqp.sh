@@ -27,7 +27,7 @@ amqp=$(port)
 pids+=($!)
 wait_line "$dir/standalone.out" ready
 magnetar_line=$("$bin" perf amqp --url "amqp://127.0.0.1:$amqp/%2f" --queue bench \
-  "${workload[@]}" 2>"$dir/perf-magnetar.log")
+  "${workload[@]}" 2>"$dir/perf-magnetar.log") || { tail -n 20 "$dir/perf-magnetar.log" "$dir/standalone.log"; exit 1; }
 echo "magnetar: $magnetar_line"
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
 
@@ -49,7 +49,7 @@ for _ in $(seq 300); do
 done
 rabbit_version=$(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo unknown)
 rabbit_line=$("$bin" perf amqp --url "amqp://guest:guest@127.0.0.1:$rmq/%2f" --queue bench \
-  "${workload[@]}" 2>"$dir/perf-rabbitmq.log")
+  "${workload[@]}" 2>"$dir/perf-rabbitmq.log") || { tail -n 20 "$dir/perf-rabbitmq.log" "$dir/rabbit.out"; exit 1; }
 echo "rabbitmq $rabbit_version: $rabbit_line"
 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RABBITMQ_NODENAME" stop >/dev/null 2>&1 || true
 

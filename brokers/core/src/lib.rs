@@ -15,8 +15,10 @@
 //! - [`service`]: [`Broker`], the protocol-neutral API, with topic loading,
 //!   bundle ownership through metadata leases, routing and retention;
 //! - [`state`]: durable per-protocol state (group offsets, sessions);
+//! - [`coalesce`]: single-message publishes gathered into record batches;
 //! - [`http`]: the admin REST API, after Pulsar's.
 
+pub mod coalesce;
 pub mod cursor;
 pub mod error;
 pub mod format;
@@ -29,6 +31,7 @@ pub mod state;
 pub mod subscription;
 pub mod topic;
 
+pub use coalesce::Coalescer;
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult, TopicPolicies};

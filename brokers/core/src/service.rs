@@ -682,6 +682,12 @@ impl Broker {
         crate::state::reserve_ids(&self.inner.meta, name, count).await
     }
 
+    /// A publisher for one-message-at-a-time protocols that gathers what
+    /// arrives while earlier appends are in flight into one batch.
+    pub fn coalescer(&self, topic: &TopicName) -> crate::Coalescer {
+        crate::Coalescer::start(self.clone(), topic.clone())
+    }
+
     /// Appends a batch here only, never forwarding: what a forwarded
     /// publish arrives as.
     pub async fn publish_batch_local(&self, topic: &TopicName, batch: Bytes) -> Result<Published> {

@@ -20,7 +20,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+/// Later flags override earlier ones, so that scripts can pass defaults
+/// and let the caller's arguments win.
 #[derive(Args)]
+#[command(args_override_self = true)]
 pub struct AmqpPerf {
     /// amqp://HOST:PORT/VHOST (the vhost `/` is `%2f`).
     #[arg(long, default_value = "amqp://127.0.0.1:5672/%2f")]

@@ -60,6 +60,9 @@ struct Registry {
     replies: HashMap<String, ReplyTarget>,
     /// Queues whose head is being expired.
     sweepers: std::collections::HashSet<(NamespaceName, String)>,
+    /// One publisher per queue topic, shared by all connections, so that
+    /// concurrent publishes gather into batches.
+    publishers: HashMap<TopicName, magnetar_broker::Coalescer>,
 }
 
 /// Where replies to `amq.rabbitmq.reply-to.<token>` go.
@@ -96,6 +99,14 @@ impl Ctx {
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publisher(&self, topic: &TopicName) -> magnetar_broker::Coalescer {
+        let mut reg = self.registry();
+        reg.publishers
+            .entry(topic.clone())
+            .or_insert_with(|| self.broker.coalescer(topic))
+            .clone()
     }
 
     fn known_def(&self, ns: &NamespaceName, queue: &str) -> Option<QueueDef> {
@@ -1870,8 +1881,6 @@ impl Conn {
             .await
             .map_err(|e| self.vhost_text(e))?;
         let record = props::to_record(msg);
-        let batch = magnetar_broker::format::encode_messages(std::slice::from_ref(&record))
-            .map_err(Exception::from)?;
         let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
         let expires = msg.properties.expiration().is_some();
         let mut rejected = false;
@@ -1881,14 +1890,14 @@ impl Conn {
                 None => self.lookup_queue(q).await.ok().flatten(),
             };
             let Some(def) = def else {
-                pending.push(self.submit(topic, batch.clone()).await);
+                pending.push(self.submit(topic, &record));
                 continue;
             };
             if expires {
                 self.ctx.ensure_sweeper(&self.ns, &def);
             }
             let Some(max) = def.args.max_length else {
-                pending.push(self.submit(topic, batch.clone()).await);
+                pending.push(self.submit(topic, &record));
                 continue;
             };
             match def.args.overflow {
@@ -1906,10 +1915,10 @@ impl Conn {
                         }
                         continue;
                     }
-                    pending.push(self.submit(topic, batch.clone()).await);
+                    pending.push(self.submit(topic, &record));
                 }
                 Overflow::DropHead => {
-                    let stored = self.submit(topic, batch.clone()).await;
+                    let stored = self.submit(topic, &record);
                     let sub = self.queue_subscription(&def).await?;
                     let ctx = Arc::clone(&self.ctx);
                     let ns = self.ns.clone();
@@ -2012,21 +2021,11 @@ impl Conn {
         Ok(())
     }
 
-    /// Fixes a batch's place in a queue's topic now and returns the wait
-    /// for its durability. Topics served elsewhere are forwarded.
-    async fn submit(&self, topic: &TopicName, batch: Bytes) -> Pending {
-        let b = self.ctx.broker.clone();
-        match b.topic(topic, true).await {
-            Ok(t) => match t.submit_batch(batch).await {
-                Ok(p) => async move { p.await.map(drop) }.boxed(),
-                Err(e) => async move { Err(e) }.boxed(),
-            },
-            Err(BrokerError::NotOwner { .. }) => {
-                let topic = topic.clone();
-                async move { b.publish_batch(&topic, batch).await.map(drop) }.boxed()
-            }
-            Err(e) => async move { Err(e) }.boxed(),
-        }
+    /// Queues a message for a queue's topic, in order, and returns the
+    /// wait for its durability.
+    fn submit(&self, topic: &TopicName, record: &Message) -> Pending {
+        let stored = self.ctx.publisher(topic).publish(record.clone());
+        async move { stored.await.map(drop) }.boxed()
     }
 
     fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
