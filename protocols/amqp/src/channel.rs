@@ -156,6 +156,16 @@ impl<T> Tags<T> {
     /// multiple: all). An unknown tag is PRECONDITION_FAILED, as RabbitMQ
     /// ("unknown delivery tag").
     pub fn settle(&mut self, tag: u64, multiple: bool) -> Result<Vec<T>, Exception> {
+        Ok(self
+            .settle_tagged(tag, multiple)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Like [`Tags::settle`], keeping the tags, so that a rolled-back
+    /// transaction can put them back.
+    pub fn settle_tagged(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, T)>, Exception> {
         if multiple {
             if tag != 0 && tag >= self.next {
                 return Err(unknown_tag(tag));
@@ -163,12 +173,17 @@ impl<T> Tags<T> {
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
             let settled = std::mem::replace(&mut self.unacked, keep);
-            return Ok(settled.into_values().collect());
+            return Ok(settled.into_iter().collect());
         }
         self.unacked
             .remove(&tag)
-            .map(|t| vec![t])
+            .map(|t| vec![(tag, t)])
             .ok_or_else(|| unknown_tag(tag))
+    }
+
+    /// Puts back a tag settled inside a transaction that was rolled back.
+    pub fn restore(&mut self, tag: u64, item: T) {
+        self.unacked.insert(tag, item);
     }
 
     /// Everything unsettled, for recover and channel close.

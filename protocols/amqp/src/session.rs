@@ -34,7 +34,7 @@ use crate::codec::{self, CodecError, Frame};
 use crate::deadletter::{dead_lettered, Reason};
 use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
-use crate::queue::{self as qdef, Overflow, QueueDef, QUEUE_SUBSCRIPTION};
+use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
 use crate::AmqpConfig;
 
 /// Credit a consumer without a prefetch limit is kept topped up to; it
@@ -340,6 +340,22 @@ struct Chan {
     next_ctag: u64,
     /// The direct reply-to consumer: its tag and address token.
     reply_to: Option<(String, String)>,
+    /// In tx mode: what the open transaction holds until commit.
+    tx: Option<TxBuffer>,
+}
+
+/// Publishes and settlements of an open transaction, applied on commit and
+/// dropped on rollback (settled tags go back to being unacknowledged).
+#[derive(Default)]
+struct TxBuffer {
+    publishes: Vec<Publish>,
+    settles: Vec<(TxSettle, Vec<(u64, Unacked)>)>,
+}
+
+#[derive(Clone, Copy)]
+enum TxSettle {
+    Ack,
+    Reject { requeue: bool },
 }
 
 enum Phase {
@@ -820,6 +836,12 @@ impl Conn {
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let c = self.chan(ch)?;
+                if c.tx.is_some() {
+                    return Err(Exception::new(
+                        error::PRECONDITION_FAILED,
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
                 c.confirm = true;
                 if !s.nowait {
                     self.send_method(
@@ -829,7 +851,7 @@ impl Conn {
                 }
                 Ok(())
             }
-            AMQPClass::Tx(m) => self.on_tx(ch, m),
+            AMQPClass::Tx(m) => self.on_tx(ch, m).await,
             other => Err(Exception::new(
                 error::NOT_IMPLEMENTED,
                 format!("method {:?} is not implemented", method_ids(&other)),
@@ -876,6 +898,7 @@ impl Conn {
                         last_queue: String::new(),
                         next_ctag: 1,
                         reply_to: None,
+                        tx: None,
                     },
                 );
                 self.send_method(ch, AMQPClass::Channel(M::OpenOk(channel::OpenOk {})));
@@ -977,8 +1000,9 @@ impl Conn {
             self.ctx.registry().replies.remove(&token);
         }
         let mut queues = Vec::new();
-        for (_, e) in consumers {
+        for (tag, e) in consumers {
             e.task.abort();
+            self.drop_stream_subscription(ch, &e.def, &tag);
             queues.push(e.queue);
         }
         for q in queues {
@@ -1232,6 +1256,9 @@ impl Conn {
                 .get(&(self.ns.clone(), def.name.clone()))
                 .map_or(0, |i| i.consumers)
         };
+        if def.args.queue_type == QueueType::Stream {
+            return (0, consumers);
+        }
         let ready = match self.queue_subscription(def).await {
             Ok(s) => s
                 .stats()
@@ -1404,8 +1431,11 @@ impl Conn {
             self.exclusive_queues.push(name.clone());
         }
         // The subscription exists from the declare on, so that what is
-        // published before the first consumer waits for it.
-        self.queue_subscription(&wanted).await?;
+        // published before the first consumer waits for it. A stream keeps
+        // its messages by retention, not by a subscription.
+        if wanted.args.queue_type != QueueType::Stream {
+            self.queue_subscription(&wanted).await?;
+        }
         if wanted.args.message_ttl_ms.is_some() {
             self.ctx.ensure_sweeper(&self.ns, &wanted);
         }
@@ -1490,18 +1520,19 @@ impl Conn {
                 self.chan(ch)?.assembler.start(p)?;
             }
             M::Get(g) => self.get(ch, g).await?,
-            M::Ack(a) => {
-                let settled = self.chan(ch)?.tags.settle(a.delivery_tag, a.multiple)?;
-                settle(settled, Settle::Ack);
-            }
-            M::Nack(n) => {
-                let settled = self.chan(ch)?.tags.settle(n.delivery_tag, n.multiple)?;
-                self.reject(settled, n.requeue);
-            }
-            M::Reject(r) => {
-                let settled = self.chan(ch)?.tags.settle(r.delivery_tag, false)?;
-                self.reject(settled, r.requeue);
-            }
+            M::Ack(a) => self.settle_tags(ch, a.delivery_tag, a.multiple, TxSettle::Ack)?,
+            M::Nack(n) => self.settle_tags(
+                ch,
+                n.delivery_tag,
+                n.multiple,
+                TxSettle::Reject { requeue: n.requeue },
+            )?,
+            M::Reject(r) => self.settle_tags(
+                ch,
+                r.delivery_tag,
+                false,
+                TxSettle::Reject { requeue: r.requeue },
+            )?,
             M::Recover(_) | M::RecoverAsync(_) => {
                 let all = self.chan(ch)?.tags.drain();
                 settle(all, Settle::Requeue);
@@ -1515,6 +1546,30 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    fn settle_tags(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        how: TxSettle,
+    ) -> Result<(), Exception> {
+        let chan = self.chan(ch)?;
+        let settled = chan.tags.settle_tagged(tag, multiple)?;
+        if let Some(tx) = chan.tx.as_mut() {
+            tx.settles.push((how, settled));
+            return Ok(());
+        }
+        self.apply_settle(how, settled.into_iter().map(|(_, u)| u).collect());
+        Ok(())
+    }
+
+    fn apply_settle(&mut self, how: TxSettle, settled: Vec<Unacked>) {
+        match how {
+            TxSettle::Ack => settle(settled, Settle::Ack),
+            TxSettle::Reject { requeue } => self.reject(settled, requeue),
+        }
     }
 
     fn reject(&mut self, settled: Vec<Unacked>, requeue: bool) {
@@ -1605,7 +1660,13 @@ impl Conn {
             info.consumers += 1;
             info.exclusive_consumer = c.exclusive;
         }
-        let sub = match self.queue_subscription(&def).await {
+        let stream = def.args.queue_type == QueueType::Stream;
+        let sub = if stream {
+            self.stream_subscription(ch, &def, &tag, &c.arguments).await
+        } else {
+            self.queue_subscription(&def).await
+        };
+        let sub = match sub {
             Ok(s) => s,
             Err(e) => {
                 self.release_consumer(&name, false);
@@ -1665,6 +1726,104 @@ impl Conn {
             },
         );
         Ok(())
+    }
+
+    fn stream_subscription_name(&self, ch: u16, tag: &str) -> String {
+        format!("amqp-stream-{}-{ch}-{tag}", self.id)
+    }
+
+    /// A stream queue is read, not consumed: each consumer gets its own
+    /// non-durable cursor from `x-stream-offset` (first, last, next, an
+    /// offset, or a timestamp in seconds), and acknowledgements only
+    /// return credit.
+    async fn stream_subscription(
+        &mut self,
+        ch: u16,
+        def: &QueueDef,
+        tag: &str,
+        args: &FieldTable,
+    ) -> Result<magnetar_broker::subscription::Subscription, Exception> {
+        if self.chan(ch)?.prefetch == 0 {
+            return Err(Exception::new(
+                error::PRECONDITION_FAILED,
+                "consumer prefetch count is not set for stream queue",
+            ));
+        }
+        let topic = self.queue_topic(def)?;
+        let t = self
+            .ctx
+            .broker
+            .topic(&topic, true)
+            .await
+            .map_err(Exception::from)?;
+        let (start, end) = (t.log().start_offset(), t.log().end_offset());
+        let at = match args.inner().get("x-stream-offset") {
+            None => end,
+            Some(AMQPValue::LongString(v)) => match &*String::from_utf8_lossy(v.as_bytes()) {
+                "first" => start,
+                "last" => end.saturating_sub(1).max(start),
+                "next" => end,
+                other => {
+                    return Err(Exception::new(
+                        error::PRECONDITION_FAILED,
+                        format!("invalid x-stream-offset '{other}'"),
+                    ))
+                }
+            },
+            Some(AMQPValue::Timestamp(secs)) => t
+                .offset_for_timestamp(
+                    i64::try_from(*secs)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(1000),
+                )
+                .await
+                .map_err(Exception::from)?,
+            Some(v) => match props::header_value(v) {
+                magnetar_broker::routing::HeaderValue::Int(n) => {
+                    u64::try_from(n).unwrap_or(0).clamp(start, end)
+                }
+                _ => {
+                    return Err(Exception::new(
+                        error::PRECONDITION_FAILED,
+                        "invalid x-stream-offset",
+                    ))
+                }
+            },
+        };
+        let name = self.stream_subscription_name(ch, tag);
+        let sub = t
+            .get_or_create_subscription(
+                &name,
+                SubscriptionOptions {
+                    sub_type: SubscriptionType::Exclusive,
+                    initial_position: InitialPosition::Earliest,
+                    durable: false,
+                    dead_letter: None,
+                },
+            )
+            .await
+            .map_err(Exception::from)?;
+        sub.reset(magnetar_broker::ResetTo::Offset(at))
+            .await
+            .map_err(Exception::from)?;
+        Ok(sub)
+    }
+
+    /// Removes a stream consumer's cursor once the consumer is gone.
+    fn drop_stream_subscription(&self, ch: u16, def: &QueueDef, tag: &str) {
+        if def.args.queue_type != QueueType::Stream {
+            return;
+        }
+        let name = self.stream_subscription_name(ch, tag);
+        let Ok(topic) = self.queue_topic(def) else {
+            return;
+        };
+        let broker = self.ctx.broker.clone();
+        tokio::spawn(async move {
+            if let Ok(t) = broker.topic(&topic, false).await {
+                let _ = t.unsubscribe(&name, true).await;
+            }
+        });
     }
 
     /// Direct reply-to: a no-ack consumer of the pseudo-queue, fed by
@@ -1751,11 +1910,18 @@ impl Conn {
                 }
             }
         }
+        self.drop_stream_subscription(ch, &e.def, tag);
         self.release_consumer(&e.queue, true);
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
         let (name, def) = self.require_queue(ch, g.queue.as_str()).await?;
+        if def.args.queue_type == QueueType::Stream {
+            return Err(Exception::new(
+                error::PRECONDITION_FAILED,
+                "basic.get is not supported by stream queues",
+            ));
+        }
         if !self.chan(ch)?.getters.contains_key(&name) {
             let sub = self.queue_subscription(&def).await?;
             let consumer = sub
@@ -1843,7 +2009,29 @@ impl Conn {
         Ok(())
     }
 
-    async fn publish(&mut self, ch: u16, mut p: Publish) -> Result<(), Exception> {
+    async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
+        let chan = self.chan(ch)?;
+        if let Some(tx) = chan.tx.as_mut() {
+            tx.publishes.push(p);
+            return Ok(());
+        }
+        let stored = self.route_and_store(ch, p).await?;
+        let chan = self.chan(ch)?;
+        let seq = if chan.confirm {
+            chan.next_seq += 1;
+            chan.next_seq - 1
+        } else {
+            0
+        };
+        let pipeline = chan.pipeline.clone();
+        // A full pipeline holds this connection's reads: backpressure.
+        let _ = pipeline.send((seq, stored)).await;
+        Ok(())
+    }
+
+    /// Routes a message and queues it for every queue it reaches; returns
+    /// the wait for all of them to be durable.
+    async fn route_and_store(&mut self, ch: u16, mut p: Publish) -> Result<Pending, Exception> {
         if p.message
             .properties
             .reply_to()
@@ -1959,29 +2147,23 @@ impl Conn {
             );
             self.send(b);
         }
-        let chan = self.chan(ch)?;
-        let seq = if chan.confirm {
-            chan.next_seq += 1;
-            chan.next_seq - 1
-        } else {
-            0
-        };
-        let all: Pending = async move {
+        Ok(async move {
             for r in futures::future::join_all(pending).await {
                 r?;
             }
             Ok(())
         }
-        .boxed();
-        let pipeline = chan.pipeline.clone();
-        // A full pipeline holds this connection's reads: backpressure.
-        let _ = pipeline.send((seq, all)).await;
-        Ok(())
+        .boxed())
     }
 
     /// A reply goes straight to the channel that waits for it; it is not
     /// stored, as in RabbitMQ, so it is confirmed at once.
-    async fn publish_reply(&mut self, ch: u16, token: String, p: Publish) -> Result<(), Exception> {
+    async fn publish_reply(
+        &mut self,
+        ch: u16,
+        token: String,
+        p: Publish,
+    ) -> Result<Pending, Exception> {
         let target = self.ctx.registry().replies.get(&token).cloned();
         let delivered = match target {
             Some(t) => t
@@ -2012,13 +2194,7 @@ impl Conn {
             );
             self.send(b);
         }
-        let chan = self.chan(ch)?;
-        if chan.confirm {
-            let seq = chan.next_seq;
-            chan.next_seq += 1;
-            let _ = chan.pipeline.send((seq, async { Ok(()) }.boxed())).await;
-        }
-        Ok(())
+        Ok(async { Ok(()) }.boxed())
     }
 
     /// Queues a message for a queue's topic, in order, and returns the
@@ -2028,12 +2204,49 @@ impl Conn {
         async move { stored.await.map(drop) }.boxed()
     }
 
-    fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
+    /// Transactions as RabbitMQ has them: publishes and acknowledgements
+    /// of a channel in tx mode wait for commit, which returns once the
+    /// publishes are durable; rollback drops the publishes and leaves the
+    /// acknowledged deliveries unacknowledged.
+    async fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
         use tx::AMQPMethod as M;
+        let not_tx = || Exception::new(error::PRECONDITION_FAILED, "channel is not transactional");
         let reply = match m {
-            M::Select(_) => M::SelectOk(tx::SelectOk {}),
-            M::Commit(_) => M::CommitOk(tx::CommitOk {}),
-            M::Rollback(_) => M::RollbackOk(tx::RollbackOk {}),
+            M::Select(_) => {
+                let chan = self.chan(ch)?;
+                if chan.confirm {
+                    return Err(Exception::new(
+                        error::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                chan.tx.get_or_insert_with(TxBuffer::default);
+                M::SelectOk(tx::SelectOk {})
+            }
+            M::Commit(_) => {
+                let buffer = std::mem::take(self.chan(ch)?.tx.as_mut().ok_or_else(not_tx)?);
+                let mut stored = Vec::with_capacity(buffer.publishes.len());
+                for p in buffer.publishes {
+                    stored.push(self.route_and_store(ch, p).await?);
+                }
+                for r in futures::future::join_all(stored).await {
+                    r.map_err(|e| exception_of(&e))?;
+                }
+                for (how, settled) in buffer.settles {
+                    self.apply_settle(how, settled.into_iter().map(|(_, u)| u).collect());
+                }
+                M::CommitOk(tx::CommitOk {})
+            }
+            M::Rollback(_) => {
+                let chan = self.chan(ch)?;
+                let buffer = std::mem::take(chan.tx.as_mut().ok_or_else(not_tx)?);
+                for (_, settled) in buffer.settles {
+                    for (tag, u) in settled {
+                        chan.tags.restore(tag, u);
+                    }
+                }
+                M::RollbackOk(tx::RollbackOk {})
+            }
             other => {
                 return Err(Exception::new(
                     error::COMMAND_INVALID,
@@ -2041,7 +2254,6 @@ impl Conn {
                 ))
             }
         };
-        self.chan(ch)?;
         self.send_method(ch, AMQPClass::Tx(reply));
         Ok(())
     }
@@ -2202,7 +2414,16 @@ impl Conn {
         if !limited {
             control.flow(1);
         }
-        let delivered = props::from_record(&d.message, &queue);
+        let mut delivered = props::from_record(&d.message, &queue);
+        if def.args.queue_type == QueueType::Stream {
+            // Where this message sits in the stream, as RabbitMQ tells it.
+            let mut h = delivered.properties.headers().clone().unwrap_or_default();
+            h.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongLongInt(i64::try_from(d.offset).unwrap_or(i64::MAX)),
+            );
+            delivered.properties = delivered.properties.with_headers(h);
+        }
         let mut b = BytesMut::with_capacity(delivered.body.len() + 256);
         codec::encode_content(
             &mut b,
