@@ -157,6 +157,9 @@ struct Inner {
     session: RwLock<Session>,
     topics: Mutex<HashMap<TopicName, TopicCell>>,
     routing: Mutex<HashMap<NamespaceName, Arc<Mutex<NamespaceRouting>>>>,
+    /// Bumped whenever any namespace's routing changes here, so that
+    /// front ends can cache routes and know when to drop them.
+    routing_generation: std::sync::atomic::AtomicU64,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -223,6 +226,7 @@ impl Broker {
             session: RwLock::new(session),
             topics: Mutex::new(HashMap::new()),
             routing: Mutex::new(HashMap::new()),
+            routing_generation: std::sync::atomic::AtomicU64::new(0),
             shutdown,
             meta,
             cfg,
@@ -830,6 +834,10 @@ impl Broker {
             let before = g.table.clone();
             let before_transient = g.transient.clone();
             let out = f(&mut g)?;
+            // Cached routes go stale from here on, whatever the outcome.
+            self.inner
+                .routing_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
             let snapshot = durable_snapshot(&g);
             match self
                 .inner
@@ -989,6 +997,14 @@ impl Broker {
                 Ok((q, t))
             })
             .collect()
+    }
+
+    /// Changes whenever routing changes on this broker; a route computed
+    /// under one value holds while the value stays the same.
+    pub fn routing_generation(&self) -> u64 {
+        self.inner
+            .routing_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether a queue was declared non-durable (held in memory).

@@ -78,7 +78,7 @@ struct ReplyTarget {
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 struct QueueInfo {
-    def: QueueDef,
+    def: Arc<QueueDef>,
     /// The connection an exclusive queue belongs to.
     owner: Option<u64>,
     consumers: u32,
@@ -109,11 +109,11 @@ impl Ctx {
             .clone()
     }
 
-    fn known_def(&self, ns: &NamespaceName, queue: &str) -> Option<QueueDef> {
+    fn known_def(&self, ns: &NamespaceName, queue: &str) -> Option<Arc<QueueDef>> {
         self.registry()
             .queues
             .get(&(ns.clone(), queue.to_owned()))
-            .map(|i| i.def.clone())
+            .map(|i| Arc::clone(&i.def))
     }
 
     /// Republishes a message that left `def`'s queue to its dead-letter
@@ -380,6 +380,10 @@ pub(crate) struct Conn {
     exclusive_queues: Vec<String>,
     /// Set once connection.close went out; only close-ok matters then.
     closing: bool,
+    /// Routes of header-less publishes by (exchange, routing key), valid
+    /// for one routing generation.
+    route_cache: HashMap<(String, String), Arc<Vec<(String, TopicName)>>>,
+    route_generation: u64,
 }
 
 /// Serves one connection until it closes.
@@ -405,6 +409,8 @@ where
         next_gen: 1,
         exclusive_queues: Vec::new(),
         closing: false,
+        route_cache: HashMap::new(),
+        route_generation: u64::MAX,
     };
     let r = conn.run(&mut rd, events_rx).await;
     conn.cleanup().await;
@@ -1156,7 +1162,7 @@ impl Conn {
     }
 
     /// The queue's definition, if it exists, checking exclusive ownership.
-    async fn lookup_queue(&self, name: &str) -> Result<Option<QueueDef>, Exception> {
+    async fn lookup_queue(&self, name: &str) -> Result<Option<Arc<QueueDef>>, Exception> {
         let key = (self.ns.clone(), name.to_owned());
         {
             let reg = self.ctx.registry();
@@ -1164,7 +1170,7 @@ impl Conn {
                 if info.owner.is_some_and(|o| o != self.id) {
                     return Err(self.locked(name));
                 }
-                return Ok(Some(info.def.clone()));
+                return Ok(Some(Arc::clone(&info.def)));
             }
         }
         let b = &self.ctx.broker;
@@ -1191,12 +1197,12 @@ impl Conn {
         let def = {
             let mut reg = self.ctx.registry();
             let info = reg.queues.entry(key).or_insert(QueueInfo {
-                def,
+                def: Arc::new(def),
                 owner: None,
                 consumers: 0,
                 exclusive_consumer: false,
             });
-            info.def.clone()
+            Arc::clone(&info.def)
         };
         if def.args.message_ttl_ms.is_some() {
             self.ctx.ensure_sweeper(&self.ns, &def);
@@ -1208,7 +1214,7 @@ impl Conn {
         &mut self,
         ch: u16,
         name: &str,
-    ) -> Result<(String, QueueDef), Exception> {
+    ) -> Result<(String, Arc<QueueDef>), Exception> {
         let name = self.queue_name(ch, name)?;
         match self.lookup_queue(&name).await? {
             Some(def) => Ok((name, def)),
@@ -1420,7 +1426,7 @@ impl Conn {
             reg.queues.insert(
                 (self.ns.clone(), name.clone()),
                 QueueInfo {
-                    def: wanted.clone(),
+                    def: Arc::new(wanted.clone()),
                     owner: d.exclusive.then_some(self.id),
                     consumers: 0,
                     exclusive_consumer: false,
@@ -1594,7 +1600,7 @@ impl Conn {
 
     fn spawn_dead_letter(
         &self,
-        def: QueueDef,
+        def: Arc<QueueDef>,
         message: Message,
         reason: Reason,
         control: ConsumerControl,
@@ -1718,7 +1724,7 @@ impl Conn {
             tag,
             ConsumerEntry {
                 queue: name,
-                def: Arc::new(def),
+                def,
                 no_ack: c.no_ack,
                 limited,
                 stop: Some(stop_tx),
@@ -1962,7 +1968,7 @@ impl Conn {
             } else {
                 Reason::DeliveryLimit
             };
-            self.spawn_dead_letter(def.clone(), d.message, reason, control, d.offset);
+            self.spawn_dead_letter(Arc::clone(&def), d.message, reason, control, d.offset);
         };
         let Some((d, control)) = got else {
             self.send_method(
@@ -2056,23 +2062,12 @@ impl Conn {
         if let Some(Err(e)) = props::expiration_ms(&msg.properties) {
             return Err(Exception::new(error::PRECONDITION_FAILED, e));
         }
-        let headers = msg
-            .properties
-            .headers()
-            .as_ref()
-            .map(props::header_values)
-            .unwrap_or_default();
-        let routes = self
-            .ctx
-            .broker
-            .route(&self.ns, &msg.exchange, &msg.routing_key, &headers)
-            .await
-            .map_err(|e| self.vhost_text(e))?;
+        let routes = self.route(msg).await?;
         let record = props::to_record(msg);
         let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
         let expires = msg.properties.expiration().is_some();
         let mut rejected = false;
-        for (q, topic) in &routes {
+        for (q, topic) in routes.iter() {
             let def = match self.ctx.known_def(&self.ns, q) {
                 Some(d) => Some(d),
                 None => self.lookup_queue(q).await.ok().flatten(),
@@ -2154,6 +2149,50 @@ impl Conn {
             Ok(())
         }
         .boxed())
+    }
+
+    /// The queues a message reaches. Routes of messages without headers
+    /// (which only a headers exchange would look at) are cached until the
+    /// broker's routing changes.
+    async fn route(
+        &mut self,
+        msg: &props::Published,
+    ) -> Result<Arc<Vec<(String, TopicName)>>, Exception> {
+        let cacheable = msg.properties.headers().is_none();
+        let generation = self.ctx.broker.routing_generation();
+        if cacheable {
+            if generation != self.route_generation {
+                self.route_cache.clear();
+                self.route_generation = generation;
+            }
+            let key = (msg.exchange.clone(), msg.routing_key.clone());
+            if let Some(r) = self.route_cache.get(&key) {
+                return Ok(Arc::clone(r));
+            }
+        }
+        let headers = msg
+            .properties
+            .headers()
+            .as_ref()
+            .map(props::header_values)
+            .unwrap_or_default();
+        let routes = Arc::new(
+            self.ctx
+                .broker
+                .route(&self.ns, &msg.exchange, &msg.routing_key, &headers)
+                .await
+                .map_err(|e| self.vhost_text(e))?,
+        );
+        if cacheable && generation == self.route_generation {
+            if self.route_cache.len() >= 4096 {
+                self.route_cache.clear();
+            }
+            self.route_cache.insert(
+                (msg.exchange.clone(), msg.routing_key.clone()),
+                Arc::clone(&routes),
+            );
+        }
+        Ok(routes)
     }
 
     /// A reply goes straight to the channel that waits for it; it is not
@@ -2391,7 +2430,7 @@ impl Conn {
             } else {
                 Reason::DeliveryLimit
             };
-            self.spawn_dead_letter((*def).clone(), d.message, reason, control.clone(), d.offset);
+            self.spawn_dead_letter(def, d.message, reason, control.clone(), d.offset);
             control.flow(1);
             return Ok(());
         }
@@ -2460,17 +2499,29 @@ enum Settle {
     Requeue,
 }
 
-/// Acknowledges or requeues settled deliveries, returning prefetch permits.
+/// Acknowledges or requeues settled deliveries, returning prefetch permits:
+/// one command per consumer, however many deliveries a `multiple` settled.
 fn settle(items: Vec<Unacked>, how: Settle) {
+    let mut groups: Vec<(ConsumerControl, Vec<u64>, u64)> = Vec::new();
     for u in items {
+        let i = match groups.iter().position(|g| g.0.id() == u.control.id()) {
+            Some(i) => i,
+            None => {
+                groups.push((u.control.clone(), Vec::new(), 0));
+                groups.len() - 1
+            }
+        };
+        groups[i].1.push(u.offset);
+        groups[i].2 += u64::from(u.credit);
+    }
+    for (control, offsets, credit) in groups {
         match how {
-            Settle::Ack => u.control.ack(vec![u.offset]),
-            Settle::Requeue => u.control.nack(vec![u.offset], Duration::ZERO),
+            Settle::Ack => control.ack(offsets),
+            Settle::Requeue => control.nack(offsets, Duration::ZERO),
         }
-        if u.credit {
-            u.control.flow(1);
+        if credit > 0 {
+            control.flow(credit);
         }
-        let _ = &u.queue;
     }
 }
 
