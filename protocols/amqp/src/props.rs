@@ -162,30 +162,33 @@ fn is_plain_string(v: &AMQPValue) -> bool {
 pub fn to_record(p: &Published) -> Message {
     let props = &p.properties;
     let mut headers: Vec<(String, Option<Bytes>)> = Vec::with_capacity(8);
-    headers.push((H_EXCHANGE.into(), text(&p.exchange)));
+    // The default exchange is what a record without this header came by.
+    if !p.exchange.is_empty() {
+        headers.push((H_EXCHANGE.into(), text(&p.exchange)));
+    }
     headers.push((H_ROUTING_KEY.into(), text(&p.routing_key)));
     let mut put = |name: &str, v: Option<String>| {
         if let Some(v) = v {
-            headers.push((format!("{PREFIX}{name}"), Some(Bytes::from(v.into_bytes()))));
+            headers.push((name.to_owned(), Some(Bytes::from(v.into_bytes()))));
         }
     };
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
-    put("content-type", s(props.content_type()));
-    put("content-encoding", s(props.content_encoding()));
+    put("amqp.content-type", s(props.content_type()));
+    put("amqp.content-encoding", s(props.content_encoding()));
     put(
-        "delivery-mode",
+        H_DELIVERY_MODE,
         props.delivery_mode().map(|d| d.to_string()),
     );
-    put("priority", props.priority().map(|d| d.to_string()));
-    put("correlation-id", s(props.correlation_id()));
-    put("reply-to", s(props.reply_to()));
-    put("expiration", s(props.expiration()));
-    put("message-id", s(props.message_id()));
-    put("timestamp", props.timestamp().map(|d| d.to_string()));
-    put("type", s(props.kind()));
-    put("user-id", s(props.user_id()));
-    put("app-id", s(props.app_id()));
-    put("cluster-id", s(props.cluster_id()));
+    put(H_PRIORITY, props.priority().map(|d| d.to_string()));
+    put("amqp.correlation-id", s(props.correlation_id()));
+    put("amqp.reply-to", s(props.reply_to()));
+    put(H_EXPIRATION, s(props.expiration()));
+    put("amqp.message-id", s(props.message_id()));
+    put("amqp.timestamp", props.timestamp().map(|d| d.to_string()));
+    put("amqp.type", s(props.kind()));
+    put("amqp.user-id", s(props.user_id()));
+    put("amqp.app-id", s(props.app_id()));
+    put("amqp.cluster-id", s(props.cluster_id()));
     if let Some(table) = props.headers() {
         let mut typed = false;
         for (k, v) in table {
@@ -219,73 +222,108 @@ fn short(v: &str) -> Option<ShortString> {
 
 /// The delivery for a stored record, from any protocol. `queue` names the
 /// routing key of records that carry neither a routing key nor a key.
+/// One pass over the headers: `amqp.` ones fill the properties, the rest
+/// become the headers table.
 pub fn from_record(m: &Message, queue: &str) -> Delivered {
-    let exchange = header_str(m, H_EXCHANGE).unwrap_or("").to_owned();
-    let routing_key = header_str(m, H_ROUTING_KEY)
-        .map(str::to_owned)
+    let mut exchange = String::new();
+    let mut routing_key: Option<String> = None;
+    let mut props = AMQPProperties::default();
+    let mut typed: Option<FieldTable> = None;
+    let mut plain: Vec<(&str, &Option<Bytes>)> = Vec::new();
+    for (k, v) in &m.headers {
+        let Some(prop) = k.strip_prefix(PREFIX) else {
+            plain.push((k.as_str(), v));
+            continue;
+        };
+        let Some(raw) = v.as_deref() else {
+            continue;
+        };
+        if prop == "headers" {
+            typed = decode_table(raw);
+            continue;
+        }
+        let Ok(val) = std::str::from_utf8(raw) else {
+            continue;
+        };
+        let sh = || short(val);
+        props = match prop {
+            "exchange" => {
+                exchange = val.to_owned();
+                props
+            }
+            "routing-key" => {
+                routing_key = Some(val.to_owned());
+                props
+            }
+            "content-type" => match sh() {
+                Some(v) => props.with_content_type(v),
+                None => props,
+            },
+            "content-encoding" => match sh() {
+                Some(v) => props.with_content_encoding(v),
+                None => props,
+            },
+            "delivery-mode" => match val.parse() {
+                Ok(v) => props.with_delivery_mode(v),
+                Err(_) => props,
+            },
+            "priority" => match val.parse() {
+                Ok(v) => props.with_priority(v),
+                Err(_) => props,
+            },
+            "correlation-id" => match sh() {
+                Some(v) => props.with_correlation_id(v),
+                None => props,
+            },
+            "reply-to" => match sh() {
+                Some(v) => props.with_reply_to(v),
+                None => props,
+            },
+            "expiration" => match sh() {
+                Some(v) => props.with_expiration(v),
+                None => props,
+            },
+            "message-id" => match sh() {
+                Some(v) => props.with_message_id(v),
+                None => props,
+            },
+            "timestamp" => match val.parse() {
+                Ok(v) => props.with_timestamp(v),
+                Err(_) => props,
+            },
+            "type" => match sh() {
+                Some(v) => props.with_type(v),
+                None => props,
+            },
+            "user-id" => match sh() {
+                Some(v) => props.with_user_id(v),
+                None => props,
+            },
+            "app-id" => match sh() {
+                Some(v) => props.with_app_id(v),
+                None => props,
+            },
+            "cluster-id" => match sh() {
+                Some(v) => props.with_cluster_id(v),
+                None => props,
+            },
+            _ => props,
+        };
+    }
+    let routing_key = routing_key
         .or_else(|| {
             m.key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned())
         })
         .unwrap_or_else(|| queue.to_owned());
-    let mut props = AMQPProperties::default();
-    let get = |name: &str| header_str(m, &format!("{PREFIX}{name}"));
-    if let Some(v) = get("content-type").and_then(short) {
-        props = props.with_content_type(v);
-    }
-    if let Some(v) = get("content-encoding").and_then(short) {
-        props = props.with_content_encoding(v);
-    }
-    if let Some(v) = get("delivery-mode").and_then(|v| v.parse().ok()) {
-        props = props.with_delivery_mode(v);
-    }
-    if let Some(v) = get("priority").and_then(|v| v.parse().ok()) {
-        props = props.with_priority(v);
-    }
-    if let Some(v) = get("correlation-id").and_then(short) {
-        props = props.with_correlation_id(v);
-    }
-    if let Some(v) = get("reply-to").and_then(short) {
-        props = props.with_reply_to(v);
-    }
-    if let Some(v) = get("expiration").and_then(short) {
-        props = props.with_expiration(v);
-    }
-    if let Some(v) = get("message-id").and_then(short) {
-        props = props.with_message_id(v);
-    }
-    if let Some(v) = get("timestamp").and_then(|v| v.parse().ok()) {
-        props = props.with_timestamp(v);
-    }
-    if let Some(v) = get("type").and_then(short) {
-        props = props.with_type(v);
-    }
-    if let Some(v) = get("user-id").and_then(short) {
-        props = props.with_user_id(v);
-    }
-    if let Some(v) = get("app-id").and_then(short) {
-        props = props.with_app_id(v);
-    }
-    if let Some(v) = get("cluster-id").and_then(short) {
-        props = props.with_cluster_id(v);
-    }
-    let typed = m
-        .headers
-        .iter()
-        .rev()
-        .find(|(k, _)| k == H_HEADERS)
-        .and_then(|(_, v)| v.as_deref())
-        .and_then(decode_table);
-    let mut table = typed.clone().unwrap_or_default();
-    for (k, v) in &m.headers {
-        if k.starts_with(PREFIX) {
-            continue;
-        }
-        let Ok(name) = ShortString::try_new(k.as_str()) else {
+    let had_typed = typed.is_some();
+    let mut table = typed.unwrap_or_default();
+    for (k, v) in plain {
+        let Ok(name) = ShortString::try_new(k) else {
             continue;
         };
-        if typed.as_ref().is_some_and(|t| t.contains_key(k)) {
+        if had_typed && table.contains_key(k) {
             continue;
         }
         let value = match v {

@@ -776,6 +776,9 @@ impl Conn {
                 Ok(true)
             }
             (M::Close(_), _) => {
+                // Exclusive queues go before close-ok, so that a client that
+                // reconnects at once finds them gone.
+                self.cleanup().await;
                 self.send_method(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
                 Ok(false)
             }
