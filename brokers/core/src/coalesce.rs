@@ -22,7 +22,7 @@ use crate::topic::Published;
 
 /// Batches in flight before the coalescer waits; while it waits, the next
 /// batch gathers.
-const MAX_IN_FLIGHT: usize = 2;
+const MAX_IN_FLIGHT: usize = 1;
 const MAX_BATCH_MESSAGES: usize = 2000;
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
