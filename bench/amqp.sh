@@ -4,9 +4,10 @@
 # command against Debian's rabbitmq-server started here on loopback.
 # Workload: a durable queue (a quorum queue on RabbitMQ, a replicated-ledger
 # queue on Magnetar), persistent 1 KiB messages published with confirms,
-# one producer and one consumer. Prints both perf lines and the ratios.
-# The target is at least 2x RabbitMQ's confirmed-publish rate.
-#   bench/amqp.sh [extra perf args, e.g. --messages 200000 --producers 2]
+# four producers and two consumers at once (one lapin connection saturates
+# its own core before either broker does). Prints both perf lines and the
+# ratios. The target is at least 2x RabbitMQ's confirmed-publish rate.
+#   bench/amqp.sh [extra perf args, e.g. --messages 400000 --producers 1 --consumers 1]
 set -euo pipefail
 extra=("$@")
 source "$(dirname "$0")/common.sh"
@@ -16,7 +17,7 @@ if ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
 fi
 
 workload=(--messages 200000 --size 1024 --confirm --persistent --queue-type quorum
-  --producers 1 --consumers 1 --prefetch 200 ${extra[@]+"${extra[@]}"})
+  --producers 4 --consumers 2 --prefetch 200 ${extra[@]+"${extra[@]}"})
 echo "machine: cores=$(nproc)"
 
 amqp=$(port)

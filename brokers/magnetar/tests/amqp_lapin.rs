@@ -133,7 +133,7 @@ async fn hundred_thousand_confirmed_persistent_messages_all_consumed() {
         assert_eq!(d.data, format!("m{next}").into_bytes(), "in order");
         assert!(!d.redelivered);
         next += 1;
-        if next % 250 == 0 {
+        if next.is_multiple_of(250) {
             d.acker
                 .ack(BasicAckOptions { multiple: true })
                 .await

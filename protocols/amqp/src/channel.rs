@@ -239,16 +239,16 @@ mod tests {
     #[test]
     fn content_assembles_over_several_bodies() {
         let mut a = Assembler::default();
-        a.start(publish()).unwrap();
-        assert!(a.feed(header(5), 100).unwrap().is_none());
+        a.start(publish()).expect("ok");
+        assert!(a.feed(header(5), 100).expect("ok").is_none());
         assert!(a
             .feed(Frame::Body(1, Bytes::from_static(b"he")), 100)
-            .unwrap()
+            .expect("ok")
             .is_none());
         let p = a
             .feed(Frame::Body(1, Bytes::from_static(b"llo")), 100)
-            .unwrap()
-            .unwrap();
+            .expect("ok")
+            .expect("ok");
         assert!(p.mandatory);
         assert_eq!(p.message.exchange, "x");
         assert_eq!(&p.message.body[..], b"hello");
@@ -258,30 +258,38 @@ mod tests {
     #[test]
     fn empty_bodies_complete_on_the_header() {
         let mut a = Assembler::default();
-        a.start(publish()).unwrap();
-        let p = a.feed(header(0), 100).unwrap().unwrap();
+        a.start(publish()).expect("ok");
+        let p = a.feed(header(0), 100).expect("ok").expect("ok");
         assert!(p.message.body.is_empty());
     }
 
     #[test]
     fn content_errors() {
         let mut a = Assembler::default();
-        assert_eq!(a.feed(header(1), 100).unwrap_err().code, UNEXPECTED_FRAME);
-        a.start(publish()).unwrap();
-        assert_eq!(a.start(publish()).unwrap_err().code, UNEXPECTED_FRAME);
         assert_eq!(
-            a.feed(Frame::Body(1, Bytes::new()), 100).unwrap_err().code,
+            a.feed(header(1), 100).expect_err("an error").code,
+            UNEXPECTED_FRAME
+        );
+        a.start(publish()).expect("ok");
+        assert_eq!(
+            a.start(publish()).expect_err("an error").code,
+            UNEXPECTED_FRAME
+        );
+        assert_eq!(
+            a.feed(Frame::Body(1, Bytes::new()), 100)
+                .expect_err("an error")
+                .code,
             UNEXPECTED_FRAME
         );
         let mut a = Assembler::default();
-        a.start(publish()).unwrap();
-        assert_eq!(a.feed(header(1000), 100).unwrap_err().code, 406);
+        a.start(publish()).expect("ok");
+        assert_eq!(a.feed(header(1000), 100).expect_err("an error").code, 406);
         let mut a = Assembler::default();
-        a.start(publish()).unwrap();
-        a.feed(header(2), 100).unwrap();
+        a.start(publish()).expect("ok");
+        a.feed(header(2), 100).expect("ok");
         assert_eq!(
             a.feed(Frame::Body(1, Bytes::from_static(b"abc")), 100)
-                .unwrap_err()
+                .expect_err("an error")
                 .code,
             FRAME_ERROR
         );
@@ -295,11 +303,11 @@ mod tests {
         }
         let no_ack = t.issue(None);
         assert_eq!(no_ack, 6);
-        assert_eq!(t.settle(2, false).unwrap(), vec![10]);
-        assert_eq!(t.settle(2, false).unwrap_err().code, 406);
-        assert_eq!(t.settle(4, true).unwrap(), vec![0, 20, 30]);
-        assert_eq!(t.settle(99, true).unwrap_err().code, 406);
-        assert_eq!(t.settle(0, true).unwrap(), vec![40]);
+        assert_eq!(t.settle(2, false).expect("ok"), vec![10]);
+        assert_eq!(t.settle(2, false).expect_err("an error").code, 406);
+        assert_eq!(t.settle(4, true).expect("ok"), vec![0, 20, 30]);
+        assert_eq!(t.settle(99, true).expect_err("an error").code, 406);
+        assert_eq!(t.settle(0, true).expect("ok"), vec![40]);
         assert!(t.is_empty());
     }
 }

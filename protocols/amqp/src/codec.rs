@@ -260,7 +260,7 @@ mod tests {
     fn methods_round_trip() {
         let mut buf = BytesMut::new();
         encode_method(&mut buf, 3, declare("orders", 500));
-        let f = decode_frame(&mut buf, 131_072).unwrap().unwrap();
+        let f = decode_frame(&mut buf, 131_072).expect("ok").expect("ok");
         assert_eq!(f, Frame::Method(3, Box::new(declare("orders", 500))));
         assert!(buf.is_empty());
     }
@@ -279,7 +279,7 @@ mod tests {
         let props = AMQPProperties::default().with_content_type("text/plain".into());
         encode_content(&mut buf, 1, deliver.clone(), props.clone(), &body, 4096);
         let mut frames = Vec::new();
-        while let Some(f) = decode_frame(&mut buf, 4096).unwrap() {
+        while let Some(f) = decode_frame(&mut buf, 4096).expect("ok") {
             frames.push(f);
         }
         assert_eq!(frames.len(), 2 + 3);
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn bad_frame_end_and_type_are_frame_errors() {
         let mut buf = BytesMut::from(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, 0xCD][..]);
-        let e = decode_frame(&mut buf, 0).unwrap_err();
+        let e = decode_frame(&mut buf, 0).expect_err("an error");
         assert_eq!(e, CodecError::BadFrameEnd(0xCD));
         assert_eq!(e.reply_code(), 501);
         let mut buf = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
@@ -327,7 +327,7 @@ mod tests {
     fn garbage_methods_are_syntax_errors() {
         // class 60, method 999: no such method.
         let mut buf = BytesMut::from(&[FRAME_METHOD, 0, 1, 0, 0, 0, 4, 0, 60, 3, 231, 0xCE][..]);
-        let e = decode_frame(&mut buf, 0).unwrap_err();
+        let e = decode_frame(&mut buf, 0).expect_err("an error");
         assert_eq!(e.reply_code(), 502, "{e}");
     }
 
@@ -379,7 +379,7 @@ mod tests {
             let mut buf = BytesMut::new();
             let f = Frame::Body(channel, Bytes::from(body));
             encode_frame(&mut buf, &f);
-            prop_assert_eq!(decode_frame(&mut buf, 4096).unwrap(), Some(f));
+            prop_assert_eq!(decode_frame(&mut buf, 4096).expect("ok"), Some(f));
         }
     }
 }

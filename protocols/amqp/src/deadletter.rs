@@ -181,7 +181,7 @@ mod tests {
             .properties
             .headers()
             .as_ref()
-            .unwrap()
+            .expect("ok")
             .inner()
             .get("x-death")
         {
@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(t.inner()["exchange"], s("work"));
         assert_eq!(t.inner()["original-expiration"], s("5000"));
         assert_eq!(t.inner()["time"], AMQPValue::Timestamp(100));
-        let h = d.properties.headers().clone().unwrap();
+        let h = d.properties.headers().clone().expect("ok");
         assert_eq!(h.inner()["x-first-death-reason"], s("rejected"));
         assert_eq!(h.inner()["x-first-death-queue"], s("q1"));
     }
@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(first.inner()["queue"], s("q1"));
         assert_eq!(first.inner()["count"], AMQPValue::LongLongInt(2));
         assert_eq!(death(&c, 1).inner()["reason"], s("expired"));
-        let h = c.properties.headers().clone().unwrap();
+        let h = c.properties.headers().clone().expect("ok");
         assert_eq!(h.inner()["x-first-death-queue"], s("q1"));
         assert_eq!(h.inner()["x-last-death-reason"], s("rejected"));
         assert_eq!(h.inner()["x-first-death-reason"], s("rejected"));

@@ -445,7 +445,7 @@ mod tests {
         let d = from_record(&rec, "q");
         assert_eq!(d.exchange, "");
         assert_eq!(d.routing_key, "k1");
-        let h = d.properties.headers().clone().unwrap();
+        let h = d.properties.headers().clone().expect("ok");
         assert_eq!(
             h.inner().get("h"),
             Some(&AMQPValue::LongString(LongString::from("1")))

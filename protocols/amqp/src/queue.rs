@@ -361,19 +361,20 @@ mod tests {
                 AMQPValue::LongString(LongString::from("quorum")),
             ),
         ]);
-        let a = parse_args("q", &t).unwrap();
+        let a = parse_args("q", &t).expect("ok");
         assert_eq!(a.message_ttl_ms, Some(500));
         assert_eq!(a.max_length, Some(3));
         assert_eq!(a.overflow, Overflow::RejectPublish);
         assert_eq!(a.dead_letter_exchange.as_deref(), Some("dlx"));
         assert_eq!(a.queue_type, QueueType::Quorum);
-        let e = parse_args("q", &table(&[("x-message-ttl", AMQPValue::LongInt(-1))])).unwrap_err();
+        let e = parse_args("q", &table(&[("x-message-ttl", AMQPValue::LongInt(-1))]))
+            .expect_err("an error");
         assert_eq!(e.code, 406);
         let e = parse_args(
             "q",
             &table(&[("x-overflow", AMQPValue::LongString("x".into()))]),
         )
-        .unwrap_err();
+        .expect_err("an error");
         assert_eq!(e.code, 406);
     }
 
@@ -386,7 +387,7 @@ mod tests {
             false,
             table(&[("x-message-ttl", AMQPValue::LongInt(500))]),
         )
-        .unwrap();
+        .expect("ok");
         let same_value_other_width = QueueDef::new(
             "q",
             true,
@@ -394,8 +395,9 @@ mod tests {
             false,
             table(&[("x-message-ttl", AMQPValue::LongLongInt(500))]),
         )
-        .unwrap();
-        a.check_equivalent(&same_value_other_width, "/").unwrap();
+        .expect("ok");
+        a.check_equivalent(&same_value_other_width, "/")
+            .expect("ok");
         let other_ttl = QueueDef::new(
             "q",
             true,
@@ -403,16 +405,16 @@ mod tests {
             false,
             table(&[("x-message-ttl", AMQPValue::LongInt(2000))]),
         )
-        .unwrap();
-        let e = a.check_equivalent(&other_ttl, "/").unwrap_err();
+        .expect("ok");
+        let e = a.check_equivalent(&other_ttl, "/").expect_err("an error");
         assert_eq!(e.code, 406);
         assert!(
             e.text.contains("inequivalent arg 'x-message-ttl'"),
             "{}",
             e.text
         );
-        let not_durable = QueueDef::new("q", false, false, false, a.arguments.clone()).unwrap();
-        let e = a.check_equivalent(&not_durable, "/").unwrap_err();
+        let not_durable = QueueDef::new("q", false, false, false, a.arguments.clone()).expect("ok");
+        let e = a.check_equivalent(&not_durable, "/").expect_err("an error");
         assert!(e.text.contains("'durable'"), "{}", e.text);
     }
 
@@ -422,12 +424,14 @@ mod tests {
         assert!(QueueDef::new("s", true, false, false, t.clone()).is_ok());
         assert_eq!(
             QueueDef::new("s", false, false, false, t.clone())
-                .unwrap_err()
+                .expect_err("an error")
                 .code,
             406
         );
         assert_eq!(
-            QueueDef::new("s", true, true, false, t).unwrap_err().code,
+            QueueDef::new("s", true, true, false, t)
+                .expect_err("an error")
+                .code,
             406
         );
     }

@@ -294,7 +294,7 @@ enum Event {
         channel: u16,
         gen: u64,
         consumer: String,
-        message: props::Published,
+        message: Box<props::Published>,
     },
 }
 
@@ -320,6 +320,9 @@ struct ConsumerEntry {
 }
 
 type Pending = BoxFuture<'static, Result<(), BrokerError>>;
+
+/// The queues a message reaches, with their topics.
+type Routes = Arc<Vec<(String, TopicName)>>;
 
 struct Chan {
     gen: u64,
@@ -382,7 +385,7 @@ pub(crate) struct Conn {
     closing: bool,
     /// Routes of header-less publishes by (exchange, routing key), valid
     /// for one routing generation.
-    route_cache: HashMap<(String, String), Arc<Vec<(String, TopicName)>>>,
+    route_cache: HashMap<(String, String), Routes>,
     route_generation: u64,
 }
 
@@ -2157,10 +2160,7 @@ impl Conn {
     /// The queues a message reaches. Routes of messages without headers
     /// (which only a headers exchange would look at) are cached until the
     /// broker's routing changes.
-    async fn route(
-        &mut self,
-        msg: &props::Published,
-    ) -> Result<Arc<Vec<(String, TopicName)>>, Exception> {
+    async fn route(&mut self, msg: &props::Published) -> Result<Routes, Exception> {
         let cacheable = msg.properties.headers().is_none();
         let generation = self.ctx.broker.routing_generation();
         if cacheable {
@@ -2214,7 +2214,7 @@ impl Conn {
                     channel: t.channel,
                     gen: t.gen,
                     consumer: t.consumer,
-                    message: p.message.clone(),
+                    message: Box::new(p.message.clone()),
                 })
                 .is_ok(),
             None => false,
