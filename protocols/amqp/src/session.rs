@@ -83,7 +83,14 @@ struct QueueInfo {
     owner: Option<u64>,
     consumers: u32,
     exclusive_consumer: bool,
+    /// Single active consumer: the one that receives, and the others in
+    /// the order they came, holding their credit until their turn.
+    sac_active: Option<ConsumerId>,
+    sac_waiting: std::collections::VecDeque<(ConsumerId, ConsumerControl, u64)>,
 }
+
+/// A consumer across the broker: connection, channel, tag.
+type ConsumerId = (u64, u16, String);
 
 impl Ctx {
     pub fn new(broker: Broker, cfg: AmqpConfig) -> Self {
@@ -1015,10 +1022,10 @@ impl Conn {
         for (tag, e) in consumers {
             e.task.abort();
             self.drop_stream_subscription(ch, &e.def, &tag);
-            queues.push(e.queue);
+            queues.push((e.queue, tag));
         }
-        for q in queues {
-            self.release_consumer(&q, false);
+        for (q, tag) in queues {
+            self.release_consumer(&q, ch, &tag);
         }
     }
 
@@ -1207,6 +1214,8 @@ impl Conn {
                 owner: None,
                 consumers: 0,
                 exclusive_consumer: false,
+                sac_active: None,
+                sac_waiting: Default::default(),
             });
             Arc::clone(&info.def)
         };
@@ -1436,6 +1445,8 @@ impl Conn {
                     owner: d.exclusive.then_some(self.id),
                     consumers: 0,
                     exclusive_consumer: false,
+                    sac_active: None,
+                    sac_waiting: Default::default(),
                 },
             );
         }
@@ -1473,14 +1484,25 @@ impl Conn {
 
     /// One consumer of `queue` went away; an auto-delete queue left
     /// without consumers is deleted.
-    fn release_consumer(&mut self, queue: &str, _cancelled: bool) {
+    fn release_consumer(&mut self, queue: &str, ch: u16, tag: &str) {
         let key = (self.ns.clone(), queue.to_owned());
+        let me: ConsumerId = (self.id, ch, tag.to_owned());
         let doomed = {
             let mut reg = self.ctx.registry();
             match reg.queues.get_mut(&key) {
                 Some(info) => {
                     info.consumers = info.consumers.saturating_sub(1);
                     info.exclusive_consumer = false;
+                    if info.sac_active.as_ref() == Some(&me) {
+                        // The next in line becomes active and gets its credit.
+                        info.sac_active = None;
+                        if let Some((id, control, credit)) = info.sac_waiting.pop_front() {
+                            control.flow(credit);
+                            info.sac_active = Some(id);
+                        }
+                    } else {
+                        info.sac_waiting.retain(|(id, _, _)| *id != me);
+                    }
                     info.consumers == 0 && info.def.auto_delete
                 }
                 None => false,
@@ -1681,7 +1703,7 @@ impl Conn {
         let sub = match sub {
             Ok(s) => s,
             Err(e) => {
-                self.release_consumer(&name, false);
+                self.release_consumer(&name, ch, &tag);
                 return Err(e);
             }
         };
@@ -1696,18 +1718,40 @@ impl Conn {
         {
             Ok(c) => c,
             Err(e) => {
-                self.release_consumer(&name, false);
+                self.release_consumer(&name, ch, &tag);
                 return Err(exception_of(&e));
             }
         };
         let prefetch = self.chan(ch)?.prefetch;
         let limited = prefetch > 0 && !c.no_ack;
         let control = consumer.control();
-        control.flow(if limited {
+        let credit = if limited {
             u64::from(prefetch)
         } else {
             UNLIMITED_CREDIT
-        });
+        };
+        // With a single active consumer, later ones wait without credit.
+        let active = !def.args.single_active_consumer || {
+            let mut reg = self.ctx.registry();
+            match reg.queues.get_mut(&(self.ns.clone(), name.clone())) {
+                Some(info) if info.sac_active.is_some() => {
+                    info.sac_waiting.push_back((
+                        (self.id, ch, tag.clone()),
+                        control.clone(),
+                        credit,
+                    ));
+                    false
+                }
+                Some(info) => {
+                    info.sac_active = Some((self.id, ch, tag.clone()));
+                    true
+                }
+                None => true,
+            }
+        };
+        if active {
+            control.flow(credit);
+        }
         let (stop_tx, stop_rx) = oneshot::channel();
         let gen = self.chan(ch)?.gen;
         let task = tokio::spawn(forward_deliveries(
@@ -1923,7 +1967,7 @@ impl Conn {
             }
         }
         self.drop_stream_subscription(ch, &e.def, tag);
-        self.release_consumer(&e.queue, true);
+        self.release_consumer(&e.queue, ch, tag);
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
@@ -2322,7 +2366,7 @@ impl Conn {
                 let Some(e) = c.consumers.remove(&consumer) else {
                     return Ok(());
                 };
-                self.release_consumer(&e.queue, false);
+                self.release_consumer(&e.queue, channel, &consumer);
                 // consumer_cancel_notify: the client learns its queue went.
                 self.send_method(
                     channel,

@@ -223,3 +223,34 @@ def test_rpc_with_reply_queue_and_direct_reply_to(connect):
     finally:
         stop.set()
         server.join(10)
+
+
+def test_single_active_consumer_hands_over_in_order(connect):
+    setup = connect().channel()
+    setup.confirm_delivery()
+    setup.queue_declare("sac", durable=True, arguments={"x-single-active-consumer": True})
+    setup.queue_purge("sac")
+    got = {"a": [], "b": []}
+    conns = {}
+    for name in ("a", "b"):
+        conn = connect()
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=10)
+        ch.basic_consume("sac", lambda c, m, p, b, name=name: (got[name].append(b), c.basic_ack(m.delivery_tag)),
+                         consumer_tag=f"sac-{name}")
+        conns[name] = conn
+    for i in range(10):
+        setup.basic_publish("", "sac", f"m{i}".encode())
+    deadline = time.time() + 10
+    while len(got["a"]) + len(got["b"]) < 10 and time.time() < deadline:
+        for c in conns.values():
+            c.process_data_events(time_limit=0.05)
+    assert got["a"] == [f"m{i}".encode() for i in range(10)]
+    assert got["b"] == []
+    conns["a"].close()
+    for i in range(10, 15):
+        setup.basic_publish("", "sac", f"m{i}".encode())
+    deadline = time.time() + 10
+    while len(got["b"]) < 5 and time.time() < deadline:
+        conns["b"].process_data_events(time_limit=0.05)
+    assert got["b"] == [f"m{i}".encode() for i in range(10, 15)]
