@@ -60,6 +60,8 @@ struct Registry {
     replies: HashMap<String, ReplyTarget>,
     /// Queues whose head is being expired.
     sweepers: std::collections::HashSet<(NamespaceName, String)>,
+    /// Queues with `x-expires` being watched for disuse.
+    expirers: std::collections::HashSet<(NamespaceName, String)>,
     /// One publisher per queue topic, shared by all connections, so that
     /// concurrent publishes gather into batches.
     publishers: HashMap<TopicName, magnetar_broker::Coalescer>,
@@ -87,6 +89,8 @@ struct QueueInfo {
     /// the order they came, holding their credit until their turn.
     sac_active: Option<ConsumerId>,
     sac_waiting: std::collections::VecDeque<(ConsumerId, ConsumerControl, u64)>,
+    /// Last declare, consume or get: what `x-expires` counts from.
+    last_used: Instant,
 }
 
 /// A consumer across the broker: connection, channel, tag.
@@ -229,6 +233,39 @@ impl Ctx {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Deletes a queue with `x-expires` once it has gone that long with
+    /// no consumers and no declare or get, as RabbitMQ does.
+    fn ensure_expirer(self: &Arc<Self>, ns: &NamespaceName, def: &QueueDef) {
+        let Some(expires) = def.args.expires_ms else {
+            return;
+        };
+        let key = (ns.clone(), def.name.clone());
+        if !self.registry().expirers.insert(key.clone()) {
+            return;
+        }
+        let ctx = Arc::clone(self);
+        let expires = Duration::from_millis(expires);
+        tokio::spawn(async move {
+            let period = (expires / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+            loop {
+                tokio::time::sleep(period).await;
+                let due = match ctx.registry().queues.get(&key) {
+                    None => break,
+                    Some(info) => info.consumers == 0 && info.last_used.elapsed() >= expires,
+                };
+                if due {
+                    let (ns, q) = &key;
+                    if ctx.broker.delete_queue(ns, q).await.is_ok() {
+                        let _ = qdef::remove(&ctx.store, ns, q).await;
+                        ctx.registry().queues.remove(&key);
+                        break;
+                    }
+                }
+            }
+            ctx.registry().expirers.remove(&key);
+        });
     }
 
     async fn expire_head(&self, ns: &NamespaceName, def: &QueueDef) -> Result<(), BrokerError> {
@@ -1178,11 +1215,12 @@ impl Conn {
     async fn lookup_queue(&self, name: &str) -> Result<Option<Arc<QueueDef>>, Exception> {
         let key = (self.ns.clone(), name.to_owned());
         {
-            let reg = self.ctx.registry();
-            if let Some(info) = reg.queues.get(&key) {
+            let mut reg = self.ctx.registry();
+            if let Some(info) = reg.queues.get_mut(&key) {
                 if info.owner.is_some_and(|o| o != self.id) {
                     return Err(self.locked(name));
                 }
+                info.last_used = Instant::now();
                 return Ok(Some(Arc::clone(&info.def)));
             }
         }
@@ -1216,11 +1254,15 @@ impl Conn {
                 exclusive_consumer: false,
                 sac_active: None,
                 sac_waiting: Default::default(),
+                last_used: Instant::now(),
             });
             Arc::clone(&info.def)
         };
         if def.args.message_ttl_ms.is_some() {
             self.ctx.ensure_sweeper(&self.ns, &def);
+        }
+        if def.args.expires_ms.is_some() {
+            self.ctx.ensure_expirer(&self.ns, &def);
         }
         Ok(Some(def))
     }
@@ -1447,6 +1489,7 @@ impl Conn {
                     exclusive_consumer: false,
                     sac_active: None,
                     sac_waiting: Default::default(),
+                    last_used: Instant::now(),
                 },
             );
         }
@@ -1461,6 +1504,9 @@ impl Conn {
         }
         if wanted.args.message_ttl_ms.is_some() {
             self.ctx.ensure_sweeper(&self.ns, &wanted);
+        }
+        if wanted.args.expires_ms.is_some() {
+            self.ctx.ensure_expirer(&self.ns, &wanted);
         }
         Ok((name, 0, 0))
     }
@@ -1493,6 +1539,7 @@ impl Conn {
                 Some(info) => {
                     info.consumers = info.consumers.saturating_sub(1);
                     info.exclusive_consumer = false;
+                    info.last_used = Instant::now();
                     if info.sac_active.as_ref() == Some(&me) {
                         // The next in line becomes active and gets its credit.
                         info.sac_active = None;

@@ -134,3 +134,20 @@ def test_wrong_protocol_header_gets_ours_back(standalone):
     s = socket.create_connection(("127.0.0.1", standalone.amqp_port), timeout=5)
     s.sendall(b"AMQP\x01\x01\x00\x0a")
     assert s.recv(8) == b"AMQP\x00\x00\x09\x01"
+
+
+def test_x_expires_deletes_unused_queues(connect):
+    import time
+    ch = connect().channel()
+    ch.queue_declare("short-lived", arguments={"x-expires": 300})
+    ch.queue_declare("watched", arguments={"x-expires": 300})
+    tag = ch.basic_consume("watched", lambda *_: None)
+    time.sleep(1.2)
+    ch.queue_declare("watched", passive=True)
+    assert closed(lambda: ch.queue_declare("short-lived", passive=True))[0] == 404
+    ch = connect().channel()
+    ch.queue_declare("watched2", arguments={"x-expires": 300})
+    tag = ch.basic_consume("watched2", lambda *_: None)
+    ch.basic_cancel(tag)
+    time.sleep(1.2)
+    assert closed(lambda: ch.queue_declare("watched2", passive=True))[0] == 404
