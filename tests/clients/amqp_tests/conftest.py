@@ -26,13 +26,14 @@ def connect(standalone):
             pass
 
 
-def drain(ch, queue, n, timeout=10):
-    """Takes up to `n` messages from `queue` with basic.get, acking them."""
+def drain(ch, queue, n, timeout=10, auto_ack=True):
+    """Takes up to `n` messages from `queue` with basic.get (acked by the
+    broker on delivery unless `auto_ack` is false)."""
     import time
     out = []
     deadline = time.time() + timeout
     while len(out) < n and time.time() < deadline:
-        method, props, body = ch.basic_get(queue, auto_ack=True)
+        method, props, body = ch.basic_get(queue, auto_ack=auto_ack)
         if method is None:
             time.sleep(0.02)
             continue

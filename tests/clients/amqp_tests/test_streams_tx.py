@@ -122,7 +122,7 @@ def test_transactions_commit_and_roll_back(connect):
     # message unacknowledged on the channel.
     ch.basic_publish("", "txq", b"to ack")
     ch.tx_commit()
-    [(m, _, body)] = drain_no_ack(ch, "txq", 1)
+    [(m, _, body)] = drain(ch, "txq", 1, auto_ack=False)
     assert body == b"to ack"
     ch.basic_ack(m.delivery_tag)
     ch.tx_rollback()
@@ -131,14 +131,3 @@ def test_transactions_commit_and_roll_back(connect):
     ch.close()
     assert other.basic_get("txq")[0] is None
 
-
-def drain_no_ack(ch, queue, n, timeout=10):
-    out = []
-    deadline = time.time() + timeout
-    while len(out) < n and time.time() < deadline:
-        method, props, body = ch.basic_get(queue, auto_ack=False)
-        if method is None:
-            time.sleep(0.02)
-            continue
-        out.append((method, props, body))
-    return out
