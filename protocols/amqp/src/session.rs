@@ -2239,6 +2239,11 @@ impl Conn {
             );
             self.send(b);
         }
+        if pending.len() == 1 {
+            if let Some(one) = pending.pop() {
+                return Ok(one);
+            }
+        }
         Ok(async move {
             for r in futures::future::join_all(pending).await {
                 r?;
