@@ -91,6 +91,10 @@ pub struct BrokerOptions {
     /// Heartbeat interval offered to AMQP clients, in seconds (0: none).
     #[arg(long, env = "MAGNETAR_AMQP_HEARTBEAT_S", default_value_t = 60)]
     amqp_heartbeat_s: u16,
+    /// Resident memory, in MiB, above which AMQP publishers are blocked
+    /// (connection.blocked); 0: no limit.
+    #[arg(long, env = "MAGNETAR_AMQP_MEMORY_LIMIT_MB", default_value_t = 0)]
+    amqp_memory_limit_mb: u64,
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -138,6 +142,7 @@ impl Protocols {
         };
         let amqp_cfg = magnetar_amqp::AmqpConfig {
             heartbeat: opts.amqp_heartbeat_s,
+            memory_limit_bytes: opts.amqp_memory_limit_mb << 20,
             ..Default::default()
         };
         Ok(Protocols {

@@ -43,6 +43,9 @@ pub struct AmqpConfig {
     pub max_message_size: u64,
     /// How long a client has from connecting to connection.open.
     pub handshake_timeout: Duration,
+    /// Resident memory above which publishers are blocked
+    /// (connection.blocked); 0: never.
+    pub memory_limit_bytes: u64,
 }
 
 impl Default for AmqpConfig {
@@ -53,6 +56,7 @@ impl Default for AmqpConfig {
             heartbeat: 60,
             max_message_size: 128 << 20,
             handshake_timeout: Duration::from_secs(10),
+            memory_limit_bytes: 0,
         }
     }
 }

@@ -22,6 +22,7 @@ impl AmqpServer {
     pub fn start(listener: TcpListener, broker: Broker, cfg: AmqpConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx::new(broker, cfg));
+        ctx.start_alarms();
         let task = tokio::spawn(accept_loop(listener, ctx));
         info!(%local_addr, "AMQP listener started");
         Ok(AmqpServer { local_addr, task })

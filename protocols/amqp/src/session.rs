@@ -48,6 +48,8 @@ pub(crate) struct Ctx {
     pub broker: Broker,
     pub cfg: AmqpConfig,
     pub store: StateStore,
+    /// Why publishers are blocked (a resource alarm), if they are.
+    pub alarm: tokio::sync::watch::Sender<Option<String>>,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
 }
@@ -103,9 +105,36 @@ impl Ctx {
             broker,
             cfg,
             store,
+            alarm: tokio::sync::watch::channel(None).0,
             next_conn: AtomicU64::new(1),
             registry: std::sync::Mutex::new(Registry::default()),
         }
+    }
+
+    /// Raises the memory alarm while the process's resident memory is
+    /// over the configured limit.
+    pub fn start_alarms(self: &Arc<Self>) {
+        let limit = self.cfg.memory_limit_bytes;
+        if limit == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(ctx) = weak.upgrade() else {
+                    return;
+                };
+                let over = resident_bytes().is_some_and(|r| r > limit);
+                let reason = over.then(|| "low on memory".to_owned());
+                ctx.alarm.send_if_modified(|a| {
+                    let changed = *a != reason;
+                    *a = reason;
+                    changed
+                });
+                drop(ctx);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -291,6 +320,13 @@ impl Ctx {
     }
 }
 
+/// Resident set size from /proc (Linux); None elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -431,6 +467,12 @@ pub(crate) struct Conn {
     /// for one routing generation.
     route_cache: HashMap<(String, String), Routes>,
     route_generation: u64,
+    /// The client understands connection.blocked (its capabilities).
+    blockable: bool,
+    /// This connection has published; an alarm stops reading from it.
+    publisher: bool,
+    /// The alarm this connection was last told about.
+    told_blocked: bool,
 }
 
 /// Serves one connection until it closes.
@@ -458,6 +500,9 @@ where
         closing: false,
         route_cache: HashMap::new(),
         route_generation: u64::MAX,
+        blockable: false,
+        publisher: false,
+        told_blocked: false,
     };
     let r = conn.run(&mut rd, events_rx).await;
     conn.cleanup().await;
@@ -539,6 +584,7 @@ impl Conn {
         let mut phase = Phase::StartOk;
         let handshake_deadline = Instant::now() + self.ctx.cfg.handshake_timeout;
         let mut last_read = Instant::now();
+        let mut alarm_rx = self.ctx.alarm.subscribe();
         let mut last_write_tick = Instant::now();
         loop {
             // Decode everything buffered before reading again.
@@ -571,14 +617,23 @@ impl Conn {
             } else {
                 Duration::from_secs(3600)
             };
+            // Under a resource alarm a publishing connection is not read:
+            // its publishes wait in the socket, as RabbitMQ does it.
+            let alarm = alarm_rx.borrow_and_update().clone();
+            self.tell_alarm(alarm.as_deref());
+            let paused = alarm.is_some() && self.publisher;
+            if paused {
+                last_read = Instant::now();
+            }
             tokio::select! {
-                r = rd.read_buf(&mut buf) => {
+                r = rd.read_buf(&mut buf), if !paused => {
                     match r {
                         Ok(0) => return Ok(()),
                         Ok(_) => last_read = Instant::now(),
                         Err(e) => return Err(e.into()),
                     }
                 }
+                _ = alarm_rx.changed() => {}
                 Some(ev) = events.recv() => {
                     if let Err(ex) = self.on_event(ev) {
                         self.close_connection(ex.clone());
@@ -603,6 +658,23 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// connection.blocked and unblocked, to publishing clients that asked
+    /// for them.
+    fn tell_alarm(&mut self, alarm: Option<&str>) {
+        // As RabbitMQ: only connections that publish are blocked, and told.
+        if !self.blockable || !self.publisher || self.told_blocked == alarm.is_some() {
+            return;
+        }
+        self.told_blocked = alarm.is_some();
+        let m = match alarm {
+            Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: short(reason),
+            }),
+            None => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+        };
+        self.send_method(0, AMQPClass::Connection(m));
     }
 
     fn send_start(&self) {
@@ -744,6 +816,11 @@ impl Conn {
         use connection::AMQPMethod as M;
         match (m, &phase) {
             (M::StartOk(s), Phase::StartOk) => {
+                self.blockable = matches!(
+                    s.client_properties.inner().get("capabilities"),
+                    Some(AMQPValue::FieldTable(c))
+                        if c.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
+                );
                 let mech = s.mechanism.as_str();
                 if mech != "PLAIN" && mech != "AMQPLAIN" {
                     return Err(Exception::new(
@@ -2113,6 +2190,7 @@ impl Conn {
     }
 
     async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
+        self.publisher = true;
         let chan = self.chan(ch)?;
         if let Some(tx) = chan.tx.as_mut() {
             tx.publishes.push(p);

@@ -151,3 +151,28 @@ def test_x_expires_deletes_unused_queues(connect):
     ch.basic_cancel(tag)
     time.sleep(1.2)
     assert closed(lambda: ch.queue_declare("watched2", passive=True))[0] == 404
+
+
+def test_memory_alarm_blocks_publishers(tmp_path):
+    """With a memory limit below what the process uses, clients that ask for
+    connection.blocked are told, and a publisher is no longer read."""
+    import time
+    from conftest import Standalone
+    s = Standalone(str(tmp_path), extra=["--amqp-memory-limit-mb", "1"])
+    s.start()
+    try:
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", s.amqp_port))
+        blocked = []
+        conn.add_on_connection_blocked_callback(lambda c, frame: blocked.append(frame.method.reason))
+        ch = conn.channel()
+        ch.queue_declare("held")
+        # Only publishers are blocked: this publish is read, the next are not.
+        ch.basic_publish("", "held", b"x")
+        deadline = time.time() + 10
+        while not blocked and time.time() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert blocked == ["low on memory"]
+        # A blocked connection is not read, so a clean close would wait for
+        # the alarm to clear; the server goes instead.
+    finally:
+        s.stop()
