@@ -22,7 +22,7 @@ use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::generation::gen_field_table;
 use amq_protocol::types::parsing::parse_field_table;
-use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 use magnetar_broker::routing::HeaderValue;
 use magnetar_broker::Message;
@@ -357,19 +357,9 @@ pub fn record_expiration_ms(m: &Message) -> Option<u64> {
     header_str(m, H_EXPIRATION).and_then(|v| v.parse().ok())
 }
 
-/// The stored record's priority, if it has one.
-pub fn record_priority(m: &Message) -> Option<u8> {
-    header_str(m, H_PRIORITY).and_then(|v| v.parse().ok())
-}
-
 /// A record header's text value.
 pub fn record_header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
     header_str(m, name)
-}
-
-/// Builds a field array (for x-death and friends).
-pub fn array(values: Vec<AMQPValue>) -> AMQPValue {
-    AMQPValue::FieldArray(FieldArray::from(values))
 }
 
 #[cfg(test)]

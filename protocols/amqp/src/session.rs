@@ -1206,12 +1206,8 @@ impl Conn {
                 }
             }
             M::Bind(x) => {
-                let binding = Binding::exchange(
-                    x.source.as_str(),
-                    x.destination.as_str(),
-                    x.routing_key.as_str(),
-                )
-                .with_arguments(props::header_values(&x.arguments));
+                let binding =
+                    exchange_binding(&x.source, &x.destination, &x.routing_key, &x.arguments);
                 b.bind(&self.ns, binding)
                     .await
                     .map_err(|e| self.vhost_text(e))?;
@@ -1220,12 +1216,8 @@ impl Conn {
                 }
             }
             M::Unbind(x) => {
-                let binding = Binding::exchange(
-                    x.source.as_str(),
-                    x.destination.as_str(),
-                    x.routing_key.as_str(),
-                )
-                .with_arguments(props::header_values(&x.arguments));
+                let binding =
+                    exchange_binding(&x.source, &x.destination, &x.routing_key, &x.arguments);
                 b.unbind(&self.ns, &binding)
                     .await
                     .map_err(|e| self.vhost_text(e))?;
@@ -2737,6 +2729,17 @@ async fn forward_deliveries(
             }
         }
     }
+}
+
+/// exchange.bind and exchange.unbind name the same binding.
+fn exchange_binding(
+    source: &ShortString,
+    destination: &ShortString,
+    key: &ShortString,
+    args: &FieldTable,
+) -> Binding {
+    Binding::exchange(source.as_str(), destination.as_str(), key.as_str())
+        .with_arguments(props::header_values(args))
 }
 
 fn codec_exception(e: &CodecError) -> Exception {
