@@ -16,6 +16,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use magnetar_metadata::{parse_peers, MetaNode, NodeConfig, RaftTuning};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "magnetar", version, about = "Multi-protocol streaming gateway")]
 struct Cli {

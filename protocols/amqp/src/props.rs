@@ -166,25 +166,37 @@ pub fn to_record(p: &Published) -> Message {
     if !p.exchange.is_empty() {
         headers.push((H_EXCHANGE.into(), text(&p.exchange)));
     }
-    headers.push((H_ROUTING_KEY.into(), text(&p.routing_key)));
-    let mut put = |name: &str, v: Option<String>| {
+    let key = Bytes::copy_from_slice(p.routing_key.as_bytes());
+    headers.push((H_ROUTING_KEY.into(), Some(key.clone())));
+    let mut put = |name: &str, v: Option<Bytes>| {
         if let Some(v) = v {
-            headers.push((name.to_owned(), Some(Bytes::from(v.into_bytes()))));
+            headers.push((name.to_owned(), Some(v)));
         }
     };
-    let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let s = |v: &Option<ShortString>| {
+        v.as_ref()
+            .map(|s| Bytes::copy_from_slice(s.as_str().as_bytes()))
+    };
+    let n = |v: Option<String>| v.map(|v| Bytes::from(v.into_bytes()));
     put("amqp.content-type", s(props.content_type()));
     put("amqp.content-encoding", s(props.content_encoding()));
     put(
         H_DELIVERY_MODE,
-        props.delivery_mode().map(|d| d.to_string()),
+        match props.delivery_mode() {
+            Some(1) => Some(Bytes::from_static(b"1")),
+            Some(2) => Some(Bytes::from_static(b"2")),
+            other => n(other.map(|d| d.to_string())),
+        },
     );
-    put(H_PRIORITY, props.priority().map(|d| d.to_string()));
+    put(H_PRIORITY, n(props.priority().map(|d| d.to_string())));
     put("amqp.correlation-id", s(props.correlation_id()));
     put("amqp.reply-to", s(props.reply_to()));
     put(H_EXPIRATION, s(props.expiration()));
     put("amqp.message-id", s(props.message_id()));
-    put("amqp.timestamp", props.timestamp().map(|d| d.to_string()));
+    put(
+        "amqp.timestamp",
+        n(props.timestamp().map(|d| d.to_string())),
+    );
     put("amqp.type", s(props.kind()));
     put("amqp.user-id", s(props.user_id()));
     put("amqp.app-id", s(props.app_id()));
@@ -200,7 +212,7 @@ pub fn to_record(p: &Published) -> Message {
         }
     }
     Message {
-        key: Some(Bytes::copy_from_slice(p.routing_key.as_bytes())),
+        key: Some(key),
         value: Some(p.body.clone()),
         headers,
         timestamp_ms: 0,

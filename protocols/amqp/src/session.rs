@@ -2234,20 +2234,30 @@ impl Conn {
         let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
         let expires = msg.properties.expiration().is_some();
         let mut rejected = false;
-        for (q, topic) in routes.iter() {
+        let mut record = record;
+        let last = routes.len().saturating_sub(1);
+        for (i, (q, topic)) in routes.iter().enumerate() {
+            // The last queue takes the record itself; only fan-out copies.
+            let own = |r: &mut Message| {
+                if i == last {
+                    std::mem::take(r)
+                } else {
+                    r.clone()
+                }
+            };
             let def = match self.ctx.known_def(&self.ns, q) {
                 Some(d) => Some(d),
                 None => self.lookup_queue(q).await.ok().flatten(),
             };
             let Some(def) = def else {
-                pending.push(self.submit(topic, &record));
+                pending.push(self.submit(topic, own(&mut record)));
                 continue;
             };
             if expires {
                 self.ctx.ensure_sweeper(&self.ns, &def);
             }
             let Some(max) = def.args.max_length else {
-                pending.push(self.submit(topic, &record));
+                pending.push(self.submit(topic, own(&mut record)));
                 continue;
             };
             match def.args.overflow {
@@ -2265,10 +2275,10 @@ impl Conn {
                         }
                         continue;
                     }
-                    pending.push(self.submit(topic, &record));
+                    pending.push(self.submit(topic, own(&mut record)));
                 }
                 Overflow::DropHead => {
-                    let stored = self.submit(topic, &record);
+                    let stored = self.submit(topic, own(&mut record));
                     let sub = self.queue_subscription(&def).await?;
                     let ctx = Arc::clone(&self.ctx);
                     let ns = self.ns.clone();
@@ -2407,8 +2417,8 @@ impl Conn {
 
     /// Queues a message for a queue's topic, in order, and returns the
     /// wait for its durability.
-    fn submit(&self, topic: &TopicName, record: &Message) -> Pending {
-        let stored = self.ctx.publisher(topic).publish(record.clone());
+    fn submit(&self, topic: &TopicName, record: Message) -> Pending {
+        let stored = self.ctx.publisher(topic).publish(record);
         async move { stored.await.map(drop) }.boxed()
     }
 
