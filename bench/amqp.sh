@@ -7,9 +7,13 @@
 # four producers and two consumers at once (one lapin connection saturates
 # its own core before either broker does). Prints both perf lines and the
 # ratios. The target is at least 2x RabbitMQ's confirmed-publish rate.
-#   bench/amqp.sh [extra perf args, e.g. --messages 400000 --producers 1 --consumers 1]
+# Both share two cores with the load generator, so single runs vary by a
+# fifth; each broker gets ROUNDS runs (default 3) on a fresh queue, every
+# line is printed, and the ratios compare the medians.
+#   [ROUNDS=N] bench/amqp.sh [extra perf args, e.g. --messages 400000 --producers 1 --consumers 1]
 set -euo pipefail
 extra=("$@")
+rounds=${ROUNDS:-3}
 source "$(dirname "$0")/common.sh"
 if ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
@@ -20,6 +24,18 @@ workload=(--messages 200000 --size 1024 --confirm --persistent --queue-type quor
   --producers 4 --consumers 2 --prefetch 200 ${extra[@]+"${extra[@]}"})
 echo "machine: cores=$(nproc)"
 
+# CPU seconds (user+system) a process and its threads have used so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/hz}' "/proc/$1/stat"; }
+# Broker CPU per 1,000 messages over a run: what the broker itself costs,
+# apart from the load generator it shares the cores with.
+cpu_per_k() { python3 -c "print(f'{($2-$1)*1000*1000/$3:.1f}')"; }
+msgs=$(python3 - "${workload[@]}" <<'PY'
+import sys
+a = sys.argv[1:]
+print([a[i + 1] for i in range(len(a) - 1) if a[i] == "--messages"][-1])
+PY
+)
+
 amqp=$(port)
 "$bin" standalone --data-dir "$dir/data" --http-listen "127.0.0.1:$(port)" \
   --kafka-listen "127.0.0.1:$(port)" --amqp-listen "127.0.0.1:$amqp" \
@@ -27,9 +43,15 @@ amqp=$(port)
   >"$dir/standalone.out" 2>"$dir/standalone.log" &
 pids+=($!)
 wait_line "$dir/standalone.out" ready
-magnetar_line=$("$bin" perf amqp --url "amqp://127.0.0.1:$amqp/%2f" --queue bench \
-  "${workload[@]}" 2>"$dir/perf-magnetar.log") || { tail -n 20 "$dir/perf-magnetar.log" "$dir/standalone.log"; exit 1; }
-echo "magnetar: $magnetar_line"
+magnetar_lines=()
+for r in $(seq "$rounds"); do
+  before=$(cpu_s "${pids[0]}")
+  line=$("$bin" perf amqp --url "amqp://127.0.0.1:$amqp/%2f" --queue "bench$r" \
+    "${workload[@]}" 2>"$dir/perf-magnetar.log") || { tail -n 20 "$dir/perf-magnetar.log" "$dir/standalone.log"; exit 1; }
+  line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "${pids[0]}")" "$msgs")"
+  echo "magnetar: $line"
+  magnetar_lines+=("$line")
+done
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
 
 # RabbitMQ on loopback, with its own node name, ports and data under $dir.
@@ -49,12 +71,27 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 rabbit_version=$(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo unknown)
-rabbit_line=$("$bin" perf amqp --url "amqp://guest:guest@127.0.0.1:$rmq/%2f" --queue bench \
-  "${workload[@]}" 2>"$dir/perf-rabbitmq.log") || { tail -n 20 "$dir/perf-rabbitmq.log" "$dir/rabbit.out"; exit 1; }
-echo "rabbitmq $rabbit_version: $rabbit_line"
+beam=$(pgrep -f "beam.smp.*$dir" | head -n1)
+rabbit_lines=()
+for r in $(seq "$rounds"); do
+  before=$(cpu_s "$beam")
+  line=$("$bin" perf amqp --url "amqp://guest:guest@127.0.0.1:$rmq/%2f" --queue "bench$r" \
+    "${workload[@]}" 2>"$dir/perf-rabbitmq.log") || { tail -n 20 "$dir/perf-rabbitmq.log" "$dir/rabbit.out"; exit 1; }
+  line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "$beam")" "$msgs")"
+  echo "rabbitmq $rabbit_version: $line"
+  rabbit_lines+=("$line")
+done
 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RABBITMQ_NODENAME" stop >/dev/null 2>&1 || true
+/usr/lib/erlang/bin/epmd -port "$ERL_EPMD_PORT" -kill >/dev/null 2>&1 || true
 
-field() { sed -E "s/.*$1=([0-9.]+).*/\1/" <<<"$2"; }
+# The median of one field over perf lines.
+median() {
+  local f=$1; shift
+  printf '%s\n' "$@" | sed -E "s/.*$f=([0-9.]+).*/\1/" | sort -g |
+    python3 -c 'import sys; v=[float(x) for x in sys.stdin]; print(v[len(v)//2])'
+}
 ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.2f}' if b else 'inf')"; }
-echo "ratio publish=$(ratio "$(field publish_msgs_per_s "$magnetar_line")" "$(field publish_msgs_per_s "$rabbit_line")")" \
-  "consume=$(ratio "$(field consume_msgs_per_s "$magnetar_line")" "$(field consume_msgs_per_s "$rabbit_line")")"
+for f in publish_msgs_per_s consume_msgs_per_s broker_cpu_ms_per_1k; do
+  m=$(median $f "${magnetar_lines[@]}"); r=$(median $f "${rabbit_lines[@]}")
+  echo "median $f magnetar=$m rabbitmq=$r ratio=$(ratio "$m" "$r")"
+done

@@ -3,13 +3,13 @@
 //! and end-to-end latency. The same run works against Magnetar and against
 //! RabbitMQ, so that `bench/amqp.sh` can compare them.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::{
@@ -55,6 +55,9 @@ pub struct AmqpPerf {
     #[arg(long, default_value_t = 2000)]
     max_in_flight: usize,
 }
+
+/// Publishes handed to lapin and not yet written, per producer.
+const PUBLISHES_IN_FLIGHT: usize = 64;
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -180,32 +183,47 @@ async fn produce(
     if args.persistent {
         props = props.with_delivery_mode(2);
     }
-    let mut body = vec![b'x'; args.size.max(8)];
-    let mut window = VecDeque::new();
-    for _ in 0..n {
-        body[..8].copy_from_slice(&now_us().to_le_bytes());
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                args.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props.clone(),
-            )
-            .await?;
-        if !args.confirm {
-            published.fetch_add(1, Ordering::Relaxed);
-            continue;
+    let queue: lapin::types::ShortString = args.queue.as_str().into();
+    // lapin resolves a publish once its frames are handed to its I/O
+    // thread. Awaiting each in turn costs a thread wake-up per message,
+    // which on a small machine starves the broker under test; keeping many
+    // in flight lets that thread write them together, as an application
+    // publishing from several tasks would.
+    let mut sending = FuturesOrdered::new();
+    let mut confirms = FuturesOrdered::new();
+    let mut queued = 0u64;
+    loop {
+        while queued < n
+            && sending.len() < PUBLISHES_IN_FLIGHT
+            && sending.len() + confirms.len() < args.max_in_flight
+        {
+            let mut body = vec![b'x'; args.size.max(8)];
+            body[..8].copy_from_slice(&now_us().to_le_bytes());
+            let (ch, queue, props) = (ch.clone(), queue.clone(), props.clone());
+            sending.push_back(async move {
+                ch.basic_publish(
+                    "".into(),
+                    queue,
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+            });
+            queued += 1;
         }
-        window.push_back(confirm);
-        if window.len() >= args.max_in_flight {
-            if let Some(c) = window.pop_front() {
-                settle(c.await?, published, nacked);
+        tokio::select! {
+            Some(sent) = sending.next(), if !sending.is_empty() => {
+                let confirm = sent?;
+                if args.confirm {
+                    confirms.push_back(confirm);
+                } else {
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
             }
+            Some(c) = confirms.next(), if !confirms.is_empty() => settle(c?, published, nacked),
+            else => break,
         }
-    }
-    while let Some(c) = window.pop_front() {
-        settle(c.await?, published, nacked);
     }
     conn.close(200, "done".into()).await.ok();
     Ok(())
