@@ -8,12 +8,14 @@
 //! nothing here blocks on a slow socket but the reads that backpressure
 //! the publisher.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, tx, AMQPClass};
+use amq_protocol::protocol::{
+    access, basic, channel, confirm, connection, exchange, queue, tx, AMQPClass,
+};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -415,7 +417,13 @@ struct Chan {
     /// Consumers cancelled with deliveries still unsettled: kept attached
     /// so that those deliveries stay theirs until settled or closed.
     retired: Vec<Consumer>,
+    /// Per-consumer limit (basic.qos global=false) for later consumers.
     prefetch: u16,
+    /// Channel-wide limit (global=true), shared by all its consumers.
+    global_prefetch: u16,
+    /// Deliveries that arrived while the channel was at its channel-wide
+    /// limit, sent in order as acknowledgements make room.
+    held: VecDeque<Held>,
     confirm: bool,
     next_seq: u64,
     pipeline: mpsc::Sender<(u64, Pending)>,
@@ -425,6 +433,14 @@ struct Chan {
     reply_to: Option<(String, String)>,
     /// In tx mode: what the open transaction holds until commit.
     tx: Option<TxBuffer>,
+}
+
+/// A delivery waiting for room under the channel-wide prefetch limit.
+struct Held {
+    gen: u64,
+    consumer: String,
+    control: ConsumerControl,
+    delivery: Delivery,
 }
 
 /// Publishes and settlements of an open transaction, applied on commit and
@@ -985,6 +1001,15 @@ impl Conn {
                 Ok(())
             }
             AMQPClass::Tx(m) => self.on_tx(ch, m).await,
+            // Deprecated access tickets, still sent by some old clients:
+            // granted, as RabbitMQ does.
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.send_method(
+                    ch,
+                    AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})),
+                );
+                Ok(())
+            }
             other => Err(Exception::new(
                 error::NOT_IMPLEMENTED,
                 format!("method {:?} is not implemented", method_ids(&other)),
@@ -1025,6 +1050,8 @@ impl Conn {
                         getters: HashMap::new(),
                         retired: Vec::new(),
                         prefetch: 0,
+                        global_prefetch: 0,
+                        held: VecDeque::new(),
                         confirm: false,
                         next_seq: 1,
                         pipeline,
@@ -1049,6 +1076,11 @@ impl Conn {
             }
             M::Flow(f) => {
                 self.chan(ch)?;
+                // RabbitMQ stopped honouring a client's request to pause
+                // deliveries; consumers use prefetch instead.
+                if !f.active {
+                    return Err(Exception::new(error::NOT_IMPLEMENTED, "active=false"));
+                }
                 self.send_method(
                     ch,
                     AMQPClass::Channel(M::FlowOk(channel::FlowOk { active: f.active })),
@@ -1126,6 +1158,9 @@ impl Conn {
         let consumers: Vec<(String, ConsumerEntry)> = c.consumers.drain().collect();
         for u in c.tags.drain() {
             u.control.nack(vec![u.offset], Duration::ZERO);
+        }
+        for h in c.held.drain(..) {
+            h.control.nack(vec![h.delivery.offset], Duration::ZERO);
         }
         c.getters.clear();
         c.retired.clear();
@@ -1644,11 +1679,16 @@ impl Conn {
         use basic::AMQPMethod as M;
         match m {
             M::Qos(q) => {
-                // Per-consumer limits (global=false) apply to consumers
-                // started afterwards; a channel-wide limit is applied the
-                // same way, consumer by consumer.
-                self.chan(ch)?.prefetch = q.prefetch_count;
+                // As RabbitMQ (per_consumer_qos): global=false limits each
+                // consumer started afterwards, global=true the channel.
+                let chan = self.chan(ch)?;
+                if q.global {
+                    chan.global_prefetch = q.prefetch_count;
+                } else {
+                    chan.prefetch = q.prefetch_count;
+                }
                 self.send_method(ch, AMQPClass::Basic(M::QosOk(basic::QosOk {})));
+                self.release_held(ch)?;
             }
             M::Consume(c) => self.consume(ch, c).await?,
             M::Cancel(c) => {
@@ -1687,6 +1727,7 @@ impl Conn {
                 let all = self.chan(ch)?.tags.drain();
                 settle(all, Settle::Requeue);
                 self.send_method(ch, AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+                self.release_held(ch)?;
             }
             other => {
                 return Err(Exception::new(
@@ -1712,7 +1753,24 @@ impl Conn {
             return Ok(());
         }
         self.apply_settle(how, settled.into_iter().map(|(_, u)| u).collect());
-        Ok(())
+        self.release_held(ch)
+    }
+
+    /// Sends held deliveries while the channel is under its channel-wide
+    /// limit.
+    fn release_held(&mut self, ch: u16) -> Result<(), Exception> {
+        loop {
+            let Some(c) = self.channels.get_mut(&ch) else {
+                return Ok(());
+            };
+            if c.global_prefetch > 0 && c.tags.len() >= usize::from(c.global_prefetch) {
+                return Ok(());
+            }
+            let Some(h) = c.held.pop_front() else {
+                return Ok(());
+            };
+            self.deliver_now(ch, h.gen, h.consumer, h.control, h.delivery)?;
+        }
     }
 
     fn apply_settle(&mut self, how: TxSettle, settled: Vec<Unacked>) {
@@ -1838,7 +1896,14 @@ impl Conn {
                 return Err(exception_of(&e));
             }
         };
-        let prefetch = self.chan(ch)?.prefetch;
+        let chan = self.chan(ch)?;
+        // A channel-wide limit also caps each consumer's credit, so that
+        // at most one limit's worth per consumer waits in `held`.
+        let prefetch = match (chan.prefetch, chan.global_prefetch) {
+            (0, g) => g,
+            (p, 0) => p,
+            (p, g) => p.min(g),
+        };
         let limited = prefetch > 0 && !c.no_ack;
         let control = consumer.control();
         let credit = if limited {
@@ -2054,6 +2119,12 @@ impl Conn {
         let Some(mut e) = c.consumers.remove(tag) else {
             return;
         };
+        let (mine, others): (VecDeque<Held>, VecDeque<Held>) =
+            c.held.drain(..).partition(|h| h.consumer == tag);
+        c.held = others;
+        for h in mine {
+            h.control.nack(vec![h.delivery.offset], Duration::ZERO);
+        }
         if let Some(stop) = e.stop.take() {
             let _ = stop.send(());
         }
@@ -2453,6 +2524,7 @@ impl Conn {
                 for (how, settled) in buffer.settles {
                     self.apply_settle(how, settled.into_iter().map(|(_, u)| u).collect());
                 }
+                self.release_held(ch)?;
                 M::CommitOk(tx::CommitOk {})
             }
             M::Rollback(_) => {
@@ -2575,6 +2647,32 @@ impl Conn {
     }
 
     fn deliver(
+        &mut self,
+        ch: u16,
+        gen: u64,
+        consumer: String,
+        control: ConsumerControl,
+        d: Delivery,
+    ) -> Result<(), Exception> {
+        if let Some(c) = self.channels.get_mut(&ch).filter(|c| c.gen == gen) {
+            let acked = c.consumers.get(&consumer).is_some_and(|e| !e.no_ack);
+            if acked
+                && c.global_prefetch > 0
+                && (!c.held.is_empty() || c.tags.len() >= usize::from(c.global_prefetch))
+            {
+                c.held.push_back(Held {
+                    gen,
+                    consumer,
+                    control,
+                    delivery: d,
+                });
+                return Ok(());
+            }
+        }
+        self.deliver_now(ch, gen, consumer, control, d)
+    }
+
+    fn deliver_now(
         &mut self,
         ch: u16,
         gen: u64,

@@ -116,3 +116,45 @@ def test_durable_queue_survives_a_restart(standalone, connect):
     ch.basic_publish("persist.x", "k", b"after")
     got = [b for _, _, b in drain(ch, "persist.q", 51)]
     assert got == [f"p{i}".encode() for i in range(50)] + [b"after"]
+
+
+def test_global_qos_limits_the_channel_across_consumers(connect):
+    conn = connect()
+    pub = conn.channel()
+    for q in ("gq-a", "gq-b"):
+        pub.queue_declare(q)
+        pub.queue_purge(q)
+        for i in range(10):
+            pub.basic_publish("", q, f"{q}-{i}".encode())
+    ch = conn.channel()
+    # A channel-wide limit of 3 shared by two consumers, and a per-consumer
+    # limit of 2 on top, as RabbitMQ applies both.
+    ch.basic_qos(prefetch_count=3, global_qos=True)
+    ch.basic_qos(prefetch_count=2)
+    got = []
+    ch.basic_consume("gq-a", lambda c, m, p, b: got.append(m))
+    ch.basic_consume("gq-b", lambda c, m, p, b: got.append(m))
+
+    def settle_at(n):
+        deadline = time.time() + 10
+        while len(got) < n and time.time() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        # Anything over the limit would have arrived by now.
+        conn.process_data_events(time_limit=0.5)
+
+    settle_at(3)
+    assert len(got) == 3
+    queues = {m.routing_key for m in got}
+    assert queues == {"gq-a", "gq-b"}
+    # Each ack makes room for one more, up to all 20.
+    ch.basic_ack(got[0].delivery_tag)
+    settle_at(4)
+    assert len(got) == 4
+    deadline = time.time() + 15
+    acked = 1
+    while acked < 20 and time.time() < deadline:
+        while acked < len(got):
+            ch.basic_ack(got[acked].delivery_tag)
+            acked += 1
+        conn.process_data_events(time_limit=0.1)
+    assert len(got) == 20 and acked == 20

@@ -130,6 +130,66 @@ def test_malformed_frames_close_with_frame_or_syntax_errors(standalone):
     c.close()
 
 
+def raw_open(port, heartbeat=0, channel=True):
+    """A raw connection through the handshake (PLAIN guest/guest, vhost /),
+    with channel 1 opened unless told otherwise."""
+    s = raw_session(port)
+    s.sendall(method(0, 10, 11, struct.pack(">I", 0) + b"\x05PLAIN"
+                     + struct.pack(">I", 12) + b"\x00guest\x00guest" + b"\x05en_US"))
+    s.sendall(method(0, 10, 31, struct.pack(">HIH", 0, 131072, heartbeat)))
+    s.sendall(method(0, 10, 40, b"\x01/\x00\x00"))
+    if channel:
+        s.sendall(method(1, 20, 10, b"\x00"))
+    return s
+
+
+def test_channel_and_frame_sequence_errors_close_the_connection(standalone):
+    port = standalone.amqp_port
+    # A method on a channel that was never opened: 504.
+    s = raw_open(port)
+    s.sendall(method(5, 60, 10, struct.pack(">IHB", 0, 1, 0)))
+    assert read_close(s) == 504
+    # channel.open on a channel already open: 504.
+    s = raw_open(port)
+    s.sendall(method(1, 20, 10, b"\x00"))
+    assert read_close(s) == 504
+    # A content header with no basic.publish before it: 505.
+    s = raw_open(port)
+    s.sendall(struct.pack(">BHI", 2, 1, 14) + struct.pack(">HHQH", 60, 0, 1, 0) + b"\xce")
+    assert read_close(s) == 505
+    # A heartbeat on a channel other than 0: 503.
+    s = raw_open(port)
+    s.sendall(struct.pack(">BHI", 8, 1, 0) + b"\xce")
+    assert read_close(s) == 503
+
+
+def test_command_invalid_and_not_implemented(connect):
+    # An unknown exchange type: 503, as RabbitMQ.
+    ch = connect().channel()
+    code, text = closed(lambda: ch.exchange_declare("odd", exchange_type="x-no-such-type"))
+    assert code == 503 and "unknown exchange type" in text
+    # channel.flow(active=false) is refused as RabbitMQ refuses it: 540.
+    ch = connect().channel()
+    code, text = closed(lambda: ch.flow(False))
+    assert code == 540 and "active=false" in text
+    # flow(true) is fine.
+    ch = connect().channel()
+    assert ch.flow(True) is True
+
+
+def test_heartbeat_timeout_closes_a_silent_connection(standalone):
+    import time
+    s = raw_open(standalone.amqp_port, heartbeat=1, channel=False)
+    s.settimeout(10)
+    start = time.time()
+    # The broker sends heartbeats, but this peer never answers: after two
+    # missed ones the broker hangs up.
+    while s.recv(65536):
+        pass
+    waited = time.time() - start
+    assert 1.5 <= waited < 6, waited
+
+
 def test_wrong_protocol_header_gets_ours_back(standalone):
     s = socket.create_connection(("127.0.0.1", standalone.amqp_port), timeout=5)
     s.sendall(b"AMQP\x01\x01\x00\x0a")
