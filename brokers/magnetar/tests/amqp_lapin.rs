@@ -1,6 +1,8 @@
 //! AMQP judged by lapin, the Rust client: 100,000 persistent messages
 //! published with pipelined publisher confirms, all confirmed and all
-//! consumed in order; mandatory returns and nacks as confirmations.
+//! consumed in order; mandatory returns and nacks as confirmations; and
+//! RabbitMQ's tutorial patterns (work queues, fanout, direct, topic,
+//! headers, RPC with a reply queue and with direct reply-to).
 
 mod common;
 
@@ -211,4 +213,431 @@ async fn unroutable_mandatory_returns_and_rejected_publishes_nack() {
     };
     assert!(matches!(publish(b"1").await, Confirmation::Ack(None)));
     assert!(matches!(publish(b"2").await, Confirmation::Nack(_)));
+}
+
+/// `n` messages from a queue with basic.get, in order; then checks that
+/// nothing more is there (publishes are confirmed, so all are routed).
+async fn get_n(ch: &lapin::Channel, queue: &str, n: usize) -> Vec<lapin::message::Delivery> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while out.len() < n && tokio::time::Instant::now() < deadline {
+        match ch
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => out.push(m.delivery),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let extra = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get");
+    assert!(extra.is_none(), "{queue}: more than {n} messages");
+    out
+}
+
+fn text(d: &lapin::message::Delivery) -> String {
+    String::from_utf8_lossy(&d.data).into_owned()
+}
+
+async fn publish(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &str,
+    props: BasicProperties,
+) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body.as_bytes(),
+        props,
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+}
+
+async fn server_named_queue(
+    ch: &lapin::Channel,
+    exchange: &str,
+    keys: &[&str],
+    args: FieldTable,
+) -> String {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    let name = q.name().as_str().to_owned();
+    for k in keys {
+        ch.queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            (*k).into(),
+            lapin::options::QueueBindOptions::default(),
+            args.clone(),
+        )
+        .await
+        .expect("bind");
+    }
+    name
+}
+
+/// RabbitMQ's six tutorials, as lapin runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_tutorial_patterns() {
+    use lapin::options::ExchangeDeclareOptions;
+    use lapin::ExchangeKind;
+    let s = standalone();
+    let conn = connect(s.amqp).await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let plain = BasicProperties::default;
+
+    // Work queue, fair dispatch: with prefetch 1, a worker that holds its
+    // task gets no other; the busy-free worker takes all the rest.
+    ch.queue_declare(
+        "lapin-tasks".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    let mut workers = Vec::new();
+    for name in ["slow", "fast"] {
+        let c = conn.create_channel().await.expect("channel");
+        c.basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = c
+            .basic_consume(
+                "lapin-tasks".into(),
+                name.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        workers.push((c, consumer));
+    }
+    for i in 0..10 {
+        publish(
+            &ch,
+            "",
+            "lapin-tasks",
+            &format!("task {i}"),
+            plain().with_delivery_mode(2),
+        )
+        .await;
+    }
+    let (_slow_ch, mut slow) = workers.remove(0);
+    let (_fast_ch, mut fast) = workers.remove(0);
+    let held = tokio::time::timeout(Duration::from_secs(10), slow.next())
+        .await
+        .expect("the slow worker gets a task")
+        .expect("stream open")
+        .expect("delivery");
+    let mut fast_done = 0;
+    while fast_done < 9 {
+        let d = tokio::time::timeout(Duration::from_secs(10), fast.next())
+            .await
+            .expect("the fast worker keeps getting tasks")
+            .expect("stream open")
+            .expect("delivery");
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        fast_done += 1;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), slow.next())
+            .await
+            .is_err(),
+        "prefetch 1: nothing more for a worker holding a task"
+    );
+    held.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+
+    // Fanout: every bound queue gets every message.
+    ch.exchange_declare(
+        "lapin-logs".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let a = server_named_queue(&ch, "lapin-logs", &[""], FieldTable::default()).await;
+    let b = server_named_queue(&ch, "lapin-logs", &[""], FieldTable::default()).await;
+    for i in 0..3 {
+        publish(&ch, "lapin-logs", "", &format!("log {i}"), plain()).await;
+    }
+    for q in [&a, &b] {
+        let got: Vec<String> = get_n(&ch, q, 3).await.iter().map(text).collect();
+        assert_eq!(got, ["log 0", "log 1", "log 2"]);
+    }
+
+    // Direct: by exact key, one queue bound with two keys.
+    ch.exchange_declare(
+        "lapin-direct".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let errors = server_named_queue(&ch, "lapin-direct", &["error"], FieldTable::default()).await;
+    let all = server_named_queue(
+        &ch,
+        "lapin-direct",
+        &["info", "error"],
+        FieldTable::default(),
+    )
+    .await;
+    for sev in ["info", "warning", "error"] {
+        publish(&ch, "lapin-direct", sev, sev, plain()).await;
+    }
+    assert_eq!(
+        get_n(&ch, &all, 2)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        ["info", "error"]
+    );
+    assert_eq!(
+        get_n(&ch, &errors, 1)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        ["error"]
+    );
+
+    // Topic: the tutorial's bindings and keys, `*` one word, `#` any.
+    ch.exchange_declare(
+        "lapin-topic".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let q1 = server_named_queue(&ch, "lapin-topic", &["*.orange.*"], FieldTable::default()).await;
+    let q2 = server_named_queue(
+        &ch,
+        "lapin-topic",
+        &["*.*.rabbit", "lazy.#"],
+        FieldTable::default(),
+    )
+    .await;
+    for key in [
+        "quick.orange.rabbit",
+        "lazy.orange.elephant",
+        "quick.orange.fox",
+        "lazy.brown.fox",
+        "lazy.pink.rabbit",
+        "quick.brown.fox",
+        "orange",
+        "quick.orange.male.rabbit",
+        "lazy.orange.male.rabbit",
+        "lazy",
+    ] {
+        publish(&ch, "lapin-topic", key, key, plain()).await;
+    }
+    assert_eq!(
+        get_n(&ch, &q1, 3)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        [
+            "quick.orange.rabbit",
+            "lazy.orange.elephant",
+            "quick.orange.fox"
+        ]
+    );
+    assert_eq!(
+        get_n(&ch, &q2, 6)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        [
+            "quick.orange.rabbit",
+            "lazy.orange.elephant",
+            "lazy.brown.fox",
+            "lazy.pink.rabbit",
+            "lazy.orange.male.rabbit",
+            "lazy"
+        ]
+    );
+
+    // Headers: x-match all and any.
+    ch.exchange_declare(
+        "lapin-headers".into(),
+        ExchangeKind::Headers,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let table = |pairs: &[(&str, &str)]| {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
+        }
+        t
+    };
+    let all_q = server_named_queue(
+        &ch,
+        "lapin-headers",
+        &[""],
+        table(&[("x-match", "all"), ("format", "pdf"), ("type", "report")]),
+    )
+    .await;
+    let any_q = server_named_queue(
+        &ch,
+        "lapin-headers",
+        &[""],
+        table(&[("x-match", "any"), ("format", "pdf"), ("type", "report")]),
+    )
+    .await;
+    for (body, h) in [
+        ("both", vec![("format", "pdf"), ("type", "report")]),
+        ("format", vec![("format", "pdf"), ("type", "log")]),
+        ("neither", vec![("format", "zip")]),
+    ] {
+        publish(
+            &ch,
+            "lapin-headers",
+            "",
+            body,
+            plain().with_headers(table(&h)),
+        )
+        .await;
+    }
+    assert_eq!(
+        get_n(&ch, &all_q, 1)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        ["both"]
+    );
+    assert_eq!(
+        get_n(&ch, &any_q, 2)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        ["both", "format"]
+    );
+
+    // RPC: a server answers on reply_to with the request's correlation_id,
+    // to an exclusive reply queue and to direct reply-to.
+    ch.queue_declare(
+        "lapin-rpc".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    let server_conn = connect(s.amqp).await;
+    let server = server_conn.create_channel().await.expect("channel");
+    let mut requests = server
+        .basic_consume(
+            "lapin-rpc".into(),
+            "rpc-server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = requests.next().await {
+            let n: u64 = text(&d).parse().unwrap_or(0);
+            let (mut a, mut b) = (0u64, 1u64);
+            for _ in 0..n {
+                (a, b) = (b, a + b);
+            }
+            if let Some(reply_to) = d.properties.reply_to() {
+                let props = BasicProperties::default()
+                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
+                let _ = server
+                    .basic_publish(
+                        "".into(),
+                        reply_to.clone(),
+                        BasicPublishOptions::default(),
+                        a.to_string().as_bytes(),
+                        props,
+                    )
+                    .await;
+            }
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let rpc = conn.create_channel().await.expect("channel");
+    let reply_queue = server_named_queue(&rpc, "", &[], FieldTable::default()).await;
+    for (reply_to, n, want) in [
+        (reply_queue.as_str(), 10, "55"),
+        ("amq.rabbitmq.reply-to", 30, "832040"),
+    ] {
+        let mut replies = rpc
+            .basic_consume(
+                reply_to.into(),
+                format!("rpc-client-{n}").as_str().into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        let corr = format!("call-{n}");
+        rpc.basic_publish(
+            "".into(),
+            "lapin-rpc".into(),
+            BasicPublishOptions::default(),
+            n.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_reply_to(reply_to.into())
+                .with_correlation_id(corr.as_str().into()),
+        )
+        .await
+        .expect("request");
+        let d = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("a reply")
+            .expect("stream open")
+            .expect("delivery");
+        assert_eq!(text(&d), want);
+        assert_eq!(
+            d.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some(corr.as_str())
+        );
+    }
 }
