@@ -141,3 +141,53 @@ impl From<BrokerError> for Exception {
         exception_of(&e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_errors_map_to_rabbitmq_codes_and_severity() {
+        let cases = [
+            (BrokerError::NotFound("q".into()), NOT_FOUND, false),
+            (
+                BrokerError::AccessRefused("x".into()),
+                ACCESS_REFUSED,
+                false,
+            ),
+            (
+                BrokerError::PreconditionFailed("p".into()),
+                PRECONDITION_FAILED,
+                false,
+            ),
+            (BrokerError::ConsumerBusy("q".into()), ACCESS_REFUSED, false),
+            (
+                BrokerError::QuotaExceeded("full".into()),
+                RESOURCE_ERROR,
+                true,
+            ),
+            (
+                BrokerError::TopicUnavailable("down".into()),
+                INTERNAL_ERROR,
+                true,
+            ),
+            (
+                BrokerError::CorruptBatch("bad".into()),
+                INTERNAL_ERROR,
+                true,
+            ),
+        ];
+        for (e, code, hard) in cases {
+            let x = exception_of(&e);
+            assert_eq!((x.code, x.is_hard()), (code, hard), "{e}");
+            assert!(x.reply_text().starts_with(code_name(code)));
+        }
+    }
+
+    #[test]
+    fn reply_texts_fit_a_short_string() {
+        let x = Exception::new(INTERNAL_ERROR, "é".repeat(300));
+        let t = x.reply_text();
+        assert!(t.len() <= 255 && t.starts_with("INTERNAL_ERROR - "));
+    }
+}
