@@ -35,6 +35,21 @@ a = sys.argv[1:]
 print([a[i + 1] for i in range(len(a) - 1) if a[i] == "--messages"][-1])
 PY
 )
+# ROUNDS runs of the workload against one broker: prints each line with the
+# broker's CPU per 1,000 messages and leaves them in `lines`.
+#   run_rounds LABEL URL BROKER_PID BROKER_LOG
+run_rounds() {
+  local label=$1 url=$2 pid=$3 log=$4 r before line
+  lines=()
+  for r in $(seq "$rounds"); do
+    before=$(cpu_s "$pid")
+    line=$("$bin" perf amqp --url "$url" --queue "bench$r" "${workload[@]}" 2>"$dir/perf.log") ||
+      { tail -n 20 "$dir/perf.log" "$log"; exit 1; }
+    line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "$pid")" "$msgs")"
+    echo "$label: $line"
+    lines+=("$line")
+  done
+}
 
 amqp=$(port)
 "$bin" standalone --data-dir "$dir/data" --http-listen "127.0.0.1:$(port)" \
@@ -43,15 +58,8 @@ amqp=$(port)
   >"$dir/standalone.out" 2>"$dir/standalone.log" &
 pids+=($!)
 wait_line "$dir/standalone.out" ready
-magnetar_lines=()
-for r in $(seq "$rounds"); do
-  before=$(cpu_s "${pids[0]}")
-  line=$("$bin" perf amqp --url "amqp://127.0.0.1:$amqp/%2f" --queue "bench$r" \
-    "${workload[@]}" 2>"$dir/perf-magnetar.log") || { tail -n 20 "$dir/perf-magnetar.log" "$dir/standalone.log"; exit 1; }
-  line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "${pids[0]}")" "$msgs")"
-  echo "magnetar: $line"
-  magnetar_lines+=("$line")
-done
+run_rounds magnetar "amqp://127.0.0.1:$amqp/%2f" "${pids[0]}" "$dir/standalone.log"
+magnetar_lines=("${lines[@]}")
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
 
 # RabbitMQ on loopback, with its own node name, ports and data under $dir.
@@ -72,15 +80,8 @@ for _ in $(seq 300); do
 done
 rabbit_version=$(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo unknown)
 beam=$(pgrep -f "beam.smp.*$dir" | head -n1)
-rabbit_lines=()
-for r in $(seq "$rounds"); do
-  before=$(cpu_s "$beam")
-  line=$("$bin" perf amqp --url "amqp://guest:guest@127.0.0.1:$rmq/%2f" --queue "bench$r" \
-    "${workload[@]}" 2>"$dir/perf-rabbitmq.log") || { tail -n 20 "$dir/perf-rabbitmq.log" "$dir/rabbit.out"; exit 1; }
-  line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "$beam")" "$msgs")"
-  echo "rabbitmq $rabbit_version: $line"
-  rabbit_lines+=("$line")
-done
+run_rounds "rabbitmq $rabbit_version" "amqp://guest:guest@127.0.0.1:$rmq/%2f" "$beam" "$dir/rabbit.out"
+rabbit_lines=("${lines[@]}")
 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RABBITMQ_NODENAME" stop >/dev/null 2>&1 || true
 /usr/lib/erlang/bin/epmd -port "$ERL_EPMD_PORT" -kill >/dev/null 2>&1 || true
 

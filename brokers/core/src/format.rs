@@ -299,7 +299,8 @@ pub fn encode_control(producer_id: i64, epoch: i16, kind: ControlType) -> Result
     Ok(buf.freeze())
 }
 
-/// Writes a zig-zag varint, as record fields are written.
+/// Writes a zig-zag varint, as record fields are written. (kafka-protocol
+/// keeps its varint codec crate-private, and prost's is not public API.)
 fn put_varint(buf: &mut BytesMut, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
@@ -483,20 +484,25 @@ pub fn decode_entry(entry: &Bytes) -> Result<Vec<StoredMessage>> {
         .records
         .into_iter()
         .filter(|r| !r.control)
-        .map(|r| StoredMessage {
-            offset: r.offset.max(0) as u64,
-            message: Message {
-                key: r.key,
-                value: r.value,
-                headers: r
-                    .headers
-                    .into_iter()
-                    .map(|(k, v)| (k.as_str().to_string(), v))
-                    .collect(),
-                timestamp_ms: r.timestamp,
-            },
-        })
+        .map(stored_of)
         .collect())
+}
+
+/// A record kafka-protocol decoded, as the broker hands it out.
+fn stored_of(r: Record) -> StoredMessage {
+    StoredMessage {
+        offset: r.offset.max(0) as u64,
+        message: Message {
+            key: r.key,
+            value: r.value,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.as_str().to_string(), v))
+                .collect(),
+            timestamp_ms: r.timestamp,
+        },
+    }
 }
 
 /// Reads the records of an uncompressed batch straight from its bytes:
@@ -730,22 +736,7 @@ mod tests {
     fn reference_decode(batch: &Bytes) -> Vec<StoredMessage> {
         let mut buf = batch.clone();
         let set = RecordBatchDecoder::decode(&mut buf).expect("reference decodes");
-        set.records
-            .into_iter()
-            .map(|r| StoredMessage {
-                offset: r.offset as u64,
-                message: Message {
-                    key: r.key,
-                    value: r.value,
-                    headers: r
-                        .headers
-                        .into_iter()
-                        .map(|(k, v)| (k.as_str().to_string(), v))
-                        .collect(),
-                    timestamp_ms: r.timestamp,
-                },
-            })
-            .collect()
+        set.records.into_iter().map(stored_of).collect()
     }
 
     fn arb_message() -> impl proptest::strategy::Strategy<Value = Message> {

@@ -215,9 +215,10 @@ async fn unroutable_mandatory_returns_and_rejected_publishes_nack() {
     assert!(matches!(publish(b"2").await, Confirmation::Nack(_)));
 }
 
-/// `n` messages from a queue with basic.get, in order; then checks that
-/// nothing more is there (publishes are confirmed, so all are routed).
-async fn get_n(ch: &lapin::Channel, queue: &str, n: usize) -> Vec<lapin::message::Delivery> {
+/// The bodies of `n` messages from a queue with basic.get, in order; then
+/// checks that nothing more is there (publishes are confirmed, so all are
+/// routed).
+async fn bodies(ch: &lapin::Channel, queue: &str, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while out.len() < n && tokio::time::Instant::now() < deadline {
@@ -229,7 +230,7 @@ async fn get_n(ch: &lapin::Channel, queue: &str, n: usize) -> Vec<lapin::message
             .await
             .expect("basic.get")
         {
-            Some(m) => out.push(m.delivery),
+            Some(m) => out.push(text(&m.delivery)),
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
@@ -268,6 +269,17 @@ async fn publish(
     .expect("confirmed");
 }
 
+async fn declare_exchange(ch: &lapin::Channel, name: &str, kind: lapin::ExchangeKind) {
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange.declare");
+}
+
 async fn server_named_queue(
     ch: &lapin::Channel,
     exchange: &str,
@@ -303,7 +315,6 @@ async fn server_named_queue(
 /// RabbitMQ's six tutorials, as lapin runs them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_tutorial_patterns() {
-    use lapin::options::ExchangeDeclareOptions;
     use lapin::ExchangeKind;
     let s = standalone();
     let conn = connect(s.amqp).await;
@@ -381,33 +392,19 @@ async fn rabbitmq_tutorial_patterns() {
         .expect("ack");
 
     // Fanout: every bound queue gets every message.
-    ch.exchange_declare(
-        "lapin-logs".into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
+    declare_exchange(&ch, "lapin-logs", ExchangeKind::Fanout).await;
     let a = server_named_queue(&ch, "lapin-logs", &[""], FieldTable::default()).await;
     let b = server_named_queue(&ch, "lapin-logs", &[""], FieldTable::default()).await;
     for i in 0..3 {
         publish(&ch, "lapin-logs", "", &format!("log {i}"), plain()).await;
     }
     for q in [&a, &b] {
-        let got: Vec<String> = get_n(&ch, q, 3).await.iter().map(text).collect();
+        let got = bodies(&ch, q, 3).await;
         assert_eq!(got, ["log 0", "log 1", "log 2"]);
     }
 
     // Direct: by exact key, one queue bound with two keys.
-    ch.exchange_declare(
-        "lapin-direct".into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
+    declare_exchange(&ch, "lapin-direct", ExchangeKind::Direct).await;
     let errors = server_named_queue(&ch, "lapin-direct", &["error"], FieldTable::default()).await;
     let all = server_named_queue(
         &ch,
@@ -419,32 +416,11 @@ async fn rabbitmq_tutorial_patterns() {
     for sev in ["info", "warning", "error"] {
         publish(&ch, "lapin-direct", sev, sev, plain()).await;
     }
-    assert_eq!(
-        get_n(&ch, &all, 2)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
-        ["info", "error"]
-    );
-    assert_eq!(
-        get_n(&ch, &errors, 1)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
-        ["error"]
-    );
+    assert_eq!(bodies(&ch, &all, 2).await, ["info", "error"]);
+    assert_eq!(bodies(&ch, &errors, 1).await, ["error"]);
 
     // Topic: the tutorial's bindings and keys, `*` one word, `#` any.
-    ch.exchange_declare(
-        "lapin-topic".into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
+    declare_exchange(&ch, "lapin-topic", ExchangeKind::Topic).await;
     let q1 = server_named_queue(&ch, "lapin-topic", &["*.orange.*"], FieldTable::default()).await;
     let q2 = server_named_queue(
         &ch,
@@ -468,11 +444,7 @@ async fn rabbitmq_tutorial_patterns() {
         publish(&ch, "lapin-topic", key, key, plain()).await;
     }
     assert_eq!(
-        get_n(&ch, &q1, 3)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
+        bodies(&ch, &q1, 3).await,
         [
             "quick.orange.rabbit",
             "lazy.orange.elephant",
@@ -480,11 +452,7 @@ async fn rabbitmq_tutorial_patterns() {
         ]
     );
     assert_eq!(
-        get_n(&ch, &q2, 6)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
+        bodies(&ch, &q2, 6).await,
         [
             "quick.orange.rabbit",
             "lazy.orange.elephant",
@@ -496,14 +464,7 @@ async fn rabbitmq_tutorial_patterns() {
     );
 
     // Headers: x-match all and any.
-    ch.exchange_declare(
-        "lapin-headers".into(),
-        ExchangeKind::Headers,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
+    declare_exchange(&ch, "lapin-headers", ExchangeKind::Headers).await;
     let table = |pairs: &[(&str, &str)]| {
         let mut t = FieldTable::default();
         for (k, v) in pairs {
@@ -539,22 +500,8 @@ async fn rabbitmq_tutorial_patterns() {
         )
         .await;
     }
-    assert_eq!(
-        get_n(&ch, &all_q, 1)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
-        ["both"]
-    );
-    assert_eq!(
-        get_n(&ch, &any_q, 2)
-            .await
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>(),
-        ["both", "format"]
-    );
+    assert_eq!(bodies(&ch, &all_q, 1).await, ["both"]);
+    assert_eq!(bodies(&ch, &any_q, 2).await, ["both", "format"]);
 
     // RPC: a server answers on reply_to with the request's correlation_id,
     // to an exclusive reply queue and to direct reply-to.

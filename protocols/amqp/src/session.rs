@@ -322,11 +322,13 @@ impl Ctx {
     }
 }
 
-/// Resident set size from /proc (Linux); None elsewhere.
+/// Resident set size from /proc (Linux; in kB there, whatever the page
+/// size); None elsewhere.
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn now_ms() -> i64 {
@@ -435,7 +437,15 @@ struct Chan {
     tx: Option<TxBuffer>,
 }
 
-/// A delivery waiting for room under the channel-wide prefetch limit.
+impl Chan {
+    /// At the channel-wide prefetch limit (basic.qos global=true).
+    fn at_global_limit(&self) -> bool {
+        self.global_prefetch > 0 && self.tags.len() >= usize::from(self.global_prefetch)
+    }
+}
+
+/// A delivery on its way to a channel; one waits here for room under the
+/// channel-wide prefetch limit.
 struct Held {
     gen: u64,
     consumer: String,
@@ -1763,13 +1773,13 @@ impl Conn {
             let Some(c) = self.channels.get_mut(&ch) else {
                 return Ok(());
             };
-            if c.global_prefetch > 0 && c.tags.len() >= usize::from(c.global_prefetch) {
+            if c.at_global_limit() {
                 return Ok(());
             }
             let Some(h) = c.held.pop_front() else {
                 return Ok(());
             };
-            self.deliver_now(ch, h.gen, h.consumer, h.control, h.delivery)?;
+            self.deliver_now(ch, h)?;
         }
     }
 
@@ -2558,7 +2568,15 @@ impl Conn {
                 consumer,
                 control,
                 delivery,
-            } => self.deliver(channel, gen, consumer, control, delivery),
+            } => self.deliver(
+                channel,
+                Held {
+                    gen,
+                    consumer,
+                    control,
+                    delivery,
+                },
+            ),
             Event::ConsumerEnded {
                 channel,
                 gen,
@@ -2646,40 +2664,26 @@ impl Conn {
         }
     }
 
-    fn deliver(
-        &mut self,
-        ch: u16,
-        gen: u64,
-        consumer: String,
-        control: ConsumerControl,
-        d: Delivery,
-    ) -> Result<(), Exception> {
-        if let Some(c) = self.channels.get_mut(&ch).filter(|c| c.gen == gen) {
-            let acked = c.consumers.get(&consumer).is_some_and(|e| !e.no_ack);
-            if acked
-                && c.global_prefetch > 0
-                && (!c.held.is_empty() || c.tags.len() >= usize::from(c.global_prefetch))
+    fn deliver(&mut self, ch: u16, h: Held) -> Result<(), Exception> {
+        if let Some(c) = self.channels.get_mut(&ch).filter(|c| c.gen == h.gen) {
+            // Held in order behind earlier ones, so that none overtakes.
+            if (!c.held.is_empty() || c.at_global_limit())
+                && c.consumers.get(&h.consumer).is_some_and(|e| !e.no_ack)
             {
-                c.held.push_back(Held {
-                    gen,
-                    consumer,
-                    control,
-                    delivery: d,
-                });
+                c.held.push_back(h);
                 return Ok(());
             }
         }
-        self.deliver_now(ch, gen, consumer, control, d)
+        self.deliver_now(ch, h)
     }
 
-    fn deliver_now(
-        &mut self,
-        ch: u16,
-        gen: u64,
-        consumer: String,
-        control: ConsumerControl,
-        d: Delivery,
-    ) -> Result<(), Exception> {
+    fn deliver_now(&mut self, ch: u16, h: Held) -> Result<(), Exception> {
+        let Held {
+            gen,
+            consumer,
+            control,
+            delivery: d,
+        } = h;
         let frame_max = self.frame_max;
         let Some(c) = self
             .channels
