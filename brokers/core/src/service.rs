@@ -258,6 +258,19 @@ impl Broker {
         &self.inner.ledgers
     }
 
+    /// Whether storage is out of disk: fewer bookies take writes than a
+    /// new ledger needs, and some of the running ones turned read-only
+    /// because their disks passed the usage threshold. (Bookies that are
+    /// merely down are not a disk problem.)
+    pub async fn storage_full(&self) -> Result<bool> {
+        let running = self.inner.ledgers.pool().available().await?;
+        let writable = running.iter().filter(|b| !b.read_only).count();
+        Ok(
+            writable < self.inner.cfg.managed_ledger.ensemble
+                && running.iter().any(|b| b.read_only),
+        )
+    }
+
     /// Registered brokers, from the metadata store.
     pub async fn active_brokers(&self) -> Result<Vec<BrokerInfo>> {
         let mut out = Vec::new();

@@ -39,6 +39,8 @@ const READ_BYTES: usize = 1 << 20;
 /// Messages a key-shared subscription may hold back for busy consumers
 /// before it stops reading ahead.
 const MAX_BLOCKED: usize = 10_000;
+/// Messages a priority subscription reads ahead to order them.
+const PRIORITY_WINDOW: usize = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SubscriptionType {
@@ -94,6 +96,29 @@ pub struct SubscriptionOptions {
     /// Non-durable cursors live only as long as the subscription does.
     pub durable: bool,
     pub dead_letter: Option<DeadLetterPolicy>,
+    /// Serve messages of higher priority first.
+    pub priority: Option<MessagePriority>,
+}
+
+/// Where a message's priority is found, and its highest level: messages
+/// of higher levels go out first, in order within a level. A missing or
+/// unreadable value is level 0; values above `max` count as `max`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePriority {
+    /// A record header holding the level in decimal.
+    pub header: String,
+    pub max: u8,
+}
+
+impl MessagePriority {
+    pub fn level(&self, m: &Message) -> u8 {
+        m.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == self.header)
+            .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse::<u64>().ok())
+            .map_or(0, |l| u8::try_from(l).unwrap_or(u8::MAX).min(self.max))
+    }
 }
 
 impl Default for SubscriptionOptions {
@@ -103,6 +128,7 @@ impl Default for SubscriptionOptions {
             initial_position: InitialPosition::Latest,
             durable: true,
             dead_letter: None,
+            priority: None,
         }
     }
 }
@@ -161,13 +187,29 @@ pub struct SubscriptionStats {
 struct StoredCursor {
     #[serde(rename = "type")]
     sub_type: SubscriptionType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    priority: Option<MessagePriority>,
     state: CursorState,
 }
 
+/// A durable cursor as loaded: what the subscription was created with,
+/// and where it stands.
+pub struct LoadedCursor {
+    pub sub_type: SubscriptionType,
+    pub priority: Option<MessagePriority>,
+    pub state: CursorState,
+    pub version: u64,
+}
+
 /// The stored form of a cursor.
-pub fn cursor_record(sub_type: SubscriptionType, state: &CursorState) -> Vec<u8> {
+pub fn cursor_record(
+    sub_type: SubscriptionType,
+    priority: Option<&MessagePriority>,
+    state: &CursorState,
+) -> Vec<u8> {
     serde_json::to_vec(&StoredCursor {
         sub_type,
+        priority: priority.cloned(),
         state: state.for_storage(),
     })
     .unwrap_or_default()
@@ -181,10 +223,7 @@ pub fn cursor_key(topic_path: &str, sub: &str) -> String {
 }
 
 /// Loads a durable cursor, if it exists.
-pub async fn load_cursor(
-    meta: &MetaClient,
-    key: &str,
-) -> Result<Option<(SubscriptionType, CursorState, u64)>> {
+pub async fn load_cursor(meta: &MetaClient, key: &str) -> Result<Option<LoadedCursor>> {
     let Some(kv) = meta.get(key).await? else {
         return Ok(None);
     };
@@ -193,7 +232,12 @@ pub async fn load_cursor(
             key: key.into(),
             reason: e.to_string(),
         })?;
-    Ok(Some((c.sub_type, c.state, kv.version)))
+    Ok(Some(LoadedCursor {
+        sub_type: c.sub_type,
+        priority: c.priority,
+        state: c.state,
+        version: kv.version,
+    }))
 }
 
 enum Cmd {
@@ -214,6 +258,7 @@ enum Cmd {
         pred: ReapPredicate,
         reply: oneshot::Sender<Result<Vec<StoredMessage>>>,
     },
+    ReadyBytes(oneshot::Sender<Result<u64>>),
     Reset(ResetTo, oneshot::Sender<Result<()>>),
     Stats(oneshot::Sender<SubscriptionStats>),
     /// Stop; with `delete`, remove the durable cursor too.
@@ -288,6 +333,7 @@ impl Subscription {
             log: setup.log,
             sub_type: setup.opts.sub_type,
             dead_letter: setup.opts.dead_letter.zip(setup.dead_letter),
+            priority: setup.opts.priority,
             cursor: setup.cursor,
             store: setup.store,
             dirty: false,
@@ -369,6 +415,14 @@ impl Subscription {
     /// TTL or a length limit need.
     pub async fn reap(&self, max: usize, pred: ReapPredicate) -> Result<Vec<StoredMessage>> {
         self.call(|reply| Cmd::Reap { max, pred, reply }).await?
+    }
+
+    /// Payload bytes of the messages neither acknowledged nor out with a
+    /// consumer: what a byte-limited queue counts (RabbitMQ's
+    /// `x-max-length-bytes` counts bodies only). It reads the backlog, so
+    /// it costs what the backlog is long; such queues are kept short.
+    pub async fn ready_bytes(&self) -> Result<u64> {
+        self.call(Cmd::ReadyBytes).await?
     }
 
     /// Stops the dispatcher after writing the cursor; consumers see the end
@@ -547,6 +601,7 @@ struct Dispatcher {
     end: watch::Receiver<u64>,
     sub_type: SubscriptionType,
     dead_letter: Option<(DeadLetterPolicy, DeadLetterSink)>,
+    priority: Option<MessagePriority>,
     cursor: CursorState,
     store: Option<CursorStore>,
     dirty: bool,
@@ -717,7 +772,7 @@ impl Dispatcher {
         let Some(store) = &mut self.store else {
             return Ok(());
         };
-        let json = cursor_record(self.sub_type, &self.cursor);
+        let json = cursor_record(self.sub_type, self.priority.as_ref(), &self.cursor);
         match store
             .meta
             .compare_and_put(&store.key, store.version, json)
@@ -795,6 +850,16 @@ impl Dispatcher {
                 let r = self.reap(max, pred).await;
                 let _ = reply.send(r);
             }
+            Cmd::ReadyBytes(reply) => {
+                let mut total = 0u64;
+                let r = self
+                    .scan_ready(|m| {
+                        total += m.message.value.as_ref().map_or(0, |v| v.len() as u64);
+                        true
+                    })
+                    .await;
+                let _ = reply.send(r.map(|()| total));
+            }
             Cmd::Reset(to, reply) => {
                 let target = match to {
                     ResetTo::Offset(o) => o.clamp(self.log.start_offset(), self.log.end_offset()),
@@ -852,10 +917,11 @@ impl Dispatcher {
         Ok(c.msg_out > before)
     }
 
-    async fn reap(&mut self, max: usize, mut pred: ReapPredicate) -> Result<Vec<StoredMessage>> {
-        let mut out = Vec::new();
+    /// Visits the ready messages from the head, oldest first, until `f`
+    /// says stop.
+    async fn scan_ready(&mut self, mut f: impl FnMut(StoredMessage) -> bool) -> Result<()> {
         let mut pos = self.cursor.mark_delete.max(self.log.start_offset());
-        'read: while out.len() < max && pos < self.log.end_offset() {
+        while pos < self.log.end_offset() {
             let entries = self.log.read(pos, READ_ENTRIES, READ_BYTES).await?;
             if entries.is_empty() {
                 break;
@@ -868,17 +934,33 @@ impl Dispatcher {
                     {
                         continue;
                     }
-                    if out.len() >= max || !pred(&m) {
-                        break 'read;
+                    if !f(m) {
+                        return Ok(());
                     }
-                    self.replay.remove(&m.offset);
-                    self.cursor.ack(m.offset);
-                    out.push(m);
                 }
                 pos = pos.max(e.end_offset());
             }
         }
+        Ok(())
+    }
+
+    async fn reap(&mut self, max: usize, mut pred: ReapPredicate) -> Result<Vec<StoredMessage>> {
+        let mut out = Vec::new();
+        if max > 0 {
+            self.scan_ready(|m| {
+                if !pred(&m) {
+                    return false;
+                }
+                out.push(m);
+                out.len() < max
+            })
+            .await?;
+        }
         if !out.is_empty() {
+            for m in &out {
+                self.replay.remove(&m.offset);
+                self.cursor.ack(m.offset);
+            }
             let taken: HashSet<u64> = out.iter().map(|m| m.offset).collect();
             self.buffer.retain(|m| !taken.contains(&m.offset));
             self.mark_dirty();
@@ -1054,6 +1136,15 @@ impl Dispatcher {
             if self.serve_replay().await? {
                 continue;
             }
+            // Priority order needs the backlog read ahead, up to a window.
+            if self.priority.is_some()
+                && self.buffer.len() < PRIORITY_WINDOW
+                && self.read_pos < self.log.end_offset()
+                && self.replay.len() < MAX_BLOCKED
+                && self.fill().await?
+            {
+                continue;
+            }
             if self.buffer.is_empty() {
                 if self.replay.len() >= MAX_BLOCKED || !self.fill().await? {
                     return Ok(());
@@ -1108,12 +1199,26 @@ impl Dispatcher {
                     && !self.pending.contains_key(&m.offset)
                     && !self.replay.contains_key(&m.offset)
                 {
-                    self.buffer.push_back(m);
+                    self.enqueue(m);
                 }
             }
             self.read_pos = self.read_pos.max(e.end_offset());
         }
         Ok(true)
+    }
+
+    /// Buffers a message read from the log: at the back, or with a
+    /// priority, behind every message of its level or above.
+    fn enqueue(&mut self, m: StoredMessage) {
+        let Some(p) = &self.priority else {
+            self.buffer.push_back(m);
+            return;
+        };
+        let level = p.level(&m.message);
+        let at = self
+            .buffer
+            .partition_point(|b| p.level(&b.message) >= level);
+        self.buffer.insert(at, m);
     }
 
     /// Delivers replayable messages; true if it delivered or dropped any.
@@ -1266,15 +1371,22 @@ mod tests {
     // The dispatcher over an in-memory log: no sockets, no storage.
 
     fn setup(sub_type: SubscriptionType, log: &PartitionLog) -> Subscription {
+        setup_with(
+            SubscriptionOptions {
+                sub_type,
+                ..SubscriptionOptions::default()
+            },
+            log,
+        )
+    }
+
+    fn setup_with(opts: SubscriptionOptions, log: &PartitionLog) -> Subscription {
         Subscription::start(SubscriptionSetup {
             topic: "t".into(),
             name: "s".into(),
             log: log.clone(),
             cursor: CursorState::new(0, 0),
-            opts: SubscriptionOptions {
-                sub_type,
-                ..SubscriptionOptions::default()
-            },
+            opts,
             store: None,
             dead_letter: None,
             partition: 0,
@@ -1303,6 +1415,53 @@ mod tests {
             name: name.into(),
             ..ConsumerOptions::default()
         }
+    }
+
+    #[tokio::test]
+    async fn priorities_go_out_highest_first_and_in_order_within_a_level() {
+        let log = PartitionLog::Memory(MemoryLog::new("t", 1 << 20));
+        let sub = setup_with(
+            SubscriptionOptions {
+                sub_type: SubscriptionType::Shared,
+                priority: Some(MessagePriority {
+                    header: "p".into(),
+                    max: 5,
+                }),
+                ..SubscriptionOptions::default()
+            },
+            &log,
+        );
+        // Levels by offset; 9 counts as 5, "x" and none as 0.
+        let levels = [Some("1"), None, Some("5"), Some("9"), Some("x"), Some("3")];
+        for l in levels {
+            let mut m = Message::new("v");
+            if let Some(l) = l {
+                m.headers.push(("p".into(), Some(bytes::Bytes::from(l))));
+            }
+            log.append(encode_messages(&[m]).expect("encode"))
+                .await
+                .expect("append");
+        }
+        let mut c = sub.add_consumer(consumer("a")).await.expect("consumer");
+        c.flow(100);
+        assert_eq!(drain(&mut c).await, vec![2, 3, 5, 0, 1, 4]);
+    }
+
+    #[tokio::test]
+    async fn ready_bytes_count_payloads_neither_acked_nor_out() {
+        let log = PartitionLog::Memory(MemoryLog::new("t", 1 << 20));
+        let sub = setup(SubscriptionType::Shared, &log);
+        publish(&log, 0, 12, 1).await;
+        // Payloads "m0".."m9" are 2 bytes, "m10" and "m11" 3.
+        assert_eq!(sub.ready_bytes().await.expect("bytes"), 26);
+        let mut c = sub.add_consumer(consumer("a")).await.expect("consumer");
+        c.flow(2);
+        assert_eq!(drain(&mut c).await, vec![0, 1]);
+        c.ack(0);
+        assert_eq!(sub.ready_bytes().await.expect("bytes"), 22);
+        let reaped = sub.reap(3, Box::new(|_| true)).await.expect("reap");
+        assert_eq!(reaped.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(sub.ready_bytes().await.expect("bytes"), 16);
     }
 
     #[tokio::test]

@@ -144,12 +144,13 @@ impl Topic {
                     continue;
                 };
                 let sub = magnetar_tenancy::names::decode_segment(enc)?;
-                if let Some((sub_type, state, version)) = load_cursor(&topic.meta, &key).await? {
+                if let Some(c) = load_cursor(&topic.meta, &key).await? {
                     let opts = SubscriptionOptions {
-                        sub_type,
+                        sub_type: c.sub_type,
+                        priority: c.priority,
                         ..SubscriptionOptions::default()
                     };
-                    let s = topic.start_subscription(&sub, state, opts, Some(version), key);
+                    let s = topic.start_subscription(&sub, c.state, opts, Some(c.version), key);
                     subs.insert(sub, s);
                 }
             }
@@ -372,7 +373,7 @@ impl Topic {
         let durable = opts.durable && self.log.is_persistent();
         let (state, version) = match durable.then_some(()) {
             Some(()) => match load_cursor(&self.meta, &key).await? {
-                Some((_, state, version)) => (state, Some(version)),
+                Some(c) => (c.state, Some(c.version)),
                 None => (self.new_cursor(opts.initial_position), None),
             },
             None => (self.new_cursor(opts.initial_position), None),
@@ -383,7 +384,10 @@ impl Topic {
             (true, None) => {
                 match self
                     .meta
-                    .create(&key, cursor_record(opts.sub_type, &state))
+                    .create(
+                        &key,
+                        cursor_record(opts.sub_type, opts.priority.as_ref(), &state),
+                    )
                     .await
                 {
                     Ok(kv) => Some(kv.version),

@@ -183,7 +183,38 @@ pub struct StandaloneArgs {
     #[arg(long, env = "MAGNETAR_CLUSTER", default_value = "standalone")]
     cluster: String,
     #[command(flatten)]
+    disk: EmbeddedDisk,
+    #[command(flatten)]
     opts: BrokerOptions,
+}
+
+/// When the embedded bookie turns read-only, which raises the disk alarm
+/// (AMQP's connection.blocked).
+#[derive(Args, Clone, Copy)]
+pub struct EmbeddedDisk {
+    /// Fraction of the data disk in use above which the bookie turns
+    /// read-only.
+    #[arg(
+        long = "bookie-disk-usage-threshold",
+        env = "MAGNETAR_BOOKIE_DISK_USAGE_THRESHOLD",
+        default_value_t = 0.95
+    )]
+    usage_threshold: f64,
+    #[arg(
+        long = "bookie-disk-check-interval-ms",
+        env = "MAGNETAR_BOOKIE_DISK_CHECK_INTERVAL_MS",
+        default_value_t = 10_000
+    )]
+    check_interval_ms: u64,
+}
+
+impl Default for EmbeddedDisk {
+    fn default() -> Self {
+        EmbeddedDisk {
+            usage_threshold: 0.95,
+            check_interval_ms: 10_000,
+        }
+    }
 }
 
 struct Http {
@@ -320,6 +351,7 @@ impl Embedded {
         data_dir: &std::path::Path,
         meta_listen: SocketAddr,
         bookie_listen: SocketAddr,
+        disk: EmbeddedDisk,
         cfg: impl FnOnce() -> anyhow::Result<BrokerConfig>,
     ) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(data_dir)
@@ -331,14 +363,17 @@ impl Embedded {
             .await
             .context("waiting for the metadata node")?;
         let endpoints = vec![node.local_addr().to_string()];
-        let bookie = BookieServer::start(BookieConfig::new(
-            1,
-            bookie_listen,
-            data_dir.join("bookie"),
-            endpoints.clone(),
-        ))
-        .await
-        .context("starting the embedded bookie")?;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&disk.usage_threshold),
+            "--bookie-disk-usage-threshold must be between 0 and 1"
+        );
+        let mut bookie_cfg =
+            BookieConfig::new(1, bookie_listen, data_dir.join("bookie"), endpoints.clone());
+        bookie_cfg.disk_usage_threshold = disk.usage_threshold;
+        bookie_cfg.disk_check_interval = Duration::from_millis(disk.check_interval_ms.max(10));
+        let bookie = BookieServer::start(bookie_cfg)
+            .await
+            .context("starting the embedded bookie")?;
         let meta = MetaClient::new(&endpoints)?;
         wait_for_bookie(&meta).await?;
         let broker = Broker::start(meta, cfg()?)
@@ -383,15 +418,21 @@ impl BrokerOptions {
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let (listener, advertised) = bind_http(&args.opts).await?;
     let listeners = bind_protocols(&args.opts).await?;
-    let embedded = Embedded::start(&args.data_dir, args.meta_listen, args.bookie_listen, || {
-        broker_config(
-            &args.cluster,
-            &advertised,
-            &args.opts,
-            (1, 1, 1),
-            Some(&listeners),
-        )
-    })
+    let embedded = Embedded::start(
+        &args.data_dir,
+        args.meta_listen,
+        args.bookie_listen,
+        args.disk,
+        || {
+            broker_config(
+                &args.cluster,
+                &advertised,
+                &args.opts,
+                (1, 1, 1),
+                Some(&listeners),
+            )
+        },
+    )
     .await?;
     let http = serve_http(listener, embedded.broker.clone())?;
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
@@ -426,7 +467,8 @@ async fn wait_for_bookie(meta: &MetaClient) -> anyhow::Result<()> {
             // Waiting would not help: the disk must be freed first.
             anyhow::bail!(
                 "the embedded bookie is read-only: its disk is fuller than the bookie's \
-                 disk-usage threshold (95%); free some space and start again"
+                 disk-usage threshold (--bookie-disk-usage-threshold); free some space and \
+                 start again"
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -21,7 +21,9 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind};
-use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
+use magnetar_broker::subscription::{
+    InitialPosition, MessagePriority, SubscriptionOptions, SubscriptionType,
+};
 use magnetar_broker::{
     Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, Message, StateStore,
 };
@@ -44,6 +46,8 @@ use crate::AmqpConfig;
 const UNLIMITED_CREDIT: u64 = 1000;
 /// Publishes of one channel between the socket and durability.
 const PIPELINE_DEPTH: usize = 4096;
+/// How often resource alarms are checked.
+const ALARM_CHECK: Duration = Duration::from_millis(500);
 
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
@@ -113,28 +117,33 @@ impl Ctx {
         }
     }
 
-    /// Raises the memory alarm while the process's resident memory is
-    /// over the configured limit.
+    /// Raises an alarm while the process's resident memory is over the
+    /// configured limit, or while the bookies are out of disk, as
+    /// RabbitMQ's memory and disk alarms do.
     pub fn start_alarms(self: &Arc<Self>) {
         let limit = self.cfg.memory_limit_bytes;
-        if limit == 0 {
-            return;
-        }
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let Some(ctx) = weak.upgrade() else {
                     return;
                 };
-                let over = resident_bytes().is_some_and(|r| r > limit);
-                let reason = over.then(|| "low on memory".to_owned());
+                let memory = limit > 0 && resident_bytes().is_some_and(|r| r > limit);
+                let disk = !memory && ctx.broker.storage_full().await.unwrap_or(false);
+                let reason = if memory {
+                    Some("low on memory".to_owned())
+                } else if disk {
+                    Some("low on disk".to_owned())
+                } else {
+                    None
+                };
                 ctx.alarm.send_if_modified(|a| {
                     let changed = *a != reason;
                     *a = reason;
                     changed
                 });
                 drop(ctx);
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(ALARM_CHECK).await;
             }
         });
     }
@@ -245,21 +254,39 @@ impl Ctx {
         });
     }
 
-    /// Dead-letters (or drops) the oldest ready messages beyond `max`.
+    /// Dead-letters (or drops) the oldest ready messages beyond the
+    /// queue's length limits, as RabbitMQ's drop-head overflow does.
     async fn drop_head(
         &self,
         ns: &NamespaceName,
         def: &QueueDef,
         sub: &magnetar_broker::subscription::Subscription,
-        max: u64,
     ) -> Result<(), BrokerError> {
-        let st = sub.stats().await?;
-        let ready = st.msg_backlog.saturating_sub(st.unacked_messages);
-        if ready <= max {
-            return Ok(());
+        let mut dropped = Vec::new();
+        if let Some(max) = def.args.max_length {
+            let st = sub.stats().await?;
+            let ready = st.msg_backlog.saturating_sub(st.unacked_messages);
+            if ready > max {
+                let over = usize::try_from(ready - max).unwrap_or(usize::MAX);
+                dropped = sub.reap(over, Box::new(|_| true)).await?;
+            }
         }
-        let over = usize::try_from(ready - max).unwrap_or(usize::MAX);
-        for m in sub.reap(over, Box::new(|_| true)).await? {
+        if let Some(max) = def.args.max_length_bytes {
+            let ready = sub.ready_bytes().await?;
+            if ready > max {
+                // Oldest first, until what stays fits.
+                let mut over = ready - max;
+                let fits = Box::new(move |m: &magnetar_broker::StoredMessage| {
+                    if over == 0 {
+                        return false;
+                    }
+                    over = over.saturating_sub(body_len(&m.message));
+                    true
+                });
+                dropped.extend(sub.reap(usize::MAX, fits).await?);
+            }
+        }
+        for m in dropped {
             self.dead_letter(ns, def, &m.message, Reason::MaxLen)
                 .await?;
         }
@@ -329,6 +356,11 @@ fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// What RabbitMQ's byte limits count of a message: its body.
+fn body_len(m: &Message) -> u64 {
+    m.value.as_ref().map_or(0, |v| v.len() as u64)
 }
 
 fn now_ms() -> i64 {
@@ -1419,10 +1451,33 @@ impl Conn {
                 initial_position: InitialPosition::Earliest,
                 durable: def.durable,
                 dead_letter: None,
+                priority: def.args.max_priority.map(|max| MessagePriority {
+                    header: props::H_PRIORITY.into(),
+                    max,
+                }),
             },
         )
         .await
         .map_err(Exception::from)
+    }
+
+    /// Whether a queue is at one of its length limits, where
+    /// reject-publish refuses more (RabbitMQ: at, not only over).
+    async fn is_full(&self, def: &QueueDef) -> bool {
+        if let Some(max) = def.args.max_length {
+            let (ready, _) = self.queue_counts(def).await;
+            if u64::from(ready) >= max {
+                return true;
+            }
+        }
+        if let Some(max) = def.args.max_length_bytes {
+            if let Ok(sub) = self.queue_subscription(def).await {
+                if sub.ready_bytes().await.is_ok_and(|b| b >= max) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Ready messages and consumers of a queue, for declare-ok and get-ok.
@@ -2045,7 +2100,7 @@ impl Conn {
                     sub_type: SubscriptionType::Exclusive,
                     initial_position: InitialPosition::Earliest,
                     durable: false,
-                    dead_letter: None,
+                    ..SubscriptionOptions::default()
                 },
             )
             .await
@@ -2337,14 +2392,13 @@ impl Conn {
             if expires {
                 self.ctx.ensure_sweeper(&self.ns, &def);
             }
-            let Some(max) = def.args.max_length else {
+            if def.args.max_length.is_none() && def.args.max_length_bytes.is_none() {
                 pending.push(self.submit(topic, own(&mut record)));
                 continue;
-            };
+            }
             match def.args.overflow {
                 Overflow::RejectPublish | Overflow::RejectPublishDlx => {
-                    let (ready, _) = self.queue_counts(&def).await;
-                    if u64::from(ready) >= max {
+                    if self.is_full(&def).await {
                         rejected = true;
                         if def.args.overflow == Overflow::RejectPublishDlx {
                             let ctx = Arc::clone(&self.ctx);
@@ -2366,7 +2420,7 @@ impl Conn {
                     pending.push(
                         async move {
                             stored.await?;
-                            ctx.drop_head(&ns, &def, &sub, max).await
+                            ctx.drop_head(&ns, &def, &sub).await
                         }
                         .boxed(),
                     );

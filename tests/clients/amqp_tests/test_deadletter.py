@@ -105,6 +105,41 @@ def test_max_length_reject_publish_nacks_with_confirms(connect):
     assert [b for _, _, b in drain(ch, "rej-pub", 2)] == [b"1", b"2"]
 
 
+def test_max_length_bytes_drop_head_dead_letters_the_oldest(connect):
+    """x-max-length-bytes counts message bodies: with 25 bytes, two
+    10-byte messages stay and the older ones are dead-lettered."""
+    ch = connect().channel()
+    ch.confirm_delivery()
+    dlq = dlx_setup(ch, "dl-maxbytes", **{"x-max-length-bytes": 25})
+    for i in range(5):
+        ch.basic_publish("", "dl-maxbytes", f"message-{i:02d}".encode(),
+                         pika.BasicProperties(headers={"padding": "x" * 100}))
+    time.sleep(0.3)
+    assert ch.queue_declare("dl-maxbytes", passive=True).method.message_count == 2
+    assert [b for _, _, b in drain(ch, "dl-maxbytes", 2)] == [b"message-03", b"message-04"]
+    got = drain(ch, dlq, 3)
+    assert [b for _, _, b in got] == [b"message-00", b"message-01", b"message-02"]
+    assert all(death(p)["reason"] == "maxlen" for _, p, _ in got)
+
+
+def test_max_length_bytes_reject_publish_nacks_with_confirms(connect):
+    """A queue at its byte limit refuses the next publish: bodies of 10
+    bytes are taken while fewer than 25 bytes are ready."""
+    ch = connect().channel()
+    ch.confirm_delivery()
+    ch.queue_declare("rej-bytes", arguments={"x-max-length-bytes": 25,
+                                             "x-overflow": "reject-publish"})
+    ch.queue_purge("rej-bytes")
+    for i in range(3):
+        ch.basic_publish("", "rej-bytes", f"message-{i:02d}".encode())
+    with pytest.raises(pika.exceptions.NackError):
+        ch.basic_publish("", "rej-bytes", b"message-03")
+    got = drain(ch, "rej-bytes", 3)
+    assert [b for _, _, b in got] == [b"message-00", b"message-01", b"message-02"]
+    # Room again once consumed.
+    ch.basic_publish("", "rej-bytes", b"message-04")
+
+
 def test_delivery_limit_dead_letters_after_too_many_returns(connect):
     ch = connect().channel()
     ch.confirm_delivery()

@@ -158,3 +158,45 @@ def test_global_qos_limits_the_channel_across_consumers(connect):
             acked += 1
         conn.process_data_events(time_limit=0.1)
     assert len(got) == 20 and acked == 20
+
+
+def test_priority_queue_serves_higher_priorities_first(standalone, connect):
+    """x-max-priority: higher priorities first, in order within a level;
+    priorities above the queue's maximum count as the maximum, and none
+    as 0. Both the order and the queue's levels survive a restart."""
+    ch = connect().channel()
+    ch.confirm_delivery()
+    ch.queue_declare("prio.q", durable=True, arguments={"x-max-priority": 5})
+    ch.queue_purge("prio.q")
+    sent = [(0, b"a"), (3, b"b"), (None, b"c"), (5, b"d"), (3, b"e"), (9, b"f"), (1, b"g")]
+    for prio, body in sent:
+        ch.basic_publish("", "prio.q", body,
+                         pika.BasicProperties(priority=prio, delivery_mode=2))
+    first = ch.basic_get("prio.q", auto_ack=True)
+    assert first[2] == b"d"
+    ch.connection.close()
+    standalone.restart()
+    ch = connect().channel()
+    got = [b for _, _, b in drain(ch, "prio.q", 6)]
+    assert got == [b"f", b"b", b"e", b"g", b"a", b"c"]
+
+    # A consumer under prefetch 1 gets the highest waiting message next.
+    ch.confirm_delivery()
+    ch.basic_qos(prefetch_count=1)
+    ch.basic_publish("", "prio.q", b"low0", pika.BasicProperties(priority=0))
+    received = []
+    ch.basic_consume("prio.q", lambda c, m, p, b: received.append((m.delivery_tag, b)))
+    deadline = time.time() + 10
+    while not received and time.time() < deadline:
+        ch.connection.process_data_events(time_limit=0.1)
+    assert [b for _, b in received] == [b"low0"]
+    for prio, body in [(1, b"low1"), (4, b"high"), (2, b"mid")]:
+        ch.basic_publish("", "prio.q", body, pika.BasicProperties(priority=prio))
+    acked = set()
+    while len(received) < 4 and time.time() < deadline:
+        for tag, _ in received:
+            if tag not in acked:
+                ch.basic_ack(tag)
+                acked.add(tag)
+        ch.connection.process_data_events(time_limit=0.1)
+    assert [b for _, b in received] == [b"low0", b"high", b"mid", b"low1"]

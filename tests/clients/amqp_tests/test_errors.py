@@ -1,6 +1,7 @@
 """Errors are RabbitMQ's reply codes, as channel or connection exceptions;
 malformed frames close the connection with 501 or 502."""
 
+import os
 import socket
 import struct
 
@@ -235,4 +236,41 @@ def test_memory_alarm_blocks_publishers(tmp_path):
         # A blocked connection is not read, so a clean close would wait for
         # the alarm to clear; the server goes instead.
     finally:
+        s.stop()
+
+
+def test_disk_alarm_blocks_publishers(tmp_path):
+    """When the bookie's disk passes its usage threshold the bookie turns
+    read-only, and publishers are told connection.blocked "low on disk".
+    The threshold is set just above today's usage; a ballast file then
+    pushes the disk over it."""
+    import time
+    from conftest import Standalone
+    st = os.statvfs(tmp_path)
+    total = st.f_blocks * st.f_frsize
+    used = 1 - st.f_bavail / st.f_blocks
+    threshold = used + (256 << 20) / total
+    (tmp_path / "data").mkdir()
+    s = Standalone(str(tmp_path / "data"), extra=[
+        "--bookie-disk-usage-threshold", f"{threshold:.7f}",
+        "--bookie-disk-check-interval-ms", "100"])
+    s.start()
+    ballast = tmp_path / "ballast"
+    try:
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", s.amqp_port))
+        blocked = []
+        conn.add_on_connection_blocked_callback(lambda c, frame: blocked.append(frame.method.reason))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare("disk.q")
+        ch.basic_publish("", "disk.q", b"before")
+        assert blocked == []
+        with open(ballast, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 768 << 20)
+        deadline = time.time() + 15
+        while not blocked and time.time() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert blocked == ["low on disk"]
+    finally:
+        ballast.unlink(missing_ok=True)
         s.stop()
