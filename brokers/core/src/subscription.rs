@@ -1460,7 +1460,10 @@ mod tests {
         c.ack(0);
         assert_eq!(sub.ready_bytes().await.expect("bytes"), 22);
         let reaped = sub.reap(3, Box::new(|_| true)).await.expect("reap");
-        assert_eq!(reaped.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            reaped.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         assert_eq!(sub.ready_bytes().await.expect("bytes"), 16);
     }
 

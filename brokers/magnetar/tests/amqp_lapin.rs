@@ -588,3 +588,140 @@ async fn rabbitmq_tutorial_patterns() {
         );
     }
 }
+
+/// The `x-death` entry of a dead-lettered delivery, by field.
+fn first_death(d: &lapin::message::Delivery) -> std::collections::BTreeMap<String, AMQPValue> {
+    let headers = d.properties.headers().as_ref().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death in {headers:?}");
+    };
+    let Some(AMQPValue::FieldTable(t)) = deaths.as_slice().first() else {
+        panic!("x-death is not a list of tables: {deaths:?}");
+    };
+    t.inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+        .collect()
+}
+
+fn long_string(v: Option<&AMQPValue>) -> String {
+    match v {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("not a long string: {other:?}"),
+    }
+}
+
+/// Dead-lettering as lapin sees it: a rejected message and an expired one
+/// reach the dead-letter exchange with RabbitMQ's `x-death` history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_x_death() {
+    let s = standalone();
+    let conn = connect(s.amqp).await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    declare_exchange(&ch, "lapin-dlx", lapin::ExchangeKind::Fanout).await;
+    ch.queue_declare(
+        "lapin-dlq".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare dlq");
+    ch.queue_bind(
+        "lapin-dlq".into(),
+        "lapin-dlx".into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind dlq");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("lapin-dlx")),
+    );
+    ch.queue_declare(
+        "lapin-work".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare work queue");
+
+    publish(
+        &ch,
+        "",
+        "lapin-work",
+        "rejected",
+        BasicProperties::default(),
+    )
+    .await;
+    let got = ch
+        .basic_get(
+            "lapin-work".into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+        .expect("a message");
+    ch.basic_reject(
+        got.delivery.delivery_tag,
+        lapin::options::BasicRejectOptions { requeue: false },
+    )
+    .await
+    .expect("basic.reject");
+    publish(
+        &ch,
+        "",
+        "lapin-work",
+        "expired",
+        BasicProperties::default().with_expiration("50".into()),
+    )
+    .await;
+
+    let mut deaths = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while deaths.len() < 2 && tokio::time::Instant::now() < deadline {
+        match ch
+            .basic_get(
+                "lapin-dlq".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => deaths.push((text(&m.delivery), first_death(&m.delivery))),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let [(b1, d1), (b2, d2)] = &deaths[..] else {
+        panic!("expected two dead letters, got {deaths:?}");
+    };
+    assert_eq!(b1, "rejected");
+    assert_eq!(long_string(d1.get("reason")), "rejected");
+    assert_eq!(b2, "expired");
+    assert_eq!(long_string(d2.get("reason")), "expired");
+    for d in [d1, d2] {
+        assert_eq!(long_string(d.get("queue")), "lapin-work");
+        assert_eq!(long_string(d.get("exchange")), "");
+        assert_eq!(d.get("count"), Some(&AMQPValue::LongLongInt(1)));
+        assert!(
+            matches!(d.get("routing-keys"), Some(AMQPValue::FieldArray(k))
+                if k.as_slice() == [AMQPValue::LongString(LongString::from("lapin-work"))]),
+            "routing-keys: {:?}",
+            d.get("routing-keys")
+        );
+        assert!(matches!(d.get("time"), Some(AMQPValue::Timestamp(_))));
+    }
+    assert_eq!(
+        long_string(d2.get("original-expiration")),
+        "50",
+        "the expiration that fired is kept"
+    );
+}
