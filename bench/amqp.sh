@@ -53,7 +53,7 @@ run_rounds() {
 
 amqp=$(port)
 "$bin" standalone --data-dir "$dir/data" --http-listen "127.0.0.1:$(port)" \
-  --kafka-listen "127.0.0.1:$(port)" --amqp-listen "127.0.0.1:$amqp" \
+  --kafka-listen "127.0.0.1:$(port)" --amqp-listen "127.0.0.1:$amqp" --mqtt-listen "127.0.0.1:$(port)" \
   --meta-listen "127.0.0.1:$(port)" --bookie-listen "127.0.0.1:$(port)" \
   >"$dir/standalone.out" 2>"$dir/standalone.log" &
 pids+=($!)

@@ -16,7 +16,7 @@ echo "machine: cores=$(nproc) disk_seq_write_fdatasync=\"$disk\""
 
 kafka=$(port)
 "$bin" standalone --data-dir "$dir/data" --http-listen "127.0.0.1:$(port)" \
-  --kafka-listen "127.0.0.1:$kafka" --amqp-listen "127.0.0.1:$(port)" --meta-listen "127.0.0.1:$(port)" \
+  --kafka-listen "127.0.0.1:$kafka" --amqp-listen "127.0.0.1:$(port)" --mqtt-listen "127.0.0.1:$(port)" --meta-listen "127.0.0.1:$(port)" \
   --bookie-listen "127.0.0.1:$(port)" >"$dir/standalone.out" 2>"$dir/standalone.log" &
 pids+=($!)
 wait_line "$dir/standalone.out" ready

@@ -24,7 +24,7 @@ class Standalone:
     def __init__(self, data_dir, extra=()):
         self.data_dir = data_dir
         self.extra = list(extra)
-        self.ports = {k: free_port() for k in ("http", "kafka", "amqp", "meta", "bookie")}
+        self.ports = {k: free_port() for k in ("http", "kafka", "amqp", "mqtt", "meta", "bookie")}
         self.proc = None
         self.log_path = os.path.join(data_dir, "standalone.log")
 
@@ -35,6 +35,10 @@ class Standalone:
     @property
     def amqp_port(self):
         return self.ports["amqp"]
+
+    @property
+    def mqtt_port(self):
+        return self.ports["mqtt"]
 
     @property
     def http(self):
@@ -51,6 +55,7 @@ class Standalone:
                 "--http-listen", f"127.0.0.1:{self.ports['http']}",
                 "--kafka-listen", self.kafka,
                 "--amqp-listen", f"127.0.0.1:{self.ports['amqp']}",
+                "--mqtt-listen", f"127.0.0.1:{self.ports['mqtt']}",
                 "--meta-listen", f"127.0.0.1:{self.ports['meta']}",
                 "--bookie-listen", f"127.0.0.1:{self.ports['bookie']}",
                 "--kafka-group-initial-delay-ms", "300",

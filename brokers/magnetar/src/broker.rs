@@ -95,6 +95,12 @@ pub struct BrokerOptions {
     /// (connection.blocked); 0: no limit.
     #[arg(long, env = "MAGNETAR_AMQP_MEMORY_LIMIT_MB", default_value_t = 0)]
     amqp_memory_limit_mb: u64,
+    /// MQTT 3.1/3.1.1/5.0 listener.
+    #[arg(long, env = "MAGNETAR_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Largest MQTT packet accepted, in bytes (v5 Maximum Packet Size).
+    #[arg(long, env = "MAGNETAR_MQTT_MAX_PACKET_SIZE", default_value_t = 1 << 20)]
+    mqtt_max_packet_size: u32,
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -103,6 +109,7 @@ struct Listeners {
     kafka: tokio::net::TcpListener,
     kafka_advertised: String,
     amqp: tokio::net::TcpListener,
+    mqtt: tokio::net::TcpListener,
 }
 
 async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
@@ -113,8 +120,12 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
     let amqp = tokio::net::TcpListener::bind(opts.amqp_listen)
         .await
         .with_context(|| format!("binding the AMQP listener on {}", opts.amqp_listen))?;
+    let mqtt = tokio::net::TcpListener::bind(opts.mqtt_listen)
+        .await
+        .with_context(|| format!("binding the MQTT listener on {}", opts.mqtt_listen))?;
     Ok(Listeners {
         amqp,
+        mqtt,
         kafka,
         kafka_advertised: opts
             .advertised_kafka
@@ -127,6 +138,7 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
 struct Protocols {
     kafka: magnetar_kafka::KafkaServer,
     amqp: magnetar_amqp::AmqpServer,
+    mqtt: magnetar_mqtt::MqttServer,
 }
 
 impl Protocols {
@@ -145,15 +157,21 @@ impl Protocols {
             memory_limit_bytes: opts.amqp_memory_limit_mb << 20,
             ..Default::default()
         };
+        let mqtt_cfg = magnetar_mqtt::MqttConfig {
+            max_packet_size: opts.mqtt_max_packet_size.max(64),
+            ..Default::default()
+        };
         Ok(Protocols {
             kafka: magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?,
             amqp: magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?,
+            mqtt: magnetar_mqtt::MqttServer::start(l.mqtt, broker.clone(), mqtt_cfg)?,
         })
     }
 
     fn stop(&self) {
         self.kafka.stop();
         self.amqp.stop();
+        self.mqtt.stop();
     }
 }
 
@@ -324,10 +342,11 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let http = serve_http(listener, broker.clone())?;
     let protocols = Protocols::start(listeners, &broker, &args.opts)?;
     println!(
-        "magnetar broker ready: http={} kafka={} amqp={}",
+        "magnetar broker ready: http={} kafka={} amqp={} mqtt={}",
         http.addr,
         protocols.kafka.local_addr(),
-        protocols.amqp.local_addr()
+        protocols.amqp.local_addr(),
+        protocols.mqtt.local_addr()
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
@@ -438,10 +457,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
     // The one line harnesses and users wait for.
     println!(
-        "magnetar standalone ready: http={} kafka={} amqp={} meta={} bookie={} data={}",
+        "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}",
         http.addr,
         protocols.kafka.local_addr(),
         protocols.amqp.local_addr(),
+        protocols.mqtt.local_addr(),
         embedded.node.local_addr(),
         embedded.bookie.local_addr(),
         args.data_dir.display()

@@ -35,6 +35,7 @@ fn standalone() -> Standalone {
         .args(["--http-listen", "127.0.0.1:0"])
         .args(["--kafka-listen", "127.0.0.1:0"])
         .args(["--amqp-listen", &format!("127.0.0.1:{amqp}")])
+        .args(["--mqtt-listen", "127.0.0.1:0"])
         .args(["--meta-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--bookie-listen", &format!("127.0.0.1:{}", free_port())])
         .env("MAGNETAR_LOG", "info,openraft=warn");

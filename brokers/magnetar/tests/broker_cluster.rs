@@ -45,6 +45,8 @@ impl Standalone {
                 "127.0.0.1:0",
                 "--amqp-listen",
                 "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
             ])
             .args(["--meta-listen", &format!("127.0.0.1:{}", self.ports.1)])
             .args(["--bookie-listen", &format!("127.0.0.1:{}", self.ports.2)])
@@ -204,6 +206,8 @@ fn start_broker(cluster: &LedgerCluster, port: u16, log: &Path) -> Proc {
             "--kafka-listen",
             "127.0.0.1:0",
             "--amqp-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
             "127.0.0.1:0",
         ])
         .args(["--cluster", "local"])

@@ -1,0 +1,63 @@
+//! Magnetar's MQTT 3.1, 3.1.1 and 5.0, as Mosquitto serves it.
+//!
+//! Devices publish and subscribe unchanged; their messages route through
+//! the namespace's `amq.topic` exchange, RabbitMQ's MQTT mapping, so AMQP
+//! queues and Kafka consumers see the same data. The crate's parts:
+//!
+//! - [`codec`]: sans-I/O framing on `rmqtt-codec`, every level lifted to
+//!   MQTT 5's packet model;
+//! - [`topic`]: names, filters, shared subscriptions and the mapping onto
+//!   routing keys;
+//! - [`props`]: how a publish maps onto a record and back;
+//! - [`state`]: packet ids, the in-flight window and QoS 2, without I/O;
+//! - the session, which turns packets into calls on
+//!   [`magnetar_broker::Broker`] and nothing else, and [`server`], the
+//!   listener.
+
+pub mod codec;
+pub mod error;
+pub mod props;
+pub mod server;
+pub mod state;
+pub mod topic;
+
+mod session;
+
+use std::time::Duration;
+
+use magnetar_tenancy::names::NamespaceName;
+
+pub use error::{MqttError, Result};
+pub use server::MqttServer;
+
+/// How the MQTT listener behaves.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    /// Namespace of connections (until users carry their own).
+    pub default_namespace: NamespaceName,
+    /// Largest packet accepted, offered as Maximum Packet Size (v5).
+    pub max_packet_size: u32,
+    /// QoS 1 and 2 publishes a client may have unacknowledged (v5
+    /// Receive Maximum); more is a protocol error (0x93).
+    pub receive_max: u16,
+    /// Topic aliases a client may set (v5).
+    pub topic_alias_max: u16,
+    /// How long a client has from connecting to CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            default_namespace: NamespaceName::new(
+                magnetar_tenancy::DEFAULT_TENANT,
+                magnetar_tenancy::DEFAULT_NAMESPACE,
+            )
+            .unwrap_or_else(|_| unreachable!("public/default is a valid namespace")),
+            max_packet_size: 1 << 20,
+            receive_max: 1024,
+            topic_alias_max: 64,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The MQTT listener: one task per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use magnetar_broker::Broker;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::session::{serve, Ctx};
+use crate::MqttConfig;
+
+/// A running MQTT listener.
+#[derive(Debug)]
+pub struct MqttServer {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttServer {
+    /// Serves MQTT clients on `listener` for `broker`.
+    pub fn start(listener: TcpListener, broker: Broker, cfg: MqttConfig) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let ctx = Arc::new(Ctx::new(broker, cfg));
+        let task = tokio::spawn(accept_loop(listener, ctx));
+        info!(%local_addr, "MQTT listener started");
+        Ok(MqttServer { local_addr, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for MqttServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, ctx).await {
+                        debug!(%peer, "MQTT connection closed: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("MQTT accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,1031 @@
+//! One MQTT connection: CONNECT, then publishes in and deliveries out.
+//!
+//! Publishes route through the namespace's `amq.topic`. A session's
+//! subscriptions bind its queue (`mqtt-subscription-<client id>`) there;
+//! a shared subscription `$share/<group>/<filter>` binds the group's queue
+//! (`mqtt-share-<group>`), which its members consume together, so the
+//! broker's shared subscription spreads the load. The protocol's own
+//! bookkeeping (packet ids, the in-flight window, QoS 2 states) is in
+//! [`crate::state`], without I/O.
+
+use std::collections::{HashMap, HashSet};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use magnetar_broker::routing::Binding;
+use magnetar_broker::subscription::{
+    ConsumerControl, ConsumerOptions, InitialPosition, SubscriptionOptions, SubscriptionType,
+};
+use magnetar_broker::{Broker, BrokerError, Delivery, Message, StateStore};
+use magnetar_tenancy::names::{NamespaceName, TopicName};
+use rmqtt_codec::types::{Publish, QoS};
+use rmqtt_codec::v5::{self, Packet};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::codec::{self, Framing};
+use crate::error::{MqttError, Result};
+use crate::props;
+use crate::state::{Inflight, Outbound};
+use crate::topic;
+use crate::MqttConfig;
+
+/// The exchange MQTT publishes through, as RabbitMQ's plugin does.
+pub const EXCHANGE: &str = "amq.topic";
+/// The broker subscription MQTT sessions consume their queues through.
+const SUBSCRIPTION: &str = "mqtt";
+/// Where persistent sessions keep their subscriptions.
+const SESSION_AREA: &str = "mqtt-sessions";
+
+/// What every connection of a listener shares.
+pub(crate) struct Ctx {
+    pub broker: Broker,
+    pub cfg: MqttConfig,
+    sessions: StateStore,
+    next_conn: AtomicU64,
+    registry: std::sync::Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// The live connection of each client id, and how to end it.
+    live: HashMap<(NamespaceName, String), Live>,
+    /// Packet ids of QoS 2 publishes stored but not yet released, per
+    /// client: a resend after a reconnect is not stored twice.
+    received: HashMap<(NamespaceName, String), HashSet<u16>>,
+    publishers: HashMap<TopicName, magnetar_broker::Coalescer>,
+}
+
+struct Live {
+    conn: u64,
+    kick: Option<oneshot::Sender<()>>,
+}
+
+/// A subscription as a session keeps it (and stores it, when persistent).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Sub {
+    /// As the client sent it, `$share/…` included: its identity.
+    filter: String,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<u32>,
+}
+
+impl Sub {
+    fn share(&self) -> Option<(&str, &str)> {
+        topic::parse_share(&self.filter).ok().flatten()
+    }
+
+    /// The filter without its `$share/group/` prefix.
+    fn pattern(&self) -> &str {
+        self.share().map_or(self.filter.as_str(), |(_, f)| f)
+    }
+
+    fn queue(&self, own: &str) -> String {
+        match self.share() {
+            Some((g, _)) => share_queue(g),
+            None => own.to_owned(),
+        }
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct StoredSession {
+    subs: Vec<Sub>,
+    /// Seconds the session outlives its connection (u32::MAX: forever).
+    expiry: u32,
+}
+
+fn session_queue(client_id: &str) -> String {
+    format!(
+        "mqtt-subscription-{}",
+        magnetar_tenancy::names::encode_segment(client_id)
+    )
+}
+
+fn share_queue(group: &str) -> String {
+    format!(
+        "mqtt-share-{}",
+        magnetar_tenancy::names::encode_segment(group)
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl Ctx {
+    pub fn new(broker: Broker, cfg: MqttConfig) -> Self {
+        let sessions = broker.state(SESSION_AREA);
+        Ctx {
+            broker,
+            cfg,
+            sessions,
+            next_conn: AtomicU64::new(1),
+            registry: std::sync::Mutex::new(Registry::default()),
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publisher(&self, topic: &TopicName) -> magnetar_broker::Coalescer {
+        self.registry()
+            .publishers
+            .entry(topic.clone())
+            .or_insert_with(|| self.broker.coalescer(topic))
+            .clone()
+    }
+
+    fn session_key(ns: &NamespaceName, client_id: &str) -> String {
+        format!(
+            "{}/{}/{}",
+            magnetar_tenancy::names::encode_segment(ns.tenant()),
+            magnetar_tenancy::names::encode_segment(ns.namespace()),
+            magnetar_tenancy::names::encode_segment(client_id)
+        )
+    }
+
+    async fn load_session(&self, ns: &NamespaceName, client_id: &str) -> Option<StoredSession> {
+        let v = self
+            .sessions
+            .get(&Self::session_key(ns, client_id))
+            .await
+            .ok()??;
+        serde_json::from_slice(&v.value).ok()
+    }
+
+    async fn save_session(
+        &self,
+        ns: &NamespaceName,
+        client_id: &str,
+        s: &StoredSession,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(s).map_err(|e| MqttError::Encode(e.to_string()))?;
+        self.sessions
+            .put(&Self::session_key(ns, client_id), json)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a session: its state, its queue and its bindings.
+    async fn drop_session(&self, ns: &NamespaceName, client_id: &str) {
+        let _ = self
+            .sessions
+            .delete(&Self::session_key(ns, client_id))
+            .await;
+        let _ = self
+            .broker
+            .delete_queue(ns, &session_queue(client_id))
+            .await;
+        self.registry()
+            .received
+            .remove(&(ns.clone(), client_id.to_owned()));
+    }
+
+    /// Declares `queue` unless it exists.
+    async fn ensure_queue(&self, ns: &NamespaceName, queue: &str, durable: bool) -> Result<()> {
+        if !self.broker.queue_exists(ns, queue).await? {
+            self.broker.declare_queue(ns, queue, durable).await?;
+        }
+        Ok(())
+    }
+
+    /// Routes a message through `amq.topic`; resolves once every queue it
+    /// reached has it durably (or in memory, for transient queues).
+    async fn route(
+        self: &Arc<Self>,
+        ns: &NamespaceName,
+        key: &str,
+        record: Message,
+    ) -> Result<BoxFuture<'static, Result<(), BrokerError>>> {
+        let routes = self.broker.route(ns, EXCHANGE, key, &[]).await?;
+        let stored: Vec<_> = routes
+            .iter()
+            .map(|(_, t)| self.publisher(t).publish(record.clone()))
+            .collect();
+        Ok(async move {
+            for r in futures::future::join_all(stored).await {
+                r?;
+            }
+            Ok(())
+        }
+        .boxed())
+    }
+}
+
+/// A queue this session consumes: its own, or a shared group's.
+struct Source {
+    control: ConsumerControl,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a stored inbound publish is acknowledged with, once durable.
+enum Reply {
+    PubAck(NonZeroU16),
+    PubRec(NonZeroU16),
+    Nothing,
+}
+
+type Stored = BoxFuture<'static, (Reply, Result<(), BrokerError>)>;
+
+enum End {
+    /// DISCONNECT: no will (unless it asked for one).
+    Clean {
+        will: bool,
+    },
+    /// Socket closed or an error: the will goes out.
+    Abrupt(Option<MqttError>),
+    TakenOver,
+}
+
+struct Conn {
+    ctx: Arc<Ctx>,
+    id: u64,
+    ns: NamespaceName,
+    client_id: String,
+    framing: Framing,
+    out: BytesMut,
+    v5: bool,
+    subs: Vec<Sub>,
+    /// Seconds the session outlives the connection.
+    expiry: u32,
+    will: Option<v5::LastWill>,
+    keep_alive: Option<Duration>,
+    /// Inbound topic aliases (v5).
+    aliases_in: HashMap<u16, ByteString>,
+    alias_max_in: u16,
+    outbound: Outbound,
+    sources: HashMap<String, Source>,
+    deliveries_tx: mpsc::UnboundedSender<(String, Delivery)>,
+    /// Deliveries that came while the in-flight window was full.
+    waiting: std::collections::VecDeque<(String, Delivery)>,
+    stores: FuturesOrdered<Stored>,
+    /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
+    receiving: usize,
+}
+
+/// Serves one connection until it ends.
+pub(crate) async fn serve(stream: TcpStream, ctx: Arc<Ctx>) -> Result<()> {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut framing = Framing::new(ctx.cfg.max_packet_size);
+    let mut buf = BytesMut::new();
+    let first = tokio::time::timeout(ctx.cfg.connect_timeout, async {
+        loop {
+            if let Some(p) = framing.decode(&mut buf)? {
+                return Ok::<_, MqttError>(Some(p));
+            }
+            buf.reserve(1024);
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Err(_) | Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(_))) => return Err(MqttError::Protocol("first packet is not CONNECT".into())),
+    };
+    let (mut conn, kick) = match Conn::open(&ctx, framing, *connect).await {
+        Ok(x) => x,
+        Err((framing, reason)) => {
+            let mut out = BytesMut::new();
+            let mut framing = framing;
+            let _ = framing.encode(
+                Packet::ConnectAck(Box::new(v5::ConnectAck {
+                    reason_code: reason,
+                    ..Default::default()
+                })),
+                &mut out,
+            );
+            let _ = wr.write_all(&out).await;
+            return Ok(());
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    conn.deliveries_tx = tx;
+    let end = conn.run(&mut rd, &mut wr, buf, rx, kick).await;
+    conn.close(end, &mut wr).await;
+    Ok(())
+}
+
+impl Conn {
+    /// Takes CONNECT: the session, takeover of an older connection, and
+    /// CONNACK. On refusal, the reason for CONNACK.
+    async fn open(
+        ctx: &Arc<Ctx>,
+        mut framing: Framing,
+        c: v5::Connect,
+    ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
+        let v5 = framing.is_v5();
+        let ns = ctx.cfg.default_namespace.clone();
+        let mut client_id = c.client_id.to_string();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            // 3.1.1 gives an id only to clean sessions.
+            if !v5 && !c.clean_start {
+                return Err((framing, v5::ConnectAckReason::ClientIdentifierNotValid));
+            }
+            client_id = format!("magnetar-{:016x}", rand::random::<u64>());
+            assigned = Some(client_id.clone());
+        }
+        if let Some(w) = &c.last_will {
+            if topic::check_name(&w.topic).is_err() {
+                return Err((framing, v5::ConnectAckReason::TopicNameInvalid));
+            }
+        }
+        if let Some(max) = c.max_packet_size {
+            framing.set_max_outbound(max.get());
+        }
+        let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Takeover: the older connection of this client id goes.
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let old = ctx.registry().live.insert(
+            (ns.clone(), client_id.clone()),
+            Live {
+                conn: id,
+                kick: Some(kick_tx),
+            },
+        );
+        if let Some(mut old) = old {
+            if let Some(k) = old.kick.take() {
+                let _ = k.send(());
+            }
+        }
+        let stored = ctx.load_session(&ns, &client_id).await;
+        let mut session_present = false;
+        let mut subs = Vec::new();
+        if c.clean_start {
+            if stored.is_some() {
+                ctx.drop_session(&ns, &client_id).await;
+            }
+        } else if let Some(s) = stored {
+            session_present = true;
+            subs = s.subs;
+        }
+        let expiry = c.session_expiry_interval_secs;
+        let keep_alive =
+            (c.keep_alive > 0).then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500));
+        let receive_max = c.receive_max.map_or(65_535, NonZeroU16::get);
+        let mut conn = Conn {
+            ctx: Arc::clone(ctx),
+            id,
+            ns,
+            client_id,
+            framing,
+            out: BytesMut::new(),
+            v5,
+            subs: Vec::new(),
+            expiry,
+            will: c.last_will,
+            keep_alive,
+            aliases_in: HashMap::new(),
+            alias_max_in: ctx.cfg.topic_alias_max,
+            outbound: Outbound::new(receive_max),
+            sources: HashMap::new(),
+            deliveries_tx: mpsc::unbounded_channel().0,
+            waiting: std::collections::VecDeque::new(),
+            stores: FuturesOrdered::new(),
+            receiving: 0,
+        };
+        conn.send(Packet::ConnectAck(Box::new(v5::ConnectAck {
+            session_present,
+            assigned_client_id: assigned.map(ByteString::from),
+            receive_max: NonZeroU16::new(ctx.cfg.receive_max).unwrap_or(NonZeroU16::MIN),
+            topic_alias_max: ctx.cfg.topic_alias_max,
+            max_packet_size: Some(ctx.cfg.max_packet_size),
+            session_expiry_interval_secs: None,
+            ..Default::default()
+        })));
+        conn.subs = subs;
+        Ok((conn, kick_rx))
+    }
+
+    fn send(&mut self, p: Packet) {
+        if let Err(e) = self.framing.encode(p, &mut self.out) {
+            debug!(client = %self.client_id, "not sent: {e}");
+        }
+    }
+
+    async fn run(
+        &mut self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        mut buf: BytesMut,
+        mut deliveries: mpsc::UnboundedReceiver<(String, Delivery)>,
+        mut kick: oneshot::Receiver<()>,
+    ) -> End {
+        // Consumers of a resumed session's queues.
+        let queues: HashSet<String> = self
+            .subs
+            .iter()
+            .map(|s| s.queue(&session_queue(&self.client_id)))
+            .collect();
+        for q in queues {
+            if let Err(e) = self.consume(&q).await {
+                return End::Abrupt(Some(e));
+            }
+        }
+        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        loop {
+            if !self.out.is_empty() {
+                let out = self.out.split();
+                if wr.write_all(&out).await.is_err() {
+                    return End::Abrupt(None);
+                }
+            }
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Abrupt(None),
+                        Ok(_) => {}
+                    }
+                    deadline = self.keep_alive.map(|k| Instant::now() + k);
+                    loop {
+                        match self.framing.decode(&mut buf) {
+                            Ok(Some(p)) => match self.on_packet(p).await {
+                                Ok(None) => {}
+                                Ok(Some(end)) => return end,
+                                Err(e) => return End::Abrupt(Some(e)),
+                            },
+                            Ok(None) => break,
+                            Err(e) => return End::Abrupt(Some(e)),
+                        }
+                    }
+                    if buf.capacity() - buf.len() < 512 {
+                        buf.reserve(4096);
+                    }
+                }
+                Some((q, d)) = deliveries.recv() => {
+                    self.on_delivery(q, d);
+                    // Drain what is already there, so that one write
+                    // carries many.
+                    while let Ok((q, d)) = deliveries.try_recv() {
+                        self.on_delivery(q, d);
+                    }
+                }
+                Some((reply, r)) = self.stores.next(), if !self.stores.is_empty() => {
+                    self.receiving = self.receiving.saturating_sub(1);
+                    if let Err(e) = r {
+                        return End::Abrupt(Some(e.into()));
+                    }
+                    match reply {
+                        Reply::PubAck(id) => self.send(Packet::PublishAck(codec::ack(id))),
+                        Reply::PubRec(id) => {
+                            self.ctx.registry().received.entry((self.ns.clone(), self.client_id.clone())).or_default().insert(id.get());
+                            self.send(Packet::PublishReceived(codec::ack(id)));
+                        }
+                        Reply::Nothing => {}
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
+                    return End::Abrupt(Some(MqttError::KeepAlive));
+                }
+                _ = &mut kick => return End::TakenOver,
+            }
+        }
+    }
+
+    async fn on_packet(&mut self, p: Packet) -> Result<Option<End>> {
+        match p {
+            Packet::Connect(_) => return Err(MqttError::Protocol("a second CONNECT".into())),
+            Packet::Publish(p) => self.on_publish(*p).await?,
+            Packet::PublishAck(a) => self.settle(a.packet_id.get(), false),
+            Packet::PublishReceived(a) => {
+                if self.outbound.received(a.packet_id.get()) {
+                    self.send(Packet::PublishRelease(codec::ack2(a.packet_id)));
+                } else {
+                    let mut rel = codec::ack2(a.packet_id);
+                    rel.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
+                    self.send(Packet::PublishRelease(rel));
+                }
+            }
+            Packet::PublishComplete(a) => self.settle(a.packet_id.get(), true),
+            Packet::PublishRelease(a) => {
+                let known = self
+                    .ctx
+                    .registry()
+                    .received
+                    .get_mut(&(self.ns.clone(), self.client_id.clone()))
+                    .is_some_and(|s| s.remove(&a.packet_id.get()));
+                let mut comp = codec::ack2(a.packet_id);
+                if !known {
+                    comp.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
+                }
+                self.send(Packet::PublishComplete(comp));
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await?,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await?,
+            Packet::PingRequest => self.send(Packet::PingResponse),
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.session_expiry_interval_secs {
+                    if self.expiry == 0 && e != 0 {
+                        return Err(MqttError::Protocol(
+                            "session expiry set on DISCONNECT after 0 on CONNECT".into(),
+                        ));
+                    }
+                    self.expiry = e;
+                }
+                return Ok(Some(End::Clean {
+                    will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+                }));
+            }
+            Packet::Auth(_) => {
+                return Err(MqttError::Protocol(
+                    "AUTH without an authentication method".into(),
+                ))
+            }
+            Packet::ConnectAck(_)
+            | Packet::SubscribeAck(_)
+            | Packet::UnsubscribeAck(_)
+            | Packet::PingResponse => {
+                return Err(MqttError::Protocol("a server packet from a client".into()))
+            }
+        }
+        Ok(None)
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<()> {
+        // Topic aliases (v5): an alias with a topic sets it, without uses it.
+        let alias = p.properties.as_mut().and_then(|pr| pr.topic_alias.take());
+        if let Some(a) = alias {
+            if a.get() > self.alias_max_in {
+                return Err(MqttError::TopicAlias(format!("alias {a} over the maximum")));
+            }
+            if p.topic.is_empty() {
+                p.topic = self
+                    .aliases_in
+                    .get(&a.get())
+                    .cloned()
+                    .ok_or_else(|| MqttError::TopicAlias(format!("alias {a} is not set")))?;
+            } else {
+                self.aliases_in.insert(a.get(), p.topic.clone());
+            }
+        }
+        let topic = p.topic.to_string();
+        topic::check_name(&topic)?;
+        if p.qos != QoS::AtMostOnce {
+            self.receiving += 1;
+            if self.receiving > usize::from(self.ctx.cfg.receive_max) {
+                return Err(MqttError::ReceiveMaximum);
+            }
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let id = p.packet_id.map_or(0, NonZeroU16::get);
+            let seen = self
+                .ctx
+                .registry()
+                .received
+                .get(&(self.ns.clone(), self.client_id.clone()))
+                .is_some_and(|s| s.contains(&id));
+            if seen {
+                // A resend of one already stored: acknowledge, do not store.
+                if let Some(id) = p.packet_id {
+                    self.stores
+                        .push_back(async move { (Reply::PubRec(id), Ok(())) }.boxed());
+                }
+                return Ok(());
+            }
+        }
+        let record = props::to_record(&p, &topic, &self.client_id);
+        let stored = self
+            .ctx
+            .route(&self.ns, &topic::routing_key(&topic), record)
+            .await?;
+        let reply = match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => Reply::PubAck(id),
+            (QoS::ExactlyOnce, Some(id)) => Reply::PubRec(id),
+            _ => Reply::Nothing,
+        };
+        if matches!(reply, Reply::Nothing) {
+            // QoS 0: nobody waits; errors are only logged.
+            tokio::spawn(async move {
+                if let Err(e) = stored.await {
+                    debug!("QoS 0 publish not stored: {e}");
+                }
+            });
+        } else {
+            self.stores
+                .push_back(async move { (reply, stored.await) }.boxed());
+        }
+        Ok(())
+    }
+
+    /// Starts consuming `queue`, unless this session already does.
+    async fn consume(&mut self, queue: &str) -> Result<()> {
+        if self.sources.contains_key(queue) {
+            return Ok(());
+        }
+        // The session's own queue is durable when the session outlives
+        // its connection; share groups' always are.
+        let own = queue == session_queue(&self.client_id);
+        self.ctx
+            .ensure_queue(&self.ns, queue, !own || self.expiry > 0)
+            .await?;
+        let durable = !self.ctx.broker.queue_is_transient(&self.ns, queue).await?;
+        let topic = self.ctx.broker.queue_topic(&self.ns, queue, durable)?;
+        let mut consumer = self
+            .ctx
+            .broker
+            .subscribe(
+                &topic,
+                SUBSCRIPTION,
+                SubscriptionOptions {
+                    sub_type: SubscriptionType::Shared,
+                    initial_position: InitialPosition::Earliest,
+                    durable,
+                    ..SubscriptionOptions::default()
+                },
+                ConsumerOptions {
+                    name: self.client_id.clone(),
+                    ..ConsumerOptions::default()
+                },
+            )
+            .await?;
+        consumer.flow(u64::from(self.outbound.window()));
+        let control = consumer.control();
+        let tx = self.deliveries_tx.clone();
+        let name = queue.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(d) = consumer.recv().await {
+                if tx.send((name.clone(), d)).is_err() {
+                    break;
+                }
+            }
+        });
+        self.sources
+            .insert(queue.to_owned(), Source { control, task });
+        Ok(())
+    }
+
+    async fn on_subscribe(&mut self, s: v5::Subscribe) -> Result<()> {
+        let mut status = Vec::with_capacity(s.topic_filters.len());
+        let own = session_queue(&self.client_id);
+        let mut changed = false;
+        for (filter, opts) in s.topic_filters {
+            let filter = filter.to_string();
+            let checked = topic::check_filter(&filter).and_then(|()| topic::parse_share(&filter));
+            let share = match checked {
+                Ok(share) => share.map(|(g, f)| (g.to_owned(), f.to_owned())),
+                Err(_) => {
+                    status.push(v5::SubscribeAckReason::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if share.is_some() && opts.no_local {
+                // Not allowed on shared subscriptions (MQTT 5, 3.8.3.1).
+                return Err(MqttError::Protocol(
+                    "no-local on a shared subscription".into(),
+                ));
+            }
+            let sub = Sub {
+                filter: filter.clone(),
+                qos: opts.qos.value(),
+                no_local: opts.no_local,
+                retain_as_published: opts.retain_as_published,
+                id: s.id.map(NonZeroU32::get),
+            };
+            let queue = sub.queue(&own);
+            let pattern = share.as_ref().map_or(filter.as_str(), |(_, f)| f.as_str());
+            let durable = share.is_some() || self.expiry > 0;
+            let (ctx, ns) = (Arc::clone(&self.ctx), self.ns.clone());
+            let bound = async {
+                ctx.ensure_queue(&ns, &queue, durable).await?;
+                ctx.broker
+                    .bind(
+                        &ns,
+                        Binding::queue(EXCHANGE, queue.as_str(), topic::binding_key(pattern)),
+                    )
+                    .await?;
+                Ok::<_, MqttError>(())
+            }
+            .await;
+            if let Err(e) = bound {
+                debug!(client = %self.client_id, "subscribe {filter}: {e}");
+                status.push(v5::SubscribeAckReason::UnspecifiedError);
+                continue;
+            }
+            if let Err(e) = self.consume(&queue).await {
+                debug!(client = %self.client_id, "consume {queue}: {e}");
+                status.push(v5::SubscribeAckReason::UnspecifiedError);
+                continue;
+            }
+            match self.subs.iter_mut().find(|x| x.filter == filter) {
+                Some(x) => *x = sub,
+                None => self.subs.push(sub),
+            }
+            changed = true;
+            status.push(codec::granted(opts.qos));
+        }
+        if changed && self.expiry > 0 {
+            self.save().await?;
+        }
+        self.send(Packet::SubscribeAck(v5::SubscribeAck {
+            packet_id: s.packet_id,
+            properties: Vec::new(),
+            reason_string: None,
+            status,
+        }));
+        Ok(())
+    }
+
+    async fn on_unsubscribe(&mut self, u: v5::Unsubscribe) -> Result<()> {
+        let own = session_queue(&self.client_id);
+        let mut status = Vec::with_capacity(u.topic_filters.len());
+        for filter in u.topic_filters {
+            let Some(i) = self.subs.iter().position(|s| s.filter == *filter) else {
+                status.push(v5::UnsubscribeAckReason::NoSubscriptionExisted);
+                continue;
+            };
+            let sub = self.subs.remove(i);
+            let queue = sub.queue(&own);
+            let key = topic::binding_key(sub.pattern());
+            // The binding stays while another filter of this session needs it.
+            let shared_key = self
+                .subs
+                .iter()
+                .any(|s| s.queue(&own) == queue && topic::binding_key(s.pattern()) == key);
+            if !shared_key && sub.share().is_none() {
+                let _ = self
+                    .ctx
+                    .broker
+                    .unbind(&self.ns, &Binding::queue(EXCHANGE, queue.as_str(), key))
+                    .await;
+            }
+            if sub.share().is_some() && !self.subs.iter().any(|s| s.queue(&own) == queue) {
+                self.sources.remove(&queue);
+            }
+            status.push(v5::UnsubscribeAckReason::Success);
+        }
+        if self.expiry > 0 {
+            self.save().await?;
+        }
+        self.send(Packet::UnsubscribeAck(v5::UnsubscribeAck {
+            packet_id: u.packet_id,
+            properties: Vec::new(),
+            reason_string: None,
+            status,
+        }));
+        Ok(())
+    }
+
+    async fn save(&mut self) -> Result<()> {
+        self.ctx
+            .save_session(
+                &self.ns,
+                &self.client_id,
+                &StoredSession {
+                    subs: self.subs.clone(),
+                    expiry: self.expiry,
+                },
+            )
+            .await
+    }
+
+    /// A message from one of the session's queues: sent at the QoS its
+    /// subscriptions allow, or dropped if none matches any more.
+    fn on_delivery(&mut self, queue: String, d: Delivery) {
+        if self.outbound.is_full() {
+            self.waiting.push_back((queue, d));
+            return;
+        }
+        let Some(stored) = props::read(&d.message, now_ms()) else {
+            self.done(&queue, d.offset);
+            return;
+        };
+        let own = session_queue(&self.client_id);
+        let mut qos = None::<QoS>;
+        let mut ids = Vec::new();
+        let mut rap = false;
+        for s in &self.subs {
+            if s.queue(&own) != queue || !topic::matches(s.pattern(), &stored.topic) {
+                continue;
+            }
+            if s.no_local && stored.publisher.as_deref() == Some(self.client_id.as_str()) {
+                continue;
+            }
+            let q = qos_of(s.qos);
+            qos = Some(qos.map_or(q, |x: QoS| if q.value() > x.value() { q } else { x }));
+            if let Some(id) = s.id.and_then(NonZeroU32::new) {
+                ids.push(id);
+            }
+            rap |= s.retain_as_published;
+        }
+        let Some(granted) = qos else {
+            self.done(&queue, d.offset);
+            return;
+        };
+        if stored.expired {
+            self.done(&queue, d.offset);
+            return;
+        }
+        let qos = stored.qos.less_value(granted);
+        let properties = self.v5.then(|| props::properties(&d.message, &stored, ids));
+        let payload = d.message.value.clone().unwrap_or_default();
+        let mut publish = Publish {
+            dup: false,
+            retain: rap && stored.retain,
+            qos,
+            topic: ByteString::from(stored.topic),
+            packet_id: None,
+            payload,
+            properties,
+        };
+        if qos == QoS::AtMostOnce {
+            self.send(Packet::Publish(Box::new(publish)));
+            self.done(&queue, d.offset);
+            return;
+        }
+        let Some(id) = self.outbound.start(Inflight {
+            queue: queue.clone(),
+            offset: d.offset,
+            qos: qos.value(),
+        }) else {
+            self.waiting.push_back((queue, d));
+            return;
+        };
+        publish.packet_id = NonZeroU16::new(id);
+        publish.dup = d.redelivery_count > 0;
+        self.send(Packet::Publish(Box::new(publish)));
+    }
+
+    /// A delivery is finished with: acknowledged on its queue, and the
+    /// credit it used given back.
+    fn done(&mut self, queue: &str, offset: u64) {
+        if let Some(s) = self.sources.get(queue) {
+            s.control.ack(vec![offset]);
+            s.control.flow(1);
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
+    fn settle(&mut self, id: u16, complete: bool) {
+        if let Some(f) = self.outbound.finish(id, complete) {
+            self.done(&f.queue, f.offset);
+        }
+        while !self.outbound.is_full() {
+            let Some((q, d)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.on_delivery(q, d);
+        }
+    }
+
+    async fn close(mut self, end: End, wr: &mut tokio::net::tcp::OwnedWriteHalf) {
+        let reason = match &end {
+            End::TakenOver => Some(v5::DisconnectReasonCode::SessionTakenOver),
+            End::Abrupt(Some(e)) => Some(e.reason()),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            if let End::Abrupt(Some(e)) = &end {
+                debug!(client = %self.client_id, "closing: {e}");
+            }
+            self.send(Packet::Disconnect(v5::Disconnect {
+                reason_code: reason,
+                session_expiry_interval_secs: None,
+                server_reference: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+            }));
+        }
+        if !self.out.is_empty() {
+            let _ = wr.write_all(&self.out).await;
+        }
+        let _ = wr.shutdown().await;
+        // Unsettled deliveries go back to their queues for the next
+        // connection (or another member of a share group).
+        self.sources.clear();
+        let fire = match end {
+            End::Clean { will } => will,
+            End::Abrupt(_) | End::TakenOver => true,
+        };
+        let still_mine = {
+            let mut reg = self.ctx.registry();
+            let key = (self.ns.clone(), self.client_id.clone());
+            let mine = reg.live.get(&key).is_some_and(|l| l.conn == self.id);
+            if mine {
+                reg.live.remove(&key);
+            }
+            mine
+        };
+        if let Some(w) = self.will.take().filter(|_| fire) {
+            publish_will(
+                Arc::clone(&self.ctx),
+                self.ns.clone(),
+                self.client_id.clone(),
+                self.id,
+                w,
+                self.expiry,
+            );
+        }
+        if still_mine && self.expiry == 0 {
+            self.ctx.drop_session(&self.ns, &self.client_id).await;
+        } else if still_mine && self.expiry != u32::MAX {
+            expire_later(
+                Arc::clone(&self.ctx),
+                self.ns.clone(),
+                self.client_id.clone(),
+                self.expiry,
+            );
+        }
+    }
+}
+
+/// Publishes a will, after its delay (at most the session's expiry),
+/// unless the client came back in the meantime.
+fn publish_will(
+    ctx: Arc<Ctx>,
+    ns: NamespaceName,
+    client_id: String,
+    conn: u64,
+    w: v5::LastWill,
+    expiry: u32,
+) {
+    tokio::spawn(async move {
+        let delay = w.will_delay_interval_sec.unwrap_or(0).min(expiry);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let back = ctx
+                .registry()
+                .live
+                .get(&(ns.clone(), client_id.clone()))
+                .is_some_and(|l| l.conn != conn);
+            if back {
+                return;
+            }
+        }
+        let p = Publish {
+            dup: false,
+            retain: w.retain,
+            qos: w.qos,
+            topic: w.topic.clone(),
+            packet_id: None,
+            payload: w.message.clone(),
+            properties: Some(v5::PublishProperties {
+                correlation_data: w.correlation_data.clone(),
+                message_expiry_interval: w.message_expiry_interval,
+                content_type: w.content_type.clone(),
+                user_properties: w.user_properties.clone(),
+                is_utf8_payload: w.is_utf8_payload.unwrap_or(false),
+                response_topic: w.response_topic.clone(),
+                ..Default::default()
+            }),
+        };
+        let record = props::to_record(&p, &w.topic, &client_id);
+        match ctx.route(&ns, &topic::routing_key(&w.topic), record).await {
+            Ok(stored) => {
+                if let Err(e) = stored.await {
+                    debug!(client = %client_id, "will not stored: {e}");
+                }
+            }
+            Err(e) => debug!(client = %client_id, "will not routed: {e}"),
+        }
+    });
+}
+
+/// Drops a session `expiry` seconds after its connection went, unless the
+/// client came back.
+fn expire_later(ctx: Arc<Ctx>, ns: NamespaceName, client_id: String, expiry: u32) {
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+        let back = ctx
+            .registry()
+            .live
+            .contains_key(&(ns.clone(), client_id.clone()));
+        if !back {
+            ctx.drop_session(&ns, &client_id).await;
+        }
+    });
+}
