@@ -101,6 +101,10 @@ pub struct BrokerOptions {
     /// Largest MQTT packet accepted, in bytes (v5 Maximum Packet Size).
     #[arg(long, env = "MAGNETAR_MQTT_MAX_PACKET_SIZE", default_value_t = 1 << 20)]
     mqtt_max_packet_size: u32,
+    /// Longest MQTT keep-alive allowed, in seconds: v5 clients asking for
+    /// more are told this one, v3 clients are refused; 65535: no limit.
+    #[arg(long, env = "MAGNETAR_MQTT_MAX_KEEP_ALIVE", default_value_t = u16::MAX)]
+    mqtt_max_keep_alive: u16,
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -159,6 +163,7 @@ impl Protocols {
         };
         let mqtt_cfg = magnetar_mqtt::MqttConfig {
             max_packet_size: opts.mqtt_max_packet_size.max(64),
+            max_keep_alive: opts.mqtt_max_keep_alive.max(1),
             ..Default::default()
         };
         Ok(Protocols {

@@ -9,6 +9,7 @@
 //! - [`topic`]: names, filters, shared subscriptions and the mapping onto
 //!   routing keys;
 //! - [`props`]: how a publish maps onto a record and back;
+//! - [`retained`]: how retained messages are kept;
 //! - [`state`]: packet ids, the in-flight window and QoS 2, without I/O;
 //! - the session, which turns packets into calls on
 //!   [`magnetar_broker::Broker`] and nothing else, and [`server`], the
@@ -17,6 +18,7 @@
 pub mod codec;
 pub mod error;
 pub mod props;
+pub mod retained;
 pub mod server;
 pub mod state;
 pub mod topic;
@@ -44,6 +46,11 @@ pub struct MqttConfig {
     pub topic_alias_max: u16,
     /// How long a client has from connecting to CONNECT.
     pub connect_timeout: Duration,
+    /// Longest keep-alive a client may ask for, in seconds. A v5 client
+    /// asking for more (or for none) is given this one (Server Keep
+    /// Alive); a v3 client is refused, as Mosquitto's `max_keepalive`
+    /// does. 65535: no limit.
+    pub max_keep_alive: u16,
 }
 
 impl Default for MqttConfig {
@@ -58,6 +65,7 @@ impl Default for MqttConfig {
             receive_max: 1024,
             topic_alias_max: 64,
             connect_timeout: Duration::from_secs(10),
+            max_keep_alive: u16::MAX,
         }
     }
 }

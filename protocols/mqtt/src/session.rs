@@ -8,7 +8,7 @@
 //! bookkeeping (packet ids, the in-flight window, QoS 2 states) is in
 //! [`crate::state`], without I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use magnetar_broker::routing::Binding;
 use magnetar_broker::subscription::{
     ConsumerControl, ConsumerOptions, InitialPosition, SubscriptionOptions, SubscriptionType,
 };
-use magnetar_broker::{Broker, BrokerError, Delivery, Message, StateStore};
+use magnetar_broker::{Broker, Delivery, Message, StateStore};
 use magnetar_tenancy::names::{NamespaceName, TopicName};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
@@ -37,7 +37,8 @@ use tracing::debug;
 use crate::codec::{self, Framing};
 use crate::error::{MqttError, Result};
 use crate::props;
-use crate::state::{Inflight, Outbound};
+use crate::retained;
+use crate::state::{AliasesOut, Inflight, Outbound, TopicRef};
 use crate::topic;
 use crate::MqttConfig;
 
@@ -47,12 +48,15 @@ pub const EXCHANGE: &str = "amq.topic";
 const SUBSCRIPTION: &str = "mqtt";
 /// Where persistent sessions keep their subscriptions.
 const SESSION_AREA: &str = "mqtt-sessions";
+/// Where retained messages are kept.
+const RETAINED_AREA: &str = "mqtt-retained";
 
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
     pub broker: Broker,
     pub cfg: MqttConfig,
     sessions: StateStore,
+    retained: StateStore,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
 }
@@ -139,10 +143,12 @@ fn qos_of(n: u8) -> QoS {
 impl Ctx {
     pub fn new(broker: Broker, cfg: MqttConfig) -> Self {
         let sessions = broker.state(SESSION_AREA);
+        let retained = broker.state(RETAINED_AREA);
         Ctx {
             broker,
             cfg,
             sessions,
+            retained,
             next_conn: AtomicU64::new(1),
             registry: std::sync::Mutex::new(Registry::default()),
         }
@@ -214,15 +220,26 @@ impl Ctx {
         Ok(())
     }
 
-    /// Routes a message through `amq.topic`; resolves once every queue it
-    /// reached has it durably (or in memory, for transient queues).
-    async fn route(
+    /// Routes a publish of `topic` through `amq.topic` (and keeps it as
+    /// the topic's retained message if `retain`); resolves once every
+    /// queue it reached has it durably (or in memory, for transient
+    /// queues), and the retained store too.
+    async fn publish(
         self: &Arc<Self>,
         ns: &NamespaceName,
-        key: &str,
+        topic: &str,
         record: Message,
-    ) -> Result<BoxFuture<'static, Result<(), BrokerError>>> {
-        let routes = self.broker.route(ns, EXCHANGE, key, &[]).await?;
+        retain: bool,
+    ) -> Result<BoxFuture<'static, Result<()>>> {
+        let routes = self
+            .broker
+            .route(ns, EXCHANGE, &topic::routing_key(topic), &[])
+            .await?;
+        let retained = retain.then(|| {
+            let (ctx, ns, topic) = (Arc::clone(self), ns.clone(), topic.to_owned());
+            let record = record.clone();
+            async move { ctx.retain(&ns, &topic, record).await }
+        });
         let stored: Vec<_> = routes
             .iter()
             .map(|(_, t)| self.publisher(t).publish(record.clone()))
@@ -231,9 +248,38 @@ impl Ctx {
             for r in futures::future::join_all(stored).await {
                 r?;
             }
+            if let Some(r) = retained {
+                r.await?;
+            }
             Ok(())
         }
         .boxed())
+    }
+
+    /// Keeps `record` as `topic`'s retained message; an empty payload
+    /// clears it.
+    async fn retain(&self, ns: &NamespaceName, topic: &str, mut record: Message) -> Result<()> {
+        let key = retained::key(ns, topic);
+        if record.value.as_ref().is_none_or(|v| v.is_empty()) {
+            self.retained.delete(&key).await?;
+        } else {
+            record.timestamp_ms = now_ms();
+            self.retained.put(&key, retained::encode(&record)?).await?;
+        }
+        Ok(())
+    }
+
+    /// The unexpired retained messages whose topics `pattern` matches.
+    async fn retained_matching(&self, ns: &NamespaceName, pattern: &str) -> Result<Vec<Message>> {
+        let all = self.retained.list(&retained::namespace_prefix(ns)).await?;
+        let now = now_ms();
+        Ok(all
+            .into_iter()
+            .filter_map(|(_, v)| retained::decode(&v.value))
+            .filter(|m| {
+                props::read(m, now).is_some_and(|s| !s.expired && topic::matches(pattern, &s.topic))
+            })
+            .collect())
     }
 }
 
@@ -256,7 +302,7 @@ enum Reply {
     Nothing,
 }
 
-type Stored = BoxFuture<'static, (Reply, Result<(), BrokerError>)>;
+type Stored = BoxFuture<'static, (Reply, Result<()>)>;
 
 enum End {
     /// DISCONNECT: no will (unless it asked for one).
@@ -285,10 +331,14 @@ struct Conn {
     aliases_in: HashMap<u16, ByteString>,
     alias_max_in: u16,
     outbound: Outbound,
+    /// Topic aliases of outgoing publishes (v5).
+    aliases_out: AliasesOut,
     sources: HashMap<String, Source>,
     deliveries_tx: mpsc::UnboundedSender<(String, Delivery)>,
-    /// Deliveries that came while the in-flight window was full.
-    waiting: std::collections::VecDeque<(String, Delivery)>,
+    /// Deliveries not yet sent, for the in-flight window is full.
+    waiting: VecDeque<(String, Delivery)>,
+    /// Retained messages for new subscriptions, waiting likewise.
+    retained_out: VecDeque<Publish>,
     stores: FuturesOrdered<Stored>,
     /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
     receiving: usize,
@@ -394,9 +444,18 @@ impl Conn {
             session_present = true;
             subs = s.subs;
         }
+        let max_ka = ctx.cfg.max_keep_alive;
+        let mut server_keep_alive = None;
+        let mut ka = c.keep_alive;
+        if max_ka < u16::MAX && (ka == 0 || ka > max_ka) {
+            if !v5 {
+                return Err((framing, v5::ConnectAckReason::ClientIdentifierNotValid));
+            }
+            ka = max_ka;
+            server_keep_alive = Some(max_ka);
+        }
         let expiry = c.session_expiry_interval_secs;
-        let keep_alive =
-            (c.keep_alive > 0).then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500));
+        let keep_alive = (ka > 0).then(|| Duration::from_millis(u64::from(ka) * 1500));
         let receive_max = c.receive_max.map_or(65_535, NonZeroU16::get);
         let mut conn = Conn {
             ctx: Arc::clone(ctx),
@@ -413,9 +472,11 @@ impl Conn {
             aliases_in: HashMap::new(),
             alias_max_in: ctx.cfg.topic_alias_max,
             outbound: Outbound::new(receive_max),
+            aliases_out: AliasesOut::new(if v5 { c.topic_alias_max } else { 0 }),
             sources: HashMap::new(),
             deliveries_tx: mpsc::unbounded_channel().0,
-            waiting: std::collections::VecDeque::new(),
+            waiting: VecDeque::new(),
+            retained_out: VecDeque::new(),
             stores: FuturesOrdered::new(),
             receiving: 0,
         };
@@ -426,6 +487,7 @@ impl Conn {
             topic_alias_max: ctx.cfg.topic_alias_max,
             max_packet_size: Some(ctx.cfg.max_packet_size),
             session_expiry_interval_secs: None,
+            server_keepalive_sec: server_keep_alive,
             ..Default::default()
         })));
         conn.subs = subs;
@@ -487,18 +549,19 @@ impl Conn {
                         buf.reserve(4096);
                     }
                 }
-                Some((q, d)) = deliveries.recv() => {
-                    self.on_delivery(q, d);
-                    // Drain what is already there, so that one write
+                Some(first) = deliveries.recv() => {
+                    self.waiting.push_back(first);
+                    // Take what is already there, so that one write
                     // carries many.
-                    while let Ok((q, d)) = deliveries.try_recv() {
-                        self.on_delivery(q, d);
+                    while let Ok(next) = deliveries.try_recv() {
+                        self.waiting.push_back(next);
                     }
+                    self.pump();
                 }
                 Some((reply, r)) = self.stores.next(), if !self.stores.is_empty() => {
                     self.receiving = self.receiving.saturating_sub(1);
                     if let Err(e) = r {
-                        return End::Abrupt(Some(e.into()));
+                        return End::Abrupt(Some(e));
                     }
                     match reply {
                         Reply::PubAck(id) => self.send(Packet::PublishAck(codec::ack(id))),
@@ -619,10 +682,7 @@ impl Conn {
             }
         }
         let record = props::to_record(&p, &topic, &self.client_id);
-        let stored = self
-            .ctx
-            .route(&self.ns, &topic::routing_key(&topic), record)
-            .await?;
+        let stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
         let reply = match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Reply::PubAck(id),
             (QoS::ExactlyOnce, Some(id)) => Reply::PubRec(id),
@@ -693,6 +753,7 @@ impl Conn {
         let mut status = Vec::with_capacity(s.topic_filters.len());
         let own = session_queue(&self.client_id);
         let mut changed = false;
+        let mut retained_for = Vec::new();
         for (filter, opts) in s.topic_filters {
             let filter = filter.to_string();
             let checked = topic::check_filter(&filter).and_then(|()| topic::parse_share(&filter));
@@ -709,6 +770,7 @@ impl Conn {
                     "no-local on a shared subscription".into(),
                 ));
             }
+            let existed = self.subs.iter().any(|x| x.filter == filter);
             let sub = Sub {
                 filter: filter.clone(),
                 qos: opts.qos.value(),
@@ -741,6 +803,17 @@ impl Conn {
                 status.push(v5::SubscribeAckReason::UnspecifiedError);
                 continue;
             }
+            // Shared subscriptions get no retained messages (MQTT 5,
+            // 4.8.2).
+            let send_retained = share.is_none()
+                && match opts.retain_handling {
+                    v5::RetainHandling::AtSubscribe => true,
+                    v5::RetainHandling::AtSubscribeNew => !existed,
+                    v5::RetainHandling::NoAtSubscribe => false,
+                };
+            if send_retained {
+                retained_for.push(sub.clone());
+            }
             match self.subs.iter_mut().find(|x| x.filter == filter) {
                 Some(x) => *x = sub,
                 None => self.subs.push(sub),
@@ -757,6 +830,10 @@ impl Conn {
             reason_string: None,
             status,
         }));
+        for sub in retained_for {
+            self.queue_retained(&sub).await;
+        }
+        self.pump();
         Ok(())
     }
 
@@ -813,13 +890,23 @@ impl Conn {
             .await
     }
 
+    /// Sends what waits, retained messages first, while the in-flight
+    /// window has room.
+    fn pump(&mut self) {
+        while !self.outbound.is_full() {
+            if let Some(p) = self.retained_out.pop_front() {
+                self.emit(p, None, false);
+            } else if let Some((q, d)) = self.waiting.pop_front() {
+                self.deliver(q, d);
+            } else {
+                break;
+            }
+        }
+    }
+
     /// A message from one of the session's queues: sent at the QoS its
     /// subscriptions allow, or dropped if none matches any more.
-    fn on_delivery(&mut self, queue: String, d: Delivery) {
-        if self.outbound.is_full() {
-            self.waiting.push_back((queue, d));
-            return;
-        }
+    fn deliver(&mut self, queue: String, d: Delivery) {
         let Some(stored) = props::read(&d.message, now_ms()) else {
             self.done(&queue, d.offset);
             return;
@@ -852,36 +939,65 @@ impl Conn {
         }
         let qos = stored.qos.less_value(granted);
         let properties = self.v5.then(|| props::properties(&d.message, &stored, ids));
-        let payload = d.message.value.clone().unwrap_or_default();
-        let mut publish = Publish {
+        let publish = Publish {
             dup: false,
             retain: rap && stored.retain,
             qos,
             topic: ByteString::from(stored.topic),
             packet_id: None,
-            payload,
+            payload: d.message.value.clone().unwrap_or_default(),
             properties,
         };
-        if qos == QoS::AtMostOnce {
-            self.send(Packet::Publish(Box::new(publish)));
-            self.done(&queue, d.offset);
-            return;
+        self.emit(publish, Some((queue, d.offset)), d.redelivery_count > 0);
+    }
+
+    /// Puts a publish on the wire: QoS 0 at once (its queue message done
+    /// with), QoS 1 and 2 under a packet id of the in-flight window,
+    /// which the caller made sure has room. `origin`: the queue message
+    /// it carries; None for a retained message.
+    fn emit(&mut self, mut publish: Publish, origin: Option<(String, u64)>, dup: bool) {
+        let (queue, offset) = origin.unwrap_or_default();
+        let qos = publish.qos;
+        if qos != QoS::AtMostOnce {
+            let Some(id) = self.outbound.start(Inflight {
+                queue: queue.clone(),
+                offset,
+                qos: qos.value(),
+            }) else {
+                return;
+            };
+            publish.packet_id = NonZeroU16::new(id);
+            publish.dup = dup;
         }
-        let Some(id) = self.outbound.start(Inflight {
-            queue: queue.clone(),
-            offset: d.offset,
-            qos: qos.value(),
-        }) else {
-            self.waiting.push_back((queue, d));
-            return;
-        };
-        publish.packet_id = NonZeroU16::new(id);
-        publish.dup = d.redelivery_count > 0;
-        self.send(Packet::Publish(Box::new(publish)));
+        if let Some(props) = publish.properties.as_mut() {
+            match self.aliases_out.name(&publish.topic) {
+                TopicRef::Full => {}
+                TopicRef::Set(a) => props.topic_alias = NonZeroU16::new(a),
+                TopicRef::Alias(a) => {
+                    props.topic_alias = NonZeroU16::new(a);
+                    publish.topic = ByteString::new();
+                }
+            }
+        }
+        let id = publish.packet_id;
+        if let Err(e) = self
+            .framing
+            .encode(Packet::Publish(Box::new(publish)), &mut self.out)
+        {
+            // Too big for the client (its Maximum Packet Size): as MQTT 5
+            // says, dropped as if delivered.
+            debug!(client = %self.client_id, "publish not sent: {e}");
+            if let Some(id) = id {
+                self.outbound.finish(id.get(), true);
+            }
+            self.done(&queue, offset);
+        } else if qos == QoS::AtMostOnce {
+            self.done(&queue, offset);
+        }
     }
 
     /// A delivery is finished with: acknowledged on its queue, and the
-    /// credit it used given back.
+    /// credit it used given back. Retained messages have no queue.
     fn done(&mut self, queue: &str, offset: u64) {
         if let Some(s) = self.sources.get(queue) {
             s.control.ack(vec![offset]);
@@ -894,11 +1010,34 @@ impl Conn {
         if let Some(f) = self.outbound.finish(id, complete) {
             self.done(&f.queue, f.offset);
         }
-        while !self.outbound.is_full() {
-            let Some((q, d)) = self.waiting.pop_front() else {
-                break;
+        self.pump();
+    }
+
+    /// Queues the retained messages `sub` matches, as retained publishes.
+    async fn queue_retained(&mut self, sub: &Sub) {
+        let found = match self.ctx.retained_matching(&self.ns, sub.pattern()).await {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(client = %self.client_id, "retained messages for {}: {e}", sub.filter);
+                return;
+            }
+        };
+        let now = now_ms();
+        for m in found {
+            let Some(stored) = props::read(&m, now) else {
+                continue;
             };
-            self.on_delivery(q, d);
+            let ids = sub.id.and_then(NonZeroU32::new).into_iter().collect();
+            let properties = self.v5.then(|| props::properties(&m, &stored, ids));
+            self.retained_out.push_back(Publish {
+                dup: false,
+                retain: true,
+                qos: stored.qos.less_value(qos_of(sub.qos)),
+                topic: ByteString::from(stored.topic),
+                packet_id: None,
+                payload: m.value.clone().unwrap_or_default(),
+                properties,
+            });
         }
     }
 
@@ -1004,7 +1143,7 @@ fn publish_will(
             }),
         };
         let record = props::to_record(&p, &w.topic, &client_id);
-        match ctx.route(&ns, &topic::routing_key(&w.topic), record).await {
+        match ctx.publish(&ns, &w.topic, record, w.retain).await {
             Ok(stored) => {
                 if let Err(e) = stored.await {
                     debug!(client = %client_id, "will not stored: {e}");

@@ -1,7 +1,7 @@
 //! A session's outgoing QoS 1 and 2 deliveries, without I/O: packet ids,
 //! the client's Receive Maximum window and the QoS 2 handshake.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A delivery out with the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,9 +105,61 @@ impl Outbound {
     }
 }
 
+/// Topic aliases the server sets on its publishes (MQTT 5), up to the
+/// client's Topic Alias Maximum. Aliases are never reassigned: once they
+/// run out, further topics go out in full.
+#[derive(Debug, Default)]
+pub struct AliasesOut {
+    max: u16,
+    given: HashMap<String, u16>,
+}
+
+/// How a publish names its topic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TopicRef {
+    /// The topic in full, no alias.
+    Full,
+    /// The topic in full, and the alias it sets.
+    Set(u16),
+    /// An empty topic and the alias that stands for it.
+    Alias(u16),
+}
+
+impl AliasesOut {
+    pub fn new(max: u16) -> Self {
+        AliasesOut {
+            max,
+            given: HashMap::new(),
+        }
+    }
+
+    pub fn name(&mut self, topic: &str) -> TopicRef {
+        if let Some(&a) = self.given.get(topic) {
+            return TopicRef::Alias(a);
+        }
+        let next = u16::try_from(self.given.len() + 1).unwrap_or(u16::MAX);
+        if self.given.len() >= usize::from(self.max) {
+            return TopicRef::Full;
+        }
+        self.given.insert(topic.to_owned(), next);
+        TopicRef::Set(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases_are_set_once_then_used_until_they_run_out() {
+        let mut a = AliasesOut::new(2);
+        assert_eq!(a.name("a"), TopicRef::Set(1));
+        assert_eq!(a.name("a"), TopicRef::Alias(1));
+        assert_eq!(a.name("b"), TopicRef::Set(2));
+        assert_eq!(a.name("c"), TopicRef::Full);
+        assert_eq!(a.name("b"), TopicRef::Alias(2));
+        assert_eq!(AliasesOut::new(0).name("a"), TopicRef::Full);
+    }
 
     fn f(offset: u64, qos: u8) -> Inflight {
         Inflight {
