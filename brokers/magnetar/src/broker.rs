@@ -173,6 +173,11 @@ impl Protocols {
         })
     }
 
+    /// What the protocols serve on the HTTP listener.
+    fn http_routes(&self) -> axum::Router {
+        self.mqtt.websocket_routes()
+    }
+
     fn stop(&self) {
         self.kafka.stop();
         self.amqp.stop();
@@ -258,10 +263,15 @@ async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<(tokio::net::TcpListe
     Ok((listener, advertised))
 }
 
-fn serve_http(listener: tokio::net::TcpListener, broker: Broker) -> anyhow::Result<Http> {
+/// Serves the admin API, and `protocols`' routes (MQTT over WebSocket).
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    broker: Broker,
+    protocols: axum::Router,
+) -> anyhow::Result<Http> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = magnetar_broker::http::router(broker);
+    let app = magnetar_broker::http::router(broker).merge(protocols);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -344,8 +354,8 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let broker = Broker::start(meta, cfg)
         .await
         .context("starting the broker")?;
-    let http = serve_http(listener, broker.clone())?;
     let protocols = Protocols::start(listeners, &broker, &args.opts)?;
+    let http = serve_http(listener, broker.clone(), protocols.http_routes())?;
     println!(
         "magnetar broker ready: http={} kafka={} amqp={} mqtt={}",
         http.addr,
@@ -458,8 +468,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let http = serve_http(listener, embedded.broker.clone())?;
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
+    let http = serve_http(listener, embedded.broker.clone(), protocols.http_routes())?;
     // The one line harnesses and users wait for.
     println!(
         "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}",

@@ -13,7 +13,7 @@
 //! - [`state`]: packet ids, the in-flight window and QoS 2, without I/O;
 //! - the session, which turns packets into calls on
 //!   [`magnetar_broker::Broker`] and nothing else, and [`server`], the
-//!   listener.
+//!   listener, TCP or WebSocket at `/mqtt`.
 
 pub mod codec;
 pub mod error;
@@ -24,6 +24,7 @@ pub mod state;
 pub mod topic;
 
 mod session;
+mod ws;
 
 use std::time::Duration;
 

@@ -11,9 +11,9 @@ use crate::session::{serve, Ctx};
 use crate::MqttConfig;
 
 /// A running MQTT listener.
-#[derive(Debug)]
 pub struct MqttServer {
     local_addr: SocketAddr,
+    ctx: Arc<Ctx>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,9 +22,19 @@ impl MqttServer {
     pub fn start(listener: TcpListener, broker: Broker, cfg: MqttConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx::new(broker, cfg));
-        let task = tokio::spawn(accept_loop(listener, ctx));
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
         info!(%local_addr, "MQTT listener started");
-        Ok(MqttServer { local_addr, task })
+        Ok(MqttServer {
+            local_addr,
+            ctx,
+            task,
+        })
+    }
+
+    /// MQTT over WebSocket (`/mqtt`), to merge into the HTTP listener's
+    /// routes.
+    pub fn websocket_routes(&self) -> axum::Router {
+        crate::ws::router(Arc::clone(&self.ctx))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -33,6 +43,14 @@ impl MqttServer {
 
     pub fn stop(&self) {
         self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for MqttServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 

@@ -28,8 +28,7 @@ use magnetar_tenancy::names::{NamespaceName, TopicName};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
@@ -344,9 +343,12 @@ struct Conn {
     receiving: usize,
 }
 
-/// Serves one connection until it ends.
-pub(crate) async fn serve(stream: TcpStream, ctx: Arc<Ctx>) -> Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+/// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
+pub(crate) async fn serve<S>(stream: S, ctx: Arc<Ctx>) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut framing = Framing::new(ctx.cfg.max_packet_size);
     let mut buf = BytesMut::new();
     let first = tokio::time::timeout(ctx.cfg.connect_timeout, async {
@@ -500,10 +502,10 @@ impl Conn {
         }
     }
 
-    async fn run(
+    async fn run<S: AsyncRead + AsyncWrite>(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        rd: &mut ReadHalf<S>,
+        wr: &mut WriteHalf<S>,
         mut buf: BytesMut,
         mut deliveries: mpsc::UnboundedReceiver<(String, Delivery)>,
         mut kick: oneshot::Receiver<()>,
@@ -1041,7 +1043,7 @@ impl Conn {
         }
     }
 
-    async fn close(mut self, end: End, wr: &mut tokio::net::tcp::OwnedWriteHalf) {
+    async fn close<S: AsyncRead + AsyncWrite>(mut self, end: End, wr: &mut WriteHalf<S>) {
         let reason = match &end {
             End::TakenOver => Some(v5::DisconnectReasonCode::SessionTakenOver),
             End::Abrupt(Some(e)) => Some(e.reason()),
