@@ -8,6 +8,7 @@ mod broker;
 mod perf;
 mod perf_amqp;
 mod perf_kafka;
+mod perf_mqtt;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

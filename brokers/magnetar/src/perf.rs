@@ -33,6 +33,8 @@ enum PerfCommand {
     /// Publish (with confirms) and consume through an AMQP listener with
     /// lapin; works against RabbitMQ too.
     Amqp(crate::perf_amqp::AmqpPerf),
+    /// Publish and subscribe through an MQTT broker (Magnetar or Mosquitto).
+    Mqtt(crate::perf_mqtt::MqttPerf),
 }
 
 #[derive(Args)]
@@ -123,6 +125,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Backlog(b) => backlog(b).await,
         PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
         PerfCommand::Amqp(a) => crate::perf_amqp::run(a).await,
+        PerfCommand::Mqtt(a) => crate::perf_mqtt::run(a).await,
     }
 }
 
@@ -349,16 +352,23 @@ fn record(
 
 /// Resident and peak resident memory of this process, in MiB.
 fn rss_mb() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
+    let field = |name| proc_status_kib(None, name).map_or(0.0, |kb| kb / 1024.0);
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`) of `pid`, or
+/// of this process.
+pub(crate) fn proc_status_kib(pid: Option<u32>, name: &str) -> Option<f64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |p| format!("/proc/{p}/status"),
+    );
+    let status = std::fs::read_to_string(path).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
 }
 
 async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {

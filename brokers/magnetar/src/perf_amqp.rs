@@ -59,7 +59,7 @@ pub struct AmqpPerf {
 /// Publishes handed to lapin and not yet written, per producer.
 const PUBLISHES_IN_FLIGHT: usize = 64;
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

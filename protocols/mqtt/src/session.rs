@@ -1,8 +1,10 @@
 //! One MQTT connection: CONNECT, then publishes in and deliveries out.
 //!
 //! Publishes route through the namespace's `amq.topic`. A session's
-//! subscriptions bind its queue (`mqtt-subscription-<client id>`) there;
-//! a shared subscription `$share/<group>/<filter>` binds the group's queue
+//! subscriptions bind its queues there, as RabbitMQ's plugin does:
+//! `mqtt-subscription-<client id>qos0`, in memory, for QoS 0
+//! subscriptions, and `mqtt-subscription-<client id>qos1`, durable, for
+//! QoS 1 and 2; a shared subscription `$share/<group>/<filter>` binds the group's queue
 //! (`mqtt-share-<group>`), which its members consume together, so the
 //! broker's shared subscription spreads the load. The protocol's own
 //! bookkeeping (packet ids, the in-flight window, QoS 2 states) is in
@@ -96,10 +98,12 @@ impl Sub {
         self.share().map_or(self.filter.as_str(), |(_, f)| f)
     }
 
-    fn queue(&self, own: &str) -> String {
+    /// The queue this subscription binds: a share group's, or one of
+    /// the session's own two by QoS.
+    fn queue(&self, client_id: &str) -> String {
         match self.share() {
             Some((g, _)) => share_queue(g),
-            None => own.to_owned(),
+            None => session_queue(client_id, self.qos),
         }
     }
 }
@@ -111,16 +115,21 @@ struct StoredSession {
     expiry: u32,
 }
 
-fn session_queue(client_id: &str) -> String {
+/// A session's queue for subscriptions at `qos`: QoS 0 in memory, QoS 1
+/// and 2 durable.
+fn session_queue(client_id: &str, qos: u8) -> String {
     format!(
-        "mqtt-subscription-{}",
-        magnetar_tenancy::names::encode_segment(client_id)
+        "mqtt-subscription-{}qos{}",
+        magnetar_tenancy::names::encode_segment(client_id),
+        u8::from(qos > 0)
     )
 }
 
+const SHARE_QUEUE_PREFIX: &str = "mqtt-share-";
+
 fn share_queue(group: &str) -> String {
     format!(
-        "mqtt-share-{}",
+        "{SHARE_QUEUE_PREFIX}{}",
         magnetar_tenancy::names::encode_segment(group)
     )
 }
@@ -202,10 +211,12 @@ impl Ctx {
             .sessions
             .delete(&Self::session_key(ns, client_id))
             .await;
-        let _ = self
-            .broker
-            .delete_queue(ns, &session_queue(client_id))
-            .await;
+        for qos in [0, 1] {
+            let _ = self
+                .broker
+                .delete_queue(ns, &session_queue(client_id, qos))
+                .await;
+        }
         self.registry()
             .received
             .remove(&(ns.clone(), client_id.to_owned()));
@@ -510,14 +521,11 @@ impl Conn {
         mut deliveries: mpsc::UnboundedReceiver<(String, Delivery)>,
         mut kick: oneshot::Receiver<()>,
     ) -> End {
-        // Consumers of a resumed session's queues.
-        let queues: HashSet<String> = self
-            .subs
-            .iter()
-            .map(|s| s.queue(&session_queue(&self.client_id)))
-            .collect();
-        for q in queues {
-            if let Err(e) = self.consume(&q).await {
+        // A resumed session's subscriptions: bound again (the QoS 0
+        // queue lives in memory and went with the last connection or a
+        // restart), and consumed.
+        for sub in self.subs.clone() {
+            if let Err(e) = self.attach(&sub).await {
                 return End::Abrupt(Some(e));
             }
         }
@@ -709,13 +717,8 @@ impl Conn {
         if self.sources.contains_key(queue) {
             return Ok(());
         }
-        // The session's own queue is durable when the session outlives
-        // its connection; share groups' always are.
-        let own = queue == session_queue(&self.client_id);
-        self.ctx
-            .ensure_queue(&self.ns, queue, !own || self.expiry > 0)
-            .await?;
-        let durable = !self.ctx.broker.queue_is_transient(&self.ns, queue).await?;
+        let durable = queue != session_queue(&self.client_id, 0);
+        self.ctx.ensure_queue(&self.ns, queue, durable).await?;
         let topic = self.ctx.broker.queue_topic(&self.ns, queue, durable)?;
         let mut consumer = self
             .ctx
@@ -753,7 +756,6 @@ impl Conn {
 
     async fn on_subscribe(&mut self, s: v5::Subscribe) -> Result<()> {
         let mut status = Vec::with_capacity(s.topic_filters.len());
-        let own = session_queue(&self.client_id);
         let mut changed = false;
         let mut retained_for = Vec::new();
         for (filter, opts) in s.topic_filters {
@@ -780,30 +782,16 @@ impl Conn {
                 retain_as_published: opts.retain_as_published,
                 id: s.id.map(NonZeroU32::get),
             };
-            let queue = sub.queue(&own);
-            let pattern = share.as_ref().map_or(filter.as_str(), |(_, f)| f.as_str());
-            let durable = share.is_some() || self.expiry > 0;
-            let (ctx, ns) = (Arc::clone(&self.ctx), self.ns.clone());
-            let bound = async {
-                ctx.ensure_queue(&ns, &queue, durable).await?;
-                ctx.broker
-                    .bind(
-                        &ns,
-                        Binding::queue(EXCHANGE, queue.as_str(), topic::binding_key(pattern)),
-                    )
-                    .await?;
-                Ok::<_, MqttError>(())
-            }
-            .await;
-            if let Err(e) = bound {
+            if let Err(e) = self.attach(&sub).await {
                 debug!(client = %self.client_id, "subscribe {filter}: {e}");
                 status.push(v5::SubscribeAckReason::UnspecifiedError);
                 continue;
             }
-            if let Err(e) = self.consume(&queue).await {
-                debug!(client = %self.client_id, "consume {queue}: {e}");
-                status.push(v5::SubscribeAckReason::UnspecifiedError);
-                continue;
+            // A new QoS may have moved the filter to the other queue.
+            if let Some(old) = self.subs.iter().find(|x| x.filter == filter).cloned() {
+                if old.queue(&self.client_id) != sub.queue(&self.client_id) {
+                    self.detach(&old, &[&sub]).await;
+                }
             }
             // Shared subscriptions get no retained messages (MQTT 5,
             // 4.8.2).
@@ -840,7 +828,6 @@ impl Conn {
     }
 
     async fn on_unsubscribe(&mut self, u: v5::Unsubscribe) -> Result<()> {
-        let own = session_queue(&self.client_id);
         let mut status = Vec::with_capacity(u.topic_filters.len());
         for filter in u.topic_filters {
             let Some(i) = self.subs.iter().position(|s| s.filter == *filter) else {
@@ -848,23 +835,7 @@ impl Conn {
                 continue;
             };
             let sub = self.subs.remove(i);
-            let queue = sub.queue(&own);
-            let key = topic::binding_key(sub.pattern());
-            // The binding stays while another filter of this session needs it.
-            let shared_key = self
-                .subs
-                .iter()
-                .any(|s| s.queue(&own) == queue && topic::binding_key(s.pattern()) == key);
-            if !shared_key && sub.share().is_none() {
-                let _ = self
-                    .ctx
-                    .broker
-                    .unbind(&self.ns, &Binding::queue(EXCHANGE, queue.as_str(), key))
-                    .await;
-            }
-            if sub.share().is_some() && !self.subs.iter().any(|s| s.queue(&own) == queue) {
-                self.sources.remove(&queue);
-            }
+            self.detach(&sub, &[]).await;
             status.push(v5::UnsubscribeAckReason::Success);
         }
         if self.expiry > 0 {
@@ -877,6 +848,52 @@ impl Conn {
             status,
         }));
         Ok(())
+    }
+
+    /// Binds `sub`'s queue to its filter and consumes the queue.
+    async fn attach(&mut self, sub: &Sub) -> Result<()> {
+        let queue = sub.queue(&self.client_id);
+        let durable = queue != session_queue(&self.client_id, 0);
+        self.ctx.ensure_queue(&self.ns, &queue, durable).await?;
+        self.ctx
+            .broker
+            .bind(
+                &self.ns,
+                Binding::queue(EXCHANGE, queue.as_str(), topic::binding_key(sub.pattern())),
+            )
+            .await?;
+        self.consume(&queue).await
+    }
+
+    /// Undoes what `sub` needed of its queue, unless another of the
+    /// session's subscriptions (or one in `keep`, about to be added)
+    /// still needs it: the binding of its own queue, the consumer of a
+    /// share group's. A share group's bindings stay, for its other
+    /// members.
+    async fn detach(&mut self, sub: &Sub, keep: &[&Sub]) {
+        let queue = sub.queue(&self.client_id);
+        let key = topic::binding_key(sub.pattern());
+        let others: Vec<&Sub> = self
+            .subs
+            .iter()
+            .filter(|s| s.filter != sub.filter)
+            .chain(keep.iter().copied())
+            .filter(|s| s.queue(&self.client_id) == queue)
+            .collect();
+        if sub.share().is_none()
+            && !others
+                .iter()
+                .any(|s| topic::binding_key(s.pattern()) == key)
+        {
+            let _ = self
+                .ctx
+                .broker
+                .unbind(&self.ns, &Binding::queue(EXCHANGE, queue.as_str(), key))
+                .await;
+        }
+        if sub.share().is_some() && others.is_empty() {
+            self.sources.remove(&queue);
+        }
     }
 
     async fn save(&mut self) -> Result<()> {
@@ -913,14 +930,24 @@ impl Conn {
             self.done(&queue, d.offset);
             return;
         };
-        let own = session_queue(&self.client_id);
+        // The session's own two queues count as one: a message both
+        // carry goes out once, from the QoS 1 queue, at the highest QoS
+        // of the matching subscriptions, with all their identifiers.
+        let from_share = queue.starts_with(SHARE_QUEUE_PREFIX);
         let mut qos = None::<QoS>;
         let mut ids = Vec::new();
         let mut rap = false;
+        let mut durable_too = false;
         for s in &self.subs {
-            if s.queue(&own) != queue || !topic::matches(s.pattern(), &stored.topic) {
+            let same = if from_share {
+                s.queue(&self.client_id) == queue
+            } else {
+                s.share().is_none()
+            };
+            if !same || !topic::matches(s.pattern(), &stored.topic) {
                 continue;
             }
+            durable_too |= s.qos > 0;
             if s.no_local && stored.publisher.as_deref() == Some(self.client_id.as_str()) {
                 continue;
             }
@@ -935,6 +962,10 @@ impl Conn {
             self.done(&queue, d.offset);
             return;
         };
+        if durable_too && !from_share && queue == session_queue(&self.client_id, 0) {
+            self.done(&queue, d.offset);
+            return;
+        }
         if stored.expired {
             self.done(&queue, d.offset);
             return;
@@ -1093,13 +1124,23 @@ impl Conn {
         }
         if still_mine && self.expiry == 0 {
             self.ctx.drop_session(&self.ns, &self.client_id).await;
-        } else if still_mine && self.expiry != u32::MAX {
-            expire_later(
-                Arc::clone(&self.ctx),
-                self.ns.clone(),
-                self.client_id.clone(),
-                self.expiry,
-            );
+        } else if still_mine {
+            // QoS 0 messages are not kept for an offline session, as
+            // Mosquitto does by default; the next connection binds the
+            // queue again.
+            let _ = self
+                .ctx
+                .broker
+                .delete_queue(&self.ns, &session_queue(&self.client_id, 0))
+                .await;
+            if self.expiry != u32::MAX {
+                expire_later(
+                    Arc::clone(&self.ctx),
+                    self.ns.clone(),
+                    self.client_id.clone(),
+                    self.expiry,
+                );
+            }
         }
     }
 }
