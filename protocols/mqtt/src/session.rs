@@ -70,7 +70,14 @@ struct Registry {
     /// client: a resend after a reconnect is not stored twice.
     received: HashMap<(NamespaceName, String), HashSet<u16>>,
     publishers: HashMap<TopicName, magnetar_broker::Coalescer>,
+    /// Where each topic's publishes go, valid while the broker's routing
+    /// generation stays `routes_generation`.
+    routes: HashMap<(NamespaceName, String), Arc<[magnetar_broker::Coalescer]>>,
+    routes_generation: u64,
 }
+
+/// Topics whose routes are cached at most; past it the cache starts over.
+const ROUTE_CACHE: usize = 65_536;
 
 struct Live {
     conn: u64,
@@ -212,14 +219,22 @@ impl Ctx {
             .delete(&Self::session_key(ns, client_id))
             .await;
         for qos in [0, 1] {
-            let _ = self
-                .broker
-                .delete_queue(ns, &session_queue(client_id, qos))
-                .await;
+            self.delete_queue(ns, &session_queue(client_id, qos)).await;
         }
         self.registry()
             .received
             .remove(&(ns.clone(), client_id.to_owned()));
+    }
+
+    /// Deletes a session's queue, and the publisher of its topic, so that
+    /// sessions coming and going leave nothing behind.
+    async fn delete_queue(&self, ns: &NamespaceName, queue: &str) {
+        let _ = self.broker.delete_queue(ns, queue).await;
+        for durable in [false, true] {
+            if let Ok(t) = self.broker.queue_topic(ns, queue, durable) {
+                self.registry().publishers.remove(&t);
+            }
+        }
     }
 
     /// Declares `queue` unless it exists.
@@ -241,19 +256,13 @@ impl Ctx {
         record: Message,
         retain: bool,
     ) -> Result<BoxFuture<'static, Result<()>>> {
-        let routes = self
-            .broker
-            .route(ns, EXCHANGE, &topic::routing_key(topic), &[])
-            .await?;
+        let targets = self.targets(ns, topic).await?;
         let retained = retain.then(|| {
             let (ctx, ns, topic) = (Arc::clone(self), ns.clone(), topic.to_owned());
             let record = record.clone();
             async move { ctx.retain(&ns, &topic, record).await }
         });
-        let stored: Vec<_> = routes
-            .iter()
-            .map(|(_, t)| self.publisher(t).publish(record.clone()))
-            .collect();
+        let stored: Vec<_> = targets.iter().map(|c| c.publish(record.clone())).collect();
         Ok(async move {
             for r in futures::future::join_all(stored).await {
                 r?;
@@ -264,6 +273,40 @@ impl Ctx {
             Ok(())
         }
         .boxed())
+    }
+
+    /// The publishers of the queues a publish of `topic` reaches.
+    async fn targets(
+        &self,
+        ns: &NamespaceName,
+        topic: &str,
+    ) -> Result<Arc<[magnetar_broker::Coalescer]>> {
+        let generation = self.broker.routing_generation();
+        let key = (ns.clone(), topic.to_owned());
+        {
+            let mut reg = self.registry();
+            if reg.routes_generation != generation {
+                reg.routes.clear();
+                reg.routes_generation = generation;
+            }
+            if let Some(t) = reg.routes.get(&key) {
+                return Ok(Arc::clone(t));
+            }
+        }
+        let routes = self
+            .broker
+            .route(ns, EXCHANGE, &topic::routing_key(topic), &[])
+            .await?;
+        let targets: Arc<[magnetar_broker::Coalescer]> =
+            routes.iter().map(|(_, t)| self.publisher(t)).collect();
+        let mut reg = self.registry();
+        if reg.routes_generation == generation {
+            if reg.routes.len() >= ROUTE_CACHE {
+                reg.routes.clear();
+            }
+            reg.routes.insert(key, Arc::clone(&targets));
+        }
+        Ok(targets)
     }
 
     /// Keeps `record` as `topic`'s retained message; an empty payload
@@ -1128,9 +1171,7 @@ impl Conn {
             // QoS 0 messages are not kept for an offline session, as
             // Mosquitto does by default; the next connection binds the
             // queue again.
-            let _ = self
-                .ctx
-                .broker
+            self.ctx
                 .delete_queue(&self.ns, &session_queue(&self.client_id, 0))
                 .await;
             if self.expiry != u32::MAX {
