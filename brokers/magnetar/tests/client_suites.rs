@@ -53,3 +53,8 @@ fn kafka_clients() {
 fn amqp_clients() {
     pytest("amqp_tests");
 }
+
+#[test]
+fn mqtt_clients() {
+    pytest("mqtt_tests");
+}

@@ -73,6 +73,10 @@ impl Framing {
                 }
             }
         }
+        // PINGREQ has no body; the codec would skip one.
+        if buf.len() >= 2 && buf[0] == 0xC0 && buf[1] != 0 {
+            return Err(MqttError::Malformed("PINGREQ with a body".into()));
+        }
         match &mut self.codec {
             Codec::Unknown(_) => Ok(None),
             Codec::V5(c) => Ok(c.decode(buf)?.map(|(p, _)| p)),

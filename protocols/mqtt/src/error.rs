@@ -24,6 +24,10 @@ pub enum MqttError {
     KeepAlive,
     #[error("session taken over")]
     TakenOver,
+    /// CONNECT with a client id the server will not take (3.1.1: empty
+    /// without a clean session); answered with CONNACK, not a close.
+    #[error("client identifier not valid")]
+    ClientIdRejected,
     #[error("cannot encode: {0}")]
     Encode(String),
     #[error(transparent)]
@@ -46,6 +50,7 @@ impl MqttError {
             MqttError::TopicAlias(_) => R::TopicAliasInvalid,
             MqttError::KeepAlive => R::KeepAliveTimeout,
             MqttError::TakenOver => R::SessionTakenOver,
+            MqttError::ClientIdRejected => R::ProtocolError,
             MqttError::Broker(BrokerError::QuotaExceeded(_)) => R::QuotaExceeded,
             MqttError::Broker(_) | MqttError::Encode(_) | MqttError::Io(_) => {
                 R::ImplementationSpecificError
@@ -58,6 +63,7 @@ impl From<DecodeError> for MqttError {
     fn from(e: DecodeError) -> Self {
         match e {
             DecodeError::MaxSizeExceeded { .. } => MqttError::TooLarge(e.to_string()),
+            DecodeError::InvalidClientId => MqttError::ClientIdRejected,
             DecodeError::InvalidTopicName => MqttError::TopicName(e.to_string()),
             DecodeError::InvalidTopicFilter => MqttError::TopicFilter(e.to_string()),
             DecodeError::InvalidProtocol

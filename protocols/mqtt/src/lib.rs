@@ -33,6 +33,9 @@ use magnetar_tenancy::names::NamespaceName;
 pub use error::{MqttError, Result};
 pub use server::MqttServer;
 
+/// The exchange MQTT publishes through, as RabbitMQ's plugin does.
+pub const EXCHANGE: &str = "amq.topic";
+
 /// How the MQTT listener behaves.
 #[derive(Clone, Debug)]
 pub struct MqttConfig {

@@ -14,6 +14,7 @@ use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::PublishProperties;
 
 use crate::topic;
+use crate::EXCHANGE;
 
 pub const PREFIX: &str = "mqtt.";
 pub const H_TOPIC: &str = "mqtt.topic";
@@ -25,6 +26,11 @@ pub const H_RESPONSE_TOPIC: &str = "mqtt.response-topic";
 pub const H_CORRELATION: &str = "mqtt.correlation-data";
 pub const H_PAYLOAD_FORMAT: &str = "mqtt.payload-format";
 pub const H_EXPIRY: &str = "mqtt.message-expiry-interval";
+/// How AMQP consumers see where a publish was routed: MQTT publishes go
+/// to `amq.topic` with the topic as routing key (`/` and `.` swapped),
+/// and say so in the headers AMQP reads them from.
+pub const H_AMQP_EXCHANGE: &str = "amqp.exchange";
+pub const H_AMQP_ROUTING_KEY: &str = "amqp.routing-key";
 
 fn text(s: &str) -> Option<Bytes> {
     Some(Bytes::copy_from_slice(s.as_bytes()))
@@ -37,6 +43,8 @@ pub fn to_record(p: &Publish, topic: &str, client_id: &str) -> Message {
         (H_TOPIC.into(), text(topic)),
         (H_QOS.into(), text(&p.qos.value().to_string())),
         (H_CLIENT.into(), text(client_id)),
+        (H_AMQP_EXCHANGE.into(), text(EXCHANGE)),
+        (H_AMQP_ROUTING_KEY.into(), text(&topic::routing_key(topic))),
     ];
     if p.retain {
         headers.push((H_RETAIN.into(), text("true")));

@@ -41,16 +41,18 @@ use crate::props;
 use crate::retained;
 use crate::state::{AliasesOut, Inflight, Outbound, TopicRef};
 use crate::topic;
-use crate::MqttConfig;
+use crate::{MqttConfig, EXCHANGE};
 
-/// The exchange MQTT publishes through, as RabbitMQ's plugin does.
-pub const EXCHANGE: &str = "amq.topic";
 /// The broker subscription MQTT sessions consume their queues through.
 const SUBSCRIPTION: &str = "mqtt";
 /// Where persistent sessions keep their subscriptions.
 const SESSION_AREA: &str = "mqtt-sessions";
 /// Where retained messages are kept.
 const RETAINED_AREA: &str = "mqtt-retained";
+/// Packet ids of QoS 2 publishes that persistent sessions stored and the
+/// client has not yet released: a resend after a reconnect, to this
+/// broker after a restart or to another one, is not stored twice.
+const QOS2_AREA: &str = "mqtt-qos2";
 
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
@@ -58,6 +60,7 @@ pub(crate) struct Ctx {
     pub cfg: MqttConfig,
     sessions: StateStore,
     retained: StateStore,
+    qos2: StateStore,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
 }
@@ -159,7 +162,9 @@ impl Ctx {
     pub fn new(broker: Broker, cfg: MqttConfig) -> Self {
         let sessions = broker.state(SESSION_AREA);
         let retained = broker.state(RETAINED_AREA);
+        let qos2 = broker.state(QOS2_AREA);
         Ctx {
+            qos2,
             broker,
             cfg,
             sessions,
@@ -212,12 +217,39 @@ impl Ctx {
         Ok(())
     }
 
+    fn qos2_prefix(ns: &NamespaceName, client_id: &str) -> String {
+        format!("{}/", Self::session_key(ns, client_id))
+    }
+
+    /// The QoS 2 packet ids a persistent session stored and the client
+    /// has not released, into the registry.
+    async fn load_received(&self, ns: &NamespaceName, client_id: &str) -> Result<()> {
+        let prefix = Self::qos2_prefix(ns, client_id);
+        let ids: HashSet<u16> = self
+            .qos2
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        self.registry()
+            .received
+            .entry((ns.clone(), client_id.to_owned()))
+            .or_default()
+            .extend(ids);
+        Ok(())
+    }
+
     /// Ends a session: its state, its queue and its bindings.
     async fn drop_session(&self, ns: &NamespaceName, client_id: &str) {
         let _ = self
             .sessions
             .delete(&Self::session_key(ns, client_id))
             .await;
+        let prefix = Self::qos2_prefix(ns, client_id);
+        for (k, _) in self.qos2.list(&prefix).await.unwrap_or_default() {
+            let _ = self.qos2.delete(&k).await;
+        }
         for qos in [0, 1] {
             self.delete_queue(ns, &session_queue(client_id, qos)).await;
         }
@@ -392,6 +424,11 @@ struct Conn {
     waiting: VecDeque<(String, Delivery)>,
     /// Retained messages for new subscriptions, waiting likewise.
     retained_out: VecDeque<Publish>,
+    /// When a resumed session's connection began: messages stored before
+    /// may have gone to an earlier connection (whose unsettled
+    /// deliveries a restart forgets), so they go out marked DUP, which
+    /// MQTT reads as "might be a re-delivery".
+    resumed_at: Option<i64>,
     stores: FuturesOrdered<Stored>,
     /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
     receiving: usize,
@@ -419,6 +456,15 @@ where
     .await;
     let connect = match first {
         Err(_) | Ok(Ok(None)) => return Ok(()),
+        Ok(Err(MqttError::ClientIdRejected)) => {
+            refuse(
+                framing,
+                &mut wr,
+                v5::ConnectAckReason::ClientIdentifierNotValid,
+            )
+            .await;
+            return Ok(());
+        }
         Ok(Err(e)) => return Err(e),
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(_))) => return Err(MqttError::Protocol("first packet is not CONNECT".into())),
@@ -426,16 +472,7 @@ where
     let (mut conn, kick) = match Conn::open(&ctx, framing, *connect).await {
         Ok(x) => x,
         Err((framing, reason)) => {
-            let mut out = BytesMut::new();
-            let mut framing = framing;
-            let _ = framing.encode(
-                Packet::ConnectAck(Box::new(v5::ConnectAck {
-                    reason_code: reason,
-                    ..Default::default()
-                })),
-                &mut out,
-            );
-            let _ = wr.write_all(&out).await;
+            refuse(framing, &mut wr, reason).await;
             return Ok(());
         }
     };
@@ -444,6 +481,25 @@ where
     let end = conn.run(&mut rd, &mut wr, buf, rx, kick).await;
     conn.close(end, &mut wr).await;
     Ok(())
+}
+
+/// CONNACK with a refusal, before the connection closes.
+async fn refuse<W: AsyncWrite>(
+    mut framing: Framing,
+    wr: &mut WriteHalf<W>,
+    reason: v5::ConnectAckReason,
+) where
+    W: AsyncRead,
+{
+    let mut out = BytesMut::new();
+    let _ = framing.encode(
+        Packet::ConnectAck(Box::new(v5::ConnectAck {
+            reason_code: reason,
+            ..Default::default()
+        })),
+        &mut out,
+    );
+    let _ = wr.write_all(&out).await;
 }
 
 impl Conn {
@@ -499,6 +555,10 @@ impl Conn {
         } else if let Some(s) = stored {
             session_present = true;
             subs = s.subs;
+            if let Err(e) = ctx.load_received(&ns, &client_id).await {
+                debug!(client = %client_id, "QoS 2 state not loaded: {e}");
+                return Err((framing, v5::ConnectAckReason::ServerUnavailable));
+            }
         }
         let max_ka = ctx.cfg.max_keep_alive;
         let mut server_keep_alive = None;
@@ -511,6 +571,18 @@ impl Conn {
             server_keep_alive = Some(max_ka);
         }
         let expiry = c.session_expiry_interval_secs;
+        if expiry > 0 {
+            // Kept from the start, so that a session without
+            // subscriptions is present on the next CONNECT too.
+            let s = StoredSession {
+                subs: subs.clone(),
+                expiry,
+            };
+            if let Err(e) = ctx.save_session(&ns, &client_id, &s).await {
+                debug!(client = %client_id, "session not saved: {e}");
+                return Err((framing, v5::ConnectAckReason::ServerUnavailable));
+            }
+        }
         let keep_alive = (ka > 0).then(|| Duration::from_millis(u64::from(ka) * 1500));
         let receive_max = c.receive_max.map_or(65_535, NonZeroU16::get);
         let mut conn = Conn {
@@ -533,6 +605,7 @@ impl Conn {
             deliveries_tx: mpsc::unbounded_channel().0,
             waiting: VecDeque::new(),
             retained_out: VecDeque::new(),
+            resumed_at: session_present.then(now_ms),
             stores: FuturesOrdered::new(),
             receiving: 0,
         };
@@ -612,7 +685,11 @@ impl Conn {
                     self.pump();
                 }
                 Some((reply, r)) = self.stores.next(), if !self.stores.is_empty() => {
-                    self.receiving = self.receiving.saturating_sub(1);
+                    // A QoS 2 publish counts against Receive Maximum
+                    // until PUBCOMP.
+                    if !matches!(reply, Reply::PubRec(_)) {
+                        self.receiving = self.receiving.saturating_sub(1);
+                    }
                     if let Err(e) = r {
                         return End::Abrupt(Some(e));
                     }
@@ -655,8 +732,18 @@ impl Conn {
                     .received
                     .get_mut(&(self.ns.clone(), self.client_id.clone()))
                     .is_some_and(|s| s.remove(&a.packet_id.get()));
+                if known && self.expiry > 0 {
+                    let key = format!(
+                        "{}{}",
+                        Ctx::qos2_prefix(&self.ns, &self.client_id),
+                        a.packet_id
+                    );
+                    self.ctx.qos2.delete(&key).await?;
+                }
                 let mut comp = codec::ack2(a.packet_id);
-                if !known {
+                if known {
+                    self.receiving = self.receiving.saturating_sub(1);
+                } else {
                     comp.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
                 }
                 self.send(Packet::PublishComplete(comp));
@@ -670,6 +757,10 @@ impl Conn {
                         return Err(MqttError::Protocol(
                             "session expiry set on DISCONNECT after 0 on CONNECT".into(),
                         ));
+                    }
+                    if e != self.expiry && e > 0 {
+                        self.expiry = e;
+                        self.save().await?;
                     }
                     self.expiry = e;
                 }
@@ -735,7 +826,18 @@ impl Conn {
             }
         }
         let record = props::to_record(&p, &topic, &self.client_id);
-        let stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
+        let mut stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
+        if let (QoS::ExactlyOnce, Some(id), true) = (p.qos, p.packet_id, self.expiry > 0) {
+            // Remembered durably before PUBREC goes out.
+            let key = format!("{}{id}", Ctx::qos2_prefix(&self.ns, &self.client_id));
+            let ctx = Arc::clone(&self.ctx);
+            stored = async move {
+                stored.await?;
+                ctx.qos2.put(&key, Vec::new()).await?;
+                Ok(())
+            }
+            .boxed();
+        }
         let reply = match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Reply::PubAck(id),
             (QoS::ExactlyOnce, Some(id)) => Reply::PubRec(id),
@@ -1024,7 +1126,9 @@ impl Conn {
             payload: d.message.value.clone().unwrap_or_default(),
             properties,
         };
-        self.emit(publish, Some((queue, d.offset)), d.redelivery_count > 0);
+        let dup =
+            d.redelivery_count > 0 || self.resumed_at.is_some_and(|t| d.message.timestamp_ms < t);
+        self.emit(publish, Some((queue, d.offset)), dup);
     }
 
     /// Puts a publish on the wire: QoS 0 at once (its queue message done

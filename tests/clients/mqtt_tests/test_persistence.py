@@ -1,0 +1,66 @@
+"""Persistent sessions outlive the broker: subscriptions and the QoS 1
+messages queued for an offline client survive a restart (SIGTERM and
+SIGKILL). This module restarts its own standalone process."""
+
+import signal
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+
+from mqtt_tests.conftest import LEVELS, PUBLISH, SUBACK, V5, level_num, props
+
+
+@LEVELS
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_persistent_session_survives_a_restart(standalone, client, tag, level, sig):
+    cid = f"ps-{tag}"
+    kw = {"properties": props(PacketTypes.CONNECT, SessionExpiryInterval=3600)} if level == V5 else {}
+    c = client(level, client_id=cid, clean=False, **kw)
+    assert c.subscribe(f"ps/{tag}/#", qos=1) == [1]
+    c.disconnect()
+
+    pub = client(level)
+    for i in range(10):
+        pub.publish(f"ps/{tag}/{i % 2}", f"m{i}".encode(), qos=1)
+    pub.disconnect()
+
+    standalone.restart(sig)
+
+    c2 = client(level, client_id=cid, connect=False, clean=False)
+    present, rc, _ = c2.connect(clean_start=False, **kw)
+    assert (present, rc) == (True, 0)
+    got = c2.expect(10, timeout=15)
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(10)]
+    assert all(m.qos == 1 for m in got)
+    # The subscription itself survived too: new publishes arrive.
+    pub2 = client(level)
+    pub2.publish(f"ps/{tag}/new", b"after restart", qos=1)
+    m = c2.expect_one()
+    assert (m.topic, m.payload) == (f"ps/{tag}/new", b"after restart")
+
+
+@LEVELS
+def test_unacknowledged_delivery_is_redelivered_after_a_restart(standalone, client, raw, tag, level):
+    """A QoS 1 delivery the client never acknowledged comes again, with
+    DUP, after the broker restarts."""
+    n = level_num(level)
+    cid = f"ua-{tag}"
+    sprops = {"SessionExpiryInterval": 3600} if n == 5 else None
+    r = raw(n)
+    assert r.connect(cid, clean=False, props=sprops) == (False, 0)
+    r.subscribe(1, [(f"ua/{tag}", 1)], props=None)
+    r.expect(SUBACK)
+    pub = client(level)
+    pub.publish(f"ua/{tag}", b"unacked", qos=1)
+    p = r.expect(PUBLISH)
+    assert p.body.endswith(b"unacked") and p.flags & 0x08 == 0
+    r.close()  # no PUBACK
+
+    standalone.restart()
+
+    r2 = raw(n)
+    present, rc = r2.connect(cid, clean=False, props=sprops)
+    assert (present, rc) == (True, 0)
+    p = r2.expect(PUBLISH, timeout=15)
+    assert p.body.endswith(b"unacked")
+    assert p.flags & 0x08, "a redelivery must carry DUP"
