@@ -484,13 +484,11 @@ where
 }
 
 /// CONNACK with a refusal, before the connection closes.
-async fn refuse<W: AsyncWrite>(
+async fn refuse<W: AsyncRead + AsyncWrite>(
     mut framing: Framing,
     wr: &mut WriteHalf<W>,
     reason: v5::ConnectAckReason,
-) where
-    W: AsyncRead,
-{
+) {
     let mut out = BytesMut::new();
     let _ = framing.encode(
         Packet::ConnectAck(Box::new(v5::ConnectAck {
