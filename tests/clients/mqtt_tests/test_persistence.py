@@ -7,7 +7,7 @@ import signal
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
-from mqtt_tests.conftest import LEVELS, PUBLISH, SUBACK, V5, level_num, props
+from mqtt_tests.conftest import LEVELS, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, V5, level_num, props
 
 
 @LEVELS
@@ -64,3 +64,40 @@ def test_unacknowledged_delivery_is_redelivered_after_a_restart(standalone, clie
     p = r2.expect(PUBLISH, timeout=15)
     assert p.body.endswith(b"unacked")
     assert p.flags & 0x08, "a redelivery must carry DUP"
+
+
+@LEVELS
+def test_qos2_exactly_once_across_a_restart(standalone, client, raw, tag, level):
+    """A persistent session's QoS 2 publish stored (PUBREC sent) and not
+    released when the broker restarts: the client resends it with DUP,
+    and it is still routed once."""
+    n = level_num(level)
+    cid = f"q2r-{tag}"
+    sprops = {"SessionExpiryInterval": 3600} if n == 5 else None
+    sub_id = f"q2rs-{tag}"
+    kw = {"properties": props(PacketTypes.CONNECT, SessionExpiryInterval=3600)} if level == V5 else {}
+    sub = client(level, client_id=sub_id, clean=False, **kw)
+    assert sub.subscribe(f"q2r/{tag}", qos=2) == [2]
+    sub.disconnect()
+
+    r = raw(n)
+    assert r.connect(cid, clean=False, props=sprops)[1] == 0
+    r.publish(f"q2r/{tag}", b"once", qos=2, pid=11)
+    assert r.expect(PUBREC).packet_id == 11
+    r.close()  # no PUBREL
+
+    standalone.restart()
+
+    r2 = raw(n)
+    assert r2.connect(cid, clean=False, props=sprops) == (True, 0)
+    r2.publish(f"q2r/{tag}", b"once", qos=2, pid=11, dup=True)
+    assert r2.expect(PUBREC).packet_id == 11
+    r2.ack(PUBREL, 11)
+    comp = r2.expect(PUBCOMP)
+    assert comp.packet_id == 11 and comp.reason(r2.v5) == 0
+
+    sub2 = client(level, client_id=sub_id, connect=False, clean=False)
+    present, rc, _ = sub2.connect(clean_start=False, **kw)
+    assert (present, rc) == (True, 0)
+    got = sub2.expect(1, timeout=15) + sub2.collect()
+    assert [m.payload for m in got] == [b"once"]
