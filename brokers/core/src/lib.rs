@@ -35,7 +35,7 @@ pub use coalesce::Coalescer;
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult, TopicPolicies};
-pub use state::{StateStore, Versioned};
+pub use state::{StateChange, StateStore, Versioned};
 pub use subscription::{
     Consumer, ConsumerControl, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition,
     ResetTo, SubscriptionOptions, SubscriptionType,

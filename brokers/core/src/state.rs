@@ -7,7 +7,7 @@
 //! What the values mean is the protocol's business.
 
 use bytes::Bytes;
-use magnetar_metadata::{MetaClient, MetaError};
+use magnetar_metadata::{EventKind, MetaClient, MetaError};
 
 use crate::error::{BrokerError, Result};
 
@@ -18,6 +18,15 @@ const ID_PREFIX: &str = "/id-blocks/";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
     pub value: Bytes,
+    pub version: u64,
+}
+
+/// A key written (`value` Some) or deleted, with the area's prefix
+/// stripped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub key: String,
+    pub value: Option<Bytes>,
     pub version: u64,
 }
 
@@ -77,6 +86,35 @@ impl StateStore {
 
     pub async fn delete(&self, key: &str) -> Result<bool> {
         Ok(self.meta.delete(&self.key(key)).await?.is_some())
+    }
+
+    /// Deletes only if the key is still at `version`; false if it was not
+    /// (changed, or gone).
+    pub async fn compare_and_delete(&self, key: &str, version: u64) -> Result<bool> {
+        match self.meta.compare_and_delete(&self.key(key), version).await {
+            Ok(kv) => Ok(kv.is_some()),
+            Err(MetaError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Changes of the keys under `prefix` from now on, as every broker
+    /// sees them: how a protocol hears that another broker took something
+    /// over (an MQTT client id, say). Ends only if the metadata store no
+    /// longer keeps the history it needs; watch again then.
+    pub fn watch(
+        &self,
+        prefix: &str,
+    ) -> impl futures::Stream<Item = StateChange> + Send + Unpin + 'static {
+        use futures::StreamExt;
+        let strip = self.prefix.len();
+        self.meta.watch(&self.key(prefix), 0).filter_map(move |ev| {
+            futures::future::ready(ev.ok().map(|ev| StateChange {
+                key: ev.kv.key.get(strip..).unwrap_or_default().to_string(),
+                value: (ev.kind == EventKind::Put).then_some(ev.kv.value),
+                version: ev.kv.version,
+            }))
+        })
     }
 
     /// Every key under `prefix`, with the area's prefix stripped.

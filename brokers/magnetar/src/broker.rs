@@ -146,7 +146,14 @@ struct Protocols {
 }
 
 impl Protocols {
-    fn start(l: Listeners, broker: &Broker, opts: &BrokerOptions) -> anyhow::Result<Protocols> {
+    /// `clustered`: other brokers may serve the same clients (false for
+    /// standalone, which is the only broker of its metadata store).
+    fn start(
+        l: Listeners,
+        broker: &Broker,
+        opts: &BrokerOptions,
+        clustered: bool,
+    ) -> anyhow::Result<Protocols> {
         let kafka_cfg = magnetar_kafka::KafkaConfig {
             default_namespace: opts
                 .kafka_namespace
@@ -164,6 +171,7 @@ impl Protocols {
         let mqtt_cfg = magnetar_mqtt::MqttConfig {
             max_packet_size: opts.mqtt_max_packet_size.max(64),
             max_keep_alive: opts.mqtt_max_keep_alive.max(1),
+            takeover_across_brokers: clustered,
             ..Default::default()
         };
         Ok(Protocols {
@@ -354,7 +362,7 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let broker = Broker::start(meta, cfg)
         .await
         .context("starting the broker")?;
-    let protocols = Protocols::start(listeners, &broker, &args.opts)?;
+    let protocols = Protocols::start(listeners, &broker, &args.opts, true)?;
     let http = serve_http(listener, broker.clone(), protocols.http_routes())?;
     println!(
         "magnetar broker ready: http={} kafka={} amqp={} mqtt={}",
@@ -468,7 +476,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let protocols = Protocols::start(listeners, &embedded.broker, &args.opts)?;
+    let protocols = Protocols::start(listeners, &embedded.broker, &args.opts, false)?;
     let http = serve_http(listener, embedded.broker.clone(), protocols.http_routes())?;
     // The one line harnesses and users wait for.
     println!(

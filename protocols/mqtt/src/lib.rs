@@ -55,6 +55,11 @@ pub struct MqttConfig {
     /// Alive); a v3 client is refused, as Mosquitto's `max_keepalive`
     /// does. 65535: no limit.
     pub max_keep_alive: u16,
+    /// Whether other brokers may serve the same client ids: then every
+    /// connection writes its owner record, which they watch for takeover
+    /// (a metadata write per connect). Standalone, the only broker of its
+    /// store, needs none.
+    pub takeover_across_brokers: bool,
 }
 
 impl Default for MqttConfig {
@@ -70,6 +75,7 @@ impl Default for MqttConfig {
             topic_alias_max: 64,
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: u16::MAX,
+            takeover_across_brokers: true,
         }
     }
 }

@@ -22,7 +22,16 @@ impl MqttServer {
     pub fn start(listener: TcpListener, broker: Broker, cfg: MqttConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx::new(broker, cfg));
-        let task = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
+        let ctx_accept = Arc::clone(&ctx);
+        let owners = if ctx.cfg.takeover_across_brokers {
+            tokio::spawn(Ctx::watch_owners(Arc::downgrade(&ctx)))
+        } else {
+            tokio::spawn(async {})
+        };
+        let task = tokio::spawn(async move {
+            let _owners = AbortOnDrop(owners);
+            accept_loop(listener, ctx_accept).await;
+        });
         info!(%local_addr, "MQTT listener started");
         Ok(MqttServer {
             local_addr,
@@ -57,6 +66,15 @@ impl std::fmt::Debug for MqttServer {
 impl Drop for MqttServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Ends a task when dropped: the owner watch goes with the listener.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -53,6 +53,10 @@ const RETAINED_AREA: &str = "mqtt-retained";
 /// client has not yet released: a resend after a reconnect, to this
 /// broker after a restart or to another one, is not stored twice.
 const QOS2_AREA: &str = "mqtt-qos2";
+/// The connection each client id has, cluster-wide: a broker that sees
+/// another broker write the record of a client id connected to it ends
+/// that connection (takeover).
+const OWNERS_AREA: &str = "mqtt-owners";
 
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
@@ -61,14 +65,21 @@ pub(crate) struct Ctx {
     sessions: StateStore,
     retained: StateStore,
     qos2: StateStore,
+    owners: StateStore,
+    /// This listener's id in owner records.
+    instance: u64,
+    /// Owner record writes at once at most, so that a storm of connects
+    /// or disconnects does not flood the metadata store.
+    meta_ops: tokio::sync::Semaphore,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
 }
 
 #[derive(Default)]
 struct Registry {
-    /// The live connection of each client id, and how to end it.
-    live: HashMap<(NamespaceName, String), Live>,
+    /// The live connection of each client id (by session key), and how
+    /// to end it.
+    live: HashMap<String, Live>,
     /// Packet ids of QoS 2 publishes stored but not yet released, per
     /// client: a resend after a reconnect is not stored twice.
     received: HashMap<(NamespaceName, String), HashSet<u16>>,
@@ -79,12 +90,18 @@ struct Registry {
     routes_generation: u64,
 }
 
+/// Owner record operations in flight at most, per listener.
+const META_OPS: usize = 32;
+
 /// Topics whose routes are cached at most; past it the cache starts over.
 const ROUTE_CACHE: usize = 65_536;
 
 struct Live {
     conn: u64,
     kick: Option<oneshot::Sender<()>>,
+    /// Version of this connection's owner record: a later one written by
+    /// another broker means the client connected there.
+    owner_version: u64,
 }
 
 /// A subscription as a session keeps it (and stores it, when persistent).
@@ -123,6 +140,10 @@ struct StoredSession {
     subs: Vec<Sub>,
     /// Seconds the session outlives its connection (u32::MAX: forever).
     expiry: u32,
+    /// The connection that last took the session up (its owner token):
+    /// a timer of an older one (expiry, will delay) leaves it alone.
+    #[serde(default)]
+    owner: String,
 }
 
 /// A session's queue for subscriptions at `qos`: QoS 0 in memory, QoS 1
@@ -163,14 +184,66 @@ impl Ctx {
         let sessions = broker.state(SESSION_AREA);
         let retained = broker.state(RETAINED_AREA);
         let qos2 = broker.state(QOS2_AREA);
+        let owners = broker.state(OWNERS_AREA);
         Ctx {
             qos2,
+            owners,
+            instance: rand::random(),
+            meta_ops: tokio::sync::Semaphore::new(META_OPS),
             broker,
             cfg,
             sessions,
             retained,
             next_conn: AtomicU64::new(1),
             registry: std::sync::Mutex::new(Registry::default()),
+        }
+    }
+
+    /// What owner records and sessions name connection `conn` by.
+    fn token(&self, conn: u64) -> String {
+        format!("{:016x}-{conn}", self.instance)
+    }
+
+    /// Ends this listener's connections whose client ids connected to
+    /// another broker since: owner records written there, seen here.
+    pub async fn watch_owners(ctx: std::sync::Weak<Ctx>) {
+        loop {
+            let Some(strong) = ctx.upgrade() else {
+                return;
+            };
+            let mut changes = strong.owners.watch("");
+            let mine = format!("{:016x}-", strong.instance);
+            drop(strong);
+            while let Some(ch) = changes.next().await {
+                let Some(value) = ch.value else {
+                    continue;
+                };
+                if value.starts_with(mine.as_bytes()) {
+                    continue;
+                }
+                let Some(ctx) = ctx.upgrade() else {
+                    return;
+                };
+                let mut reg = ctx.registry();
+                if let Some(l) = reg.live.get_mut(&ch.key) {
+                    if ch.version > l.owner_version {
+                        if let Some(k) = l.kick.take() {
+                            let _ = k.send(());
+                        }
+                    }
+                }
+            }
+            // The history ran out: watch again from now.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether `token`'s connection is still the last to have taken up
+    /// the session (so that its timers may act on it).
+    async fn session_still_with(&self, ns: &NamespaceName, client_id: &str, token: &str) -> bool {
+        match self.load_session(ns, client_id).await {
+            Some(s) => s.owner.is_empty() || s.owner == token,
+            None => true,
         }
     }
 
@@ -242,6 +315,7 @@ impl Ctx {
 
     /// Ends a session: its state, its queue and its bindings.
     async fn drop_session(&self, ns: &NamespaceName, client_id: &str) {
+        let _permit = self.meta_ops.acquire().await;
         let _ = self
             .sessions
             .delete(&Self::session_key(ns, client_id))
@@ -419,7 +493,14 @@ struct Conn {
     /// Topic aliases of outgoing publishes (v5).
     aliases_out: AliasesOut,
     sources: HashMap<String, Source>,
-    deliveries_tx: mpsc::UnboundedSender<(String, Delivery)>,
+    /// Where the session's consumers send their deliveries; made with
+    /// the first consumer, so that idle connections carry no channel.
+    deliveries_tx: Option<mpsc::UnboundedSender<(String, Delivery)>>,
+    /// The receiving end of a channel just made, for `run` to take.
+    deliveries_new: Option<mpsc::UnboundedReceiver<(String, Delivery)>>,
+    /// Whether the session left anything in the broker (queues, a stored
+    /// session) that ending it must remove.
+    touched: bool,
     /// Deliveries not yet sent, for the in-flight window is full.
     waiting: VecDeque<(String, Delivery)>,
     /// Retained messages for new subscriptions, waiting likewise.
@@ -447,7 +528,7 @@ where
             if let Some(p) = framing.decode(&mut buf)? {
                 return Ok::<_, MqttError>(Some(p));
             }
-            buf.reserve(1024);
+            buf.reserve(256);
             if rd.read_buf(&mut buf).await? == 0 {
                 return Ok(None);
             }
@@ -476,9 +557,7 @@ where
             return Ok(());
         }
     };
-    let (tx, rx) = mpsc::unbounded_channel();
-    conn.deliveries_tx = tx;
-    let end = conn.run(&mut rd, &mut wr, buf, rx, kick).await;
+    let end = conn.run(&mut rd, &mut wr, buf, kick).await;
     conn.close(end, &mut wr).await;
     Ok(())
 }
@@ -529,18 +608,38 @@ impl Conn {
             framing.set_max_outbound(max.get());
         }
         let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-        // Takeover: the older connection of this client id goes.
+        let key = Ctx::session_key(&ns, &client_id);
+        let token = ctx.token(id);
+        // Takeover: the older connection of this client id goes, here at
+        // once, on another broker once it sees the owner record.
         let (kick_tx, kick_rx) = oneshot::channel();
         let old = ctx.registry().live.insert(
-            (ns.clone(), client_id.clone()),
+            key.clone(),
             Live {
                 conn: id,
                 kick: Some(kick_tx),
+                owner_version: u64::MAX,
             },
         );
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
                 let _ = k.send(());
+            }
+        }
+        if ctx.cfg.takeover_across_brokers {
+            let written = {
+                let _permit = ctx.meta_ops.acquire().await;
+                ctx.owners.put(&key, token.clone()).await
+            };
+            match written {
+                Ok(version) => {
+                    if let Some(l) = ctx.registry().live.get_mut(&key) {
+                        if l.conn == id {
+                            l.owner_version = version;
+                        }
+                    }
+                }
+                Err(e) => debug!(client = %client_id, "owner record not written: {e}"),
             }
         }
         let stored = ctx.load_session(&ns, &client_id).await;
@@ -575,6 +674,7 @@ impl Conn {
             let s = StoredSession {
                 subs: subs.clone(),
                 expiry,
+                owner: token.clone(),
             };
             if let Err(e) = ctx.save_session(&ns, &client_id, &s).await {
                 debug!(client = %client_id, "session not saved: {e}");
@@ -600,7 +700,9 @@ impl Conn {
             outbound: Outbound::new(receive_max),
             aliases_out: AliasesOut::new(if v5 { c.topic_alias_max } else { 0 }),
             sources: HashMap::new(),
-            deliveries_tx: mpsc::unbounded_channel().0,
+            deliveries_tx: None,
+            deliveries_new: None,
+            touched: expiry > 0 || session_present,
             waiting: VecDeque::new(),
             retained_out: VecDeque::new(),
             resumed_at: session_present.then(now_ms),
@@ -632,9 +734,13 @@ impl Conn {
         rd: &mut ReadHalf<S>,
         wr: &mut WriteHalf<S>,
         mut buf: BytesMut,
-        mut deliveries: mpsc::UnboundedReceiver<(String, Delivery)>,
         mut kick: oneshot::Receiver<()>,
     ) -> End {
+        let mut deliveries = None::<mpsc::UnboundedReceiver<(String, Delivery)>>;
+        // How much the last read brought: reads reserve for about twice
+        // that, so that busy connections read in large chunks and idle
+        // ones hold small buffers.
+        let mut last_read = 0usize;
         // A resumed session's subscriptions: bound again (the QoS 0
         // queue lives in memory and went with the last connection or a
         // restart), and consumed.
@@ -645,6 +751,12 @@ impl Conn {
         }
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
         loop {
+            if let Some(rx) = self.deliveries_new.take() {
+                deliveries = Some(rx);
+            }
+            if buf.capacity() - buf.len() < 256 {
+                buf.reserve((last_read * 2).clamp(512, 64 * 1024));
+            }
             if !self.out.is_empty() {
                 let out = self.out.split();
                 if wr.write_all(&out).await.is_err() {
@@ -655,7 +767,7 @@ impl Conn {
                 r = rd.read_buf(&mut buf) => {
                     match r {
                         Ok(0) | Err(_) => return End::Abrupt(None),
-                        Ok(_) => {}
+                        Ok(n) => last_read = n,
                     }
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
                     loop {
@@ -669,16 +781,23 @@ impl Conn {
                             Err(e) => return End::Abrupt(Some(e)),
                         }
                     }
-                    if buf.capacity() - buf.len() < 512 {
-                        buf.reserve(4096);
+                    if buf.is_empty() && buf.capacity() > 8192 {
+                        buf = BytesMut::new();
                     }
                 }
-                Some(first) = deliveries.recv() => {
+                Some(first) = async {
+                    match deliveries.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     self.waiting.push_back(first);
                     // Take what is already there, so that one write
                     // carries many.
-                    while let Ok(next) = deliveries.try_recv() {
-                        self.waiting.push_back(next);
+                    if let Some(rx) = deliveries.as_mut() {
+                        while let Ok(next) = rx.try_recv() {
+                            self.waiting.push_back(next);
+                        }
                     }
                     self.pump();
                 }
@@ -861,6 +980,7 @@ impl Conn {
             return Ok(());
         }
         let durable = queue != session_queue(&self.client_id, 0);
+        self.touched = true;
         self.ctx.ensure_queue(&self.ns, queue, durable).await?;
         let topic = self.ctx.broker.queue_topic(&self.ns, queue, durable)?;
         let mut consumer = self
@@ -883,7 +1003,15 @@ impl Conn {
             .await?;
         consumer.flow(u64::from(self.outbound.window()));
         let control = consumer.control();
-        let tx = self.deliveries_tx.clone();
+        let tx = match &self.deliveries_tx {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.deliveries_tx = Some(tx.clone());
+                self.deliveries_new = Some(rx);
+                tx
+            }
+        };
         let name = queue.to_owned();
         let task = tokio::spawn(async move {
             while let Some(d) = consumer.recv().await {
@@ -995,6 +1123,7 @@ impl Conn {
 
     /// Binds `sub`'s queue to its filter and consumes the queue.
     async fn attach(&mut self, sub: &Sub) -> Result<()> {
+        self.touched = true;
         let queue = sub.queue(&self.client_id);
         let durable = queue != session_queue(&self.client_id, 0);
         self.ctx.ensure_queue(&self.ns, &queue, durable).await?;
@@ -1040,6 +1169,7 @@ impl Conn {
     }
 
     async fn save(&mut self) -> Result<()> {
+        self.touched = true;
         self.ctx
             .save_session(
                 &self.ns,
@@ -1047,6 +1177,7 @@ impl Conn {
                 &StoredSession {
                     subs: self.subs.clone(),
                     expiry: self.expiry,
+                    owner: self.ctx.token(self.id),
                 },
             )
             .await
@@ -1248,15 +1379,29 @@ impl Conn {
             End::Clean { will } => will,
             End::Abrupt(_) | End::TakenOver => true,
         };
+        let key = Ctx::session_key(&self.ns, &self.client_id);
         let still_mine = {
             let mut reg = self.ctx.registry();
-            let key = (self.ns.clone(), self.client_id.clone());
             let mine = reg.live.get(&key).is_some_and(|l| l.conn == self.id);
             if mine {
                 reg.live.remove(&key);
             }
             mine
         };
+        if still_mine && !matches!(end, End::TakenOver) && self.ctx.cfg.takeover_across_brokers {
+            // Only ours: a newer connection elsewhere has rewritten it.
+            let ctx = Arc::clone(&self.ctx);
+            let token = self.ctx.token(self.id);
+            tokio::spawn(async move {
+                let _permit = ctx.meta_ops.acquire().await;
+                let owners = &ctx.owners;
+                if let Ok(Some(v)) = owners.get(&key).await {
+                    if v.value == token.as_bytes() {
+                        let _ = owners.compare_and_delete(&key, v.version).await;
+                    }
+                }
+            });
+        }
         if let Some(w) = self.will.take().filter(|_| fire) {
             publish_will(
                 Arc::clone(&self.ctx),
@@ -1268,7 +1413,14 @@ impl Conn {
             );
         }
         if still_mine && self.expiry == 0 {
-            self.ctx.drop_session(&self.ns, &self.client_id).await;
+            if self.touched {
+                self.ctx.drop_session(&self.ns, &self.client_id).await;
+            } else {
+                self.ctx
+                    .registry()
+                    .received
+                    .remove(&(self.ns.clone(), self.client_id.clone()));
+            }
         } else if still_mine {
             // QoS 0 messages are not kept for an offline session, as
             // Mosquitto does by default; the next connection binds the
@@ -1281,6 +1433,7 @@ impl Conn {
                     Arc::clone(&self.ctx),
                     self.ns.clone(),
                     self.client_id.clone(),
+                    self.id,
                     self.expiry,
                 );
             }
@@ -1305,9 +1458,13 @@ fn publish_will(
             let back = ctx
                 .registry()
                 .live
-                .get(&(ns.clone(), client_id.clone()))
+                .get(&Ctx::session_key(&ns, &client_id))
                 .is_some_and(|l| l.conn != conn);
-            if back {
+            if back
+                || !ctx
+                    .session_still_with(&ns, &client_id, &ctx.token(conn))
+                    .await
+            {
                 return;
             }
         }
@@ -1342,14 +1499,18 @@ fn publish_will(
 
 /// Drops a session `expiry` seconds after its connection went, unless the
 /// client came back.
-fn expire_later(ctx: Arc<Ctx>, ns: NamespaceName, client_id: String, expiry: u32) {
+fn expire_later(ctx: Arc<Ctx>, ns: NamespaceName, client_id: String, conn: u64, expiry: u32) {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
         let back = ctx
             .registry()
             .live
-            .contains_key(&(ns.clone(), client_id.clone()));
-        if !back {
+            .contains_key(&Ctx::session_key(&ns, &client_id));
+        if !back
+            && ctx
+                .session_still_with(&ns, &client_id, &ctx.token(conn))
+                .await
+        {
             ctx.drop_session(&ns, &client_id).await;
         }
     });

@@ -1,0 +1,182 @@
+//! MQTT across brokers, judged with rumqttc (MQTT 5): a client id that
+//! connects to a second broker ends its connection on the first (0x8E),
+//! and a persistent session whose broker is SIGKILLed is taken up on
+//! another broker with every queued QoS 1 message.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_port, spawn_until, LedgerCluster, Proc, BIN};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+
+fn start_broker(cluster: &LedgerCluster, http: u16, mqtt: u16, log: &Path) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("broker")
+        .args(["--meta", &cluster.meta_endpoint()])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args([
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--amqp-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+        .args(["--cluster", "local", "--session-ttl-ms", "2000"])
+        .args([
+            "--ensemble",
+            "3",
+            "--write-quorum",
+            "3",
+            "--ack-quorum",
+            "2",
+        ])
+        .env("MAGNETAR_LOG", "info,openraft=warn");
+    spawn_until(cmd, "ready", log, Duration::from_secs(30))
+}
+
+/// A connected MQTT 5 client: its handle, event loop and CONNACK's
+/// session-present flag.
+async fn connect(
+    port: u16,
+    id: &str,
+    persistent: bool,
+) -> anyhow::Result<(AsyncClient, EventLoop, bool)> {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    if persistent {
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+    }
+    let (client, mut ev) = AsyncClient::new(opts, 64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "no CONNACK from {port}");
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await?? {
+            Event::Incoming(Packet::ConnAck(a)) => {
+                anyhow::ensure!(a.code == ConnectReturnCode::Success, "CONNACK {:?}", a.code);
+                return Ok((client, ev, a.session_present));
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Polls until a packet `pick` accepts arrives.
+async fn until<T>(
+    ev: &mut EventLoop,
+    within: Duration,
+    mut pick: impl FnMut(&Packet) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "timed out");
+        if let Event::Incoming(p) = tokio::time::timeout(left, ev.poll()).await?? {
+            if let Some(t) = pick(&p) {
+                return Ok(t);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_ids_and_persistent_sessions_move_between_brokers() -> anyhow::Result<()> {
+    let cluster = LedgerCluster::start(3, &[]);
+    let (http, mqtt) = ([free_port(), free_port()], [free_port(), free_port()]);
+    let logs = [
+        cluster.meta.dir.path().join("broker-a.log"),
+        cluster.meta.dir.path().join("broker-b.log"),
+    ];
+    let mut a = start_broker(&cluster, http[0], mqtt[0], &logs[0]);
+    let _b = start_broker(&cluster, http[1], mqtt[1], &logs[1]);
+
+    // Takeover: the same client id on broker B ends its connection on A.
+    let (_first, mut first_ev, _) = connect(mqtt[0], "device-7", false).await?;
+    let (_second, mut second_ev, _) = connect(mqtt[1], "device-7", false).await?;
+    let reason = until(&mut first_ev, Duration::from_secs(10), |p| match p {
+        Packet::Disconnect(d) => Some(d.reason_code),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(reason, DisconnectReasonCode::SessionTakenOver);
+    // The newer connection stays: nothing, or anything but an error.
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), second_ev.poll()).await {
+        r?;
+    }
+
+    // A persistent session subscribed on A, then offline while B takes
+    // 20 QoS 1 messages for it.
+    let (sub, mut sub_ev, present) = connect(mqtt[0], "collector", true).await?;
+    assert!(!present);
+    sub.subscribe("plant/+/pressure", QoS::AtLeastOnce).await?;
+    until(&mut sub_ev, Duration::from_secs(10), |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await?;
+    sub.disconnect().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while sub_ev.poll().await.is_ok() {}
+    })
+    .await;
+
+    let (publisher, mut pub_ev, _) = connect(mqtt[1], "plc", false).await?;
+    for i in 0..20 {
+        publisher
+            .publish(
+                format!("plant/{}/pressure", i % 3),
+                QoS::AtLeastOnce,
+                false,
+                format!("p{i}"),
+            )
+            .await?;
+    }
+    let mut acked = 0;
+    while acked < 20 {
+        until(&mut pub_ev, Duration::from_secs(20), |p| {
+            matches!(p, Packet::PubAck(_)).then_some(())
+        })
+        .await?;
+        acked += 1;
+    }
+
+    // Broker A dies; the session comes back on B with its messages.
+    a.kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "after failover only {got:?} arrived"
+        );
+        let Ok((_c, mut ev, present)) = connect(mqtt[1], "collector", true).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        assert!(present, "the session is known on broker B");
+        while got.len() < 20 {
+            match until(&mut ev, Duration::from_secs(5), |p| match p {
+                Packet::Publish(m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+                _ => None,
+            })
+            .await
+            {
+                Ok(m) => {
+                    if !got.contains(&m) {
+                        got.push(m);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let mut want: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every acknowledged message, after failover");
+    Ok(())
+}
