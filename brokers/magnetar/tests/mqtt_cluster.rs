@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{free_port, spawn_until, LedgerCluster, Proc, BIN};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 
 fn start_broker(cluster: &LedgerCluster, http: u16, mqtt: u16, log: &Path) -> Proc {
     let mut cmd = Command::new(BIN);
@@ -98,12 +98,21 @@ async fn client_ids_and_persistent_sessions_move_between_brokers() -> anyhow::Re
     // Takeover: the same client id on broker B ends its connection on A.
     let (_first, mut first_ev, _) = connect(mqtt[0], "device-7", false).await?;
     let (_second, mut second_ev, _) = connect(mqtt[1], "device-7", false).await?;
-    let reason = until(&mut first_ev, Duration::from_secs(10), |p| match p {
-        Packet::Disconnect(d) => Some(d.reason_code),
-        _ => None,
+    // rumqttc reports the server's DISCONNECT as the end of the loop.
+    let reason = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match first_ev.poll().await {
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => return Some(reason_code),
+                Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
     })
     .await?;
-    assert_eq!(reason, DisconnectReasonCode::SessionTakenOver);
+    assert_eq!(reason, Some(DisconnectReasonCode::SessionTakenOver));
     // The newer connection stays: nothing, or anything but an error.
     if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), second_ev.poll()).await {
         r?;
