@@ -28,8 +28,10 @@ impl MqttServer {
         } else {
             tokio::spawn(async {})
         };
+        let sweeper = tokio::spawn(Ctx::sweep_sessions(Arc::downgrade(&ctx)));
         let task = tokio::spawn(async move {
             let _owners = AbortOnDrop(owners);
+            let _sweeper = AbortOnDrop(sweeper);
             accept_loop(listener, ctx_accept).await;
         });
         info!(%local_addr, "MQTT listener started");

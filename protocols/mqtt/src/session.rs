@@ -90,6 +90,22 @@ struct Registry {
     routes_generation: u64,
 }
 
+/// How often every broker looks for sessions past their expiry whose
+/// timers a restart lost.
+const SWEEP: Duration = Duration::from_secs(10);
+
+/// A session key back to its namespace and client id.
+fn parse_session_key(key: &str) -> Option<(NamespaceName, String)> {
+    use magnetar_tenancy::names::decode_segment;
+    let mut parts = key.split('/');
+    let (t, n, c) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let ns = NamespaceName::new(&decode_segment(t).ok()?, &decode_segment(n).ok()?).ok()?;
+    Some((ns, decode_segment(c).ok()?))
+}
+
 /// Owner record operations in flight at most, per listener.
 const META_OPS: usize = 32;
 
@@ -144,6 +160,11 @@ struct StoredSession {
     /// a timer of an older one (expiry, will delay) leaves it alone.
     #[serde(default)]
     owner: String,
+    /// When its last connection ended (ms since the epoch); None while
+    /// connected. What the sweeper expires sessions by once a restart
+    /// has lost their timers.
+    #[serde(default)]
+    disconnected_ms: Option<i64>,
 }
 
 /// A session's queue for subscriptions at `qos`: QoS 0 in memory, QoS 1
@@ -320,6 +341,48 @@ impl Ctx {
             .sessions
             .delete(&Self::session_key(ns, client_id))
             .await;
+        self.drop_session_rest(ns, client_id).await;
+    }
+
+    /// Every `SWEEP`, ends the sessions past their expiry that no timer
+    /// is left for (their broker restarted since they disconnected).
+    /// Every broker sweeps; the record's version decides who ends one.
+    pub async fn sweep_sessions(ctx: std::sync::Weak<Ctx>) {
+        let mut every = tokio::time::interval(SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let Some(ctx) = ctx.upgrade() else {
+                return;
+            };
+            let Ok(all) = ctx.sessions.list("").await else {
+                continue;
+            };
+            let now = now_ms();
+            for (key, v) in all {
+                let Ok(s) = serde_json::from_slice::<StoredSession>(&v.value) else {
+                    continue;
+                };
+                let Some(gone) = s.disconnected_ms else {
+                    continue;
+                };
+                let due = s.expiry != u32::MAX && gone + i64::from(s.expiry) * 1000 <= now;
+                if !due || ctx.registry().live.contains_key(&key) {
+                    continue;
+                }
+                let Some((ns, client_id)) = parse_session_key(&key) else {
+                    continue;
+                };
+                if let Ok(true) = ctx.sessions.compare_and_delete(&key, v.version).await {
+                    debug!(client = %client_id, "session expired");
+                    ctx.drop_session_rest(&ns, &client_id).await;
+                }
+            }
+        }
+    }
+
+    /// What a session holds besides its record: QoS 2 ids, queues.
+    async fn drop_session_rest(&self, ns: &NamespaceName, client_id: &str) {
         let prefix = Self::qos2_prefix(ns, client_id);
         for (k, _) in self.qos2.list(&prefix).await.unwrap_or_default() {
             let _ = self.qos2.delete(&k).await;
@@ -675,6 +738,7 @@ impl Conn {
                 subs: subs.clone(),
                 expiry,
                 owner: token.clone(),
+                disconnected_ms: None,
             };
             if let Err(e) = ctx.save_session(&ns, &client_id, &s).await {
                 debug!(client = %client_id, "session not saved: {e}");
@@ -1169,6 +1233,11 @@ impl Conn {
     }
 
     async fn save(&mut self) -> Result<()> {
+        self.save_as(None).await
+    }
+
+    /// Saves the session, as disconnected at `disconnected_ms` if given.
+    async fn save_as(&mut self, disconnected_ms: Option<i64>) -> Result<()> {
         self.touched = true;
         self.ctx
             .save_session(
@@ -1178,6 +1247,7 @@ impl Conn {
                     subs: self.subs.clone(),
                     expiry: self.expiry,
                     owner: self.ctx.token(self.id),
+                    disconnected_ms,
                 },
             )
             .await
@@ -1429,6 +1499,9 @@ impl Conn {
                 .delete_queue(&self.ns, &session_queue(&self.client_id, 0))
                 .await;
             if self.expiry != u32::MAX {
+                if let Err(e) = self.save_as(Some(now_ms())).await {
+                    debug!(client = %self.client_id, "disconnect time not saved: {e}");
+                }
                 expire_later(
                     Arc::clone(&self.ctx),
                     self.ns.clone(),
@@ -1514,4 +1587,38 @@ fn expire_later(ctx: Arc<Ctx>, ns: NamespaceName, client_id: String, conn: u64, 
             ctx.drop_session(&ns, &client_id).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_keys_round_trip_with_any_client_id() {
+        let ns = NamespaceName::new("acme", "iot").expect("valid");
+        for id in ["dev-1", "a/b", "with space", "%2F", "ünï"] {
+            let key = Ctx::session_key(&ns, id);
+            assert_eq!(key.matches('/').count(), 2, "{key}");
+            assert_eq!(parse_session_key(&key), Some((ns.clone(), id.to_owned())));
+        }
+        assert_eq!(parse_session_key("a/b"), None);
+        assert_eq!(parse_session_key("a/b/c/d"), None);
+    }
+
+    #[test]
+    fn a_session_has_a_queue_per_qos_class_and_shares_their_groups() {
+        let sub = |filter: &str, qos| Sub {
+            filter: filter.into(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        };
+        assert_eq!(sub("a/#", 0).queue("dev"), "mqtt-subscription-devqos0");
+        assert_eq!(sub("a/#", 1).queue("dev"), "mqtt-subscription-devqos1");
+        assert_eq!(sub("a/#", 2).queue("dev"), "mqtt-subscription-devqos1");
+        let shared = sub("$share/g1/a/+", 0);
+        assert_eq!(shared.queue("dev"), "mqtt-share-g1");
+        assert_eq!(shared.pattern(), "a/+");
+    }
 }

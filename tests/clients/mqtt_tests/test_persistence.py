@@ -3,6 +3,7 @@ messages queued for an offline client survive a restart (SIGTERM and
 SIGKILL). This module restarts its own standalone process."""
 
 import signal
+import time
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -101,3 +102,19 @@ def test_qos2_exactly_once_across_a_restart(standalone, client, raw, tag, level)
     assert (present, rc) == (True, 0)
     got = sub2.expect(1, timeout=15) + sub2.collect()
     assert [m.payload for m in got] == [b"once"]
+
+
+def test_v5_session_expires_after_a_restart(standalone, client, tag):
+    """A session's expiry goes on counting across a broker restart, which
+    loses the timer that would have ended it: the brokers' sweep of
+    expired sessions ends it (within ten seconds of its expiry)."""
+    cid = f"exr-{tag}"
+    kw = {"properties": props(PacketTypes.CONNECT, SessionExpiryInterval=2)}
+    c = client(V5, client_id=cid, clean=False, **kw)
+    assert c.subscribe(f"exr/{tag}", qos=1) == [1]
+    c.disconnect()
+    standalone.restart()
+    time.sleep(13)
+    c2 = client(V5, client_id=cid, connect=False, clean=False)
+    present, rc, _ = c2.connect(clean_start=False, **kw)
+    assert (present, rc) == (False, 0)
