@@ -651,7 +651,16 @@ impl Conn {
         c: v5::Connect,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
-        let ns = ctx.cfg.default_namespace.clone();
+        // The user name may name the namespace (`tenant/namespace`), as a
+        // Kafka SASL user does; the password goes to the auth hook once
+        // security lands and is not checked yet.
+        let ns = match c.username.as_deref().filter(|u| u.contains('/')) {
+            None => ctx.cfg.default_namespace.clone(),
+            Some(user) => match user.parse::<NamespaceName>() {
+                Ok(ns) if ctx.broker.tenancy().get_policies(&ns).await.is_ok() => ns,
+                _ => return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword)),
+            },
+        };
         let mut client_id = c.client_id.to_string();
         let mut assigned = None;
         if client_id.is_empty() {
