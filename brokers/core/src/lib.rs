@@ -23,6 +23,7 @@ pub mod cursor;
 pub mod error;
 pub mod format;
 pub mod http;
+pub mod listener;
 pub mod log;
 pub mod managed_ledger;
 pub mod routing;

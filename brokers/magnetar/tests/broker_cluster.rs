@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{free_port, spawn_until, LedgerCluster, Proc, BIN};
+use common::{free_port, spawn_until, start_broker, LedgerCluster, Proc, BIN};
 use serde_json::{json, Value};
 
 fn http() -> reqwest::Client {
@@ -197,33 +196,6 @@ async fn standalone_keeps_data_and_cursors_across_restarts() {
     }
 }
 
-fn start_broker(cluster: &LedgerCluster, port: u16, log: &Path) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("broker")
-        .args(["--meta", &cluster.meta_endpoint()])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--kafka-listen",
-            "127.0.0.1:0",
-            "--amqp-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--cluster", "local"])
-        .args(["--session-ttl-ms", "2000"])
-        .args([
-            "--ensemble",
-            "3",
-            "--write-quorum",
-            "3",
-            "--ack-quorum",
-            "2",
-        ])
-        .env("MAGNETAR_LOG", "info,openraft=warn");
-    spawn_until(cmd, "ready", log, Duration::from_secs(30))
-}
-
 #[tokio::test]
 async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
     const TOTAL: u64 = 1500;
@@ -235,8 +207,8 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
         cluster.meta.dir.path().join("broker-b.log"),
     ];
     let mut brokers = [
-        Some(start_broker(&cluster, ports[0], &logs[0])),
-        Some(start_broker(&cluster, ports[1], &logs[1])),
+        Some(start_broker(&cluster, ports[0], None, &logs[0])),
+        Some(start_broker(&cluster, ports[1], None, &logs[1])),
     ];
     let urls: Vec<String> = ports
         .iter()

@@ -5,39 +5,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, spawn_until, LedgerCluster, Proc, BIN};
+use common::{free_port, start_broker, LedgerCluster};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
-
-fn start_broker(cluster: &LedgerCluster, http: u16, mqtt: u16, log: &Path) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("broker")
-        .args(["--meta", &cluster.meta_endpoint()])
-        .args(["--http-listen", &format!("127.0.0.1:{http}")])
-        .args([
-            "--kafka-listen",
-            "127.0.0.1:0",
-            "--amqp-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-        .args(["--cluster", "local", "--session-ttl-ms", "2000"])
-        .args([
-            "--ensemble",
-            "3",
-            "--write-quorum",
-            "3",
-            "--ack-quorum",
-            "2",
-        ])
-        .env("MAGNETAR_LOG", "info,openraft=warn");
-    spawn_until(cmd, "ready", log, Duration::from_secs(30))
-}
 
 /// A connected MQTT 5 client: its handle, event loop and CONNACK's
 /// session-present flag.
@@ -92,8 +65,8 @@ async fn client_ids_and_persistent_sessions_move_between_brokers() -> anyhow::Re
         cluster.meta.dir.path().join("broker-a.log"),
         cluster.meta.dir.path().join("broker-b.log"),
     ];
-    let mut a = start_broker(&cluster, http[0], mqtt[0], &logs[0]);
-    let _b = start_broker(&cluster, http[1], mqtt[1], &logs[1]);
+    let mut a = start_broker(&cluster, http[0], Some(mqtt[0]), &logs[0]);
+    let _b = start_broker(&cluster, http[1], Some(mqtt[1]), &logs[1]);
 
     // Takeover: the same client id on broker B ends its connection on A.
     let (_first, mut first_ev, _) = connect(mqtt[0], "device-7", false).await?;

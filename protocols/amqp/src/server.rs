@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::session::{serve, Ctx};
 use crate::AmqpConfig;
@@ -23,7 +24,9 @@ impl AmqpServer {
         let local_addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_alarms();
-        let task = tokio::spawn(accept_loop(listener, ctx));
+        let task = tokio::spawn(accept_loop(listener, "AMQP", move |stream, _| {
+            serve(stream, Arc::clone(&ctx))
+        }));
         info!(%local_addr, "AMQP listener started");
         Ok(AmqpServer { local_addr, task })
     }
@@ -40,25 +43,5 @@ impl AmqpServer {
 impl Drop for AmqpServer {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(async move {
-                    if let Err(e) = serve(stream, ctx).await {
-                        debug!(%peer, "AMQP connection closed: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("AMQP accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
     }
 }

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
@@ -42,7 +43,9 @@ impl KafkaServer {
         let local_addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
-        let task = tokio::spawn(accept_loop(listener, ctx));
+        let task = tokio::spawn(accept_loop(listener, "Kafka", move |stream, peer| {
+            serve_connection(stream, peer, Arc::clone(&ctx))
+        }));
         info!(%local_addr, "Kafka listener started");
         Ok(KafkaServer { local_addr, task })
     }
@@ -59,26 +62,6 @@ impl KafkaServer {
 impl Drop for KafkaServer {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, peer, ctx).await {
-                        debug!(%peer, "Kafka connection closed: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("Kafka accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
     }
 }
 

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::session::{serve, Ctx};
 use crate::MqttConfig;
@@ -32,7 +33,10 @@ impl MqttServer {
         let task = tokio::spawn(async move {
             let _owners = AbortOnDrop(owners);
             let _sweeper = AbortOnDrop(sweeper);
-            accept_loop(listener, ctx_accept).await;
+            accept_loop(listener, "MQTT", move |stream, _| {
+                serve(stream, Arc::clone(&ctx_accept))
+            })
+            .await;
         });
         info!(%local_addr, "MQTT listener started");
         Ok(MqttServer {
@@ -77,25 +81,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(async move {
-                    if let Err(e) = serve(stream, ctx).await {
-                        debug!(%peer, "MQTT connection closed: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("MQTT accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
     }
 }

@@ -363,3 +363,32 @@ pub fn entry_payload(entry: u64, size: usize) -> bytes::Bytes {
     v.extend((8..size).map(|i| (entry as usize).wrapping_add(i) as u8));
     bytes::Bytes::from(v)
 }
+
+/// `magnetar broker` on `cluster`'s metadata and bookies (ledgers at
+/// 3/3/2), HTTP on `http`, MQTT on `mqtt` (or an ephemeral port), the
+/// other protocols on ephemeral ports; bundles of a dead broker are taken
+/// over after 2 s.
+pub fn start_broker(cluster: &LedgerCluster, http: u16, mqtt: Option<u16>, log: &Path) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("broker")
+        .args(["--meta", &cluster.meta_endpoint()])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args([
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--amqp-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", mqtt.unwrap_or(0))])
+        .args(["--cluster", "local", "--session-ttl-ms", "2000"])
+        .args([
+            "--ensemble",
+            "3",
+            "--write-quorum",
+            "3",
+            "--ack-quorum",
+            "2",
+        ])
+        .env("MAGNETAR_LOG", "info,openraft=warn");
+    spawn_until(cmd, "ready", log, Duration::from_secs(30))
+}
