@@ -27,6 +27,14 @@ pub enum TenancyError {
     #[error("concurrent modification of {0}; retry")]
     Conflict(String),
 
+    /// Credentials missing, malformed, expired or not signed by our key.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+
+    /// A key for signing or checking tokens that cannot be used.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+
     #[error("stored record {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
 

@@ -9,14 +9,19 @@
 //!   compare-and-set updates so that concurrent admins never overwrite each
 //!   other silently.
 //!
+//! - [`auth`]: token authentication (Pulsar's JWTs) behind the
+//!   [`AuthProvider`] hook, and the permission rule.
+//!
 //! Enforcement (authentication, permissions, quotas) lives with whoever
 //! serves a request; this crate holds the model.
 
+pub mod auth;
 mod error;
 pub mod names;
 pub mod policies;
 mod store;
 
+pub use auth::{AuthProvider, Credentials, TokenAuth};
 pub use error::{Result, TenancyError};
 pub use names::{NamespaceName, TopicDomain, TopicName};
 pub use policies::{

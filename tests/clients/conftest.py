@@ -110,3 +110,60 @@ def standalone():
         s.start()
         yield s
         s.stop()
+
+
+class Secured(Standalone):
+    """A standalone with token authentication on: tokens signed with an
+    HS256 secret key made by `magnetar tokens`, role `admin` a superuser."""
+
+    def __init__(self, data_dir, extra=()):
+        self.key = os.path.join(data_dir, "secret.key")
+        subprocess.run([BIN, "tokens", "create-secret-key", "--output", self.key], check=True)
+        super().__init__(data_dir, extra=[
+            "--auth-token-secret-key", f"file://{self.key}",
+            "--auth-superuser-roles", "admin",
+            *extra,
+        ])
+
+    def token(self, role, expiry=None, key=None):
+        cmd = [BIN, "tokens", "create", "--secret-key", key or f"file://{self.key}",
+               "--subject", role]
+        if expiry:
+            cmd += ["--expiry-time", expiry]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+    def admin(self, method, path, body=None, role="admin"):
+        """Calls the admin API with `role`'s token (None: no token); the
+        HTTP status."""
+        import json
+        import urllib.error
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.http}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if role is not None:
+            req.add_header("Authorization", f"Bearer {self.token(role)}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def grant(self, namespace, role, actions):
+        status = self.admin("POST", f"/admin/v2/namespaces/{namespace}/permissions/{role}",
+                            list(actions))
+        assert status == 204, status
+
+    def namespace(self, name):
+        status = self.admin("PUT", f"/admin/v2/namespaces/{name}")
+        assert status in (200, 204), status
+
+
+@pytest.fixture(scope="module")
+def secured():
+    with tempfile.TemporaryDirectory(prefix="magnetar-test-") as d:
+        s = Secured(d)
+        s.start()
+        yield s
+        s.stop()

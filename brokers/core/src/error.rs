@@ -12,6 +12,11 @@ pub enum BrokerError {
     #[error("already exists: {0}")]
     AlreadyExists(String),
 
+    /// Credentials missing or not accepted by the auth hook.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+
+    /// Authenticated, but the role lacks the permission.
     #[error("access refused: {0}")]
     AccessRefused(String),
 

@@ -67,7 +67,10 @@ fn tenancy_status(e: &TenancyError) -> StatusCode {
             StatusCode::CONFLICT
         }
         TenancyError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
-        TenancyError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        TenancyError::Corrupt { .. } | TenancyError::InvalidKey(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        TenancyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
     }
 }
 
@@ -93,6 +96,7 @@ impl From<BrokerError> for ApiError {
                 StatusCode::PRECONDITION_FAILED
             }
             BrokerError::AccessRefused(_) => StatusCode::FORBIDDEN,
+            BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             BrokerError::NotOwner { owner, .. } => {
                 return ApiError {
                     status: StatusCode::TEMPORARY_REDIRECT,
@@ -249,7 +253,43 @@ pub fn router(broker: Broker) -> Router {
             get(rest_read),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            broker.clone(),
+            admin_guard,
+        ))
         .with_state(broker)
+}
+
+/// With authentication on, the admin API takes superusers only, by a
+/// bearer token as Pulsar's admin clients send it. Health and readiness
+/// stay open for load balancers and orchestrators.
+async fn admin_guard(
+    State(b): State<Broker>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let open = !path.starts_with("/admin/")
+        || matches!(path, "/admin/v2/brokers/health" | "/admin/v2/brokers/ready");
+    if !b.auth_enabled() || open {
+        return next.run(req).await;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let creds = magnetar_tenancy::Credentials {
+        user: None,
+        secret: token.map(str::as_bytes),
+    };
+    match b.authenticate(&creds) {
+        Ok(p) if b.is_superuser(&p) => next.run(req).await,
+        Ok(_) => {
+            ApiError::new(StatusCode::FORBIDDEN, "the role is not a superuser").into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 // ---- clusters ----

@@ -16,8 +16,10 @@
 //!   bundle ownership through metadata leases, routing and retention;
 //! - [`state`]: durable per-protocol state (group offsets, sessions);
 //! - [`coalesce`]: single-message publishes gathered into record batches;
-//! - [`http`]: the admin REST API, after Pulsar's.
+//! - [`http`]: the admin REST API, after Pulsar's;
+//! - [`auth`]: the auth hook every protocol calls, and per-connection grants.
 
+pub mod auth;
 pub mod coalesce;
 pub mod cursor;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod state;
 pub mod subscription;
 pub mod topic;
 
+pub use auth::{AuthConfig, Grants, Principal};
 pub use coalesce::Coalescer;
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};

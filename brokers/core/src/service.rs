@@ -78,6 +78,8 @@ pub struct BrokerConfig {
     /// Create topics on first publish or subscribe, as Pulsar and Kafka do
     /// by default.
     pub auto_create_topics: bool,
+    /// The auth hook; `None` lets every client do everything.
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 impl BrokerConfig {
@@ -91,6 +93,7 @@ impl BrokerConfig {
             retention_interval: Duration::from_secs(60),
             session_ttl: Duration::from_secs(10),
             auto_create_topics: true,
+            auth: None,
         }
     }
 }

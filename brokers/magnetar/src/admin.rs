@@ -19,6 +19,10 @@ pub struct AdminArgs {
         global = true
     )]
     url: String,
+    /// Token for the admin API when the brokers authenticate (sent as
+    /// `Authorization: Bearer`).
+    #[arg(long, env = "MAGNETAR_AUTH_TOKEN", global = true)]
+    auth_token: Option<String>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -190,7 +194,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Metadata(m) => run_metadata(m).await,
         AdminCommand::Bookies(b) => run_bookies(b).await,
         AdminCommand::Ledgers(l) => run_ledgers(l).await,
-        AdminCommand::Rest(c) => crate::admin_rest::run(args.url, c).await,
+        AdminCommand::Rest(c) => crate::admin_rest::run(args.url, args.auth_token, c).await,
     }
 }
 

@@ -212,6 +212,7 @@ pub enum BrokersCommand {
 struct Rest {
     http: reqwest::Client,
     url: String,
+    token: Option<String>,
 }
 
 impl Rest {
@@ -221,6 +222,9 @@ impl Rest {
         let m = reqwest::Method::from_bytes(method.as_bytes())?;
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
         let mut req = self.http.request(m, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -272,12 +276,13 @@ fn topic_path(topic: &str) -> anyhow::Result<String> {
     ))
 }
 
-pub async fn run(url: String, command: RestCommand) -> anyhow::Result<()> {
+pub async fn run(url: String, token: Option<String>, command: RestCommand) -> anyhow::Result<()> {
     let rest = Rest {
         http: reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()?,
         url,
+        token,
     };
     match command {
         RestCommand::Clusters { command } => match command {

@@ -105,6 +105,42 @@ pub struct BrokerOptions {
     /// more are told this one, v3 clients are refused; 65535: no limit.
     #[arg(long, env = "MAGNETAR_MQTT_MAX_KEEP_ALIVE", default_value_t = u16::MAX)]
     mqtt_max_keep_alive: u16,
+    /// Turn on token authentication, with tokens signed by this HMAC
+    /// secret key: `file:///path`, a path, or `data:;base64,…` (what
+    /// `magnetar tokens create-secret-key` writes, as Pulsar's
+    /// tokenSecretKey).
+    #[arg(
+        long,
+        env = "MAGNETAR_AUTH_TOKEN_SECRET_KEY",
+        conflicts_with = "auth_token_public_key"
+    )]
+    auth_token_secret_key: Option<String>,
+    /// Turn on token authentication, with tokens signed by the private
+    /// half of this PEM public key (RSA, EC or Ed25519).
+    #[arg(long, env = "MAGNETAR_AUTH_TOKEN_PUBLIC_KEY")]
+    auth_token_public_key: Option<String>,
+    /// Roles that may do everything, comma-separated.
+    #[arg(long, env = "MAGNETAR_AUTH_SUPERUSER_ROLES", value_delimiter = ',')]
+    auth_superuser_roles: Vec<String>,
+}
+
+/// The auth hook the options ask for; none without a key.
+fn auth_config(opts: &BrokerOptions) -> anyhow::Result<Option<magnetar_broker::AuthConfig>> {
+    use magnetar_tenancy::auth::{read_key, TokenAuth};
+    let provider = match (&opts.auth_token_secret_key, &opts.auth_token_public_key) {
+        (Some(spec), _) => TokenAuth::with_secret(&read_key(spec)?)?,
+        (None, Some(spec)) => TokenAuth::with_public_key_pem(&read_key(spec)?)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(magnetar_broker::AuthConfig {
+        provider: std::sync::Arc::new(provider),
+        superusers: opts
+            .auth_superuser_roles
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
+    }))
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -333,6 +369,7 @@ fn broker_config(
     };
     cfg.retention_interval = Duration::from_secs(opts.retention_interval_s.max(1));
     cfg.session_ttl = Duration::from_millis(opts.session_ttl_ms);
+    cfg.auth = auth_config(opts).context("token authentication")?;
     Ok(cfg)
 }
 

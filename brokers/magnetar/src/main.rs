@@ -9,6 +9,7 @@ mod perf;
 mod perf_amqp;
 mod perf_kafka;
 mod perf_mqtt;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Load generators that print throughput and latency.
     Perf(perf::PerfArgs),
+    /// Secret keys and tokens for token authentication.
+    Tokens(tokens::TokensArgs),
 }
 
 #[derive(Args)]
@@ -141,6 +144,7 @@ async fn main() -> std::process::ExitCode {
         Command::Bookie(args) => bookie::run(args).await,
         Command::Admin(args) => admin::run(args).await,
         Command::Perf(args) => perf::run(args).await,
+        Command::Tokens(args) => tokens::run(args),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

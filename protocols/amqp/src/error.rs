@@ -124,7 +124,9 @@ pub type Result<T, E = AmqpError> = std::result::Result<T, E>;
 pub fn exception_of(e: &BrokerError) -> Exception {
     let (code, text) = match e {
         BrokerError::NotFound(t) => (NOT_FOUND, t.clone()),
-        BrokerError::AccessRefused(t) => (ACCESS_REFUSED, t.clone()),
+        BrokerError::AccessRefused(t) | BrokerError::Unauthenticated(t) => {
+            (ACCESS_REFUSED, t.clone())
+        }
         BrokerError::PreconditionFailed(t) | BrokerError::InvalidArgument(t) => {
             (PRECONDITION_FAILED, t.clone())
         }

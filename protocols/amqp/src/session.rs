@@ -25,9 +25,10 @@ use magnetar_broker::subscription::{
     InitialPosition, MessagePriority, SubscriptionOptions, SubscriptionType,
 };
 use magnetar_broker::{
-    Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, Message, StateStore,
+    Broker, BrokerError, Consumer, ConsumerControl, ConsumerOptions, Delivery, Grants, Message,
+    Principal, StateStore,
 };
-use magnetar_tenancy::{NamespaceName, TopicName};
+use magnetar_tenancy::{AuthAction, Credentials, NamespaceName, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -531,6 +532,10 @@ pub(crate) struct Conn {
     publisher: bool,
     /// The alarm this connection was last told about.
     told_blocked: bool,
+    /// Who logged in, and what that role may do in the vhost.
+    principal: Principal,
+    user: String,
+    grants: Grants,
 }
 
 /// Serves one connection until it closes.
@@ -561,6 +566,9 @@ where
         blockable: false,
         publisher: false,
         told_blocked: false,
+        principal: Principal::Anonymous,
+        user: String::new(),
+        grants: Grants::ALL,
     };
     let r = conn.run(&mut rd, events_rx).await;
     conn.cleanup().await;
@@ -594,6 +602,28 @@ fn method_ids(m: &AMQPClass) -> (u16, u16) {
 
 fn short(s: &str) -> ShortString {
     ShortString::try_new(s).unwrap_or_default()
+}
+
+/// The user name and password of a PLAIN (`\0user\0password`) or
+/// AMQPLAIN (a field table without its length) response.
+fn login(mechanism: &str, response: &[u8]) -> Option<(String, Vec<u8>)> {
+    if mechanism == "PLAIN" {
+        let mut parts = response.split(|&b| b == 0);
+        let _authz = parts.next()?;
+        let user = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+        let pass = parts.next()?.to_vec();
+        return parts.next().is_none().then_some((user, pass));
+    }
+    let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(response);
+    let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
+    let text = |k: &str| match table.inner().get(k)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
+        _ => None,
+    };
+    let user = String::from_utf8(text("LOGIN")?).ok()?;
+    Some((user, text("PASSWORD")?))
 }
 
 fn vhost_namespace(vhost: &str) -> Option<NamespaceName> {
@@ -887,8 +917,30 @@ impl Conn {
                     )
                     .on(ids.0, ids.1));
                 }
-                // Credentials are not checked yet: the auth hook comes with
-                // tenancy's tokens. PLAIN and AMQPLAIN are both accepted.
+                // The password carries the token; the broker's auth hook
+                // judges it.
+                let refused = || {
+                    Exception::new(
+                        error::ACCESS_REFUSED,
+                        format!("Login was refused using authentication mechanism {mech}"),
+                    )
+                    .on(ids.0, ids.1)
+                };
+                let Some((user, password)) = login(mech, s.response.as_bytes()) else {
+                    return Err(refused());
+                };
+                let creds = Credentials {
+                    user: Some(&user),
+                    secret: Some(&password),
+                };
+                self.principal = match self.ctx.broker.authenticate(&creds) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        debug!("AMQP login of '{user}' refused: {e}");
+                        return Err(refused());
+                    }
+                };
+                self.user = user;
                 self.send_method(
                     0,
                     AMQPClass::Connection(M::Tune(connection::Tune {
@@ -938,19 +990,22 @@ impl Conn {
                         format!("vhost {vhost} not found"),
                     ));
                 };
-                let exists = self
-                    .ctx
-                    .broker
-                    .tenancy()
-                    .namespace_exists(&ns)
-                    .await
-                    .unwrap_or(false);
-                if !exists {
+                let grants = match self.ctx.broker.grants(&self.principal, &ns).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        return Err(Exception::new(
+                            error::NOT_ALLOWED,
+                            format!("vhost {vhost} not found"),
+                        ))
+                    }
+                };
+                if !grants.any() {
                     return Err(Exception::new(
                         error::NOT_ALLOWED,
-                        format!("vhost {vhost} not found"),
+                        format!("access to vhost '{vhost}' refused for user '{}'", self.user),
                     ));
                 }
+                self.grants = grants;
                 self.vhost = vhost;
                 self.ns = ns;
                 self.send_method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
@@ -1755,7 +1810,13 @@ impl Conn {
                 self.send_method(ch, AMQPClass::Basic(M::QosOk(basic::QosOk {})));
                 self.release_held(ch)?;
             }
-            M::Consume(c) => self.consume(ch, c).await?,
+            M::Consume(c) => {
+                self.grants.check(
+                    AuthAction::Consume,
+                    &format!("queue '{}'", c.queue.as_str()),
+                )?;
+                self.consume(ch, c).await?
+            }
             M::Cancel(c) => {
                 let tag = c.consumer_tag.as_str().to_owned();
                 self.cancel(ch, &tag).await;
@@ -1769,12 +1830,19 @@ impl Conn {
                 }
             }
             M::Publish(p) => {
-                if !p.exchange.as_str().is_empty() || !p.routing_key.as_str().is_empty() {
-                    // Checked when the content is complete.
-                }
+                self.grants.check(
+                    AuthAction::Produce,
+                    &format!("exchange '{}'", p.exchange.as_str()),
+                )?;
                 self.chan(ch)?.assembler.start(p)?;
             }
-            M::Get(g) => self.get(ch, g).await?,
+            M::Get(g) => {
+                self.grants.check(
+                    AuthAction::Consume,
+                    &format!("queue '{}'", g.queue.as_str()),
+                )?;
+                self.get(ch, g).await?
+            }
             M::Ack(a) => self.settle_tags(ch, a.delivery_tag, a.multiple, TxSettle::Ack)?,
             M::Nack(n) => self.settle_tags(
                 ch,

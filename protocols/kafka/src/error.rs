@@ -29,6 +29,7 @@ pub fn code_of(e: &BrokerError) -> i16 {
         BrokerError::NotFound(_) => E::UnknownTopicOrPartition.code(),
         BrokerError::AlreadyExists(_) => E::TopicAlreadyExists.code(),
         BrokerError::AccessRefused(_) => E::TopicAuthorizationFailed.code(),
+        BrokerError::Unauthenticated(_) => E::SaslAuthenticationFailed.code(),
         BrokerError::InvalidArgument(_) => E::InvalidRequest.code(),
         BrokerError::PreconditionFailed(_) => E::InvalidRequest.code(),
         BrokerError::CorruptBatch(_) => E::CorruptMessage.code(),

@@ -24,7 +24,7 @@ use kafka_protocol::ResponseError as E;
 use magnetar_broker::format::{recompress, split_batches, BatchHeader};
 use magnetar_broker::service::resolve_in;
 use magnetar_broker::topic::Topic;
-use magnetar_broker::{Broker, BrokerError, BrokerInfo, PendingPublish, Published};
+use magnetar_broker::{Broker, BrokerError, BrokerInfo, Grants, PendingPublish, Published};
 use magnetar_tenancy::{NamespaceName, TopicName as Name};
 use tracing::debug;
 
@@ -46,6 +46,10 @@ pub(crate) struct Session {
     pub ns: NamespaceName,
     pub peer: SocketAddr,
     pub sasl_mechanism: Option<String>,
+    /// False until SASL succeeds, when the broker checks credentials.
+    pub authenticated: bool,
+    /// What the SASL user's role may do in `ns`.
+    pub grants: Grants,
     /// Set when the connection must close after the current answer.
     pub closing: bool,
 }
@@ -56,6 +60,8 @@ impl Session {
             ns: ctx.cfg.default_namespace.clone(),
             peer,
             sasl_mechanism: None,
+            authenticated: !ctx.broker.auth_enabled(),
+            grants: Grants::ALL,
             closing: false,
         }
     }
@@ -256,6 +262,19 @@ impl Ctx {
         let api = req.api_key;
         let v = req.version();
         let cid = req.correlation_id();
+        if !s.authenticated
+            && !matches!(
+                req.body,
+                RequestKind::ApiVersions(_)
+                    | RequestKind::SaslHandshake(_)
+                    | RequestKind::SaslAuthenticate(_)
+            )
+        {
+            // As a Kafka SASL listener does: nothing before authentication.
+            debug!(peer = %s.peer, "{api:?} before SASL authentication; closing");
+            s.closing = true;
+            return Some(async { None }.boxed());
+        }
         match req.body {
             RequestKind::Produce(r) => {
                 let fut = self.produce(s, r).await;
@@ -285,6 +304,7 @@ impl Ctx {
             body => {
                 let ctx = Arc::clone(self);
                 let ns = s.ns.clone();
+                let grants = s.grants;
                 let client = req
                     .header
                     .client_id
@@ -292,7 +312,12 @@ impl Ctx {
                     .unwrap_or_default();
                 let host = s.peer.ip().to_string();
                 let task = tokio::spawn(async move {
-                    let caller = Caller { ns, client, host };
+                    let caller = Caller {
+                        ns,
+                        client,
+                        host,
+                        grants,
+                    };
                     ctx.handle(&caller, body, v).await
                 });
                 Some(
@@ -371,9 +396,12 @@ impl Ctx {
         for td in r.topic_data {
             let mut parts = Vec::with_capacity(td.partition_data.len());
             for pd in td.partition_data {
-                let submitted = self
-                    .submit_partition(&s.ns, &td.name.0, pd.index, pd.records, transactional)
-                    .await;
+                let submitted = if s.grants.produce {
+                    self.submit_partition(&s.ns, &td.name.0, pd.index, pd.records, transactional)
+                        .await
+                } else {
+                    Err(E::TopicAuthorizationFailed.code())
+                };
                 parts.push((pd.index, submitted));
             }
             topics.push((td.name, parts));
@@ -475,7 +503,11 @@ impl Ctx {
                     index: fp.partition,
                     offset: fp.fetch_offset,
                     max: fp.partition_max_bytes.max(0) as usize,
-                    topic: self.partition(&c.ns, &ft.topic.0, fp.partition).await,
+                    topic: if c.grants.consume {
+                        self.partition(&c.ns, &ft.topic.0, fp.partition).await
+                    } else {
+                        Err(E::TopicAuthorizationFailed.code())
+                    },
                 });
             }
         }
@@ -896,6 +928,7 @@ pub(crate) struct Caller {
     pub ns: NamespaceName,
     pub client: String,
     pub host: String,
+    pub grants: Grants,
 }
 
 /// Waits for a partition's batches; the first error wins, and the base

@@ -1,13 +1,13 @@
-//! SASL/PLAIN. The user name may name the namespace (`tenant/namespace`,
-//! as KoP does); passwords are handed to the auth hook once security
-//! lands, and are not checked yet.
+//! SASL/PLAIN, as KoP does it: the user name may name the namespace
+//! (`tenant/namespace`), the password is a token (`token:<jwt>`), and both
+//! go to the broker's auth hook.
 
 use bytes::Bytes;
 use kafka_protocol::messages::{
     SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
 };
 use kafka_protocol::ResponseError as E;
-use magnetar_tenancy::NamespaceName;
+use magnetar_tenancy::Credentials;
 
 use crate::handler::{str, Ctx, Session};
 
@@ -50,24 +50,44 @@ pub(crate) async fn authenticate(
             .with_error_code(E::IllegalSaslState.code())
             .with_error_message(Some(str("SaslHandshake must come first")));
     }
-    let Some((user, _password)) = parse_plain(&r.auth_bytes) else {
+    let Some((user, password)) = parse_plain(&r.auth_bytes) else {
         s.closing = true;
         return fail("malformed PLAIN token");
     };
+    let creds = Credentials {
+        user: Some(&user),
+        secret: Some(password.as_bytes()),
+    };
+    let principal = match ctx.broker.authenticate(&creds) {
+        Ok(p) => p,
+        Err(e) => {
+            s.closing = true;
+            return fail(&e.to_string());
+        }
+    };
+    let mut ns = s.ns.clone();
     if user.contains('/') {
-        let ns: NamespaceName = match user.parse() {
+        ns = match user.parse() {
             Ok(ns) => ns,
             Err(_) => {
                 s.closing = true;
                 return fail("user name is not tenant/namespace");
             }
         };
-        if ctx.broker.tenancy().get_policies(&ns).await.is_err() {
+    }
+    match ctx.broker.grants(&principal, &ns).await {
+        Ok(g) if g.any() => s.grants = g,
+        Ok(_) => {
+            s.closing = true;
+            return fail(&format!("not authorized in namespace {ns}"));
+        }
+        Err(_) => {
             s.closing = true;
             return fail("no such namespace");
         }
-        s.ns = ns;
     }
+    s.ns = ns;
+    s.authenticated = true;
     SaslAuthenticateResponse::default().with_auth_bytes(Bytes::new())
 }
 

@@ -52,6 +52,7 @@ impl MqttError {
             MqttError::TakenOver => R::SessionTakenOver,
             MqttError::ClientIdRejected => R::ProtocolError,
             MqttError::Broker(BrokerError::QuotaExceeded(_)) => R::QuotaExceeded,
+            MqttError::Broker(BrokerError::AccessRefused(_)) => R::NotAuthorized,
             MqttError::Broker(_) | MqttError::Encode(_) | MqttError::Io(_) => {
                 R::ImplementationSpecificError
             }

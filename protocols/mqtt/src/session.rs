@@ -25,8 +25,9 @@ use magnetar_broker::routing::Binding;
 use magnetar_broker::subscription::{
     ConsumerControl, ConsumerOptions, InitialPosition, SubscriptionOptions, SubscriptionType,
 };
-use magnetar_broker::{Broker, Delivery, Message, StateStore};
+use magnetar_broker::{Broker, BrokerError, Delivery, Grants, Message, Principal, StateStore};
 use magnetar_tenancy::names::{NamespaceName, TopicName};
+use magnetar_tenancy::{AuthAction, Credentials, TenancyError};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
 use serde::{Deserialize, Serialize};
@@ -521,6 +522,9 @@ impl Drop for Source {
 enum Reply {
     PubAck(NonZeroU16),
     PubRec(NonZeroU16),
+    /// A v5 publish the role may not make: PUBACK or (QoS 2) PUBREC with
+    /// 0x87, which ends its flow.
+    Refused(NonZeroU16, QoS),
     Nothing,
 }
 
@@ -576,6 +580,8 @@ struct Conn {
     stores: FuturesOrdered<Stored>,
     /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
     receiving: usize,
+    /// What the authenticated role may do in the namespace.
+    grants: Grants,
 }
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
@@ -651,16 +657,58 @@ impl Conn {
         c: v5::Connect,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
+        // The user name and password go to the auth hook; the password
+        // carries the token, as with Pulsar's MQTT handlers.
+        let creds = Credentials {
+            user: c.username.as_deref(),
+            secret: c.password.as_deref(),
+        };
+        let principal = match ctx.broker.authenticate(&creds) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!("CONNECT refused: {e}");
+                // Mosquitto's split: nothing presented is "not
+                // authorized", a wrong secret a bad user name or password.
+                let reason = if creds.secret.is_none() && creds.user.is_none() {
+                    v5::ConnectAckReason::NotAuthorized
+                } else {
+                    v5::ConnectAckReason::BadUserNameOrPassword
+                };
+                return Err((framing, reason));
+            }
+        };
         // The user name may name the namespace (`tenant/namespace`), as a
-        // Kafka SASL user does; the password goes to the auth hook once
-        // security lands and is not checked yet.
-        let ns = match c.username.as_deref().filter(|u| u.contains('/')) {
+        // Kafka SASL user does.
+        let named = c.username.as_deref().filter(|u| u.contains('/'));
+        let ns = match named {
             None => ctx.cfg.default_namespace.clone(),
             Some(user) => match user.parse::<NamespaceName>() {
-                Ok(ns) if ctx.broker.tenancy().get_policies(&ns).await.is_ok() => ns,
-                _ => return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword)),
+                Ok(ns) => ns,
+                Err(_) => return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword)),
             },
         };
+        // Connection storms to the listener's namespace with auth off skip
+        // the metadata read.
+        let lookup = named.is_some() || principal != Principal::Anonymous;
+        let grants = match if lookup {
+            ctx.broker.grants(&principal, &ns).await
+        } else {
+            Ok(Grants::ALL)
+        } {
+            Ok(g) if g.any() => g,
+            Ok(_) => return Err((framing, v5::ConnectAckReason::NotAuthorized)),
+            Err(BrokerError::NotFound(_) | BrokerError::Tenancy(TenancyError::NotFound(_))) => {
+                return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword))
+            }
+            Err(e) => {
+                debug!("CONNECT: grants of {principal:?} in {ns}: {e}");
+                return Err((framing, v5::ConnectAckReason::ServerUnavailable));
+            }
+        };
+        if c.last_will.is_some() && !grants.produce {
+            // The will would be a publish the role may not make.
+            return Err((framing, v5::ConnectAckReason::NotAuthorized));
+        }
         let mut client_id = c.client_id.to_string();
         let mut assigned = None;
         if client_id.is_empty() {
@@ -781,6 +829,7 @@ impl Conn {
             resumed_at: session_present.then(now_ms),
             stores: FuturesOrdered::new(),
             receiving: 0,
+            grants,
         };
         conn.send(Packet::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
@@ -888,6 +937,20 @@ impl Conn {
                         Reply::PubRec(id) => {
                             self.ctx.registry().received.entry((self.ns.clone(), self.client_id.clone())).or_default().insert(id.get());
                             self.send(Packet::PublishReceived(codec::ack(id)));
+                        }
+                        Reply::Refused(id, qos) => {
+                            if qos == QoS::ExactlyOnce {
+                                self.receiving = self.receiving.saturating_sub(1);
+                                self.send(Packet::PublishReceived(v5::PublishAck {
+                                    reason_code: v5::PublishAckReason::NotAuthorized,
+                                    ..codec::ack(id)
+                                }));
+                            } else {
+                                self.send(Packet::PublishAck(v5::PublishAck {
+                                    reason_code: v5::PublishAckReason::NotAuthorized,
+                                    ..codec::ack(id)
+                                }));
+                            }
                         }
                         Reply::Nothing => {}
                     }
@@ -997,6 +1060,20 @@ impl Conn {
             if self.receiving > usize::from(self.ctx.cfg.receive_max) {
                 return Err(MqttError::ReceiveMaximum);
             }
+        }
+        if let Err(e) = self.grants.check(AuthAction::Produce, &topic) {
+            // 3.1.1 has no way to say no but closing (MQTT-3.3.5-2); v5
+            // answers 0x87 and a QoS 0 publish is dropped.
+            if !self.v5 {
+                return Err(e.into());
+            }
+            debug!(client = %self.client_id, "{e}");
+            if let Some(id) = p.packet_id {
+                let qos = p.qos;
+                self.stores
+                    .push_back(async move { (Reply::Refused(id, qos), Ok(())) }.boxed());
+            }
+            return Ok(());
         }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.map_or(0, NonZeroU16::get);
@@ -1117,6 +1194,11 @@ impl Conn {
                 return Err(MqttError::Protocol(
                     "no-local on a shared subscription".into(),
                 ));
+            }
+            if !self.grants.consume {
+                debug!(client = %self.client_id, "not authorized to subscribe to {filter}");
+                status.push(v5::SubscribeAckReason::NotAuthorized);
+                continue;
             }
             let existed = self.subs.iter().any(|x| x.filter == filter);
             let sub = Sub {

@@ -1,0 +1,139 @@
+//! The auth hook as protocols see it: credentials in, a [`Principal`] out,
+//! and the namespace [`Grants`] of that principal, resolved once per
+//! connection so that the publish path stays free of metadata reads.
+//!
+//! With no provider configured every client is [`Principal::Anonymous`] and
+//! may do everything, as Pulsar behaves with authentication disabled.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use magnetar_tenancy::{AuthAction, AuthProvider, Credentials, NamespaceName, TenancyError};
+
+use crate::error::{BrokerError, Result};
+use crate::service::Broker;
+
+/// Authentication settings of a broker.
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub provider: Arc<dyn AuthProvider>,
+    /// Roles that may do anything anywhere, admin included.
+    pub superusers: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("superusers", &self.superusers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who a connection is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// Authentication is off.
+    Anonymous,
+    Role(String),
+}
+
+/// What a principal may do in one namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grants {
+    pub produce: bool,
+    pub consume: bool,
+}
+
+impl Grants {
+    pub const ALL: Grants = Grants {
+        produce: true,
+        consume: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.produce || self.consume
+    }
+
+    /// [`BrokerError::AccessRefused`] unless `action` is granted.
+    pub fn check(self, action: AuthAction, what: &str) -> Result<()> {
+        let ok = match action {
+            AuthAction::Produce => self.produce,
+            AuthAction::Consume => self.consume,
+            AuthAction::Admin => self.produce && self.consume,
+        };
+        if ok {
+            Ok(())
+        } else {
+            let verb = match action {
+                AuthAction::Produce => "produce to",
+                AuthAction::Consume => "consume from",
+                AuthAction::Admin => "administer",
+            };
+            Err(BrokerError::AccessRefused(format!(
+                "not authorized to {verb} {what}"
+            )))
+        }
+    }
+}
+
+impl Broker {
+    pub fn auth_enabled(&self) -> bool {
+        self.config().auth.is_some()
+    }
+
+    /// Runs the configured provider over what the client presented.
+    pub fn authenticate(&self, creds: &Credentials<'_>) -> Result<Principal> {
+        let Some(auth) = &self.config().auth else {
+            return Ok(Principal::Anonymous);
+        };
+        match auth.provider.authenticate(creds) {
+            Ok(role) => Ok(Principal::Role(role)),
+            Err(TenancyError::Unauthenticated(why)) => Err(BrokerError::Unauthenticated(why)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn is_superuser(&self, p: &Principal) -> bool {
+        match (p, &self.config().auth) {
+            (Principal::Anonymous, _) | (_, None) => true,
+            (Principal::Role(r), Some(auth)) => auth.superusers.contains(r),
+        }
+    }
+
+    /// The principal's grants in `ns`, which must exist (a metadata read,
+    /// so once per connection).
+    pub async fn grants(&self, p: &Principal, ns: &NamespaceName) -> Result<Grants> {
+        let policies = self.tenancy().get_policies(ns).await?;
+        let (Principal::Role(role), Some(auth)) = (p, &self.config().auth) else {
+            return Ok(Grants::ALL);
+        };
+        if auth.superusers.contains(role) {
+            return Ok(Grants::ALL);
+        }
+        let tenant = self.tenancy().get_tenant(ns.tenant()).await?;
+        let permits =
+            |a| magnetar_tenancy::auth::permits(role, &auth.superusers, &tenant, &policies, a);
+        Ok(Grants {
+            produce: permits(AuthAction::Produce),
+            consume: permits(AuthAction::Consume),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_check_actions() {
+        let g = Grants {
+            produce: true,
+            consume: false,
+        };
+        assert!(g.any());
+        assert!(g.check(AuthAction::Produce, "t").is_ok());
+        let e = g.check(AuthAction::Consume, "t").unwrap_err();
+        assert!(matches!(e, BrokerError::AccessRefused(_)), "{e}");
+        assert!(Grants::ALL.check(AuthAction::Admin, "t").is_ok());
+    }
+}
