@@ -52,6 +52,8 @@ struct Claims {
     exp: Option<u64>,
 }
 
+type KeyParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
 /// Pulsar-compatible token authentication.
 pub struct TokenAuth {
     key: DecodingKey,
@@ -74,7 +76,7 @@ impl TokenAuth {
     /// Verifies tokens signed by the private half of this PEM public key
     /// (RSA, EC or Ed25519).
     pub fn with_public_key_pem(pem: &[u8]) -> Result<Self> {
-        let attempts: [(fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, _); 3] = [
+        let attempts: [(KeyParser, _); 3] = [
             (DecodingKey::from_rsa_pem, AlgorithmFamily::Rsa),
             (DecodingKey::from_ec_pem, AlgorithmFamily::Ec),
             (DecodingKey::from_ed_pem, AlgorithmFamily::Ed),
@@ -209,21 +211,21 @@ mod tests {
     #[test]
     fn secret_key_tokens_round_trip() {
         let key = create_secret_key();
-        let auth = TokenAuth::with_secret(&key).unwrap();
-        let t = create_token(&key, false, "device-1", None).unwrap();
-        assert_eq!(auth.authenticate(&creds(&t)).unwrap(), "device-1");
+        let auth = TokenAuth::with_secret(&key).expect("test");
+        let t = create_token(&key, false, "device-1", None).expect("test");
+        assert_eq!(auth.authenticate(&creds(&t)).expect("test"), "device-1");
         // KoP's SASL form.
         let kop = format!("token:{t}");
-        assert_eq!(auth.authenticate(&creds(&kop)).unwrap(), "device-1");
-        let t = create_token(&key, false, "x", Some(Duration::from_secs(3600))).unwrap();
-        assert_eq!(auth.authenticate(&creds(&t)).unwrap(), "x");
+        assert_eq!(auth.authenticate(&creds(&kop)).expect("test"), "device-1");
+        let t = create_token(&key, false, "x", Some(Duration::from_secs(3600))).expect("test");
+        assert_eq!(auth.authenticate(&creds(&t)).expect("test"), "x");
     }
 
     #[test]
     fn bad_tokens_are_unauthenticated() {
         let key = create_secret_key();
-        let auth = TokenAuth::with_secret(&key).unwrap();
-        let other = create_token(&create_secret_key(), false, "r", None).unwrap();
+        let auth = TokenAuth::with_secret(&key).expect("test");
+        let other = create_token(&create_secret_key(), false, "r", None).expect("test");
         let claims = Claims {
             sub: "r".into(),
             exp: Some(1),
@@ -233,7 +235,7 @@ mod tests {
             &claims,
             &EncodingKey::from_secret(&key),
         )
-        .unwrap();
+        .expect("test");
         for bad in [other.as_str(), past.as_str(), "", "not-a-jwt", "a.b.c"] {
             let r = auth.authenticate(&creds(bad));
             assert!(
@@ -250,15 +252,58 @@ mod tests {
         assert!(auth.authenticate(&not_utf8).is_err());
     }
 
+    // Test-only key pairs.
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIBgV5c24mfE0JWuct0I7vexrtFrokOeAMAB2u4K1YRt8
+-----END PRIVATE KEY-----
+";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAOffptqooeKp5IMupVdCHY8f/lxgn7RZzPlhhDUo+yKQ=
+-----END PUBLIC KEY-----
+";
+    const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgLO0J7JASrPxLs2b/
+yPA9JTxqbs2zYAcx5/JyC9yRQAWhRANCAARpUVLcEh/D1Mh8MHEJ/jzWt5fdxnVt
+6DDGpFQduwplURMu90/Kz+3bpe+A/L3YcFtdUdik6Pk9FGWXpv9GjgzC
+-----END PRIVATE KEY-----
+";
+    const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEaVFS3BIfw9TIfDBxCf481reX3cZ1
+begwxqRUHbsKZVETLvdPys/t26XvgPy92HBbXVHYpOj5PRRll6b/Ro4Mwg==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn key_pair_tokens_verify_with_the_public_half_only() {
+        for (private, public, other) in [
+            (ED_PRIVATE, ED_PUBLIC, EC_PUBLIC),
+            (EC_PRIVATE, EC_PUBLIC, ED_PUBLIC),
+        ] {
+            let t = create_token(private.as_bytes(), true, "edge", None).expect("test");
+            let auth = TokenAuth::with_public_key_pem(public.as_bytes()).expect("test");
+            assert_eq!(auth.authenticate(&creds(&t)).expect("test"), "edge");
+            let wrong = TokenAuth::with_public_key_pem(other.as_bytes()).expect("test");
+            assert!(wrong.authenticate(&creds(&t)).is_err());
+            // An HMAC token signed with the public key's bytes is refused:
+            // the algorithm family is fixed by the key.
+            let confused = create_token(public.as_bytes(), false, "edge", None).expect("test");
+            assert!(auth.authenticate(&creds(&confused)).is_err());
+        }
+        assert!(create_token(b"not a pem", true, "x", None).is_err());
+    }
+
     #[test]
     fn keys_read_from_files_and_data_urls() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test");
         let p = dir.path().join("k");
-        std::fs::write(&p, b"\x01\x02").unwrap();
-        assert_eq!(read_key(p.to_str().unwrap()).unwrap(), b"\x01\x02");
+        std::fs::write(&p, b"\x01\x02").expect("test");
+        assert_eq!(
+            read_key(p.to_str().expect("test")).expect("test"),
+            b"\x01\x02"
+        );
         let url = format!("file://{}", p.display());
-        assert_eq!(read_key(&url).unwrap(), b"\x01\x02");
-        assert_eq!(read_key("data:;base64,AQI=").unwrap(), b"\x01\x02");
+        assert_eq!(read_key(&url).expect("test"), b"\x01\x02");
+        assert_eq!(read_key("data:;base64,AQI=").expect("test"), b"\x01\x02");
         assert!(read_key("/no/such/key").is_err());
         assert!(TokenAuth::with_secret(b"").is_err());
         assert!(TokenAuth::with_public_key_pem(b"junk").is_err());
