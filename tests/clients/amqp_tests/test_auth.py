@@ -8,26 +8,14 @@ import uuid
 import pika
 import pytest
 
+from amqp_tests.conftest import connections
+
 
 @pytest.fixture
 def login(secured):
-    opened = []
-
-    def open_(user, password, vhost="/"):
-        params = pika.ConnectionParameters(
-            "127.0.0.1", secured.amqp_port, virtual_host=vhost,
-            credentials=pika.PlainCredentials(user, password))
-        c = pika.BlockingConnection(params)
-        opened.append(c)
-        return c
-
-    yield open_
-    for c in opened:
-        try:
-            if c.is_open:
-                c.close()
-        except Exception:
-            pass
+    with connections(secured.amqp_port) as open_:
+        yield lambda user, password, vhost="/": open_(
+            vhost, credentials=pika.PlainCredentials(user, password))
 
 
 @pytest.fixture(scope="module")
