@@ -54,8 +54,9 @@ impl Grants {
         self.produce || self.consume
     }
 
-    /// [`BrokerError::AccessRefused`] unless `action` is granted.
-    pub fn check(self, action: AuthAction, what: &str) -> Result<()> {
+    /// [`BrokerError::AccessRefused`] unless `action` is granted. `what`
+    /// names the target, built only on refusal: this runs per publish.
+    pub fn check(self, action: AuthAction, what: impl FnOnce() -> String) -> Result<()> {
         let ok = match action {
             AuthAction::Produce => self.produce,
             AuthAction::Consume => self.consume,
@@ -70,7 +71,8 @@ impl Grants {
                 AuthAction::Admin => "administer",
             };
             Err(BrokerError::AccessRefused(format!(
-                "not authorized to {verb} {what}"
+                "not authorized to {verb} {}",
+                what()
             )))
         }
     }
@@ -101,9 +103,14 @@ impl Broker {
     }
 
     /// The principal's grants in `ns`, which must exist (a metadata read,
-    /// so once per connection).
+    /// so once per connection); a missing namespace is
+    /// [`BrokerError::NotFound`].
     pub async fn grants(&self, p: &Principal, ns: &NamespaceName) -> Result<Grants> {
-        let policies = self.tenancy().get_policies(ns).await?;
+        let policies = match self.tenancy().get_policies(ns).await {
+            Ok(p) => p,
+            Err(TenancyError::NotFound(what)) => return Err(BrokerError::NotFound(what)),
+            Err(e) => return Err(e.into()),
+        };
         let (Principal::Role(role), Some(auth)) = (p, &self.config().auth) else {
             return Ok(Grants::ALL);
         };
@@ -131,9 +138,9 @@ mod tests {
             consume: false,
         };
         assert!(g.any());
-        assert!(g.check(AuthAction::Produce, "t").is_ok());
-        let e = g.check(AuthAction::Consume, "t");
+        assert!(g.check(AuthAction::Produce, || "t".into()).is_ok());
+        let e = g.check(AuthAction::Consume, || "t".into());
         assert!(matches!(e, Err(BrokerError::AccessRefused(_))), "{e:?}");
-        assert!(Grants::ALL.check(AuthAction::Admin, "t").is_ok());
+        assert!(Grants::ALL.check(AuthAction::Admin, || "t".into()).is_ok());
     }
 }

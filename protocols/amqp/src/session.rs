@@ -992,12 +992,13 @@ impl Conn {
                 };
                 let grants = match self.ctx.broker.grants(&self.principal, &ns).await {
                     Ok(g) => g,
-                    Err(_) => {
+                    Err(BrokerError::NotFound(_)) => {
                         return Err(Exception::new(
                             error::NOT_ALLOWED,
                             format!("vhost {vhost} not found"),
                         ))
                     }
+                    Err(e) => return Err(exception_of(&e)),
                 };
                 if !grants.any() {
                     return Err(Exception::new(
@@ -1811,10 +1812,9 @@ impl Conn {
                 self.release_held(ch)?;
             }
             M::Consume(c) => {
-                self.grants.check(
-                    AuthAction::Consume,
-                    &format!("queue '{}'", c.queue.as_str()),
-                )?;
+                self.grants.check(AuthAction::Consume, || {
+                    format!("queue \'{}\'", c.queue.as_str())
+                })?;
                 self.consume(ch, c).await?
             }
             M::Cancel(c) => {
@@ -1830,17 +1830,15 @@ impl Conn {
                 }
             }
             M::Publish(p) => {
-                self.grants.check(
-                    AuthAction::Produce,
-                    &format!("exchange '{}'", p.exchange.as_str()),
-                )?;
+                self.grants.check(AuthAction::Produce, || {
+                    format!("exchange \'{}\'", p.exchange.as_str())
+                })?;
                 self.chan(ch)?.assembler.start(p)?;
             }
             M::Get(g) => {
-                self.grants.check(
-                    AuthAction::Consume,
-                    &format!("queue '{}'", g.queue.as_str()),
-                )?;
+                self.grants.check(AuthAction::Consume, || {
+                    format!("queue \'{}\'", g.queue.as_str())
+                })?;
                 self.get(ch, g).await?
             }
             M::Ack(a) => self.settle_tags(ch, a.delivery_tag, a.multiple, TxSettle::Ack)?,

@@ -27,7 +27,7 @@ use magnetar_broker::subscription::{
 };
 use magnetar_broker::{Broker, BrokerError, Delivery, Grants, Message, Principal, StateStore};
 use magnetar_tenancy::names::{NamespaceName, TopicName};
-use magnetar_tenancy::{AuthAction, Credentials, TenancyError};
+use magnetar_tenancy::{AuthAction, Credentials};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
 use serde::{Deserialize, Serialize};
@@ -697,7 +697,7 @@ impl Conn {
         } {
             Ok(g) if g.any() => g,
             Ok(_) => return Err((framing, v5::ConnectAckReason::NotAuthorized)),
-            Err(BrokerError::NotFound(_) | BrokerError::Tenancy(TenancyError::NotFound(_))) => {
+            Err(BrokerError::NotFound(_)) => {
                 return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword))
             }
             Err(e) => {
@@ -1061,7 +1061,7 @@ impl Conn {
                 return Err(MqttError::ReceiveMaximum);
             }
         }
-        if let Err(e) = self.grants.check(AuthAction::Produce, &topic) {
+        if let Err(e) = self.grants.check(AuthAction::Produce, || topic.clone()) {
             // 3.1.1 has no way to say no but closing (MQTT-3.3.5-2); v5
             // answers 0x87 and a QoS 0 publish is dropped.
             if !self.v5 {
