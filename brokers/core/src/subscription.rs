@@ -79,6 +79,9 @@ pub enum InitialPosition {
     #[default]
     Latest,
     Earliest,
+    /// This offset, clamped to what the partition holds: a reader started
+    /// from a saved position.
+    Offset(u64),
 }
 
 #[derive(Clone, Debug)]

@@ -408,6 +408,7 @@ impl Topic {
         let start = match at {
             InitialPosition::Latest => self.log.end_offset(),
             InitialPosition::Earliest => self.log.start_offset(),
+            InitialPosition::Offset(o) => o.clamp(self.log.start_offset(), self.log.end_offset()),
         };
         CursorState::new(start, magnetar_bookies::meta::now_ms())
     }

@@ -179,6 +179,8 @@ struct Protocols {
     kafka: magnetar_kafka::KafkaServer,
     amqp: magnetar_amqp::AmqpServer,
     mqtt: magnetar_mqtt::MqttServer,
+    /// Pulsar's WebSocket API and the console, on the HTTP listener.
+    websocket: axum::Router,
 }
 
 impl Protocols {
@@ -214,12 +216,16 @@ impl Protocols {
             kafka: magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?,
             amqp: magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?,
             mqtt: magnetar_mqtt::MqttServer::start(l.mqtt, broker.clone(), mqtt_cfg)?,
+            websocket: magnetar_websocket::routes(
+                broker.clone(),
+                magnetar_websocket::WsConfig::default(),
+            ),
         })
     }
 
     /// What the protocols serve on the HTTP listener.
     fn http_routes(&self) -> axum::Router {
-        self.mqtt.websocket_routes()
+        self.mqtt.websocket_routes().merge(self.websocket.clone())
     }
 
     fn stop(&self) {

@@ -35,6 +35,9 @@ enum PerfCommand {
     Amqp(crate::perf_amqp::AmqpPerf),
     /// Publish and subscribe through an MQTT broker (Magnetar or Mosquitto).
     Mqtt(crate::perf_mqtt::MqttPerf),
+    /// Produce and consume through the WebSocket API (Pulsar's JSON
+    /// frames); optionally hold idle subscriber connections.
+    Ws(crate::perf_ws::WsPerf),
 }
 
 #[derive(Args)]
@@ -126,6 +129,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
         PerfCommand::Amqp(a) => crate::perf_amqp::run(a).await,
         PerfCommand::Mqtt(a) => crate::perf_mqtt::run(a).await,
+        PerfCommand::Ws(w) => crate::perf_ws::run(w).await,
     }
 }
 

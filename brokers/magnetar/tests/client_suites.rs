@@ -58,3 +58,10 @@ fn amqp_clients() {
 fn mqtt_clients() {
     pytest("mqtt_tests");
 }
+
+/// The WebSocket API with `websockets`, and the console in headless
+/// Chromium (its screenshot lands in `tests/clients/artifacts/`).
+#[test]
+fn websocket_clients() {
+    pytest("ws_tests");
+}

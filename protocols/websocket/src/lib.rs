@@ -2,13 +2,26 @@
 //! API (v2 producer, consumer and reader, v3 multi-topic consumer), so that
 //! clients written for Pulsar work unchanged.
 //!
-//! This crate is sans-I/O so far: the JSON frames ([`frames`]), message ids
-//! as Pulsar encodes them ([`message_id`]) and Pulsar's timestamp format
-//! ([`time`]). The handlers on the HTTP listener build on these.
+//! The sans-I/O parts: the JSON frames ([`frames`]), message ids as
+//! Pulsar encodes them ([`message_id`]), Pulsar's timestamp format
+//! ([`time`]), requests read from path and query ([`request`]), the
+//! mapping to and from records ([`mapping`]) and flow control
+//! ([`flow`]). [`server`] serves them on the HTTP listener through the
+//! broker's protocol-neutral API.
 
+pub mod flow;
 pub mod frames;
+pub mod mapping;
 pub mod message_id;
+pub mod request;
+pub mod server;
 pub mod time;
+
+pub use server::{routes, WsConfig};
+
+/// Pulsar's WebSocketError 8 (UnknownError): what a failed publish is
+/// answered with.
+pub const SEND_FAILED: u16 = 8;
 
 /// What a frame or id could not be read as.
 #[derive(Debug, thiserror::Error)]
