@@ -42,6 +42,10 @@ pub struct WsConfig {
     pub max_pending_publishes: usize,
     /// How often a pattern consumer looks for new topics.
     pub pattern_discovery: Duration,
+    /// Bytes read from a socket at a time. The socket library's default
+    /// (128 KiB, allocated per connection) would make ten thousand idle
+    /// subscribers cost more than a gigabyte.
+    pub read_buffer_size: usize,
 }
 
 impl Default for WsConfig {
@@ -50,6 +54,7 @@ impl Default for WsConfig {
             max_message_size: 8 << 20,
             max_pending_publishes: 1000,
             pattern_discovery: Duration::from_secs(5),
+            read_buffer_size: 8 << 10,
         }
     }
 }
@@ -229,7 +234,9 @@ async fn open(
     if let Err(r) = authorize(&ctx.broker, &req, &q, &headers).await {
         return refuse(r);
     }
-    let ws = ws.max_message_size(ctx.cfg.max_message_size);
+    let ws = ws
+        .max_message_size(ctx.cfg.max_message_size)
+        .read_buffer_size(ctx.cfg.read_buffer_size);
     let making = making(&req);
     let made = match req {
         Request::Producer(p) => producer(&ctx, p).await.map(|p| {
