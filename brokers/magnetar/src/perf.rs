@@ -133,6 +133,29 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Opens idle connections with `open` and measures the server's resident
+/// memory per connection over them (with its pid): the connections, and
+/// KiB each. Run first, on a fresh server, so that memory freed by earlier
+/// work does not hide what connections take.
+pub async fn idle_connections<T>(
+    server_pid: Option<u32>,
+    open: impl std::future::Future<Output = anyhow::Result<Vec<T>>>,
+) -> anyhow::Result<(Vec<T>, Option<f64>)> {
+    let rss = || server_pid.and_then(|p| proc_status_kib(Some(p), "VmRSS:"));
+    let before = rss();
+    let idle = open.await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut per_conn = None;
+    if let (Some(b), Some(a), false) = (before, rss(), idle.is_empty()) {
+        per_conn = Some((a - b) / idle.len() as f64);
+        eprintln!(
+            "idle_connections={} server_rss_before_kib={b:.0} server_rss_after_kib={a:.0}",
+            idle.len()
+        );
+    }
+    Ok((idle, per_conn))
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Put,

@@ -95,25 +95,11 @@ pub async fn run(args: MqttPerf) -> anyhow::Result<()> {
 
     // Idle connections first, so that the memory they take is measured
     // alone.
-    let mut idle = Vec::new();
-    let mut rss_per_conn = None;
-    if args.connections > 0 {
-        let before = args
-            .server_pid
-            .and_then(|p| crate::perf::proc_status_kib(Some(p), "VmRSS:"));
-        idle = open_idle(&args, run_id).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = args
-            .server_pid
-            .and_then(|p| crate::perf::proc_status_kib(Some(p), "VmRSS:"));
-        if let (Some(b), Some(a)) = (before, after) {
-            rss_per_conn = Some((a - b) / idle.len() as f64);
-            eprintln!(
-                "idle_connections={} server_rss_before_kib={b:.0} server_rss_after_kib={a:.0}",
-                idle.len()
-            );
-        }
-    }
+    let (idle, rss_per_conn) = if args.connections > 0 {
+        crate::perf::idle_connections(args.server_pid, open_idle(&args, run_id)).await?
+    } else {
+        (Vec::new(), None)
+    };
 
     let want = args.messages * args.subscribers;
     let delivered = Arc::new(AtomicU64::new(0));

@@ -73,26 +73,13 @@ pub async fn run(args: WsPerf) -> anyhow::Result<()> {
     let path = topic_path(&args.topic);
     let run_id = now_us();
 
-    let mut idle = Vec::new();
-    let mut rss_per_conn = None;
-    if args.connections > 0 {
-        let rss = || {
-            args.server_pid
-                .and_then(|p| crate::perf::proc_status_kib(Some(p), "VmRSS:"))
-        };
-        let before = rss();
+    let (idle, rss_per_conn) = if args.connections > 0 {
         let url =
             format!("{base}/ws/v2/consumer/{path}-idle/idle-{run_id}?subscriptionType=Shared");
-        idle = open_idle(&url, args.connections).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        if let (Some(b), Some(a)) = (before, rss()) {
-            rss_per_conn = Some((a - b) / idle.len() as f64);
-            eprintln!(
-                "idle_connections={} server_rss_before_kib={b:.0} server_rss_after_kib={a:.0}",
-                idle.len()
-            );
-        }
-    }
+        crate::perf::idle_connections(args.server_pid, open_idle(&url, args.connections)).await?
+    } else {
+        (Vec::new(), None)
+    };
 
     let want = args.messages * args.subscribers;
     let delivered = Arc::new(AtomicU64::new(0));
