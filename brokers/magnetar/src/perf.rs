@@ -156,6 +156,32 @@ pub async fn idle_connections<T>(
     Ok((idle, per_conn))
 }
 
+/// The last line of `perf mqtt` and `perf ws`: throughput of
+/// acknowledged publishes and of deliveries, end-to-end latency, and the
+/// memory per idle connection when measured.
+pub fn print_pubsub_summary(
+    published: u64,
+    publish_s: f64,
+    delivered: u64,
+    deliver_s: f64,
+    latency_us: &Histogram<u64>,
+    rss_per_conn_kib: Option<f64>,
+) {
+    let ms = |q: f64| latency_us.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "publish_msgs_per_s={:.0} deliver_msgs_per_s={:.0} p50_ms={:.1} p99_ms={:.1} rss_per_conn_kib={}",
+        published as f64 / publish_s,
+        if deliver_s > 0.0 {
+            delivered as f64 / deliver_s
+        } else {
+            0.0
+        },
+        ms(0.5),
+        ms(0.99),
+        rss_per_conn_kib.map_or_else(|| "n/a".to_owned(), |k| format!("{k:.1}")),
+    );
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Put,

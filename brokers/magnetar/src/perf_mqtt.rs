@@ -188,22 +188,10 @@ pub async fn run(args: MqttPerf) -> anyhow::Result<()> {
     let n = published.load(Ordering::Relaxed);
     let got = delivered.load(Ordering::Relaxed);
     let h = hist.lock().map_err(|_| anyhow::anyhow!("histogram lock"))?;
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
         "published={n} delivered={got} of {want} publish_s={publish_s:.2} deliver_s={deliver_s:.2}"
     );
-    println!(
-        "publish_msgs_per_s={:.0} deliver_msgs_per_s={:.0} p50_ms={:.1} p99_ms={:.1} rss_per_conn_kib={}",
-        n as f64 / publish_s,
-        if deliver_s > 0.0 {
-            got as f64 / deliver_s
-        } else {
-            0.0
-        },
-        ms(0.5),
-        ms(0.99),
-        rss_per_conn.map_or_else(|| "n/a".to_owned(), |k| format!("{k:.1}")),
-    );
+    crate::perf::print_pubsub_summary(n, publish_s, got, deliver_s, &h, rss_per_conn);
     anyhow::ensure!(
         qos == QoS::AtMostOnce || got >= want,
         "delivered {got} of {want} messages"

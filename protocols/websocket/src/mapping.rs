@@ -7,7 +7,7 @@
 //! | `properties` | headers, in text |
 //! | `eventTime` | timestamp (else stamped on append) |
 //! | `publishTime` | timestamp |
-//! | `messageId` | topic tag, offset and partition (see [`id_for`]) |
+//! | `messageId` | topic tag, offset and partition (see [`IdBase`]) |
 //!
 //! Records written by other protocols may carry bytes that are not UTF-8
 //! in keys or headers; those are shown with U+FFFD, since Pulsar's JSON has
@@ -36,16 +36,39 @@ pub fn topic_tag(topic: &TopicName) -> u64 {
     ((hi << 32) | lo) & ((1 << 48) - 1)
 }
 
-/// The id of the message at `offset` of `topic` (a partition or a plain
-/// topic): the topic's tag as the ledger id, the offset as the entry id,
-/// and the partition index for partitions. The offset is the same one
-/// Kafka clients see.
-pub fn id_for(topic: &TopicName, offset: u64) -> MessageId {
-    MessageId {
-        ledger: topic_tag(topic),
-        entry: offset,
-        partition: topic.partition_index(),
-        batch_index: None,
+/// What a topic (a partition or a plain topic) puts in its message ids:
+/// its tag as the ledger id, and the partition index for partitions; the
+/// offset, the same one Kafka clients see, is the entry id. Worked out
+/// once per topic, not per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IdBase {
+    pub tag: u64,
+    pub partition: Option<u32>,
+}
+
+impl IdBase {
+    pub fn of(topic: &TopicName) -> Self {
+        IdBase {
+            tag: topic_tag(topic),
+            partition: topic.partition_index(),
+        }
+    }
+
+    /// The base an id was made from.
+    pub fn of_id(id: &MessageId) -> Self {
+        IdBase {
+            tag: id.ledger,
+            partition: id.partition,
+        }
+    }
+
+    pub fn id(self, offset: u64) -> MessageId {
+        MessageId {
+            ledger: self.tag,
+            entry: offset,
+            partition: self.partition,
+            batch_index: None,
+        }
     }
 }
 
@@ -72,8 +95,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A delivery from `topic` as Pulsar's consumer message.
-pub fn to_frame(topic: &TopicName, d: &Delivery) -> ConsumerMessage {
+/// A delivery from the topic of `ids` as Pulsar's consumer message.
+pub fn to_frame(ids: IdBase, d: &Delivery) -> ConsumerMessage {
     let m = &d.message;
     let properties: BTreeMap<String, String> = m
         .headers
@@ -82,7 +105,7 @@ pub fn to_frame(topic: &TopicName, d: &Delivery) -> ConsumerMessage {
         .collect();
     let when = time::format_ms(m.timestamp_ms);
     ConsumerMessage {
-        message_id: id_for(topic, d.offset).encode(),
+        message_id: ids.id(d.offset).encode(),
         payload: base64::engine::general_purpose::STANDARD
             .encode(m.value.as_deref().unwrap_or_default()),
         properties,
@@ -110,7 +133,7 @@ mod tests {
         assert_eq!(r.timestamp_ms, 1_605_693_503_355);
         let t: TopicName = "public/default/t-partition-2".parse().expect("topic");
         let f = to_frame(
-            &t,
+            IdBase::of(&t),
             &Delivery {
                 offset: 9,
                 redelivery_count: 1,
@@ -146,7 +169,7 @@ mod tests {
         };
         let t: TopicName = "t".parse().expect("topic");
         let f = to_frame(
-            &t,
+            IdBase::of(&t),
             &Delivery {
                 offset: 0,
                 redelivery_count: 0,

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use crate::flow::{Flow, Grant};
 use crate::frames::{ConsumerCommand, EndOfTopic, ProducerAck, ProducerMessage};
-use crate::mapping::{id_for, to_frame, to_record, topic_tag};
+use crate::mapping::{to_frame, to_record, IdBase};
 use crate::message_id::MessageId;
 use crate::request::{
     parse_v2, parse_v3, ConsumerRequest, Params, ProducerRequest, ReaderRequest, ReaderStart,
@@ -273,7 +273,7 @@ async fn open(
 
 struct ProducerState {
     /// One coalescer per partition (one for a plain topic).
-    partitions: Vec<(TopicName, Coalescer)>,
+    partitions: Vec<(IdBase, Coalescer)>,
     round_robin: usize,
 }
 
@@ -291,10 +291,7 @@ async fn producer(ctx: &Ctx, p: ProducerRequest) -> Result<ProducerState, Broker
     Ok(ProducerState {
         partitions: topics
             .into_iter()
-            .map(|t| {
-                let c = b.coalescer(&t);
-                (t, c)
-            })
+            .map(|t| (IdBase::of(&t), b.coalescer(&t)))
             .collect(),
         round_robin: 0,
     })
@@ -400,12 +397,12 @@ fn publish(
         }
         Ok(record) => {
             let i = p.pick(record.key.as_deref());
-            let (topic, coalescer) = &p.partitions[i];
-            let topic = topic.clone();
+            let (ids, coalescer) = &p.partitions[i];
+            let ids = *ids;
             let sent = coalescer.publish(record);
             async move {
                 match sent.await {
-                    Ok(offset) => ProducerAck::ok(id_for(&topic, offset).encode(), context),
+                    Ok(offset) => ProducerAck::ok(ids.id(offset).encode(), context),
                     Err(e) => ProducerAck::error(
                         crate::SEND_FAILED,
                         format!("Failed to send message: {e}"),
@@ -423,6 +420,7 @@ fn publish(
 /// One topic (or partition) a connection reads.
 struct Slot {
     topic: TopicName,
+    ids: IdBase,
     control: ConsumerControl,
 }
 
@@ -430,8 +428,8 @@ struct ConsumerState {
     /// Subscription name; for readers a generated one.
     subscription: String,
     slots: Vec<Slot>,
-    /// (topic tag, partition) to slot, for acks.
-    by_id: HashMap<(u64, Option<u32>), usize>,
+    /// What ids of each slot carry, to the slot, for acks.
+    by_id: HashMap<IdBase, usize>,
     streams: SelectAll<BoxStream<'static, (usize, Option<Delivery>)>>,
     flow: Flow<Delivery>,
     /// Readers acknowledge on receipt: the client's acks only pace them.
@@ -473,14 +471,18 @@ impl ConsumerState {
 
     fn add(&mut self, topic: TopicName, c: Consumer) {
         let i = self.slots.len();
-        self.by_id
-            .insert((topic_tag(&topic), topic.partition_index()), i);
+        let ids = IdBase::of(&topic);
+        self.by_id.insert(ids, i);
         let control = c.control();
         if let Some((_, n)) = self.flow.added_topic(i) {
             control.flow(n);
         }
         self.streams.push(receive(i, c));
-        self.slots.push(Slot { topic, control });
+        self.slots.push(Slot {
+            topic,
+            ids,
+            control,
+        });
     }
 
     fn grant(&self, g: Option<Grant>) {
@@ -492,7 +494,7 @@ impl ConsumerState {
     }
 
     fn slot_of(&self, id: &MessageId) -> Option<usize> {
-        self.by_id.get(&(id.ledger, id.partition)).copied()
+        self.by_id.get(&IdBase::of_id(id)).copied()
     }
 }
 
@@ -752,7 +754,7 @@ async fn serve_consumer(socket: WebSocket, ctx: &Ctx, st: &mut ConsumerState) {
     let end = loop {
         // Everything the client may have now goes out first.
         while let Some(((i, _), d)) = st.flow.next_out() {
-            let frame = to_frame(&st.slots[i].topic, &d);
+            let frame = to_frame(st.slots[i].ids, &d);
             if sink.send(json(&frame)).await.is_err() {
                 return;
             }
