@@ -195,7 +195,14 @@ pub fn router(broker: Broker) -> Router {
             "/{domain}/{tenant}/{ns}/{topic}/subscription/{sub}/resetcursor/{timestamp}",
             post(reset_cursor_to_time),
         )
-        .route("/{domain}/{tenant}/{ns}/{topic}/unload", put(unload));
+        .route("/{domain}/{tenant}/{ns}/{topic}/unload", put(unload))
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/route",
+            get(get_route)
+                .post(set_route)
+                .put(set_route)
+                .delete(delete_route),
+        );
     Router::new()
         .route("/admin/v2/clusters", get(list_clusters))
         .route(
@@ -939,6 +946,44 @@ async fn unload(
     let name = topic_name(&d, &t, &ns, &topic)?;
     existing_topic(&b, &name, &uri).await?;
     b.unload_topic(&name).await?;
+    Ok(no_content())
+}
+
+// ---- routes out of a topic ----
+
+async fn get_route(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    Ok(match b.topic_route(&name).await? {
+        Some(r) => Json(r).into_response(),
+        None => no_content(),
+    })
+}
+
+async fn set_route(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let route: crate::TopicRoute = body(&raw)?;
+    // The owner subscribes at once, so that the route starts exactly now.
+    if b.partitions(&name).await?.is_none() && b.topic_exists(&name).await? {
+        owned(&b, &name, &uri).await?;
+    }
+    b.set_topic_route(&name, Some(route)).await?;
+    Ok(no_content())
+}
+
+async fn delete_route(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    b.set_topic_route(&name, None).await?;
     Ok(no_content())
 }
 

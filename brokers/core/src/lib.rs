@@ -10,6 +10,8 @@
 //! - [`cursor`]: durable cursors (mark-delete offset, acknowledged ranges,
 //!   redelivery counts);
 //! - [`routing`]: exchanges and bindings per namespace, RabbitMQ's model;
+//! - [`topic_route`]: routes out of a topic into an exchange, so that
+//!   records written straight to a topic reach bound queues;
 //! - [`subscription`]: dispatchers with credit-based flow control, acks,
 //!   redelivery and dead-lettering;
 //! - [`service`]: [`Broker`], the protocol-neutral API, with topic loading,
@@ -33,6 +35,7 @@ pub mod service;
 pub mod state;
 pub mod subscription;
 pub mod topic;
+pub mod topic_route;
 
 pub use auth::{AuthConfig, Grants, Principal};
 pub use coalesce::Coalescer;
@@ -45,3 +48,4 @@ pub use subscription::{
     ResetTo, SubscriptionOptions, SubscriptionType,
 };
 pub use topic::{PendingPublish, Published};
+pub use topic_route::TopicRoute;

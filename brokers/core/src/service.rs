@@ -30,6 +30,7 @@ use crate::routing::{Binding, ExchangeDef, HeaderValue, Routed, RoutingSnapshot,
 use crate::state::StateStore;
 use crate::subscription::{Consumer, ConsumerOptions, DeadLetterSink, SubscriptionOptions};
 use crate::topic::{Published, RetentionDefaults, Topic, TopicStats};
+use crate::topic_route::{Forwarders, TopicRoute, ROUTE_SUBSCRIPTION};
 
 const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
@@ -44,6 +45,9 @@ const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
 pub struct TopicPolicies {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_policies: Option<magnetar_tenancy::RetentionPolicies>,
+    /// Where the topic's records are routed, besides being kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<TopicRoute>,
 }
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.
@@ -172,6 +176,20 @@ pub struct Broker {
     inner: Arc<Inner>,
 }
 
+/// A handle for background tasks that must not keep the broker alive;
+/// it upgrades only while the broker runs.
+#[derive(Clone)]
+pub(crate) struct WeakBroker(Weak<Inner>);
+
+impl WeakBroker {
+    pub(crate) fn upgrade(&self) -> Option<Broker> {
+        self.0
+            .upgrade()
+            .filter(|i| !*i.shutdown.borrow())
+            .map(|inner| Broker { inner })
+    }
+}
+
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
@@ -238,6 +256,7 @@ impl Broker {
         tokio::spawn(session_keeper(Arc::downgrade(&broker.inner)));
         tokio::spawn(retention_loop(Arc::downgrade(&broker.inner)));
         tokio::spawn(routing_watch(Arc::downgrade(&broker.inner)));
+        tokio::spawn(route_loop(WeakBroker(Arc::downgrade(&broker.inner))));
         Ok(broker)
     }
 
@@ -345,6 +364,99 @@ impl Broker {
             self.inner.meta.put(&key, json(p)).await?;
         }
         Ok(())
+    }
+
+    /// Where the topic's records are routed, if anywhere.
+    pub async fn topic_route(&self, topic: &TopicName) -> Result<Option<TopicRoute>> {
+        Ok(self.topic_policies(topic).await?.route)
+    }
+
+    /// Routes the topic's records (every partition's) through an exchange
+    /// of its namespace from now on, or stops routing them. Partitions
+    /// owned here start at once: what is written after this returns is
+    /// routed. The owners of the others pick the route up within
+    /// [`ROUTE_RESCAN`].
+    pub async fn set_topic_route(
+        &self,
+        topic: &TopicName,
+        route: Option<TopicRoute>,
+    ) -> Result<()> {
+        let topic = topic.base();
+        if let Some(r) = &route {
+            if !topic.is_persistent() {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "{topic} is not persistent; only persistent topics can be routed"
+                )));
+            }
+            if !self.topic_exists(&topic).await? {
+                return Err(BrokerError::NotFound(format!("topic {topic} not found")));
+            }
+            let routing = self.routing(topic.namespace()).await?;
+            if !routing.lock().await.table.has_exchange(&r.exchange) {
+                return Err(BrokerError::NotFound(format!(
+                    "no exchange {:?} in {}",
+                    r.exchange,
+                    topic.namespace()
+                )));
+            }
+            for t in self.partitions_of(&topic).await? {
+                if self.lookup(&t).await?.id == self.inner.cfg.info.id {
+                    self.topic(&t, true)
+                        .await?
+                        .get_or_create_subscription(
+                            ROUTE_SUBSCRIPTION,
+                            crate::topic_route::subscription_options(
+                                crate::subscription::InitialPosition::Latest,
+                            ),
+                        )
+                        .await?;
+                }
+            }
+        }
+        let mut p = self.topic_policies(&topic).await?;
+        p.route = route;
+        self.set_topic_policies(&topic, &p).await
+    }
+
+    /// A topic's partitions, or the topic itself when it has none.
+    async fn partitions_of(&self, topic: &TopicName) -> Result<Vec<TopicName>> {
+        Ok(match self.partitions(topic).await? {
+            Some(n) => (0..n).map(|i| topic.partition(i)).collect(),
+            None => vec![topic.clone()],
+        })
+    }
+
+    /// Every routed partition, and those of them this broker owns.
+    async fn routed_partitions(
+        &self,
+    ) -> Result<(HashSet<TopicName>, HashMap<TopicName, TopicRoute>)> {
+        let mut all = HashSet::new();
+        let mut mine = HashMap::new();
+        for kv in self.inner.meta.list(TOPIC_POLICIES_PREFIX).await? {
+            let Some(path) = kv.key.strip_prefix(TOPIC_POLICIES_PREFIX) else {
+                continue;
+            };
+            let Ok(topic) = TopicName::from_path(path) else {
+                continue;
+            };
+            let Ok(TopicPolicies {
+                route: Some(route), ..
+            }) = parse::<TopicPolicies>(&kv.key, &kv.value)
+            else {
+                continue;
+            };
+            for t in self.partitions_of(&topic).await? {
+                all.insert(t.clone());
+                match self.lookup(&t).await {
+                    Ok(owner) if owner.id == self.inner.cfg.info.id => {
+                        mine.insert(t, route.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(topic = %t, "route owner: {e}"),
+                }
+            }
+        }
+        Ok((all, mine))
     }
 
     /// The namespace's policies with the topic's own laid over them.
@@ -1199,6 +1311,53 @@ async fn retention_loop(weak: Weak<Inner>) {
         let broker = Broker { inner };
         if let Err(e) = broker.run_retention().await {
             tracing::warn!("retention: {e}");
+        }
+    }
+}
+
+/// How often the forwarders are checked against the routes and the
+/// ownership of their topics, besides whenever a topic's policies change.
+pub const ROUTE_RESCAN: Duration = Duration::from_secs(5);
+
+/// Keeps one forwarder running per routed partition this broker owns.
+async fn route_loop(weak: WeakBroker) {
+    let Some(b) = weak.upgrade() else {
+        return;
+    };
+    let mut shutdown = b.inner.shutdown.subscribe();
+    let mut events = Some(b.inner.meta.watch(TOPIC_POLICIES_PREFIX, 0));
+    drop(b);
+    let mut forwarders = Forwarders::default();
+    let mut rescan = tokio::time::interval(ROUTE_RESCAN);
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {}
+            _ = shutdown.changed() => {}
+            ev = async {
+                match events.as_mut() {
+                    Some(e) => e.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // A watch that ended is made again, after a pause.
+                if ev.is_none() {
+                    events = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let Some(b) = weak.upgrade() else {
+            forwarders.stop_all().await;
+            return;
+        };
+        if events.is_none() {
+            events = Some(b.inner.meta.watch(TOPIC_POLICIES_PREFIX, 0));
+        }
+        match b.routed_partitions().await {
+            Ok((all, mine)) => {
+                forwarders.reconcile(&weak, mine, &all).await;
+            }
+            Err(e) => tracing::warn!("topic routes: {e}"),
         }
     }
 }

@@ -885,3 +885,123 @@ async fn backlog_quota_refuses_producers_or_evicts_the_slowest() {
         "within the quota, to a ledger"
     );
 }
+
+#[tokio::test]
+async fn a_route_republishes_a_topics_records_through_an_exchange() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let ns = NamespaceName::default_namespace();
+    let src = topic("persistent://public/default/written-directly");
+    b.create_topic(&src).await.expect("topic");
+    b.declare_queue(&ns, "sensors", true).await.expect("queue");
+    b.bind(&ns, Binding::queue("amq.topic", "sensors", "sensors.#"))
+        .await
+        .expect("bind");
+    let route = |exchange: &str| magnetar_broker::TopicRoute {
+        exchange: exchange.into(),
+        routing_key: Some("sensors.unkeyed".into()),
+    };
+    assert!(matches!(
+        b.set_topic_route(&src, Some(route("no-such-exchange")))
+            .await,
+        Err(BrokerError::NotFound(_))
+    ));
+    assert!(matches!(
+        b.set_topic_route(
+            &topic("persistent://public/default/absent"),
+            Some(route("amq.topic"))
+        )
+        .await,
+        Err(BrokerError::NotFound(_))
+    ));
+    b.set_topic_route(&src, Some(route("amq.topic")))
+        .await
+        .expect("route");
+    assert_eq!(
+        b.topic_route(&src).await.expect("get"),
+        Some(route("amq.topic"))
+    );
+    // Written right after the route was set: routed, in order, keyed or not.
+    let mut keyed = Message::new("one");
+    keyed.key = Some("sensors.a".into());
+    keyed.headers = vec![("h".into(), Some("v".into()))];
+    let mut elsewhere = Message::new("dropped");
+    elsewhere.key = Some("other.b".into());
+    b.publish(&src, vec![keyed, elsewhere, Message::new("two")])
+        .await
+        .expect("publish");
+    let q = ns
+        .topic(magnetar_tenancy::TopicDomain::Persistent, "sensors")
+        .expect("t");
+    let mut c1 = b
+        .subscribe(&q, "read", shared(SubscriptionType::Exclusive), named("r"))
+        .await
+        .expect("subscribe");
+    c1.flow(10);
+    let first = recv(&mut c1).await;
+    assert_eq!(text(&first), "one");
+    assert_eq!(first.message.key.as_deref(), Some(&b"sensors.a"[..]));
+    assert_eq!(first.message.headers[0], ("h".into(), Some("v".into())));
+    assert_eq!(
+        first.message.headers[1],
+        (
+            magnetar_broker::topic_route::ROUTED_FROM.into(),
+            Some(src.to_string().into())
+        )
+    );
+    let second = recv(&mut c1).await;
+    assert_eq!(text(&second), "two");
+    c1.ack_many(vec![first.offset, second.offset]);
+    nothing_within(&mut c1, Duration::from_millis(300)).await;
+    // A route into a queue that routes back does not loop.
+    b.declare_queue(&ns, "loop", true).await.expect("queue");
+    b.bind(&ns, Binding::queue("amq.topic", "loop", "loop.#"))
+        .await
+        .expect("bind");
+    let lq = ns
+        .topic(magnetar_tenancy::TopicDomain::Persistent, "loop")
+        .expect("t");
+    b.set_topic_route(&lq, Some(route("amq.topic")))
+        .await
+        .expect("route");
+    let mut l = Message::new("once");
+    l.key = Some("loop.x".into());
+    b.publish(&src, vec![l]).await.expect("publish");
+    let mut c2 = b
+        .subscribe(&lq, "read", shared(SubscriptionType::Exclusive), named("r"))
+        .await
+        .expect("subscribe");
+    c2.flow(10);
+    assert_eq!(text(&recv(&mut c2).await), "once");
+    nothing_within(&mut c2, Duration::from_millis(500)).await;
+    // The route survives a restart, and what was written while no
+    // forwarder ran is routed once one runs again.
+    b.shutdown().await;
+    drop(c1);
+    let b = Broker::start(c.meta_client(), config("b1"))
+        .await
+        .expect("restart");
+    let mut late = Message::new("after restart");
+    late.key = Some("sensors.c".into());
+    b.publish(&src, vec![late]).await.expect("publish");
+    let mut c3 = b
+        .subscribe(&q, "read", shared(SubscriptionType::Exclusive), named("r"))
+        .await
+        .expect("subscribe");
+    c3.flow(10);
+    assert_eq!(text(&recv(&mut c3).await), "after restart");
+    // Removing the route removes its subscription, and its backlog.
+    b.set_topic_route(&src, None).await.expect("unroute");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let subs = b.topic_stats(&src).await.expect("stats").subscriptions;
+        if !subs.contains_key(magnetar_broker::topic_route::ROUTE_SUBSCRIPTION) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route subscription kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -196,6 +196,23 @@ pub enum TopicsCommand {
     Unload {
         topic: String,
     },
+    /// Route the topic's records through an exchange of its namespace
+    /// (MQTT subscribers see them through `amq.topic`), keyed by their key.
+    Route {
+        topic: String,
+        exchange: String,
+        /// Routing key of records without a key.
+        #[arg(long)]
+        routing_key: Option<String>,
+    },
+    /// Where the topic's records are routed (nothing if they are not).
+    GetRoute {
+        topic: String,
+    },
+    /// Stop routing the topic's records.
+    RemoveRoute {
+        topic: String,
+    },
     Lookup {
         topic: String,
     },
@@ -537,6 +554,26 @@ async fn run_topics(rest: &Rest, command: TopicsCommand) -> anyhow::Result<()> {
         }
         TopicsCommand::Unload { topic } => {
             rest.call("PUT", &format!("{}/unload", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::Route {
+            topic,
+            exchange,
+            routing_key,
+        } => {
+            let mut body = json!({ "exchange": exchange });
+            if let Some(k) = routing_key {
+                body["routingKey"] = json!(k);
+            }
+            rest.call("PUT", &format!("{}/route", topic_path(&topic)?), Some(body))
+                .await
+        }
+        TopicsCommand::GetRoute { topic } => {
+            rest.call("GET", &format!("{}/route", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::RemoveRoute { topic } => {
+            rest.call("DELETE", &format!("{}/route", topic_path(&topic)?), None)
                 .await
         }
         TopicsCommand::Lookup { topic } => {

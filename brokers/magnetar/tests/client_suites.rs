@@ -65,3 +65,10 @@ fn mqtt_clients() {
 fn websocket_clients() {
     pytest("ws_tests");
 }
+
+/// The 4×4 interop matrix: Kafka, AMQP, MQTT and WebSocket clients each
+/// publish, and each consume what all four published; prints the grid.
+#[test]
+fn interop_matrix() {
+    pytest("interop_tests");
+}

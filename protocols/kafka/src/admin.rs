@@ -17,7 +17,7 @@ use kafka_protocol::messages::describe_configs_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::{BrokerError, TopicPolicies};
+use magnetar_broker::BrokerError;
 use magnetar_tenancy::{NamespaceName, RetentionPolicies, TopicName as Name};
 
 use crate::error::code_of;
@@ -130,9 +130,13 @@ impl Ctx {
                 v => (v + (1 << 20) - 1) >> 20,
             },
         });
-        let policies = TopicPolicies {
-            retention_policies: retention,
-        };
+        // Other topic policies (a route) are kept.
+        let mut policies = self
+            .broker
+            .topic_policies(t)
+            .await
+            .map_err(|e| code_of(&e))?;
+        policies.retention_policies = retention;
         self.broker
             .set_topic_policies(t, &policies)
             .await
