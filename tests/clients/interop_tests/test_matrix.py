@@ -18,7 +18,6 @@ import base64
 import json
 import queue
 import time
-import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -28,6 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from websockets.sync.client import connect
+
+from interop_tests.test_routes import call
 
 PROTOCOLS = ["kafka", "amqp", "mqtt", "ws"]
 #: Messages per source, to see order.
@@ -72,13 +73,6 @@ class Matrix:
 
     # ---- setup ----
 
-    def admin(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.s.http}{path}", data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status
-
     def amqp_channel(self):
         conn = pika.BlockingConnection(pika.ConnectionParameters(
             "127.0.0.1", self.s.amqp_port, connection_attempts=3, retry_delay=0.5))
@@ -89,9 +83,9 @@ class Matrix:
         ch.queue_declare(self.queue, durable=True)
         ch.queue_bind(self.queue, "amq.topic", routing_key=f"interop.{self.tag}.#")
         conn.close()
-        self.admin("PUT", f"/admin/v2/persistent/public/default/{self.source}")
-        assert self.admin("PUT", f"/admin/v2/persistent/public/default/{self.source}/route",
-                          {"exchange": "amq.topic"}) == 204
+        call(self.s, "PUT", f"/admin/v2/persistent/public/default/{self.source}")
+        assert call(self.s, "PUT", f"/admin/v2/persistent/public/default/{self.source}/route",
+                    {"exchange": "amq.topic"})[0] == 204
 
     # ---- sinks, started before anything is published ----
 
