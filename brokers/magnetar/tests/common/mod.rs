@@ -14,13 +14,43 @@ use magnetar_metadata::{ClientOptions, MetaClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_magnetar");
 
-/// A port that was free a moment ago. Raft peers must know each other's
-/// addresses before they start, so ports are chosen up front.
+/// A free loopback port, chosen at run time. Raft peers must know each
+/// other's addresses before they start, so ports are chosen up front.
+///
+/// The port comes from below the kernel's ephemeral range: between this call
+/// and the server's bind, any outgoing connection (a raft peer dialing, a
+/// parallel test) may take an ephemeral port as its source port, and then the
+/// server fails with "address in use". Ports below the range are only ever
+/// taken by explicit binds. Ports handed out in this process are not reused.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::{Mutex, OnceLock};
+
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let low = 10_000u16;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&p| p > low + 1_000)
+        .unwrap_or(32_768);
+    let span = u64::from(high - low);
+    let mut given = GIVEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let seed = RandomState::new().hash_one(std::process::id());
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i)) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port below {high}")
 }
 
 /// A child process that is SIGKILLed and reaped when dropped, so that a
