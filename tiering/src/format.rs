@@ -12,10 +12,10 @@
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{TimestampMillisecondType, UInt64Type};
+use arrow_array::types::{Int64Type, TimestampMillisecondType, UInt64Type};
 use arrow_array::{
-    Array, ArrayRef, BinaryArray, ListArray, RecordBatch, StringArray, StructArray,
-    TimestampMillisecondArray, UInt64Array,
+    Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, ListArray, RecordBatch, StringArray,
+    StructArray, TimestampMillisecondArray, UInt64Array,
 };
 use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_ipc::reader::FileDecoder;
@@ -41,10 +41,17 @@ pub struct Record {
     pub value: Option<Bytes>,
     /// In order; names may repeat.
     pub headers: Vec<(String, Option<Bytes>)>,
+    /// The producer of a transaction this record belongs to, so that
+    /// readers of committed data can leave out aborted transactions.
+    pub producer_id: Option<i64>,
+    /// A transaction marker rather than data: key and value hold the
+    /// marker, and analytics readers filter these rows out.
+    pub control: bool,
 }
 
 impl Record {
-    fn size(&self) -> usize {
+    /// About what the record takes in memory and on the wire.
+    pub fn size(&self) -> usize {
         let h: usize = self
             .headers
             .iter()
@@ -80,6 +87,8 @@ pub fn schema() -> SchemaRef {
                 Field::new("key", DataType::Binary, true),
                 Field::new("value", DataType::Binary, true),
                 Field::new("headers", DataType::List(header_item()), false),
+                Field::new("producer_id", DataType::Int64, true),
+                Field::new("control", DataType::Boolean, false),
             ]))
         })
         .clone()
@@ -108,6 +117,8 @@ fn to_batch(records: &[Record]) -> Result<RecordBatch> {
         Arc::new(entries),
         None,
     )?;
+    let producers = Int64Array::from_iter(records.iter().map(|r| r.producer_id));
+    let control = BooleanArray::from_iter(records.iter().map(|r| Some(r.control)));
     Ok(RecordBatch::try_new(
         schema(),
         vec![
@@ -116,6 +127,8 @@ fn to_batch(records: &[Record]) -> Result<RecordBatch> {
             Arc::new(keys),
             Arc::new(values),
             Arc::new(headers),
+            Arc::new(producers),
+            Arc::new(control),
         ],
     )?)
 }
@@ -139,6 +152,8 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>> {
     let entries = headers.values().as_struct();
     let names = entries.column(0).as_string::<i32>();
     let header_values = entries.column(1).as_binary::<i32>();
+    let producers = batch.column(5).as_primitive::<Int64Type>();
+    let control = batch.column(6).as_boolean();
     let bounds = headers.value_offsets();
     (0..batch.num_rows())
         .map(|i| {
@@ -158,6 +173,8 @@ fn from_batch(batch: &RecordBatch) -> Result<Vec<Record>> {
                 headers: (from..to)
                     .map(|j| (names.value(j).to_owned(), bytes_at(header_values, j)))
                     .collect(),
+                producer_id: producers.is_valid(i).then(|| producers.value(i)),
+                control: control.value(i),
             })
         })
         .collect()
@@ -177,6 +194,9 @@ pub struct BlockIndex {
     pub body_len: u64,
     /// crc32c of the batch's bytes (`meta_len + body_len` from `start`).
     pub crc32c: u32,
+    /// The newest record timestamp, for lookups by time.
+    #[serde(default)]
+    pub max_timestamp_ms: i64,
 }
 
 impl BlockIndex {
@@ -287,8 +307,9 @@ pub struct LedgerFileWriter {
     writer: FileWriter<Vec<u8>>,
     pending: Vec<Record>,
     pending_bytes: usize,
-    /// First and last offset and count of each batch written.
-    written: Vec<(u64, u64, u32)>,
+    /// First and last offset, count and newest timestamp of each batch
+    /// written.
+    written: Vec<(u64, u64, u32, i64)>,
     next_offset: Option<u64>,
 }
 
@@ -336,7 +357,14 @@ impl LedgerFileWriter {
         let count = u32::try_from(self.pending.len())
             .map_err(|_| TieringError::InvalidArgument("too many records in a block".into()))?;
         let last = self.pending[self.pending.len() - 1].offset;
-        self.written.push((self.pending[0].offset, last, count));
+        let newest = self
+            .pending
+            .iter()
+            .map(|r| r.timestamp_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        self.written
+            .push((self.pending[0].offset, last, count, newest));
         self.pending.clear();
         self.pending_bytes = 0;
         Ok(())
@@ -359,7 +387,7 @@ impl LedgerFileWriter {
             .into_iter()
             .zip(&self.written)
             .map(
-                |((start, meta_len, body_len), &(first_offset, last_offset, records))| {
+                |((start, meta_len, body_len), &(first_offset, last_offset, records, newest))| {
                     let from = usize::try_from(start).unwrap_or(usize::MAX);
                     let to = from.saturating_add(
                         usize::try_from(u64::from(meta_len) + body_len).unwrap_or(usize::MAX),
@@ -375,6 +403,7 @@ impl LedgerFileWriter {
                         meta_len,
                         body_len,
                         crc32c: crc32c::crc32c(bytes),
+                        max_timestamp_ms: newest,
                     })
                 },
             )
@@ -453,6 +482,8 @@ mod tests {
                 ],
                 _ => vec![("ü".into(), Some(Bytes::new()))],
             },
+            producer_id: offset.is_multiple_of(5).then_some(offset as i64 * 1000),
+            control: offset.is_multiple_of(10),
         }
     }
 
@@ -543,17 +574,23 @@ mod tests {
             proptest::option::of(bytes(200)),
             proptest::collection::vec(("[a-z]{0,6}", proptest::option::of(bytes(10))), 0..4),
             any::<i64>(),
+            proptest::option::of(any::<i64>()),
+            any::<bool>(),
         )
-            .prop_map(|(gap, key, value, headers, timestamp_ms)| {
-                let record = Record {
-                    offset: 0,
-                    timestamp_ms,
-                    key,
-                    value,
-                    headers,
-                };
-                (gap, record)
-            })
+            .prop_map(
+                |(gap, key, value, headers, timestamp_ms, producer_id, control)| {
+                    let record = Record {
+                        offset: 0,
+                        timestamp_ms,
+                        key,
+                        value,
+                        headers,
+                        producer_id,
+                        control,
+                    };
+                    (gap, record)
+                },
+            )
     }
 
     proptest! {

@@ -7,8 +7,14 @@
 //!   byte ranges of those batches, with checksums. Analytics tools (pyarrow,
 //!   DuckDB, polars) read the files as they are.
 
+//! - [`store`]: the object store (S3 and compatible servers such as
+//!   MinIO, the local filesystem, memory): verified uploads, and ranged
+//!   reads through a bounded block cache with read-ahead.
+
 pub mod error;
 pub mod format;
+pub mod store;
 
 pub use error::{Result, TieringError};
 pub use format::{BlockIndex, LedgerFileWriter, LedgerIndex, Record};
+pub use store::{OffloadedLedger, Tier, TierOptions};
