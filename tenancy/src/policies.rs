@@ -110,6 +110,9 @@ pub struct Policies {
     /// Offload closed ledgers to object storage once a topic holds more
     /// than this many bytes; -1 disables offload.
     pub offload_threshold: Option<i64>,
+    /// Offload closed ledgers older than this many seconds; -1 disables.
+    pub offload_threshold_in_seconds: Option<i64>,
+    /// How long the bookies keep a ledger after its offload.
     pub offload_deletion_lag_ms: Option<u64>,
     pub max_producers_per_topic: Option<u32>,
     pub max_consumers_per_topic: Option<u32>,
@@ -166,6 +169,11 @@ impl Policies {
         if let Some(t) = self.offload_threshold {
             check(t >= -1, || {
                 "offload_threshold must be -1 (disabled) or more".into()
+            })?;
+        }
+        if let Some(t) = self.offload_threshold_in_seconds {
+            check(t >= -1, || {
+                "offload_threshold_in_seconds must be -1 (disabled) or more".into()
             })?;
         }
         for r in self.publish_max_message_rate.values() {

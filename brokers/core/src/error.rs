@@ -55,6 +55,12 @@ pub enum BrokerError {
     #[error("producer fenced: {0}")]
     ProducerFenced(String),
 
+    /// Offloaded data could not be read (the object store failed, or a
+    /// block did not match its checksum); retry shortly. Never served as
+    /// missing data.
+    #[error("offloaded data unavailable: {0}; retry")]
+    OffloadUnavailable(String),
+
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
 
@@ -80,6 +86,7 @@ impl BrokerError {
         matches!(
             self,
             BrokerError::TopicUnavailable(_)
+                | BrokerError::OffloadUnavailable(_)
                 | BrokerError::NotOwner { .. }
                 | BrokerError::Bookie(_)
                 | BrokerError::Meta(MetaError::Unavailable(_))

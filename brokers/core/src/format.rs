@@ -333,7 +333,21 @@ fn encode_records(
     producer: Option<ProducerSequence>,
     transactional: bool,
 ) -> Result<Bytes> {
-    if messages.is_empty() {
+    let attributes = if transactional { TRANSACTIONAL_FLAG } else { 0 };
+    encode_with(messages.iter(), |i| i as i64, producer, attributes)
+}
+
+/// Records at the offset deltas `delta(i)`, which must rise.
+fn encode_with<'a, I>(
+    messages: I,
+    delta: impl Fn(usize) -> i64,
+    producer: Option<ProducerSequence>,
+    attributes: u16,
+) -> Result<Bytes>
+where
+    I: ExactSizeIterator<Item = &'a Message> + Clone,
+{
+    if messages.len() == 0 {
         return Err(BrokerError::InvalidArgument(
             "no messages to publish".into(),
         ));
@@ -348,34 +362,32 @@ fn encode_records(
             now
         }
     };
-    let first_ts = stamp(&messages[0]);
-    let max_ts = messages.iter().map(stamp).max().unwrap_or(first_ts);
-    let mut buf =
-        BytesMut::with_capacity(HEADER_LEN + messages.iter().map(|m| m.size() + 24).sum::<usize>());
+    let first_ts = messages.clone().next().map_or(now, stamp);
+    let max_ts = messages.clone().map(stamp).max().unwrap_or(first_ts);
+    let mut buf = BytesMut::with_capacity(
+        HEADER_LEN + messages.clone().map(|m| m.size() + 24).sum::<usize>(),
+    );
     buf.put_i64(0);
     buf.put_i32(0); // batch length, filled in below
     buf.put_i32(NO_PARTITION_LEADER_EPOCH);
     buf.put_i8(2);
     buf.put_u32(0); // CRC, filled in below
-    buf.put_i16(if transactional {
-        TRANSACTIONAL_FLAG as i16
-    } else {
-        0
-    });
-    buf.put_i32(count - 1);
+    buf.put_i16(attributes as i16);
+    buf.put_i32(delta(messages.len() - 1) as i32);
     buf.put_i64(first_ts);
     buf.put_i64(max_ts);
     buf.put_i64(producer.map_or(NO_PRODUCER_ID, |p| p.producer_id));
     buf.put_i16(producer.map_or(NO_PRODUCER_EPOCH, |p| p.epoch));
     buf.put_i32(producer.map_or(NO_SEQUENCE, |p| p.base_sequence));
     buf.put_i32(count);
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in messages.enumerate() {
         let ts_delta = stamp(m) - first_ts;
+        let offset_delta = delta(i);
         let field =
             |b: Option<&[u8]>| b.map_or(varint_len(-1), |b| varint_len(b.len() as i64) + b.len());
         let body = 1
             + varint_len(ts_delta)
-            + varint_len(i as i64)
+            + varint_len(offset_delta)
             + field(m.key.as_deref())
             + field(m.value.as_deref())
             + varint_len(m.headers.len() as i64)
@@ -386,7 +398,7 @@ fn encode_records(
         put_varint(&mut buf, body as i64);
         buf.put_i8(0);
         put_varint(&mut buf, ts_delta);
-        put_varint(&mut buf, i as i64);
+        put_varint(&mut buf, offset_delta);
         put_bytes_field(&mut buf, m.key.as_deref());
         put_bytes_field(&mut buf, m.value.as_deref());
         put_varint(&mut buf, m.headers.len() as i64);
@@ -474,18 +486,65 @@ pub fn decode_entry(entry: &Bytes) -> Result<Vec<StoredMessage>> {
     if h.is_control() {
         return Ok(Vec::new());
     }
+    decode_records(&h, entry)
+}
+
+/// Every record of a stored batch, transaction markers included: what
+/// offload keeps.
+pub fn decode_all(entry: &Bytes) -> Result<(BatchHeader, Vec<StoredMessage>)> {
+    let h = BatchHeader::parse(entry)?;
+    let records = decode_records(&h, entry)?;
+    Ok((h, records))
+}
+
+fn decode_records(h: &BatchHeader, entry: &Bytes) -> Result<Vec<StoredMessage>> {
     let mut buf = entry.slice(..h.size.min(entry.len()));
     if h.compression() == 0 {
-        return decode_plain(&h, buf);
+        return decode_plain(h, buf);
     }
     let set = RecordBatchDecoder::decode(&mut buf)
         .map_err(|e| BrokerError::CorruptBatch(format!("decoding records: {e}")))?;
     Ok(set
         .records
         .into_iter()
-        .filter(|r| !r.control)
+        .filter(|r| r.control == h.is_control())
         .map(stored_of)
         .collect())
+}
+
+/// A batch rebuilt from records read back from offloaded storage, at their
+/// own offsets: a transaction's records keep their producer, so that
+/// read-committed readers can leave out aborted ones, and markers stay
+/// markers.
+pub fn encode_restored(
+    records: &[StoredMessage],
+    producer_id: Option<i64>,
+    control: bool,
+) -> Result<Bytes> {
+    let Some(first) = records.first() else {
+        return Err(BrokerError::InvalidArgument("no records to restore".into()));
+    };
+    let base = first.offset;
+    let mut attributes = 0;
+    if producer_id.is_some() {
+        attributes |= TRANSACTIONAL_FLAG;
+    }
+    if control {
+        attributes |= CONTROL_FLAG;
+    }
+    let producer = producer_id.map(|producer_id| ProducerSequence {
+        producer_id,
+        epoch: 0,
+        base_sequence: NO_SEQUENCE,
+    });
+    let messages = records.iter().map(|r| &r.message);
+    let batch = encode_with(
+        messages,
+        |i| records[i].offset.saturating_sub(base) as i64,
+        producer,
+        attributes,
+    )?;
+    Ok(with_base_offset(batch, base))
 }
 
 /// A record kafka-protocol decoded, as the broker hands it out.

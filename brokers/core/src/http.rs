@@ -105,6 +105,7 @@ impl From<BrokerError> for ApiError {
                 }
             }
             BrokerError::TopicUnavailable(_)
+            | BrokerError::OffloadUnavailable(_)
             | BrokerError::ShuttingDown
             | BrokerError::Bookie(_)
             | BrokerError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -196,6 +197,10 @@ pub fn router(broker: Broker) -> Router {
             post(reset_cursor_to_time),
         )
         .route("/{domain}/{tenant}/{ns}/{topic}/unload", put(unload))
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/offload",
+            put(trigger_offload).get(offload_status),
+        )
         .route(
             "/{domain}/{tenant}/{ns}/{topic}/route",
             get(get_route)
@@ -462,6 +467,7 @@ fn policy_field(name: &str) -> Option<&'static str> {
         "bundles" => "bundles",
         "offloadThreshold" => "offload_threshold",
         "offloadDeletionLagMs" => "offload_deletion_lag_ms",
+        "offloadThresholdInSeconds" => "offload_threshold_in_seconds",
         "maxProducersPerTopic" => "max_producers_per_topic",
         "maxConsumersPerTopic" => "max_consumers_per_topic",
         "maxConsumersPerSubscription" => "max_consumers_per_subscription",
@@ -796,12 +802,39 @@ async fn internal_stats(
             "size": l.size,
             "firstOffset": l.first_offset,
             "offsets": l.offsets,
+            "offloaded": l.offload.is_some(),
+            "bookieDeleted": l.bookie_deleted,
+            "offloadedObject": l.offload.as_ref().map(|o| o.object.clone()),
         })).collect::<Vec<_>>(),
         "cursors": stats.subscriptions.iter().map(|(k, s)| (k.clone(), json!({
             "markDeleteOffset": s.mark_delete_offset,
             "readOffset": s.read_offset,
         }))).collect::<BTreeMap<_, _>>(),
     })))
+}
+
+/// Offloads the topic's closed ledgers now. Pulsar's body names the last
+/// message to offload; every closed ledger is offloaded here, and a body is
+/// accepted and not needed.
+async fn trigger_offload(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    existing_topic(&b, &name, &uri).await?;
+    b.trigger_offload(&name).await?;
+    Ok(no_content())
+}
+
+async fn offload_status(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    uri: Uri,
+) -> ApiResult<Json<crate::managed_ledger::OffloadStatus>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    existing_topic(&b, &name, &uri).await?;
+    Ok(Json(b.offload_status(&name).await?))
 }
 
 async fn list_subscriptions(

@@ -23,15 +23,21 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use magnetar_bookies::{BookieError, CreateOptions, LedgerClient, LedgerReader, LedgerWriter};
 use magnetar_metadata::MetaError;
+use magnetar_tiering::{LedgerFileWriter, OffloadedLedger, Tier};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{BrokerError, Result};
-use crate::format::{with_base_offset, BatchHeader};
+use crate::format::{decode_all, encode_restored, with_base_offset, BatchHeader, StoredMessage};
 
 pub const ML_PREFIX: &str = "/managed-ledgers/";
 /// Entries fetched per bookie read while scanning a recovered ledger.
 const SCAN_CHUNK: u64 = 1000;
+/// Entries fetched per bookie read while offloading; entries may be large.
+const OFFLOAD_CHUNK: u64 = 64;
+/// Records read back from offloaded storage are regrouped into entries of
+/// about this size.
+const RESTORED_ENTRY_BYTES: usize = 256 << 10;
 
 #[derive(Clone, Debug)]
 pub struct ManagedLedgerConfig {
@@ -46,6 +52,10 @@ pub struct ManagedLedgerConfig {
     pub cache_bytes: usize,
     /// Adds in flight to the bookies before appends wait.
     pub max_pending_adds: usize,
+    /// Where closed ledgers are offloaded to, if anywhere.
+    pub tier: Option<Tier>,
+    /// Bound on one block of an offloaded file.
+    pub offload_block_bytes: usize,
 }
 
 impl Default for ManagedLedgerConfig {
@@ -59,6 +69,8 @@ impl Default for ManagedLedgerConfig {
             max_ledger_age: Duration::from_secs(4 * 3600),
             cache_bytes: 4 << 20,
             max_pending_adds: 1000,
+            tier: None,
+            offload_block_bytes: magnetar_tiering::format::DEFAULT_BLOCK_BYTES,
         }
     }
 }
@@ -79,6 +91,12 @@ pub struct LedgerInfo {
     /// 0 while the ledger is being written.
     #[serde(default)]
     pub closed_ms: u64,
+    /// Where the ledger was offloaded to, once the upload was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadedLedger>,
+    /// The bookies' copy is deleted; reads go to the object store.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bookie_deleted: bool,
 }
 
 impl LedgerInfo {
@@ -89,6 +107,64 @@ impl LedgerInfo {
     pub fn is_closed(&self) -> bool {
         self.closed_ms != 0
     }
+
+    /// Bytes the bookies hold for it.
+    pub fn bookie_size(&self) -> u64 {
+        if self.bookie_deleted {
+            0
+        } else {
+            self.size
+        }
+    }
+}
+
+/// Where a partition's offload stands, as the admin API shows it
+/// (Pulsar's OffloadProcessStatus).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadStatus {
+    pub status: OffloadState,
+    pub last_error: String,
+    /// Ledgers the last run offloaded.
+    pub offloaded_ledgers: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OffloadState {
+    #[default]
+    NotRun,
+    Running,
+    Success,
+    Error,
+}
+
+/// Closed, not yet offloaded ledgers to offload, oldest first: while the
+/// bookies hold more than `threshold` bytes of ledgers not offloaded
+/// (0 offloads every closed ledger), and those closed before `closed_before_ms`.
+pub fn offload_candidates(
+    ledgers: &[LedgerInfo],
+    threshold: Option<u64>,
+    closed_before_ms: Option<u64>,
+) -> Vec<u64> {
+    let mut on_bookies: u64 = ledgers
+        .iter()
+        .filter(|l| l.offload.is_none())
+        .map(|l| l.size)
+        .sum();
+    let mut out = Vec::new();
+    for l in ledgers {
+        if !l.is_closed() || l.entries == 0 || l.offload.is_some() {
+            continue;
+        }
+        let by_size = threshold.is_some_and(|t| on_bookies > t);
+        let by_age = closed_before_ms.is_some_and(|c| l.closed_ms < c);
+        if by_size || by_age {
+            on_bookies -= l.size;
+            out.push(l.id);
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -276,6 +352,9 @@ struct Inner {
     state: RwLock<State>,
     end_tx: watch::Sender<u64>,
     readers: Mutex<HashMap<u64, LedgerReader>>,
+    /// One offload run at a time.
+    offloading: tokio::sync::Mutex<()>,
+    offload_status: Mutex<OffloadStatus>,
 }
 
 enum Cmd {
@@ -294,6 +373,15 @@ enum Cmd {
     SetProperties {
         props: BTreeMap<String, String>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    MarkOffloaded {
+        ledger_id: u64,
+        object: OffloadedLedger,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    DropBookieCopies {
+        offloaded_before_ms: u64,
+        reply: oneshot::Sender<Result<Vec<u64>>>,
     },
     Close {
         delete: bool,
@@ -405,6 +493,8 @@ impl ManagedLedger {
             }),
             end_tx,
             readers: Mutex::default(),
+            offloading: tokio::sync::Mutex::new(()),
+            offload_status: Mutex::default(),
             cfg,
         });
         let (tx, rx) = mpsc::channel(inner.cfg.max_pending_adds.max(16));
@@ -599,6 +689,11 @@ impl ManagedLedger {
             (offset, ledger, known)
         };
         let offset = offset.max(ledger.first_offset);
+        if ledger.bookie_deleted {
+            return self
+                .read_offloaded(&ledger, offset, max_entries, max_bytes)
+                .await;
+        }
         let first = match known {
             Some(e) => e,
             None => self.search(&ledger, offset).await?,
@@ -630,8 +725,19 @@ impl ManagedLedger {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let l = &ledgers[mid];
-            let last = self.entry(l, l.entries - 1).await?;
-            if newest(last)? >= ts_ms {
+            let last = if l.bookie_deleted {
+                let (tier, object) = self.tier_of(l)?;
+                let index = tier.index(object).await.map_err(|e| unavailable(l, e))?;
+                index
+                    .blocks
+                    .iter()
+                    .map(|b| b.max_timestamp_ms)
+                    .max()
+                    .unwrap_or(i64::MIN)
+            } else {
+                newest(self.entry(l, l.entries - 1).await?)?
+            };
+            if last >= ts_ms {
                 hi = mid;
             } else {
                 lo = mid + 1;
@@ -640,6 +746,9 @@ impl ManagedLedger {
         let Some(l) = ledgers.get(lo) else {
             return Ok(self.end_offset());
         };
+        if l.bookie_deleted {
+            return self.offloaded_offset_for(l, ts_ms).await;
+        }
         let (mut a, mut b) = (0u64, l.entries - 1);
         while a < b {
             let mid = a + (b - a) / 2;
@@ -650,6 +759,188 @@ impl ManagedLedger {
             }
         }
         Ok(self.entry(l, a).await?.base_offset)
+    }
+
+    fn tier_of<'a>(&'a self, l: &'a LedgerInfo) -> Result<(&'a Tier, &'a OffloadedLedger)> {
+        match (&self.inner.cfg.tier, &l.offload) {
+            (Some(t), Some(o)) => Ok((t, o)),
+            _ => Err(BrokerError::OffloadUnavailable(format!(
+                "ledger {} of {} is offloaded, and no offload store is configured",
+                l.id, self.inner.name
+            ))),
+        }
+    }
+
+    async fn offloaded_offset_for(&self, l: &LedgerInfo, ts_ms: i64) -> Result<u64> {
+        let (tier, object) = self.tier_of(l)?;
+        let index = tier.index(object).await.map_err(|e| unavailable(l, e))?;
+        let Some(block) = index.blocks.iter().find(|b| b.max_timestamp_ms >= ts_ms) else {
+            return Ok(l.end_offset());
+        };
+        let records = tier
+            .read(object, block.first_offset, usize::MAX)
+            .await
+            .map_err(|e| unavailable(l, e))?;
+        Ok(records
+            .iter()
+            .find(|r| r.timestamp_ms >= ts_ms && !r.control)
+            .map_or(l.end_offset(), |r| r.offset))
+    }
+
+    /// Reads from an offloaded ledger: ranged GETs through the tier's
+    /// block cache, regrouped into entries.
+    async fn read_offloaded(
+        &self,
+        l: &LedgerInfo,
+        offset: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>> {
+        let (tier, object) = self.tier_of(l)?;
+        let records = tier
+            .read(object, offset, max_bytes)
+            .await
+            .map_err(|e| unavailable(l, e))?;
+        if records.is_empty() {
+            // The index ends before the ledger does: nothing to serve, and
+            // skipping ahead would lose data.
+            return Err(unavailable(l, "the offloaded file ends early"));
+        }
+        restore_entries(l.id, records, max_entries)
+    }
+
+    /// What this partition's offload did last.
+    pub fn offload_status(&self) -> OffloadStatus {
+        self.inner
+            .offload_status
+            .lock()
+            .unwrap_or_else(lock_err)
+            .clone()
+    }
+
+    /// Offloads the ledgers `ids` (closed ones not offloaded yet), oldest
+    /// first. An upload that fails is retried `attempts` times with
+    /// backoff; the ledger stays on the bookies until its upload is
+    /// verified. Returns the ledgers offloaded, or the first error once a
+    /// ledger has used up its attempts.
+    pub async fn offload(&self, ids: &[u64], attempts: u32) -> Result<Vec<u64>> {
+        let _running = self.inner.offloading.lock().await;
+        let set = |st: OffloadStatus| {
+            *self.inner.offload_status.lock().unwrap_or_else(lock_err) = st;
+        };
+        set(OffloadStatus {
+            status: OffloadState::Running,
+            ..OffloadStatus::default()
+        });
+        let mut done = Vec::new();
+        for &id in ids {
+            let mut delay = Duration::from_millis(500);
+            let mut attempt = 1;
+            loop {
+                match self.offload_one(id).await {
+                    Ok(true) => {
+                        done.push(id);
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(e) if attempt < attempts.max(1) && e.is_retriable() => {
+                        tracing::warn!(ml = %self.inner.name, ledger = id, attempt, "offload: {e}; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(ml = %self.inner.name, ledger = id, "offload: {e}");
+                        set(OffloadStatus {
+                            status: OffloadState::Error,
+                            last_error: e.to_string(),
+                            offloaded_ledgers: done,
+                        });
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        set(OffloadStatus {
+            status: OffloadState::Success,
+            last_error: String::new(),
+            offloaded_ledgers: done.clone(),
+        });
+        Ok(done)
+    }
+
+    /// Writes one closed ledger to the object store and records it in the
+    /// ledger list; false when there is nothing to do.
+    async fn offload_one(&self, id: u64) -> Result<bool> {
+        let Some(l) = self
+            .ledgers()
+            .into_iter()
+            .find(|l| l.id == id && l.is_closed() && l.offload.is_none() && l.entries > 0)
+        else {
+            return Ok(false);
+        };
+        let Some(tier) = self.inner.cfg.tier.clone() else {
+            return Err(BrokerError::InvalidArgument(
+                "no offload store is configured".into(),
+            ));
+        };
+        let mut w = LedgerFileWriter::new(l.id, self.inner.cfg.offload_block_bytes)
+            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        let mut next = 0;
+        while next < l.entries {
+            let last = (next + OFFLOAD_CHUNK - 1).min(l.entries - 1);
+            for e in self.read_range(&l, next, last).await? {
+                let (h, records) = decode_all(&e.data)?;
+                let producer_id = Some(h.producer_id).filter(|&p| h.is_transactional() && p >= 0);
+                for r in records {
+                    w.push(magnetar_tiering::Record {
+                        offset: r.offset,
+                        timestamp_ms: r.message.timestamp_ms,
+                        key: r.message.key,
+                        value: r.message.value,
+                        headers: r.message.headers,
+                        producer_id,
+                        control: h.is_control(),
+                    })
+                    .map_err(|e| BrokerError::CorruptBatch(format!("ledger {}: {e}", l.id)))?;
+                }
+            }
+            next = last + 1;
+        }
+        let (file, index) = w
+            .finish()
+            .map_err(|e| BrokerError::CorruptBatch(format!("ledger {}: {e}", l.id)))?;
+        let object = tier
+            .upload(&self.inner.name, file, &index)
+            .await
+            .map_err(|e| unavailable(&l, e))?;
+        let marked = self
+            .call(|reply| Cmd::MarkOffloaded {
+                ledger_id: id,
+                object: object.clone(),
+                reply,
+            })
+            .await;
+        match marked {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if let Err(d) = tier.delete(&object).await {
+                    tracing::warn!(ml = %self.inner.name, ledger = id, "removing an unused upload: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes the bookies' copy of ledgers offloaded before
+    /// `offloaded_before_ms` (the deletion lag); reads of them go to the
+    /// object store from then on. Returns their ids.
+    pub async fn drop_bookie_copies(&self, offloaded_before_ms: u64) -> Result<Vec<u64>> {
+        self.call(|reply| Cmd::DropBookieCopies {
+            offloaded_before_ms,
+            reply,
+        })
+        .await
     }
 
     async fn entry(&self, ledger: &LedgerInfo, id: u64) -> Result<Entry> {
@@ -721,6 +1012,79 @@ impl ManagedLedger {
         }
         Ok(lo)
     }
+}
+
+/// Deletes a ledger's data wherever it is: on the bookies, and in the
+/// object store.
+async fn delete_ledger_data(inner: &Inner, l: &LedgerInfo) -> Result<()> {
+    if !l.bookie_deleted {
+        match inner.client.delete(l.id).await {
+            Ok(()) | Err(BookieError::NoLedger(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let (Some(tier), Some(object)) = (&inner.cfg.tier, &l.offload) {
+        tier.delete(object)
+            .await
+            .map_err(|e| BrokerError::OffloadUnavailable(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn unavailable(l: &LedgerInfo, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::OffloadUnavailable(format!("ledger {}: {e}", l.id))
+}
+
+/// Records read back from the object store as entries: runs of records
+/// with the same producer and kind, of about [`RESTORED_ENTRY_BYTES`].
+fn restore_entries(
+    ledger_id: u64,
+    records: Vec<magnetar_tiering::Record>,
+    max_entries: usize,
+) -> Result<Vec<Entry>> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut run: Vec<StoredMessage> = Vec::new();
+    let mut run_kind = (None, false);
+    let mut run_bytes = 0;
+    let flush = |run: &mut Vec<StoredMessage>, kind: (Option<i64>, bool), out: &mut Vec<Entry>| {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(());
+        };
+        let (base, end) = (first.offset, last.offset + 1);
+        let data = encode_restored(run, kind.0, kind.1)?;
+        out.push(Entry {
+            ledger_id,
+            entry_id: base,
+            base_offset: base,
+            offsets: end - base,
+            data,
+        });
+        run.clear();
+        Ok::<(), BrokerError>(())
+    };
+    for r in records {
+        let kind = (r.producer_id, r.control);
+        if !run.is_empty() && (kind != run_kind || run_bytes >= RESTORED_ENTRY_BYTES) {
+            flush(&mut run, run_kind, &mut out)?;
+            run_bytes = 0;
+            if out.len() >= max_entries.max(1) {
+                return Ok(out);
+            }
+        }
+        run_kind = kind;
+        run_bytes += r.size();
+        run.push(StoredMessage {
+            offset: r.offset,
+            message: crate::format::Message {
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
+                timestamp_ms: r.timestamp_ms,
+            },
+        });
+    }
+    flush(&mut run, run_kind, &mut out)?;
+    Ok(out)
 }
 
 fn from_cache(
@@ -868,6 +1232,14 @@ impl Actor {
                     Some(Cmd::SetProperties { props, reply }) => {
                         self.state().properties = props;
                         let r = self.persist().await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::MarkOffloaded { ledger_id, object, reply }) => {
+                        let r = self.mark_offloaded(ledger_id, object).await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::DropBookieCopies { offloaded_before_ms, reply }) => {
+                        let r = self.drop_bookie_copies(offloaded_before_ms).await;
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Close { delete, reply }) => {
@@ -1052,6 +1424,8 @@ impl Actor {
             size: 0,
             created_ms: now_ms(),
             closed_ms: 0,
+            offload: None,
+            bookie_deleted: false,
         });
         if let Err(e) = self.persist().await {
             self.state().ledgers.pop();
@@ -1096,6 +1470,78 @@ impl Actor {
     async fn rollover(&mut self) -> Result<()> {
         self.close_current().await?;
         self.start_ledger().await
+    }
+
+    async fn mark_offloaded(&mut self, id: u64, object: OffloadedLedger) -> Result<()> {
+        {
+            let mut st = self.state();
+            let Some(l) = st.ledgers.iter_mut().find(|l| l.id == id) else {
+                return Err(BrokerError::NotFound(format!(
+                    "ledger {id} of {}",
+                    self.inner.name
+                )));
+            };
+            if l.offload.is_some() {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "ledger {id} is offloaded already"
+                )));
+            }
+            l.offload = Some(object);
+        }
+        if let Err(e) = self.persist().await {
+            if let Some(l) = self.state().ledgers.iter_mut().find(|l| l.id == id) {
+                l.offload = None;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The list says "read from the object store" before the bookies'
+    /// copy goes, so a crash in between leaves an orphan on the bookies,
+    /// never a ledger without data.
+    async fn drop_bookie_copies(&mut self, before_ms: u64) -> Result<Vec<u64>> {
+        let ids: Vec<u64> = {
+            let mut st = self.state();
+            st.ledgers
+                .iter_mut()
+                .filter(|l| {
+                    !l.bookie_deleted
+                        && l.offload
+                            .as_ref()
+                            .is_some_and(|o| o.offloaded_ms <= before_ms)
+                })
+                .map(|l| {
+                    l.bookie_deleted = true;
+                    l.id
+                })
+                .collect()
+        };
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        if let Err(e) = self.persist().await {
+            let mut st = self.state();
+            for l in st.ledgers.iter_mut().filter(|l| ids.contains(&l.id)) {
+                l.bookie_deleted = false;
+            }
+            return Err(e);
+        }
+        for &id in &ids {
+            self.state().indexes.remove(&id);
+            self.inner
+                .readers
+                .lock()
+                .unwrap_or_else(lock_err)
+                .remove(&id);
+            match self.inner.client.delete(id).await {
+                Ok(()) | Err(BookieError::NoLedger(_)) => {}
+                Err(e) => {
+                    tracing::warn!(ml = %self.inner.name, ledger = id, "deleting the bookie copy: {e}")
+                }
+            }
+        }
+        Ok(ids)
     }
 
     async fn delete_before(&mut self, offset: u64) -> Result<u64> {
@@ -1156,7 +1602,7 @@ impl Actor {
                 .lock()
                 .unwrap_or_else(lock_err)
                 .remove(&l.id);
-            if let Err(e) = self.inner.client.delete(l.id).await {
+            if let Err(e) = delete_ledger_data(&self.inner, &l).await {
                 tracing::warn!(ml = %self.inner.name, ledger = l.id, "delete: {e}");
             }
             ids.push(l.id);
@@ -1177,12 +1623,9 @@ impl Actor {
         if !delete {
             return closed;
         }
-        let ids: Vec<u64> = self.state().ledgers.iter().map(|l| l.id).collect();
-        for id in ids {
-            match self.inner.client.delete(id).await {
-                Ok(()) | Err(BookieError::NoLedger(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+        let ledgers: Vec<LedgerInfo> = self.state().ledgers.clone();
+        for l in &ledgers {
+            delete_ledger_data(&self.inner, l).await?;
         }
         self.inner
             .client

@@ -25,7 +25,10 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 use crate::error::{BrokerError, Result};
 use crate::format::{Message, ProducerSequence};
 use crate::log::{MemoryLog, PartitionLog};
-use crate::managed_ledger::{Entry, ManagedLedger, ManagedLedgerConfig, ML_PREFIX};
+use crate::managed_ledger::{
+    offload_candidates, Entry, ManagedLedger, ManagedLedgerConfig, OffloadState, OffloadStatus,
+    ML_PREFIX,
+};
 use crate::routing::{Binding, ExchangeDef, HeaderValue, Routed, RoutingSnapshot, RoutingTable};
 use crate::state::StateStore;
 use crate::subscription::{Consumer, ConsumerOptions, DeadLetterSink, SubscriptionOptions};
@@ -84,6 +87,39 @@ pub struct BrokerConfig {
     pub auto_create_topics: bool,
     /// The auth hook; `None` lets every client do everything.
     pub auth: Option<crate::auth::AuthConfig>,
+    /// When closed ledgers move to the object store
+    /// (`managed_ledger.tier`), unless a namespace says otherwise.
+    pub offload: OffloadDefaults,
+}
+
+/// The broker's offload settings; namespaces override the policies.
+#[derive(Clone, Debug)]
+pub struct OffloadDefaults {
+    /// How often the offload policy runs over the loaded topics.
+    pub interval: Duration,
+    /// Bytes on the bookies past which a topic's oldest closed ledgers are
+    /// offloaded; -1: never, by size.
+    pub threshold_bytes: i64,
+    /// Age in seconds (since closing) past which closed ledgers are
+    /// offloaded; -1: never, by age.
+    pub threshold_seconds: i64,
+    /// How long the bookies keep a ledger's copy after its offload.
+    pub deletion_lag: Duration,
+    /// Attempts per ledger and run, with backoff between them.
+    pub attempts: u32,
+}
+
+impl Default for OffloadDefaults {
+    fn default() -> Self {
+        OffloadDefaults {
+            interval: Duration::from_secs(60),
+            threshold_bytes: -1,
+            threshold_seconds: -1,
+            // Pulsar's default managedLedgerOffloadDeletionLagMs.
+            deletion_lag: Duration::from_secs(4 * 3600),
+            attempts: 3,
+        }
+    }
 }
 
 impl BrokerConfig {
@@ -98,6 +134,7 @@ impl BrokerConfig {
             session_ttl: Duration::from_secs(10),
             auto_create_topics: true,
             auth: None,
+            offload: OffloadDefaults::default(),
         }
     }
 }
@@ -255,6 +292,7 @@ impl Broker {
         let broker = Broker { inner };
         tokio::spawn(session_keeper(Arc::downgrade(&broker.inner)));
         tokio::spawn(retention_loop(Arc::downgrade(&broker.inner)));
+        tokio::spawn(offload_loop(Arc::downgrade(&broker.inner)));
         tokio::spawn(routing_watch(Arc::downgrade(&broker.inner)));
         tokio::spawn(route_loop(WeakBroker(Arc::downgrade(&broker.inner))));
         Ok(broker)
@@ -1199,6 +1237,80 @@ impl Broker {
         Ok(deleted)
     }
 
+    /// The managed ledger of a persistent topic this broker owns.
+    async fn managed(&self, name: &TopicName) -> Result<ManagedLedger> {
+        match self.topic(name, false).await?.log() {
+            PartitionLog::Managed(ml) => Ok(ml.clone()),
+            PartitionLog::Memory(_) => Err(BrokerError::InvalidArgument(format!(
+                "{name} is not persistent; only persistent topics are offloaded"
+            ))),
+        }
+    }
+
+    /// Offloads every closed ledger of the topic now, in the background
+    /// (Pulsar's `PUT …/offload`); its progress is [`Self::offload_status`].
+    pub async fn trigger_offload(&self, name: &TopicName) -> Result<()> {
+        if self.inner.cfg.managed_ledger.tier.is_none() {
+            return Err(BrokerError::PreconditionFailed(
+                "no offload store is configured".into(),
+            ));
+        }
+        let ml = self.managed(name).await?;
+        if ml.offload_status().status == OffloadState::Running {
+            return Err(BrokerError::AlreadyExists(format!(
+                "an offload of {name} is running"
+            )));
+        }
+        let ids = offload_candidates(&ml.ledgers(), Some(0), None);
+        let attempts = self.inner.cfg.offload.attempts;
+        tokio::spawn(async move {
+            let _ = ml.offload(&ids, attempts).await;
+        });
+        Ok(())
+    }
+
+    pub async fn offload_status(&self, name: &TopicName) -> Result<OffloadStatus> {
+        Ok(self.managed(name).await?.offload_status())
+    }
+
+    /// Runs the offload policy over every loaded persistent topic now:
+    /// offloads what the namespace's thresholds ask for, then deletes the
+    /// bookie copies of ledgers offloaded longer than the deletion lag.
+    pub async fn run_offload(&self) -> Result<()> {
+        let defaults = self.inner.cfg.offload.clone();
+        let tier = self.inner.cfg.managed_ledger.tier.is_some();
+        for t in self.loaded_topics().await {
+            let PartitionLog::Managed(ml) = t.log() else {
+                continue;
+            };
+            let p = self.policies(t.name().namespace()).await?;
+            let now = magnetar_bookies::meta::now_ms();
+            let bytes = p.offload_threshold.unwrap_or(defaults.threshold_bytes);
+            let secs = p
+                .offload_threshold_in_seconds
+                .unwrap_or(defaults.threshold_seconds);
+            let ids = offload_candidates(
+                &ml.ledgers(),
+                u64::try_from(bytes).ok(),
+                u64::try_from(secs)
+                    .ok()
+                    .map(|s| now.saturating_sub(s.saturating_mul(1000))),
+            );
+            if tier && !ids.is_empty() {
+                if let Err(e) = ml.offload(&ids, defaults.attempts).await {
+                    tracing::warn!(topic = %t.name(), "offload: {e}");
+                }
+            }
+            let lag = p
+                .offload_deletion_lag_ms
+                .unwrap_or(defaults.deletion_lag.as_millis() as u64);
+            if let Err(e) = ml.drop_bookie_copies(now.saturating_sub(lag)).await {
+                tracing::warn!(topic = %t.name(), "deleting offloaded ledgers from the bookies: {e}");
+            }
+        }
+        Ok(())
+    }
+
     /// Closes every topic (cursors written, ledgers closed) and gives up
     /// ownership, so that other brokers take over without recovery.
     pub async fn shutdown(&self) {
@@ -1311,6 +1423,26 @@ async fn retention_loop(weak: Weak<Inner>) {
         let broker = Broker { inner };
         if let Err(e) = broker.run_retention().await {
             tracing::warn!("retention: {e}");
+        }
+    }
+}
+
+async fn offload_loop(weak: Weak<Inner>) {
+    loop {
+        let interval = match weak.upgrade() {
+            Some(i) => i.cfg.offload.interval,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        let broker = Broker { inner };
+        if let Err(e) = broker.run_offload().await {
+            tracing::warn!("offload: {e}");
         }
     }
 }

@@ -710,6 +710,8 @@ mod tests {
             size,
             created_ms: 1,
             closed_ms,
+            offload: None,
+            bookie_deleted: false,
         }
     }
 

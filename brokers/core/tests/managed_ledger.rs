@@ -251,3 +251,163 @@ async fn transactions_give_a_last_stable_offset_and_aborted_lists() {
     assert_eq!(new.last_stable_offset(), 10, "9 is open from 10");
     assert_eq!(new.aborted_between(0, 11), vec![aborted]);
 }
+
+/// Every entry from `from` on, as (offset, producer if transactional,
+/// control, value): what Kafka's readers see of a partition.
+async fn read_raw(ml: &ManagedLedger, from: u64) -> Vec<(u64, Option<i64>, bool, Option<Bytes>)> {
+    use magnetar_broker::format::decode_all;
+    let mut out = Vec::new();
+    let mut at = from;
+    loop {
+        let entries = ml.read(at, 7, 3000).await.expect("read");
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            let (h, records) = decode_all(&e.data).expect("decode");
+            let producer = h.is_transactional().then_some(h.producer_id);
+            for r in records.into_iter().filter(|r| r.offset >= at) {
+                out.push((r.offset, producer, h.is_control(), r.message.value));
+            }
+            at = e.end_offset();
+        }
+    }
+}
+
+#[tokio::test]
+async fn offloaded_ledgers_read_the_same_and_leave_the_bookies() {
+    use std::sync::Arc;
+
+    use magnetar_broker::format::{encode_control, encode_transactional, ControlType};
+    use magnetar_broker::managed_ledger::{offload_candidates, OffloadState};
+    use magnetar_broker::ProducerSequence;
+    use magnetar_tiering::{Tier, TierOptions};
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    let c = Cluster::start(1).await;
+    let store = Arc::new(InMemory::new());
+    let tier = Tier::new(store.clone(), "tier", "memory://", TierOptions::default());
+    let cfg = ManagedLedgerConfig {
+        tier: Some(tier.clone()),
+        offload_block_bytes: 2_000,
+        ..small_ledgers()
+    };
+    let name = "t/ns/persistent/offload";
+    let ml = ManagedLedger::open(c.ledger_client(), name, cfg.clone())
+        .await
+        .expect("open");
+    for i in 0..120u64 {
+        ml.append(batch(i, 1 + (i % 3) as usize))
+            .await
+            .expect("append");
+        if i == 60 {
+            let txn = encode_transactional(
+                &[Message::new("aborted-1"), Message::new("aborted-2")],
+                ProducerSequence {
+                    producer_id: 42,
+                    epoch: 1,
+                    base_sequence: 0,
+                },
+            )
+            .expect("encode");
+            ml.append(txn).await.expect("txn");
+            let abort = encode_control(42, 1, ControlType::Abort).expect("marker");
+            ml.append(abort).await.expect("abort");
+        }
+    }
+    let before = read_raw(&ml, 0).await;
+    let ts = ml.offset_for_timestamp(0).await.expect("by time");
+    let ledgers = ml.ledgers();
+    assert!(ledgers.len() >= 3, "{ledgers:?}");
+
+    // Every closed ledger goes; the one being written stays.
+    let ids = offload_candidates(&ledgers, Some(0), None);
+    assert_eq!(ids.len(), ledgers.len() - 1);
+    assert_eq!(ml.offload(&ids, 1).await.expect("offload"), ids);
+    assert_eq!(ml.offload_status().status, OffloadState::Success);
+    assert!(ml
+        .ledgers()
+        .iter()
+        .filter(|l| ids.contains(&l.id))
+        .all(|l| l.offload.is_some()));
+    assert_eq!(
+        read_raw(&ml, 0).await,
+        before,
+        "read from the bookies still"
+    );
+
+    // Before the lag is up the bookies keep their copy; after it, not.
+    assert!(ml.drop_bookie_copies(0).await.expect("not yet").is_empty());
+    assert_eq!(ml.drop_bookie_copies(u64::MAX).await.expect("drop"), ids);
+    let client = c.ledger_client();
+    for id in &ids {
+        assert!(client.metadata(*id).await.is_err(), "ledger {id} kept");
+    }
+    assert_eq!(read_raw(&ml, 0).await, before, "read back from the store");
+    assert_eq!(read_raw(&ml, 77).await, before[77..].to_vec());
+    assert_eq!(
+        read_all(&ml, 0).await.len(),
+        before.iter().filter(|r| !r.2).count()
+    );
+    assert_eq!(ml.offset_for_timestamp(0).await.expect("by time"), ts);
+    assert_eq!(ml.aborted_between(0, ml.end_offset()).len(), 1);
+
+    // A new owner reads the same.
+    ml.close().await.expect("close");
+    let ml = ManagedLedger::open(c.ledger_client(), name, cfg.clone())
+        .await
+        .expect("reopen");
+    assert_eq!(read_raw(&ml, 0).await, before);
+
+    // A corrupted object is refused, never served.
+    let first = ml.ledgers()[0].clone();
+    let object = first.offload.clone().expect("offloaded");
+    let path = object_store::path::Path::from(object.object.as_str());
+    let mut bytes = store
+        .get(&path)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes")
+        .to_vec();
+    let index_path = object_store::path::Path::from(object.index.as_str());
+    let json = store
+        .get(&index_path)
+        .await
+        .expect("index")
+        .bytes()
+        .await
+        .expect("bytes");
+    let index = magnetar_tiering::LedgerIndex::from_json(&json).expect("parse");
+    bytes[index.blocks[0].start as usize + 20] ^= 0xff;
+    store.put(&path, bytes.into()).await.expect("corrupt");
+    let fresh = ManagedLedgerConfig {
+        tier: Some(Tier::new(
+            store.clone(),
+            "tier",
+            "memory://",
+            TierOptions::default(),
+        )),
+        ..cfg
+    };
+    ml.close().await.expect("close");
+    let ml = ManagedLedger::open(c.ledger_client(), name, fresh)
+        .await
+        .expect("reopen");
+    let err = ml.read(0, 10, 1 << 20).await.expect_err("corrupt");
+    assert!(matches!(err, BrokerError::OffloadUnavailable(_)), "{err}");
+    assert!(err.is_retriable());
+    assert_eq!(
+        read_raw(&ml, first.end_offset()).await,
+        before[first.end_offset() as usize..].to_vec(),
+        "the other ledgers still read"
+    );
+
+    // Retention deletes the objects with the ledger.
+    let trimmed = ml.trim(first.end_offset()).await.expect("trim");
+    assert_eq!(trimmed, vec![first.id]);
+    assert!(store.head(&path).await.is_err(), "object kept");
+    assert!(store.head(&index_path).await.is_err(), "index kept");
+}

@@ -213,6 +213,14 @@ pub enum TopicsCommand {
     RemoveRoute {
         topic: String,
     },
+    /// Offload the topic's closed ledgers to the object store now.
+    Offload {
+        topic: String,
+    },
+    /// Where the topic's last offload stands.
+    OffloadStatus {
+        topic: String,
+    },
     Lookup {
         topic: String,
     },
@@ -574,6 +582,14 @@ async fn run_topics(rest: &Rest, command: TopicsCommand) -> anyhow::Result<()> {
         }
         TopicsCommand::RemoveRoute { topic } => {
             rest.call("DELETE", &format!("{}/route", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::Offload { topic } => {
+            rest.call("PUT", &format!("{}/offload", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::OffloadStatus { topic } => {
+            rest.call("GET", &format!("{}/offload", topic_path(&topic)?), None)
                 .await
         }
         TopicsCommand::Lookup { topic } => {

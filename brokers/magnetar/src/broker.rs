@@ -122,6 +122,72 @@ pub struct BrokerOptions {
     /// Roles that may do everything, comma-separated.
     #[arg(long, env = "MAGNETAR_AUTH_SUPERUSER_ROLES", value_delimiter = ',')]
     auth_superuser_roles: Vec<String>,
+    /// Where closed ledgers are offloaded: `s3://bucket/prefix` (S3, MinIO
+    /// and other S3-compatible servers), `file:///dir`, or `none`.
+    /// Standalone's default is `file://<data-dir>/offload`; a broker's is
+    /// none.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_URL")]
+    offload_url: Option<String>,
+    /// Settings of an S3 store, KEY=VALUE, repeated or comma-separated:
+    /// endpoint, region, access_key_id, secret_access_key,
+    /// virtual_hosted_style_request, … (`AWS_*` variables apply first).
+    #[arg(
+        long = "offload-option",
+        env = "MAGNETAR_OFFLOAD_OPTIONS",
+        value_delimiter = ','
+    )]
+    offload_options: Vec<String>,
+    /// Bytes on the bookies past which a topic's oldest closed ledgers are
+    /// offloaded, when its namespace sets no offloadThreshold; -1: never.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_THRESHOLD_BYTES", default_value_t = -1, allow_hyphen_values = true)]
+    offload_threshold_bytes: i64,
+    /// Seconds after closing past which ledgers are offloaded, when the
+    /// namespace sets no offloadThresholdInSeconds; -1: never.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_THRESHOLD_SECONDS", default_value_t = -1, allow_hyphen_values = true)]
+    offload_threshold_seconds: i64,
+    /// How long bookies keep an offloaded ledger, when the namespace sets
+    /// no offloadDeletionLagMs, in ms.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_DELETION_LAG_MS", default_value_t = 4 * 3600 * 1000)]
+    offload_deletion_lag_ms: u64,
+    /// How often the offload policy runs over the loaded topics, in ms.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_INTERVAL_MS", default_value_t = 60_000)]
+    offload_interval_ms: u64,
+    /// Memory for blocks read back from the object store, in MiB.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_CACHE_MB", default_value_t = 64)]
+    offload_cache_mb: usize,
+    /// Bound on one record batch of an offloaded file, in KiB: what one
+    /// ranged GET fetches.
+    #[arg(long, env = "MAGNETAR_OFFLOAD_BLOCK_KB", default_value_t = 1024)]
+    offload_block_kb: usize,
+}
+
+/// The offload store the options ask for, if any.
+fn offload_tier(
+    opts: &BrokerOptions,
+    default_url: Option<String>,
+) -> anyhow::Result<Option<magnetar_tiering::Tier>> {
+    let Some(url) = opts.offload_url.clone().or(default_url) else {
+        return Ok(None);
+    };
+    if url == "none" {
+        return Ok(None);
+    }
+    let options = opts
+        .offload_options
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--offload-option {kv:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tier_opts = magnetar_tiering::TierOptions {
+        cache_bytes: opts.offload_cache_mb << 20,
+        ..Default::default()
+    };
+    Ok(Some(magnetar_tiering::Tier::from_url(
+        &url, &options, tier_opts,
+    )?))
 }
 
 /// The auth hook the options ask for; none without a key.
@@ -338,6 +404,7 @@ fn broker_config(
     opts: &BrokerOptions,
     quorum: (usize, usize, usize),
     listeners: Option<&Listeners>,
+    offload_default: Option<String>,
 ) -> anyhow::Result<BrokerConfig> {
     let (e, qw, qa) = (
         opts.ensemble.unwrap_or(quorum.0),
@@ -366,7 +433,16 @@ fn broker_config(
         max_ledger_bytes: opts.ledger_max_mb.max(1) << 20,
         max_ledger_age: Duration::from_secs(opts.ledger_max_age_s.max(1)),
         cache_bytes: opts.topic_cache_mb << 20,
+        tier: offload_tier(opts, offload_default).context("the offload store")?,
+        offload_block_bytes: opts.offload_block_kb.max(1) << 10,
         ..ManagedLedgerConfig::default()
+    };
+    cfg.offload = magnetar_broker::OffloadDefaults {
+        interval: Duration::from_millis(opts.offload_interval_ms.max(10)),
+        threshold_bytes: opts.offload_threshold_bytes,
+        threshold_seconds: opts.offload_threshold_seconds,
+        deletion_lag: Duration::from_millis(opts.offload_deletion_lag_ms),
+        ..Default::default()
     };
     cfg.memory_topic_bytes = opts.memory_topic_mb.max(1) << 20;
     cfg.retention = RetentionDefaults {
@@ -401,6 +477,7 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
         &args.opts,
         (3, 3, 2),
         Some(&listeners),
+        None,
     )?;
     let broker = Broker::start(meta, cfg)
         .await
@@ -486,6 +563,7 @@ pub fn standalone_config(cluster: &str, advertised: &str) -> anyhow::Result<Brok
         &BrokerOptions::parse_defaults(),
         (1, 1, 1),
         None,
+        None,
     )
 }
 
@@ -515,6 +593,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
                 &args.opts,
                 (1, 1, 1),
                 Some(&listeners),
+                Some(format!(
+                    "file://{}",
+                    std::path::absolute(&args.data_dir)
+                        .unwrap_or_else(|_| args.data_dir.clone())
+                        .join("offload")
+                        .display()
+                )),
             )
         },
     )

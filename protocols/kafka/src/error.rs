@@ -37,6 +37,8 @@ pub fn code_of(e: &BrokerError) -> i16 {
         BrokerError::TopicUnavailable(_) | BrokerError::ShuttingDown => {
             E::LeaderNotAvailable.code()
         }
+        // Kafka's error for a log it cannot read right now; clients retry.
+        BrokerError::OffloadUnavailable(_) => E::KafkaStorageError.code(),
         BrokerError::ConsumerBusy(_) => E::InvalidRequest.code(),
         BrokerError::OutOfOrderSequence(_) => E::OutOfOrderSequenceNumber.code(),
         BrokerError::ProducerFenced(_) => E::InvalidProducerEpoch.code(),

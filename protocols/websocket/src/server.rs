@@ -123,7 +123,9 @@ fn refusal(e: &BrokerError, making: &str) -> Refusal {
         BrokerError::InvalidArgument(_) => 400,
         BrokerError::ConsumerBusy(_) | BrokerError::PreconditionFailed(_) => 409,
         BrokerError::QuotaExceeded(_) => 429,
-        BrokerError::TopicUnavailable(_) | BrokerError::ShuttingDown => 503,
+        BrokerError::TopicUnavailable(_)
+        | BrokerError::OffloadUnavailable(_)
+        | BrokerError::ShuttingDown => 503,
         BrokerError::Tenancy(t) => match t {
             magnetar_tenancy::TenancyError::NotFound(_) => 404,
             magnetar_tenancy::TenancyError::InvalidName(_) => 400,
