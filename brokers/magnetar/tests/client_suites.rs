@@ -72,3 +72,11 @@ fn websocket_clients() {
 fn interop_matrix() {
     pytest("interop_tests");
 }
+
+/// Tiered storage against moto_server (S3): 200 MB through Kafka offloaded
+/// and read back through Kafka and an AMQP stream queue, pyarrow reading
+/// the objects, a corrupted object and a store stopped mid-offload.
+#[test]
+fn tiered_storage() {
+    pytest("tiering_tests");
+}
