@@ -291,8 +291,18 @@ impl Broker {
         });
         let broker = Broker { inner };
         tokio::spawn(session_keeper(Arc::downgrade(&broker.inner)));
-        tokio::spawn(retention_loop(Arc::downgrade(&broker.inner)));
-        tokio::spawn(offload_loop(Arc::downgrade(&broker.inner)));
+        tokio::spawn(periodic(
+            Arc::downgrade(&broker.inner),
+            "retention",
+            |c| c.retention_interval,
+            |b| Box::pin(async move { b.run_retention().await.map(|_| ()) }),
+        ));
+        tokio::spawn(periodic(
+            Arc::downgrade(&broker.inner),
+            "offload",
+            |c| c.offload.interval,
+            |b| Box::pin(b.run_offload()),
+        ));
         tokio::spawn(routing_watch(Arc::downgrade(&broker.inner)));
         tokio::spawn(route_loop(WeakBroker(Arc::downgrade(&broker.inner))));
         Ok(broker)
@@ -1407,13 +1417,20 @@ async fn session_keeper(weak: Weak<Inner>) {
     }
 }
 
-async fn retention_loop(weak: Weak<Inner>) {
+/// Runs `job` every `interval` while the broker lives: retention and the
+/// offload policy.
+async fn periodic(
+    weak: Weak<Inner>,
+    what: &'static str,
+    interval: fn(&BrokerConfig) -> Duration,
+    job: for<'a> fn(&'a Broker) -> futures::future::BoxFuture<'a, Result<()>>,
+) {
     loop {
-        let interval = match weak.upgrade() {
-            Some(i) => i.cfg.retention_interval,
+        let every = match weak.upgrade() {
+            Some(i) => interval(&i.cfg),
             None => return,
         };
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(every).await;
         let Some(inner) = weak.upgrade() else {
             return;
         };
@@ -1421,28 +1438,8 @@ async fn retention_loop(weak: Weak<Inner>) {
             return;
         }
         let broker = Broker { inner };
-        if let Err(e) = broker.run_retention().await {
-            tracing::warn!("retention: {e}");
-        }
-    }
-}
-
-async fn offload_loop(weak: Weak<Inner>) {
-    loop {
-        let interval = match weak.upgrade() {
-            Some(i) => i.cfg.offload.interval,
-            None => return,
-        };
-        tokio::time::sleep(interval).await;
-        let Some(inner) = weak.upgrade() else {
-            return;
-        };
-        if *inner.shutdown.borrow() {
-            return;
-        }
-        let broker = Broker { inner };
-        if let Err(e) = broker.run_offload().await {
-            tracing::warn!("offload: {e}");
+        if let Err(e) = job(&broker).await {
+            tracing::warn!("{what}: {e}");
         }
     }
 }

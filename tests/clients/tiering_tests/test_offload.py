@@ -5,6 +5,7 @@ after a restart; pyarrow reads the offloaded objects; a corrupted object is
 refused, and a store that goes away mid-offload loses nothing."""
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -215,12 +216,10 @@ def kafka_read(standalone, topic, n, timeout=120, idle=None, start=0):
 def ledgers(standalone, topic=TOPIC):
     status, body = call(standalone, "GET", f"/admin/v2/persistent/public/default/{topic}/internalStats")
     assert status == 200, body
-    import json
     return json.loads(body)["ledgers"]
 
 
 def offload(standalone, topic, expect="SUCCESS", timeout=180):
-    import json
     # The ledger being written is closed by unloading; the rest are closed.
     assert call(standalone, "PUT", f"/admin/v2/persistent/public/default/{topic}/unload")[0] == 204
     done = cli(standalone, "offload", f"persistent://public/default/{topic}")
@@ -341,7 +340,6 @@ def test_a_corrupted_object_is_refused_never_served(tiered, moto):
 
 
 def test_the_store_stopping_mid_offload_loses_nothing(tiered, moto):
-    import json
     topic = "tiered-faults"
     declare_stream(tiered, topic)
     produced = produce(tiered, topic, 6000, VALUE)  # 94 MiB: 6 ledgers
