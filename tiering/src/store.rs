@@ -518,7 +518,12 @@ impl Tier {
                 .get_range(&Path::from(object), b.range())
                 .await?
         };
-        let records = b.decode(&bytes);
+        // Checking and decoding a block is CPU work; off the async workers,
+        // a catch-up reader does not hold up the tail readers queued there.
+        let b = b.clone();
+        let records = tokio::task::spawn_blocking(move || b.decode(&bytes))
+            .await
+            .unwrap_or_else(|e| Err(TieringError::Unavailable(format!("decoding: {e}"))));
         if let Err(e) = &records {
             tracing::error!(object, block = i, "offloaded block refused: {e}");
         }

@@ -806,7 +806,11 @@ impl ManagedLedger {
             // skipping ahead would lose data.
             return Err(unavailable(l, "the offloaded file ends early"));
         }
-        restore_entries(l.id, records, max_entries)
+        // Re-encoding is CPU work, kept off the async workers as decoding is.
+        let id = l.id;
+        tokio::task::spawn_blocking(move || restore_entries(id, records, max_entries))
+            .await
+            .map_err(|e| unavailable(l, e))?
     }
 
     /// What this partition's offload did last.
