@@ -1,6 +1,7 @@
 # Sourced by the bench scripts: builds the binary into $bin, makes a scratch
 # $dir removed on exit with every process in $pids, and offers `port` (a free
-# loopback port) and `wait_line FILE TEXT`.
+# loopback port), `wait_line FILE TEXT` and `median WORKLOAD KEY` (over the
+# lines "WORKLOAD key=value ..." collected in $dir/results).
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/magnetar-target}"
 scripts/bootstrap
@@ -17,3 +18,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_line() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timed out waiting for $1" >&2; exit 1; }
+median() {
+  grep "^$1 " "$dir/results" | sed -E "s/.*[ ]$2=(-?[0-9.]+).*/\1/" | sort -g |
+    python3 -c 'import sys; v=[float(x) for x in sys.stdin]; print(v[len(v)//2] if v else "n/a")'
+}

@@ -46,10 +46,6 @@ for w in "${workloads[@]}"; do
   done
 done
 
-median() {
-  grep "^$1 " "$dir/results" | sed -E "s/.*$2=(-?[0-9.]+).*/\1/" | sort -g |
-    python3 -c 'import sys; v=[float(x) for x in sys.stdin]; print(v[len(v)//2] if v else "n/a")'
-}
 for w in "${workloads[@]}"; do
   fields=(publish_msgs_per_s deliver_msgs_per_s p50_ms p99_ms)
   [ "$w" = idle ] && fields=(rss_per_conn_kib)

@@ -166,14 +166,20 @@ fn offload_tier(
     opts: &BrokerOptions,
     default_url: Option<String>,
 ) -> anyhow::Result<Option<magnetar_tiering::Tier>> {
-    let Some(url) = opts.offload_url.clone().or(default_url) else {
-        return Ok(None);
-    };
-    if url == "none" {
-        return Ok(None);
+    match opts.offload_url.clone().or(default_url) {
+        None => Ok(None),
+        Some(url) if url == "none" => Ok(None),
+        Some(url) => tier_from_url(&url, &opts.offload_options, opts.offload_cache_mb).map(Some),
     }
-    let options = opts
-        .offload_options
+}
+
+/// An offload store from its URL, `KEY=VALUE` settings and block-cache size.
+pub(crate) fn tier_from_url(
+    url: &str,
+    options: &[String],
+    cache_mb: usize,
+) -> anyhow::Result<magnetar_tiering::Tier> {
+    let options = options
         .iter()
         .map(|kv| {
             kv.split_once('=')
@@ -182,12 +188,10 @@ fn offload_tier(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let tier_opts = magnetar_tiering::TierOptions {
-        cache_bytes: opts.offload_cache_mb << 20,
+        cache_bytes: cache_mb << 20,
         ..Default::default()
     };
-    Ok(Some(magnetar_tiering::Tier::from_url(
-        &url, &options, tier_opts,
-    )?))
+    Ok(magnetar_tiering::Tier::from_url(url, &options, tier_opts)?)
 }
 
 /// The auth hook the options ask for; none without a key.

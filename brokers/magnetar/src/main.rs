@@ -9,6 +9,7 @@ mod perf;
 mod perf_amqp;
 mod perf_kafka;
 mod perf_mqtt;
+mod perf_offload;
 mod perf_ws;
 mod tokens;
 

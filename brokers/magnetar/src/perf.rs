@@ -28,6 +28,10 @@ enum PerfCommand {
     /// bookie, broker) in this process, a subscription whose consumer
     /// barely reads, and a million messages published past it.
     Backlog(BacklogPerf),
+    /// Tiered storage: hot reads from the bookies beside cold reads from
+    /// the object store, and a tail reader's latency while a catch-up
+    /// reader scans; on an embedded standalone.
+    Offload(crate::perf_offload::OffloadPerf),
     /// Produce and consume through a Kafka listener with librdkafka.
     Kafka(crate::perf_kafka::KafkaPerf),
     /// Publish (with confirms) and consume through an AMQP listener with
@@ -126,6 +130,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Metadata(m) => metadata(m).await,
         PerfCommand::Ledger(l) => ledger(l).await,
         PerfCommand::Backlog(b) => backlog(b).await,
+        PerfCommand::Offload(o) => crate::perf_offload::run(o).await,
         PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
         PerfCommand::Amqp(a) => crate::perf_amqp::run(a).await,
         PerfCommand::Mqtt(a) => crate::perf_mqtt::run(a).await,
