@@ -2,9 +2,10 @@
 # Tiered storage with `magnetar perf offload` (an embedded standalone in one
 # process): 256 MiB of 1 KiB messages in 32 MiB ledgers, read back from the
 # bookies (hot), offloaded, dropped from the bookies and read back from the
-# object store (cold); then a tail reader's latency at 500 msg/s alone and
-# while a catch-up reader scans the topic from the bookies and from the
-# store, 10 s each. Runs ROUNDS times (default 3) per store:
+# object store (cold); then a tail reader's latency at 500 msg/s, 10 s per
+# phase: a warm-up (while the bookie flushes the burst), alone, and while a
+# catch-up reader scans the topic from the bookies and then from the store.
+# Runs ROUNDS times (default 3) per store:
 #   file  the local filesystem (standalone's default store);
 #   s3    moto_server from the test venv, over HTTP on loopback: the S3
 #         protocol end to end, though moto (Python) is far slower than S3

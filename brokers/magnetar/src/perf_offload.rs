@@ -112,6 +112,10 @@ async fn phases(args: &OffloadPerf, broker: &Broker, url: &str) -> anyhow::Resul
     hot.print("hot_read", "bookies");
 
     let tail = TailReader::start(broker, &topic).await?;
+    // The bookie is still flushing the burst just written; its stalls
+    // belong to no reader, so they get a phase of their own.
+    let warmup = tail.phase(args, broker, &topic, None).await?;
+    warmup.print("tail_warmup", None);
     let alone = tail.phase(args, broker, &topic, None).await?;
     alone.print("tail_alone", None);
     let during_hot = tail
