@@ -1217,7 +1217,11 @@ impl Writer {
                 self.bookie_failed(idx).await;
             }
         }
-        // Resent entries get a fresh clock.
+        self.restart_clocks();
+    }
+
+    /// Resent entries get a fresh add timeout.
+    fn restart_clocks(&mut self) {
         let now = tokio::time::Instant::now();
         for p in self.pending.iter_mut() {
             p.sent = now;
@@ -1256,6 +1260,9 @@ impl Writer {
                 return;
             }
         };
+        if candidates.len() < failed.len() && self.retry_failed_in_place(&failed).await {
+            return;
+        }
         if candidates.len() < failed.len() {
             // Adds whose other bookies still make Qa go on; the rest wait.
             tracing::warn!(
@@ -1313,6 +1320,45 @@ impl Writer {
                 }
             }
         }
+        self.restart_clocks();
+    }
+
+    /// With no spare bookie to replace them (one bookie, as in standalone,
+    /// or every other one down), failed bookies that are registered and
+    /// writable again are given the unacknowledged adds once more, in
+    /// place: their silence may have been a stall, and waiting for a spare
+    /// that never comes would wedge the ledger. Bookies store a re-sent
+    /// entry again, unchanged. True when none is left failed.
+    async fn retry_failed_in_place(&mut self, failed: &[usize]) -> bool {
+        let Ok(writable) = self.client.pool.writable(&[]).await else {
+            return false;
+        };
+        let back: Vec<usize> = failed
+            .iter()
+            .copied()
+            .filter(|&idx| writable.contains(&self.ensemble[idx]))
+            .collect();
+        if back.is_empty() {
+            return false;
+        }
+        tracing::warn!(
+            ledger = self.md.id,
+            bookies = ?back.iter().map(|&i| self.ensemble[i]).collect::<Vec<_>>(),
+            "no spare bookie; sending the unacknowledged adds to the same bookies again"
+        );
+        for &idx in &back {
+            self.failed[idx] = false;
+        }
+        for slot in 0..self.pending.len() {
+            let ws = self.md.write_set(self.pending[slot].entry);
+            for &idx in &back {
+                if ws.contains(&idx) {
+                    self.send(idx, slot);
+                }
+            }
+        }
+        self.restart_clocks();
+        back.len() == failed.len()
     }
 
     /// Applies `change` to the ledger's metadata by compare-and-set,

@@ -219,6 +219,42 @@ async fn a_hung_bookie_is_replaced_after_the_add_timeout() {
     assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
 }
 
+/// With no spare bookie (one bookie, as in standalone), a bookie that stalls
+/// past the add timeout and comes back is sent the unacknowledged adds
+/// again, and the ledger goes on instead of waiting for a spare forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_bookie_that_stalls_is_sent_its_adds_again() {
+    let c = LedgerCluster::start(1, &[]);
+    let client = c.client();
+    c.wait_writable(&client, 1).await;
+    let w = client
+        .create(CreateOptions::new(1, 1, 1))
+        .await
+        .expect("create");
+    add_range(&w, 0..100, 10).await;
+    let (md, _) = client.metadata(w.id()).await.expect("metadata");
+    let bookie = md.segments[0].bookies[0];
+    c.signal_bookie(bookie, rustix::process::Signal::STOP);
+    let adds = tokio::spawn(async move {
+        let acked = add_range(&w, 100..200, 10).await;
+        (acked, w)
+    });
+    // Past the add timeout, and past the bookie's registration.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    c.signal_bookie(bookie, rustix::process::Signal::CONT);
+    let (acked, w) = tokio::time::timeout(Duration::from_secs(40), adds)
+        .await
+        .expect("adds complete once the bookie is back")
+        .expect("join");
+    assert_eq!(acked, (100..200).collect::<Vec<_>>());
+    let md = w.close().await.expect("close");
+    assert_eq!(md.segments.len(), 1, "no ensemble change: {md:?}");
+    let r = c.client().open(w.id()).await.expect("open");
+    let all = read_all(&r, 199).await;
+    assert_eq!(all.len(), 200);
+    assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
+}
+
 /// Runs `magnetar admin ledgers write` and returns it with a reader of its
 /// stdout lines.
 fn spawn_writer(
