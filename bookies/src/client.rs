@@ -1309,12 +1309,18 @@ impl Writer {
             "ensemble changed"
         );
         self.ensemble = ensemble;
-        for &idx in &failed {
+        self.resend_to(&failed);
+    }
+
+    /// Clears the failed mark of ensemble positions `to` and sends them
+    /// every unacknowledged add they are in the write set of.
+    fn resend_to(&mut self, to: &[usize]) {
+        for &idx in to {
             self.failed[idx] = false;
         }
         for slot in 0..self.pending.len() {
             let ws = self.md.write_set(self.pending[slot].entry);
-            for &idx in &failed {
+            for &idx in to {
                 if ws.contains(&idx) {
                     self.send(idx, slot);
                 }
@@ -1346,18 +1352,7 @@ impl Writer {
             bookies = ?back.iter().map(|&i| self.ensemble[i]).collect::<Vec<_>>(),
             "no spare bookie; sending the unacknowledged adds to the same bookies again"
         );
-        for &idx in &back {
-            self.failed[idx] = false;
-        }
-        for slot in 0..self.pending.len() {
-            let ws = self.md.write_set(self.pending[slot].entry);
-            for &idx in &back {
-                if ws.contains(&idx) {
-                    self.send(idx, slot);
-                }
-            }
-        }
-        self.restart_clocks();
+        self.resend_to(&back);
         back.len() == failed.len()
     }
 

@@ -298,12 +298,8 @@ impl Tier {
         );
         let result = self.upload_to(&data, &index_path, file, index).await;
         if result.is_err() {
-            for p in [&data, &index_path] {
-                if let Err(e) = self.inner.store.delete(p).await {
-                    if !matches!(e, object_store::Error::NotFound { .. }) {
-                        tracing::debug!(object = %p, "removing a failed upload: {e}");
-                    }
-                }
+            if let Err(e) = self.remove(&[data.clone(), index_path.clone()]).await {
+                tracing::debug!(object = %data, "removing a failed upload: {e}");
             }
         }
         result?;
@@ -369,13 +365,25 @@ impl Tier {
     pub async fn delete(&self, ledger: &OffloadedLedger) -> Result<()> {
         lock(&self.inner.cache).forget(&ledger.object);
         lock(&self.inner.indexes).remove(&ledger.object);
-        for p in [&ledger.object, &ledger.index] {
-            match self.inner.store.delete(&Path::from(p.as_str())).await {
+        self.remove(&[
+            Path::from(ledger.object.as_str()),
+            Path::from(ledger.index.as_str()),
+        ])
+        .await
+    }
+
+    /// Deletes objects, each tried even when an earlier one fails; objects
+    /// already gone are fine. Returns the first error.
+    async fn remove(&self, paths: &[Path]) -> Result<()> {
+        let mut result = Ok(());
+        for p in paths {
+            match self.inner.store.delete(p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) if result.is_ok() => result = Err(e.into()),
+                Err(_) => {}
             }
         }
-        Ok(())
+        result
     }
 
     /// The ledger's index, checked against what the ledger list says.

@@ -107,15 +107,6 @@ impl LedgerInfo {
     pub fn is_closed(&self) -> bool {
         self.closed_ms != 0
     }
-
-    /// Bytes the bookies hold for it.
-    pub fn bookie_size(&self) -> u64 {
-        if self.bookie_deleted {
-            0
-        } else {
-            self.size
-        }
-    }
 }
 
 /// Where a partition's offload stands, as the admin API shows it
@@ -1022,10 +1013,7 @@ impl ManagedLedger {
 /// object store.
 async fn delete_ledger_data(inner: &Inner, l: &LedgerInfo) -> Result<()> {
     if !l.bookie_deleted {
-        match inner.client.delete(l.id).await {
-            Ok(()) | Err(BookieError::NoLedger(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_bookie_copy(inner, l.id).await?;
     }
     if let (Some(tier), Some(object)) = (&inner.cfg.tier, &l.offload) {
         tier.delete(object)
@@ -1033,6 +1021,14 @@ async fn delete_ledger_data(inner: &Inner, l: &LedgerInfo) -> Result<()> {
             .map_err(|e| BrokerError::OffloadUnavailable(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Deletes a ledger from the bookies; one already gone is fine.
+async fn delete_bookie_copy(inner: &Inner, id: u64) -> Result<()> {
+    match inner.client.delete(id).await {
+        Ok(()) | Err(BookieError::NoLedger(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn unavailable(l: &LedgerInfo, e: impl std::fmt::Display) -> BrokerError {
@@ -1532,20 +1528,22 @@ impl Actor {
             return Err(e);
         }
         for &id in &ids {
-            self.state().indexes.remove(&id);
-            self.inner
-                .readers
-                .lock()
-                .unwrap_or_else(lock_err)
-                .remove(&id);
-            match self.inner.client.delete(id).await {
-                Ok(()) | Err(BookieError::NoLedger(_)) => {}
-                Err(e) => {
-                    tracing::warn!(ml = %self.inner.name, ledger = id, "deleting the bookie copy: {e}")
-                }
+            self.forget_ledger(id);
+            if let Err(e) = delete_bookie_copy(&self.inner, id).await {
+                tracing::warn!(ml = %self.inner.name, ledger = id, "deleting the bookie copy: {e}");
             }
         }
         Ok(ids)
+    }
+
+    /// Drops what is cached for reading a ledger from the bookies.
+    fn forget_ledger(&self, id: u64) {
+        self.state().indexes.remove(&id);
+        self.inner
+            .readers
+            .lock()
+            .unwrap_or_else(lock_err)
+            .remove(&id);
     }
 
     async fn delete_before(&mut self, offset: u64) -> Result<u64> {
@@ -1597,15 +1595,7 @@ impl Actor {
         }
         let mut ids = Vec::with_capacity(removed.len());
         for l in removed {
-            {
-                let mut st = self.state();
-                st.indexes.remove(&l.id);
-            }
-            self.inner
-                .readers
-                .lock()
-                .unwrap_or_else(lock_err)
-                .remove(&l.id);
+            self.forget_ledger(l.id);
             if let Err(e) = delete_ledger_data(&self.inner, &l).await {
                 tracing::warn!(ml = %self.inner.name, ledger = l.id, "delete: {e}");
             }
