@@ -308,7 +308,7 @@ impl LedgerClient {
         );
 
         let writer = LedgerWriter::spawn(self.clone(), md.clone(), version, max_lac, true);
-        let mut entry = (max_lac + 1) as u64;
+        let mut entry = max_lac.saturating_add(1).max(0) as u64;
         // Re-writes are pipelined behind the reads; each must complete
         // before the ledger is closed.
         let mut rewrites = Vec::new();

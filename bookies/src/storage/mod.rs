@@ -518,7 +518,11 @@ fn apply_record(st: &mut State, rec: Record) {
                 return;
             }
             let info = st.ledgers.entry(e.ledger).or_default();
-            info.lac = info.lac.max(e.lac);
+            // A writer's LAC never passes the entry it rides on; a larger
+            // claim would make readers ask for entries nobody wrote.
+            info.lac = info
+                .lac
+                .max(e.lac.min(i64::try_from(e.entry).unwrap_or(i64::MAX)));
             info.last_entry = info.last_entry.max(e.entry as i64);
             st.dirty.insert(e.ledger);
             st.write_cache_bytes += e.payload.len();

@@ -430,7 +430,7 @@ pub fn control_type(batch: &Bytes) -> Option<ControlType> {
         return None;
     }
     let mut buf = batch.slice(..h.size.min(batch.len()));
-    let set = RecordBatchDecoder::decode(&mut buf).ok()?;
+    let set = decode_capped(&mut buf).ok()?;
     let key = set.records.first()?.key.as_ref()?;
     match key.get(2..4).map(|t| i16::from_be_bytes([t[0], t[1]])) {
         Some(0) => Some(ControlType::Abort),
@@ -452,6 +452,135 @@ pub fn compression_of(codec: u16) -> Option<Compression> {
     })
 }
 
+/// The most a compressed batch may inflate to: the largest entry a bookie
+/// stores, so that whatever would be accepted uncompressed also decodes
+/// compressed. A batch of a few kilobytes can claim gigabytes (a
+/// decompression bomb); past this it is refused, never inflated further.
+pub const MAX_INFLATED_BATCH: usize = 64 << 20;
+
+/// The inflated bytes of a batch's records, or an error once they pass
+/// `limit`: readers stop at the cap, and snappy's declared lengths are
+/// checked before anything is allocated.
+pub fn inflate(compression: Compression, data: &[u8], limit: usize) -> std::io::Result<Bytes> {
+    use std::io::Read;
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("records inflate past {limit} bytes"),
+        )
+    };
+    let read_capped = |mut r: Box<dyn Read + '_>| -> std::io::Result<Bytes> {
+        let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(limit));
+        (&mut r).take(limit as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > limit {
+            return Err(too_big());
+        }
+        Ok(Bytes::from(out))
+    };
+    match compression {
+        // Stored as it is: nothing to amplify.
+        Compression::None => Ok(Bytes::copy_from_slice(data)),
+        Compression::Gzip => read_capped(Box::new(flate2::read::GzDecoder::new(data))),
+        Compression::Zstd => read_capped(Box::new(zstd::stream::read::Decoder::new(data)?)),
+        Compression::Lz4 => read_capped(Box::new(lz4::Decoder::new(data)?)),
+        Compression::Snappy => inflate_snappy(data, limit).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("snappy records are malformed or inflate past {limit} bytes"),
+            )
+        }),
+    }
+}
+
+/// Kafka's snappy: xerial-framed blocks (a magic header, then length-
+/// prefixed blocks), or one raw block as some clients send.
+fn inflate_snappy(data: &[u8], limit: usize) -> Option<Bytes> {
+    const XERIAL_MAGIC: &[u8] = b"\x82SNAPPY\x00";
+    const XERIAL_HEADER: usize = 16;
+    let mut blocks: Vec<&[u8]> = Vec::new();
+    if data.starts_with(XERIAL_MAGIC) && data.len() >= XERIAL_HEADER {
+        let mut rest = &data[XERIAL_HEADER..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            blocks.push(rest.get(4..4usize.checked_add(len)?)?);
+            rest = &rest[4 + len..];
+        }
+    } else {
+        blocks.push(data);
+    }
+    let mut total = 0usize;
+    for b in &blocks {
+        total = total.checked_add(snap::raw::decompress_len(b).ok()?)?;
+        if total > limit {
+            return None;
+        }
+    }
+    let mut out = vec![0u8; total];
+    let mut at = 0;
+    let mut d = snap::raw::Decoder::new();
+    for b in blocks {
+        at += d.decompress(b, &mut out[at..]).ok()?;
+    }
+    out.truncate(at);
+    Some(Bytes::from(out))
+}
+
+/// Checks, as a Kafka broker does on produce, that a compressed batch's
+/// records inflate to no more than [`MAX_INFLATED_BATCH`]; a bomb is
+/// refused here, before it is stored for every reader to trip over.
+pub fn check_inflated(batch: &[u8]) -> Result<()> {
+    let h = BatchHeader::parse(batch)?;
+    let Some(compression) = compression_of(h.compression()) else {
+        return Err(BrokerError::CorruptBatch(format!(
+            "unknown compression codec {}",
+            h.compression()
+        )));
+    };
+    if compression == Compression::None {
+        return Ok(());
+    }
+    let records = batch
+        .get(HEADER_LEN..h.size.min(batch.len()))
+        .unwrap_or_default();
+    inflated_len(compression, records, MAX_INFLATED_BATCH)
+        .map(|_| ())
+        .map_err(|e| BrokerError::CorruptBatch(format!("decompressing records: {e}")))
+}
+
+/// How many bytes `data` inflates to, counted without keeping them.
+fn inflated_len(compression: Compression, data: &[u8], limit: usize) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut r: Box<dyn Read + '_> = match compression {
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(data)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data)?),
+        Compression::Lz4 => Box::new(lz4::Decoder::new(data)?),
+        Compression::None | Compression::Snappy => {
+            return inflate(compression, data, limit).map(|b| b.len() as u64)
+        }
+    };
+    let n = std::io::copy(&mut (&mut r).take(limit as u64 + 1), &mut std::io::sink())?;
+    if n > limit as u64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("records inflate past {limit} bytes"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Decodes one batch's records, inflating them no further than
+/// [`MAX_INFLATED_BATCH`].
+fn decode_capped(buf: &mut Bytes) -> Result<kafka_protocol::records::RecordSet> {
+    RecordBatchDecoder::decode_with_custom_compression(
+        buf,
+        Some(|b: &mut Bytes, c: Compression| match c {
+            Compression::None => Ok(b.clone()),
+            c => inflate(c, b, MAX_INFLATED_BATCH).map_err(Into::into),
+        }),
+    )
+    .map_err(|e| BrokerError::CorruptBatch(format!("decoding records: {e}")))
+}
+
 /// Re-encodes a batch with another compression codec, keeping its
 /// records, producer fields, timestamps and offsets; as a Kafka broker
 /// does for a topic whose `compression.type` is not the producer's. A
@@ -464,8 +593,7 @@ pub fn recompress(batch: Bytes, codec: u16) -> Result<Bytes> {
     let compression = compression_of(codec)
         .ok_or_else(|| BrokerError::InvalidArgument(format!("compression codec {codec}")))?;
     let mut buf = batch.clone();
-    let set = RecordBatchDecoder::decode(&mut buf)
-        .map_err(|e| BrokerError::CorruptBatch(format!("decoding records: {e}")))?;
+    let set = decode_capped(&mut buf)?;
     let mut out = BytesMut::with_capacity(batch.len());
     RecordBatchEncoder::encode(
         &mut out,
@@ -502,8 +630,7 @@ fn decode_records(h: &BatchHeader, entry: &Bytes) -> Result<Vec<StoredMessage>> 
     if h.compression() == 0 {
         return decode_plain(h, buf);
     }
-    let set = RecordBatchDecoder::decode(&mut buf)
-        .map_err(|e| BrokerError::CorruptBatch(format!("decoding records: {e}")))?;
+    let set = decode_capped(&mut buf)?;
     Ok(set
         .records
         .into_iter()
@@ -708,6 +835,59 @@ mod tests {
 
     use super::*;
     use kafka_protocol::protocol::StrBytes;
+
+    /// One record of `n` zero bytes, compressed with `codec`: a few
+    /// kilobytes that inflate to `n`.
+    fn bomb(codec: u16, n: usize) -> Bytes {
+        let plain = encode_messages(&[Message::new(vec![0u8; n])]).expect("encodes");
+        recompress(plain, codec).expect("compresses")
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_at_the_cap() {
+        for codec in [1u16, 2, 3, 4] {
+            let small = bomb(codec, 1 << 20);
+            check_inflated(&small).expect("a 1 MiB batch passes");
+            assert_eq!(decode_entry(&small).expect("decodes").len(), 1);
+
+            let big = bomb(codec, MAX_INFLATED_BATCH + (1 << 20));
+            assert!(big.len() < 8 << 20, "codec {codec}: {} bytes", big.len());
+            let e = check_inflated(&big).expect_err("refused at produce");
+            assert!(matches!(e, BrokerError::CorruptBatch(_)), "{e}");
+            let e = decode_entry(&big).expect_err("refused when read");
+            assert!(matches!(e, BrokerError::CorruptBatch(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn snappy_lengths_are_checked_before_allocation() {
+        // A raw snappy block whose varint claims 4 GiB.
+        let claim = [0x80u8, 0x80, 0x80, 0x80, 0x0f, 0x00];
+        assert!(inflate(Compression::Snappy, &claim, MAX_INFLATED_BATCH).is_err());
+        // A xerial frame of blocks that each claim 60 MiB.
+        let mut framed = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+        for _ in 0..3 {
+            let block = [0x80u8, 0x80, 0x80, 0x1e, 0x00];
+            framed.extend_from_slice(&(block.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&block);
+        }
+        assert!(inflate(Compression::Snappy, &framed, MAX_INFLATED_BATCH).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, inflation returns at most the limit or an
+        /// error, never panics.
+        #[test]
+        fn inflation_of_arbitrary_bytes_stays_under_the_limit(
+            codec in 1u16..5,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let c = compression_of(codec).expect("codec");
+            if let Ok(b) = inflate(c, &data, 4096) {
+                proptest::prop_assert!(b.len() <= 4096);
+            }
+        }
+    }
 
     fn sample(n: usize) -> Vec<Message> {
         (0..n)

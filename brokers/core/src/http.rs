@@ -148,6 +148,12 @@ async fn owned(b: &Broker, topic: &TopicName, uri: &Uri) -> ApiResult<()> {
     })
 }
 
+/// The largest batch a broker takes from another that received it: room
+/// for the largest message any protocol accepts (AMQP's 128 MiB bodies,
+/// Kafka's 100 MiB requests) with its headers. Other routes keep axum's
+/// 2 MiB.
+pub const MAX_FORWARDED_BATCH: usize = 160 << 20;
+
 pub fn router(broker: Broker) -> Router {
     let topics = Router::new()
         .route("/{domain}/{tenant}/{ns}", get(list_topics))
@@ -258,7 +264,7 @@ pub fn router(broker: Broker) -> Router {
         .route("/topics/{domain}/{tenant}/{ns}/{topic}", post(rest_produce))
         .route(
             "/internal/v1/batch/{tenant}/{ns}/{domain}/{topic}",
-            post(forwarded_batch),
+            post(forwarded_batch).layer(axum::extract::DefaultBodyLimit::max(MAX_FORWARDED_BATCH)),
         )
         .route(
             "/topics/{domain}/{tenant}/{ns}/{topic}/messages",
@@ -1156,10 +1162,13 @@ async fn rest_produce(
         .messages
         .iter()
         .enumerate()
-        .all(|(i, m)| m.sequence_id == first_seq.map(|s| s + i as i64));
+        .all(|(i, m)| m.sequence_id == first_seq.and_then(|s| s.checked_add(i as i64)));
     let producer = match (&req.producer_name, first_seq) {
         (Some(p), Some(seq)) if !p.is_empty() => {
-            if !consecutive || seq < 0 || seq + req.messages.len() as i64 > i64::from(i32::MAX) {
+            if !consecutive
+                || seq < 0
+                || seq.saturating_add(req.messages.len() as i64) > i64::from(i32::MAX)
+            {
                 return Err(ApiError::bad_request(
                     "sequenceIds must be consecutive and between 0 and 2^31",
                 ));
@@ -1267,6 +1276,7 @@ async fn forwarded_batch(
     raw: Bytes,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    crate::format::check_inflated(&raw)?;
     match b.publish_batch_local(&name, raw).await? {
         crate::topic::Published::Stored(o) => Ok(Json(json!({ "offset": o }))),
         crate::topic::Published::Duplicate => Ok(Json(json!({ "duplicate": true }))),

@@ -41,7 +41,10 @@ pub use auth::{AuthConfig, Grants, Principal};
 pub use coalesce::Coalescer;
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
-pub use service::{Broker, BrokerConfig, BrokerInfo, FetchResult, OffloadDefaults, TopicPolicies};
+pub use service::{
+    Broker, BrokerConfig, BrokerInfo, FetchResult, OffloadDefaults, RetentionHold, RetentionRun,
+    TopicPolicies,
+};
 pub use state::{StateChange, StateStore, Versioned};
 pub use subscription::{
     Consumer, ConsumerControl, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition,

@@ -1150,7 +1150,10 @@ async fn recover_ledger(
     out.entries = 0;
     out.offsets = 0;
     out.size = 0;
-    let mut index = Vec::with_capacity(lac as usize + 1);
+    // The LAC comes from the bookies; reserve by what is plausible, not by
+    // what they claim, so that a wild value cannot abort on allocation.
+    let mut index =
+        Vec::with_capacity(usize::try_from(lac).map_or(0, |l| l.min(SCAN_CHUNK as usize * 16)) + 1);
     let mut first = 0u64;
     while first as i64 <= lac {
         let last = (first + SCAN_CHUNK - 1).min(lac as u64);
@@ -1160,7 +1163,9 @@ async fn recover_ledger(
             txns.note(&h, &e.payload, h.base_offset.max(0) as u64);
             index.push(h.base_offset.max(0) as u64);
             out.entries += 1;
-            out.offsets = (h.base_offset.max(0) as u64 + h.offset_count()) - out.first_offset;
+            out.offsets = (h.base_offset.max(0) as u64)
+                .saturating_add(h.offset_count())
+                .saturating_sub(out.first_offset);
             out.size += e.payload.len() as u64;
         }
         first = last + 1;

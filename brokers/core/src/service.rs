@@ -90,6 +90,8 @@ pub struct BrokerConfig {
     /// When closed ledgers move to the object store
     /// (`managed_ledger.tier`), unless a namespace says otherwise.
     pub offload: OffloadDefaults,
+    /// Connection limits and timeouts of every client listener.
+    pub listener_limits: crate::listener::ListenerLimits,
 }
 
 /// The broker's offload settings; namespaces override the policies.
@@ -135,6 +137,7 @@ impl BrokerConfig {
             auto_create_topics: true,
             auth: None,
             offload: OffloadDefaults::default(),
+            listener_limits: crate::listener::ListenerLimits::default(),
         }
     }
 }
@@ -204,6 +207,7 @@ struct Inner {
     /// Bumped whenever any namespace's routing changes here, so that
     /// front ends can cache routes and know when to drop them.
     routing_generation: std::sync::atomic::AtomicU64,
+    retention_holds: std::sync::RwLock<Vec<Arc<dyn RetentionHold>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -285,6 +289,7 @@ impl Broker {
             topics: Mutex::new(HashMap::new()),
             routing: Mutex::new(HashMap::new()),
             routing_generation: std::sync::atomic::AtomicU64::new(0),
+            retention_holds: std::sync::RwLock::default(),
             shutdown,
             meta,
             cfg,
@@ -295,7 +300,15 @@ impl Broker {
             Arc::downgrade(&broker.inner),
             "retention",
             |c| c.retention_interval,
-            |b| Box::pin(async move { b.run_retention().await.map(|_| ()) }),
+            |b| {
+                Box::pin(async move {
+                    let run = b.run_retention().await;
+                    for (topic, why) in &run.failed {
+                        tracing::warn!("retention skipped {topic}: {why}");
+                    }
+                    Ok(())
+                })
+            },
         ));
         tokio::spawn(periodic(
             Arc::downgrade(&broker.inner),
@@ -1225,26 +1238,83 @@ impl Broker {
     }
 
     /// Expires messages past the namespace's message TTL, then runs
-    /// retention, over every loaded persistent topic now.
-    pub async fn run_retention(&self) -> Result<Vec<u64>> {
-        let mut deleted = Vec::new();
+    /// retention, over every loaded persistent topic now. A topic that
+    /// fails does not stop the pass: it is reported, and the rest are
+    /// trimmed. A namespace whose retention holds cannot be read keeps
+    /// all its data this pass, since what its consumers need is unknown.
+    pub async fn run_retention(&self) -> RetentionRun {
+        let mut run = RetentionRun::default();
+        let mut by_ns: BTreeMap<NamespaceName, Vec<Arc<Topic>>> = BTreeMap::new();
         for t in self.loaded_topics().await {
-            if !t.log().is_persistent() {
-                continue;
+            if t.log().is_persistent() {
+                by_ns
+                    .entry(t.name().namespace().clone())
+                    .or_default()
+                    .push(t);
             }
-            let policies = self.effective_policies(t.name()).await?;
-            t.set_policies(&policies);
-            if let Some(ttl) = policies.message_ttl_in_seconds.filter(|&s| s > 0) {
-                t.expire_messages(Duration::from_secs(u64::from(ttl)))
-                    .await?;
-            }
-            t.evict_backlog().await?;
-            deleted.extend(
-                t.apply_retention(&policies, self.inner.cfg.retention)
-                    .await?,
-            );
         }
-        Ok(deleted)
+        let holders: Vec<Arc<dyn RetentionHold>> = self
+            .inner
+            .retention_holds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (ns, topics) in by_ns {
+            let mut holds: Option<HashMap<TopicName, u64>> = Some(HashMap::new());
+            for h in &holders {
+                match h.holds(&ns).await {
+                    Ok(more) => {
+                        if let Some(all) = holds.as_mut() {
+                            for (t, o) in more {
+                                let e = all.entry(t).or_insert(o);
+                                *e = (*e).min(o);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        holds = None;
+                        for t in &topics {
+                            run.failed.push((t.name().clone(), e.to_string()));
+                        }
+                        break;
+                    }
+                }
+            }
+            let Some(holds) = holds else {
+                continue;
+            };
+            for t in topics {
+                let hold = holds.get(t.name()).copied();
+                match self.retain(&t, hold).await {
+                    Ok(ids) => run.deleted.extend(ids),
+                    Err(e) => run.failed.push((t.name().clone(), e.to_string())),
+                }
+            }
+        }
+        run
+    }
+
+    async fn retain(&self, t: &Topic, hold: Option<u64>) -> Result<Vec<u64>> {
+        let policies = self.effective_policies(t.name()).await?;
+        t.set_policies(&policies);
+        if let Some(ttl) = policies.message_ttl_in_seconds.filter(|&s| s > 0) {
+            t.expire_messages(Duration::from_secs(u64::from(ttl)))
+                .await?;
+        }
+        t.evict_backlog().await?;
+        t.apply_retention(&policies, self.inner.cfg.retention, hold)
+            .await
+    }
+
+    /// Adds a consumer of topic data whose positions live outside the
+    /// topics' subscriptions (Kafka groups): retention keeps what it still
+    /// needs.
+    pub fn add_retention_hold(&self, hold: Arc<dyn RetentionHold>) {
+        self.inner
+            .retention_holds
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hold);
     }
 
     /// The managed ledger of a persistent topic this broker owns.
@@ -1415,6 +1485,28 @@ async fn session_keeper(weak: Weak<Inner>) {
             Err(e) => tracing::warn!("new metadata session: {e}"),
         }
     }
+}
+
+/// Consumers that keep their positions outside the topics' subscriptions,
+/// in a protocol's own state: a Kafka group's committed offsets. Retention
+/// treats each position like a durable cursor (as KoP does), so that a
+/// topic whose only other consumer acknowledges quickly does not lose what
+/// a group has not read yet.
+pub trait RetentionHold: Send + Sync {
+    /// For the partitions of `ns` this consumer reads, the first offset it
+    /// still needs. Positions that expired do not count.
+    fn holds<'a>(
+        &'a self,
+        ns: &'a NamespaceName,
+    ) -> futures::future::BoxFuture<'a, Result<HashMap<TopicName, u64>>>;
+}
+
+/// What one retention pass did: the ledgers it deleted, and the topics it
+/// could not trim, with why.
+#[derive(Debug, Default)]
+pub struct RetentionRun {
+    pub deleted: Vec<u64>,
+    pub failed: Vec<(TopicName, String)>,
 }
 
 /// Runs `job` every `interval` while the broker lives: retention and the

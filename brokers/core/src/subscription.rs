@@ -29,6 +29,7 @@ use crate::cursor::CursorState;
 use crate::error::{BrokerError, Result};
 use crate::format::{decode_entry, Message, StoredMessage};
 use crate::log::PartitionLog;
+use crate::managed_ledger::Entry;
 
 pub const CURSOR_PREFIX: &str = "/cursors/";
 /// How long acknowledgements may wait before the cursor is written.
@@ -182,6 +183,8 @@ pub struct SubscriptionStats {
     pub mark_delete_offset: u64,
     pub read_offset: u64,
     pub is_durable: bool,
+    /// Stored entries skipped because they could not be decoded.
+    pub skipped_entries: u64,
     pub consumers: Vec<ConsumerStats>,
 }
 
@@ -355,6 +358,7 @@ impl Subscription {
             tx: tx.downgrade(),
             partition: setup.partition,
             msg_out: 0,
+            skipped_entries: 0,
         };
         tokio::spawn(d.run(rx));
         sub
@@ -628,6 +632,8 @@ struct Dispatcher {
     tx: mpsc::WeakUnboundedSender<Cmd>,
     partition: u32,
     msg_out: u64,
+    /// Stored entries that could not be decoded and were skipped.
+    skipped_entries: u64,
 }
 
 fn key_hash(m: &Message) -> u64 {
@@ -743,6 +749,35 @@ impl Dispatcher {
             }
             self.cursor.bump_redelivery(off);
             self.replay.insert(off, p.key_hash);
+        }
+    }
+
+    /// The messages of a stored entry. One that cannot be decoded (a
+    /// batch damaged on disk, or one that would inflate past the cap) is
+    /// skipped, as Pulsar skips non-recoverable entries: its offsets are
+    /// acknowledged so that the subscription moves past it instead of
+    /// retrying it forever, and it is logged and counted.
+    fn decode_or_skip(&mut self, e: &Entry) -> Result<Vec<StoredMessage>> {
+        match decode_entry(&e.data) {
+            Ok(m) => Ok(m),
+            Err(BrokerError::CorruptBatch(why)) => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    sub = %self.name,
+                    "skipping offsets {}..{}: {why}",
+                    e.base_offset,
+                    e.end_offset()
+                );
+                self.skipped_entries += 1;
+                for o in e.base_offset..e.end_offset() {
+                    self.forget_pending(o);
+                    self.replay.remove(&o);
+                    self.cursor.ack(o);
+                }
+                self.mark_dirty();
+                Ok(Vec::new())
+            }
+            Err(err) => Err(err),
         }
     }
 
@@ -930,7 +965,7 @@ impl Dispatcher {
                 break;
             }
             for e in entries {
-                for m in decode_entry(&e.data)? {
+                for m in self.decode_or_skip(&e)? {
                     if m.offset < pos
                         || self.cursor.is_acked(m.offset)
                         || self.pending.contains_key(&m.offset)
@@ -1196,7 +1231,7 @@ impl Dispatcher {
             return Ok(false);
         }
         for e in entries {
-            for m in decode_entry(&e.data)? {
+            for m in self.decode_or_skip(&e)? {
                 if m.offset >= self.read_pos
                     && !self.cursor.is_acked(m.offset)
                     && !self.pending.contains_key(&m.offset)
@@ -1259,7 +1294,7 @@ impl Dispatcher {
             return Ok(true);
         }
         let mut progressed = false;
-        let decoded = decode_entry(&entry.data)?;
+        let decoded = self.decode_or_skip(entry)?;
         // Offsets of this entry that hold no message (control records)
         // have nothing to redeliver.
         let real: HashSet<u64> = decoded.iter().map(|m| m.offset).collect();
@@ -1333,6 +1368,7 @@ impl Dispatcher {
             mark_delete_offset: self.cursor.mark_delete,
             read_offset: self.read_pos,
             is_durable: self.store.is_some(),
+            skipped_entries: self.skipped_entries,
             consumers: self
                 .consumers
                 .iter()

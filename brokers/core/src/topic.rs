@@ -39,8 +39,10 @@ pub struct TopicStats {
 const QUOTA_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Retention applied when a namespace sets none: acknowledged data of
-/// topics with subscriptions goes at once (queue semantics); topics without
-/// subscriptions keep data for this long (stream semantics).
+/// topics with user subscriptions goes at once (queue semantics); topics
+/// without them keep data for this long (stream semantics). Either way no
+/// data goes that a durable subscription or a retention hold (a Kafka
+/// group's committed offset) still needs.
 #[derive(Clone, Copy, Debug)]
 pub struct RetentionDefaults {
     pub stream_minutes: i64,
@@ -55,6 +57,16 @@ impl Default for RetentionDefaults {
             stream_mb: -1,
         }
     }
+}
+
+/// Subscriptions the system keeps for itself start with this: a route's
+/// `__route`, later the replicators. They hold data like any cursor, but
+/// never turn a topic from a stream into a queue, since no user asked for
+/// queue semantics by creating them.
+pub const SYSTEM_SUBSCRIPTION_PREFIX: &str = "__";
+
+pub fn is_system_subscription(name: &str) -> bool {
+    name.starts_with(SYSTEM_SUBSCRIPTION_PREFIX)
 }
 
 /// What a publish did.
@@ -588,19 +600,33 @@ impl Topic {
     }
 
     /// Deletes the ledgers retention no longer keeps; returns their ids.
+    /// `hold` is the first offset that consumers outside the subscriptions
+    /// (Kafka groups) still need.
     pub async fn apply_retention(
         &self,
         policies: &Policies,
         defaults: RetentionDefaults,
+        hold: Option<u64>,
     ) -> Result<Vec<u64>> {
         let PartitionLog::Managed(ml) = &self.log else {
             return Ok(Vec::new());
         };
-        let slowest = self.slowest_mark_delete().await;
-        let (minutes, mb, acked_limit) = match (&policies.retention_policies, slowest) {
-            (Some(r), s) => (r.retention_time_in_minutes, r.retention_size_in_mb, s),
-            (None, Some(s)) => (0, 0, Some(s)),
-            (None, None) => (defaults.stream_minutes, defaults.stream_mb, None),
+        let (slowest, queue) = {
+            let subs = self.subs.lock().await;
+            let durable = || subs.iter().filter(|(_, s)| s.is_durable());
+            (
+                durable().map(|(_, s)| s.mark_delete()).min(),
+                durable().any(|(n, _)| !is_system_subscription(n)),
+            )
+        };
+        let acked_limit = match (slowest, hold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let (minutes, mb) = match (&policies.retention_policies, queue) {
+            (Some(r), _) => (r.retention_time_in_minutes, r.retention_size_in_mb),
+            (None, true) => (0, 0),
+            (None, false) => (defaults.stream_minutes, defaults.stream_mb),
         };
         let keep_from = deletable_prefix(
             &ml.ledgers(),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use common::Cluster;
@@ -11,7 +11,7 @@ use magnetar_broker::managed_ledger::ManagedLedgerConfig;
 use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind, HeaderValue};
 use magnetar_broker::{
     Broker, BrokerConfig, BrokerError, BrokerInfo, Consumer, ConsumerOptions, DeadLetterPolicy,
-    Delivery, InitialPosition, Message, SubscriptionOptions, SubscriptionType,
+    Delivery, InitialPosition, Message, RetentionHold, SubscriptionOptions, SubscriptionType,
 };
 use magnetar_tenancy::{NamespaceName, TopicName};
 
@@ -436,14 +436,14 @@ async fn retention_by_acknowledgement_deletes_ledgers_on_the_bookies() {
         q.ack(d.offset);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let deleted = b.run_retention().await.expect("retention");
+    let deleted = b.run_retention().await.deleted;
     assert_eq!(deleted.len(), 2, "ledgers of offsets 0..40 go: {before:?}");
     for _ in 50..100 {
         let d = recv(&mut q).await;
         q.ack(d.offset);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let deleted2 = b.run_retention().await.expect("retention");
+    let deleted2 = b.run_retention().await.deleted;
     // Everything acknowledged is gone; only the ledger being written stays.
     let after = b.topic(&t, false).await.expect("topic").ledgers();
     assert_eq!(after.len(), 1, "{after:?}");
@@ -464,8 +464,76 @@ async fn retention_by_acknowledgement_deletes_ledgers_on_the_bookies() {
     // A topic without subscriptions keeps its data (stream retention).
     let s = topic("stream");
     publish_n(&b, &s, 60).await;
-    assert!(b.run_retention().await.expect("retention").is_empty());
+    assert!(b.run_retention().await.deleted.is_empty());
     assert_eq!(b.topic_stats(&s).await.expect("stats").start_offset, 0);
+}
+
+/// A consumer whose positions live outside the subscriptions, as Kafka
+/// groups do: one offset per partition.
+struct FixedHold(std::sync::Mutex<HashMap<TopicName, u64>>);
+
+impl RetentionHold for FixedHold {
+    fn holds<'a>(
+        &'a self,
+        ns: &'a NamespaceName,
+    ) -> futures::future::BoxFuture<'a, magnetar_broker::Result<HashMap<TopicName, u64>>> {
+        let held = self
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(t, _)| t.namespace() == ns)
+            .map(|(t, o)| (t.clone(), *o))
+            .collect();
+        Box::pin(async move { Ok(held) })
+    }
+}
+
+#[tokio::test]
+async fn retention_keeps_what_holds_and_system_subscriptions_need() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let hold = std::sync::Arc::new(FixedHold(Default::default()));
+    b.add_retention_hold(hold.clone());
+    // A system subscription (a route's) keeps a stream a stream: nothing
+    // goes although it acknowledged everything.
+    let s = topic("routed-stream");
+    publish_n(&b, &s, 60).await;
+    let mut r = b
+        .subscribe(&s, "__route", shared(SubscriptionType::Shared), named("r"))
+        .await
+        .expect("subscribe");
+    r.flow(1000);
+    for _ in 0..60 {
+        let d = recv(&mut r).await;
+        r.ack(d.offset);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = b.run_retention().await;
+    assert!(run.failed.is_empty(), "{:?}", run.failed);
+    assert!(run.deleted.is_empty(), "{:?}", run.deleted);
+    assert_eq!(b.topic_stats(&s).await.expect("stats").start_offset, 0);
+
+    // A user subscription from the latest offset makes a queue of it, but
+    // a hold at offset 10 keeps every ledger from there on.
+    let t = topic("kafka-and-dashboard");
+    publish_n(&b, &t, 100).await;
+    hold.0.lock().expect("lock").insert(t.clone(), 10);
+    let mut latest = shared(SubscriptionType::Shared);
+    latest.initial_position = InitialPosition::Latest;
+    let _dash = b
+        .subscribe(&t, "dash", latest, named("dash"))
+        .await
+        .expect("subscribe");
+    let run = b.run_retention().await;
+    assert!(run.failed.is_empty(), "{:?}", run.failed);
+    assert_eq!(run.deleted.len(), 0, "only offsets below 10 may go");
+    assert_eq!(b.topic_stats(&t).await.expect("stats").start_offset, 0);
+    // Once the hold reaches the end, acknowledged data goes at once.
+    hold.0.lock().expect("lock").insert(t.clone(), 100);
+    let run = b.run_retention().await;
+    assert_eq!(run.deleted.len(), 5, "{run:?}");
+    assert_eq!(b.topic_stats(&t).await.expect("stats").start_offset, 100);
 }
 
 #[tokio::test]
@@ -763,6 +831,18 @@ async fn routing_changes_of_another_broker_keep_local_transient_queues() {
         .expect("fetch");
     let m = &magnetar_broker::format::decode_entry(&f.entries[0].data).expect("decode")[0];
     assert_eq!(m.message.value.as_deref(), Some(&b"via b1"[..]));
+    // Bodies larger than a default HTTP request body are forwarded too.
+    let big = vec![7u8; 5 << 20];
+    let at = b1
+        .publish(&archive, vec![Message::new(big.clone())])
+        .await
+        .expect("a 5 MiB message forwarded");
+    let f = b2
+        .fetch(&archive, at, 16 << 20, Duration::ZERO)
+        .await
+        .expect("fetch");
+    let m = &magnetar_broker::format::decode_entry(&f.entries[0].data).expect("decode")[0];
+    assert_eq!(m.message.value.as_deref(), Some(&big[..]));
 }
 
 #[tokio::test]
@@ -800,7 +880,7 @@ async fn message_ttl_expires_old_messages_and_timestamps_find_offsets() {
         30
     );
     // The first 25 are older than the TTL: they expire from the cursor.
-    b.run_retention().await.expect("retention");
+    assert!(b.run_retention().await.failed.is_empty());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let s = &b.topic_stats(&t).await.expect("stats").subscriptions["idle"];
     assert_eq!((s.mark_delete_offset, s.msg_backlog), (25, 5), "{s:?}");
@@ -876,7 +956,7 @@ async fn backlog_quota_refuses_producers_or_evicts_the_slowest() {
     }
     let topic = b.topic(&t, false).await.expect("topic");
     assert!(topic.backlog_bytes().await > 2048);
-    b.run_retention().await.expect("retention");
+    assert!(b.run_retention().await.failed.is_empty());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = &b.topic_stats(&t).await.expect("stats").subscriptions["idle"];
     assert!(s.mark_delete_offset >= 60, "{s:?}");

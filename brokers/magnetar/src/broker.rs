@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use magnetar_bookies::{BookieConfig, BookieServer, LedgerClient};
+use magnetar_broker::listener::{Admission, ListenerLimits};
 use magnetar_broker::managed_ledger::ManagedLedgerConfig;
 use magnetar_broker::topic::RetentionDefaults;
 use magnetar_broker::{Broker, BrokerConfig, BrokerInfo};
@@ -85,6 +86,33 @@ pub struct BrokerOptions {
         default_value_t = 3000
     )]
     kafka_group_initial_delay_ms: u64,
+    /// How long a consumer group's committed offsets keep holding topic
+    /// data after their last commit, in minutes (Kafka's
+    /// `offsets.retention.minutes`).
+    #[arg(
+        long,
+        env = "MAGNETAR_KAFKA_OFFSETS_RETENTION_MINUTES",
+        default_value_t = 7 * 24 * 60
+    )]
+    kafka_offsets_retention_minutes: u64,
+    /// Connections open at once on each client listener (Kafka, AMQP,
+    /// MQTT, HTTP); over it a new connection is closed at once. 0: a
+    /// quarter of the file descriptors left after 1024 kept for storage.
+    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+    /// Connections open at once from one IP address on each client
+    /// listener; 0: no limit.
+    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    max_connections_per_ip: usize,
+    /// How long a new connection has to finish its handshake and
+    /// authentication (AMQP connection.open, MQTT CONNECT, a Kafka
+    /// request and SASL, HTTP request headers), in ms.
+    #[arg(long, env = "MAGNETAR_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// How long a Kafka connection may send nothing before it is closed,
+    /// in seconds (Kafka's `connections.max.idle.ms`).
+    #[arg(long, env = "MAGNETAR_KAFKA_IDLE_TIMEOUT_S", default_value_t = 600)]
+    kafka_idle_timeout_s: u64,
     /// AMQP 0-9-1 listener.
     #[arg(long, env = "MAGNETAR_AMQP_LISTEN", default_value = "127.0.0.1:5672")]
     amqp_listen: SocketAddr,
@@ -269,10 +297,14 @@ impl Protocols {
                 .with_context(|| format!("--kafka-namespace {}", opts.kafka_namespace))?,
             default_partitions: opts.kafka_partitions.max(1),
             group_initial_rebalance_delay: Duration::from_millis(opts.kafka_group_initial_delay_ms),
+            offsets_retention: Duration::from_secs(
+                opts.kafka_offsets_retention_minutes.saturating_mul(60),
+            ),
             ..Default::default()
         };
         let amqp_cfg = magnetar_amqp::AmqpConfig {
             heartbeat: opts.amqp_heartbeat_s,
+            handshake_timeout: broker.config().listener_limits.handshake_timeout,
             memory_limit_bytes: opts.amqp_memory_limit_mb << 20,
             ..Default::default()
         };
@@ -280,6 +312,7 @@ impl Protocols {
             max_packet_size: opts.mqtt_max_packet_size.max(64),
             max_keep_alive: opts.mqtt_max_keep_alive.max(1),
             takeover_across_brokers: clustered,
+            connect_timeout: broker.config().listener_limits.handshake_timeout,
             ..Default::default()
         };
         Ok(Protocols {
@@ -365,6 +398,32 @@ impl Default for EmbeddedDisk {
     }
 }
 
+/// File descriptors kept for the process's own files (journal, entry
+/// logs, RocksDB, the metadata store and internal connections) whatever
+/// the clients do.
+const RESERVED_FDS: u64 = 1024;
+
+/// Raises the open-files limit to its hard limit, and gives each of the
+/// four client listeners a quarter of what is left after the reserve, so
+/// that a flood of connections refuses new clients instead of failing the
+/// storage underneath.
+pub fn connection_budget() -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let raised = rustix::process::Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            lim = raised;
+        }
+    }
+    let open = lim.current.unwrap_or(1 << 20);
+    let per_listener = open.saturating_sub(RESERVED_FDS) / 4;
+    usize::try_from(per_listener.max(64)).unwrap_or(usize::MAX)
+}
+
 struct Http {
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -391,13 +450,14 @@ fn serve_http(
 ) -> anyhow::Result<Http> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admission = Admission::new("HTTP", broker.config().listener_limits.clone());
     let app = magnetar_broker::http::router(broker).merge(protocols);
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
+        magnetar_broker::listener::serve_http(listener, admission, app, async {
+            let _ = stopped.await;
+        })
+        .await;
+        Ok(())
     });
     Ok(Http { addr, stop, task })
 }
@@ -455,6 +515,15 @@ fn broker_config(
     };
     cfg.retention_interval = Duration::from_secs(opts.retention_interval_s.max(1));
     cfg.session_ttl = Duration::from_millis(opts.session_ttl_ms);
+    cfg.listener_limits = ListenerLimits {
+        max_connections: match opts.max_connections {
+            0 => connection_budget(),
+            n => n,
+        },
+        max_connections_per_ip: opts.max_connections_per_ip,
+        handshake_timeout: Duration::from_millis(opts.handshake_timeout_ms.max(100)),
+        idle_timeout: Duration::from_secs(opts.kafka_idle_timeout_s.max(1)),
+    };
     cfg.auth = auth_config(opts).context("token authentication")?;
     Ok(cfg)
 }

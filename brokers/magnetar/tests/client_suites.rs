@@ -80,3 +80,10 @@ fn interop_matrix() {
 fn tiered_storage() {
     pytest("tiering_tests");
 }
+
+/// Hostile input and data safety: frames built to crash the process,
+/// retention against consumers it must not outrun, exhaustion attempts.
+#[test]
+fn safety() {
+    pytest("safety_tests");
+}

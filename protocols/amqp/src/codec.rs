@@ -342,6 +342,92 @@ mod tests {
         assert_eq!(&buf[..], &[1]);
     }
 
+    /// `depth` field arrays nested in one another, as a field value
+    /// (type octet, then the array): 5 bytes a level.
+    pub(crate) fn nested_arrays(depth: usize) -> Vec<u8> {
+        let mut v: Vec<u8> = Vec::new();
+        for _ in 0..depth {
+            let mut outer = vec![b'A'];
+            outer.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&v);
+            v = outer;
+        }
+        v
+    }
+
+    /// A `connection.start-ok` whose client-properties hold one key with
+    /// `depth` nested arrays: what an unauthenticated peer can send.
+    fn start_ok_frame(depth: usize) -> BytesMut {
+        let mut table = vec![1u8, b'x'];
+        table.extend_from_slice(&nested_arrays(depth));
+        let mut args = (table.len() as u32).to_be_bytes().to_vec();
+        args.extend_from_slice(&table);
+        args.extend_from_slice(b"\x05PLAIN");
+        args.extend_from_slice(&4u32.to_be_bytes());
+        args.extend_from_slice(b"\0u\0p");
+        args.extend_from_slice(b"\x05en_US");
+        let mut payload = vec![0, 10, 0, 11];
+        payload.extend_from_slice(&args);
+        let mut frame = vec![FRAME_METHOD, 0, 0];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(FRAME_END);
+        BytesMut::from(&frame[..])
+    }
+
+    /// Runs `f` on a thread with a small stack, so that a decoder that
+    /// recursed with the input would overflow here rather than pass.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("no panic")
+    }
+
+    #[test]
+    fn deep_field_tables_are_refused_not_recursed_into() {
+        // 25,000 levels: 125 KB, under the pre-tune frame_max.
+        let e = on_small_stack(|| {
+            let mut buf = start_ok_frame(25_000);
+            decode_frame(&mut buf, 131_072).expect_err("refused")
+        });
+        assert_eq!(e.reply_code(), 502, "{e}");
+        // Far deeper than the limit, but inside it, still decodes.
+        let ok = on_small_stack(|| {
+            let mut buf = start_ok_frame(60);
+            decode_frame(&mut buf, 131_072).map(|f| f.is_some())
+        });
+        assert_eq!(ok, Ok(true));
+        let e = on_small_stack(|| {
+            let mut buf = start_ok_frame(65);
+            decode_frame(&mut buf, 131_072).expect_err("refused")
+        });
+        assert_eq!(e.reply_code(), 502, "{e}");
+    }
+
+    #[test]
+    fn deep_headers_in_a_content_header_are_refused() {
+        let e = on_small_stack(|| {
+            // basic class, body size 0, flags: headers only (bit 13).
+            let mut table = vec![1u8, b'h'];
+            table.extend_from_slice(&nested_arrays(20_000));
+            let mut payload = vec![0, 60, 0, 0];
+            payload.extend_from_slice(&0u64.to_be_bytes());
+            payload.extend_from_slice(&(1u16 << 13).to_be_bytes());
+            payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+            payload.extend_from_slice(&table);
+            let mut frame = vec![FRAME_HEADER, 0, 1];
+            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&payload);
+            frame.push(FRAME_END);
+            let mut buf = BytesMut::from(&frame[..]);
+            decode_frame(&mut buf, 0).expect_err("refused")
+        });
+        assert_eq!(e.reply_code(), 502, "{e}");
+    }
+
     proptest! {
         /// Whatever the bytes, the decoder returns frames, asks for more
         /// or names an error: it never panics and never loops.

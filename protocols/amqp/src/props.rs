@@ -410,6 +410,44 @@ mod tests {
     }
 
     #[test]
+    fn a_poison_headers_table_is_dropped_not_recursed_into() {
+        // 200,000 nested arrays (1 MB), as a Kafka producer can store them.
+        let mut v: Vec<u8> = Vec::new();
+        for _ in 0..200_000 {
+            let mut outer = vec![b'A'];
+            outer.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&v);
+            v = outer;
+        }
+        let mut table = vec![1u8, b'x'];
+        table.extend_from_slice(&v);
+        let mut raw = (table.len() as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(&table);
+        let rec = Message {
+            key: None,
+            value: Some(Bytes::from_static(b"body")),
+            headers: vec![
+                ("trace".into(), Some(Bytes::from_static(b"t-1"))),
+                (H_HEADERS.into(), Some(Bytes::from(raw))),
+            ],
+            timestamp_ms: 0,
+        };
+        let d = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || from_record(&rec, "q"))
+            .expect("spawn")
+            .join()
+            .expect("no stack overflow");
+        let headers = d.properties.headers().clone().expect("plain headers");
+        assert_eq!(
+            headers.inner().get("trace"),
+            Some(&AMQPValue::LongString("t-1".into()))
+        );
+        assert_eq!(headers.inner().len(), 1);
+        assert_eq!(d.body, Bytes::from_static(b"body"));
+    }
+
+    #[test]
     fn other_protocols_see_text_headers() {
         let rec = to_record(&published());
         let get = |n: &str| record_header(&rec, n).map(str::to_owned);

@@ -49,6 +49,8 @@ const UNLIMITED_CREDIT: u64 = 1000;
 const PIPELINE_DEPTH: usize = 4096;
 /// How often resource alarms are checked.
 const ALARM_CHECK: Duration = Duration::from_millis(500);
+/// Read buffer of a connection past its handshake.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
@@ -579,7 +581,9 @@ where
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Grows with the first writes and keeps its size; a connection that
+    // never gets past the handshake never holds a large buffer.
+    let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         buf.extend_from_slice(&first);
         while buf.len() < 256 * 1024 {
@@ -650,7 +654,7 @@ impl Conn {
         rd: &mut R,
         mut events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), AmqpError> {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut buf = BytesMut::with_capacity(512);
         // Protocol header first; a wrong one is answered with ours.
         loop {
             match codec::decode_protocol_header(&mut buf) {
@@ -713,7 +717,15 @@ impl Conn {
             if paused {
                 last_read = Instant::now();
             }
+            let running = matches!(phase, Phase::Running);
+            if running && buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_BUFFER);
+            }
             tokio::select! {
+                _ = tokio::time::sleep_until(handshake_deadline), if !running => {
+                    debug!(conn = self.id, "handshake timeout; closing");
+                    return Ok(());
+                }
                 r = rd.read_buf(&mut buf), if !paused => {
                     match r {
                         Ok(0) => return Ok(()),

@@ -123,11 +123,11 @@ impl Ctx {
             // Kafka's defaults for the one not set: a week, unbounded.
             retention_time_in_minutes: match ms.unwrap_or(604_800_000) {
                 v if v < 0 => -1,
-                v => (v + 59_999) / 60_000,
+                v => v.saturating_add(59_999) / 60_000,
             },
             retention_size_in_mb: match bytes.unwrap_or(-1) {
                 v if v < 0 => -1,
-                v => (v + (1 << 20) - 1) >> 20,
+                v => v.saturating_add((1 << 20) - 1) >> 20,
             },
         });
         // Other topic policies (a route) are kept.

@@ -21,9 +21,10 @@ use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::Decodable;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::{Broker, BrokerError, BrokerInfo, StateStore};
+use magnetar_broker::service::resolve_in;
+use magnetar_broker::{Broker, BrokerError, BrokerInfo, RetentionHold, StateStore};
 use magnetar_tenancy::names::encode_segment;
-use magnetar_tenancy::NamespaceName;
+use magnetar_tenancy::{NamespaceName, TopicName as StoredTopic};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Mutex};
 use tracing::debug;
@@ -177,8 +178,65 @@ fn group_path(ns: &NamespaceName, group: &str) -> String {
     format!("{}/{}", ns, encode_segment(group))
 }
 
+/// Committed offsets hold the data they point at, as durable cursors do,
+/// so that retention never deletes what a group has yet to read.
+struct OffsetHolds {
+    store: StateStore,
+    retention: Duration,
+}
+
+impl RetentionHold for OffsetHolds {
+    fn holds<'a>(
+        &'a self,
+        ns: &'a NamespaceName,
+    ) -> futures::future::BoxFuture<'a, magnetar_broker::Result<HashMap<StoredTopic, u64>>> {
+        Box::pin(async move {
+            let oldest = now_ms()
+                .saturating_sub(i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX));
+            let mut holds: HashMap<StoredTopic, u64> = HashMap::new();
+            for (key, v) in self.store.list(&format!("{ns}/")).await? {
+                if !key.ends_with("/offsets") {
+                    continue;
+                }
+                let Ok(rec) = serde_json::from_slice::<OffsetsRecord>(&v.value) else {
+                    continue;
+                };
+                for (topic, partitions) in &rec.topics {
+                    let Ok(base) = resolve_in(ns, topic) else {
+                        continue;
+                    };
+                    for (&index, c) in partitions {
+                        let (Ok(i), Ok(offset)) = (u32::try_from(index), u64::try_from(c.offset))
+                        else {
+                            continue;
+                        };
+                        if c.timestamp_ms < oldest {
+                            continue;
+                        }
+                        // Partition 0 of a Kafka topic is the topic itself
+                        // when it is not partitioned.
+                        let mut names = vec![base.partition(i)];
+                        if i == 0 {
+                            names.push(base.clone());
+                        }
+                        for n in names {
+                            let e = holds.entry(n).or_insert(offset);
+                            *e = (*e).min(offset);
+                        }
+                    }
+                }
+            }
+            Ok(holds)
+        })
+    }
+}
+
 impl GroupCoordinator {
     pub fn new(broker: Broker, cfg: KafkaConfig) -> Self {
+        broker.add_retention_hold(Arc::new(OffsetHolds {
+            store: broker.state("kafka-groups"),
+            retention: cfg.offsets_retention,
+        }));
         GroupCoordinator {
             store: broker.state("kafka-groups"),
             broker,

@@ -21,7 +21,7 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError as E;
-use magnetar_broker::format::{recompress, split_batches, BatchHeader};
+use magnetar_broker::format::{check_inflated, recompress, split_batches, BatchHeader};
 use magnetar_broker::service::resolve_in;
 use magnetar_broker::topic::Topic;
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, Grants, PendingPublish, Published};
@@ -450,6 +450,10 @@ impl Ctx {
         let mut batches = split_batches(records.unwrap_or_default()).map_err(|e| code_of(&e))?;
         if batches.is_empty() {
             return Err(E::CorruptMessage.code());
+        }
+        for b in &batches {
+            // A decompression bomb goes no further than here.
+            check_inflated(b).map_err(|e| code_of(&e))?;
         }
         if let Some(codec) = self.target_codec(&t.name().base()).await {
             batches = batches

@@ -44,6 +44,9 @@ pub struct KafkaConfig {
     /// How long a new group waits for more members before its first
     /// rebalance (Kafka's `group.initial.rebalance.delay.ms`).
     pub group_initial_rebalance_delay: Duration,
+    /// How long a group's committed offset keeps holding a partition's
+    /// data after its last commit (Kafka's `offsets.retention.minutes`).
+    pub offsets_retention: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -57,6 +60,7 @@ impl Default for KafkaConfig {
             default_partitions: 1,
             max_request_bytes: codec::DEFAULT_MAX_REQUEST,
             group_initial_rebalance_delay: Duration::from_millis(3000),
+            offsets_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

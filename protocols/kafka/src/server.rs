@@ -22,11 +22,16 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
-use magnetar_broker::listener::accept_loop;
+use magnetar_broker::listener::{accept_loop, Admission};
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
 const MAX_IN_FLIGHT: usize = 32;
+/// Largest request before authentication, as Kafka's
+/// `sasl.server.max.receive.size`.
+const PRE_AUTH_MAX_REQUEST: usize = 512 * 1024;
+/// Read buffer of a connection past its handshake.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// A running Kafka listener.
 #[derive(Debug)]
@@ -41,9 +46,10 @@ impl KafkaServer {
     /// `kafka`, since Metadata answers send clients there.
     pub fn start(listener: TcpListener, broker: Broker, cfg: KafkaConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
+        let admission = Admission::new("Kafka", broker.config().listener_limits.clone());
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
-        let task = tokio::spawn(accept_loop(listener, "Kafka", move |stream, peer| {
+        let task = tokio::spawn(accept_loop(listener, admission, move |stream, peer| {
             serve_connection(stream, peer, Arc::clone(&ctx))
         }));
         info!(%local_addr, "Kafka listener started");
@@ -84,10 +90,20 @@ async fn serve_connection(
         wr.shutdown().await
     });
     let mut session = Session::new(&ctx, peer);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let max = ctx.cfg.max_request_bytes;
+    let limits = ctx.broker.config().listener_limits.clone();
+    let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    // Until a request has been served to an authenticated client, the
+    // connection is held to the handshake deadline and a small frame cap
+    // (Kafka's `sasl.server.max.receive.size`), and holds no large buffer.
+    let mut handshaken = false;
+    let mut buf = BytesMut::new();
     let result = 'read: loop {
         loop {
+            let max = if session.authenticated {
+                ctx.cfg.max_request_bytes
+            } else {
+                PRE_AUTH_MAX_REQUEST
+            };
             let frame = match codec::split_frame(&mut buf, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -121,11 +137,25 @@ async fn serve_connection(
             if session.closing {
                 break 'read Ok(());
             }
+            handshaken |= session.authenticated;
         }
-        match rd.read_buf(&mut buf).await {
-            Ok(0) => break Ok(()),
-            Ok(_) => {}
-            Err(e) => break Err(e),
+        let deadline = if handshaken {
+            tokio::time::Instant::now() + limits.idle_timeout
+        } else {
+            handshake_deadline
+        };
+        if handshaken && buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_BUFFER);
+        }
+        match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e),
+            Err(_) => {
+                let what = if handshaken { "idle" } else { "handshake" };
+                debug!(%peer, "closing Kafka connection: {what} timeout");
+                break Ok(());
+            }
         }
     };
     drop(tx);

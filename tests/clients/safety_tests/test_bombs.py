@@ -1,0 +1,192 @@
+"""Decompression bombs: record batches of a few kilobytes that inflate to
+a gigabyte, produced through Kafka with gzip and zstd. They are refused
+(CORRUPT_MESSAGE) and never stored, and the broker's memory stays bounded
+while AMQP, MQTT and WebSocket consumers read the topic."""
+
+import json
+import os
+import queue
+import struct
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+
+import paho.mqtt.client as mqtt
+import pika
+import zstandard
+from confluent_kafka import Producer
+from paho.mqtt.enums import CallbackAPIVersion
+from websockets.sync.client import connect
+
+BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
+GIB = 1 << 30
+CORRUPT_MESSAGE = 2
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data):
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def varint(n):
+    n = (n << 1) ^ (n >> 63)  # zigzag
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def bomb_records(codec, size):
+    """One record whose value is `size` zero bytes, compressed as a
+    stream so that the test never holds the inflated form."""
+    body_head = b"\x00" + varint(0) + varint(0) + varint(-1) + varint(size)
+    length = len(body_head) + size + 1  # and a zero header count
+    head = varint(length) + body_head
+    if codec == 1:
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    else:
+        c = zstandard.ZstdCompressor(level=3).compressobj()
+    out = [c.compress(head)]
+    chunk = bytes(1 << 20)
+    for _ in range(size // len(chunk)):
+        out.append(c.compress(chunk))
+    out.append(c.compress(b"\x00"))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+def record_batch(codec, records):
+    now = int(time.time() * 1000)
+    after_crc = struct.pack(">hiqqqhii", codec, 0, now, now, -1, -1, -1, 1) + records
+    crc = crc32c(after_crc)
+    after_length = struct.pack(">ibI", -1, 2, crc) + after_crc
+    return struct.pack(">qi", 0, len(after_length)) + after_length
+
+
+def produce_raw(port, topic, batch):
+    """A Produce v7 request with one batch for partition 0; the error code."""
+    t = topic.encode()
+    body = struct.pack(">hhi", 0, 7, 1) + struct.pack(">h", 4) + b"bomb"
+    body += struct.pack(">hhi", -1, -1, 30000)
+    body += struct.pack(">i", 1) + struct.pack(">h", len(t)) + t
+    body += struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(batch)) + batch
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        head = s.recv(4, socket.MSG_WAITALL)
+        (n,) = struct.unpack(">i", head)
+        resp = b""
+        while len(resp) < n:
+            resp += s.recv(n - len(resp))
+    # correlation id, topics count, name, partitions count, index, error.
+    at = 4 + 4
+    (name_len,) = struct.unpack(">h", resp[at:at + 2])
+    at += 2 + name_len + 4 + 4
+    (error,) = struct.unpack(">h", resp[at:at + 2])
+    return error
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_gzip_and_zstd_bombs_are_refused_and_memory_stays_bounded(standalone):
+    s = standalone
+    tag = uuid.uuid4().hex[:6]
+    q = f"bombs-{tag}"
+    # The topic is an AMQP queue (Kafka's partition 0 is the topic itself),
+    # read by AMQP, by a WebSocket consumer, and by MQTT through a route.
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", s.amqp_port))
+    ch = conn.channel()
+    ch.queue_declare(q, durable=True)
+    route = subprocess.run([BIN, "admin", "--url", s.http, "topics", "route", q, "amq.topic",
+                            "--routing-key", f"bombs.{tag}"], capture_output=True, text=True, timeout=30)
+    assert route.returncode == 0, route.stderr
+    mqtt_got = queue.Queue()
+    subscribed = queue.Queue()
+    m = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bombs-{tag}")
+    m.on_message = lambda _c, _u, msg: mqtt_got.put(msg.payload)
+    m.on_subscribe = lambda *a: subscribed.put(True)
+    m.connect("127.0.0.1", s.mqtt_port)
+    m.loop_start()
+    m.subscribe(f"bombs/{tag}", qos=1)
+    subscribed.get(timeout=10)
+    ws = connect(f"{s.http.replace('http://', 'ws://')}/ws/v2/consumer/persistent/public/default/{q}/ws"
+                 "?subscriptionInitialPosition=Earliest", open_timeout=10)
+
+    peak = [rss_mb(s.proc.pid)]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(s.proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for codec, name in [(1, "gzip"), (4, "zstd")]:
+            records = bomb_records(codec, GIB)
+            batch = record_batch(codec, records)
+            print(f"{name} bomb: {len(batch)} bytes inflating to {GIB}")
+            assert produce_raw(s.ports["kafka"], q, batch) == CORRUPT_MESSAGE, name
+            assert s.alive(), s.tail()
+
+        # A real producer's messages after the bombs reach every consumer.
+        p = Producer({"bootstrap.servers": s.kafka, "compression.type": "zstd"})
+        for i in range(3):
+            p.produce(q, value=b"after-%d" % i)
+        assert p.flush(30) == 0
+
+        got = []
+        for method, _, body in ch.consume(q, inactivity_timeout=15):
+            assert method is not None, got
+            got.append(body)
+            ch.basic_ack(method.delivery_tag)
+            if len(got) == 3:
+                break
+        ch.cancel()
+        assert got == [b"after-0", b"after-1", b"after-2"]
+        ws_got = []
+        while len(ws_got) < 3:
+            frame = json.loads(ws.recv(timeout=15))
+            import base64
+            ws_got.append(base64.b64decode(frame["payload"]))
+            ws.send(json.dumps({"messageId": frame["messageId"]}))
+        assert ws_got == got
+        assert [mqtt_got.get(timeout=15) for _ in range(3)] == got
+    finally:
+        stop.set()
+        sampler.join()
+        ws.close()
+        m.loop_stop()
+        conn.close()
+    print(f"peak broker RSS {peak[0]:.0f} MiB")
+    assert peak[0] < 512, peak[0]
+    assert s.alive(), s.tail()
