@@ -271,7 +271,7 @@ async fn disk_watch(
     loop {
         if let Some(used) = disk_usage(storage.data_dir()) {
             // A little hysteresis, so that a disk at the line does not flap.
-            let was = storage.is_read_only();
+            let was = storage.is_disk_read_only();
             let now = if was {
                 used > threshold - 0.02
             } else {

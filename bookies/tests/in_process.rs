@@ -190,3 +190,64 @@ async fn ensemble_change_replaces_a_stopped_bookie() {
     assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
     assert_eq!(all.len(), 600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_failure_turns_a_bookie_read_only_and_loses_nothing_acknowledged() {
+    let mut c = Cluster::start(4).await;
+    let client = c.client();
+    c.wait_bookies(&client, 4).await;
+    let w = client
+        .create(CreateOptions::new(3, 3, 3))
+        .await
+        .expect("create");
+    for i in 0..200 {
+        w.add(payload(i)).await.expect("add");
+    }
+    let (md, _) = client.metadata(w.id()).await.expect("md");
+    let victim = md.segments[0].bookies[1];
+    let victim_dir = c.dir.join(format!("bookie-{victim}"));
+    // The victim's journal fsyncs fail from now on, mid-stream.
+    fail::cfg(
+        "bookie::journal::sync",
+        &format!("return({})", victim_dir.display()),
+    )
+    .expect("fail point");
+    let futs: Vec<_> = (200..600).map(|i| w.add(payload(i))).collect();
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(
+            f.await.expect("add while a bookie's fsync fails"),
+            200 + i as u64
+        );
+    }
+    fail::remove("bookie::journal::sync");
+    let b = c.bookies[(victim - 1) as usize].as_ref().expect("running");
+    assert!(b.storage().io_failed(), "the victim turned read-only");
+    assert!(b.storage().is_read_only());
+    // The writer moved to another bookie.
+    let md = w.close().await.expect("close");
+    assert!(md.segments.len() >= 2, "{md:?}");
+    assert!(!md
+        .segments
+        .last()
+        .expect("segment")
+        .bookies
+        .contains(&victim));
+    let r = client.open(w.id()).await.expect("open");
+    let all = r.read(0, 599).await.expect("read");
+    assert_eq!(all.len(), 600);
+    assert!(all.iter().all(|e| e.payload == payload(e.entry_id)));
+    // After a restart the victim replays its journal: everything it
+    // acknowledged is there, and it takes writes again.
+    let b = c.bookies[(victim - 1) as usize].take().expect("running");
+    b.shutdown().await;
+    let b = c.start_bookie(victim).await;
+    assert!(!b.storage().is_read_only());
+    for e in 0..200 {
+        let got = b
+            .storage()
+            .read(w.id(), e)
+            .expect("acknowledged before the fault");
+        assert_eq!(got.payload, payload(e));
+    }
+    c.bookies[(victim - 1) as usize] = Some(b);
+}

@@ -174,7 +174,22 @@ impl EntryLogs {
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> Result<()> {
         self.writer.flush()?;
+        crate::storage::fault::check("bookie::entrylog::sync", &self.dir)?;
         self.writer.get_ref().sync_data()?;
+        Ok(())
+    }
+
+    /// Leaves the current log after a failed write or sync, without
+    /// writing what its buffer still holds, and starts a new one. What the
+    /// old log holds up to its last sync stays readable; nothing the index
+    /// points to lies after that.
+    pub fn abandon_current(&mut self) -> Result<()> {
+        let (writer, reader) = create_log(&self.dir, self.current + 1)?;
+        let old = std::mem::replace(&mut self.writer, writer);
+        let _ = old.into_parts();
+        self.current += 1;
+        self.offset = 0;
+        self.reader_map_mut().insert(self.current, reader);
         Ok(())
     }
 

@@ -303,12 +303,24 @@ impl JournalWriter {
     /// The journal thread's loop: batch, write, fsync, hand on. `durable`
     /// applies a batch once it is on disk; `on_sync` learns how many records
     /// each fsync covered. Errors fail the batch's requests.
+    ///
+    /// A failed write or fsync stops the journal for good (until the bookie
+    /// restarts): the file may hold part of the failed batch, and after a
+    /// failed fsync the kernel may have dropped dirty pages it still
+    /// reports as written, so appending after it would put acknowledged
+    /// records behind bytes that replay reads as a torn tail. Every later
+    /// batch fails without touching the file; `on_fail` turns the bookie
+    /// read-only, so that writers move to other bookies. Replay at restart
+    /// cuts the file at the last whole record, which loses only the batch
+    /// that was never acknowledged.
     pub fn run(
         mut self,
         rx: Receiver<JournalReq>,
         mut durable: impl FnMut(Vec<JournalReq>, JournalPos),
         mut on_sync: impl FnMut(usize),
+        mut on_fail: impl FnMut(),
     ) {
+        let mut failed: Option<String> = None;
         let mut buf = Vec::with_capacity(self.cfg.max_batch_bytes + (1 << 20));
         while let Ok(first) = rx.recv() {
             let deadline = Instant::now() + self.cfg.max_wait;
@@ -342,13 +354,24 @@ impl JournalWriter {
                     rec.encode_into(&mut buf);
                 }
             }
-            match self.write_and_sync(&buf) {
+            let written = match &failed {
+                Some(why) => Err(why.clone()),
+                None => self.write_and_sync(&buf).map_err(|e| e.to_string()),
+            };
+            match written {
                 Ok(()) => {
                     on_sync(batch.iter().map(|r| r.records.len()).sum());
                     durable(batch, self.position());
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "journal write failed");
+                    if failed.is_none() {
+                        tracing::error!(
+                            error = %e,
+                            "journal write failed; the bookie is read-only until it restarts"
+                        );
+                        failed = Some(e.clone());
+                        on_fail();
+                    }
                     for r in batch {
                         let _ = r
                             .done
@@ -356,7 +379,7 @@ impl JournalWriter {
                     }
                 }
             }
-            if self.offset >= self.cfg.max_file_bytes {
+            if failed.is_none() && self.offset >= self.cfg.max_file_bytes {
                 if let Err(e) = self.roll() {
                     tracing::error!(error = %e, "journal roll failed");
                 }
@@ -366,6 +389,7 @@ impl JournalWriter {
 
     fn write_and_sync(&mut self, buf: &[u8]) -> Result<()> {
         self.file.write_all(buf)?;
+        crate::storage::fault::check("bookie::journal::sync", &self.dir)?;
         self.file.sync_data()?;
         self.offset += buf.len() as u64;
         Ok(())

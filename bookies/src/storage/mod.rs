@@ -11,6 +11,7 @@
 //! Lock order: `flush_lock`, then `state`, then `logs`.
 
 pub mod entrylog;
+pub(crate) mod fault;
 pub mod journal;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -182,7 +183,11 @@ struct Inner {
     flush_wake: Condvar,
     /// (stop, flush now) for the flush thread.
     flush_wake_lock: Mutex<(bool, bool)>,
+    /// Read-only because the disk is nearly full; cleared when it is not.
     read_only: AtomicBool,
+    /// Read-only because a journal or entry-log write failed; until a
+    /// restart.
+    io_failed: AtomicBool,
     journal_syncs: AtomicU64,
     journal_entries: AtomicU64,
     compacted_logs: AtomicU64,
@@ -288,6 +293,7 @@ impl Storage {
             flush_wake: Condvar::new(),
             flush_wake_lock: Mutex::new((false, false)),
             read_only: AtomicBool::new(false),
+            io_failed: AtomicBool::new(false),
             journal_syncs: AtomicU64::new(0),
             journal_entries: AtomicU64::new(0),
             compacted_logs: AtomicU64::new(0),
@@ -300,6 +306,7 @@ impl Storage {
                 .name("journal".into())
                 .spawn(move || {
                     let syncs = j_inner.clone();
+                    let failed = j_inner.clone();
                     writer.run(
                         rx,
                         |batch, pos| j_inner.apply_durable(batch, pos),
@@ -307,6 +314,7 @@ impl Storage {
                             syncs.journal_syncs.fetch_add(1, Ordering::Relaxed);
                             syncs.journal_entries.fetch_add(n as u64, Ordering::Relaxed);
                         },
+                        || failed.io_failed.store(true, Ordering::Relaxed),
                     )
                 })?,
         );
@@ -323,12 +331,24 @@ impl Storage {
         })
     }
 
+    /// The disk-usage read-only mode.
     pub fn set_read_only(&self, ro: bool) {
         self.inner.read_only.store(ro, Ordering::Relaxed);
     }
 
-    pub fn is_read_only(&self) -> bool {
+    /// Whether the disk-usage read-only mode is on.
+    pub fn is_disk_read_only(&self) -> bool {
         self.inner.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Whether a journal or entry-log write failed, which keeps the bookie
+    /// read-only until it restarts.
+    pub fn io_failed(&self) -> bool {
+        self.inner.io_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.is_disk_read_only() || self.io_failed()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -682,6 +702,21 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
+                // The entry log may now end in part of a record, and its
+                // buffered writer may hold the rest: nothing more goes
+                // after it. Later flushes write to a new log, and the
+                // bookie takes no new adds until it restarts.
+                drop(st);
+                if !self.io_failed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        error = %e,
+                        "entry log write failed; the bookie is read-only until it restarts"
+                    );
+                }
+                if let Err(e) = lock(&self.logs).abandon_current() {
+                    tracing::error!(error = %e, "cannot start a new entry log");
+                }
+                let mut st = lock(&self.state);
                 // Back into the cache: the journal still holds these, and
                 // readers must keep finding them.
                 for (k, v) in cache.iter() {

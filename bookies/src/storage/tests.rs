@@ -197,3 +197,105 @@ async fn deleted_ledgers_are_reclaimed_by_compaction() {
     assert!(matches!(s.read(1, 5), Err(BookieError::NoLedger(1))));
     s.close().expect("close");
 }
+
+/// Turns on a storage fail point for the storage under `dir` only.
+#[cfg(feature = "failpoints")]
+fn inject(name: &str, dir: &std::path::Path) {
+    fail::cfg(name, &format!("return({})", dir.display())).expect("fail point");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_failed_journal_sync_stops_the_journal_and_replay_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Storage::open(dir.path(), small()).expect("open");
+        add_all(
+            &s,
+            (0..50).map(|i| entry(7, i, &[i as u8; 100])).collect(),
+            false,
+        )
+        .await;
+        inject("bookie::journal::sync", dir.path());
+        let mut out = s.add(
+            (50..60).map(|i| entry(7, i, &[i as u8; 100])).collect(),
+            false,
+        );
+        let done = out
+            .durable
+            .take()
+            .expect("journaled")
+            .await
+            .expect("answered");
+        assert!(
+            done.is_err(),
+            "the batch whose fsync failed is not acknowledged"
+        );
+        fail::remove("bookie::journal::sync");
+        assert!(s.io_failed() && s.is_read_only());
+        // Nothing more is taken, not even once the disk answers again.
+        let out = s.add(vec![entry(7, 60, b"later")], false);
+        assert!(matches!(out.refused[..], [(7, 60, BookieError::ReadOnly)]));
+        let mut out = s.add(vec![entry(7, 60, b"later")], true);
+        let done = out
+            .durable
+            .take()
+            .expect("journaled")
+            .await
+            .expect("answered");
+        assert!(
+            done.is_err(),
+            "a recovery add is not appended after the failure either"
+        );
+        s.stop_threads();
+    }
+    let s = Storage::open(dir.path(), small()).expect("reopen");
+    assert!(!s.is_read_only());
+    for i in 0..50 {
+        assert_eq!(
+            s.read(7, i).expect("acknowledged").payload,
+            Bytes::from(vec![i as u8; 100])
+        );
+    }
+    assert!(matches!(s.read(7, 60), Err(BookieError::NoEntry { .. })));
+    s.close().expect("close");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_failed_entry_log_sync_leaves_the_log_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Storage::open(dir.path(), small()).expect("open");
+        add_all(
+            &s,
+            (0..100).map(|i| entry(7, i, &[i as u8; 100])).collect(),
+            false,
+        )
+        .await;
+        let log_before = lock(&s.inner.logs).current();
+        inject("bookie::entrylog::sync", dir.path());
+        assert!(s.flush().is_err());
+        fail::remove("bookie::entrylog::sync");
+        assert!(s.io_failed() && s.is_read_only());
+        assert_eq!(lock(&s.inner.logs).current(), log_before + 1, "a new log");
+        // Everything is still read, from the cache the flush gave back.
+        for i in 0..100 {
+            assert_eq!(s.read(7, i).expect("read").payload[0], i as u8);
+        }
+        // A later flush writes to the new log.
+        s.flush().expect("flush to the new log");
+        for i in 0..100 {
+            assert_eq!(s.read(7, i).expect("read").payload[0], i as u8);
+        }
+        s.stop_threads();
+    }
+    let s = Storage::open(dir.path(), small()).expect("reopen");
+    for i in 0..100 {
+        assert_eq!(
+            s.read(7, i).expect("read").payload,
+            Bytes::from(vec![i as u8; 100])
+        );
+    }
+    s.close().expect("close");
+}
