@@ -9,7 +9,7 @@
 //! the publisher.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -509,10 +509,29 @@ enum Phase {
     Running,
 }
 
+/// Bytes handed to a connection's writer and not yet written. Deliveries
+/// to consumers without a prefetch limit take their next credit only while
+/// this is under [`OUT_HIGH`], so that a consumer that stops reading holds
+/// its backlog on the bookies rather than in this queue, as TCP
+/// back-pressure bounds it in RabbitMQ.
+#[derive(Default)]
+struct Outbox {
+    queued: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+/// Queued bytes above which unlimited consumers get no more credit, and
+/// the level under which the writer hands it back.
+const OUT_HIGH: usize = 8 << 20;
+const OUT_LOW: usize = 2 << 20;
+
 pub(crate) struct Conn {
     ctx: Arc<Ctx>,
     id: u64,
     out: mpsc::UnboundedSender<Bytes>,
+    outbox: Arc<Outbox>,
+    /// Credits of unlimited consumers held back while the outbox is full.
+    deferred_credit: Vec<ConsumerControl>,
     events_tx: mpsc::UnboundedSender<Event>,
     frame_max: u32,
     channel_max: u16,
@@ -547,7 +566,8 @@ where
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
-    let writer = tokio::spawn(write_loop(wr, out_rx));
+    let outbox = Arc::new(Outbox::default());
+    let writer = tokio::spawn(write_loop(wr, out_rx, Arc::clone(&outbox)));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         id: ctx.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -556,6 +576,8 @@ where
         heartbeat: 0,
         ctx,
         out,
+        outbox,
+        deferred_credit: Vec::new(),
         events_tx,
         vhost: String::new(),
         ns: NamespaceName::default_namespace(),
@@ -580,7 +602,11 @@ where
     r
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    outbox: Arc<Outbox>,
+) {
     // Grows with the first writes and keeps its size; a connection that
     // never gets past the handshake never holds a large buffer.
     let mut buf = BytesMut::new();
@@ -594,6 +620,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
         }
         if wr.write_all(&buf).await.is_err() {
             return;
+        }
+        let before = outbox.queued.fetch_sub(buf.len(), Ordering::Relaxed);
+        if before >= OUT_LOW && before - buf.len() < OUT_LOW {
+            outbox.drained.notify_one();
         }
         buf.clear();
     }
@@ -640,7 +670,27 @@ fn vhost_namespace(vhost: &str) -> Option<NamespaceName> {
 
 impl Conn {
     fn send(&self, bytes: BytesMut) {
+        self.outbox.queued.fetch_add(bytes.len(), Ordering::Relaxed);
         let _ = self.out.send(bytes.freeze());
+    }
+
+    /// Gives an unlimited consumer its next credit, or holds it while the
+    /// outbox is over [`OUT_HIGH`].
+    fn return_credit(&mut self, control: &ConsumerControl) {
+        if self.outbox.queued.load(Ordering::Relaxed) > OUT_HIGH {
+            self.deferred_credit.push(control.clone());
+        } else {
+            control.flow(1);
+        }
+    }
+
+    /// Hands back the held credits once the writer has caught up.
+    fn release_credit(&mut self) {
+        if self.outbox.queued.load(Ordering::Relaxed) < OUT_LOW {
+            for c in self.deferred_credit.drain(..) {
+                c.flow(1);
+            }
+        }
     }
 
     fn send_method(&self, channel: u16, m: AMQPClass) {
@@ -661,7 +711,7 @@ impl Conn {
                 Ok(Some(())) => break,
                 Ok(None) => {}
                 Err(e) => {
-                    let _ = self.out.send(Bytes::from_static(&codec::PROTOCOL_HEADER));
+                    self.send(BytesMut::from(&codec::PROTOCOL_HEADER[..]));
                     return Err(e.into());
                 }
             }
@@ -718,6 +768,7 @@ impl Conn {
                 last_read = Instant::now();
             }
             let running = matches!(phase, Phase::Running);
+            let outbox = Arc::clone(&self.outbox);
             if running && buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_BUFFER);
             }
@@ -734,6 +785,9 @@ impl Conn {
                     }
                 }
                 _ = alarm_rx.changed() => {}
+                () = outbox.drained.notified(), if !self.deferred_credit.is_empty() => {
+                    self.release_credit();
+                }
                 Some(ev) = events.recv() => {
                     if let Err(ex) = self.on_event(ev) {
                         self.close_connection(ex.clone());
@@ -2864,7 +2918,7 @@ impl Conn {
             }))
         };
         if !limited {
-            control.flow(1);
+            self.return_credit(&control);
         }
         let mut delivered = props::from_record(&d.message, &queue);
         if def.args.queue_type == QueueType::Stream {

@@ -92,6 +92,10 @@ impl Layout {
     }
 }
 
+/// The most one Fetch response carries (Kafka's broker default for
+/// `fetch.max.bytes`, 55 MiB).
+const FETCH_MAX_BYTES: usize = 55 << 20;
+
 /// State shared by every connection of the listener.
 pub(crate) struct Ctx {
     pub broker: Broker,
@@ -391,14 +395,20 @@ impl Ctx {
         r: ProduceRequest,
     ) -> BoxFuture<'static, Option<ProduceResponse>> {
         let acks = r.acks;
-        let transactional = r.transactional_id.is_some();
+        let txn_id = r.transactional_id.as_ref().map(|t| t.0.to_string());
         let mut topics = Vec::with_capacity(r.topic_data.len());
         for td in r.topic_data {
             let mut parts = Vec::with_capacity(td.partition_data.len());
             for pd in td.partition_data {
                 let submitted = if s.grants.produce {
-                    self.submit_partition(&s.ns, &td.name.0, pd.index, pd.records, transactional)
-                        .await
+                    self.submit_partition(
+                        &s.ns,
+                        &td.name.0,
+                        pd.index,
+                        pd.records,
+                        txn_id.as_deref(),
+                    )
+                    .await
                 } else {
                     Err(E::TopicAuthorizationFailed.code())
                 };
@@ -444,8 +454,9 @@ impl Ctx {
         topic: &str,
         index: i32,
         records: Option<Bytes>,
-        transactional: bool,
+        txn_id: Option<&str>,
     ) -> Result<(Vec<PendingPublish>, Arc<Topic>), i16> {
+        let transactional = txn_id.is_some();
         let t = self.partition(ns, topic, index).await?;
         let mut batches = split_batches(records.unwrap_or_default()).map_err(|e| code_of(&e))?;
         if batches.is_empty() {
@@ -472,6 +483,24 @@ impl Ctx {
                 // A transactional producer's batches say so, and only its.
                 return Err(E::InvalidRecord.code());
             }
+            // A producer's batch has one record per offset; a larger
+            // lastOffsetDelta would make it claim offsets it has no
+            // records for (only compaction leaves such gaps).
+            if h.record_count < 1 || i64::from(h.last_offset_delta) + 1 != i64::from(h.record_count)
+            {
+                return Err(E::InvalidRecord.code());
+            }
+            if let Some(id) = txn_id {
+                self.txns
+                    .check_produce(
+                        ns,
+                        id,
+                        h.producer_id,
+                        h.producer_epoch,
+                        &t.name().to_string(),
+                    )
+                    .await?;
+            }
             pending.push(t.submit_batch(b).await.map_err(|e| code_of(&e))?);
         }
         Ok((pending, t))
@@ -484,10 +513,12 @@ impl Ctx {
         let max_wait = Duration::from_millis(r.max_wait_ms.max(0) as u64);
         let deadline = tokio::time::Instant::now() + max_wait;
         let min_bytes = r.min_bytes.max(0) as usize;
-        let max_bytes = if r.max_bytes <= 0 {
-            usize::MAX
-        } else {
-            r.max_bytes as usize
+        // A client's limit, never above the broker's (Kafka's
+        // `fetch.max.bytes`): a request of a few bytes must not build a
+        // response of gigabytes.
+        let max_bytes = match usize::try_from(r.max_bytes) {
+            Ok(n) if n > 0 => n.min(FETCH_MAX_BYTES),
+            _ => FETCH_MAX_BYTES,
         };
         // Resolve once; errors are answered as they are.
         struct Part {
@@ -499,9 +530,14 @@ impl Ctx {
         }
         let mut parts = Vec::new();
         let mut names = Vec::new();
+        // A partition asked for twice is read once.
+        let mut seen = std::collections::HashSet::new();
         for (ti, ft) in r.topics.iter().enumerate() {
             names.push(ft.topic.clone());
             for fp in &ft.partitions {
+                if !seen.insert((ft.topic.0.clone(), fp.partition)) {
+                    continue;
+                }
                 parts.push(Part {
                     topic_idx: ti,
                     index: fp.partition,

@@ -362,6 +362,30 @@ impl TxnCoordinator {
         Ok(())
     }
 
+    /// Whether a transactional batch may be appended: its producer holds
+    /// the transactional id at that epoch, with a transaction open that
+    /// includes the partition. Otherwise a stray batch would open a
+    /// transaction nobody ever ends, and the partition's last stable
+    /// offset would stop there for good.
+    pub async fn check_produce(
+        &self,
+        ns: &NamespaceName,
+        id: &str,
+        pid: i64,
+        epoch: i16,
+        partition: &str,
+    ) -> Result<(), i16> {
+        let (r, _) = self
+            .load(ns, id)
+            .await?
+            .ok_or(E::InvalidProducerIdMapping.code())?;
+        Self::check_producer(&r, pid, epoch)?;
+        if r.phase != Phase::Ongoing || !r.partitions.contains(partition) {
+            return Err(E::InvalidTxnState.code());
+        }
+        Ok(())
+    }
+
     pub async fn add_partitions(
         &self,
         ctx: &Ctx,

@@ -23,6 +23,8 @@ from websockets.sync.client import connect
 BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
 GIB = 1 << 30
 CORRUPT_MESSAGE = 2
+INVALID_PRODUCER_ID_MAPPING = 49
+INVALID_RECORD = 87
 
 
 def _crc32c_table():
@@ -77,19 +79,30 @@ def bomb_records(codec, size):
     return b"".join(out)
 
 
-def record_batch(codec, records):
+def plain_record(value):
+    body = b"\x00" + varint(0) + varint(0) + varint(-1) + varint(len(value)) + value + varint(0)
+    return varint(len(body)) + body
+
+
+def record_batch(codec, records, attributes=0, last_offset_delta=0, producer_id=-1, epoch=-1,
+                 count=1):
     now = int(time.time() * 1000)
-    after_crc = struct.pack(">hiqqqhii", codec, 0, now, now, -1, -1, -1, 1) + records
+    after_crc = struct.pack(">hiqqqhii", codec | attributes, last_offset_delta, now, now,
+                            producer_id, epoch, -1 if producer_id < 0 else 0, count) + records
     crc = crc32c(after_crc)
     after_length = struct.pack(">ibI", -1, 2, crc) + after_crc
     return struct.pack(">qi", 0, len(after_length)) + after_length
 
 
-def produce_raw(port, topic, batch):
+def produce_raw(port, topic, batch, transactional_id=None):
     """A Produce v7 request with one batch for partition 0; the error code."""
     t = topic.encode()
     body = struct.pack(">hhi", 0, 7, 1) + struct.pack(">h", 4) + b"bomb"
-    body += struct.pack(">hhi", -1, -1, 30000)
+    if transactional_id is None:
+        body += struct.pack(">h", -1)
+    else:
+        body += struct.pack(">h", len(transactional_id)) + transactional_id.encode()
+    body += struct.pack(">hi", -1, 30000)
     body += struct.pack(">i", 1) + struct.pack(">h", len(t)) + t
     body += struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(batch)) + batch
     import socket
@@ -190,3 +203,36 @@ def test_gzip_and_zstd_bombs_are_refused_and_memory_stays_bounded(standalone):
     print(f"peak broker RSS {peak[0]:.0f} MiB")
     assert peak[0] < 512, peak[0]
     assert s.alive(), s.tail()
+
+
+def test_batches_that_lie_about_themselves_are_refused(standalone):
+    """A transactional batch outside any transaction (which would freeze
+    the partition's last stable offset), and a batch claiming more offsets
+    than it has records."""
+    from confluent_kafka import Consumer, TopicPartition
+    s = standalone
+    topic = f"sanity-{uuid.uuid4().hex[:6]}"
+    p = Producer({"bootstrap.servers": s.kafka})
+    p.produce(topic, value=b"first")
+    assert p.flush(30) == 0
+
+    stray = record_batch(0, plain_record(b"stray"), attributes=0x10, producer_id=999_999, epoch=0)
+    assert produce_raw(s.ports["kafka"], topic, stray, transactional_id="ghost") \
+        == INVALID_PRODUCER_ID_MAPPING
+    gapped = record_batch(0, plain_record(b"gapped"), last_offset_delta=1000)
+    assert produce_raw(s.ports["kafka"], topic, gapped) == INVALID_RECORD
+
+    p.produce(topic, value=b"second")
+    assert p.flush(30) == 0
+    c = Consumer({"bootstrap.servers": s.kafka, "group.id": topic,
+                  "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(topic, 0, 0)])
+    got = []
+    deadline = time.time() + 20
+    while len(got) < 2 and time.time() < deadline:
+        m = c.poll(1)
+        if m is not None and m.error() is None:
+            got.append((m.offset(), m.value()))
+    c.close()
+    # Nothing of either batch was stored, and read_committed readers go on.
+    assert got == [(0, b"first"), (1, b"second")], got
