@@ -201,7 +201,7 @@ pub struct BlockIndex {
 
 impl BlockIndex {
     pub fn len(&self) -> u64 {
-        u64::from(self.meta_len) + self.body_len
+        u64::from(self.meta_len).saturating_add(self.body_len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -210,12 +210,12 @@ impl BlockIndex {
 
     /// The byte range to fetch.
     pub fn range(&self) -> std::ops::Range<u64> {
-        self.start..self.start + self.len()
+        self.start..self.start.saturating_add(self.len())
     }
 
     /// One past the last offset it holds.
     pub fn end_offset(&self) -> u64 {
-        self.last_offset + 1
+        self.last_offset.saturating_add(1)
     }
 
     /// The batch's records, from exactly the bytes of [`Self::range`];
@@ -233,8 +233,8 @@ impl BlockIndex {
             i32::try_from(self.meta_len).map_err(|_| TieringError::Corrupt("block".into()))?,
             i64::try_from(self.body_len).map_err(|_| TieringError::Corrupt("block".into()))?,
         );
-        let batch = decoder
-            .read_record_batch(&block, &Buffer::from_vec(bytes.to_vec()))?
+        let buffer = Buffer::from_vec(bytes.to_vec());
+        let batch = arrow_guard("block", || decoder.read_record_batch(&block, &buffer))??
             .ok_or_else(|| TieringError::Corrupt("block holds no record batch".into()))?;
         let records = from_batch(&batch)?;
         if records.len() != self.records as usize
@@ -453,12 +453,23 @@ fn footer_blocks(file: &[u8]) -> Result<Vec<(u64, u32, u64)>> {
 /// Every record of a whole file, through Arrow's own file reader: what an
 /// analytics tool sees.
 pub fn read_file(file: Bytes) -> Result<Vec<Record>> {
-    let reader = arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(file), None)?;
-    let mut out = Vec::new();
-    for batch in reader {
-        out.extend(from_batch(&batch?)?);
-    }
-    Ok(out)
+    arrow_guard("file", || {
+        let reader = arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(file), None)?;
+        let mut out = Vec::new();
+        for batch in reader {
+            out.extend(from_batch(&batch?)?);
+        }
+        Ok(out)
+    })?
+}
+
+/// Runs an Arrow IPC read. The reader asserts on some malformed buffer
+/// layouts instead of returning an error; bytes that pass their checksum
+/// but were written by someone else must still come back as an error,
+/// never as a panic in the broker.
+fn arrow_guard<T>(what: &str, read: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+        .map_err(|_| TieringError::Corrupt(format!("{what} is not valid Arrow IPC")))
 }
 
 #[cfg(test)]

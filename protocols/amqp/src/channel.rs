@@ -12,6 +12,9 @@ use crate::codec::{Frame, CLASS_BASIC};
 use crate::error::{Exception, FRAME_ERROR, UNEXPECTED_FRAME};
 use crate::props::Published;
 
+/// The most reserved for a body before its bytes arrive.
+const BODY_RESERVE_MAX: usize = 1 << 20;
+
 /// A publish whose content is still arriving.
 #[derive(Debug)]
 struct Partial {
@@ -81,7 +84,11 @@ impl Assembler {
                         ),
                     ));
                 }
-                p.body.reserve(h.body_size as usize);
+                // Reserve what is announced only up to a bound: the space
+                // for the rest comes with the bytes, so a peer announcing
+                // large bodies on every channel and sending none holds
+                // nothing.
+                p.body.reserve((h.body_size as usize).min(BODY_RESERVE_MAX));
                 p.header = Some(*h);
             }
             Frame::Body(_, b) => {

@@ -74,7 +74,10 @@ pub fn dead_lettered(
                 Some(AMQPValue::LongInt(n)) => i64::from(*n),
                 _ => 0,
             };
-            t.insert("count".into(), AMQPValue::LongLongInt(count + 1));
+            t.insert(
+                "count".into(),
+                AMQPValue::LongLongInt(count.saturating_add(1)),
+            );
             t.insert("time".into(), AMQPValue::Timestamp(now_s));
             t
         }

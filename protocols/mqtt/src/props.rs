@@ -116,7 +116,7 @@ pub fn read(m: &Message, now_ms: i64) -> Option<Stored> {
     let mut expiry_left = None;
     let mut expired = false;
     if let Some(e) = header_text(m, H_EXPIRY).and_then(|e| e.parse::<u64>().ok()) {
-        let age_s = u64::try_from((now_ms - m.timestamp_ms).max(0) / 1000).unwrap_or(0);
+        let age_s = u64::try_from(now_ms.saturating_sub(m.timestamp_ms).max(0) / 1000).unwrap_or(0);
         expired = age_s >= e;
         expiry_left = Some(u32::try_from(e.saturating_sub(age_s)).unwrap_or(u32::MAX));
     }
