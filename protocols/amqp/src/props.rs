@@ -202,8 +202,17 @@ pub fn to_record(p: &Published) -> Message {
     put("amqp.app-id", s(props.app_id()));
     put("amqp.cluster-id", s(props.cluster_id()));
     if let Some(table) = props.headers() {
-        let mut typed = false;
-        for (k, v) in table {
+        let mut typed = table
+            .into_iter()
+            .any(|(k, _)| k.as_str().starts_with(PREFIX));
+        // The `amqp.` headers are the mapping's own: an application header
+        // of that name would stand in for the exchange, routing key or
+        // properties that readers take from the record. It still reaches
+        // AMQP consumers, in the typed table.
+        for (k, v) in table
+            .into_iter()
+            .filter(|(k, _)| !k.as_str().starts_with(PREFIX))
+        {
             typed |= !is_plain_string(v);
             headers.push((k.as_str().to_owned(), Some(Bytes::from(value_text(v)))));
         }
@@ -445,6 +454,32 @@ mod tests {
         );
         assert_eq!(headers.inner().len(), 1);
         assert_eq!(d.body, Bytes::from_static(b"body"));
+    }
+
+    #[test]
+    fn application_headers_cannot_stand_in_for_the_mapping() {
+        let mut h = FieldTable::default();
+        h.insert(
+            "amqp.exchange".into(),
+            AMQPValue::LongString("spoofed".into()),
+        );
+        h.insert(
+            "amqp.routing-key".into(),
+            AMQPValue::LongString("other".into()),
+        );
+        let p = Published {
+            exchange: "logs".into(),
+            routing_key: "kern.info".into(),
+            properties: AMQPProperties::default().with_headers(h.clone()),
+            body: Bytes::from_static(b"{}"),
+        };
+        let d = from_record(&to_record(&p), "q");
+        assert_eq!(
+            (d.exchange.as_str(), d.routing_key.as_str()),
+            ("logs", "kern.info")
+        );
+        // AMQP consumers still get them, as the publisher sent them.
+        assert_eq!(d.properties.headers().as_ref(), Some(&h));
     }
 
     #[test]

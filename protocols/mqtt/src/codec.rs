@@ -31,6 +31,9 @@ pub struct Framing {
     codec: Codec,
     level: u8,
     max_in: u32,
+    /// The codec has taken a fixed header and waits for the body, so the
+    /// buffer starts mid-packet.
+    mid_packet: bool,
 }
 
 impl Framing {
@@ -41,6 +44,7 @@ impl Framing {
             codec: Codec::Unknown(VersionCodec),
             level: 0,
             max_in: max_in.max(1),
+            mid_packet: false,
         }
     }
 
@@ -73,10 +77,23 @@ impl Framing {
                 }
             }
         }
-        // PINGREQ has no body; the codec would skip one.
-        if buf.len() >= 2 && buf[0] == 0xC0 && buf[1] != 0 {
+        // PINGREQ has no body; the codec would skip one. Only at a packet
+        // boundary: mid-packet, 0xC0 is just a body byte.
+        if !self.mid_packet && buf.len() >= 2 && buf[0] == 0xC0 && buf[1] != 0 {
             return Err(MqttError::Malformed("PINGREQ with a body".into()));
         }
+        let before = buf.len();
+        let decoded = self.decode_packet(buf);
+        match &decoded {
+            Ok(Some(_)) => self.mid_packet = false,
+            // The codec consumes a fixed header only once it has all of it.
+            Ok(None) if buf.len() < before => self.mid_packet = true,
+            _ => {}
+        }
+        decoded
+    }
+
+    fn decode_packet(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, MqttError> {
         match &mut self.codec {
             Codec::Unknown(_) => Ok(None),
             Codec::V5(c) => Ok(c.decode(buf)?.map(|(p, _)| p)),
@@ -356,6 +373,26 @@ mod tests {
         f.decode(&mut b).expect("connect");
         let mut big = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x03][..]);
         assert!(f.decode(&mut big).is_err());
+    }
+
+    #[test]
+    fn a_body_starting_like_a_pingreq_is_not_one() {
+        let mut f = Framing::new(1 << 20);
+        let mut b = connect_v311("dev5");
+        f.decode(&mut b).expect("connect");
+        // SUBSCRIBE, packet id 0xC001, filter "a" at QoS 1, split right
+        // after its fixed header.
+        let whole = [0x82u8, 6, 0xC0, 0x01, 0, 1, b'a', 1];
+        let mut b = BytesMut::from(&whole[..2]);
+        assert!(f.decode(&mut b).expect("header").is_none());
+        b.extend_from_slice(&whole[2..]);
+        assert!(matches!(
+            f.decode(&mut b).expect("a subscribe"),
+            Some(Packet::Subscribe(_))
+        ));
+        // At a boundary, a PINGREQ with a body is still refused.
+        let mut b = BytesMut::from(&[0xC0u8, 1, 0][..]);
+        assert!(f.decode(&mut b).is_err());
     }
 
     #[test]

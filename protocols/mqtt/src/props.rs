@@ -65,7 +65,14 @@ pub fn to_record(p: &Publish, topic: &str, client_id: &str) -> Message {
         if let Some(e) = props.message_expiry_interval {
             headers.push((H_EXPIRY.into(), text(&e.get().to_string())));
         }
-        for (k, v) in &props.user_properties {
+        // The `mqtt.` headers are ours: a user property of that name would
+        // otherwise stand in for the topic, QoS or retain flag that
+        // readers take from the record.
+        for (k, v) in props
+            .user_properties
+            .iter()
+            .filter(|(k, _)| !k.starts_with(PREFIX))
+        {
             headers.push((k.to_string(), text(v)));
         }
     }
@@ -196,6 +203,33 @@ mod tests {
         assert_eq!(props.user_properties.len(), 2);
         assert!(props.is_utf8_payload);
         assert!(read(&m, 61_000).expect("readable").expired);
+    }
+
+    #[test]
+    fn user_properties_cannot_stand_in_for_the_topic_qos_or_retain() {
+        let p = Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtMostOnce,
+            topic: "a/b".into(),
+            packet_id: None,
+            payload: Bytes::from_static(b"hi"),
+            properties: Some(PublishProperties {
+                user_properties: vec![
+                    ("mqtt.topic".into(), "admin/secret".into()),
+                    ("mqtt.qos".into(), "2".into()),
+                    ("mqtt.retain".into(), "true".into()),
+                    ("k".into(), "v".into()),
+                ],
+                ..Default::default()
+            }),
+        };
+        let m = to_record(&p, "a/b", "dev");
+        let s = read(&m, 0).expect("readable");
+        assert_eq!(s.topic, "a/b");
+        assert_eq!(s.qos, QoS::AtMostOnce);
+        assert!(!s.retain);
+        assert!(m.headers.iter().any(|(k, _)| k == "k"));
     }
 
     #[test]

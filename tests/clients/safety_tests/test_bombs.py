@@ -145,11 +145,14 @@ def test_gzip_and_zstd_bombs_are_refused_and_memory_stays_bounded(standalone):
     subscribed = queue.Queue()
     m = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bombs-{tag}")
     m.on_message = lambda _c, _u, msg: mqtt_got.put(msg.payload)
+    connected = queue.Queue()
+    m.on_connect = lambda *a: connected.put(True)
     m.on_subscribe = lambda *a: subscribed.put(True)
     m.connect("127.0.0.1", s.mqtt_port)
     m.loop_start()
+    connected.get(timeout=60)
     m.subscribe(f"bombs/{tag}", qos=1)
-    subscribed.get(timeout=10)
+    subscribed.get(timeout=60)
     ws = connect(f"{s.http.replace('http://', 'ws://')}/ws/v2/consumer/persistent/public/default/{q}/ws"
                  "?subscriptionInitialPosition=Earliest", open_timeout=10)
 

@@ -91,13 +91,17 @@ class RealClients:
         self.ch.queue_declare(self.queue)
         self.got = queue.Queue()
         self.mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"live-{tag}")
-        subscribed = queue.Queue()
+        connected, subscribed = queue.Queue(), queue.Queue()
         self.mqtt.on_message = lambda _c, _u, m: self.got.put(m.payload)
+        self.mqtt.on_connect = lambda *a: connected.put(True)
         self.mqtt.on_subscribe = lambda *a: subscribed.put(True)
         self.mqtt.connect("127.0.0.1", s.mqtt_port)
         self.mqtt.loop_start()
+        # Generous: the suites share two cores, and this is the first
+        # MQTT session of a new standalone.
+        connected.get(timeout=60)
         self.mqtt.subscribe(f"live/{tag}", qos=1)
-        subscribed.get(timeout=10)
+        subscribed.get(timeout=60)
         self.mqtt_topic = f"live/{tag}"
         self.n = 0
 
@@ -115,7 +119,7 @@ class RealClients:
             method, _, body = self.ch.basic_get(self.queue, auto_ack=True)
         assert body == b"a-%d" % self.n
         self.mqtt.publish(self.mqtt_topic, b"m-%d" % self.n, qos=1).wait_for_publish(10)
-        assert self.got.get(timeout=10) == b"m-%d" % self.n
+        assert self.got.get(timeout=30) == b"m-%d" % self.n
 
     def close(self):
         self.mqtt.loop_stop()
