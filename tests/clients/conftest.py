@@ -123,6 +123,17 @@ class Standalone:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def rss_mb(self):
+        """The process's resident memory, in MiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def open_fds(self):
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def tail(self, n=40):
         try:
             with open(self.log_path) as f:

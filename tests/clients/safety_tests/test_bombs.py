@@ -121,14 +121,6 @@ def produce_raw(port, topic, batch, transactional_id=None):
     return error
 
 
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def test_gzip_and_zstd_bombs_are_refused_and_memory_stays_bounded(standalone):
     s = standalone
     tag = uuid.uuid4().hex[:6]
@@ -156,12 +148,12 @@ def test_gzip_and_zstd_bombs_are_refused_and_memory_stays_bounded(standalone):
     ws = connect(f"{s.http.replace('http://', 'ws://')}/ws/v2/consumer/persistent/public/default/{q}/ws"
                  "?subscriptionInitialPosition=Earliest", open_timeout=10)
 
-    peak = [rss_mb(s.proc.pid)]
+    peak = [s.rss_mb()]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb(s.proc.pid))
+            peak[0] = max(peak[0], s.rss_mb())
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -38,18 +38,6 @@ def server():
         s.stop()
 
 
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def open_fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def flood(port, count, wait_s):
     """Helper processes of at most 9,000 connections each (the descriptor
     limit of one process may be 20,000)."""
@@ -129,11 +117,10 @@ class RealClients:
 
 @pytest.mark.parametrize("listener", ["kafka", "amqp", "mqtt", "http"])
 def test_idle_connections_go_after_the_handshake_timeout(server, listener):
-    pid = server.proc.pid
     live = RealClients(server)
     live.round_trip()
     time.sleep(1)
-    fds_before, rss_before = open_fds(pid), rss_mb(pid)
+    fds_before, rss_before = server.open_fds(), server.rss_mb()
     procs = flood(server.ports[listener], FLOOD, HANDSHAKE_S + 20)
     # The broker keeps serving its connected clients through the flood.
     deadline = time.time() + HANDSHAKE_S
@@ -141,7 +128,7 @@ def test_idle_connections_go_after_the_handshake_timeout(server, listener):
     while time.time() < deadline:
         live.round_trip()
         rounds += 1
-    peak_fds, peak_rss = open_fds(pid), rss_mb(pid)
+    peak_fds, peak_rss = server.open_fds(), server.rss_mb()
     closed, total = flood_results(procs)
     assert (closed, total) == (FLOOD, FLOOD), f"{listener}: {closed} of {total} closed"
     assert server.alive(), server.tail()
@@ -150,7 +137,7 @@ def test_idle_connections_go_after_the_handshake_timeout(server, listener):
     with urllib.request.urlopen(f"{server.http}/admin/v2/brokers/health", timeout=10) as r:
         assert r.status == 200
     time.sleep(2)
-    fds_after, rss_after = open_fds(pid), rss_mb(pid)
+    fds_after, rss_after = server.open_fds(), server.rss_mb()
     live.close()
     print(f"{listener}: rounds={rounds} fds {fds_before}->{peak_fds}->{fds_after} "
           f"rss_mb {rss_before:.0f}->{peak_rss:.0f}->{rss_after:.0f}")
