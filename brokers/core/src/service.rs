@@ -1306,6 +1306,12 @@ impl Broker {
             .await
     }
 
+    /// Admission for a new client listener of `protocol`, under this
+    /// broker's listener limits.
+    pub fn admission(&self, protocol: &'static str) -> Arc<crate::listener::Admission> {
+        crate::listener::Admission::new(protocol, self.inner.cfg.listener_limits.clone())
+    }
+
     /// Adds a consumer of topic data whose positions live outside the
     /// topics' subscriptions (Kafka groups): retention keeps what it still
     /// needs.

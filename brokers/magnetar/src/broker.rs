@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use magnetar_bookies::{BookieConfig, BookieServer, LedgerClient};
-use magnetar_broker::listener::{Admission, ListenerLimits};
+use magnetar_broker::listener::ListenerLimits;
 use magnetar_broker::managed_ledger::ManagedLedgerConfig;
 use magnetar_broker::topic::RetentionDefaults;
 use magnetar_broker::{Broker, BrokerConfig, BrokerInfo};
@@ -450,7 +450,7 @@ fn serve_http(
 ) -> anyhow::Result<Http> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let admission = Admission::new("HTTP", broker.config().listener_limits.clone());
+    let admission = broker.admission("HTTP");
     let app = magnetar_broker::http::router(broker).merge(protocols);
     let task = tokio::spawn(async move {
         magnetar_broker::listener::serve_http(listener, admission, app, async {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use magnetar_broker::listener::{accept_loop, Admission};
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -22,7 +22,7 @@ impl AmqpServer {
     /// Serves AMQP 0-9-1 clients on `listener` for `broker`.
     pub fn start(listener: TcpListener, broker: Broker, cfg: AmqpConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let admission = Admission::new("AMQP", broker.config().listener_limits.clone());
+        let admission = broker.admission("AMQP");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_alarms();
         let task = tokio::spawn(accept_loop(listener, admission, move |stream, _| {

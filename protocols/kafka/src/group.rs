@@ -233,12 +233,13 @@ impl RetentionHold for OffsetHolds {
 
 impl GroupCoordinator {
     pub fn new(broker: Broker, cfg: KafkaConfig) -> Self {
+        let store = broker.state("kafka-groups");
         broker.add_retention_hold(Arc::new(OffsetHolds {
-            store: broker.state("kafka-groups"),
+            store: store.clone(),
             retention: cfg.offsets_retention,
         }));
         GroupCoordinator {
-            store: broker.state("kafka-groups"),
+            store,
             broker,
             cfg,
             groups: std::sync::Mutex::new(HashMap::new()),

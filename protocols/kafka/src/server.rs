@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
-use magnetar_broker::listener::{accept_loop, Admission};
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
@@ -46,7 +46,7 @@ impl KafkaServer {
     /// `kafka`, since Metadata answers send clients there.
     pub fn start(listener: TcpListener, broker: Broker, cfg: KafkaConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let admission = Admission::new("Kafka", broker.config().listener_limits.clone());
+        let admission = broker.admission("Kafka");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
         let task = tokio::spawn(accept_loop(listener, admission, move |stream, peer| {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use magnetar_broker::listener::{accept_loop, Admission};
+use magnetar_broker::listener::accept_loop;
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -22,7 +22,7 @@ impl MqttServer {
     /// Serves MQTT clients on `listener` for `broker`.
     pub fn start(listener: TcpListener, broker: Broker, cfg: MqttConfig) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let admission = Admission::new("MQTT", broker.config().listener_limits.clone());
+        let admission = broker.admission("MQTT");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         let ctx_accept = Arc::clone(&ctx);
         let owners = if ctx.cfg.takeover_across_brokers {
