@@ -105,6 +105,7 @@ impl BookieServer {
         let svc = BookieGrpc::new(Service {
             id: cfg.id,
             storage: storage.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(ADD_IN_FLIGHT_KIB as usize)),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -367,6 +368,23 @@ async fn gc_loop(
 struct Service {
     id: u64,
     storage: Arc<Storage>,
+    /// KiB of add payloads accepted and not yet answered, bounded across
+    /// every stream: past it the bookie stops reading Add streams, and
+    /// HTTP/2 flow control holds the writers back, instead of queueing
+    /// toward the journal without end.
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+/// Add payloads the bookie holds in memory at once, on their way through
+/// the journal, in KiB.
+const ADD_IN_FLIGHT_KIB: u32 = 256 * 1024;
+
+/// Permits of `bytes` of payload: a KiB each, at least one, and never
+/// more than the whole budget (a single huge add still goes, alone).
+fn kib_permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, ADD_IN_FLIGHT_KIB)
 }
 
 fn add_result(ledger: u64, entry: u64, err: Option<&BookieError>) -> proto::AddResult {
@@ -397,6 +415,7 @@ impl Bookie for Service {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<proto::AddResponse, Status>>(4096);
         let storage = self.storage.clone();
+        let budget = self.in_flight.clone();
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let msg = match msg {
@@ -410,6 +429,10 @@ impl Bookie for Service {
                     storage.update_lac(msg.ledger_id, msg.lac);
                     continue;
                 }
+                let bytes = msg.entries.iter().map(|e| e.payload.len()).sum();
+                let Ok(permit) = budget.clone().acquire_many_owned(kib_permits(bytes)).await else {
+                    break;
+                };
                 let entries = msg
                     .entries
                     .into_iter()
@@ -436,6 +459,7 @@ impl Bookie for Service {
                     Some(durable) => {
                         let tx = tx.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             let res = durable.await.unwrap_or_else(|_| {
                                 Err(BookieError::Storage("journal stopped".into()))
                             });

@@ -45,7 +45,7 @@ pub use service::{
     Broker, BrokerConfig, BrokerInfo, FetchResult, OffloadDefaults, RetentionHold, RetentionRun,
     TopicPolicies,
 };
-pub use state::{StateChange, StateStore, Versioned};
+pub use state::{KeyQuota, StateChange, StateStore, Versioned};
 pub use subscription::{
     Consumer, ConsumerControl, ConsumerOptions, DeadLetterPolicy, Delivery, InitialPosition,
     ResetTo, SubscriptionOptions, SubscriptionType,

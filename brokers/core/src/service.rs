@@ -1027,11 +1027,24 @@ impl Broker {
             self.inner
                 .routing_generation
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
-            let snapshot = durable_snapshot(&g);
+            let snapshot = json(&durable_snapshot(&g));
+            if snapshot.len() > magnetar_metadata::MAX_VALUE_BYTES {
+                // The table is one metadata value: refusing what would not
+                // fit keeps the namespace's routing as it was, so that
+                // deletes and unbinds still work.
+                g.table = before;
+                g.transient = before_transient;
+                return Err(BrokerError::QuotaExceeded(format!(
+                    "routing table of namespace {ns} would take {} bytes (max {}); \
+                     delete or unbind first",
+                    snapshot.len(),
+                    magnetar_metadata::MAX_VALUE_BYTES
+                )));
+            }
             match self
                 .inner
                 .meta
-                .compare_and_put(&key, g.version, json(&snapshot))
+                .compare_and_put(&key, g.version, snapshot)
                 .await
             {
                 Ok(kv) => {

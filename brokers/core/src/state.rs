@@ -6,6 +6,10 @@
 //! record (a coordinator failover, a session takeover) cannot both win.
 //! What the values mean is the protocol's business.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use magnetar_metadata::{EventKind, MetaClient, MetaError};
 
@@ -133,6 +137,120 @@ impl StateStore {
                 )
             })
             .collect())
+    }
+}
+
+/// How long a counted number of keys is trusted before it is counted
+/// again; new keys in between are added to it.
+const QUOTA_RECOUNT: Duration = Duration::from_secs(5);
+
+/// A cap on what clients keep under each prefix of one area (one
+/// namespace's retained messages, sessions or groups): the metadata store
+/// holds every key in memory, so what clients can create there is
+/// bounded.
+///
+/// What is counted is the distinct first segments after the prefix: a
+/// retained message's key, or a group's id however many keys it has.
+/// The cap is soft across brokers: each counts at most every few seconds
+/// and adds what it admitted since, so brokers creating at once may
+/// overshoot by what they create in that time. Writing to something that
+/// exists is never refused.
+pub struct KeyQuota {
+    store: StateStore,
+    limit: usize,
+    what: &'static str,
+    counts: Mutex<HashMap<String, (usize, Instant)>>,
+}
+
+impl std::fmt::Debug for KeyQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyQuota")
+            .field("what", &self.what)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyQuota {
+    /// At most `limit` of them under each prefix of `store`'s area; 0: no
+    /// limit. `what` names them in the error ("retained messages").
+    pub fn new(store: StateStore, limit: usize, what: &'static str) -> Self {
+        KeyQuota {
+            store,
+            limit,
+            what,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Instant)>> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The distinct first segments after `prefix`.
+    async fn count(&self, prefix: &str) -> Result<usize> {
+        let full = self.store.key(prefix);
+        let keys = self.store.meta.list_keys(&full).await?;
+        let units: std::collections::HashSet<&str> = keys
+            .iter()
+            .filter_map(|k| k.get(full.len()..))
+            .map(|rest| rest.split('/').next().unwrap_or(rest))
+            .collect();
+        Ok(units.len())
+    }
+
+    /// Admits writing under `prefix` for `unit` (a segment, such as an
+    /// encoded client id or group id): always when it exists, and when
+    /// it is new only while the prefix holds fewer than the limit;
+    /// otherwise [`BrokerError::QuotaExceeded`].
+    pub async fn admit(&self, prefix: &str, unit: &str) -> Result<()> {
+        if self.limit == 0 {
+            return Ok(());
+        }
+        let cached = self
+            .counts()
+            .get(prefix)
+            .filter(|(_, at)| at.elapsed() < QUOTA_RECOUNT)
+            .map(|(n, _)| *n);
+        let n = match cached {
+            Some(n) => n,
+            None => {
+                let n = self.count(prefix).await?;
+                let mut counts = self.counts();
+                if counts.len() >= 10_000 {
+                    counts.retain(|_, (_, at)| at.elapsed() < QUOTA_RECOUNT);
+                }
+                counts.insert(prefix.to_string(), (n, Instant::now()));
+                n
+            }
+        };
+        if n < self.limit {
+            // Counted as new even if it is not; the next count corrects it.
+            if let Some((c, _)) = self.counts().get_mut(prefix) {
+                *c += 1;
+            }
+            return Ok(());
+        }
+        let own = format!("{prefix}{unit}");
+        let exists = self
+            .store
+            .meta
+            .list_keys(&self.store.key(&own))
+            .await?
+            .iter()
+            .any(|k| {
+                k.get(self.store.prefix.len() + own.len()..)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            });
+        if exists {
+            return Ok(());
+        }
+        Err(BrokerError::QuotaExceeded(format!(
+            "{} already holds {n} {} (max {})",
+            prefix.trim_end_matches('/'),
+            self.what,
+            self.limit
+        )))
     }
 }
 

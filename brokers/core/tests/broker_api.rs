@@ -1085,3 +1085,44 @@ async fn a_route_republishes_a_topics_records_through_an_exchange() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_full_routing_table_refuses_with_a_quota_error_and_still_shrinks() {
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let ns = NamespaceName::default_namespace();
+    b.declare_queue(&ns, "q", true).await.expect("queue");
+    b.declare_exchange(
+        &ns,
+        ExchangeDef {
+            durable: true,
+            ..ExchangeDef::new("wide", ExchangeKind::Topic)
+        },
+        false,
+    )
+    .await
+    .expect("x");
+    // Long binding keys fill the namespace's one routing value (1 MiB).
+    let key = |i: usize| format!("{i}.{}", "k".repeat(16 * 1024));
+    let mut bound = 0;
+    let refused = loop {
+        match b.bind(&ns, Binding::queue("wide", "q", key(bound))).await {
+            Ok(()) => bound += 1,
+            Err(e) => break e,
+        }
+        assert!(bound < 200, "the routing table never filled");
+    };
+    assert!(
+        matches!(refused, magnetar_broker::BrokerError::QuotaExceeded(_)),
+        "{refused:?}"
+    );
+    assert!(bound >= 50, "refused after {bound}");
+    // Unbinding still works, and makes room again.
+    b.unbind(&ns, &Binding::queue("wide", "q", key(0)))
+        .await
+        .expect("unbind");
+    b.bind(&ns, Binding::queue("wide", "q", "small"))
+        .await
+        .expect("room again");
+    b.declare_queue(&ns, "q2", true).await.expect("queue");
+}

@@ -95,6 +95,23 @@ pub struct BrokerOptions {
         default_value_t = 7 * 24 * 60
     )]
     kafka_offsets_retention_minutes: u64,
+    /// Largest record batch a Kafka produce may store, in bytes, for
+    /// topics without a `max.message.bytes` of their own (Kafka's
+    /// `message.max.bytes`); larger batches get MESSAGE_TOO_LARGE.
+    #[arg(
+        long,
+        env = "MAGNETAR_KAFKA_MESSAGE_MAX_BYTES",
+        default_value_t = magnetar_kafka::DEFAULT_MESSAGE_MAX_BYTES
+    )]
+    kafka_message_max_bytes: usize,
+    /// Kafka consumer groups one namespace may hold; a new group past it
+    /// is refused with POLICY_VIOLATION (0: no limit).
+    #[arg(
+        long,
+        env = "MAGNETAR_KAFKA_MAX_GROUPS_PER_NAMESPACE",
+        default_value_t = 100_000
+    )]
+    kafka_max_groups_per_namespace: usize,
     /// Connections open at once on each client listener (Kafka, AMQP,
     /// MQTT, HTTP); over it a new connection is closed at once. 0: a
     /// quarter of the file descriptors left after 1024 kept for storage.
@@ -133,6 +150,22 @@ pub struct BrokerOptions {
     /// more are told this one, v3 clients are refused; 65535: no limit.
     #[arg(long, env = "MAGNETAR_MQTT_MAX_KEEP_ALIVE", default_value_t = u16::MAX)]
     mqtt_max_keep_alive: u16,
+    /// Retained MQTT messages one namespace may hold; a publish that
+    /// would retain one more is refused (0: no limit).
+    #[arg(
+        long,
+        env = "MAGNETAR_MQTT_MAX_RETAINED_PER_NAMESPACE",
+        default_value_t = 100_000
+    )]
+    mqtt_max_retained_per_namespace: usize,
+    /// Persistent MQTT sessions one namespace may hold; a CONNECT that
+    /// would start one more gets CONNACK Quota exceeded (0: no limit).
+    #[arg(
+        long,
+        env = "MAGNETAR_MQTT_MAX_SESSIONS_PER_NAMESPACE",
+        default_value_t = 100_000
+    )]
+    mqtt_max_sessions_per_namespace: usize,
     /// Turn on token authentication, with tokens signed by this HMAC
     /// secret key: `file:///path`, a path, or `data:;base64,…` (what
     /// `magnetar tokens create-secret-key` writes, as Pulsar's
@@ -300,6 +333,8 @@ impl Protocols {
             offsets_retention: Duration::from_secs(
                 opts.kafka_offsets_retention_minutes.saturating_mul(60),
             ),
+            message_max_bytes: opts.kafka_message_max_bytes,
+            max_groups_per_namespace: opts.kafka_max_groups_per_namespace,
             ..Default::default()
         };
         let amqp_cfg = magnetar_amqp::AmqpConfig {
@@ -313,6 +348,8 @@ impl Protocols {
             max_keep_alive: opts.mqtt_max_keep_alive.max(1),
             takeover_across_brokers: clustered,
             connect_timeout: broker.config().listener_limits.handshake_timeout,
+            max_retained_per_namespace: opts.mqtt_max_retained_per_namespace,
+            max_sessions_per_namespace: opts.mqtt_max_sessions_per_namespace,
             ..Default::default()
         };
         Ok(Protocols {

@@ -60,6 +60,13 @@ fn valid_value(name: &str, value: &str) -> bool {
 
 type Configs = BTreeMap<String, String>;
 
+/// The topic configs produce applies, cached for [`CONFIG_TTL`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProduceConfigs {
+    pub codec: Option<u16>,
+    pub max_message_bytes: usize,
+}
+
 /// How long a topic's codec setting is trusted; another broker's change
 /// is seen within this.
 const CONFIG_TTL: Duration = Duration::from_secs(5);
@@ -81,16 +88,19 @@ impl Ctx {
         }
     }
 
-    /// The codec batches of `t` are stored in, when its
-    /// `compression.type` names one.
-    pub(crate) async fn target_codec(&self, t: &Name) -> Option<u16> {
+    /// What produce applies to `t`: the codec its batches are stored in
+    /// (when `compression.type` names one) and its largest batch
+    /// (`max.message.bytes`, or the listener's `message.max.bytes`).
+    pub(crate) async fn produce_configs(&self, t: &Name) -> ProduceConfigs {
         if let Some((c, at)) = self.codecs_lock().get(t).copied() {
             if at.elapsed() < CONFIG_TTL {
                 return c;
             }
         }
-        let codec = match self.topic_overrides(t).await {
-            Ok((configs, _)) => match configs.get("compression.type").map(String::as_str) {
+        let overrides = self.topic_overrides(t).await.map(|(c, _)| c).ok();
+        let get = |name: &str| overrides.as_ref()?.get(name).map(String::as_str);
+        let configs = ProduceConfigs {
+            codec: match get("compression.type") {
                 Some("uncompressed") => Some(0),
                 Some("gzip") => Some(1),
                 Some("snappy") => Some(2),
@@ -98,14 +108,16 @@ impl Ctx {
                 Some("zstd") => Some(4),
                 _ => None,
             },
-            Err(_) => None,
+            max_message_bytes: get("max.message.bytes")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(self.cfg.message_max_bytes),
         };
         self.codecs_lock()
-            .insert(t.clone(), (codec, Instant::now()));
-        codec
+            .insert(t.clone(), (configs, Instant::now()));
+        configs
     }
 
-    fn codecs_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Name, (Option<u16>, Instant)>> {
+    fn codecs_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Name, (ProduceConfigs, Instant)>> {
         self.codecs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -520,9 +532,14 @@ impl Ctx {
                                 let (value, source) = match overrides.get(*name) {
                                     Some(v) => (v.clone(), SOURCE_TOPIC),
                                     None => (
-                                        self.namespace_default(&c.ns, name)
-                                            .await
-                                            .unwrap_or_else(|| default.to_string()),
+                                        self.namespace_default(&c.ns, name).await.unwrap_or_else(
+                                            || match *name {
+                                                "max.message.bytes" => {
+                                                    self.cfg.message_max_bytes.to_string()
+                                                }
+                                                _ => default.to_string(),
+                                            },
+                                        ),
                                         SOURCE_DEFAULT,
                                     ),
                                 };
@@ -543,6 +560,7 @@ impl Ctx {
                             self.broker.config().auto_create_topics.to_string(),
                         ),
                         ("num.partitions", self.cfg.default_partitions.to_string()),
+                        ("message.max.bytes", self.cfg.message_max_bytes.to_string()),
                     ] {
                         if wanted(name) {
                             out.configs.push(

@@ -171,6 +171,7 @@ pub(crate) struct GroupCoordinator {
     broker: Broker,
     cfg: KafkaConfig,
     store: StateStore,
+    quota: magnetar_broker::KeyQuota,
     groups: std::sync::Mutex<HashMap<GroupKey, Arc<Mutex<Group>>>>,
 }
 
@@ -239,6 +240,11 @@ impl GroupCoordinator {
             retention: cfg.offsets_retention,
         }));
         GroupCoordinator {
+            quota: magnetar_broker::KeyQuota::new(
+                store.clone(),
+                cfg.max_groups_per_namespace,
+                "consumer groups",
+            ),
             store,
             broker,
             cfg,
@@ -334,6 +340,18 @@ impl GroupCoordinator {
         Ok(Arc::clone(self.groups_lock().entry(key).or_insert(arc)))
     }
 
+    /// Whether state for `group` may be written: always for a group that
+    /// has some, for a new one while the namespace is under its quota.
+    async fn admit(&self, ns: &NamespaceName, group: &str) -> Result<(), i16> {
+        self.quota
+            .admit(&format!("{ns}/"), &encode_segment(group))
+            .await
+            .map_err(|e| {
+                tracing::warn!("group {group} of {ns} refused: {e}");
+                code_of(&e)
+            })
+    }
+
     async fn load_record(&self, ns: &NamespaceName, id: &str) -> Result<Option<GroupRecord>, i16> {
         let key = format!("{}/meta", group_path(ns, id));
         match self.store.get(&key).await {
@@ -364,6 +382,9 @@ impl GroupCoordinator {
         let group_id = r.group_id.0.to_string();
         let member_id = r.member_id.to_string();
         if let Err(code) = self.check_coordinator(&c.ns, &group_id).await {
+            return err(code, &member_id);
+        }
+        if let Err(code) = self.admit(&c.ns, &group_id).await {
             return err(code, &member_id);
         }
         let session_timeout = Duration::from_millis(r.session_timeout_ms.max(0) as u64);
@@ -850,6 +871,7 @@ impl GroupCoordinator {
         group: &str,
         f: impl Fn(&mut OffsetsRecord),
     ) -> Result<(), i16> {
+        self.admit(ns, group).await?;
         loop {
             let (mut rec, version) = self.read_offsets(ns, group).await?;
             f(&mut rec);
@@ -1194,6 +1216,9 @@ impl GroupCoordinator {
             let now = now_ms();
             let key = Self::txn_key(&c.ns, &group, pid);
             code = loop {
+                if let Err(code) = self.admit(&c.ns, &group).await {
+                    break code;
+                }
                 let (mut rec, version) = match self.store.get(&key).await {
                     Ok(Some(v)) => (
                         serde_json::from_slice::<OffsetsRecord>(&v.value).unwrap_or_default(),

@@ -103,7 +103,7 @@ pub(crate) struct Ctx {
     layouts: Mutex<HashMap<Name, (Layout, Instant)>>,
     /// Each topic's `compression.type` as a codec (`None`: the
     /// producer's), cached like layouts.
-    pub(crate) codecs: Mutex<HashMap<Name, (Option<u16>, Instant)>>,
+    pub(crate) codecs: Mutex<HashMap<Name, (crate::admin::ProduceConfigs, Instant)>>,
     pub groups: Arc<GroupCoordinator>,
     pub txns: TxnCoordinator,
 }
@@ -466,11 +466,17 @@ impl Ctx {
             // A decompression bomb goes no further than here.
             check_inflated(b).map_err(|e| code_of(&e))?;
         }
-        if let Some(codec) = self.target_codec(&t.name().base()).await {
+        let configs = self.produce_configs(&t.name().base()).await;
+        if let Some(codec) = configs.codec {
             batches = batches
                 .into_iter()
                 .map(|b| recompress(b, codec).map_err(|e| code_of(&e)))
                 .collect::<Result<_, _>>()?;
+        }
+        // As Kafka, the limit is on the batch as stored, after the
+        // topic's own compression.
+        if batches.iter().any(|b| b.len() > configs.max_message_bytes) {
+            return Err(E::MessageTooLarge.code());
         }
         let mut pending = Vec::with_capacity(batches.len());
         for b in batches {

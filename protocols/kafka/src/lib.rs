@@ -31,6 +31,10 @@ use magnetar_tenancy::NamespaceName;
 pub use error::{KafkaError, Result};
 pub use server::KafkaServer;
 
+/// Kafka's default `message.max.bytes`: 1 MiB and a batch header's
+/// 12-byte prefix.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_048_588;
+
 /// How the Kafka listener behaves.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -47,6 +51,12 @@ pub struct KafkaConfig {
     /// How long a group's committed offset keeps holding a partition's
     /// data after its last commit (Kafka's `offsets.retention.minutes`).
     pub offsets_retention: Duration,
+    /// Largest record batch a produce may store, unless the topic's
+    /// `max.message.bytes` says otherwise (Kafka's `message.max.bytes`).
+    pub message_max_bytes: usize,
+    /// Consumer groups (with stored members or offsets) a namespace may
+    /// hold; a new one past it is refused (0: no limit).
+    pub max_groups_per_namespace: usize,
 }
 
 impl Default for KafkaConfig {
@@ -61,6 +71,8 @@ impl Default for KafkaConfig {
             max_request_bytes: codec::DEFAULT_MAX_REQUEST,
             group_initial_rebalance_delay: Duration::from_millis(3000),
             offsets_retention: Duration::from_secs(7 * 24 * 3600),
+            message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
+            max_groups_per_namespace: 100_000,
         }
     }
 }

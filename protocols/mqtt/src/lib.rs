@@ -60,6 +60,13 @@ pub struct MqttConfig {
     /// (a metadata write per connect). Standalone, the only broker of its
     /// store, needs none.
     pub takeover_across_brokers: bool,
+    /// Retained messages a namespace may hold; a publish that would
+    /// retain one more is refused (0: no limit).
+    pub max_retained_per_namespace: usize,
+    /// Persistent sessions (session expiry above 0) a namespace may
+    /// hold; a CONNECT that would start one more gets CONNACK Quota
+    /// exceeded (0: no limit).
+    pub max_sessions_per_namespace: usize,
 }
 
 impl Default for MqttConfig {
@@ -76,6 +83,8 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: u16::MAX,
             takeover_across_brokers: true,
+            max_retained_per_namespace: 100_000,
+            max_sessions_per_namespace: 100_000,
         }
     }
 }

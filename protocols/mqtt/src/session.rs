@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::codec::{self, Framing};
 use crate::error::{MqttError, Result};
@@ -50,6 +50,10 @@ const SUBSCRIPTION: &str = "mqtt";
 const SESSION_AREA: &str = "mqtt-sessions";
 /// Where retained messages are kept.
 const RETAINED_AREA: &str = "mqtt-retained";
+/// QoS 0 publishes (and their payload bytes) of one connection on their
+/// way to the bookies before it reads no more.
+const QOS0_IN_FLIGHT: usize = 4096;
+const QOS0_IN_FLIGHT_BYTES: usize = 8 << 20;
 /// Packet ids of QoS 2 publishes that persistent sessions stored and the
 /// client has not yet released: a resend after a reconnect, to this
 /// broker after a restart or to another one, is not stored twice.
@@ -67,6 +71,8 @@ pub(crate) struct Ctx {
     retained: StateStore,
     qos2: StateStore,
     owners: StateStore,
+    retained_quota: magnetar_broker::KeyQuota,
+    session_quota: magnetar_broker::KeyQuota,
     /// This listener's id in owner records.
     instance: u64,
     /// Owner record writes at once at most, so that a storm of connects
@@ -210,6 +216,16 @@ impl Ctx {
         Ctx {
             qos2,
             owners,
+            retained_quota: magnetar_broker::KeyQuota::new(
+                retained.clone(),
+                cfg.max_retained_per_namespace,
+                "retained messages",
+            ),
+            session_quota: magnetar_broker::KeyQuota::new(
+                sessions.clone(),
+                cfg.max_sessions_per_namespace,
+                "persistent sessions",
+            ),
             instance: rand::random(),
             meta_ops: tokio::sync::Semaphore::new(META_OPS),
             broker,
@@ -427,6 +443,16 @@ impl Ctx {
         retain: bool,
     ) -> Result<BoxFuture<'static, Result<()>>> {
         let targets = self.targets(ns, topic).await?;
+        if retain && record.value.as_ref().is_some_and(|v| !v.is_empty()) {
+            // Refused before anything is stored, so that the client's
+            // error means the whole publish.
+            self.retained_quota
+                .admit(
+                    &retained::namespace_prefix(ns),
+                    &magnetar_tenancy::names::encode_segment(topic),
+                )
+                .await?;
+        }
         let retained = retain.then(|| {
             let (ctx, ns, topic) = (Arc::clone(self), ns.clone(), topic.to_owned());
             let record = record.clone();
@@ -578,6 +604,14 @@ struct Conn {
     /// MQTT reads as "might be a re-delivery".
     resumed_at: Option<i64>,
     stores: FuturesOrdered<Stored>,
+    /// QoS 0 publishes on their way to the bookies. Nobody waits for
+    /// them, but while there are [`QOS0_IN_FLIGHT`] (or
+    /// [`QOS0_IN_FLIGHT_BYTES`]) the connection reads
+    /// no more, so that a flood faster than the bookies waits in TCP
+    /// rather than in memory.
+    qos0: futures::stream::FuturesUnordered<BoxFuture<'static, usize>>,
+    /// Payload bytes of those publishes.
+    qos0_bytes: usize,
     /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
     receiving: usize,
     /// What the authenticated role may do in the namespace.
@@ -763,6 +797,7 @@ impl Conn {
             }
         }
         let stored = ctx.load_session(&ns, &client_id).await;
+        let had_session = stored.is_some();
         let mut session_present = false;
         let mut subs = Vec::new();
         if c.clean_start {
@@ -788,6 +823,21 @@ impl Conn {
             server_keep_alive = Some(max_ka);
         }
         let expiry = c.session_expiry_interval_secs;
+        // One stored before (resumed, or replaced by a clean start)
+        // counts already.
+        if expiry > 0 && !had_session {
+            let admitted = ctx
+                .session_quota
+                .admit(
+                    &retained::namespace_prefix(&ns),
+                    &magnetar_tenancy::names::encode_segment(&client_id),
+                )
+                .await;
+            if let Err(e) = admitted {
+                warn!(client = %client_id, "session refused: {e}");
+                return Err((framing, v5::ConnectAckReason::QuotaExceeded));
+            }
+        }
         if expiry > 0 {
             // Kept from the start, so that a session without
             // subscriptions is present on the next CONNECT too.
@@ -828,6 +878,8 @@ impl Conn {
             retained_out: VecDeque::new(),
             resumed_at: session_present.then(now_ms),
             stores: FuturesOrdered::new(),
+            qos0: futures::stream::FuturesUnordered::new(),
+            qos0_bytes: 0,
             receiving: 0,
             grants,
         };
@@ -886,7 +938,7 @@ impl Conn {
                 }
             }
             tokio::select! {
-                r = rd.read_buf(&mut buf) => {
+                r = rd.read_buf(&mut buf), if self.qos0.len() < QOS0_IN_FLIGHT && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES => {
                     match r {
                         Ok(0) | Err(_) => return End::Abrupt(None),
                         Ok(n) => last_read = n,
@@ -922,6 +974,11 @@ impl Conn {
                         }
                     }
                     self.pump();
+                }
+                Some(size) = self.qos0.next(), if !self.qos0.is_empty() => {
+                    self.qos0_bytes -= size;
+                    // Not reading was the broker's doing, not the client's.
+                    deadline = self.keep_alive.map(|k| Instant::now() + k);
                 }
                 Some((reply, r)) = self.stores.next(), if !self.stores.is_empty() => {
                     // A QoS 2 publish counts against Receive Maximum
@@ -1112,11 +1169,17 @@ impl Conn {
         };
         if matches!(reply, Reply::Nothing) {
             // QoS 0: nobody waits; errors are only logged.
-            tokio::spawn(async move {
-                if let Err(e) = stored.await {
-                    debug!("QoS 0 publish not stored: {e}");
+            let size = p.payload.len();
+            self.qos0_bytes += size;
+            self.qos0.push(
+                async move {
+                    if let Err(e) = stored.await {
+                        debug!("QoS 0 publish not stored: {e}");
+                    }
+                    size
                 }
-            });
+                .boxed(),
+            );
         } else {
             self.stores
                 .push_back(async move { (reply, stored.await) }.boxed());
@@ -1518,14 +1581,19 @@ impl Conn {
             _ => None,
         };
         if let Some(reason) = reason {
+            // Said in a Reason String too (which MQTT 5 allows on
+            // DISCONNECT whatever the client's Request Problem
+            // Information): paho reads the reason code only then.
+            let mut why = None;
             if let End::Abrupt(Some(e)) = &end {
                 debug!(client = %self.client_id, "closing: {e}");
+                why = Some(ByteString::from(e.to_string()));
             }
             self.send(Packet::Disconnect(v5::Disconnect {
                 reason_code: reason,
                 session_expiry_interval_secs: None,
                 server_reference: None,
-                reason_string: None,
+                reason_string: why,
                 user_properties: Vec::new(),
             }));
         }

@@ -7,6 +7,11 @@
 //! the client's permits. Here each topic's subscription is granted credit
 //! for what the connection may hold, and messages that arrive while the
 //! client is at its limit wait in `held` (at most the credit granted).
+//!
+//! In pull mode a client may ask for any number of messages at once;
+//! each topic is granted at most `receiverQueueSize` of them ahead of
+//! delivery, and more as they go out, so that a huge `permit` does not
+//! pull a backlog into memory.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -25,6 +30,10 @@ pub struct Flow<T> {
     outstanding: HashSet<Key>,
     /// Pull mode: messages the client asked for and has not had.
     permits: u64,
+    /// Pull mode, per topic: credit granted and not yet used, and
+    /// messages received and waiting in `held`.
+    granted: Vec<u64>,
+    held_per: Vec<u64>,
     held: VecDeque<(Key, T)>,
 }
 
@@ -34,6 +43,8 @@ impl<T> Flow<T> {
             params,
             outstanding: HashSet::new(),
             permits: 0,
+            granted: Vec::new(),
+            held_per: Vec::new(),
             held: VecDeque::new(),
         }
     }
@@ -48,6 +59,12 @@ impl<T> Flow<T> {
     /// already, so that credit is given back.
     pub fn received(&mut self, key: Key, item: T) -> Option<Grant> {
         let again = self.outstanding.contains(&key);
+        if self.params.pull_mode {
+            let t = key.0;
+            self.grow(t + 1);
+            self.granted[t] = self.granted[t].saturating_sub(1);
+            self.held_per[t] += 1;
+        }
         self.held.push_back((key, item));
         (again && !self.params.pull_mode).then_some((key.0, 1))
     }
@@ -67,6 +84,9 @@ impl<T> Flow<T> {
         let (key, item) = self.held.pop_front()?;
         if self.params.pull_mode {
             self.permits -= 1;
+            if let Some(h) = self.held_per.get_mut(key.0) {
+                *h = h.saturating_sub(1);
+            }
         }
         self.outstanding.insert(key);
         Some((key, item))
@@ -89,14 +109,49 @@ impl<T> Flow<T> {
         self.settled(key)
     }
 
-    /// A `permit` command: in pull mode, credit for `n` more to every
-    /// topic (what one topic does not use waits in `held`).
+    /// A `permit` command: in pull mode, `n` more messages the client may
+    /// have, and the credit that asks every topic for them.
     pub fn permit(&mut self, n: u64, topics: usize) -> Vec<Grant> {
         if !self.params.pull_mode || n == 0 {
             return Vec::new();
         }
         self.permits = self.permits.saturating_add(n);
-        (0..topics).map(|t| (t, n)).collect()
+        self.refill(topics)
+    }
+
+    /// Pull mode: credit that brings each topic back to what the client
+    /// still asks for, at most the queue size ahead (counting what it has
+    /// waiting in `held`); what one topic does not use waits there. Call
+    /// after messages went out.
+    pub fn refill(&mut self, topics: usize) -> Vec<Grant> {
+        if !self.params.pull_mode {
+            return Vec::new();
+        }
+        self.grow(topics);
+        let target = self
+            .permits
+            .min(u64::from(self.params.receiver_queue_size.max(1)));
+        let mut grants = Vec::new();
+        for t in 0..topics {
+            let have = self.granted[t] + self.held_per[t];
+            if have < target {
+                self.granted[t] += target - have;
+                grants.push((t, target - have));
+            }
+        }
+        grants
+    }
+
+    fn grow(&mut self, topics: usize) {
+        if self.granted.len() < topics {
+            self.granted.resize(topics, 0);
+            self.held_per.resize(topics, 0);
+        }
+    }
+
+    /// Messages received and not yet out to the client.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     pub fn outstanding(&self) -> usize {
@@ -161,7 +216,106 @@ mod tests {
         assert!(f.next_out().is_some());
     }
 
+    #[test]
+    fn a_huge_permit_asks_each_topic_for_the_queue_size_at_a_time() {
+        let mut f: Flow<()> = Flow::new(FlowParams {
+            receiver_queue_size: 10,
+            pull_mode: true,
+        });
+        assert_eq!(f.permit(1_000_000, 2), vec![(0, 10), (1, 10)]);
+        for o in 0..10 {
+            f.received((0, o), ());
+        }
+        // Nothing more is asked while ten wait.
+        assert_eq!(f.refill(2), vec![]);
+        for _ in 0..4 {
+            assert!(f.next_out().is_some());
+        }
+        assert_eq!(f.refill(2), vec![(0, 4)]);
+        // Near the end of the permits, no more than they cover.
+        let mut f: Flow<()> = Flow::new(FlowParams {
+            receiver_queue_size: 10,
+            pull_mode: true,
+        });
+        assert_eq!(f.permit(3, 1), vec![(0, 3)]);
+        for o in 0..3 {
+            f.received((0, o), ());
+            assert!(f.next_out().is_some());
+        }
+        assert_eq!(f.refill(1), vec![]);
+        assert!(f.permit(u64::MAX, 1) == vec![(0, 10)]);
+    }
+
     proptest! {
+        /// Pull mode: whatever permits the client sends and however the
+        /// subscriptions deliver, no more wait than the topics times the
+        /// queue size, and every message asked for is eventually out.
+        #[test]
+        fn pull_mode_holds_at_most_the_queue_size_per_topic(
+            q in 1u32..8,
+            topics in 1usize..4,
+            ops in proptest::collection::vec((0u8..3, 0u64..50), 0..300),
+        ) {
+            let mut f: Flow<()> = Flow::new(FlowParams { receiver_queue_size: q, pull_mode: true });
+            let mut credit = vec![0u64; topics];
+            let mut next = 0u64;
+            let mut asked = 0u64;
+            let mut out = 0u64;
+            for (op, n) in ops {
+                match op {
+                    0 => {
+                        asked = asked.saturating_add(n);
+                        for (t, c) in f.permit(n, topics) {
+                            credit[t] += c;
+                        }
+                    }
+                    1 => {
+                        let t = (n as usize) % topics;
+                        if credit[t] > 0 {
+                            credit[t] -= 1;
+                            f.received((t, next), ());
+                            next += 1;
+                        }
+                    }
+                    _ => {
+                        while f.next_out().is_some() {
+                            out += 1;
+                        }
+                        for (t, c) in f.refill(topics) {
+                            credit[t] += c;
+                        }
+                    }
+                }
+                prop_assert!(f.held() <= topics * q as usize);
+                prop_assert!(out <= asked);
+            }
+            // Subscriptions that always have more: everything asked for
+            // goes out.
+            loop {
+                let mut moved = false;
+                for (t, c) in credit.iter_mut().enumerate() {
+                    while *c > 0 {
+                        *c -= 1;
+                        f.received((t, next), ());
+                        next += 1;
+                        moved = true;
+                    }
+                }
+                while f.next_out().is_some() {
+                    out += 1;
+                    moved = true;
+                }
+                for (t, c) in f.refill(topics) {
+                    credit[t] += c;
+                    moved = true;
+                }
+                if !moved {
+                    break;
+                }
+            }
+            prop_assert_eq!(out, asked);
+        }
+
         /// Whatever the client does, no more than the queue size are out.
         #[test]
         fn never_more_out_than_the_queue_size(q in 1u32..8, ops in proptest::collection::vec(0u8..4, 0..200)) {

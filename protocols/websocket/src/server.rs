@@ -761,6 +761,9 @@ async fn serve_consumer(socket: WebSocket, ctx: &Ctx, st: &mut ConsumerState) {
                 return;
             }
         }
+        for g in st.flow.refill(st.slots.len()) {
+            st.grant(Some(g));
+        }
         tokio::select! {
             frame = stream.next() => {
                 let frame = match frame {

@@ -148,3 +148,40 @@ def test_delete_records_moves_the_start_of_a_partition(standalone, admin):
         f.result(30)
     (f,) = ca.delete_records([TopicPartition("trimmed", 0, -1)]).values()
     assert f.result(30).low_watermark == 100
+
+
+def test_max_message_bytes_bounds_a_stored_batch(standalone, admin):
+    """`max.message.bytes` of a topic, and the listener's
+    `message.max.bytes` for the others, refuse larger batches with
+    MESSAGE_TOO_LARGE, as Kafka does; smaller ones are stored."""
+    from confluent_kafka import KafkaError, Producer
+
+    admin.create_topics([NewTopic("mmb-small", 1, 1, topic_configs={"max.message.bytes": "10000"})])
+    assert configs_of(admin, "mmb-small")["max.message.bytes"] == ("10000", "DYNAMIC_TOPIC_CONFIG")
+
+    # The client's own limit is raised so that the broker is the one
+    # that refuses; no batching, so each message is its own batch.
+    p = Producer({"bootstrap.servers": standalone.kafka, "message.max.bytes": 4_000_000,
+                  "linger.ms": 0, "compression.type": "none", "retries": 0})
+    outcome = {}
+
+    def report(name):
+        def cb(err, msg):
+            outcome[name] = err.code() if err else KafkaError.NO_ERROR
+        return cb
+
+    p.produce("mmb-small", b"x" * 5_000, callback=report("small-fits"))
+    p.flush(30)
+    p.produce("mmb-small", b"x" * 20_000, callback=report("small-over"))
+    p.flush(30)
+    p.produce("mmb-default", b"x" * 900_000, callback=report("default-fits"))
+    p.flush(30)
+    p.produce("mmb-default", b"x" * 1_500_000, callback=report("default-over"))
+    p.flush(30)
+    assert outcome == {
+        "small-fits": KafkaError.NO_ERROR,
+        "small-over": KafkaError.MSG_SIZE_TOO_LARGE,
+        "default-fits": KafkaError.NO_ERROR,
+        "default-over": KafkaError.MSG_SIZE_TOO_LARGE,
+    }, outcome
+    assert configs_of(admin, "mmb-default")["max.message.bytes"] == ("1048588", "DEFAULT_CONFIG")

@@ -243,7 +243,16 @@ pub(crate) fn write_unknown_tagged_fields<B: ByteBufMut, R: RangeBounds<i32>>(
     range: R,
     unknown_tagged_fields: &BTreeMap<i32, Bytes>,
 ) -> Result<()> {
-    for (&k, v) in unknown_tagged_fields.range(range) {
+    // Tags of 2^31 and more are kept under negative keys; as unsigned
+    // tags they come after every other, so the last (open-ended) range
+    // writes them, and the count written before matches the fields.
+    let high = matches!(range.end_bound(), std::ops::Bound::Unbounded);
+    let fields = unknown_tagged_fields.range(range).chain(
+        unknown_tagged_fields
+            .range(..0)
+            .filter(move |_| high),
+    );
+    for (&k, v) in fields {
         if v.len() > u32::MAX as usize {
             bail!("Tagged field is too long to encode ({} bytes)", v.len());
         }
