@@ -76,6 +76,10 @@ pub struct BrokerConfig {
     pub managed_ledger: ManagedLedgerConfig,
     /// Byte budget of each non-persistent partition.
     pub memory_topic_bytes: usize,
+    /// How long a non-persistent topic without subscriptions stays
+    /// loaded after it was last used (Pulsar deletes inactive ones after
+    /// 60 s); zero: for good.
+    pub memory_topic_idle: Duration,
     pub retention: RetentionDefaults,
     /// How often retention runs over the loaded topics.
     pub retention_interval: Duration,
@@ -131,6 +135,7 @@ impl BrokerConfig {
             info,
             managed_ledger: ManagedLedgerConfig::default(),
             memory_topic_bytes: 16 << 20,
+            memory_topic_idle: Duration::from_secs(60),
             retention: RetentionDefaults::default(),
             retention_interval: Duration::from_secs(60),
             session_ttl: Duration::from_secs(10),
@@ -315,6 +320,12 @@ impl Broker {
             "offload",
             |c| c.offload.interval,
             |b| Box::pin(b.run_offload()),
+        ));
+        tokio::spawn(periodic(
+            Arc::downgrade(&broker.inner),
+            "idle topics",
+            |c| (c.memory_topic_idle / 2).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            |b| Box::pin(b.unload_idle_topics()),
         ));
         tokio::spawn(routing_watch(Arc::downgrade(&broker.inner)));
         tokio::spawn(route_loop(WeakBroker(Arc::downgrade(&broker.inner))));
@@ -568,7 +579,10 @@ impl Broker {
         };
         let loaded = cell.get_or_try_init(|| self.load_topic(name, create)).await;
         match loaded {
-            Ok(t) => Ok(t.clone()),
+            Ok(t) => {
+                t.touch();
+                Ok(t.clone())
+            }
             Err(e) => {
                 let mut topics = self.inner.topics.lock().await;
                 if topics.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
@@ -781,6 +795,54 @@ impl Broker {
         let cell = self.inner.topics.lock().await.remove(name);
         if let Some(t) = cell.and_then(|c| c.get().cloned()) {
             t.close().await?;
+        }
+        Ok(())
+    }
+
+    /// Unloads non-persistent topics that nobody has used for
+    /// `memory_topic_idle` and that have no subscriptions (as Pulsar's
+    /// `delete_when_no_subscriptions`): their messages would reach
+    /// nobody, and each may hold up to `memory_topic_bytes`.
+    async fn unload_idle_topics(&self) -> Result<()> {
+        let idle = self.inner.cfg.memory_topic_idle;
+        if idle.is_zero() {
+            return Ok(());
+        }
+        let candidates: Vec<Arc<Topic>> = self
+            .loaded_topics()
+            .await
+            .into_iter()
+            .filter(|t| !t.log().is_persistent() && t.idle_for() >= idle)
+            .collect();
+        for t in candidates {
+            if t.has_subscriptions().await {
+                continue;
+            }
+            // A transient queue keeps its messages for consumers to come,
+            // as RabbitMQ's do, until it is deleted.
+            let ns = t.name().namespace().clone();
+            if self
+                .queue_exists(&ns, t.name().base().local_name())
+                .await
+                .unwrap_or(true)
+            {
+                continue;
+            }
+            let name = t.name().clone();
+            let unloaded = {
+                let mut topics = self.inner.topics.lock().await;
+                // Still idle, and held by no one but the table and `t`.
+                let still = topics
+                    .get(&name)
+                    .and_then(|c| c.get())
+                    .is_some_and(|held| Arc::ptr_eq(held, &t) && Arc::strong_count(&t) <= 2)
+                    && t.idle_for() >= idle;
+                still.then(|| topics.remove(&name)).flatten()
+            };
+            if unloaded.is_some() {
+                tracing::debug!("unloading idle non-persistent topic {name}");
+                let _ = t.close().await;
+            }
         }
         Ok(())
     }

@@ -100,6 +100,9 @@ pub struct Topic {
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
     stats: Arc<InCounters>,
+    /// When the broker last handed the topic out, in ms since the epoch:
+    /// how long a non-persistent topic has been idle.
+    last_used: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +149,7 @@ impl Topic {
             subs: Mutex::new(HashMap::new()),
             dead_letter,
             stats: Arc::default(),
+            last_used: AtomicU64::new(magnetar_bookies::meta::now_ms()),
         });
         if topic.log.is_persistent() {
             let prefix = format!("{CURSOR_PREFIX}{}/", topic.name.path());
@@ -172,6 +176,21 @@ impl Topic {
 
     pub fn name(&self) -> &TopicName {
         &self.name
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_used
+            .store(magnetar_bookies::meta::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since the broker last handed the topic out.
+    pub(crate) fn idle_for(&self) -> std::time::Duration {
+        let last = self.last_used.load(Ordering::Relaxed);
+        std::time::Duration::from_millis(magnetar_bookies::meta::now_ms().saturating_sub(last))
+    }
+
+    pub(crate) async fn has_subscriptions(&self) -> bool {
+        !self.subs.lock().await.is_empty()
     }
 
     pub fn log(&self) -> &PartitionLog {

@@ -1126,3 +1126,64 @@ async fn a_full_routing_table_refuses_with_a_quota_error_and_still_shrinks() {
         .expect("room again");
     b.declare_queue(&ns, "q2", true).await.expect("queue");
 }
+
+#[tokio::test]
+async fn idle_non_persistent_topics_without_subscriptions_are_unloaded() {
+    let c = Cluster::start(1).await;
+    let mut cfg = config("b1");
+    cfg.memory_topic_idle = Duration::from_secs(1);
+    let b = Broker::start(c.meta_client(), cfg).await.expect("broker");
+    let loaded = |b: Broker| async move {
+        b.loaded_topics()
+            .await
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let spam = topic("non-persistent://public/default/spam");
+    let watched = topic("non-persistent://public/default/watched");
+    let kept = topic("persistent://public/default/kept");
+    b.publish(&spam, vec![Message::new("x")])
+        .await
+        .expect("publish");
+    let mut c1 = b
+        .subscribe(&watched, "s", shared(SubscriptionType::Shared), named("c"))
+        .await
+        .expect("subscribe");
+    b.publish(&kept, vec![Message::new("x")])
+        .await
+        .expect("publish");
+    // A transient queue holds its messages for a consumer to come.
+    let ns = NamespaceName::default_namespace();
+    let queue = b.declare_queue(&ns, "later", false).await.expect("queue");
+    b.publish(&queue, vec![Message::new("waiting")])
+        .await
+        .expect("publish");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let now = loaded(b.clone()).await;
+    assert!(!now.contains(&spam.to_string()), "{now:?}");
+    for t in [&watched, &kept, &queue] {
+        assert!(now.contains(&t.to_string()), "{t} went: {now:?}");
+    }
+    b.publish(&watched, vec![Message::new("still")])
+        .await
+        .expect("publish");
+    c1.flow(10);
+    assert_eq!(
+        recv(&mut c1).await.message.value.as_deref(),
+        Some(&b"still"[..])
+    );
+    let mut c2 = b
+        .subscribe(&queue, "q", shared(SubscriptionType::Shared), named("c2"))
+        .await
+        .expect("subscribe");
+    c2.flow(10);
+    assert_eq!(
+        recv(&mut c2).await.message.value.as_deref(),
+        Some(&b"waiting"[..])
+    );
+    // The unloaded one loads again on its next use.
+    b.publish(&spam, vec![Message::new("again")])
+        .await
+        .expect("publish");
+}

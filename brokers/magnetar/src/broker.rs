@@ -50,6 +50,11 @@ pub struct BrokerOptions {
     /// Byte budget of each non-persistent partition, in MiB.
     #[arg(long, env = "MAGNETAR_MEMORY_TOPIC_MB", default_value_t = 16)]
     memory_topic_mb: usize,
+    /// How long a non-persistent topic without subscriptions stays
+    /// loaded after its last use, in seconds (Pulsar removes inactive
+    /// ones after 60 s); 0: for good.
+    #[arg(long, env = "MAGNETAR_MEMORY_TOPIC_IDLE_S", default_value_t = 60)]
+    memory_topic_idle_s: u64,
     /// Retention of topics without subscriptions when the namespace sets
     /// none, in minutes (-1: forever).
     #[arg(long, env = "MAGNETAR_DEFAULT_RETENTION_MINUTES", default_value_t = 7 * 24 * 60)]
@@ -546,6 +551,7 @@ fn broker_config(
         ..Default::default()
     };
     cfg.memory_topic_bytes = opts.memory_topic_mb.max(1) << 20;
+    cfg.memory_topic_idle = Duration::from_secs(opts.memory_topic_idle_s);
     cfg.retention = RetentionDefaults {
         stream_minutes: opts.default_retention_minutes,
         stream_mb: -1,

@@ -27,6 +27,10 @@ use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
 const MAX_IN_FLIGHT: usize = 32;
+/// Bytes of those requests, in KiB: a produce request's batches stay in
+/// memory until the bookies have them, so a connection pipelining large
+/// requests waits here (one larger than this still goes, alone).
+const IN_FLIGHT_KIB: u32 = 128 * 1024;
 /// Largest request before authentication, as Kafka's
 /// `sasl.server.max.receive.size`.
 const PRE_AUTH_MAX_REQUEST: usize = 512 * 1024;
@@ -97,6 +101,7 @@ async fn serve_connection(
     // (Kafka's `sasl.server.max.receive.size`), and holds no large buffer.
     let mut handshaken = false;
     let mut buf = BytesMut::new();
+    let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_KIB as usize));
     let result = 'read: loop {
         loop {
             let max = if session.authenticated {
@@ -111,6 +116,12 @@ async fn serve_connection(
                     warn!(%peer, "closing Kafka connection: {e}");
                     break 'read Ok(());
                 }
+            };
+            let kib = u32::try_from(frame.len().div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .clamp(1, IN_FLIGHT_KIB);
+            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(kib).await else {
+                break 'read Ok(());
             };
             let pending: Pending = match codec::decode_request(frame) {
                 Ok(req) => match ctx.start(&mut session, req).await {
@@ -131,6 +142,11 @@ async fn serve_connection(
                     break 'read Ok(());
                 }
             };
+            let pending: Pending = Box::pin(async move {
+                let out = pending.await;
+                drop(permit);
+                out
+            });
             if tx.send(pending).await.is_err() {
                 break 'read Ok(());
             }
