@@ -28,6 +28,17 @@ pub fn key(ns: &NamespaceName, topic: &str) -> String {
     format!("{}{}", namespace_prefix(ns), encode_segment(topic))
 }
 
+/// The prefix every key of a topic that `filter` matches starts with: the
+/// namespace's and the filter's literal start (to its first wildcard,
+/// less a trailing `/`, since `a/#` matches `a` too). Keys encode byte by
+/// byte, so a topic's key starts with its prefix's; a lookup lists only
+/// these rather than the whole namespace.
+pub fn filter_prefix(ns: &NamespaceName, filter: &str) -> String {
+    let literal = filter.find(['+', '#']).map_or(filter, |i| &filter[..i]);
+    let literal = literal.strip_suffix('/').unwrap_or(literal);
+    format!("{}{}", namespace_prefix(ns), encode_segment(literal))
+}
+
 pub fn encode(record: &Message) -> Result<Bytes> {
     encode_messages(std::slice::from_ref(record)).map_err(|e| MqttError::Encode(e.to_string()))
 }
@@ -54,6 +65,33 @@ mod tests {
         let back = decode(&encode(&m).expect("encodes")).expect("decodes");
         assert_eq!(back, m);
         assert!(decode(&Bytes::from_static(b"junk")).is_none());
+    }
+
+    proptest::proptest! {
+        /// Whatever the filter, every topic it matches has a key under
+        /// its prefix.
+        #[test]
+        fn matched_topics_lie_under_the_filter_prefix(
+            levels in proptest::collection::vec("[a-c/+#$ %]{0,3}", 1..4),
+            topic in proptest::collection::vec("[a-c$ %]{0,3}", 1..4),
+        ) {
+            let ns = NamespaceName::new("t", "n").expect("valid");
+            let filter = levels.join("/");
+            let topic = topic.join("/");
+            if crate::topic::matches(&filter, &topic) {
+                proptest::prop_assert!(key(&ns, &topic).starts_with(&filter_prefix(&ns, &filter)));
+            }
+        }
+    }
+
+    #[test]
+    fn filter_prefixes_stop_at_the_first_wildcard() {
+        let ns = NamespaceName::new("t", "n").expect("valid");
+        let p = namespace_prefix(&ns);
+        assert_eq!(filter_prefix(&ns, "a/b/#"), format!("{p}a%2Fb"));
+        assert_eq!(filter_prefix(&ns, "a/+/c"), format!("{p}a"));
+        assert_eq!(filter_prefix(&ns, "#"), p);
+        assert_eq!(filter_prefix(&ns, "a/b"), key(&ns, "a/b"));
     }
 
     #[test]

@@ -520,7 +520,10 @@ impl Ctx {
 
     /// The unexpired retained messages whose topics `pattern` matches.
     async fn retained_matching(&self, ns: &NamespaceName, pattern: &str) -> Result<Vec<Message>> {
-        let all = self.retained.list(&retained::namespace_prefix(ns)).await?;
+        let all = self
+            .retained
+            .list(&retained::filter_prefix(ns, pattern))
+            .await?;
         let now = now_ms();
         Ok(all
             .into_iter()
@@ -903,6 +906,22 @@ impl Conn {
         }
     }
 
+    /// Serves every whole packet in `buf`; the end of the connection if
+    /// one ends it.
+    async fn drain(&mut self, buf: &mut BytesMut) -> Option<End> {
+        loop {
+            match self.framing.decode(buf) {
+                Ok(Some(p)) => match self.on_packet(p).await {
+                    Ok(None) => {}
+                    Ok(Some(end)) => return Some(end),
+                    Err(e) => return Some(End::Abrupt(Some(e))),
+                },
+                Ok(None) => return None,
+                Err(e) => return Some(End::Abrupt(Some(e))),
+            }
+        }
+    }
+
     async fn run<S: AsyncRead + AsyncWrite>(
         &mut self,
         rd: &mut ReadHalf<S>,
@@ -922,6 +941,12 @@ impl Conn {
             if let Err(e) = self.attach(&sub).await {
                 return End::Abrupt(Some(e));
             }
+        }
+        // Packets a client sent right behind CONNECT (paho sends SUBSCRIBE
+        // before CONNACK comes) arrived with it: served before waiting
+        // for more bytes, which the client may never send.
+        if let Some(end) = self.drain(&mut buf).await {
+            return end;
         }
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
         loop {
@@ -944,16 +969,8 @@ impl Conn {
                         Ok(n) => last_read = n,
                     }
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
-                    loop {
-                        match self.framing.decode(&mut buf) {
-                            Ok(Some(p)) => match self.on_packet(p).await {
-                                Ok(None) => {}
-                                Ok(Some(end)) => return end,
-                                Err(e) => return End::Abrupt(Some(e)),
-                            },
-                            Ok(None) => break,
-                            Err(e) => return End::Abrupt(Some(e)),
-                        }
+                    if let Some(end) = self.drain(&mut buf).await {
+                        return end;
                     }
                     if buf.is_empty() && buf.capacity() > 8192 {
                         buf = BytesMut::new();

@@ -313,3 +313,26 @@ def test_v311_keepalive_expiry_fires_the_will(client, raw, tag, level):
     t0 = time.time()
     assert watcher.expect_one(timeout=6).payload == b"timed out"
     assert time.time() - t0 >= 1.2
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_packets_written_together_with_connect_are_served(raw, tag, level):
+    """A client may send SUBSCRIBE (and anything else) before CONNACK
+    comes back, and the bytes then often arrive in one segment with
+    CONNECT; they are served at once, not when the client sends more."""
+    import struct
+
+    from mqtt_tests.conftest import CONNACK, CONNECT, SUBSCRIBE, encode_props, packet, s
+
+    r = raw(level)
+    var = s("MQTT") + bytes([level, 0x02]) + struct.pack("!H", 60)
+    sub = struct.pack("!H", 7)
+    if level == 5:
+        var += encode_props({})
+        sub += encode_props({})
+    sub += s(f"together/{tag}/#") + b"\x01"
+    r.send(packet(CONNECT, 0, var + s(f"together-{tag}")) + packet(SUBSCRIBE, 0x02, sub))
+    assert r.expect(CONNACK).body[-1 if level == 4 else 1] == 0
+    ack = r.expect(SUBACK, timeout=5)
+    assert ack.body[:2] == struct.pack("!H", 7)
+    assert ack.body[-1] == 1, ack
