@@ -450,9 +450,40 @@ fn footer_blocks(file: &[u8]) -> Result<Vec<(u64, u32, u64)>> {
         .unwrap_or_else(|| Ok(Vec::new()))
 }
 
+/// Refuses a file whose footer places a block (record batch or
+/// dictionary) past its end: Arrow's file reader allocates a block's
+/// announced length before reading it, and a failed allocation aborts the
+/// process, which no guard catches.
+fn check_footer_blocks(file: &[u8]) -> Result<()> {
+    let corrupt = || TieringError::Corrupt("an Arrow IPC block lies past the file's end".into());
+    let trailer_start = file.len().checked_sub(10).ok_or_else(corrupt)?;
+    let trailer: [u8; 10] = file[trailer_start..].try_into().map_err(|_| corrupt())?;
+    let footer_len = arrow_ipc::reader::read_footer_length(trailer)?;
+    let footer_start = trailer_start.checked_sub(footer_len).ok_or_else(corrupt)?;
+    let footer = arrow_ipc::root_as_footer(&file[footer_start..trailer_start])
+        .map_err(|e| TieringError::Corrupt(format!("footer: {e}")))?;
+    let blocks = footer
+        .recordBatches()
+        .into_iter()
+        .flatten()
+        .chain(footer.dictionaries().into_iter().flatten());
+    for b in blocks {
+        let end = u64::try_from(b.offset())
+            .ok()
+            .zip(u64::try_from(b.metaDataLength()).ok())
+            .zip(u64::try_from(b.bodyLength()).ok())
+            .and_then(|((o, m), l)| o.checked_add(m)?.checked_add(l));
+        if end.is_none_or(|end| end > footer_start as u64) {
+            return Err(corrupt());
+        }
+    }
+    Ok(())
+}
+
 /// Every record of a whole file, through Arrow's own file reader: what an
 /// analytics tool sees.
 pub fn read_file(file: Bytes) -> Result<Vec<Record>> {
+    check_footer_blocks(&file)?;
     arrow_guard("file", || {
         let reader = arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(file), None)?;
         let mut out = Vec::new();
