@@ -140,9 +140,12 @@ impl StateStore {
     }
 }
 
-/// How long a counted number of keys is trusted before it is counted
-/// again; new keys in between are added to it.
+/// How long a count is trusted before it is counted again, near the limit
+/// and far below it (listing a namespace's keys is not free, and commits
+/// and retained publishes come often); what is admitted in between is
+/// added to it, so it only errs upward on this broker.
 const QUOTA_RECOUNT: Duration = Duration::from_secs(5);
+const QUOTA_RECOUNT_FAR: Duration = Duration::from_secs(60);
 
 /// A cap on what clients keep under each prefix of one area (one
 /// namespace's retained messages, sessions or groups): the metadata store
@@ -151,10 +154,10 @@ const QUOTA_RECOUNT: Duration = Duration::from_secs(5);
 ///
 /// What is counted is the distinct first segments after the prefix: a
 /// retained message's key, or a group's id however many keys it has.
-/// The cap is soft across brokers: each counts at most every few seconds
-/// and adds what it admitted since, so brokers creating at once may
-/// overshoot by what they create in that time. Writing to something that
-/// exists is never refused.
+/// The cap is soft across brokers: each counts again every 5 s near the
+/// limit (every minute below half of it) and adds what it admitted since,
+/// so brokers creating at once may overshoot by what they create in that
+/// time. Writing to something that exists is never refused.
 pub struct KeyQuota {
     store: StateStore,
     limit: usize,
@@ -210,7 +213,14 @@ impl KeyQuota {
         let cached = self
             .counts()
             .get(prefix)
-            .filter(|(_, at)| at.elapsed() < QUOTA_RECOUNT)
+            .filter(|(n, at)| {
+                let ttl = if *n < self.limit / 2 {
+                    QUOTA_RECOUNT_FAR
+                } else {
+                    QUOTA_RECOUNT
+                };
+                at.elapsed() < ttl
+            })
             .map(|(n, _)| *n);
         let n = match cached {
             Some(n) => n,
@@ -218,7 +228,7 @@ impl KeyQuota {
                 let n = self.count(prefix).await?;
                 let mut counts = self.counts();
                 if counts.len() >= 10_000 {
-                    counts.retain(|_, (_, at)| at.elapsed() < QUOTA_RECOUNT);
+                    counts.retain(|_, (_, at)| at.elapsed() < QUOTA_RECOUNT_FAR);
                 }
                 counts.insert(prefix.to_string(), (n, Instant::now()));
                 n
