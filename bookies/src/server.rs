@@ -44,6 +44,8 @@ pub struct BookieConfig {
     /// TTL of the registration: how soon a dead bookie is noticed.
     pub session_ttl: Duration,
     pub auditor: crate::auditor::AuditorConfig,
+    /// Connection limits and the handshake timeout of the gRPC listener.
+    pub limits: magnetar_net::ListenerLimits,
 }
 
 impl BookieConfig {
@@ -60,6 +62,7 @@ impl BookieConfig {
             gc_interval: Duration::from_secs(60),
             session_ttl: Duration::from_secs(5),
             auditor: crate::auditor::AuditorConfig::default(),
+            limits: magnetar_net::ListenerLimits::default(),
         }
     }
 }
@@ -109,11 +112,17 @@ impl BookieServer {
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = magnetar_net::grpc_incoming(
+            listener,
+            magnetar_net::Admission::new("bookie gRPC", cfg.limits.clone()),
+            Some(Duration::from_secs(10)),
+        );
         let mut srv_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
+            // Pings find peers that went away without a FIN, so that their
+            // connection slots come back.
             let res = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = srv_stop.wait_for(|s| *s).await;

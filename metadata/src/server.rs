@@ -75,6 +75,9 @@ pub struct NodeConfig {
     /// single-node group at the listen address (the embedded mode).
     pub peers: BTreeMap<u64, String>,
     pub tuning: RaftTuning,
+    /// Connection limits and the handshake timeout of the gRPC listener
+    /// (clients and raft peers alike).
+    pub limits: magnetar_net::ListenerLimits,
 }
 
 impl NodeConfig {
@@ -86,6 +89,7 @@ impl NodeConfig {
             data_dir,
             peers: BTreeMap::new(),
             tuning: RaftTuning::default(),
+            limits: magnetar_net::ListenerLimits::default(),
         }
     }
 }
@@ -282,12 +286,14 @@ impl MetaNode {
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
-        // Socket options must be set on the incoming stream: the builder's
-        // own `tcp_nodelay` only applies to listeners tonic binds itself,
-        // and without it every reply waits out a delayed ACK (~40 ms).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(10)));
+        // Socket options are set on each accepted stream: the builder's own
+        // `tcp_nodelay` only applies to listeners tonic binds itself, and
+        // without it every reply waits out a delayed ACK (~40 ms).
+        let incoming = magnetar_net::grpc_incoming(
+            listener,
+            magnetar_net::Admission::new("metadata gRPC", cfg.limits.clone()),
+            Some(Duration::from_secs(10)),
+        );
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))

@@ -16,6 +16,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
             keep_logs: 10,
             ..RaftTuning::default()
         },
+        limits: Default::default(),
     }
 }
 

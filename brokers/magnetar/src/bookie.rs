@@ -93,6 +93,8 @@ pub struct BookieArgs {
         default_value_t = 5_000
     )]
     audit_interval_ms: u64,
+    #[command(flatten)]
+    limits: crate::broker::ListenerArgs,
 }
 
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
@@ -124,6 +126,7 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         grace: Duration::from_millis(args.rereplication_grace_ms),
         interval: Duration::from_millis(args.audit_interval_ms.max(10)),
     };
+    cfg.limits = args.limits.limits();
     let server = BookieServer::start(cfg)
         .await
         .context("starting the bookie")?;

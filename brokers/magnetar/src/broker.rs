@@ -117,20 +117,8 @@ pub struct BrokerOptions {
         default_value_t = 100_000
     )]
     kafka_max_groups_per_namespace: usize,
-    /// Connections open at once on each client listener (Kafka, AMQP,
-    /// MQTT, HTTP); over it a new connection is closed at once. 0: a
-    /// quarter of the file descriptors left after 1024 kept for storage.
-    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS", default_value_t = 0)]
-    max_connections: usize,
-    /// Connections open at once from one IP address on each client
-    /// listener; 0: no limit.
-    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
-    max_connections_per_ip: usize,
-    /// How long a new connection has to finish its handshake and
-    /// authentication (AMQP connection.open, MQTT CONNECT, a Kafka
-    /// request and SASL, HTTP request headers), in ms.
-    #[arg(long, env = "MAGNETAR_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
-    handshake_timeout_ms: u64,
+    #[command(flatten)]
+    listener: ListenerArgs,
     /// How long a Kafka connection may send nothing before it is closed,
     /// in seconds (Kafka's `connections.max.idle.ms`).
     #[arg(long, env = "MAGNETAR_KAFKA_IDLE_TIMEOUT_S", default_value_t = 600)]
@@ -440,15 +428,52 @@ impl Default for EmbeddedDisk {
     }
 }
 
+/// The limits of every listener: the broker's client protocols and HTTP,
+/// and the gRPC planes of `magnetar meta` and `magnetar bookie` (all six
+/// in standalone), which face the same floods.
+#[derive(Args, Clone, Copy)]
+pub struct ListenerArgs {
+    /// Connections open at once on each listener; over it a new
+    /// connection is closed at once. 0: a sixth of the file descriptors
+    /// left after 1024 kept for storage.
+    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+    /// Connections open at once from one IP address on each listener; 0:
+    /// no limit.
+    #[arg(long, env = "MAGNETAR_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    max_connections_per_ip: usize,
+    /// How long a new connection has to finish its handshake and
+    /// authentication (AMQP connection.open, MQTT CONNECT, a Kafka
+    /// request and SASL, HTTP request headers, the HTTP/2 preface of the
+    /// gRPC planes), in ms.
+    #[arg(long, env = "MAGNETAR_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+}
+
+impl ListenerArgs {
+    pub fn limits(&self) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: match self.max_connections {
+                0 => connection_budget(),
+                n => n,
+            },
+            max_connections_per_ip: self.max_connections_per_ip,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms.max(100)),
+            ..ListenerLimits::default()
+        }
+    }
+}
+
 /// File descriptors kept for the process's own files (journal, entry
 /// logs, RocksDB, the metadata store and internal connections) whatever
 /// the clients do.
 const RESERVED_FDS: u64 = 1024;
 
 /// Raises the open-files limit to its hard limit, and gives each of the
-/// four client listeners a quarter of what is left after the reserve, so
-/// that a flood of connections refuses new clients instead of failing the
-/// storage underneath.
+/// up to six listeners of one process (Kafka, AMQP, MQTT, HTTP, and the
+/// metadata and bookie gRPC planes of standalone) a sixth of what is left
+/// after the reserve, so that a flood of connections refuses new clients
+/// instead of failing the storage underneath.
 pub fn connection_budget() -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
@@ -462,7 +487,7 @@ pub fn connection_budget() -> usize {
         }
     }
     let open = lim.current.unwrap_or(1 << 20);
-    let per_listener = open.saturating_sub(RESERVED_FDS) / 4;
+    let per_listener = open.saturating_sub(RESERVED_FDS) / 6;
     usize::try_from(per_listener.max(64)).unwrap_or(usize::MAX)
 }
 
@@ -559,13 +584,8 @@ fn broker_config(
     cfg.retention_interval = Duration::from_secs(opts.retention_interval_s.max(1));
     cfg.session_ttl = Duration::from_millis(opts.session_ttl_ms);
     cfg.listener_limits = ListenerLimits {
-        max_connections: match opts.max_connections {
-            0 => connection_budget(),
-            n => n,
-        },
-        max_connections_per_ip: opts.max_connections_per_ip,
-        handshake_timeout: Duration::from_millis(opts.handshake_timeout_ms.max(100)),
         idle_timeout: Duration::from_secs(opts.kafka_idle_timeout_s.max(1)),
+        ..opts.listener.limits()
     };
     cfg.auth = auth_config(opts).context("token authentication")?;
     Ok(cfg)
@@ -634,9 +654,16 @@ impl Embedded {
     ) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        let node = MetaNode::start(NodeConfig::single(meta_listen, data_dir.join("meta")))
-            .await
-            .context("starting the embedded metadata node")?;
+        let cfg = cfg()?;
+        // The embedded gRPC planes take the client listeners' limits: in
+        // standalone they listen next to them, and the same flood reaches
+        // them.
+        let node = MetaNode::start(NodeConfig {
+            limits: cfg.listener_limits.clone(),
+            ..NodeConfig::single(meta_listen, data_dir.join("meta"))
+        })
+        .await
+        .context("starting the embedded metadata node")?;
         node.wait_for_leader(Duration::from_secs(30))
             .await
             .context("waiting for the metadata node")?;
@@ -649,12 +676,13 @@ impl Embedded {
             BookieConfig::new(1, bookie_listen, data_dir.join("bookie"), endpoints.clone());
         bookie_cfg.disk_usage_threshold = disk.usage_threshold;
         bookie_cfg.disk_check_interval = Duration::from_millis(disk.check_interval_ms.max(10));
+        bookie_cfg.limits = cfg.listener_limits.clone();
         let bookie = BookieServer::start(bookie_cfg)
             .await
             .context("starting the embedded bookie")?;
         let meta = MetaClient::new(&endpoints)?;
         wait_for_bookie(&meta).await?;
-        let broker = Broker::start(meta, cfg()?)
+        let broker = Broker::start(meta, cfg)
             .await
             .context("starting the broker")?;
         Ok(Embedded {

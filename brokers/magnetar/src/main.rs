@@ -78,6 +78,8 @@ struct MetaArgs {
     /// Log entries kept behind the last snapshot.
     #[arg(long, env = "MAGNETAR_META_KEEP_LOGS", default_value_t = RaftTuning::default().keep_logs)]
     keep_logs: u64,
+    #[command(flatten)]
+    limits: broker::ListenerArgs,
 }
 
 fn init_tracing() {
@@ -105,6 +107,7 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every,
             keep_logs: args.keep_logs,
         },
+        limits: args.limits.limits(),
     })
     .await
     .context("starting the metadata node")?;

@@ -1,5 +1,6 @@
 """Every listener bounds what a silent or slow client can hold: idle
-connections go after the handshake timeout, a flood beyond the connection
+connections go after the handshake timeout (the client protocols, HTTP,
+and the metadata and bookie gRPC planes), a flood beyond the connection
 limit is refused at once, and a client trickling HTTP header bytes
 (slowloris) is dropped; meanwhile connected clients carry on."""
 
@@ -115,7 +116,9 @@ class RealClients:
         self.amqp.close()
 
 
-@pytest.mark.parametrize("listener", ["kafka", "amqp", "mqtt", "http"])
+# meta and bookie: the gRPC listeners of the embedded metadata node and
+# bookie, which the broker itself uses throughout the flood.
+@pytest.mark.parametrize("listener", ["kafka", "amqp", "mqtt", "http", "meta", "bookie"])
 def test_idle_connections_go_after_the_handshake_timeout(server, listener):
     live = RealClients(server)
     live.round_trip()
