@@ -171,9 +171,9 @@ class Secured(Standalone):
             cmd += ["--expiry-time", expiry]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
-    def admin(self, method, path, body=None, role="admin"):
-        """Calls the admin API with `role`'s token (None: no token); the
-        HTTP status."""
+    def admin(self, method, path, body=None, role="admin", token=None):
+        """Calls the HTTP API with `role`'s token (None: no token), or with
+        `token` as given; the HTTP status."""
         import json
         import urllib.error
         import urllib.request
@@ -181,8 +181,8 @@ class Secured(Standalone):
         req = urllib.request.Request(f"{self.http}{path}", data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        if role is not None:
-            req.add_header("Authorization", f"Bearer {self.token(role)}")
+        if token or role is not None:
+            req.add_header("Authorization", f"Bearer {token or self.token(role)}")
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status

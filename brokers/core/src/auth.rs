@@ -19,6 +19,9 @@ pub struct AuthConfig {
     pub provider: Arc<dyn AuthProvider>,
     /// Roles that may do anything anywhere, admin included.
     pub superusers: BTreeSet<String>,
+    /// The token this broker presents to other brokers (forwarded
+    /// publishes); a superuser's, since `/internal/` takes superusers only.
+    pub internal_token: Option<String>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -42,12 +45,16 @@ pub enum Principal {
 pub struct Grants {
     pub produce: bool,
     pub consume: bool,
+    /// Configure the namespace: create, delete, reconfigure and purge its
+    /// topics and queues. Superusers and the tenant's admin roles.
+    pub admin: bool,
 }
 
 impl Grants {
     pub const ALL: Grants = Grants {
         produce: true,
         consume: true,
+        admin: true,
     };
 
     pub fn any(self) -> bool {
@@ -60,7 +67,7 @@ impl Grants {
         let ok = match action {
             AuthAction::Produce => self.produce,
             AuthAction::Consume => self.consume,
-            AuthAction::Admin => self.produce && self.consume,
+            AuthAction::Admin => self.admin,
         };
         if ok {
             Ok(())
@@ -123,7 +130,24 @@ impl Broker {
         Ok(Grants {
             produce: permits(AuthAction::Produce),
             consume: permits(AuthAction::Consume),
+            admin: permits(AuthAction::Admin),
         })
+    }
+
+    /// Whether `p` may administer `tenant`: a superuser, or one of the
+    /// tenant's admin roles (a missing tenant is [`BrokerError::NotFound`]).
+    pub async fn is_tenant_admin(&self, p: &Principal, tenant: &str) -> Result<bool> {
+        if self.is_superuser(p) {
+            return Ok(true);
+        }
+        let Principal::Role(role) = p else {
+            return Ok(true);
+        };
+        match self.tenancy().get_tenant(tenant).await {
+            Ok(t) => Ok(t.admin_roles.contains(role)),
+            Err(TenancyError::NotFound(what)) => Err(BrokerError::NotFound(what)),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -136,11 +160,13 @@ mod tests {
         let g = Grants {
             produce: true,
             consume: false,
+            admin: false,
         };
         assert!(g.any());
         assert!(g.check(AuthAction::Produce, || "t".into()).is_ok());
         let e = g.check(AuthAction::Consume, || "t".into());
         assert!(matches!(e, Err(BrokerError::AccessRefused(_))), "{e:?}");
+        assert!(g.check(AuthAction::Admin, || "t".into()).is_err());
         assert!(Grants::ALL.check(AuthAction::Admin, || "t".into()).is_ok());
     }
 }

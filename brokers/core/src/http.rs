@@ -9,16 +9,18 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use magnetar_tenancy::{
-    ClusterData, NamespaceName, Policies, TenancyError, TenantInfo, TopicDomain, TopicName,
+    AuthAction, ClusterData, NamespaceName, Policies, TenancyError, TenantInfo, TopicDomain,
+    TopicName,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::Principal;
 use crate::error::BrokerError;
 use crate::service::Broker;
 use crate::subscription::{InitialPosition, ResetTo, SubscriptionOptions, SubscriptionType};
@@ -273,40 +275,130 @@ pub fn router(broker: Broker) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             broker.clone(),
-            admin_guard,
+            auth_guard,
         ))
         .with_state(broker)
 }
 
-/// With authentication on, the admin API takes superusers only, by a
-/// bearer token as Pulsar's admin clients send it. Health and readiness
-/// stay open for load balancers and orchestrators.
-async fn admin_guard(
+/// What a request needs when authentication is on, from its method and
+/// raw path (before percent-decoding: valid tenant and namespace names
+/// hold no `%`, so an encoded one is refused rather than decoded).
+#[derive(Debug, PartialEq, Eq)]
+enum Access {
+    /// Health and readiness, for load balancers and orchestrators.
+    Open,
+    /// Not this router's: the WebSocket API and MQTT over WebSocket check
+    /// their own credentials, and the console is static files.
+    Elsewhere,
+    Superuser,
+    /// A superuser or an admin role of the tenant.
+    TenantAdmin(String),
+    /// A grant in the namespace (tenant, namespace); `None`: produce or
+    /// consume, as a lookup needs.
+    Namespace(String, String, Option<AuthAction>),
+}
+
+fn access(method: &Method, path: &str) -> Access {
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let tenant = |i: usize| seg.get(i).map(|t| t.to_string()).unwrap_or_default();
+    let ns = |i: usize| Access::Namespace(tenant(i), tenant(i + 1), None);
+    let with = |a: Access, action| match a {
+        Access::Namespace(t, n, _) => Access::Namespace(t, n, Some(action)),
+        other => other,
+    };
+    match seg.as_slice() {
+        ["admin", "v2", "brokers", "health" | "ready"] => Access::Open,
+        ["admin", "v2", "tenants", _] if method == Method::GET => Access::TenantAdmin(tenant(3)),
+        ["admin", "v2", "namespaces", _, ..] => Access::TenantAdmin(tenant(3)),
+        ["admin", "v2", "persistent" | "non-persistent", _, ..] => Access::TenantAdmin(tenant(3)),
+        ["admin", ..] | ["internal", ..] => Access::Superuser,
+        ["lookup", "v2", "topic", _, _, _, _] => ns(4),
+        ["topics", _, _, _, _] => with(ns(2), AuthAction::Produce),
+        ["topics", _, _, _, _, "messages"] => with(ns(2), AuthAction::Consume),
+        ["topics", ..] | ["lookup", ..] => Access::Superuser,
+        _ => Access::Elsewhere,
+    }
+}
+
+/// With authentication on, every route of this router but health and
+/// readiness takes a bearer token, as Pulsar's clients send it: 401
+/// without a valid one, 403 when its role may not do what the path asks
+/// (see [`access`]).
+async fn auth_guard(
     State(b): State<Broker>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = req.uri().path();
-    let open = !path.starts_with("/admin/")
-        || matches!(path, "/admin/v2/brokers/health" | "/admin/v2/brokers/ready");
-    if !b.auth_enabled() || open {
+    if !b.auth_enabled() {
+        return next.run(req).await;
+    }
+    let need = access(req.method(), req.uri().path());
+    if matches!(need, Access::Open | Access::Elsewhere) {
         return next.run(req).await;
     }
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let Some(token) = token else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
+    };
     let creds = magnetar_tenancy::Credentials {
         user: None,
-        secret: token.map(str::as_bytes),
+        secret: Some(token.trim().as_bytes()),
     };
-    match b.authenticate(&creds) {
-        Ok(p) if b.is_superuser(&p) => next.run(req).await,
-        Ok(_) => {
-            ApiError::new(StatusCode::FORBIDDEN, "the role is not a superuser").into_response()
+    let principal = match b.authenticate(&creds) {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match authorized(&b, &principal, need).await {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn authorized(b: &Broker, p: &Principal, need: Access) -> ApiResult<()> {
+    let forbidden = |why: String| ApiError::new(StatusCode::FORBIDDEN, why);
+    match need {
+        Access::Open | Access::Elsewhere => Ok(()),
+        Access::Superuser if b.is_superuser(p) => Ok(()),
+        Access::Superuser => Err(forbidden("the role is not a superuser".into())),
+        Access::TenantAdmin(t) => {
+            if b.is_superuser(p) {
+                return Ok(());
+            }
+            if magnetar_tenancy::names::validate_segment("tenant", &t).is_err() {
+                return Err(forbidden(format!("not an admin of tenant {t:?}")));
+            }
+            match b.is_tenant_admin(p, &t).await {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(BrokerError::NotFound(_)) => {
+                    Err(forbidden(format!("not an admin of tenant {t}")))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
-        Err(e) => ApiError::from(e).into_response(),
+        Access::Namespace(t, n, action) => {
+            let ns = namespace(&t, &n)?;
+            let grants = match b.grants(p, &ns).await {
+                Ok(g) => g,
+                // Whether a namespace exists is for its users to know.
+                Err(BrokerError::NotFound(_)) if !b.is_superuser(p) => {
+                    return Err(forbidden(format!("not authorized in {ns}")))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match action {
+                Some(a) => grants.check(a, || ns.to_string())?,
+                None if grants.any() => {}
+                None => return Err(forbidden(format!("not authorized to look up in {ns}"))),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -1280,5 +1372,95 @@ async fn forwarded_batch(
     match b.publish_batch_local(&name, raw).await? {
         crate::topic::Published::Stored(o) => Ok(Json(json!({ "offset": o }))),
         crate::topic::Published::Duplicate => Ok(Json(json!({ "duplicate": true }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(t: &str, n: &str, a: Option<AuthAction>) -> Access {
+        Access::Namespace(t.into(), n.into(), a)
+    }
+
+    #[test]
+    fn every_path_maps_to_what_it_needs() {
+        let get = &Method::GET;
+        let post = &Method::POST;
+        let cases = [
+            (get, "/admin/v2/brokers/health", Access::Open),
+            (get, "/admin/v2/brokers/ready", Access::Open),
+            (get, "/admin/v2/brokers/local", Access::Superuser),
+            (get, "/admin/v2/clusters", Access::Superuser),
+            (get, "/admin/v2/tenants", Access::Superuser),
+            (
+                get,
+                "/admin/v2/tenants/acme",
+                Access::TenantAdmin("acme".into()),
+            ),
+            (&Method::PUT, "/admin/v2/tenants/acme", Access::Superuser),
+            (&Method::DELETE, "/admin/v2/tenants/acme", Access::Superuser),
+            (
+                get,
+                "/admin/v2/namespaces/acme",
+                Access::TenantAdmin("acme".into()),
+            ),
+            (
+                post,
+                "/admin/v2/namespaces/acme/iot/retention",
+                Access::TenantAdmin("acme".into()),
+            ),
+            (
+                get,
+                "/admin/v2/persistent/acme/iot",
+                Access::TenantAdmin("acme".into()),
+            ),
+            (
+                &Method::DELETE,
+                "/admin/v2/non-persistent/acme/iot/t",
+                Access::TenantAdmin("acme".into()),
+            ),
+            (get, "/admin/v2/other/acme/iot", Access::Superuser),
+            (
+                post,
+                "/internal/v1/batch/acme/iot/persistent/t",
+                Access::Superuser,
+            ),
+            (
+                get,
+                "/lookup/v2/topic/persistent/acme/iot/t",
+                ns("acme", "iot", None),
+            ),
+            (
+                get,
+                "/lookup/v2/topic/persistent/acme/iot",
+                Access::Superuser,
+            ),
+            (
+                post,
+                "/topics/persistent/acme/iot/t",
+                ns("acme", "iot", Some(AuthAction::Produce)),
+            ),
+            (
+                get,
+                "/topics/persistent/acme/iot/t/messages",
+                ns("acme", "iot", Some(AuthAction::Consume)),
+            ),
+            (
+                get,
+                "/topics/persistent/acme/iot/t/other",
+                Access::Superuser,
+            ),
+            (
+                get,
+                "/ws/v2/consumer/persistent/acme/iot/t/s",
+                Access::Elsewhere,
+            ),
+            (get, "/mqtt", Access::Elsewhere),
+            (get, "/", Access::Elsewhere),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(access(method, path), want, "{method} {path}");
+        }
     }
 }

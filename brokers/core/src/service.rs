@@ -958,11 +958,20 @@ impl Broker {
             topic.path()
         );
         let unavailable = |why: String| BrokerError::TopicUnavailable(format!("{topic}: {why}"));
-        let resp = self
+        let mut req = self
             .inner
             .http
             .post(&url)
-            .header("content-type", "application/octet-stream")
+            .header("content-type", "application/octet-stream");
+        if let Some(token) = self
+            .config()
+            .auth
+            .as_ref()
+            .and_then(|a| a.internal_token.as_ref())
+        {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
             .body(batch)
             .send()
             .await

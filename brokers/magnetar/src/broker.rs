@@ -176,6 +176,11 @@ pub struct BrokerOptions {
     /// Roles that may do everything, comma-separated.
     #[arg(long, env = "MAGNETAR_AUTH_SUPERUSER_ROLES", value_delimiter = ',')]
     auth_superuser_roles: Vec<String>,
+    /// The token this broker presents to other brokers (a superuser's):
+    /// the token itself, `file:///path` or a path. With a secret key and
+    /// none given, the broker signs one for the first superuser role.
+    #[arg(long, env = "MAGNETAR_INTERNAL_TOKEN")]
+    internal_token: Option<String>,
     /// Where closed ledgers are offloaded: `s3://bucket/prefix` (S3, MinIO
     /// and other S3-compatible servers), `file:///dir`, or `none`.
     /// Standalone's default is `file://<data-dir>/offload`; a broker's is
@@ -256,15 +261,48 @@ fn auth_config(opts: &BrokerOptions) -> anyhow::Result<Option<magnetar_broker::A
         (None, Some(spec)) => TokenAuth::with_public_key_pem(&read_key(spec)?)?,
         (None, None) => return Ok(None),
     };
+    let superusers: std::collections::BTreeSet<String> = opts
+        .auth_superuser_roles
+        .iter()
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let internal_token = match (&opts.internal_token, &opts.auth_token_secret_key) {
+        (Some(spec), _) => Some(read_token(spec)?),
+        (None, Some(key)) => match opts.auth_superuser_roles.first() {
+            Some(role) => Some(magnetar_tenancy::auth::create_token(
+                &read_key(key)?,
+                false,
+                role.trim(),
+                None,
+            )?),
+            None => None,
+        },
+        (None, None) => None,
+    };
+    if internal_token.is_none() {
+        tracing::warn!(
+            "authentication is on without --internal-token or a superuser role: \
+             other brokers will refuse what this one forwards to them"
+        );
+    }
     Ok(Some(magnetar_broker::AuthConfig {
         provider: std::sync::Arc::new(provider),
-        superusers: opts
-            .auth_superuser_roles
-            .iter()
-            .map(|r| r.trim().to_string())
-            .filter(|r| !r.is_empty())
-            .collect(),
+        superusers,
+        internal_token,
     }))
+}
+
+/// A token given on the command line: itself, or `file:///path` or a path
+/// to a file holding it.
+fn read_token(spec: &str) -> anyhow::Result<String> {
+    let path = spec.strip_prefix("file://").unwrap_or(spec);
+    if spec.starts_with("file://") || std::path::Path::new(path).is_file() {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        Ok(text.trim().to_string())
+    } else {
+        Ok(spec.trim().to_string())
+    }
 }
 
 /// The protocol listeners, bound before the broker registers so that its

@@ -87,3 +87,11 @@ fn tiered_storage() {
 fn safety() {
     pytest("safety_tests");
 }
+
+/// Authentication and authorization with real clients: every HTTP route,
+/// WebSocket dead-letter topics, Kafka and AMQP operations by permission,
+/// MQTT sessions by role.
+#[test]
+fn security() {
+    pytest("security_tests");
+}

@@ -1347,6 +1347,19 @@ impl Conn {
     async fn on_exchange(&mut self, ch: u16, m: exchange::AMQPMethod) -> Result<(), Exception> {
         use exchange::AMQPMethod as M;
         let b = self.ctx.broker.clone();
+        // Changing the vhost's exchanges is configuring it (RabbitMQ's
+        // configure permission): the namespace admin's.
+        let configured = match &m {
+            M::Delete(d) => Some(&d.exchange),
+            M::Bind(x) => Some(&x.destination),
+            M::Unbind(x) => Some(&x.destination),
+            _ => None,
+        };
+        if let Some(x) = configured {
+            self.grants.check(AuthAction::Admin, || {
+                format!("exchange '{}' in vhost '{}'", x.as_str(), self.vhost)
+            })?;
+        }
         match m {
             M::Declare(d) => {
                 let name = d.exchange.as_str();
@@ -1373,6 +1386,20 @@ impl Conn {
                             self.vhost
                         ),
                     ));
+                }
+                // Declaring an exchange is configuring the vhost (RabbitMQ's
+                // configure permission): the namespace admin's, though any
+                // role may declare one that exists, as applications do at
+                // start; the declare then checks it is equivalent.
+                if !d.passive && !self.grants.admin {
+                    let exists = b
+                        .declare_exchange(&self.ns, ExchangeDef::new(name, kind), true)
+                        .await;
+                    if exists.is_err() {
+                        self.grants.check(AuthAction::Admin, || {
+                            format!("exchange '{name}' in vhost '{}'", self.vhost)
+                        })?;
+                    }
                 }
                 let mut def = ExchangeDef::new(name, kind);
                 def.durable = d.durable;
@@ -1626,6 +1653,19 @@ impl Conn {
 
     async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), Exception> {
         use queue::AMQPMethod as M;
+        // A binding decides what a queue receives, and purging consumes
+        // it all: its readers' (RabbitMQ's read permission).
+        let read = match &m {
+            M::Bind(x) => Some(&x.queue),
+            M::Unbind(x) => Some(&x.queue),
+            M::Purge(p) => Some(&p.queue),
+            _ => None,
+        };
+        if let Some(q) = read {
+            self.grants.check(AuthAction::Consume, || {
+                format!("queue '{}' in vhost '{}'", q.as_str(), self.vhost)
+            })?;
+        }
         match m {
             M::Declare(d) => {
                 let (name, msgs, consumers) = self.queue_declare(&d).await?;
@@ -1690,6 +1730,15 @@ impl Conn {
             }
             M::Delete(d) => {
                 let name = self.queue_name(ch, d.queue.as_str())?;
+                // Deleting a queue deletes its topic, which may be another
+                // application's (a queue named `orders-partition-0` is a
+                // Kafka partition): the namespace admin's, but for the
+                // connection's own exclusive queues.
+                if !self.exclusive_queues.contains(&name) {
+                    self.grants.check(AuthAction::Admin, || {
+                        format!("queue '{name}' in vhost '{}'", self.vhost)
+                    })?;
+                }
                 let count = match self.lookup_queue(&name).await? {
                     None => 0,
                     Some(def) => {

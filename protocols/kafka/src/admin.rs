@@ -225,6 +225,20 @@ impl Ctx {
         }
     }
 
+    /// Creating, deleting and reconfiguring topics is the namespace
+    /// admin's (Kafka's Create, Delete and Alter on a topic): a produce
+    /// or consume grant alone could otherwise wipe what others read.
+    fn admin_only(c: &Caller, what: &str) -> Result<(), (i16, String)> {
+        if c.grants.admin {
+            Ok(())
+        } else {
+            Err((
+                E::TopicAuthorizationFailed.code(),
+                format!("{what} needs the namespace admin role in {}", c.ns),
+            ))
+        }
+    }
+
     pub(crate) async fn create_topics(
         &self,
         c: &Caller,
@@ -258,6 +272,7 @@ impl Ctx {
         t: &create_topics_request::CreatableTopic,
         validate_only: bool,
     ) -> Result<u32, (i16, String)> {
+        Self::admin_only(c, "creating a topic")?;
         let name = t.name.0.as_str();
         let base = self
             .topic_name(&c.ns, name)
@@ -344,7 +359,10 @@ impl Ctx {
         };
         let mut responses = Vec::with_capacity(names.len());
         for name in names {
-            let code = self.delete_one(&c.ns, &name).await.err().unwrap_or(0);
+            let code = match Self::admin_only(c, "deleting a topic") {
+                Ok(()) => self.delete_one(&c.ns, &name).await.err().unwrap_or(0),
+                Err((code, _)) => code,
+            };
             responses.push(
                 DeletableTopicResult::default()
                     .with_name(Some(TopicName(str(name))))
@@ -379,15 +397,19 @@ impl Ctx {
     ) -> CreatePartitionsResponse {
         let mut results = Vec::with_capacity(r.topics.len());
         for t in r.topics {
-            let outcome = self
-                .grow(
-                    &c.ns,
-                    t.name.0.as_str(),
-                    t.count,
-                    r.validate_only,
-                    t.assignments.is_some(),
-                )
-                .await;
+            let outcome = match Self::admin_only(c, "adding partitions") {
+                Ok(()) => {
+                    self.grow(
+                        &c.ns,
+                        t.name.0.as_str(),
+                        t.count,
+                        r.validate_only,
+                        t.assignments.is_some(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             let mut res = CreatePartitionsTopicResult::default().with_name(t.name);
             if let Err((code, msg)) = outcome {
                 res.error_code = code;
@@ -469,7 +491,11 @@ impl Ctx {
                 let mut out = DeleteRecordsPartitionResult::default()
                     .with_partition_index(p.partition_index)
                     .with_low_watermark(-1);
-                match self.partition(&c.ns, &t.name.0, p.partition_index).await {
+                let partition = match Self::admin_only(c, "deleting records") {
+                    Ok(()) => self.partition(&c.ns, &t.name.0, p.partition_index).await,
+                    Err((code, _)) => Err(code),
+                };
+                match partition {
                     Err(code) => out.error_code = code,
                     Ok(topic) => {
                         let end = topic.log().end_offset() as i64;
@@ -587,7 +613,7 @@ impl Ctx {
     /// `replace`, every override not named is removed (AlterConfigs).
     async fn change_configs(
         &self,
-        ns: &NamespaceName,
+        c: &Caller,
         resource_type: i8,
         resource: &str,
         changes: Vec<(String, Option<String>)>,
@@ -600,9 +626,10 @@ impl Ctx {
                 "only topic configs can be changed".into(),
             ));
         }
+        Self::admin_only(c, "changing topic configs")?;
         self.check_configs(changes.iter().map(|(n, v)| (n.as_str(), v.as_deref())))?;
         let base = self
-            .topic_name(ns, resource)
+            .topic_name(&c.ns, resource)
             .map_err(|code| (code, format!("invalid topic name {resource:?}")))?;
         self.layout(&base)
             .await
@@ -651,7 +678,7 @@ impl Ctx {
                 .collect();
             let outcome = self
                 .change_configs(
-                    &c.ns,
+                    c,
                     res.resource_type,
                     &res.resource_name,
                     changes,
@@ -699,7 +726,7 @@ impl Ctx {
                 Some(msg) => Err((E::InvalidConfig.code(), msg)),
                 None => {
                     self.change_configs(
-                        &c.ns,
+                        c,
                         res.resource_type,
                         &res.resource_name,
                         changes,

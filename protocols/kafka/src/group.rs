@@ -277,8 +277,14 @@ impl GroupCoordinator {
         coordinator::owner(&self.broker, ns, Kind::Group, group).await
     }
 
-    async fn check_coordinator(&self, ns: &NamespaceName, group: &str) -> Result<(), i16> {
-        coordinator::check_local(&self.broker, ns, Kind::Group, group).await
+    /// GROUP_AUTHORIZATION_FAILED unless the caller may consume in its
+    /// namespace (Kafka's Read on a group), then NOT_COORDINATOR unless
+    /// this broker coordinates `group`.
+    async fn check_coordinator(&self, c: &Caller, group: &str) -> Result<(), i16> {
+        if !c.grants.consume {
+            return Err(E::GroupAuthorizationFailed.code());
+        }
+        coordinator::check_local(&self.broker, &c.ns, Kind::Group, group).await
     }
 
     async fn group(&self, ns: &NamespaceName, id: &str) -> Result<Arc<Mutex<Group>>, i16> {
@@ -381,7 +387,7 @@ impl GroupCoordinator {
         };
         let group_id = r.group_id.0.to_string();
         let member_id = r.member_id.to_string();
-        if let Err(code) = self.check_coordinator(&c.ns, &group_id).await {
+        if let Err(code) = self.check_coordinator(c, &group_id).await {
             return err(code, &member_id);
         }
         if let Err(code) = self.admit(&c.ns, &group_id).await {
@@ -613,7 +619,7 @@ impl GroupCoordinator {
     pub async fn sync(&self, c: &Caller, r: SyncGroupRequest) -> SyncGroupResponse {
         let err = |code: i16| SyncGroupResponse::default().with_error_code(code);
         let group_id = r.group_id.0.to_string();
-        if let Err(code) = self.check_coordinator(&c.ns, &group_id).await {
+        if let Err(code) = self.check_coordinator(c, &group_id).await {
             return err(code);
         }
         let arc = match self.group(&c.ns, &group_id).await {
@@ -699,7 +705,7 @@ impl GroupCoordinator {
 
     async fn heartbeat_code(&self, c: &Caller, r: &HeartbeatRequest) -> i16 {
         let group_id = r.group_id.0.to_string();
-        if let Err(code) = self.check_coordinator(&c.ns, &group_id).await {
+        if let Err(code) = self.check_coordinator(c, &group_id).await {
             return code;
         }
         let arc = match self.group(&c.ns, &group_id).await {
@@ -730,7 +736,7 @@ impl GroupCoordinator {
     pub async fn leave(&self, c: &Caller, r: LeaveGroupRequest, v: i16) -> LeaveGroupResponse {
         use kafka_protocol::messages::leave_group_response::MemberResponse;
         let group_id = r.group_id.0.to_string();
-        if let Err(code) = self.check_coordinator(&c.ns, &group_id).await {
+        if let Err(code) = self.check_coordinator(c, &group_id).await {
             return LeaveGroupResponse::default().with_error_code(code);
         }
         let arc = match self.group(&c.ns, &group_id).await {
@@ -891,13 +897,13 @@ impl GroupCoordinator {
     /// Whether a commit from this member and generation is accepted.
     async fn commit_allowed(
         &self,
-        ns: &NamespaceName,
+        c: &Caller,
         group: &str,
         member_id: &str,
         generation: i32,
     ) -> Result<(), i16> {
-        self.check_coordinator(ns, group).await?;
-        let arc = self.group(ns, group).await?;
+        self.check_coordinator(c, group).await?;
+        let arc = self.group(&c.ns, group).await?;
         let mut g = arc.lock().await;
         if generation < 0 && member_id.is_empty() {
             // A consumer outside any group (assign(), not subscribe()).
@@ -929,7 +935,7 @@ impl GroupCoordinator {
         let group = r.group_id.0.to_string();
         let allowed = self
             .commit_allowed(
-                &c.ns,
+                c,
                 &group,
                 r.member_id.as_str(),
                 r.generation_id_or_member_epoch,
@@ -1015,7 +1021,7 @@ impl GroupCoordinator {
         let mut groups = Vec::new();
         for (group, topics) in asks {
             let mut out_topics: Vec<(TopicName, Vec<FetchedOffset>)> = Vec::new();
-            let result = match self.check_coordinator(&c.ns, &group).await {
+            let result = match self.check_coordinator(c, &group).await {
                 Err(code) => Err(code),
                 Ok(()) => self.read_offsets(&c.ns, &group).await.map(|(rec, _)| rec),
             };
@@ -1116,7 +1122,7 @@ impl GroupCoordinator {
         use kafka_protocol::messages::offset_delete_response::*;
         let group = r.group_id.0.to_string();
         let mut resp = OffsetDeleteResponse::default();
-        if let Err(code) = self.check_coordinator(&c.ns, &group).await {
+        if let Err(code) = self.check_coordinator(c, &group).await {
             return resp.with_error_code(code);
         }
         let subscribed = match self.group(&c.ns, &group).await {
@@ -1200,14 +1206,14 @@ impl GroupCoordinator {
         };
         let group = r.group_id.0.to_string();
         let pid = r.producer_id.0;
-        let mut code = self
-            .check_coordinator(&c.ns, &group)
-            .await
-            .err()
-            .unwrap_or(0);
+        let mut code = if c.grants.produce {
+            self.check_coordinator(c, &group).await.err().unwrap_or(0)
+        } else {
+            E::TransactionalIdAuthorizationFailed.code()
+        };
         if code == 0 && !r.member_id.is_empty() {
             code = self
-                .commit_allowed(&c.ns, &group, r.member_id.as_str(), r.generation_id)
+                .commit_allowed(c, &group, r.member_id.as_str(), r.generation_id)
                 .await
                 .err()
                 .unwrap_or(0);
@@ -1314,7 +1320,7 @@ impl GroupCoordinator {
             let mut d = DescribedGroup::default()
                 .with_group_id(gid.clone())
                 .with_group_state(str("Dead"));
-            if let Err(code) = self.check_coordinator(&c.ns, &gid.0).await {
+            if let Err(code) = self.check_coordinator(c, &gid.0).await {
                 out.push(d.with_error_code(code));
                 continue;
             }
@@ -1367,7 +1373,7 @@ impl GroupCoordinator {
         let filter: Vec<String> = r.states_filter.iter().map(|s| s.to_lowercase()).collect();
         let mut groups = Vec::new();
         for id in ids {
-            if self.check_coordinator(&c.ns, &id).await.is_err() {
+            if self.check_coordinator(c, &id).await.is_err() {
                 continue;
             }
             let Ok(arc) = self.group(&c.ns, &id).await else {
@@ -1396,7 +1402,7 @@ impl GroupCoordinator {
         use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
         let mut results = Vec::new();
         for gid in r.groups_names {
-            let code = self.delete_one(&c.ns, &gid.0).await.err().unwrap_or(0);
+            let code = self.delete_one(c, &gid.0).await.err().unwrap_or(0);
             results.push(
                 DeletableGroupResult::default()
                     .with_group_id(gid)
@@ -1406,8 +1412,9 @@ impl GroupCoordinator {
         DeleteGroupsResponse::default().with_results(results)
     }
 
-    async fn delete_one(&self, ns: &NamespaceName, group: &str) -> Result<(), i16> {
-        self.check_coordinator(ns, group).await?;
+    async fn delete_one(&self, c: &Caller, group: &str) -> Result<(), i16> {
+        self.check_coordinator(c, group).await?;
+        let ns = &c.ns;
         let arc = self.group(ns, group).await?;
         let g = arc.lock().await;
         if !g.members.is_empty() {

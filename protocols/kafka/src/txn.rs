@@ -248,6 +248,16 @@ impl TxnCoordinator {
         let mut out = InitProducerIdResponse::default()
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1);
+        // Kafka's Write on the transactional id, or IdempotentWrite on the
+        // cluster: a consume-only role could otherwise fence a producer.
+        if !c.grants.produce {
+            out.error_code = if r.transactional_id.is_some() {
+                E::TransactionalIdAuthorizationFailed.code()
+            } else {
+                E::ClusterAuthorizationFailed.code()
+            };
+            return out;
+        }
         let Some(txn_id) = r.transactional_id.as_ref().map(|t| t.0.to_string()) else {
             match self.next_producer_id().await {
                 Ok(id) => {
@@ -414,7 +424,9 @@ impl TxnCoordinator {
             }
             results.push((t.name.clone(), per));
         }
-        let outcome = if failed {
+        let outcome = if !c.grants.produce {
+            Err(E::TransactionalIdAuthorizationFailed.code())
+        } else if failed {
             Err(E::OperationNotAttempted.code())
         } else {
             self.add(
@@ -456,6 +468,10 @@ impl TxnCoordinator {
         c: &Caller,
         r: AddOffsetsToTxnRequest,
     ) -> AddOffsetsToTxnResponse {
+        if !c.grants.produce {
+            return AddOffsetsToTxnResponse::default()
+                .with_error_code(E::TransactionalIdAuthorizationFailed.code());
+        }
         let code = self
             .add(
                 &c.ns,
@@ -472,6 +488,10 @@ impl TxnCoordinator {
     }
 
     pub async fn end(&self, ctx: &Ctx, c: &Caller, r: EndTxnRequest) -> EndTxnResponse {
+        if !c.grants.produce {
+            return EndTxnResponse::default()
+                .with_error_code(E::TransactionalIdAuthorizationFailed.code());
+        }
         let code = self
             .end_txn(
                 ctx,

@@ -121,6 +121,8 @@ const ROUTE_CACHE: usize = 65_536;
 
 struct Live {
     conn: u64,
+    /// The role of the connection (None: authentication is off).
+    role: Option<String>,
     kick: Option<oneshot::Sender<()>>,
     /// Version of this connection's owner record: a later one written by
     /// another broker means the client connected there.
@@ -172,6 +174,10 @@ struct StoredSession {
     /// has lost their timers.
     #[serde(default)]
     disconnected_ms: Option<i64>,
+    /// The role that made the session: only it (or a superuser) may take
+    /// the client id over and resume it. None: made with auth off.
+    #[serde(default)]
+    role: Option<String>,
 }
 
 /// A session's queue for subscriptions at `qos`: QoS 0 in memory, QoS 1
@@ -619,6 +625,8 @@ struct Conn {
     receiving: usize,
     /// What the authenticated role may do in the namespace.
     grants: Grants,
+    /// The connection's role, stored with its session.
+    role: Option<String>,
 }
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
@@ -767,17 +775,47 @@ impl Conn {
         let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
         let key = Ctx::session_key(&ns, &client_id);
         let token = ctx.token(id);
+        // A client id, and the session under it, belong to the role that
+        // holds it: another role may neither kick its connection nor
+        // resume its session (Mosquitto ties them the same way with
+        // use_username_as_clientid).
+        let role = match &principal {
+            Principal::Role(r) if !ctx.broker.is_superuser(&principal) => Some(r.clone()),
+            _ => None,
+        };
+        if let Some(role) = &role {
+            let held = ctx.load_session(&ns, &client_id).await.and_then(|s| s.role);
+            if held.as_ref().is_some_and(|h| h != role) {
+                debug!(client = %client_id, "CONNECT refused: the session is another role's");
+                return Err((framing, v5::ConnectAckReason::NotAuthorized));
+            }
+        }
+        let principal_role = match &principal {
+            Principal::Role(r) => Some(r.clone()),
+            Principal::Anonymous => None,
+        };
         // Takeover: the older connection of this client id goes, here at
         // once, on another broker once it sees the owner record.
         let (kick_tx, kick_rx) = oneshot::channel();
-        let old = ctx.registry().live.insert(
-            key.clone(),
-            Live {
-                conn: id,
-                kick: Some(kick_tx),
-                owner_version: u64::MAX,
-            },
-        );
+        let old = {
+            let mut reg = ctx.registry();
+            if let (Some(role), Some(live)) = (&role, reg.live.get(&key)) {
+                if live.role.as_ref() != Some(role) {
+                    drop(reg);
+                    debug!(client = %client_id, "CONNECT refused: the client id is another role's");
+                    return Err((framing, v5::ConnectAckReason::NotAuthorized));
+                }
+            }
+            reg.live.insert(
+                key.clone(),
+                Live {
+                    conn: id,
+                    role: principal_role.clone(),
+                    kick: Some(kick_tx),
+                    owner_version: u64::MAX,
+                },
+            )
+        };
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
                 let _ = k.send(());
@@ -809,7 +847,11 @@ impl Conn {
             }
         } else if let Some(s) = stored {
             session_present = true;
-            subs = s.subs;
+            // Subscriptions are checked again: the role may have lost its
+            // consume grant since it made them.
+            if grants.consume {
+                subs = s.subs;
+            }
             if let Err(e) = ctx.load_received(&ns, &client_id).await {
                 debug!(client = %client_id, "QoS 2 state not loaded: {e}");
                 return Err((framing, v5::ConnectAckReason::ServerUnavailable));
@@ -849,6 +891,7 @@ impl Conn {
                 expiry,
                 owner: token.clone(),
                 disconnected_ms: None,
+                role: principal_role.clone(),
             };
             if let Err(e) = ctx.save_session(&ns, &client_id, &s).await {
                 debug!(client = %client_id, "session not saved: {e}");
@@ -885,6 +928,7 @@ impl Conn {
             qos0_bytes: 0,
             receiving: 0,
             grants,
+            role: principal_role,
         };
         conn.send(Packet::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
@@ -1419,6 +1463,7 @@ impl Conn {
                     expiry: self.expiry,
                     owner: self.ctx.token(self.id),
                     disconnected_ms,
+                    role: self.role.clone(),
                 },
             )
             .await

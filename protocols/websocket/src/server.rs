@@ -192,6 +192,30 @@ async fn authorize(
     grants
         .check(action, || ns.to_string())
         .map_err(|e| Refusal::new(403, format!("Not authorized: {e}")))?;
+    // The broker writes dead letters on the consumer's behalf, so the role
+    // must be one that may produce there, as a Pulsar client's own
+    // dead-letter producer would have to.
+    if let Request::Consumer(c) = req {
+        if let Some(dl) = c.dead_letter.as_ref().and_then(|d| d.topic.as_deref()) {
+            let target = magnetar_broker::service::resolve_in(ns, dl)
+                .map_err(|e| Refusal::bad_params(format!("deadLetterTopic: {e}")))?;
+            let target_grants = if target.namespace() == ns {
+                grants
+            } else {
+                b.grants(&principal, target.namespace())
+                    .await
+                    .map_err(|e| match e {
+                        BrokerError::NotFound(_) => {
+                            Refusal::new(403, format!("Not authorized to produce to {target}"))
+                        }
+                        e => refusal(&e, making(req)),
+                    })?
+            };
+            target_grants
+                .check(AuthAction::Produce, || target.to_string())
+                .map_err(|e| Refusal::new(403, format!("Not authorized: {e}")))?;
+        }
+    }
     Ok(grants)
 }
 
