@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use magnetar_metadata::MetaClient;
+use magnetar_net::BearerToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{BookieError, Result};
@@ -17,6 +19,8 @@ use crate::server::MAX_MESSAGE_BYTES;
 #[derive(Clone)]
 pub struct BookiePool {
     meta: MetaClient,
+    /// The metadata client's token: one identity for both planes.
+    bearer: BearerToken,
     channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
 }
 
@@ -44,16 +48,22 @@ pub fn channel_to(addr: &str) -> Result<Channel> {
         .connect_lazy())
 }
 
-pub fn rpc(channel: Channel) -> BookieClient<Channel> {
-    BookieClient::new(channel)
+/// A bookie RPC client whose calls carry the process's token.
+pub type Rpc = BookieClient<InterceptedService<Channel, BearerToken>>;
+
+pub fn rpc(channel: Channel, bearer: BearerToken) -> Rpc {
+    BookieClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl BookiePool {
     pub fn new(meta: MetaClient) -> Self {
+        // The metadata client checked the token when it was made.
+        let bearer = BearerToken::new(meta.token()).unwrap_or_default();
         Self {
             meta,
+            bearer,
             channels: Arc::default(),
         }
     }
@@ -62,9 +72,9 @@ impl BookiePool {
         &self.meta
     }
 
-    pub async fn client(&self, id: u64) -> Result<BookieClient<Channel>> {
+    pub async fn client(&self, id: u64) -> Result<Rpc> {
         if let Some((_, ch)) = self.lock().get(&id) {
-            return Ok(rpc(ch.clone()));
+            return Ok(rpc(ch.clone(), self.bearer.clone()));
         }
         let kv = self
             .meta
@@ -85,7 +95,7 @@ impl BookiePool {
         if entry.0 != info.addr {
             *entry = (info.addr, ch);
         }
-        Ok(rpc(entry.1.clone()))
+        Ok(rpc(entry.1.clone(), self.bearer.clone()))
     }
 
     /// Forgets a bookie's channel, so that the next call looks its address

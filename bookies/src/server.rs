@@ -46,6 +46,11 @@ pub struct BookieConfig {
     pub auditor: crate::auditor::AuditorConfig,
     /// Connection limits and the handshake timeout of the gRPC listener.
     pub limits: magnetar_net::ListenerLimits,
+    /// Who may call this bookie.
+    pub auth: magnetar_net::GrpcAuth,
+    /// The token this bookie presents to the metadata store (and to other
+    /// bookies, when it re-replicates).
+    pub token: Option<String>,
 }
 
 impl BookieConfig {
@@ -63,6 +68,8 @@ impl BookieConfig {
             session_ttl: Duration::from_secs(5),
             auditor: crate::auditor::AuditorConfig::default(),
             limits: magnetar_net::ListenerLimits::default(),
+            auth: magnetar_net::GrpcAuth::default(),
+            token: None,
         }
     }
 }
@@ -100,7 +107,13 @@ impl BookieServer {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let advertised = cfg.advertised.clone().unwrap_or_else(|| addr.to_string());
-        let meta_client = MetaClient::new(&cfg.meta)?;
+        let meta_client = MetaClient::with_options(
+            &cfg.meta,
+            magnetar_metadata::ClientOptions {
+                token: cfg.token.clone(),
+                ..Default::default()
+            },
+        )?;
 
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -118,12 +131,15 @@ impl BookieServer {
             Some(Duration::from_secs(10)),
         );
         let mut srv_stop = stop_rx.clone();
+        let auth = cfg.auth.clone();
         tasks.push(tokio::spawn(async move {
             // Pings find peers that went away without a FIN, so that their
             // connection slots come back.
             let res = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
-                .add_service(svc)
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    svc, auth,
+                ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = srv_stop.wait_for(|s| *s).await;
                 })

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use magnetar_net::BearerToken;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -32,6 +34,9 @@ pub struct ClientOptions {
     /// Deadline of a single attempt.
     pub rpc_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The token every call carries (a superuser's), when the store
+    /// requires one. Bookie clients made from this client carry it too.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -40,9 +45,13 @@ impl Default for ClientOptions {
             retry_for: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_millis(500),
+            token: None,
         }
     }
 }
+
+/// A metadata RPC client whose calls carry the process's token.
+type Rpc = MetadataClient<InterceptedService<Channel, BearerToken>>;
 
 /// Conditions on a put.
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,6 +72,7 @@ struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
     opts: ClientOptions,
+    bearer: BearerToken,
 }
 
 impl std::fmt::Debug for MetaClient {
@@ -100,6 +110,7 @@ impl MetaClient {
         if endpoints.is_empty() {
             return Err(MetaError::Config("no metadata endpoints given".into()));
         }
+        let bearer = BearerToken::new(opts.token.as_deref()).map_err(MetaError::Config)?;
         let mut channels = Vec::new();
         let mut names = Vec::new();
         for e in endpoints {
@@ -125,6 +136,7 @@ impl MetaClient {
                 channels,
                 current: AtomicUsize::new(0),
                 opts,
+                bearer,
             }),
         })
     }
@@ -133,10 +145,19 @@ impl MetaClient {
         &self.inner.endpoints
     }
 
-    fn rpc(&self, idx: usize) -> MetadataClient<Channel> {
-        MetadataClient::new(self.inner.channels[idx].clone())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+    /// The token this client's calls carry, for clients of the other
+    /// internal planes made next to it.
+    pub fn token(&self) -> Option<&str> {
+        self.inner.opts.token.as_deref()
+    }
+
+    fn rpc(&self, idx: usize) -> Rpc {
+        MetadataClient::with_interceptor(
+            self.inner.channels[idx].clone(),
+            self.inner.bearer.clone(),
+        )
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
     }
 
     /// Picks the next node to try after `status` from node `idx`.
@@ -159,7 +180,7 @@ impl MetaClient {
     /// until `retry_for` is spent.
     async fn call<T, F, Fut>(&self, retry_for: Duration, f: F) -> Result<T>
     where
-        F: Fn(MetadataClient<Channel>) -> Fut,
+        F: Fn(Rpc) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + retry_for;

@@ -17,6 +17,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::raft_client::RaftClient;
@@ -28,6 +29,8 @@ pub const MAX_RAFT_MESSAGE: usize = 256 << 20;
 
 pub struct Network {
     pub id: u64,
+    /// What this node's calls to its peers carry.
+    pub bearer: magnetar_net::BearerToken,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -42,7 +45,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                     .http2_keep_alive_interval(Duration::from_secs(1))
                     .keep_alive_timeout(Duration::from_secs(3))
                     .connect_lazy();
-                RaftClient::new(channel)
+                RaftClient::with_interceptor(channel, self.bearer.clone())
                     .max_decoding_message_size(MAX_RAFT_MESSAGE)
                     .max_encoding_message_size(MAX_RAFT_MESSAGE)
             })
@@ -58,7 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     from: u64,
     target: u64,
-    client: Result<RaftClient<Channel>, String>,
+    client: Result<RaftClient<InterceptedService<Channel, magnetar_net::BearerToken>>, String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::error::{MetaError, Result};
@@ -78,6 +79,10 @@ pub struct NodeConfig {
     /// Connection limits and the handshake timeout of the gRPC listener
     /// (clients and raft peers alike).
     pub limits: magnetar_net::ListenerLimits,
+    /// Who may call this node (clients and raft peers alike).
+    pub auth: magnetar_net::GrpcAuth,
+    /// The token this node presents to its raft peers.
+    pub peer_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -90,6 +95,8 @@ impl NodeConfig {
             peers: BTreeMap::new(),
             tuning: RaftTuning::default(),
             limits: magnetar_net::ListenerLimits::default(),
+            auth: magnetar_net::GrpcAuth::default(),
+            peer_token: None,
         }
     }
 }
@@ -255,7 +262,11 @@ impl MetaNode {
         let raft = Raft::new(
             cfg.id,
             Arc::new(config),
-            Network { id: cfg.id },
+            Network {
+                id: cfg.id,
+                bearer: magnetar_net::BearerToken::new(cfg.peer_token.as_deref())
+                    .map_err(MetaError::Config)?,
+            },
             log.clone(),
             sm,
         )
@@ -294,11 +305,12 @@ impl MetaNode {
             magnetar_net::Admission::new("metadata gRPC", cfg.limits.clone()),
             Some(Duration::from_secs(10)),
         );
+        let auth = cfg.auth.clone();
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
-                .add_service(metadata)
-                .add_service(raft_rpc)
+                .add_service(InterceptedService::new(metadata, auth.clone()))
+                .add_service(InterceptedService::new(raft_rpc, auth))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = shutdown_rx.await;
                 })

@@ -7,16 +7,12 @@ use magnetar_metadata::{EventKind, MetaClient, MetaNode, NodeConfig, RaftTuning}
 
 fn config(dir: &std::path::Path) -> NodeConfig {
     NodeConfig {
-        id: 1,
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.to_path_buf(),
-        peers: Default::default(),
         tuning: RaftTuning {
             snapshot_every: 100,
             keep_logs: 10,
             ..RaftTuning::default()
         },
-        limits: Default::default(),
+        ..NodeConfig::single("127.0.0.1:0".parse().expect("addr"), dir.to_path_buf())
     }
 }
 

@@ -7,6 +7,12 @@
 //! So a flood of connections that never speak costs a file descriptor and
 //! a few hundred bytes each, for at most the handshake timeout, and can
 //! never take the descriptors the process's own storage needs.
+//!
+//! [`grpc_auth`] holds who may call the gRPC planes.
+
+pub mod grpc_auth;
+
+pub use grpc_auth::{BearerToken, GrpcAuth, TokenVerifier};
 
 use std::collections::HashMap;
 use std::fmt::Display;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use magnetar_bookies::{CreateOptions, LedgerClient};
-use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, MetaClient, PutOptions};
+use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, PutOptions};
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -20,7 +20,8 @@ pub struct AdminArgs {
     )]
     url: String,
     /// Token for the admin API when the brokers authenticate (sent as
-    /// `Authorization: Bearer`).
+    /// `Authorization: Bearer`), and for the metadata store and bookies
+    /// (`metadata`, `bookies`, `ledgers`: a superuser's).
     #[arg(long, env = "MAGNETAR_AUTH_TOKEN", global = true)]
     auth_token: Option<String>,
     #[command(subcommand)]
@@ -191,15 +192,15 @@ fn print_kv(out: &mut impl Write, kv: &KeyValue, verbose: bool) -> std::io::Resu
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
-        AdminCommand::Metadata(m) => run_metadata(m).await,
-        AdminCommand::Bookies(b) => run_bookies(b).await,
-        AdminCommand::Ledgers(l) => run_ledgers(l).await,
+        AdminCommand::Metadata(m) => run_metadata(m, args.auth_token).await,
+        AdminCommand::Bookies(b) => run_bookies(b, args.auth_token).await,
+        AdminCommand::Ledgers(l) => run_ledgers(l, args.auth_token).await,
         AdminCommand::Rest(c) => crate::admin_rest::run(args.url, args.auth_token, c).await,
     }
 }
 
-async fn run_metadata(args: MetadataArgs) -> anyhow::Result<()> {
-    let client = MetaClient::new(&parse_endpoints(&args.meta))?;
+async fn run_metadata(args: MetadataArgs, token: Option<String>) -> anyhow::Result<()> {
+    let client = crate::broker::meta_client(&parse_endpoints(&args.meta), token)?;
     let mut out = std::io::stdout().lock();
     match args.command {
         MetadataCommand::Get { key, verbose } => match client.get(&key).await? {
@@ -315,8 +316,11 @@ async fn run_metadata(args: MetadataArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_bookies(args: BookiesArgs) -> anyhow::Result<()> {
-    let client = LedgerClient::new(MetaClient::new(&parse_endpoints(&args.meta))?);
+async fn run_bookies(args: BookiesArgs, token: Option<String>) -> anyhow::Result<()> {
+    let client = LedgerClient::new(crate::broker::meta_client(
+        &parse_endpoints(&args.meta),
+        token,
+    )?);
     let mut out = std::io::stdout().lock();
     match args.command {
         BookiesCommand::List => {
@@ -334,8 +338,11 @@ async fn run_bookies(args: BookiesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_ledgers(args: LedgersArgs) -> anyhow::Result<()> {
-    let client = LedgerClient::new(MetaClient::new(&parse_endpoints(&args.meta))?);
+async fn run_ledgers(args: LedgersArgs, token: Option<String>) -> anyhow::Result<()> {
+    let client = LedgerClient::new(crate::broker::meta_client(
+        &parse_endpoints(&args.meta),
+        token,
+    )?);
     let mut out = std::io::stdout().lock();
     match args.command {
         LedgersCommand::List => {

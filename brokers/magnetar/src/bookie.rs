@@ -95,6 +95,8 @@ pub struct BookieArgs {
     audit_interval_ms: u64,
     #[command(flatten)]
     limits: crate::broker::ListenerArgs,
+    #[command(flatten)]
+    auth: crate::auth_args::AuthArgs,
 }
 
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
@@ -127,6 +129,12 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         interval: Duration::from_millis(args.audit_interval_ms.max(10)),
     };
     cfg.limits = args.limits.limits();
+    cfg.auth = args.auth.grpc()?;
+    cfg.token = args.auth.internal_token()?;
+    anyhow::ensure!(
+        !cfg.auth.enabled() || cfg.token.is_some(),
+        "authentication is on: the bookie needs --internal-token (or a secret key and a superuser role) for the metadata store"
+    );
     let server = BookieServer::start(cfg)
         .await
         .context("starting the bookie")?;

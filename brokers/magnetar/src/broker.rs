@@ -159,28 +159,8 @@ pub struct BrokerOptions {
         default_value_t = 100_000
     )]
     mqtt_max_sessions_per_namespace: usize,
-    /// Turn on token authentication, with tokens signed by this HMAC
-    /// secret key: `file:///path`, a path, or `data:;base64,…` (what
-    /// `magnetar tokens create-secret-key` writes, as Pulsar's
-    /// tokenSecretKey).
-    #[arg(
-        long,
-        env = "MAGNETAR_AUTH_TOKEN_SECRET_KEY",
-        conflicts_with = "auth_token_public_key"
-    )]
-    auth_token_secret_key: Option<String>,
-    /// Turn on token authentication, with tokens signed by the private
-    /// half of this PEM public key (RSA, EC or Ed25519).
-    #[arg(long, env = "MAGNETAR_AUTH_TOKEN_PUBLIC_KEY")]
-    auth_token_public_key: Option<String>,
-    /// Roles that may do everything, comma-separated.
-    #[arg(long, env = "MAGNETAR_AUTH_SUPERUSER_ROLES", value_delimiter = ',')]
-    auth_superuser_roles: Vec<String>,
-    /// The token this broker presents to other brokers (a superuser's):
-    /// the token itself, `file:///path` or a path. With a secret key and
-    /// none given, the broker signs one for the first superuser role.
-    #[arg(long, env = "MAGNETAR_INTERNAL_TOKEN")]
-    internal_token: Option<String>,
+    #[command(flatten)]
+    auth: crate::auth_args::AuthArgs,
     /// Where closed ledgers are offloaded: `s3://bucket/prefix` (S3, MinIO
     /// and other S3-compatible servers), `file:///dir`, or `none`.
     /// Standalone's default is `file://<data-dir>/offload`; a broker's is
@@ -251,58 +231,6 @@ pub(crate) fn tier_from_url(
         ..Default::default()
     };
     Ok(magnetar_tiering::Tier::from_url(url, &options, tier_opts)?)
-}
-
-/// The auth hook the options ask for; none without a key.
-fn auth_config(opts: &BrokerOptions) -> anyhow::Result<Option<magnetar_broker::AuthConfig>> {
-    use magnetar_tenancy::auth::{read_key, TokenAuth};
-    let provider = match (&opts.auth_token_secret_key, &opts.auth_token_public_key) {
-        (Some(spec), _) => TokenAuth::with_secret(&read_key(spec)?)?,
-        (None, Some(spec)) => TokenAuth::with_public_key_pem(&read_key(spec)?)?,
-        (None, None) => return Ok(None),
-    };
-    let superusers: std::collections::BTreeSet<String> = opts
-        .auth_superuser_roles
-        .iter()
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty())
-        .collect();
-    let internal_token = match (&opts.internal_token, &opts.auth_token_secret_key) {
-        (Some(spec), _) => Some(read_token(spec)?),
-        (None, Some(key)) => match opts.auth_superuser_roles.first() {
-            Some(role) => Some(magnetar_tenancy::auth::create_token(
-                &read_key(key)?,
-                false,
-                role.trim(),
-                None,
-            )?),
-            None => None,
-        },
-        (None, None) => None,
-    };
-    if internal_token.is_none() {
-        tracing::warn!(
-            "authentication is on without --internal-token or a superuser role: \
-             other brokers will refuse what this one forwards to them"
-        );
-    }
-    Ok(Some(magnetar_broker::AuthConfig {
-        provider: std::sync::Arc::new(provider),
-        superusers,
-        internal_token,
-    }))
-}
-
-/// A token given on the command line: itself, or `file:///path` or a path
-/// to a file holding it.
-fn read_token(spec: &str) -> anyhow::Result<String> {
-    let path = spec.strip_prefix("file://").unwrap_or(spec);
-    if spec.starts_with("file://") || std::path::Path::new(path).is_file() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-        Ok(text.trim().to_string())
-    } else {
-        Ok(spec.trim().to_string())
-    }
 }
 
 /// The protocol listeners, bound before the broker registers so that its
@@ -625,7 +553,7 @@ fn broker_config(
         idle_timeout: Duration::from_secs(opts.kafka_idle_timeout_s.max(1)),
         ..opts.listener.limits()
     };
-    cfg.auth = auth_config(opts).context("token authentication")?;
+    cfg.auth = opts.auth.broker().context("token authentication")?;
     Ok(cfg)
 }
 
@@ -642,7 +570,7 @@ async fn stop_http(http: Http) {
 pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let endpoints = parse_endpoints(&args.meta);
     anyhow::ensure!(!endpoints.is_empty(), "--meta names no metadata node");
-    let meta = MetaClient::new(&endpoints)?;
+    let meta = meta_client(&endpoints, args.opts.auth.internal_token()?)?;
     let (listener, advertised) = bind_http(&args.opts).await?;
     let listeners = bind_protocols(&args.opts).await?;
     let cfg = broker_config(
@@ -673,6 +601,18 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client of the metadata store presenting `token` on every call (and
+/// on the bookie calls made through it).
+pub fn meta_client(endpoints: &[String], token: Option<String>) -> anyhow::Result<MetaClient> {
+    Ok(MetaClient::with_options(
+        endpoints,
+        magnetar_metadata::ClientOptions {
+            token,
+            ..Default::default()
+        },
+    )?)
+}
+
 /// A metadata node, a bookie and a broker in this process.
 pub struct Embedded {
     pub node: MetaNode,
@@ -696,8 +636,19 @@ impl Embedded {
         // The embedded gRPC planes take the client listeners' limits: in
         // standalone they listen next to them, and the same flood reaches
         // them.
+        // With authentication on, they take the broker's superusers only,
+        // and every internal client presents the internal token.
+        let (grpc_auth, token) = match &cfg.auth {
+            Some(a) => (
+                crate::auth_args::grpc_auth(a.provider.clone(), a.superusers.clone()),
+                a.internal_token.clone(),
+            ),
+            None => (Default::default(), None),
+        };
         let node = MetaNode::start(NodeConfig {
             limits: cfg.listener_limits.clone(),
+            auth: grpc_auth.clone(),
+            peer_token: token.clone(),
             ..NodeConfig::single(meta_listen, data_dir.join("meta"))
         })
         .await
@@ -715,10 +666,12 @@ impl Embedded {
         bookie_cfg.disk_usage_threshold = disk.usage_threshold;
         bookie_cfg.disk_check_interval = Duration::from_millis(disk.check_interval_ms.max(10));
         bookie_cfg.limits = cfg.listener_limits.clone();
+        bookie_cfg.auth = grpc_auth;
+        bookie_cfg.token = token.clone();
         let bookie = BookieServer::start(bookie_cfg)
             .await
             .context("starting the embedded bookie")?;
-        let meta = MetaClient::new(&endpoints)?;
+        let meta = meta_client(&endpoints, token)?;
         wait_for_bookie(&meta).await?;
         let broker = Broker::start(meta, cfg)
             .await

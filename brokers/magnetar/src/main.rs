@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_rest;
+mod auth_args;
 mod bookie;
 mod broker;
 mod perf;
@@ -80,6 +81,8 @@ struct MetaArgs {
     keep_logs: u64,
     #[command(flatten)]
     limits: broker::ListenerArgs,
+    #[command(flatten)]
+    auth: auth_args::AuthArgs,
 }
 
 fn init_tracing() {
@@ -108,6 +111,8 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
             keep_logs: args.keep_logs,
         },
         limits: args.limits.limits(),
+        auth: args.auth.grpc()?,
+        peer_token: args.auth.internal_token()?,
     })
     .await
     .context("starting the metadata node")?;
