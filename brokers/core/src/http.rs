@@ -280,6 +280,91 @@ pub fn router(broker: Broker) -> Router {
         .with_state(broker)
 }
 
+/// The browser origins that may open WebSockets and send state-changing
+/// requests to the HTTP listener. A browser attaches `Origin` to both, so
+/// a page elsewhere cannot ride an operator's browser into the admin API
+/// or a topic (cross-site WebSocket hijacking, CSRF), nor, by rebinding a
+/// name to 127.0.0.1, the default listener. Clients that are not browsers
+/// send no `Origin` and are not concerned.
+#[derive(Clone, Debug)]
+pub enum AllowedOrigins {
+    Any,
+    /// Lower-case `scheme://host[:port]`, as browsers send them.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl AllowedOrigins {
+    /// `*` allows any origin; otherwise the comma-separated origins given.
+    pub fn parse(list: &[String]) -> Self {
+        if list.iter().any(|o| o.trim() == "*") {
+            return AllowedOrigins::Any;
+        }
+        AllowedOrigins::Only(
+            list.iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        )
+    }
+
+    /// The listener's own origins: its loopback names on `port`, and the
+    /// address it advertises.
+    pub fn own(port: u16, advertised: &str) -> Self {
+        let host = advertised
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        let mut set: std::collections::BTreeSet<String> = ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .map(|h| format!("http://{h}:{port}"))
+            .collect();
+        set.insert(format!("http://{}", host.to_ascii_lowercase()));
+        AllowedOrigins::Only(set)
+    }
+
+    fn allows(&self, origin: &str) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::Only(set) => {
+                set.contains(&origin.trim_end_matches('/').to_ascii_lowercase())
+            }
+        }
+    }
+}
+
+/// Refuses, with 403, a WebSocket upgrade or a request that changes state
+/// whose `Origin` is not allowed. Reads need no check: without CORS
+/// headers a browser keeps their answers from other origins' pages.
+pub async fn origin_guard(
+    State(allowed): State<std::sync::Arc<AllowedOrigins>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return next.run(req).await;
+    };
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !upgrade && !changes {
+        return next.run(req).await;
+    }
+    match origin.to_str() {
+        Ok(o) if allowed.allows(o) => next.run(req).await,
+        o => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "origin {} may not use this listener (see --allowed-origins)",
+                o.unwrap_or("?")
+            ),
+        )
+        .into_response(),
+    }
+}
+
 /// What a request needs when authentication is on, from its method and
 /// raw path (before percent-decoding: valid tenant and namespace names
 /// hold no `%`, so an encoded one is refused rather than decoded).
@@ -1462,5 +1547,29 @@ mod tests {
         for (method, path, want) in cases {
             assert_eq!(access(method, path), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn own_origins_are_the_loopback_names_and_the_advertised_address() {
+        let own = AllowedOrigins::own(8080, "broker-1.example:8080");
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "HTTP://Broker-1.example:8080",
+        ] {
+            assert!(own.allows(ok), "{ok}");
+        }
+        for no in [
+            "http://evil.example:8080",
+            "http://127.0.0.1:9090",
+            "null",
+            "",
+        ] {
+            assert!(!own.allows(no), "{no}");
+        }
+        let given = AllowedOrigins::parse(&["https://console.example/".into()]);
+        assert!(given.allows("https://console.example"));
+        assert!(!given.allows("http://127.0.0.1:8080"));
+        assert!(AllowedOrigins::parse(&["*".into()]).allows("http://anywhere"));
     }
 }

@@ -27,6 +27,12 @@ pub struct BrokerOptions {
     /// (default: the bound address). It also names this broker.
     #[arg(long, env = "MAGNETAR_ADVERTISED_HTTP")]
     advertised_http: Option<String>,
+    /// Browser origins (`scheme://host:port`, comma-separated; `*` for
+    /// any) allowed to open WebSockets and send requests that change
+    /// state on the HTTP listener. Default: the listener's own (its
+    /// loopback names and advertised address).
+    #[arg(long, env = "MAGNETAR_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Bookies each ledger is written to, and copies per entry.
     #[arg(long, env = "MAGNETAR_ENSEMBLE")]
     ensemble: Option<usize>,
@@ -475,16 +481,35 @@ async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<(tokio::net::TcpListe
     Ok((listener, advertised))
 }
 
+fn allowed_origins(
+    opts: &BrokerOptions,
+    listener: &tokio::net::TcpListener,
+    advertised: &str,
+) -> anyhow::Result<magnetar_broker::http::AllowedOrigins> {
+    use magnetar_broker::http::AllowedOrigins;
+    Ok(if opts.allowed_origins.is_empty() {
+        AllowedOrigins::own(listener.local_addr()?.port(), advertised)
+    } else {
+        AllowedOrigins::parse(&opts.allowed_origins)
+    })
+}
+
 /// Serves the admin API, and `protocols`' routes (MQTT over WebSocket).
 fn serve_http(
     listener: tokio::net::TcpListener,
     broker: Broker,
     protocols: axum::Router,
+    origins: magnetar_broker::http::AllowedOrigins,
 ) -> anyhow::Result<Http> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let admission = broker.admission("HTTP");
-    let app = magnetar_broker::http::router(broker).merge(protocols);
+    let app = magnetar_broker::http::router(broker)
+        .merge(protocols)
+        .layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(origins),
+            magnetar_broker::http::origin_guard,
+        ));
     let task = tokio::spawn(async move {
         magnetar_broker::listener::serve_http(listener, admission, app, async {
             let _ = stopped.await;
@@ -585,7 +610,8 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
         .await
         .context("starting the broker")?;
     let protocols = Protocols::start(listeners, &broker, &args.opts, true)?;
-    let http = serve_http(listener, broker.clone(), protocols.http_routes())?;
+    let origins = allowed_origins(&args.opts, &listener, &advertised)?;
+    let http = serve_http(listener, broker.clone(), protocols.http_routes(), origins)?;
     println!(
         "magnetar broker ready: http={} kafka={} amqp={} mqtt={}",
         http.addr,
@@ -740,7 +766,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     )
     .await?;
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts, false)?;
-    let http = serve_http(listener, embedded.broker.clone(), protocols.http_routes())?;
+    let origins = allowed_origins(&args.opts, &listener, &advertised)?;
+    let http = serve_http(
+        listener,
+        embedded.broker.clone(),
+        protocols.http_routes(),
+        origins,
+    )?;
     // The one line harnesses and users wait for.
     println!(
         "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}",
