@@ -42,7 +42,14 @@ impl fmt::Debug for Credentials<'_> {
 /// connection on the accepting task.
 pub trait AuthProvider: Send + Sync + 'static {
     /// The role the credentials prove, or [`TenancyError::Unauthenticated`].
-    fn authenticate(&self, creds: &Credentials<'_>) -> Result<String>;
+    fn authenticate(&self, creds: &Credentials<'_>) -> Result<String> {
+        self.authenticate_until(creds).map(|(role, _)| role)
+    }
+
+    /// The role, and when the credentials stop proving it (seconds since
+    /// the Unix epoch; None: never), so that a connection that outlives
+    /// them can be closed.
+    fn authenticate_until(&self, creds: &Credentials<'_>) -> Result<(String, Option<u64>)>;
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,13 +103,15 @@ impl TokenAuth {
         // Pulsar's tokens need not expire, nor name an audience.
         validation.set_required_spec_claims::<&str>(&[]);
         validation.validate_aud = false;
+        // A token that is not valid yet is refused, as one that expired.
+        validation.validate_nbf = true;
         validation.leeway = 0;
         TokenAuth { key, validation }
     }
 }
 
 impl AuthProvider for TokenAuth {
-    fn authenticate(&self, creds: &Credentials<'_>) -> Result<String> {
+    fn authenticate_until(&self, creds: &Credentials<'_>) -> Result<(String, Option<u64>)> {
         let Some(secret) = creds.secret.filter(|s| !s.is_empty()) else {
             return Err(TenancyError::Unauthenticated("no token presented".into()));
         };
@@ -118,7 +127,7 @@ impl AuthProvider for TokenAuth {
                 "the token names no role (sub)".into(),
             ));
         }
-        Ok(data.claims.sub)
+        Ok((data.claims.sub, data.claims.exp))
     }
 }
 
@@ -219,6 +228,43 @@ mod tests {
         assert_eq!(auth.authenticate(&creds(&kop)).expect("test"), "device-1");
         let t = create_token(&key, false, "x", Some(Duration::from_secs(3600))).expect("test");
         assert_eq!(auth.authenticate(&creds(&t)).expect("test"), "x");
+        // The expiry comes back, so that connections can close at it.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("test")
+            .as_secs();
+        let (role, exp) = auth.authenticate_until(&creds(&t)).expect("test");
+        assert_eq!(role, "x");
+        assert!(
+            exp.is_some_and(|e| (now + 3590..=now + 3600).contains(&e)),
+            "{exp:?}"
+        );
+        let t = create_token(&key, false, "y", None).expect("test");
+        assert_eq!(
+            auth.authenticate_until(&creds(&t)).expect("test"),
+            ("y".into(), None)
+        );
+    }
+
+    #[test]
+    fn tokens_not_valid_yet_are_unauthenticated() {
+        let key = create_secret_key();
+        let auth = TokenAuth::with_secret(&key).expect("test");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("test")
+            .as_secs();
+        let claims = serde_json::json!({"sub": "r", "nbf": now + 3600});
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&key),
+        )
+        .expect("test");
+        assert!(matches!(
+            auth.authenticate(&creds(&t)),
+            Err(TenancyError::Unauthenticated(_))
+        ));
     }
 
     #[test]

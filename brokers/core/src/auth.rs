@@ -92,11 +92,21 @@ impl Broker {
 
     /// Runs the configured provider over what the client presented.
     pub fn authenticate(&self, creds: &Credentials<'_>) -> Result<Principal> {
+        self.authenticate_until(creds).map(|(p, _)| p)
+    }
+
+    /// As [`Self::authenticate`], with the instant the credentials expire
+    /// (None: never, or authentication is off): a connection is closed
+    /// then, as a token's `exp` means.
+    pub fn authenticate_until(
+        &self,
+        creds: &Credentials<'_>,
+    ) -> Result<(Principal, Option<tokio::time::Instant>)> {
         let Some(auth) = &self.config().auth else {
-            return Ok(Principal::Anonymous);
+            return Ok((Principal::Anonymous, None));
         };
-        match auth.provider.authenticate(creds) {
-            Ok(role) => Ok(Principal::Role(role)),
+        match auth.provider.authenticate_until(creds) {
+            Ok((role, exp)) => Ok((Principal::Role(role), exp.map(expiry_instant))),
             Err(TenancyError::Unauthenticated(why)) => Err(BrokerError::Unauthenticated(why)),
             Err(e) => Err(e.into()),
         }
@@ -149,6 +159,15 @@ impl Broker {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The instant of an `exp` claim (seconds since the Unix epoch).
+fn expiry_instant(exp: u64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp);
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + left
 }
 
 #[cfg(test)]

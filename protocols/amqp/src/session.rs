@@ -555,6 +555,8 @@ pub(crate) struct Conn {
     told_blocked: bool,
     /// Who logged in, and what that role may do in the vhost.
     principal: Principal,
+    /// When the login token expires: the connection closes then.
+    expires: Option<Instant>,
     user: String,
     grants: Grants,
 }
@@ -591,6 +593,7 @@ where
         publisher: false,
         told_blocked: false,
         principal: Principal::Anonymous,
+        expires: None,
         user: String::new(),
         grants: Grants::ALL,
     };
@@ -785,6 +788,13 @@ impl Conn {
                     }
                 }
                 _ = alarm_rx.changed() => {}
+                _ = tokio::time::sleep_until(self.expires.unwrap_or_else(Instant::now)),
+                    if self.expires.is_some() && !self.closing =>
+                {
+                    let ex = Exception::new(error::ACCESS_REFUSED, "the login token expired");
+                    self.close_connection(ex.clone());
+                    return Err(ex.into());
+                }
                 () = outbox.drained.notified(), if !self.deferred_credit.is_empty() => {
                     self.release_credit();
                 }
@@ -999,8 +1009,11 @@ impl Conn {
                     user: Some(&user),
                     secret: Some(&password),
                 };
-                self.principal = match self.ctx.broker.authenticate(&creds) {
-                    Ok(p) => p,
+                self.principal = match self.ctx.broker.authenticate_until(&creds) {
+                    Ok((p, expires)) => {
+                        self.expires = expires;
+                        p
+                    }
                     Err(e) => {
                         debug!("AMQP login of '{user}' refused: {e}");
                         return Err(refused());

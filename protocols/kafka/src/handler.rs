@@ -52,6 +52,8 @@ pub(crate) struct Session {
     pub grants: Grants,
     /// Set when the connection must close after the current answer.
     pub closing: bool,
+    /// When the SASL token expires: the connection closes then.
+    pub expires: Option<tokio::time::Instant>,
 }
 
 impl Session {
@@ -63,6 +65,7 @@ impl Session {
             authenticated: !ctx.broker.auth_enabled(),
             grants: Grants::ALL,
             closing: false,
+            expires: None,
         }
     }
 }

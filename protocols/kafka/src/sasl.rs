@@ -58,8 +58,11 @@ pub(crate) async fn authenticate(
         user: Some(&user),
         secret: Some(password.as_bytes()),
     };
-    let principal = match ctx.broker.authenticate(&creds) {
-        Ok(p) => p,
+    let principal = match ctx.broker.authenticate_until(&creds) {
+        Ok((p, expires)) => {
+            s.expires = expires;
+            p
+        }
         Err(e) => {
             s.closing = true;
             return fail(&e.to_string());

@@ -156,7 +156,8 @@ async fn serve_connection(
             handshaken |= session.authenticated;
         }
         let deadline = if handshaken {
-            tokio::time::Instant::now() + limits.idle_timeout
+            let idle = tokio::time::Instant::now() + limits.idle_timeout;
+            session.expires.map_or(idle, |e| e.min(idle))
         } else {
             handshake_deadline
         };
@@ -168,7 +169,16 @@ async fn serve_connection(
             Ok(Ok(_)) => {}
             Ok(Err(e)) => break Err(e),
             Err(_) => {
-                let what = if handshaken { "idle" } else { "handshake" };
+                let expired = session
+                    .expires
+                    .is_some_and(|e| e <= tokio::time::Instant::now());
+                let what = if expired {
+                    "token expiry"
+                } else if handshaken {
+                    "idle"
+                } else {
+                    "handshake"
+                };
                 debug!(%peer, "closing Kafka connection: {what} timeout");
                 break Ok(());
             }

@@ -22,6 +22,8 @@ pub enum MqttError {
     TopicAlias(String),
     #[error("keep-alive timeout")]
     KeepAlive,
+    #[error("the token the connection logged in with expired")]
+    TokenExpired,
     #[error("session taken over")]
     TakenOver,
     /// CONNECT with a client id the server will not take (3.1.1: empty
@@ -49,6 +51,7 @@ impl MqttError {
             MqttError::ReceiveMaximum => R::ReceiveMaximumExceeded,
             MqttError::TopicAlias(_) => R::TopicAliasInvalid,
             MqttError::KeepAlive => R::KeepAliveTimeout,
+            MqttError::TokenExpired => R::NotAuthorized,
             MqttError::TakenOver => R::SessionTakenOver,
             MqttError::ClientIdRejected => R::ProtocolError,
             MqttError::Broker(BrokerError::QuotaExceeded(_)) => R::QuotaExceeded,

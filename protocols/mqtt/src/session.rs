@@ -627,6 +627,8 @@ struct Conn {
     grants: Grants,
     /// The connection's role, stored with its session.
     role: Option<String>,
+    /// When the CONNECT token expires: the connection closes then.
+    expires: Option<Instant>,
 }
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
@@ -708,7 +710,7 @@ impl Conn {
             user: c.username.as_deref(),
             secret: c.password.as_deref(),
         };
-        let principal = match ctx.broker.authenticate(&creds) {
+        let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
             Ok(p) => p,
             Err(e) => {
                 debug!("CONNECT refused: {e}");
@@ -929,6 +931,7 @@ impl Conn {
             receiving: 0,
             grants,
             role: principal_role,
+            expires,
         };
         conn.send(Packet::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
@@ -1075,6 +1078,9 @@ impl Conn {
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
                     return End::Abrupt(Some(MqttError::KeepAlive));
+                }
+                _ = tokio::time::sleep_until(self.expires.unwrap_or_else(Instant::now)), if self.expires.is_some() => {
+                    return End::Abrupt(Some(MqttError::TokenExpired));
                 }
                 _ = &mut kick => return End::TakenOver,
             }

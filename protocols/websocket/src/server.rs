@@ -20,6 +20,7 @@ use magnetar_broker::subscription::{
 };
 use magnetar_broker::{Broker, BrokerError, Coalescer, Grants, Principal};
 use magnetar_tenancy::{AuthAction, Credentials, TopicName};
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::flow::{Flow, Grant};
@@ -98,6 +99,9 @@ async fn console(content_type: &'static str, body: &'static str) -> Response {
 
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// The token the socket was opened with expired.
+const CLOSE_POLICY: u16 = 1008;
+const TOKEN_EXPIRED: &str = "the token expired";
 
 /// Pulsar closes with its WebSocketError code (3 for a frame that is not
 /// JSON), which is below the codes RFC 6455 lets an endpoint send, and
@@ -160,23 +164,25 @@ fn token<'a>(q: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
     bearer.or_else(|| q.get("token").filter(|t| !t.is_empty()))
 }
 
+/// The grants of the request's role, and when its token expires (the
+/// socket closes then).
 async fn authorize(
     b: &Broker,
     req: &Request,
     q: &Params,
     headers: &HeaderMap,
-) -> Result<Grants, Refusal> {
-    let principal = if b.auth_enabled() {
+) -> Result<(Grants, Option<Instant>), Refusal> {
+    let (principal, expires) = if b.auth_enabled() {
         let Some(t) = token(q, headers) else {
             return Err(Refusal::new(401, "Authentication required"));
         };
-        b.authenticate(&Credentials {
+        b.authenticate_until(&Credentials {
             user: None,
             secret: Some(t.as_bytes()),
         })
         .map_err(|e| Refusal::new(401, format!("Failed to authenticate: {e}")))?
     } else {
-        Principal::Anonymous
+        (Principal::Anonymous, None)
     };
     let Some(ns) = req.namespace() else {
         return Err(Refusal::bad_params("no topic"));
@@ -216,7 +222,7 @@ async fn authorize(
                 .map_err(|e| Refusal::new(403, format!("Not authorized: {e}")))?;
         }
     }
-    Ok(grants)
+    Ok((grants, expires))
 }
 
 async fn v2(
@@ -257,24 +263,25 @@ async fn open(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(r) = authorize(&ctx.broker, &req, &q, &headers).await {
-        return refuse(r);
-    }
+    let expires = match authorize(&ctx.broker, &req, &q, &headers).await {
+        Ok((_, expires)) => expires,
+        Err(r) => return refuse(r),
+    };
     let ws = ws
         .max_message_size(ctx.cfg.max_message_size)
         .read_buffer_size(ctx.cfg.read_buffer_size);
     let making = making(&req);
     let made = match req {
         Request::Producer(p) => producer(&ctx, p).await.map(|p| {
-            ws.on_upgrade(move |s| run_producer(s, ctx, p))
+            ws.on_upgrade(move |s| run_producer(s, ctx, p, expires))
                 .into_response()
         }),
         Request::Consumer(c) => consumer(&ctx, c).await.map(|c| {
-            ws.on_upgrade(move |s| run_consumer(s, ctx, c))
+            ws.on_upgrade(move |s| run_consumer(s, ctx, c, expires))
                 .into_response()
         }),
         Request::Reader(r) => reader(&ctx, r).await.map(|c| {
-            ws.on_upgrade(move |s| run_consumer(s, ctx, c))
+            ws.on_upgrade(move |s| run_consumer(s, ctx, c, expires))
                 .into_response()
         }),
     };
@@ -372,7 +379,7 @@ fn close(code: u16, reason: &str) -> WsMessage {
     }))
 }
 
-async fn run_producer(socket: WebSocket, ctx: Ctx, mut p: ProducerState) {
+async fn run_producer(socket: WebSocket, ctx: Ctx, mut p: ProducerState, expires: Option<Instant>) {
     let (mut sink, mut stream) = socket.split();
     let mut pending = FuturesOrdered::new();
     loop {
@@ -397,6 +404,10 @@ async fn run_producer(socket: WebSocket, ctx: Ctx, mut p: ProducerState) {
                 if sink.send(json(&ack)).await.is_err() {
                     return;
                 }
+            }
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+                let _ = sink.send(close(CLOSE_POLICY, TOKEN_EXPIRED)).await;
+                return;
             }
         }
     }
@@ -752,8 +763,13 @@ async fn discover(ctx: &Ctx, st: &mut ConsumerState) {
     }
 }
 
-async fn run_consumer(socket: WebSocket, ctx: Ctx, mut st: ConsumerState) {
-    serve_consumer(socket, &ctx, &mut st).await;
+async fn run_consumer(
+    socket: WebSocket,
+    ctx: Ctx,
+    mut st: ConsumerState,
+    expires: Option<Instant>,
+) {
+    serve_consumer(socket, &ctx, &mut st, expires).await;
     // Detach first, so that an ephemeral subscription has no consumers
     // left when it is removed.
     st.streams = SelectAll::new();
@@ -773,7 +789,12 @@ async fn run_consumer(socket: WebSocket, ctx: Ctx, mut st: ConsumerState) {
     }
 }
 
-async fn serve_consumer(socket: WebSocket, ctx: &Ctx, st: &mut ConsumerState) {
+async fn serve_consumer(
+    socket: WebSocket,
+    ctx: &Ctx,
+    st: &mut ConsumerState,
+    expires: Option<Instant>,
+) {
     let (mut sink, mut stream) = socket.split();
     let mut discovery = tokio::time::interval(ctx.cfg.pattern_discovery);
     discovery.tick().await;
@@ -822,6 +843,9 @@ async fn serve_consumer(socket: WebSocket, ctx: &Ctx, st: &mut ConsumerState) {
                 st.grant(g);
             }
             _ = discovery.tick(), if st.pattern.is_some() => discover(ctx, st).await,
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+                break close(CLOSE_POLICY, TOKEN_EXPIRED);
+            }
         }
     };
     let _ = sink.send(end).await;

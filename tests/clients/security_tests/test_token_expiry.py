@@ -1,0 +1,120 @@
+"""A token's `exp` holds on open connections: each protocol's connection
+closes within a second of it, with that protocol's authorization error
+(AMQP connection.close 403, MQTT 5 DISCONNECT 0x87, WebSocket close 1008;
+a Kafka client finds its connection closed and its token refused), and
+not before it."""
+
+import base64
+import json
+import queue
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pika
+from confluent_kafka import Producer
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+LIFETIME = "6s"
+
+
+def expiring(s):
+    """A superuser token that expires in a few seconds, and its `exp`."""
+    token = s.token("admin", expiry=LIFETIME)
+    body = token.split(".")[1]
+    exp = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["exp"]
+    return token, exp
+
+
+def assert_closed_at_exp(closed_at, exp, what):
+    assert closed_at >= exp - 0.05, f"{what} closed {exp - closed_at:.2f} s before exp"
+    assert closed_at <= exp + 1.0, f"{what} closed {closed_at - exp:.2f} s after exp"
+
+
+def test_kafka(secured):
+    token, exp = expiring(secured)
+    errors = queue.Queue()
+    p = Producer({
+        "bootstrap.servers": secured.kafka,
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "public/default",
+        "sasl.password": "token:" + token,
+        "error_cb": lambda e: errors.put((time.time(), e)),
+    })
+    p.produce(f"exp-{uuid.uuid4().hex[:6]}", b"before")
+    assert p.flush(30) == 0
+    assert time.time() < exp - 1, "the token expired before the test began"
+    first = None
+    deadline = exp + 10
+    while first is None and time.time() < deadline:
+        p.poll(0.05)
+        try:
+            first = errors.get_nowait()
+        except queue.Empty:
+            pass
+    assert first is not None, "the Kafka connection outlived its token"
+    assert_closed_at_exp(first[0], exp, f"Kafka ({first[1]})")
+
+
+def test_amqp(secured):
+    token, exp = expiring(secured)
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", secured.amqp_port, credentials=pika.PlainCredentials("admin", token)))
+    ch = conn.channel()
+    ch.queue_declare(f"exp-{uuid.uuid4().hex[:6]}", exclusive=True)
+    closed = None
+    while closed is None and time.time() < exp + 10:
+        try:
+            conn.process_data_events(time_limit=0.05)
+        except pika.exceptions.ConnectionClosedByBroker as e:
+            closed = (time.time(), e.reply_code)
+    assert closed is not None, "the AMQP connection outlived its token"
+    assert closed[1] == 403
+    assert_closed_at_exp(closed[0], exp, "AMQP")
+
+
+def test_mqtt(secured):
+    token, exp = expiring(secured)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"exp-{uuid.uuid4().hex[:6]}",
+                    protocol=mqtt.MQTTv5)
+    c.username_pw_set("public/default", token)
+    events = queue.Queue()
+    c.on_connect = lambda _c, _u, _f, rc, _p: events.put(("connect", rc.value))
+    c.on_disconnect = lambda _c, _u, _f, rc, _p: events.put(("disconnect", time.time(),
+                                                             rc.value))
+    c.reconnect_delay_set(60, 60)
+    props = Properties(PacketTypes.CONNECT)
+    c.connect("127.0.0.1", secured.mqtt_port, keepalive=60, properties=props)
+    c.loop_start()
+    try:
+        assert events.get(timeout=30) == ("connect", 0)
+        kind, at, reason = events.get(timeout=exp - time.time() + 10)
+        assert kind == "disconnect"
+        assert reason == 0x87, hex(reason)
+        assert_closed_at_exp(at, exp, "MQTT")
+    finally:
+        c.loop_stop()
+
+
+def test_websocket(secured):
+    token, exp = expiring(secured)
+    url = (f"ws://127.0.0.1:{secured.ports['http']}/ws/v2/consumer/persistent/public/default/"
+           f"exp-{uuid.uuid4().hex[:6]}/sub")
+    with connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                 open_timeout=10) as w:
+        closed = None
+        while closed is None and time.time() < exp + 10:
+            try:
+                w.recv(timeout=0.05)
+            except TimeoutError:
+                pass
+            except ConnectionClosed as e:
+                closed = (time.time(), e.rcvd.code if e.rcvd else None)
+    assert closed is not None, "the WebSocket outlived its token"
+    assert closed[1] == 1008
+    assert_closed_at_exp(closed[0], exp, "WebSocket")
