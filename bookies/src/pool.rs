@@ -7,7 +7,7 @@ use std::time::Duration;
 use magnetar_metadata::MetaClient;
 use magnetar_net::BearerToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{BookieError, Result};
 use crate::meta::{self, BookieInfo};
@@ -30,14 +30,10 @@ impl std::fmt::Debug for BookiePool {
     }
 }
 
-pub fn channel_to(addr: &str) -> Result<Channel> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)
-        .map_err(|e| BookieError::Config(format!("bad bookie address {addr:?}: {e}")))?
+/// A channel to the bookie at `addr`, over TLS with `tls`.
+pub fn channel_to(addr: &str, tls: Option<&magnetar_net::GrpcClientTls>) -> Result<Channel> {
+    Ok(magnetar_net::grpc_endpoint(addr, tls)
+        .map_err(|e| BookieError::Config(format!("bookie: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
@@ -86,7 +82,7 @@ impl BookiePool {
             })?;
         let info: BookieInfo = serde_json::from_slice(&kv.value)
             .map_err(|e| BookieError::Storage(format!("bookie {id} info: {e}")))?;
-        let ch = channel_to(&info.addr)?;
+        let ch = channel_to(&info.addr, self.meta.bookie_tls())?;
         let mut map = self.lock();
         // An address that changed since it was cached replaces the channel.
         let entry = map

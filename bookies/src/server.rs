@@ -51,6 +51,12 @@ pub struct BookieConfig {
     /// The token this bookie presents to the metadata store (and to other
     /// bookies, when it re-replicates).
     pub token: Option<String>,
+    /// TLS of the gRPC listener, if it speaks TLS (`--bookie-tls`).
+    pub tls: Option<magnetar_net::TlsServer>,
+    /// TLS of this bookie's calls to the metadata store and to other
+    /// bookies, when they listen with TLS.
+    pub meta_tls: Option<magnetar_net::GrpcClientTls>,
+    pub bookie_tls: Option<magnetar_net::GrpcClientTls>,
 }
 
 impl BookieConfig {
@@ -70,6 +76,9 @@ impl BookieConfig {
             limits: magnetar_net::ListenerLimits::default(),
             auth: magnetar_net::GrpcAuth::default(),
             token: None,
+            tls: None,
+            meta_tls: None,
+            bookie_tls: None,
         }
     }
 }
@@ -111,6 +120,8 @@ impl BookieServer {
             &cfg.meta,
             magnetar_metadata::ClientOptions {
                 token: cfg.token.clone(),
+                tls: cfg.meta_tls.clone(),
+                bookie_tls: cfg.bookie_tls.clone(),
                 ..Default::default()
             },
         )?;
@@ -129,6 +140,7 @@ impl BookieServer {
             listener,
             magnetar_net::Admission::new("bookie gRPC", cfg.limits.clone()),
             Some(Duration::from_secs(10)),
+            cfg.tls.clone(),
         );
         let mut srv_stop = stop_rx.clone();
         let auth = cfg.auth.clone();

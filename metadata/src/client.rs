@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::{MetaError, Result};
@@ -37,6 +37,10 @@ pub struct ClientOptions {
     /// The token every call carries (a superuser's), when the store
     /// requires one. Bookie clients made from this client carry it too.
     pub token: Option<String>,
+    /// TLS of the calls, when the store listens with TLS (`--meta-tls`).
+    pub tls: Option<magnetar_net::GrpcClientTls>,
+    /// TLS of the bookie clients made from this client (`--bookie-tls`).
+    pub bookie_tls: Option<magnetar_net::GrpcClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +50,8 @@ impl Default for ClientOptions {
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_millis(500),
             token: None,
+            tls: None,
+            bookie_tls: None,
         }
     }
 }
@@ -115,20 +121,19 @@ impl MetaClient {
         let mut names = Vec::new();
         for e in endpoints {
             let e = e.as_ref().trim();
-            let url = if e.contains("://") {
-                e.to_string()
-            } else {
-                format!("http://{e}")
-            };
-            let ep = Endpoint::from_shared(url)
-                .map_err(|err| MetaError::Config(format!("bad metadata endpoint {e:?}: {err}")))?
+            let ep = magnetar_net::grpc_endpoint(e, opts.tls.as_ref())
+                .map_err(|err| MetaError::Config(format!("metadata endpoint: {err}")))?
                 .connect_timeout(opts.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(2))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true);
             channels.push(ep.connect_lazy());
-            names.push(e.trim_start_matches("http://").to_string());
+            names.push(
+                e.trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_string(),
+            );
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -149,6 +154,12 @@ impl MetaClient {
     /// internal planes made next to it.
     pub fn token(&self) -> Option<&str> {
         self.inner.opts.token.as_deref()
+    }
+
+    /// The TLS of bookie clients made next to this one, if the bookies
+    /// listen with TLS.
+    pub fn bookie_tls(&self) -> Option<&magnetar_net::GrpcClientTls> {
+        self.inner.opts.bookie_tls.as_ref()
     }
 
     fn rpc(&self, idx: usize) -> Rpc {

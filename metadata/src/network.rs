@@ -18,7 +18,7 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::proto::raft_client::RaftClient;
 use crate::proto::{RaftReply, RaftRequest};
@@ -31,25 +31,25 @@ pub struct Network {
     pub id: u64,
     /// What this node's calls to its peers carry.
     pub bearer: magnetar_net::BearerToken,
+    /// TLS of those calls, when the peers listen with TLS.
+    pub tls: Option<magnetar_net::GrpcClientTls>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let client = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|e| {
-                let channel = e
-                    .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(1))
-                    .keep_alive_timeout(Duration::from_secs(3))
-                    .connect_lazy();
-                RaftClient::with_interceptor(channel, self.bearer.clone())
-                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                    .max_encoding_message_size(MAX_RAFT_MESSAGE)
-            })
-            .map_err(|e| e.to_string());
+        let client = magnetar_net::grpc_endpoint(&node.addr, self.tls.as_ref()).map(|e| {
+            let channel = e
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .connect_lazy();
+            RaftClient::with_interceptor(channel, self.bearer.clone())
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE)
+        });
         PeerClient {
             from: self.id,
             target,

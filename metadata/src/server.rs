@@ -83,6 +83,10 @@ pub struct NodeConfig {
     pub auth: magnetar_net::GrpcAuth,
     /// The token this node presents to its raft peers.
     pub peer_token: Option<String>,
+    /// TLS of the gRPC listener, if it speaks TLS (`--meta-tls`).
+    pub tls: Option<magnetar_net::TlsServer>,
+    /// TLS of this node's calls to its raft peers.
+    pub peer_tls: Option<magnetar_net::GrpcClientTls>,
 }
 
 impl NodeConfig {
@@ -97,6 +101,8 @@ impl NodeConfig {
             limits: magnetar_net::ListenerLimits::default(),
             auth: magnetar_net::GrpcAuth::default(),
             peer_token: None,
+            tls: None,
+            peer_tls: None,
         }
     }
 }
@@ -266,6 +272,7 @@ impl MetaNode {
                 id: cfg.id,
                 bearer: magnetar_net::BearerToken::new(cfg.peer_token.as_deref())
                     .map_err(MetaError::Config)?,
+                tls: cfg.peer_tls.clone(),
             },
             log.clone(),
             sm,
@@ -304,6 +311,7 @@ impl MetaNode {
             listener,
             magnetar_net::Admission::new("metadata gRPC", cfg.limits.clone()),
             Some(Duration::from_secs(10)),
+            cfg.tls.clone(),
         );
         let auth = cfg.auth.clone();
         let server = tokio::spawn(async move {

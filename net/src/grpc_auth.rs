@@ -1,7 +1,9 @@
 //! Who may call the internal gRPC planes (metadata and bookies): every
 //! call carries `authorization: Bearer <token>`, and the server takes only
 //! tokens whose role is one of the cluster's superusers (the brokers',
-//! bookies' and operators' identity), refusing the rest with
+//! bookies' and operators' identity), or, without a token, a client
+//! certificate the listener's CA verified whose CN is such a role
+//! (mTLS), refusing the rest with
 //! UNAUTHENTICATED or PERMISSION_DENIED before the service sees the
 //! call. Token verification itself is the tenancy layer's; it is handed
 //! in as a [`TokenVerifier`] so that these low crates need not know JWTs.
@@ -64,11 +66,22 @@ impl Interceptor for GrpcAuth {
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
-        let role = verifier
-            .verify(token.trim())
-            .map_err(|why| Status::unauthenticated(format!("token refused: {why}")))?;
+            });
+        let certified = req
+            .extensions()
+            .get::<crate::GrpcPeer>()
+            .and_then(|p| p.certificate_role.as_deref());
+        let role = match (token, certified) {
+            (Some(token), _) => verifier
+                .verify(token.trim())
+                .map_err(|why| Status::unauthenticated(format!("token refused: {why}")))?,
+            (None, Some(role)) => role.to_string(),
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "a bearer token or a client certificate is required",
+                ))
+            }
+        };
         if roles.contains(&role) {
             Ok(req)
         } else {
@@ -146,6 +159,16 @@ mod tests {
             call(&mut auth, Some("user")),
             Err(tonic::Code::PermissionDenied)
         );
+        let mut by_cert = |role: &str| {
+            let mut req = Request::new(());
+            req.extensions_mut().insert(crate::GrpcPeer {
+                remote: None,
+                certificate_role: Some(role.into()),
+            });
+            auth.call(req).map(drop).map_err(|s| s.code())
+        };
+        assert_eq!(by_cert("admin"), Ok(()));
+        assert_eq!(by_cert("sensor"), Err(tonic::Code::PermissionDenied));
         let mut off = GrpcAuth::default();
         assert_eq!(call(&mut off, None), Ok(()));
         assert!(BearerToken::new(Some("a\nb")).is_err());

@@ -8,11 +8,14 @@
 //! a few hundred bytes each, for at most the handshake timeout, and can
 //! never take the descriptors the process's own storage needs.
 //!
+//! [`tls`] is the TLS of every listener and internal client, and
 //! [`grpc_auth`] holds who may call the gRPC planes.
 
 pub mod grpc_auth;
+pub mod tls;
 
 pub use grpc_auth::{BearerToken, GrpcAuth, TokenVerifier};
+pub use tls::{grpc_endpoint, Conn, GrpcClientTls, TlsError, TlsFiles, TlsServer};
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -164,19 +167,49 @@ impl Admission {
 }
 
 /// Accepts connections until the task is aborted, serving each admitted
-/// one with `serve` in a task of its own (see `accept_admitted`).
-pub async fn accept_loop<F, Fut, E>(listener: TcpListener, admission: Arc<Admission>, serve: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+/// one with `serve` in a task of its own (see `accept_admitted`). With
+/// `tls`, the TLS handshake comes first, bounded by the handshake
+/// timeout, in the connection's task so that a slow one holds up no
+/// other.
+pub async fn accept_loop<F, Fut, E>(
+    listener: TcpListener,
+    admission: Arc<Admission>,
+    tls: Option<TlsServer>,
+    serve: F,
+) where
+    F: Fn(Conn, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display,
 {
     let protocol = admission.protocol;
+    let timeout = admission.limits.handshake_timeout;
+    let serve = Arc::new(serve);
     loop {
         let (stream, peer, ticket) = accept_admitted(&listener, &admission).await;
-        let served = serve(stream, peer);
+        let Some(tls) = tls.clone() else {
+            let served = serve(Conn::plain(stream), peer);
+            tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    debug!(%peer, "{protocol} connection closed: {e}");
+                }
+                drop(ticket);
+            });
+            continue;
+        };
+        let serve = Arc::clone(&serve);
         tokio::spawn(async move {
-            if let Err(e) = served.await {
+            let conn = match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    debug!(%peer, "{protocol} TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "{protocol} TLS handshake timed out");
+                    return;
+                }
+            };
+            if let Err(e) = serve(conn, peer).await {
                 debug!(%peer, "{protocol} connection closed: {e}");
             }
             drop(ticket);
@@ -216,47 +249,87 @@ const H2_PREFACE_LEN: usize = 24;
 
 /// The connections of a gRPC listener, for tonic's
 /// `serve_with_incoming_shutdown`: each one admitted under `admission`,
-/// with Nagle off and TCP keep-alive at `keepalive` (if any), and dropped
-/// unless its HTTP/2 preface arrives within the handshake timeout.
-/// hyper has no such timeout of its own, and after the preface tonic's
-/// HTTP/2 keep-alive pings find dead peers. Accept errors are logged and
-/// retried after a pause, never passed on, since tonic would stop
-/// serving on them.
+/// with Nagle off and TCP keep-alive at `keepalive` (if any), through the
+/// TLS handshake with `tls` (if any), and dropped unless the handshake and
+/// then the HTTP/2 preface arrive within the handshake timeout. hyper has
+/// no such timeout of its own, and after the preface tonic's HTTP/2
+/// keep-alive pings find dead peers. Accept errors are logged and retried
+/// after a pause, never passed on, since tonic would stop serving on
+/// them. Accepting ends when tonic drops the stream.
 pub fn grpc_incoming(
     listener: TcpListener,
     admission: Arc<Admission>,
     keepalive: Option<Duration>,
+    tls: Option<TlsServer>,
 ) -> impl futures::Stream<Item = Result<GrpcConn, std::io::Error>> + Send + 'static {
-    futures::stream::unfold(
-        (listener, admission),
-        move |(listener, admission)| async move {
-            let (stream, _peer, ticket) = accept_admitted(&listener, &admission).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<GrpcConn>(64);
+    let timeout = admission.limits.handshake_timeout;
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer, ticket) = tokio::select! {
+                next = accept_admitted(&listener, &admission) => next,
+                () = tx.closed() => return,
+            };
             if let Some(time) = keepalive {
                 let ka = socket2::TcpKeepalive::new().with_time(time);
                 let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
             }
-            let conn = GrpcConn {
-                stream,
-                handshake: Some(Box::pin(tokio::time::sleep(
-                    admission.limits.handshake_timeout,
-                ))),
-                read: 0,
-                _ticket: ticket,
+            let Some(tls) = tls.clone() else {
+                if tx
+                    .send(GrpcConn::new(Conn::plain(stream), timeout, ticket))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
             };
-            Some((Ok(conn), (listener, admission)))
-        },
-    )
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(GrpcConn::new(conn, timeout, ticket)).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, "gRPC TLS handshake failed: {e}"),
+                    Err(_) => debug!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|conn| (Ok(conn), rx))
+    })
 }
 
 /// One admitted gRPC connection: its slot is held until tonic drops it,
 /// and reads fail with `TimedOut` if the preface is late.
 #[derive(Debug)]
 pub struct GrpcConn {
-    stream: TcpStream,
+    stream: Conn,
     /// Until the preface has arrived: when it must have.
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
     read: usize,
     _ticket: Ticket,
+}
+
+impl GrpcConn {
+    fn new(stream: Conn, timeout: Duration, ticket: Ticket) -> Self {
+        GrpcConn {
+            stream,
+            handshake: Some(Box::pin(tokio::time::sleep(timeout))),
+            read: 0,
+            _ticket: ticket,
+        }
+    }
+}
+
+/// Who is at the other end of a gRPC call, for the services and
+/// [`GrpcAuth`] (in the request's extensions).
+#[derive(Clone, Debug)]
+pub struct GrpcPeer {
+    pub remote: Option<SocketAddr>,
+    /// The CN of the client certificate the CA verified, if any.
+    pub certificate_role: Option<Arc<str>>,
 }
 
 impl AsyncRead for GrpcConn {
@@ -320,10 +393,13 @@ impl AsyncWrite for GrpcConn {
 }
 
 impl tonic::transport::server::Connected for GrpcConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = GrpcPeer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        GrpcPeer {
+            remote: self.stream.tcp().peer_addr().ok(),
+            certificate_role: self.stream.certificate_role().cloned(),
+        }
     }
 }
 
@@ -370,7 +446,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("io");
         let admission = Admission::new("grpc-test", limits);
-        let incoming = grpc_incoming(listener, Arc::clone(&admission), None);
+        let incoming = grpc_incoming(listener, Arc::clone(&admission), None, None);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut incoming = std::pin::pin!(incoming);

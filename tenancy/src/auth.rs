@@ -26,6 +26,9 @@ pub struct Credentials<'a> {
     pub user: Option<&'a str>,
     /// The password or token, as sent.
     pub secret: Option<&'a [u8]>,
+    /// The CN of a client certificate the TLS listener verified against
+    /// its CA: the role of a client that presents no secret.
+    pub certificate: Option<&'a str>,
 }
 
 impl fmt::Debug for Credentials<'_> {
@@ -34,6 +37,7 @@ impl fmt::Debug for Credentials<'_> {
         f.debug_struct("Credentials")
             .field("user", &self.user)
             .field("secret", &self.secret.map(|_| "<redacted>"))
+            .field("certificate", &self.certificate)
             .finish()
     }
 }
@@ -212,8 +216,8 @@ mod tests {
 
     fn creds(secret: &str) -> Credentials<'_> {
         Credentials {
-            user: None,
             secret: Some(secret.as_bytes()),
+            ..Credentials::default()
         }
     }
 
@@ -292,8 +296,8 @@ mod tests {
         let none = Credentials::default();
         assert!(auth.authenticate(&none).is_err());
         let not_utf8 = Credentials {
-            user: None,
             secret: Some(&[0xff, 0xfe]),
+            ..Credentials::default()
         };
         assert!(auth.authenticate(&not_utf8).is_err());
     }

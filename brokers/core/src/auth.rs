@@ -97,7 +97,9 @@ impl Broker {
 
     /// As [`Self::authenticate`], with the instant the credentials expire
     /// (None: never, or authentication is off): a connection is closed
-    /// then, as a token's `exp` means.
+    /// then, as a token's `exp` means. A client that presents no secret
+    /// over TLS with a certificate the listener's CA verified is the role
+    /// its CN names, as with Pulsar's TLS authentication provider.
     pub fn authenticate_until(
         &self,
         creds: &Credentials<'_>,
@@ -105,6 +107,11 @@ impl Broker {
         let Some(auth) = &self.config().auth else {
             return Ok((Principal::Anonymous, None));
         };
+        if let (None, Some(role)) = (creds.secret, creds.certificate) {
+            if !role.is_empty() {
+                return Ok((Principal::Role(role.to_string()), None));
+            }
+        }
         match auth.provider.authenticate_until(creds) {
             Ok((role, exp)) => Ok((Principal::Role(role), exp.map(expiry_instant))),
             Err(TenancyError::Unauthenticated(why)) => Err(BrokerError::Unauthenticated(why)),

@@ -307,16 +307,19 @@ impl AllowedOrigins {
         )
     }
 
-    /// The listener's own origins: its loopback names on `port`, and the
-    /// address it advertises.
-    pub fn own(port: u16, advertised: &str) -> Self {
+    /// The listener's own origins: its loopback names on `port` (and on
+    /// `https_port` over HTTPS), and the address it advertises.
+    pub fn own(port: u16, https_port: Option<u16>, advertised: &str) -> Self {
         let host = advertised
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .trim_end_matches('/');
         let mut set: std::collections::BTreeSet<String> = ["127.0.0.1", "localhost", "[::1]"]
             .iter()
-            .map(|h| format!("http://{h}:{port}"))
+            .flat_map(|h| {
+                std::iter::once(format!("http://{h}:{port}"))
+                    .chain(https_port.map(|p| format!("https://{h}:{p}")))
+            })
             .collect();
         set.insert(format!("http://{}", host.to_ascii_lowercase()));
         AllowedOrigins::Only(set)
@@ -406,7 +409,8 @@ fn access(method: &Method, path: &str) -> Access {
 }
 
 /// With authentication on, every route of this router but health and
-/// readiness takes a bearer token, as Pulsar's clients send it: 401
+/// readiness takes a bearer token, as Pulsar's clients send it (or, over
+/// HTTPS, a client certificate the CA verified): 401
 /// without a valid one, 403 when its role may not do what the path asks
 /// (see [`access`]).
 async fn auth_guard(
@@ -429,12 +433,14 @@ async fn auth_guard(
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
-    let Some(token) = token else {
+    let certificate = crate::listener::PeerCertificate::of(&req);
+    if token.is_none() && certificate.is_none() {
         return ApiError::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
-    };
+    }
     let creds = magnetar_tenancy::Credentials {
         user: None,
-        secret: Some(token.trim().as_bytes()),
+        secret: token.map(|t| t.trim().as_bytes()),
+        certificate,
     };
     let principal = match b.authenticate(&creds) {
         Ok(p) => p,
@@ -1551,17 +1557,19 @@ mod tests {
 
     #[test]
     fn own_origins_are_the_loopback_names_and_the_advertised_address() {
-        let own = AllowedOrigins::own(8080, "broker-1.example:8080");
+        let own = AllowedOrigins::own(8080, Some(8443), "broker-1.example:8080");
         for ok in [
             "http://127.0.0.1:8080",
             "http://localhost:8080/",
             "HTTP://Broker-1.example:8080",
+            "https://localhost:8443",
         ] {
             assert!(own.allows(ok), "{ok}");
         }
         for no in [
             "http://evil.example:8080",
             "http://127.0.0.1:9090",
+            "https://127.0.0.1:8080",
             "null",
             "",
         ] {

@@ -24,6 +24,10 @@ pub struct AdminArgs {
     /// (`metadata`, `bookies`, `ledgers`: a superuser's).
     #[arg(long, env = "MAGNETAR_AUTH_TOKEN", global = true)]
     auth_token: Option<String>,
+    /// `--meta-tls`, `--bookie-tls` and `--tls-ca-file` (and a client
+    /// certificate) when the internal planes speak TLS.
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -192,15 +196,19 @@ fn print_kv(out: &mut impl Write, kv: &KeyValue, verbose: bool) -> std::io::Resu
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
-        AdminCommand::Metadata(m) => run_metadata(m, args.auth_token).await,
-        AdminCommand::Bookies(b) => run_bookies(b, args.auth_token).await,
-        AdminCommand::Ledgers(l) => run_ledgers(l, args.auth_token).await,
+        AdminCommand::Metadata(m) => run_metadata(m, args.auth_token, &args.tls).await,
+        AdminCommand::Bookies(b) => run_bookies(b, args.auth_token, &args.tls).await,
+        AdminCommand::Ledgers(l) => run_ledgers(l, args.auth_token, &args.tls).await,
         AdminCommand::Rest(c) => crate::admin_rest::run(args.url, args.auth_token, c).await,
     }
 }
 
-async fn run_metadata(args: MetadataArgs, token: Option<String>) -> anyhow::Result<()> {
-    let client = crate::broker::meta_client(&parse_endpoints(&args.meta), token)?;
+async fn run_metadata(
+    args: MetadataArgs,
+    token: Option<String>,
+    tls: &crate::tls::TlsArgs,
+) -> anyhow::Result<()> {
+    let client = crate::broker::meta_client(&parse_endpoints(&args.meta), token, tls)?;
     let mut out = std::io::stdout().lock();
     match args.command {
         MetadataCommand::Get { key, verbose } => match client.get(&key).await? {
@@ -316,10 +324,15 @@ async fn run_metadata(args: MetadataArgs, token: Option<String>) -> anyhow::Resu
     Ok(())
 }
 
-async fn run_bookies(args: BookiesArgs, token: Option<String>) -> anyhow::Result<()> {
+async fn run_bookies(
+    args: BookiesArgs,
+    token: Option<String>,
+    tls: &crate::tls::TlsArgs,
+) -> anyhow::Result<()> {
     let client = LedgerClient::new(crate::broker::meta_client(
         &parse_endpoints(&args.meta),
         token,
+        tls,
     )?);
     let mut out = std::io::stdout().lock();
     match args.command {
@@ -338,10 +351,15 @@ async fn run_bookies(args: BookiesArgs, token: Option<String>) -> anyhow::Result
     Ok(())
 }
 
-async fn run_ledgers(args: LedgersArgs, token: Option<String>) -> anyhow::Result<()> {
+async fn run_ledgers(
+    args: LedgersArgs,
+    token: Option<String>,
+    tls: &crate::tls::TlsArgs,
+) -> anyhow::Result<()> {
     let client = LedgerClient::new(crate::broker::meta_client(
         &parse_endpoints(&args.meta),
         token,
+        tls,
     )?);
     let mut out = std::io::stdout().lock();
     match args.command {

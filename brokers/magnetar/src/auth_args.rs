@@ -53,8 +53,8 @@ impl TokenVerifier for Verifier {
     fn verify(&self, token: &str) -> Result<String, String> {
         self.0
             .authenticate(&Credentials {
-                user: None,
                 secret: Some(token.as_bytes()),
+                ..Credentials::default()
             })
             .map_err(|e| e.to_string())
     }

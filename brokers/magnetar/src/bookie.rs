@@ -97,6 +97,8 @@ pub struct BookieArgs {
     limits: crate::broker::ListenerArgs,
     #[command(flatten)]
     auth: crate::auth_args::AuthArgs,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
 }
 
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
@@ -131,6 +133,9 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
     cfg.limits = args.limits.limits();
     cfg.auth = args.auth.grpc()?;
     cfg.token = args.auth.internal_token()?;
+    cfg.tls = args.tls.bookie_server()?;
+    cfg.meta_tls = args.tls.meta_client()?;
+    cfg.bookie_tls = args.tls.bookie_client()?;
     anyhow::ensure!(
         !cfg.auth.enabled() || cfg.token.is_some(),
         "authentication is on: the bookie needs --internal-token (or a secret key and a superuser role) for the metadata store"

@@ -23,6 +23,10 @@ pub struct BrokerOptions {
     /// HTTP listener: admin REST API, health, lookup.
     #[arg(long, env = "MAGNETAR_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+    /// HTTPS listener (admin, REST, WebSocket API, MQTT over WSS,
+    /// console over TLS); off unless given, 8443 by convention.
+    #[arg(long, env = "MAGNETAR_HTTPS_LISTEN")]
+    https_listen: Option<SocketAddr>,
     /// HOST:PORT other brokers and clients use to reach the HTTP listener
     /// (default: the bound address). It also names this broker.
     #[arg(long, env = "MAGNETAR_ADVERTISED_HTTP")]
@@ -78,6 +82,14 @@ pub struct BrokerOptions {
     /// FindCoordinator answers); default: the bound address.
     #[arg(long, env = "MAGNETAR_ADVERTISED_KAFKA")]
     advertised_kafka: Option<String>,
+    /// Kafka over TLS (SSL, or SASL_SSL for clients that go on to SASL);
+    /// off unless given, 9093 by convention.
+    #[arg(long, env = "MAGNETAR_KAFKA_TLS_LISTEN")]
+    kafka_tls_listen: Option<SocketAddr>,
+    /// HOST:PORT Kafka TLS clients are told to connect to; default: the
+    /// bound address.
+    #[arg(long, env = "MAGNETAR_ADVERTISED_KAFKA_TLS")]
+    advertised_kafka_tls: Option<String>,
     /// Namespace of Kafka topics for clients whose SASL user names none.
     #[arg(
         long,
@@ -132,6 +144,9 @@ pub struct BrokerOptions {
     /// AMQP 0-9-1 listener.
     #[arg(long, env = "MAGNETAR_AMQP_LISTEN", default_value = "127.0.0.1:5672")]
     amqp_listen: SocketAddr,
+    /// AMQP over TLS (AMQPS); off unless given, 5671 by convention.
+    #[arg(long, env = "MAGNETAR_AMQP_TLS_LISTEN")]
+    amqp_tls_listen: Option<SocketAddr>,
     /// Heartbeat interval offered to AMQP clients, in seconds (0: none).
     #[arg(long, env = "MAGNETAR_AMQP_HEARTBEAT_S", default_value_t = 60)]
     amqp_heartbeat_s: u16,
@@ -142,6 +157,9 @@ pub struct BrokerOptions {
     /// MQTT 3.1/3.1.1/5.0 listener.
     #[arg(long, env = "MAGNETAR_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
+    /// MQTT over TLS; off unless given, 8883 by convention.
+    #[arg(long, env = "MAGNETAR_MQTT_TLS_LISTEN")]
+    mqtt_tls_listen: Option<SocketAddr>,
     /// Largest MQTT packet accepted, in bytes (v5 Maximum Packet Size).
     #[arg(long, env = "MAGNETAR_MQTT_MAX_PACKET_SIZE", default_value_t = 1 << 20)]
     mqtt_max_packet_size: u32,
@@ -167,6 +185,8 @@ pub struct BrokerOptions {
     mqtt_max_sessions_per_namespace: usize,
     #[command(flatten)]
     auth: crate::auth_args::AuthArgs,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// Where closed ledgers are offloaded: `s3://bucket/prefix` (S3, MinIO
     /// and other S3-compatible servers), `file:///dir`, or `none`.
     /// Standalone's default is `file://<data-dir>/offload`; a broker's is
@@ -246,6 +266,31 @@ struct Listeners {
     kafka_advertised: String,
     amqp: tokio::net::TcpListener,
     mqtt: tokio::net::TcpListener,
+    /// The TLS listeners that are on, with their TLS.
+    kafka_tls: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
+    kafka_tls_advertised: Option<String>,
+    amqp_tls: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
+    mqtt_tls: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
+}
+
+/// A TLS listener, if `addr` asks for one.
+async fn bind_tls(
+    addr: Option<SocketAddr>,
+    flag: &str,
+    opts: &BrokerOptions,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let tls = if flag == "--https-listen" {
+        opts.tls.https()?
+    } else {
+        opts.tls.listener(flag)?
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {flag} {addr}"))?;
+    Ok(Some((l, tls)))
 }
 
 async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
@@ -259,6 +304,14 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
     let mqtt = tokio::net::TcpListener::bind(opts.mqtt_listen)
         .await
         .with_context(|| format!("binding the MQTT listener on {}", opts.mqtt_listen))?;
+    let kafka_tls = bind_tls(opts.kafka_tls_listen, "--kafka-tls-listen", opts).await?;
+    let kafka_tls_advertised = match &kafka_tls {
+        None => None,
+        Some((l, _)) => Some(match &opts.advertised_kafka_tls {
+            Some(a) => a.clone(),
+            None => l.local_addr()?.to_string(),
+        }),
+    };
     Ok(Listeners {
         amqp,
         mqtt,
@@ -267,6 +320,10 @@ async fn bind_protocols(opts: &BrokerOptions) -> anyhow::Result<Listeners> {
             .advertised_kafka
             .clone()
             .unwrap_or_else(|| bound.to_string()),
+        kafka_tls,
+        kafka_tls_advertised,
+        amqp_tls: bind_tls(opts.amqp_tls_listen, "--amqp-tls-listen", opts).await?,
+        mqtt_tls: bind_tls(opts.mqtt_tls_listen, "--mqtt-tls-listen", opts).await?,
     })
 }
 
@@ -317,10 +374,22 @@ impl Protocols {
             max_sessions_per_namespace: opts.mqtt_max_sessions_per_namespace,
             ..Default::default()
         };
+        let mut kafka = magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?;
+        if let Some((listener, tls)) = l.kafka_tls {
+            kafka.add_tls_listener(listener, tls)?;
+        }
+        let mut amqp = magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?;
+        if let Some((listener, tls)) = l.amqp_tls {
+            amqp.add_tls_listener(listener, tls)?;
+        }
+        let mut mqtt = magnetar_mqtt::MqttServer::start(l.mqtt, broker.clone(), mqtt_cfg)?;
+        if let Some((listener, tls)) = l.mqtt_tls {
+            mqtt.add_tls_listener(listener, tls)?;
+        }
         Ok(Protocols {
-            kafka: magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?,
-            amqp: magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?,
-            mqtt: magnetar_mqtt::MqttServer::start(l.mqtt, broker.clone(), mqtt_cfg)?,
+            kafka,
+            amqp,
+            mqtt,
             websocket: magnetar_websocket::routes(
                 broker.clone(),
                 magnetar_websocket::WsConfig::default(),
@@ -337,6 +406,18 @@ impl Protocols {
         self.kafka.stop();
         self.amqp.stop();
         self.mqtt.stop();
+    }
+
+    /// The TLS listeners that are on, for the ready line.
+    fn tls_addrs(&self) -> String {
+        [
+            ("kafka-tls", self.kafka.tls_addr()),
+            ("amqps", self.amqp.tls_addr()),
+            ("mqtts", self.mqtt.tls_addr()),
+        ]
+        .into_iter()
+        .filter_map(|(name, a)| a.map(|a| format!(" {name}={a}")))
+        .collect()
     }
 }
 
@@ -465,11 +546,19 @@ pub fn connection_budget() -> usize {
 
 struct Http {
     addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    https_addr: Option<SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<(tokio::net::TcpListener, String)> {
+/// The HTTP listener, and the HTTPS one if it is on.
+struct HttpListeners {
+    http: tokio::net::TcpListener,
+    https: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
+    advertised: String,
+}
+
+async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<HttpListeners> {
     let listener = tokio::net::TcpListener::bind(opts.http_listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", opts.http_listen))?;
@@ -478,31 +567,40 @@ async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<(tokio::net::TcpListe
         .advertised_http
         .clone()
         .unwrap_or_else(|| bound.to_string());
-    Ok((listener, advertised))
+    Ok(HttpListeners {
+        http: listener,
+        https: bind_tls(opts.https_listen, "--https-listen", opts).await?,
+        advertised,
+    })
 }
 
 fn allowed_origins(
     opts: &BrokerOptions,
-    listener: &tokio::net::TcpListener,
-    advertised: &str,
+    l: &HttpListeners,
 ) -> anyhow::Result<magnetar_broker::http::AllowedOrigins> {
     use magnetar_broker::http::AllowedOrigins;
     Ok(if opts.allowed_origins.is_empty() {
-        AllowedOrigins::own(listener.local_addr()?.port(), advertised)
+        let https = match &l.https {
+            Some((h, _)) => Some(h.local_addr()?.port()),
+            None => None,
+        };
+        AllowedOrigins::own(l.http.local_addr()?.port(), https, &l.advertised)
     } else {
         AllowedOrigins::parse(&opts.allowed_origins)
     })
 }
 
-/// Serves the admin API, and `protocols`' routes (MQTT over WebSocket).
+/// Serves the admin API, and `protocols`' routes (MQTT over WebSocket),
+/// over HTTP and, if it is on, HTTPS.
 fn serve_http(
-    listener: tokio::net::TcpListener,
+    listeners: HttpListeners,
     broker: Broker,
     protocols: axum::Router,
     origins: magnetar_broker::http::AllowedOrigins,
 ) -> anyhow::Result<Http> {
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let addr = listeners.http.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // One budget for both: they serve the same routes.
     let admission = broker.admission("HTTP");
     let app = magnetar_broker::http::router(broker)
         .merge(protocols)
@@ -510,14 +608,46 @@ fn serve_http(
             std::sync::Arc::new(origins),
             magnetar_broker::http::origin_guard,
         ));
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.changed().await;
+        }
+    };
+    let plain = magnetar_broker::listener::serve_http(
+        listeners.http,
+        std::sync::Arc::clone(&admission),
+        None,
+        app.clone(),
+        until_stopped(),
+    );
+    let (https_addr, secure) = match listeners.https {
+        Some((l, tls)) => (
+            Some(l.local_addr()?),
+            Some(magnetar_broker::listener::serve_http(
+                l,
+                admission,
+                Some(tls),
+                app,
+                until_stopped(),
+            )),
+        ),
+        None => (None, None),
+    };
     let task = tokio::spawn(async move {
-        magnetar_broker::listener::serve_http(listener, admission, app, async {
-            let _ = stopped.await;
-        })
-        .await;
-        Ok(())
+        match secure {
+            Some(secure) => {
+                tokio::join!(plain, secure);
+            }
+            None => plain.await,
+        }
     });
-    Ok(Http { addr, stop, task })
+    Ok(Http {
+        addr,
+        https_addr,
+        stop,
+        task,
+    })
 }
 
 fn broker_config(
@@ -543,7 +673,14 @@ fn broker_config(
             id: advertised.to_string(),
             http_url: format!("http://{advertised}"),
             listeners: listeners
-                .map(|l| [("kafka".to_string(), l.kafka_advertised.clone())].into())
+                .map(|l| {
+                    let mut m: std::collections::BTreeMap<String, String> =
+                        [("kafka".to_string(), l.kafka_advertised.clone())].into();
+                    if let Some(a) = &l.kafka_tls_advertised {
+                        m.insert(magnetar_kafka::server::TLS_LISTENER.to_string(), a.clone());
+                    }
+                    m
+                })
                 .unwrap_or_default(),
         },
     );
@@ -583,7 +720,7 @@ fn broker_config(
 }
 
 async fn stop_http(http: Http) {
-    let _ = http.stop.send(());
+    let _ = http.stop.send(true);
     if tokio::time::timeout(Duration::from_secs(5), http.task)
         .await
         .is_err()
@@ -595,12 +732,12 @@ async fn stop_http(http: Http) {
 pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let endpoints = parse_endpoints(&args.meta);
     anyhow::ensure!(!endpoints.is_empty(), "--meta names no metadata node");
-    let meta = meta_client(&endpoints, args.opts.auth.internal_token()?)?;
-    let (listener, advertised) = bind_http(&args.opts).await?;
+    let meta = meta_client(&endpoints, args.opts.auth.internal_token()?, &args.opts.tls)?;
+    let http_listeners = bind_http(&args.opts).await?;
     let listeners = bind_protocols(&args.opts).await?;
     let cfg = broker_config(
         &args.cluster,
-        &advertised,
+        &http_listeners.advertised,
         &args.opts,
         (3, 3, 2),
         Some(&listeners),
@@ -610,14 +747,23 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
         .await
         .context("starting the broker")?;
     let protocols = Protocols::start(listeners, &broker, &args.opts, true)?;
-    let origins = allowed_origins(&args.opts, &listener, &advertised)?;
-    let http = serve_http(listener, broker.clone(), protocols.http_routes(), origins)?;
+    let origins = allowed_origins(&args.opts, &http_listeners)?;
+    let http = serve_http(
+        http_listeners,
+        broker.clone(),
+        protocols.http_routes(),
+        origins,
+    )?;
     println!(
-        "magnetar broker ready: http={} kafka={} amqp={} mqtt={}",
+        "magnetar broker ready: http={} kafka={} amqp={} mqtt={}{}{}",
         http.addr,
         protocols.kafka.local_addr(),
         protocols.amqp.local_addr(),
-        protocols.mqtt.local_addr()
+        protocols.mqtt.local_addr(),
+        http.https_addr
+            .map(|a| format!(" https={a}"))
+            .unwrap_or_default(),
+        protocols.tls_addrs(),
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");
@@ -628,12 +774,19 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
 }
 
 /// A client of the metadata store presenting `token` on every call (and
-/// on the bookie calls made through it).
-pub fn meta_client(endpoints: &[String], token: Option<String>) -> anyhow::Result<MetaClient> {
+/// on the bookie calls made through it), over TLS where `tls` says the
+/// planes speak it.
+pub fn meta_client(
+    endpoints: &[String],
+    token: Option<String>,
+    tls: &crate::tls::TlsArgs,
+) -> anyhow::Result<MetaClient> {
     Ok(MetaClient::with_options(
         endpoints,
         magnetar_metadata::ClientOptions {
             token,
+            tls: tls.meta_client()?,
+            bookie_tls: tls.bookie_client()?,
             ..Default::default()
         },
     )?)
@@ -654,6 +807,7 @@ impl Embedded {
         meta_listen: SocketAddr,
         bookie_listen: SocketAddr,
         disk: EmbeddedDisk,
+        tls: &crate::tls::TlsArgs,
         cfg: impl FnOnce() -> anyhow::Result<BrokerConfig>,
     ) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(data_dir)
@@ -675,6 +829,8 @@ impl Embedded {
             limits: cfg.listener_limits.clone(),
             auth: grpc_auth.clone(),
             peer_token: token.clone(),
+            tls: tls.meta_server()?,
+            peer_tls: tls.meta_client()?,
             ..NodeConfig::single(meta_listen, data_dir.join("meta"))
         })
         .await
@@ -694,10 +850,13 @@ impl Embedded {
         bookie_cfg.limits = cfg.listener_limits.clone();
         bookie_cfg.auth = grpc_auth;
         bookie_cfg.token = token.clone();
+        bookie_cfg.tls = tls.bookie_server()?;
+        bookie_cfg.meta_tls = tls.meta_client()?;
+        bookie_cfg.bookie_tls = tls.bookie_client()?;
         let bookie = BookieServer::start(bookie_cfg)
             .await
             .context("starting the embedded bookie")?;
-        let meta = meta_client(&endpoints, token)?;
+        let meta = meta_client(&endpoints, token, tls)?;
         wait_for_bookie(&meta).await?;
         let broker = Broker::start(meta, cfg)
             .await
@@ -740,17 +899,18 @@ impl BrokerOptions {
 }
 
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
-    let (listener, advertised) = bind_http(&args.opts).await?;
+    let http_listeners = bind_http(&args.opts).await?;
     let listeners = bind_protocols(&args.opts).await?;
     let embedded = Embedded::start(
         &args.data_dir,
         args.meta_listen,
         args.bookie_listen,
         args.disk,
+        &args.opts.tls,
         || {
             broker_config(
                 &args.cluster,
-                &advertised,
+                &http_listeners.advertised,
                 &args.opts,
                 (1, 1, 1),
                 Some(&listeners),
@@ -766,23 +926,27 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     )
     .await?;
     let protocols = Protocols::start(listeners, &embedded.broker, &args.opts, false)?;
-    let origins = allowed_origins(&args.opts, &listener, &advertised)?;
+    let origins = allowed_origins(&args.opts, &http_listeners)?;
     let http = serve_http(
-        listener,
+        http_listeners,
         embedded.broker.clone(),
         protocols.http_routes(),
         origins,
     )?;
     // The one line harnesses and users wait for.
     println!(
-        "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}",
+        "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}{}{}",
         http.addr,
         protocols.kafka.local_addr(),
         protocols.amqp.local_addr(),
         protocols.mqtt.local_addr(),
         embedded.node.local_addr(),
         embedded.bookie.local_addr(),
-        args.data_dir.display()
+        args.data_dir.display(),
+        http.https_addr
+            .map(|a| format!(" https={a}"))
+            .unwrap_or_default(),
+        protocols.tls_addrs(),
     );
     crate::wait_for_signal().await;
     tracing::info!("shutting down");

@@ -12,6 +12,7 @@ mod perf_kafka;
 mod perf_mqtt;
 mod perf_offload;
 mod perf_ws;
+mod tls;
 mod tokens;
 
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ enum Command {
     Perf(perf::PerfArgs),
     /// Secret keys and tokens for token authentication.
     Tokens(tokens::TokensArgs),
+    /// A CA and certificates for TLS, for tests and development.
+    Tls(tls::TlsCommand),
 }
 
 #[derive(Args)]
@@ -83,6 +86,8 @@ struct MetaArgs {
     limits: broker::ListenerArgs,
     #[command(flatten)]
     auth: auth_args::AuthArgs,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 fn init_tracing() {
@@ -113,6 +118,8 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
         limits: args.limits.limits(),
         auth: args.auth.grpc()?,
         peer_token: args.auth.internal_token()?,
+        tls: args.tls.meta_server()?,
+        peer_tls: args.tls.meta_client()?,
     })
     .await
     .context("starting the metadata node")?;
@@ -155,6 +162,7 @@ async fn main() -> std::process::ExitCode {
         Command::Admin(args) => admin::run(args).await,
         Command::Perf(args) => perf::run(args).await,
         Command::Tokens(args) => tokens::run(args),
+        Command::Tls(args) => tls::run(args),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -443,9 +443,14 @@ async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = crate::broker::Embedded::start(&dir, any, any, Default::default(), || {
-        crate::broker::standalone_config("perf", "127.0.0.1:0")
-    })
+    let embedded = crate::broker::Embedded::start(
+        &dir,
+        any,
+        any,
+        Default::default(),
+        &Default::default(),
+        || crate::broker::standalone_config("perf", "127.0.0.1:0"),
+    )
     .await?;
     let broker = embedded.broker.clone();
     let topic: magnetar_tenancy::TopicName = "persistent://public/default/perf-backlog".parse()?;

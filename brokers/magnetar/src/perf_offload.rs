@@ -84,16 +84,23 @@ pub async fn run(args: OffloadPerf) -> anyhow::Result<()> {
         .context("the offload store")?;
     let ledger_bytes = args.ledger_mb.max(1) << 20;
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = crate::broker::Embedded::start(&dir, any, any, Default::default(), move || {
-        let mut cfg = crate::broker::standalone_config("perf", "127.0.0.1:0")?;
-        cfg.managed_ledger.tier = Some(tier);
-        cfg.managed_ledger.max_ledger_bytes = ledger_bytes;
-        // The benchmark offloads when it chooses, and drops the bookie
-        // copies at once.
-        cfg.offload.deletion_lag = Duration::ZERO;
-        cfg.offload.interval = Duration::from_secs(24 * 3600);
-        Ok(cfg)
-    })
+    let embedded = crate::broker::Embedded::start(
+        &dir,
+        any,
+        any,
+        Default::default(),
+        &Default::default(),
+        move || {
+            let mut cfg = crate::broker::standalone_config("perf", "127.0.0.1:0")?;
+            cfg.managed_ledger.tier = Some(tier);
+            cfg.managed_ledger.max_ledger_bytes = ledger_bytes;
+            // The benchmark offloads when it chooses, and drops the bookie
+            // copies at once.
+            cfg.offload.deletion_lag = Duration::ZERO;
+            cfg.offload.interval = Duration::from_secs(24 * 3600);
+            Ok(cfg)
+        },
+    )
     .await?;
     let result = phases(&args, &embedded.broker, &url).await;
     embedded.shutdown().await;

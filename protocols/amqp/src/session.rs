@@ -528,6 +528,9 @@ const OUT_LOW: usize = 2 << 20;
 pub(crate) struct Conn {
     ctx: Arc<Ctx>,
     id: u64,
+    /// The role of the client's TLS certificate, if it showed one the CA
+    /// verified: what the EXTERNAL mechanism logs in as.
+    certificate: Option<Arc<str>>,
     out: mpsc::UnboundedSender<Bytes>,
     outbox: Arc<Outbox>,
     /// Credits of unlimited consumers held back while the outbox is full.
@@ -562,7 +565,11 @@ pub(crate) struct Conn {
 }
 
 /// Serves one connection until it closes.
-pub(crate) async fn serve<S>(stream: S, ctx: Arc<Ctx>) -> Result<(), AmqpError>
+pub(crate) async fn serve<S>(
+    stream: S,
+    certificate: Option<Arc<str>>,
+    ctx: Arc<Ctx>,
+) -> Result<(), AmqpError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -573,6 +580,7 @@ where
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         id: ctx.next_conn.fetch_add(1, Ordering::Relaxed),
+        certificate,
         frame_max: ctx.cfg.frame_max,
         channel_max: ctx.cfg.channel_max,
         heartbeat: 0,
@@ -869,7 +877,13 @@ impl Conn {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                // EXTERNAL (the client certificate's CN, as RabbitMQ's
+                // rabbitmq_auth_mechanism_ssl) only where there is one.
+                mechanisms: LongString::from(if self.certificate.is_some() {
+                    "PLAIN AMQPLAIN EXTERNAL"
+                } else {
+                    "PLAIN AMQPLAIN"
+                }),
                 locales: LongString::from("en_US"),
             })),
         );
@@ -986,7 +1000,8 @@ impl Conn {
                         if c.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
                 );
                 let mech = s.mechanism.as_str();
-                if mech != "PLAIN" && mech != "AMQPLAIN" {
+                let external = mech == "EXTERNAL" && self.certificate.is_some();
+                if mech != "PLAIN" && mech != "AMQPLAIN" && !external {
                     return Err(Exception::new(
                         error::ACCESS_REFUSED,
                         format!("unsupported authentication mechanism '{mech}'"),
@@ -1002,12 +1017,19 @@ impl Conn {
                     )
                     .on(ids.0, ids.1)
                 };
-                let Some((user, password)) = login(mech, s.response.as_bytes()) else {
-                    return Err(refused());
+                let (user, password) = if external {
+                    let role = self.certificate.as_deref().unwrap_or_default();
+                    (role.to_string(), None)
+                } else {
+                    let Some((user, password)) = login(mech, s.response.as_bytes()) else {
+                        return Err(refused());
+                    };
+                    (user, Some(password))
                 };
                 let creds = Credentials {
                     user: Some(&user),
-                    secret: Some(&password),
+                    secret: password.as_deref(),
+                    certificate: self.certificate.as_deref(),
                 };
                 self.principal = match self.ctx.broker.authenticate_until(&creds) {
                     Ok((p, expires)) => {

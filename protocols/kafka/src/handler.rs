@@ -54,13 +54,18 @@ pub(crate) struct Session {
     pub closing: bool,
     /// When the SASL token expires: the connection closes then.
     pub expires: Option<tokio::time::Instant>,
+    /// The broker listener name the client came in on (`kafka`,
+    /// `kafka-tls`): Metadata and FindCoordinator send it to the same
+    /// listener of other brokers.
+    pub listener: &'static str,
 }
 
 impl Session {
-    pub fn new(ctx: &Ctx, peer: SocketAddr) -> Self {
+    pub fn new(ctx: &Ctx, peer: SocketAddr, listener: &'static str) -> Self {
         Session {
             ns: ctx.cfg.default_namespace.clone(),
             peer,
+            listener,
             sasl_mechanism: None,
             authenticated: !ctx.broker.auth_enabled(),
             grants: Grants::ALL,
@@ -126,9 +131,9 @@ pub(crate) fn node_id(broker_id: &str) -> i32 {
     (crc32c::crc32c(broker_id.as_bytes()) & 0x7fff_ffff) as i32
 }
 
-/// The advertised Kafka endpoint of a broker, if it has one.
-pub(crate) fn endpoint(b: &BrokerInfo) -> Option<(i32, String, i32)> {
-    let addr = b.listeners.get("kafka")?;
+/// The advertised Kafka endpoint of a broker on `listener`, if it has one.
+pub(crate) fn endpoint(b: &BrokerInfo, listener: &str) -> Option<(i32, String, i32)> {
+    let addr = b.listeners.get(listener)?;
     let (host, port) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Some((node_id(&b.id), host.to_string(), port.parse().ok()?))
@@ -318,12 +323,14 @@ impl Ctx {
                     .map(|c| c.to_string())
                     .unwrap_or_default();
                 let host = s.peer.ip().to_string();
+                let listener = s.listener;
                 let task = tokio::spawn(async move {
                     let caller = Caller {
                         ns,
                         client,
                         host,
                         grants,
+                        listener,
                     };
                     ctx.handle(&caller, body, v).await
                 });
@@ -352,7 +359,7 @@ impl Ctx {
             Q::Fetch(r) => A::Fetch(self.fetch(c, r).await),
             Q::ListOffsets(r) => A::ListOffsets(self.list_offsets(c, r).await),
             Q::OffsetForLeaderEpoch(r) => A::OffsetForLeaderEpoch(self.leader_epochs(c, r).await),
-            Q::DescribeCluster(_) => A::DescribeCluster(self.describe_cluster().await),
+            Q::DescribeCluster(_) => A::DescribeCluster(self.describe_cluster(c).await),
             Q::InitProducerId(r) => A::InitProducerId(self.txns.init_producer_id(self, c, r).await),
             Q::AddPartitionsToTxn(r) => {
                 A::AddPartitionsToTxn(self.txns.add_partitions(self, c, r).await)
@@ -761,14 +768,14 @@ impl Ctx {
 
     // ---- metadata ----
 
-    /// Brokers with a Kafka listener, by node id.
-    pub async fn kafka_brokers(&self) -> Vec<(i32, String, i32)> {
+    /// Brokers with a Kafka listener named `listener`, by node id.
+    pub async fn kafka_brokers(&self, listener: &str) -> Vec<(i32, String, i32)> {
         let mut out: Vec<_> = match self.broker.active_brokers().await {
-            Ok(bs) => bs.iter().filter_map(endpoint).collect(),
+            Ok(bs) => bs.iter().filter_map(|b| endpoint(b, listener)).collect(),
             Err(_) => Vec::new(),
         };
         if out.is_empty() {
-            out.extend(endpoint(self.broker.info()));
+            out.extend(endpoint(self.broker.info(), listener));
         }
         out.sort();
         out
@@ -781,7 +788,7 @@ impl Ctx {
 
     async fn metadata(&self, c: &Caller, r: MetadataRequest, v: i16) -> MetadataResponse {
         let brokers = self
-            .kafka_brokers()
+            .kafka_brokers(c.listener)
             .await
             .into_iter()
             .map(|(id, host, port)| {
@@ -906,10 +913,10 @@ impl Ctx {
         t
     }
 
-    async fn describe_cluster(&self) -> DescribeClusterResponse {
+    async fn describe_cluster(&self, c: &Caller) -> DescribeClusterResponse {
         use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
         let brokers = self
-            .kafka_brokers()
+            .kafka_brokers(c.listener)
             .await
             .into_iter()
             .map(|(id, host, port)| {
@@ -948,7 +955,9 @@ impl Ctx {
                 1 => self.txns.coordinator_of(&c.ns, &key).await,
                 _ => Err(E::InvalidRequest.code()),
             };
-            match owner.and_then(|b| endpoint(&b).ok_or(E::CoordinatorNotAvailable.code())) {
+            match owner
+                .and_then(|b| endpoint(&b, c.listener).ok_or(E::CoordinatorNotAvailable.code()))
+            {
                 Ok((id, host, port)) => {
                     co.node_id = kafka_protocol::messages::BrokerId(id);
                     co.host = str(host);
@@ -978,6 +987,8 @@ pub(crate) struct Caller {
     pub client: String,
     pub host: String,
     pub grants: Grants,
+    /// See [`Session::listener`].
+    pub listener: &'static str,
 }
 
 /// Waits for a partition's batches; the first error wins, and the base

@@ -57,6 +57,7 @@ pub(crate) async fn authenticate(
     let creds = Credentials {
         user: Some(&user),
         secret: Some(password.as_bytes()),
+        certificate: None,
     };
     let principal = match ctx.broker.authenticate_until(&creds) {
         Ok((p, expires)) => {
@@ -78,20 +79,48 @@ pub(crate) async fn authenticate(
             }
         };
     }
-    match ctx.broker.grants(&principal, &ns).await {
+    if let Err(why) = login(ctx, s, &principal, ns).await {
+        s.closing = true;
+        return fail(&why);
+    }
+    SaslAuthenticateResponse::default().with_auth_bytes(Bytes::new())
+}
+
+/// A connection over TLS with a client certificate the CA verified is
+/// its CN's role in the listener's namespace from the start, as on a
+/// Kafka SSL listener with `ssl.client.auth`; SASL, if the client goes on
+/// to it (SASL_SSL), replaces that login. A role with no grant there is
+/// not logged in, so it must use SASL.
+pub(crate) async fn certificate_login(ctx: &Ctx, s: &mut Session, role: &str) {
+    let creds = Credentials {
+        certificate: Some(role),
+        ..Credentials::default()
+    };
+    let Ok((principal, _)) = ctx.broker.authenticate_until(&creds) else {
+        return;
+    };
+    let ns = s.ns.clone();
+    if let Err(why) = login(ctx, s, &principal, ns).await {
+        tracing::debug!(peer = %s.peer, "certificate of {role} not logged in: {why}");
+    }
+}
+
+/// Logs the session in as `principal` in `ns`, if it may do anything
+/// there.
+async fn login(
+    ctx: &Ctx,
+    s: &mut Session,
+    principal: &magnetar_broker::Principal,
+    ns: magnetar_tenancy::NamespaceName,
+) -> Result<(), String> {
+    match ctx.broker.grants(principal, &ns).await {
         Ok(g) if g.any() => s.grants = g,
-        Ok(_) => {
-            s.closing = true;
-            return fail(&format!("not authorized in namespace {ns}"));
-        }
-        Err(_) => {
-            s.closing = true;
-            return fail("no such namespace");
-        }
+        Ok(_) => return Err(format!("not authorized in namespace {ns}")),
+        Err(_) => return Err("no such namespace".into()),
     }
     s.ns = ns;
     s.authenticated = true;
-    SaslAuthenticateResponse::default().with_auth_bytes(Bytes::new())
+    Ok(())
 }
 
 #[cfg(test)]

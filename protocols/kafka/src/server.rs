@@ -15,14 +15,14 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use kafka_protocol::messages::ApiKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
-use magnetar_broker::listener::accept_loop;
+use magnetar_broker::listener::{accept_loop, Admission, Conn, TlsListeners, TlsServer};
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
@@ -41,8 +41,16 @@ const READ_BUFFER: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct KafkaServer {
     local_addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    admission: Arc<Admission>,
     task: tokio::task::JoinHandle<()>,
+    /// The SSL / SASL_SSL listeners, sharing the groups and the
+    /// connection budget.
+    tls: TlsListeners,
 }
+
+/// The name under which a broker advertises its Kafka TLS listener.
+pub const TLS_LISTENER: &str = "kafka-tls";
 
 impl KafkaServer {
     /// Serves Kafka clients on `listener` for `broker`. The broker's
@@ -53,11 +61,55 @@ impl KafkaServer {
         let admission = broker.admission("Kafka");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
-        let task = tokio::spawn(accept_loop(listener, admission, move |stream, peer| {
-            serve_connection(stream, peer, Arc::clone(&ctx))
-        }));
+        let task = tokio::spawn(Self::accept(
+            listener,
+            Arc::clone(&admission),
+            None,
+            Arc::clone(&ctx),
+        ));
         info!(%local_addr, "Kafka listener started");
-        Ok(KafkaServer { local_addr, task })
+        Ok(KafkaServer {
+            local_addr,
+            ctx,
+            admission,
+            task,
+            tls: TlsListeners::default(),
+        })
+    }
+
+    fn accept(
+        listener: TcpListener,
+        admission: Arc<Admission>,
+        tls: Option<TlsServer>,
+        ctx: Arc<Ctx>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let name = if tls.is_some() { TLS_LISTENER } else { "kafka" };
+        accept_loop(listener, admission, tls, move |stream, peer| {
+            serve_connection(stream, peer, name, Arc::clone(&ctx))
+        })
+    }
+
+    /// Serves Kafka over TLS on `listener` too (SSL, and SASL_SSL for
+    /// clients that go on to SASL). The broker's registration should
+    /// advertise it under [`TLS_LISTENER`].
+    pub fn add_tls_listener(
+        &mut self,
+        listener: TcpListener,
+        tls: TlsServer,
+    ) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let accept = Self::accept(
+            listener,
+            Arc::clone(&self.admission),
+            Some(tls),
+            Arc::clone(&self.ctx),
+        );
+        Ok(self.tls.spawn("Kafka", addr, accept))
+    }
+
+    /// Where Kafka over TLS listens, if it does.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.addr()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -66,12 +118,13 @@ impl KafkaServer {
 
     pub fn stop(&self) {
         self.task.abort();
+        self.tls.stop();
     }
 }
 
 impl Drop for KafkaServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -79,11 +132,13 @@ impl Drop for KafkaServer {
 type Pending = BoxFuture<'static, Option<Bytes>>;
 
 async fn serve_connection(
-    stream: TcpStream,
+    stream: Conn,
     peer: SocketAddr,
+    listener: &'static str,
     ctx: Arc<Ctx>,
 ) -> std::io::Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+    let certificate = stream.certificate_role().cloned();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(pending) = rx.recv().await {
@@ -93,7 +148,10 @@ async fn serve_connection(
         }
         wr.shutdown().await
     });
-    let mut session = Session::new(&ctx, peer);
+    let mut session = Session::new(&ctx, peer, listener);
+    if let Some(role) = certificate {
+        crate::sasl::certificate_login(&ctx, &mut session, &role).await;
+    }
     let limits = ctx.broker.config().listener_limits.clone();
     let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     // Until a request has been served to an authenticated client, the

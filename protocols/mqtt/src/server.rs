@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use magnetar_broker::listener::accept_loop;
+use magnetar_broker::listener::{accept_loop, Admission, TlsListeners, TlsServer};
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -15,7 +15,11 @@ use crate::MqttConfig;
 pub struct MqttServer {
     local_addr: SocketAddr,
     ctx: Arc<Ctx>,
+    admission: Arc<Admission>,
     task: tokio::task::JoinHandle<()>,
+    /// The MQTT-over-TLS listeners, sharing the sessions and the
+    /// connection budget.
+    tls: TlsListeners,
 }
 
 impl MqttServer {
@@ -31,20 +35,53 @@ impl MqttServer {
             tokio::spawn(async {})
         };
         let sweeper = tokio::spawn(Ctx::sweep_sessions(Arc::downgrade(&ctx)));
+        let plain = Self::accept(listener, Arc::clone(&admission), None, ctx_accept);
         let task = tokio::spawn(async move {
             let _owners = AbortOnDrop(owners);
             let _sweeper = AbortOnDrop(sweeper);
-            accept_loop(listener, admission, move |stream, _| {
-                serve(stream, Arc::clone(&ctx_accept))
-            })
-            .await;
+            plain.await;
         });
         info!(%local_addr, "MQTT listener started");
         Ok(MqttServer {
             local_addr,
             ctx,
+            admission,
             task,
+            tls: TlsListeners::default(),
         })
+    }
+
+    fn accept(
+        listener: TcpListener,
+        admission: Arc<Admission>,
+        tls: Option<TlsServer>,
+        ctx: Arc<Ctx>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        accept_loop(listener, admission, tls, move |stream, _| {
+            let certificate = stream.certificate_role().cloned();
+            serve(stream, certificate, Arc::clone(&ctx))
+        })
+    }
+
+    /// Serves MQTT over TLS on `listener` too (8883), with these sessions.
+    pub fn add_tls_listener(
+        &mut self,
+        listener: TcpListener,
+        tls: TlsServer,
+    ) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let accept = Self::accept(
+            listener,
+            Arc::clone(&self.admission),
+            Some(tls),
+            Arc::clone(&self.ctx),
+        );
+        Ok(self.tls.spawn("MQTT", addr, accept))
+    }
+
+    /// Where MQTT over TLS listens, if it does.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.addr()
     }
 
     /// MQTT over WebSocket (`/mqtt`), to merge into the HTTP listener's
@@ -59,6 +96,7 @@ impl MqttServer {
 
     pub fn stop(&self) {
         self.task.abort();
+        self.tls.stop();
     }
 }
 
@@ -72,7 +110,7 @@ impl std::fmt::Debug for MqttServer {
 
 impl Drop for MqttServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 

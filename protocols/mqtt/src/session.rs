@@ -632,7 +632,9 @@ struct Conn {
 }
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
-pub(crate) async fn serve<S>(stream: S, ctx: Arc<Ctx>) -> Result<()>
+/// `certificate`: the role of the client's TLS certificate, if it showed
+/// one the CA verified.
+pub(crate) async fn serve<S>(stream: S, certificate: Option<Arc<str>>, ctx: Arc<Ctx>) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -666,7 +668,7 @@ where
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(_))) => return Err(MqttError::Protocol("first packet is not CONNECT".into())),
     };
-    let (mut conn, kick) = match Conn::open(&ctx, framing, *connect).await {
+    let (mut conn, kick) = match Conn::open(&ctx, framing, *connect, certificate.as_deref()).await {
         Ok(x) => x,
         Err((framing, reason)) => {
             refuse(framing, &mut wr, reason).await;
@@ -702,13 +704,17 @@ impl Conn {
         ctx: &Arc<Ctx>,
         mut framing: Framing,
         c: v5::Connect,
+        certificate: Option<&str>,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
         // The user name and password go to the auth hook; the password
-        // carries the token, as with Pulsar's MQTT handlers.
+        // carries the token, as with Pulsar's MQTT handlers. Without one,
+        // a client certificate's CN is the role (Mosquitto's
+        // `use_identity_as_username`).
         let creds = Credentials {
             user: c.username.as_deref(),
             secret: c.password.as_deref(),
+            certificate,
         };
         let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
             Ok(p) => p,

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
@@ -18,6 +18,8 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
+
+use magnetar_broker::listener::PeerCertificate;
 
 use crate::session::{serve, Ctx};
 
@@ -28,19 +30,26 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new().route("/mqtt", get(upgrade)).with_state(ctx)
 }
 
-async fn upgrade(State(ctx): State<Arc<Ctx>>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(ctx): State<Arc<Ctx>>,
+    cert: Option<Extension<PeerCertificate>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // The role of a WSS client's certificate, for a CONNECT without a
+    // password.
+    let certificate = cert.and_then(|Extension(c)| c.0);
     let max = usize::try_from(ctx.cfg.max_packet_size).unwrap_or(usize::MAX);
     ws.protocols(["mqtt", "mqttv3.1"])
         // A message carries at most a packet's worth, plus some slack for
         // clients that send several packets in one.
         .max_message_size(max.saturating_mul(2))
-        .on_upgrade(move |socket| bridge(socket, ctx))
+        .on_upgrade(move |socket| bridge(socket, certificate, ctx))
 }
 
-async fn bridge(socket: WebSocket, ctx: Arc<Ctx>) {
+async fn bridge(socket: WebSocket, certificate: Option<Arc<str>>, ctx: Arc<Ctx>) {
     let (ours, theirs) = tokio::io::duplex(PIPE);
     let session = tokio::spawn(async move {
-        if let Err(e) = serve(ours, ctx).await {
+        if let Err(e) = serve(ours, certificate, ctx).await {
             debug!("MQTT over WebSocket closed: {e}");
         }
     });

@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{OriginalUri, Path, Query, State};
+use axum::extract::{Extension, OriginalUri, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::stream::{BoxStream, FuturesOrdered, SelectAll};
 use futures::{FutureExt, SinkExt, StreamExt};
+use magnetar_broker::listener::PeerCertificate;
 use magnetar_broker::subscription::{
     Consumer, ConsumerControl, ConsumerOptions, Delivery, InitialPosition, SubscriptionOptions,
     SubscriptionType,
@@ -171,14 +172,17 @@ async fn authorize(
     req: &Request,
     q: &Params,
     headers: &HeaderMap,
+    certificate: Option<&str>,
 ) -> Result<(Grants, Option<Instant>), Refusal> {
     let (principal, expires) = if b.auth_enabled() {
-        let Some(t) = token(q, headers) else {
+        let t = token(q, headers);
+        if t.is_none() && certificate.is_none() {
             return Err(Refusal::new(401, "Authentication required"));
-        };
+        }
         b.authenticate_until(&Credentials {
             user: None,
-            secret: Some(t.as_bytes()),
+            secret: t.map(str::as_bytes),
+            certificate,
         })
         .map_err(|e| Refusal::new(401, format!("Failed to authenticate: {e}")))?
     } else {
@@ -231,11 +235,12 @@ async fn v2(
     Query(q): Query<Vec<(String, String)>>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
+    cert: Option<Extension<PeerCertificate>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let q = Params(q);
     match parse_v2(&kind, &domain, &tenant, &ns, &rest, &q) {
-        Ok(req) => open(ctx, req, q, &uri, headers, ws).await,
+        Ok(req) => open(ctx, req, q, &uri, headers, cert, ws).await,
         Err(r) => refuse(r),
     }
 }
@@ -246,11 +251,12 @@ async fn v3(
     Query(q): Query<Vec<(String, String)>>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
+    cert: Option<Extension<PeerCertificate>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let q = Params(q);
     match parse_v3(&subscription, &q) {
-        Ok(req) => open(ctx, req, q, &uri, headers, ws).await,
+        Ok(req) => open(ctx, req, q, &uri, headers, cert, ws).await,
         Err(r) => refuse(r),
     }
 }
@@ -261,9 +267,11 @@ async fn open(
     q: Params,
     uri: &axum::http::Uri,
     headers: HeaderMap,
+    cert: Option<Extension<PeerCertificate>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let expires = match authorize(&ctx.broker, &req, &q, &headers).await {
+    let certificate = cert.as_ref().and_then(|Extension(c)| c.0.as_deref());
+    let expires = match authorize(&ctx.broker, &req, &q, &headers, certificate).await {
         Ok((_, expires)) => expires,
         Err(r) => return refuse(r),
     };

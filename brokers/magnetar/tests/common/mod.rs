@@ -362,7 +362,7 @@ impl LedgerCluster {
     /// A raw gRPC client of one bookie, to look at its copies directly.
     pub fn raw(&self, id: u64) -> magnetar_bookies::pool::Rpc {
         magnetar_bookies::pool::rpc(
-            magnetar_bookies::pool::channel_to(&self.bookie_addrs[&id]).expect("channel"),
+            magnetar_bookies::pool::channel_to(&self.bookie_addrs[&id], None).expect("channel"),
             Default::default(),
         )
     }
