@@ -16,7 +16,11 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{RootCertStore, ServerConfig};
+
+/// A client's TLS configuration, as [`client_config`] makes it (for
+/// reqwest's `use_preconfigured_tls`, say).
+pub use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{info, warn};

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -206,3 +207,40 @@ def secured():
         s.start()
         yield s
         s.stop()
+
+
+def tls(*args):
+    """Runs `magnetar tls ARGS`."""
+    subprocess.run([BIN, "tls", *args], check=True, capture_output=True)
+
+
+class Pki:
+    """A CA, a server certificate and client certificates in one directory,
+    and a second CA with a client certificate of its own."""
+
+    def __init__(self, d):
+        self.d = d
+        self.other = os.path.join(d, "other")
+        tls("create-ca", "--dir", d)
+        tls("create-ca", "--dir", self.other, "--name", "Another CA")
+        self.cert("broker", name="server")
+        self.cert("admin")
+        self.cert("admin", ca_dir=self.other)
+
+    def cert(self, cn, name=None, ca_dir=None):
+        ca_dir = ca_dir or self.d
+        tls("create-cert", "--ca-cert", os.path.join(ca_dir, "ca.pem"),
+            "--ca-key", os.path.join(ca_dir, "ca.key"), "--cn", cn, "--dir", ca_dir,
+            *(["--name", name] if name else []))
+
+    def path(self, name, other=False):
+        return os.path.join(self.other if other else self.d, name)
+
+    def context(self, client=None, other_ca=False):
+        """An ssl context trusting our CA (or the other), with a client
+        certificate if `client` names one."""
+        ctx = ssl.create_default_context(cafile=self.path("ca.pem", other_ca))
+        if client:
+            base = self.path(client)
+            ctx.load_cert_chain(base + ".pem", base + ".key")
+        return ctx

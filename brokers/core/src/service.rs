@@ -73,6 +73,10 @@ pub struct BrokerInfo {
 pub struct BrokerConfig {
     pub cluster: String,
     pub info: BrokerInfo,
+    /// TLS of this broker's calls to other brokers (forwarded publishes,
+    /// lookups), for those advertising `https://`: the cluster's CA, and
+    /// the certificate presented.
+    pub http_tls: Option<magnetar_net::tls::ClientConfig>,
     pub managed_ledger: ManagedLedgerConfig,
     /// Byte budget of each non-persistent partition.
     pub memory_topic_bytes: usize,
@@ -133,6 +137,7 @@ impl BrokerConfig {
         BrokerConfig {
             cluster: cluster.into(),
             info,
+            http_tls: None,
             managed_ledger: ManagedLedgerConfig::default(),
             memory_topic_bytes: 16 << 20,
             memory_topic_idle: Duration::from_secs(60),
@@ -280,9 +285,13 @@ impl Broker {
             .put(&format!("{BROKERS_PREFIX}{}", cfg.info.id), json(&cfg.info))
             .await?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(tls) = cfg.http_tls.clone() {
+            http = http.use_preconfigured_tls(tls);
+        }
+        let http = http
             .build()
             .map_err(|e| BrokerError::InvalidArgument(format!("HTTP client: {e}")))?;
         let inner = Arc::new(Inner {

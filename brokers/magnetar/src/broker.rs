@@ -27,6 +27,11 @@ pub struct BrokerOptions {
     /// console over TLS); off unless given, 8443 by convention.
     #[arg(long, env = "MAGNETAR_HTTPS_LISTEN")]
     https_listen: Option<SocketAddr>,
+    /// HOST:PORT other brokers and clients use to reach the HTTPS
+    /// listener (default: the bound address); with --internal-tls it is
+    /// what this broker advertises.
+    #[arg(long, env = "MAGNETAR_ADVERTISED_HTTPS")]
+    advertised_https: Option<String>,
     /// HOST:PORT other brokers and clients use to reach the HTTP listener
     /// (default: the bound address). It also names this broker.
     #[arg(long, env = "MAGNETAR_ADVERTISED_HTTP")]
@@ -556,6 +561,9 @@ struct HttpListeners {
     http: tokio::net::TcpListener,
     https: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
     advertised: String,
+    /// The base URL other brokers are given: the HTTPS listener's with
+    /// --internal-tls, else the HTTP one's.
+    url: String,
 }
 
 async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<HttpListeners> {
@@ -567,10 +575,22 @@ async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<HttpListeners> {
         .advertised_http
         .clone()
         .unwrap_or_else(|| bound.to_string());
+    let https = bind_tls(opts.https_listen, "--https-listen", opts).await?;
+    let url = match &https {
+        Some((l, _)) if opts.tls.internal_on() => format!(
+            "https://{}",
+            match &opts.advertised_https {
+                Some(a) => a.clone(),
+                None => l.local_addr()?.to_string(),
+            }
+        ),
+        _ => format!("http://{advertised}"),
+    };
     Ok(HttpListeners {
         http: listener,
-        https: bind_tls(opts.https_listen, "--https-listen", opts).await?,
+        https,
         advertised,
+        url,
     })
 }
 
@@ -650,9 +670,11 @@ fn serve_http(
     })
 }
 
+/// `advertised`: the broker's name (its HTTP HOST:PORT); `url`: where
+/// other brokers reach it.
 fn broker_config(
     cluster: &str,
-    advertised: &str,
+    (advertised, url): (&str, &str),
     opts: &BrokerOptions,
     quorum: (usize, usize, usize),
     listeners: Option<&Listeners>,
@@ -671,7 +693,7 @@ fn broker_config(
         cluster,
         BrokerInfo {
             id: advertised.to_string(),
-            http_url: format!("http://{advertised}"),
+            http_url: url.to_string(),
             listeners: listeners
                 .map(|l| {
                     let mut m: std::collections::BTreeMap<String, String> =
@@ -716,6 +738,7 @@ fn broker_config(
         ..opts.listener.limits()
     };
     cfg.auth = opts.auth.broker().context("token authentication")?;
+    cfg.http_tls = opts.tls.http_client()?;
     Ok(cfg)
 }
 
@@ -737,7 +760,7 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let listeners = bind_protocols(&args.opts).await?;
     let cfg = broker_config(
         &args.cluster,
-        &http_listeners.advertised,
+        (&http_listeners.advertised, &http_listeners.url),
         &args.opts,
         (3, 3, 2),
         Some(&listeners),
@@ -879,7 +902,7 @@ impl Embedded {
 pub fn standalone_config(cluster: &str, advertised: &str) -> anyhow::Result<BrokerConfig> {
     broker_config(
         cluster,
-        advertised,
+        (advertised, &format!("http://{advertised}")),
         &BrokerOptions::parse_defaults(),
         (1, 1, 1),
         None,
@@ -910,7 +933,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         || {
             broker_config(
                 &args.cluster,
-                &http_listeners.advertised,
+                (&http_listeners.advertised, &http_listeners.url),
                 &args.opts,
                 (1, 1, 1),
                 Some(&listeners),

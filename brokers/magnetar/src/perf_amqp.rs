@@ -54,6 +54,10 @@ pub struct AmqpPerf {
     /// Unconfirmed publishes per producer at most.
     #[arg(long, default_value_t = 2000)]
     max_in_flight: usize,
+    /// PEM CA the server's certificate is checked against, for an
+    /// `amqps://` URL.
+    #[arg(long)]
+    tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Publishes handed to lapin and not yet written, per producer.
@@ -65,15 +69,26 @@ pub(crate) fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-async fn connect(url: &str) -> anyhow::Result<Connection> {
-    Connection::connect(url, ConnectionProperties::default())
+async fn connect(args: &AmqpPerf) -> anyhow::Result<Connection> {
+    let url = &args.url;
+    let tls = lapin::tcp::OwnedTLSConfig {
+        cert_chain: match &args.tls_ca_file {
+            Some(ca) => Some(
+                std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ),
+            None => None,
+        },
+        identity: None,
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime)
         .await
         .with_context(|| format!("connecting to {url}"))
 }
 
 pub async fn run(args: AmqpPerf) -> anyhow::Result<()> {
     let args = Arc::new(args);
-    let setup = connect(&args.url).await?;
+    let setup = connect(&args).await?;
     let ch = setup.create_channel().await?;
     let mut qargs = FieldTable::default();
     qargs.insert(
@@ -103,7 +118,7 @@ pub async fn run(args: AmqpPerf) -> anyhow::Result<()> {
         let args = Arc::clone(&args);
         let consumed = Arc::clone(&consumed);
         let hist = Arc::clone(&hist);
-        let conn = connect(&args.url).await?;
+        let conn = connect(&args).await?;
         consumers.push(tokio::spawn(async move {
             consume(i, conn, &args, &consumed, &hist).await
         }));
@@ -121,7 +136,7 @@ pub async fn run(args: AmqpPerf) -> anyhow::Result<()> {
         let args = Arc::clone(&args);
         let published = Arc::clone(&published);
         let nacked = Arc::clone(&nacked);
-        let conn = connect(&args.url).await?;
+        let conn = connect(&args).await?;
         producers.push(tokio::spawn(async move {
             produce(conn, &args, n, &published, &nacked).await
         }));

@@ -53,6 +53,24 @@ pub struct KafkaPerf {
     /// Producer linger, in ms.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    /// More librdkafka settings for every client, KEY=VALUE, repeated:
+    /// `security.protocol=SSL`, `ssl.ca.location=ca.pem`, SASL, …
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+}
+
+impl KafkaPerf {
+    /// A client configuration with the bootstrap servers and `--config`.
+    fn client(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap);
+        for kv in &self.config {
+            if let Some((k, v)) = kv.split_once('=') {
+                cfg.set(k.trim(), v.trim());
+            }
+        }
+        cfg
+    }
 }
 
 struct Counting {
@@ -74,10 +92,8 @@ impl ProducerContext for Counting {
 }
 
 async fn ensure_topic(args: &KafkaPerf) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
-        .create()
-        .context("admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        args.client().create().context("admin client")?;
     let topic = NewTopic::new(&args.topic, args.partitions, TopicReplication::Fixed(1));
     let results = admin
         .create_topics([&topic], &AdminOptions::new())
@@ -176,8 +192,8 @@ fn produce(
     acked: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<Counting> = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
+    let producer: ThreadedProducer<Counting> = args
+        .client()
         .set("acks", &args.acks)
         .set("enable.idempotence", (args.acks == "all").to_string())
         .set("compression.type", &args.compression)
@@ -217,10 +233,7 @@ fn produce(
 }
 
 fn end_offsets(args: &KafkaPerf) -> anyhow::Result<Vec<(i32, i64)>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
-        .create()
-        .context("consumer")?;
+    let consumer: BaseConsumer = args.client().create().context("consumer")?;
     let md = consumer.fetch_metadata(Some(&args.topic), Duration::from_secs(30))?;
     let topic = md
         .topics()
@@ -241,8 +254,8 @@ fn consume(
     latency: &Mutex<Histogram<u64>>,
     ready: std::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
+    let consumer: BaseConsumer = args
+        .client()
         .set("group.id", "perf")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "100")

@@ -42,7 +42,9 @@ pub struct TlsArgs {
     /// The bookie gRPC plane speaks TLS, likewise.
     #[arg(long, env = "MAGNETAR_BOOKIE_TLS")]
     bookie_tls: bool,
-    /// Both internal planes speak TLS (`--meta-tls --bookie-tls`).
+    /// Both internal planes speak TLS (`--meta-tls --bookie-tls`), and
+    /// brokers advertise their HTTPS listener to each other (forwarded
+    /// publishes, lookups).
     #[arg(long, env = "MAGNETAR_INTERNAL_TLS")]
     internal_tls: bool,
 }
@@ -117,6 +119,28 @@ impl TlsArgs {
         self.meta_on()
             .then(|| self.client("--meta-tls"))
             .transpose()
+    }
+
+    /// The TLS of a broker's calls to other brokers' HTTPS listeners:
+    /// the CA, and the certificate presented; none without a CA.
+    pub fn http_client(&self) -> anyhow::Result<Option<magnetar_net::tls::ClientConfig>> {
+        let Some(ca) = self.tls_ca_file.as_deref() else {
+            return Ok(None);
+        };
+        let identity = self
+            .tls_cert_file
+            .as_deref()
+            .zip(self.tls_key_file.as_deref());
+        Ok(Some(magnetar_net::tls::client_config(
+            ca,
+            identity,
+            &[HTTP1.to_vec()],
+        )?))
+    }
+
+    /// Brokers call each other over HTTPS.
+    pub fn internal_on(&self) -> bool {
+        self.internal_tls
     }
 
     /// How this process connects to bookies.
