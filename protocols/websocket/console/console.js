@@ -39,8 +39,15 @@ function wsUrl(path, params) {
   const u = new URL(path, location.href);
   u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   for (const [k, v] of Object.entries(params || {})) u.searchParams.set(k, v);
-  if (state.token) u.searchParams.set("token", state.token);
   return u.toString();
+}
+
+// A browser cannot set headers on a WebSocket, and a token in the URL
+// would end up in logs and history: it travels as a subprotocol
+// (`bearer.<jwt>`) next to `magnetar`, which the server echoes.
+function openSocket(path, params) {
+  const url = wsUrl(path, params);
+  return state.token ? new WebSocket(url, ["magnetar", "bearer." + state.token]) : new WebSocket(url);
 }
 
 function setStatus(text, isError) {
@@ -309,7 +316,7 @@ function closeSockets() {
 
 function openReader(t) {
   const from = $("from-earliest").checked ? "earliest" : "latest";
-  const ws = new WebSocket(wsUrl(`/ws/v2/reader/${topicPath(t)}`, { messageId: from }));
+  const ws = openSocket(`/ws/v2/reader/${topicPath(t)}`, { messageId: from });
   state.reader = ws;
   $("live-state").textContent = "connecting…";
   ws.onopen = () => { $("live-state").textContent = `reading from ${from}`; };
@@ -327,7 +334,7 @@ function openReader(t) {
 }
 
 function openProducer(t) {
-  const ws = new WebSocket(wsUrl(`/ws/v2/producer/${topicPath(t)}`));
+  const ws = openSocket(`/ws/v2/producer/${topicPath(t)}`);
   state.producer = ws;
   ws.onmessage = (ev) => {
     const ack = JSON.parse(ev.data);

@@ -153,6 +153,13 @@ fn making(req: &Request) -> &'static str {
     }
 }
 
+/// The subprotocol a browser offers next to `bearer.<jwt>`, and which the
+/// server echoes, since a browser may set no header on a WebSocket.
+const TOKEN_SUBPROTOCOL: &str = "magnetar";
+
+/// The client's token: `Authorization: Bearer`, a `bearer.<jwt>`
+/// subprotocol (the console's way, keeping it out of URLs), or Pulsar's
+/// `?token=`.
 fn token<'a>(q: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -162,7 +169,18 @@ fn token<'a>(q: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    bearer.or_else(|| q.get("token").filter(|t| !t.is_empty()))
+    let offered = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix("bearer."))
+            .filter(|t| !t.is_empty())
+    };
+    bearer
+        .or_else(offered)
+        .or_else(|| q.get("token").filter(|t| !t.is_empty()))
 }
 
 /// The grants of the request's role, and when its token expires (the
@@ -276,6 +294,7 @@ async fn open(
         Err(r) => return refuse(r),
     };
     let ws = ws
+        .protocols([TOKEN_SUBPROTOCOL])
         .max_message_size(ctx.cfg.max_message_size)
         .read_buffer_size(ctx.cfg.read_buffer_size);
     let making = making(&req);

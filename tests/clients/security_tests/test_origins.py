@@ -71,3 +71,19 @@ def test_allowed_origins_replace_the_default():
             assert ws(s, path, origin=f"http://127.0.0.1:{s.ports['http']}") == 403
         finally:
             s.stop()
+
+
+def test_a_websocket_token_may_travel_as_a_subprotocol(secured):
+    """Browsers cannot set headers on a WebSocket: the token may come as a
+    `bearer.<jwt>` subprotocol next to `magnetar`, which is echoed."""
+    url = secured.http.replace("http://", "ws://") + \
+        "/ws/v2/producer/persistent/public/default/subprotocol-auth"
+    with connect(url, subprotocols=["magnetar", "bearer." + secured.token("admin")]) as ws:
+        assert ws.subprotocol == "magnetar"
+        ws.send('{"payload": "aGk="}')
+        assert '"result":"ok"' in ws.recv(timeout=10).replace(" ", "")
+    try:
+        connect(url, subprotocols=["magnetar", "bearer.forged"], open_timeout=10)
+        raise AssertionError("a forged token was taken")
+    except InvalidStatus as e:
+        assert e.response.status_code == 401

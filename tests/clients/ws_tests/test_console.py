@@ -116,3 +116,33 @@ def test_console_publishes_from_its_form(standalone, browser, ws, tag):
         wait.until(lambda d: any(
             r.text.endswith("hello from the page") or "hello from the page" in r.text
             for r in d.find_elements(By.CSS_SELECTOR, "#messages tr.msg")))
+
+
+def test_console_with_authentication_keeps_its_token_out_of_urls(secured, browser, tag):
+    """With authentication on, the console's sockets log in with the token
+    as a `bearer.<jwt>` subprotocol, never in the URL: the page reads a
+    topic live (its reader socket would get 401 otherwise, as its URL
+    carries no token), and no URL the page loaded holds one."""
+    topic = f"auth-console-{tag}"
+    token = secured.token("admin")
+    producer = Producer({"bootstrap.servers": secured.kafka, "security.protocol": "SASL_PLAINTEXT",
+                         "sasl.mechanism": "PLAIN", "sasl.username": "public/default",
+                         "sasl.password": "token:" + token})
+    producer.produce(topic, b"seed")
+    assert producer.flush(30) == 0
+
+    browser.get(secured.http + "/")
+    browser.execute_script("localStorage.setItem('magnetar.token', arguments[0])", token)
+    browser.refresh()
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.element_to_be_clickable(
+        (By.CSS_SELECTOR, f'.topic-row[data-topic="persistent://public/default/{topic}"]'))
+    ).click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "live-state"), "reading from latest"))
+    for i in range(5):
+        producer.produce(topic, f"secret {i}".encode())
+    assert producer.flush(30) == 0
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages tr.msg")) >= 5)
+    urls = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert not any("token=" in u for u in urls), urls
