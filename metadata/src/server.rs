@@ -87,6 +87,11 @@ pub struct NodeConfig {
     pub tls: Option<magnetar_net::TlsServer>,
     /// TLS of this node's calls to its raft peers.
     pub peer_tls: Option<magnetar_net::GrpcClientTls>,
+    /// The role (token `sub` or certificate CN) each member must call
+    /// with, by id: a raft message for node N from any other identity is
+    /// refused, so that a holder of one member's credentials cannot speak
+    /// as another. Empty: members are known by the id they send.
+    pub peer_roles: BTreeMap<u64, String>,
 }
 
 impl NodeConfig {
@@ -103,6 +108,7 @@ impl NodeConfig {
             peer_token: None,
             tls: None,
             peer_tls: None,
+            peer_roles: BTreeMap::new(),
         }
     }
 }
@@ -153,6 +159,8 @@ struct NodeShared {
     state: Arc<SharedState>,
     log: LogStore,
     peers: BTreeMap<u64, String>,
+    /// See `NodeConfig::peer_roles`.
+    peer_roles: BTreeMap<u64, String>,
     /// Session deadlines, kept by the leader only. Expiry is decided here
     /// and then replicated as a `RevokeSession` command, so every node
     /// deletes the same keys at the same log position.
@@ -286,6 +294,7 @@ impl MetaNode {
             state,
             log,
             peers: peers.clone(),
+            peer_roles: cfg.peer_roles.clone(),
             deadlines: Mutex::new(HashMap::new()),
             reads: ReadBarrier::new(),
             closing: watch::channel(false).0,
@@ -928,8 +937,20 @@ struct RaftService {
 }
 
 impl RaftService {
-    /// Refuses senders outside the group and decodes the payload.
-    fn accept<T: DeserializeOwned>(&self, req: RaftRequest) -> Result<T, Status> {
+    /// Refuses a message for a member sent by another member's identity
+    /// (see `NodeConfig::peer_roles`), then senders outside the group, and
+    /// decodes the payload.
+    fn accept<T: DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
+        if let Some(want) = self.node.peer_roles.get(&req.get_ref().from) {
+            let caller = req.extensions().get::<magnetar_net::CallerRole>();
+            if caller.map(|c| &*c.0) != Some(want.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "raft messages of node {} come from role {want:?} only",
+                    req.get_ref().from
+                )));
+            }
+        }
+        let req = req.into_inner();
         let known = self.node.peers.contains_key(&req.from)
             || self
                 .node
@@ -978,16 +999,14 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let from = req.from;
+        let from = req.get_ref().from;
         let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> = self.accept(req)?;
         Self::check_sender(from, rpc.vote.leader_id.node_id)?;
         Self::reply(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let from = req.from;
+        let from = req.get_ref().from;
         let rpc: openraft::raft::VoteRequest<u64> = self.accept(req)?;
         Self::check_sender(from, rpc.vote.leader_id.node_id)?;
         Self::reply(&self.node.raft.vote(rpc).await)
@@ -997,8 +1016,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let from = req.from;
+        let from = req.get_ref().from;
         let rpc: openraft::raft::InstallSnapshotRequest<TypeConfig> = self.accept(req)?;
         Self::check_sender(from, rpc.vote.leader_id.node_id)?;
         Self::reply(&self.node.raft.install_snapshot(rpc).await)

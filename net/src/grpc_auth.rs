@@ -53,9 +53,23 @@ impl GrpcAuth {
     }
 }
 
+/// Who a call authenticated as (a token's role, or a client
+/// certificate's CN), in the request's extensions for the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerRole(pub Arc<str>);
+
 impl Interceptor for GrpcAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let Some(check) = &self.check else {
+            // Without tokens, a verified certificate still names the
+            // caller.
+            let role = req
+                .extensions()
+                .get::<crate::GrpcPeer>()
+                .and_then(|p| p.certificate_role.clone());
+            if let Some(role) = role {
+                req.extensions_mut().insert(CallerRole(role));
+            }
             return Ok(req);
         };
         let Check { verifier, roles } = &**check;
@@ -83,6 +97,7 @@ impl Interceptor for GrpcAuth {
             }
         };
         if roles.contains(&role) {
+            req.extensions_mut().insert(CallerRole(role.into()));
             Ok(req)
         } else {
             Err(Status::permission_denied(format!(

@@ -14,7 +14,7 @@
 pub mod grpc_auth;
 pub mod tls;
 
-pub use grpc_auth::{BearerToken, GrpcAuth, TokenVerifier};
+pub use grpc_auth::{BearerToken, CallerRole, GrpcAuth, TokenVerifier};
 pub use tls::{grpc_endpoint, Conn, GrpcClientTls, TlsError, TlsFiles, TlsServer};
 
 use std::collections::HashMap;

@@ -82,6 +82,12 @@ struct MetaArgs {
     /// Log entries kept behind the last snapshot.
     #[arg(long, env = "MAGNETAR_META_KEEP_LOGS", default_value_t = RaftTuning::default().keep_logs)]
     keep_logs: u64,
+    /// The role each member calls its peers with, as ID=ROLE,
+    /// comma-separated (its token's `sub`, or its certificate's CN): raft
+    /// messages of a member from any other identity are refused. Omit to
+    /// know members by the id they send.
+    #[arg(long, env = "MAGNETAR_META_PEER_ROLES", default_value = "")]
+    peer_roles: String,
     #[command(flatten)]
     limits: broker::ListenerArgs,
     #[command(flatten)]
@@ -120,6 +126,7 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
         peer_token: args.auth.internal_token()?,
         tls: args.tls.meta_server()?,
         peer_tls: args.tls.meta_client()?,
+        peer_roles: parse_peer_roles(&args.peer_roles)?,
     })
     .await
     .context("starting the metadata node")?;
@@ -133,6 +140,24 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// `1=meta-1,2=meta-2`: a role by member id.
+fn parse_peer_roles(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (id, role) = p
+                .split_once('=')
+                .with_context(|| format!("--peer-roles: {p:?} is not ID=ROLE"))?;
+            let id = id
+                .trim()
+                .parse()
+                .with_context(|| format!("--peer-roles: {id:?} is not a member id"))?;
+            Ok((id, role.trim().to_string()))
+        })
+        .collect()
 }
 
 pub(crate) async fn wait_for_signal() {

@@ -106,3 +106,65 @@ def test_the_admin_cli_needs_a_token_for_the_store(secured):
                              capture_output=True, text=True, timeout=60, env=env)
     assert allowed.returncode == 0, allowed.stderr
     assert "/admin/tenants/public" in allowed.stdout
+
+
+def test_raft_peers_are_known_by_their_identity_not_the_id_they_claim(stubs, tmp_path):
+    """Three metadata nodes, each with a token of its own role and
+    `--peer-roles`: they form a group, but a raft message that names a
+    member while carrying another identity (even a superuser's) is
+    PERMISSION_DENIED."""
+    import time
+
+    from conftest import free_port
+    m, m_grpc, _, _ = stubs
+    key = str(tmp_path / "secret.key")
+    subprocess.run([BIN, "tokens", "create-secret-key", "--output", key], check=True)
+
+    def token(role):
+        return subprocess.run([BIN, "tokens", "create", "--secret-key", f"file://{key}",
+                               "--subject", role], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    addrs = {i: f"127.0.0.1:{free_port()}" for i in (1, 2, 3)}
+    peers = ",".join(f"{i}={a}" for i, a in addrs.items())
+    roles = ",".join(f"{i}=meta-{i}" for i in addrs)
+    procs = []
+    try:
+        for i, addr in addrs.items():
+            log = open(tmp_path / f"meta-{i}.log", "w")
+            procs.append(subprocess.Popen(
+                [BIN, "meta", "--id", str(i), "--listen", addr,
+                 "--data-dir", str(tmp_path / f"meta-{i}"), "--peers", peers,
+                 "--peer-roles", roles, "--heartbeat-ms", "100", "--election-min-ms", "500",
+                 "--election-max-ms", "1000", "--auth-token-secret-key", f"file://{key}",
+                 "--auth-superuser-roles", "admin,meta-1,meta-2,meta-3",
+                 "--internal-token", token(f"meta-{i}")],
+                stdout=subprocess.DEVNULL, stderr=log))
+        endpoints = ",".join(addrs.values())
+        admin = [BIN, "admin", "--auth-token", token("admin"), "metadata", "--meta", endpoints]
+        deadline = time.time() + 60
+        while True:
+            put = subprocess.run([*admin, "put", "/raft-identity", "v"], capture_output=True,
+                                 text=True, timeout=60)
+            if put.returncode == 0:
+                break
+            assert time.time() < deadline, put.stderr
+            time.sleep(1)
+
+        raft = m_grpc.RaftStub(grpc.insecure_channel(addrs[1]))
+        as_role = lambda role: [("authorization", f"Bearer {token(role)}")]
+        for role in ("admin", "meta-3"):
+            with pytest.raises(grpc.RpcError) as e:
+                raft.Vote(m.RaftRequest(**{"from": 2}), metadata=as_role(role), timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, (role, e.value)
+            assert "meta-2" in e.value.details()
+        # Node 2's own identity gets past the check (to the payload, which
+        # is empty here).
+        with pytest.raises(grpc.RpcError) as e:
+            raft.Vote(m.RaftRequest(**{"from": 2}), metadata=as_role("meta-2"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(20)
