@@ -271,7 +271,7 @@ pub struct Conn {
 #[derive(Debug)]
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(TlsIo),
 }
 
 impl Conn {
@@ -296,6 +296,78 @@ impl Conn {
         match &self.io {
             Io::Plain(s) => s,
             Io::Tls(t) => t.get_ref().0,
+        }
+    }
+
+    /// Read and write halves for two tasks: a plain connection's are the
+    /// socket's own, lock-free; a TLS session's share it behind tokio's
+    /// split.
+    pub fn into_split(self) -> (ConnRead, ConnWrite) {
+        match self.io {
+            Io::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ConnRead::Plain(r), ConnWrite::Plain(w))
+            }
+            Io::Tls(t) => {
+                let (r, w) = tokio::io::split(t);
+                (ConnRead::Tls(r), ConnWrite::Tls(w))
+            }
+        }
+    }
+}
+
+type TlsIo = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// The read half of a [`Conn`].
+#[derive(Debug)]
+pub enum ConnRead {
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsIo>),
+}
+
+/// The write half of a [`Conn`].
+#[derive(Debug)]
+pub enum ConnWrite {
+    Plain(tokio::net::tcp::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsIo>),
+}
+
+impl AsyncRead for ConnRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConnRead::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            ConnRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConnWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ConnWrite::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            ConnWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConnWrite::Plain(w) => Pin::new(w).poll_flush(cx),
+            ConnWrite::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConnWrite::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            ConnWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -138,7 +138,7 @@ async fn serve_connection(
     ctx: Arc<Ctx>,
 ) -> std::io::Result<()> {
     let certificate = stream.certificate_role().cloned();
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(pending) = rx.recv().await {
