@@ -52,8 +52,13 @@ pub(crate) struct Session {
     pub grants: Grants,
     /// Set when the connection must close after the current answer.
     pub closing: bool,
-    /// When the SASL token expires: the connection closes then.
+    /// When the SASL token expires: the connection closes then, unless
+    /// the client re-authenticates first (KIP-368).
     pub expires: Option<tokio::time::Instant>,
+    /// Who logged in by SASL; a re-authentication must prove the same
+    /// principal, as Kafka requires. (A client certificate's login is
+    /// replaced by SASL, as on a SASL_SSL listener.)
+    pub principal: Option<magnetar_broker::Principal>,
     /// The broker listener name the client came in on (`kafka`,
     /// `kafka-tls`): Metadata and FindCoordinator send it to the same
     /// listener of other brokers.
@@ -71,6 +76,7 @@ impl Session {
             grants: Grants::ALL,
             closing: false,
             expires: None,
+            principal: None,
         }
     }
 }

@@ -59,16 +59,17 @@ pub(crate) async fn authenticate(
         secret: Some(password.as_bytes()),
         certificate: None,
     };
-    let principal = match ctx.broker.authenticate_until(&creds) {
-        Ok((p, expires)) => {
-            s.expires = expires;
-            p
-        }
+    let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
+        Ok(x) => x,
         Err(e) => {
             s.closing = true;
             return fail(&e.to_string());
         }
     };
+    if s.principal.as_ref().is_some_and(|p| *p != principal) {
+        s.closing = true;
+        return fail("cannot change principals during re-authentication");
+    }
     let mut ns = s.ns.clone();
     if user.contains('/') {
         ns = match user.parse() {
@@ -83,7 +84,18 @@ pub(crate) async fn authenticate(
         s.closing = true;
         return fail(&why);
     }
-    SaslAuthenticateResponse::default().with_auth_bytes(Bytes::new())
+    // KIP-368: the client is told how long the session lasts (the token's
+    // exp), and re-authenticates on this connection before then; if it
+    // does not, the connection is closed at exp.
+    s.expires = expires;
+    s.principal = Some(principal);
+    let lifetime_ms = expires.map_or(0, |e| {
+        let left = e.saturating_duration_since(tokio::time::Instant::now());
+        i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1)
+    });
+    SaslAuthenticateResponse::default()
+        .with_auth_bytes(Bytes::new())
+        .with_session_lifetime_ms(lifetime_ms)
 }
 
 /// A connection over TLS with a client certificate the CA verified is

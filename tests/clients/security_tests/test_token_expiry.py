@@ -61,6 +61,41 @@ def test_kafka(secured):
     assert_closed_at_exp(first[0], exp, f"Kafka ({first[1]})")
 
 
+def test_kafka_reauthenticates_on_its_connection_before_exp(secured):
+    """KIP-368: the SASL answer tells the client its session ends at the
+    token's exp; a client given a new token re-authenticates on the same
+    connection before then and keeps it past the old exp."""
+    token, exp = expiring(secured)
+    stats = queue.Queue()
+    errors = queue.Queue()
+    p = Producer({
+        "bootstrap.servers": secured.kafka,
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "public/default",
+        "sasl.password": "token:" + token,
+        "statistics.interval.ms": 500,
+        "stats_cb": stats.put,
+        "error_cb": errors.put,
+    })
+    topic = f"reauth-{uuid.uuid4().hex[:6]}"
+    p.produce(topic, b"before")
+    assert p.flush(30) == 0
+    # Used from the re-authentication on.
+    p.set_sasl_credentials("public/default", "token:" + secured.token("admin"))
+    while time.time() < exp + 3:
+        p.produce(topic, b"across exp")
+        p.poll(0.2)
+    assert p.flush(30) == 0
+    assert errors.empty(), list(errors.queue)
+    last = None
+    while not stats.empty():
+        last = json.loads(stats.get())
+    brokers = [b for b in last["brokers"].values() if b["nodeid"] >= 0]
+    assert brokers and all(b["connects"] == 1 for b in brokers), \
+        [(b["name"], b["connects"], b["disconnects"]) for b in brokers]
+
+
 def test_amqp(secured):
     token, exp = expiring(secured)
     conn = pika.BlockingConnection(pika.ConnectionParameters(
