@@ -627,9 +627,18 @@ struct Conn {
     grants: Grants,
     /// The connection's role, stored with its session.
     role: Option<String>,
-    /// When the CONNECT token expires: the connection closes then.
+    /// When the CONNECT token expires: the connection closes then, unless
+    /// the client re-authenticates first (v5 AUTH).
     expires: Option<Instant>,
+    /// The v5 authentication method of CONNECT ([`TOKEN_AUTH_METHOD`]),
+    /// if the client used one: AUTH re-authenticates with it.
+    auth_method: Option<ByteString>,
 }
+
+/// The MQTT 5 authentication method whose data is a token: a client
+/// that logs in with it may renew the token on its connection with AUTH
+/// (reason 0x19) before the old one expires.
+pub(crate) const TOKEN_AUTH_METHOD: &str = "token";
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
 /// `certificate`: the role of the client's TLS certificate, if it showed
@@ -707,13 +716,26 @@ impl Conn {
         certificate: Option<&str>,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
+        // v5 enhanced authentication knows one method, whose data is the
+        // token; others get Bad authentication method.
+        let auth_method = c.auth_method.clone();
+        if auth_method
+            .as_deref()
+            .is_some_and(|m| m != TOKEN_AUTH_METHOD)
+        {
+            return Err((framing, v5::ConnectAckReason::BadAuthenticationMethod));
+        }
         // The user name and password go to the auth hook; the password
         // carries the token, as with Pulsar's MQTT handlers. Without one,
         // a client certificate's CN is the role (Mosquitto's
         // `use_identity_as_username`).
+        let secret = match &auth_method {
+            Some(_) => c.auth_data.as_deref(),
+            None => c.password.as_deref(),
+        };
         let creds = Credentials {
             user: c.username.as_deref(),
-            secret: c.password.as_deref(),
+            secret,
             certificate,
         };
         let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
@@ -938,9 +960,11 @@ impl Conn {
             grants,
             role: principal_role,
             expires,
+            auth_method: auth_method.clone(),
         };
         conn.send(Packet::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
+            auth_method,
             assigned_client_id: assigned.map(ByteString::from),
             receive_max: NonZeroU16::new(ctx.cfg.receive_max).unwrap_or(NonZeroU16::MIN),
             topic_alias_max: ctx.cfg.topic_alias_max,
@@ -1151,11 +1175,7 @@ impl Conn {
                     will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
                 }));
             }
-            Packet::Auth(_) => {
-                return Err(MqttError::Protocol(
-                    "AUTH without an authentication method".into(),
-                ))
-            }
+            Packet::Auth(a) => self.on_auth(a)?,
             Packet::ConnectAck(_)
             | Packet::SubscribeAck(_)
             | Packet::UnsubscribeAck(_)
@@ -1164,6 +1184,50 @@ impl Conn {
             }
         }
         Ok(None)
+    }
+
+    /// Re-authentication (v5 AUTH 0x19) with the CONNECT's method: a new
+    /// token of the same role moves the connection's expiry; any other
+    /// ends the connection with Not authorized.
+    fn on_auth(&mut self, a: v5::Auth) -> Result<()> {
+        let Some(method) = self.auth_method.clone() else {
+            return Err(MqttError::Protocol(
+                "AUTH without an authentication method".into(),
+            ));
+        };
+        if a.auth_method.as_ref() != Some(&method) {
+            return Err(MqttError::Protocol(
+                "AUTH with another authentication method than CONNECT's".into(),
+            ));
+        }
+        if a.reason_code != v5::AuthReasonCode::ReAuth {
+            return Err(MqttError::Protocol(
+                "AUTH other than re-authenticate".into(),
+            ));
+        }
+        let creds = Credentials {
+            secret: a.auth_data.as_deref(),
+            ..Credentials::default()
+        };
+        let role = match self.ctx.broker.authenticate_until(&creds) {
+            Ok((Principal::Role(r), expires)) => (Some(r), expires),
+            Ok((Principal::Anonymous, expires)) => (None, expires),
+            Err(e) => {
+                debug!(client = %self.client_id, "re-authentication refused: {e}");
+                return Err(MqttError::TokenExpired);
+            }
+        };
+        if role.0 != self.role {
+            debug!(client = %self.client_id, "re-authentication as another role refused");
+            return Err(MqttError::TokenExpired);
+        }
+        self.expires = role.1;
+        self.send(Packet::Auth(v5::Auth {
+            reason_code: v5::AuthReasonCode::Success,
+            auth_method: Some(method),
+            ..Default::default()
+        }));
+        Ok(())
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<()> {

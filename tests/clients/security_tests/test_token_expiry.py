@@ -153,3 +153,78 @@ def test_websocket(secured):
     assert closed is not None, "the WebSocket outlived its token"
     assert closed[1] == 1008
     assert_closed_at_exp(closed[0], exp, "WebSocket")
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(kind, body):
+    return bytes([kind]) + _varint(len(body)) + body
+
+
+def _s(data):
+    data = data.encode() if isinstance(data, str) else data
+    return len(data).to_bytes(2, "big") + data
+
+
+def _token_props(token):
+    # Authentication Method 0x15 "token", Authentication Data 0x16.
+    props = b"\x15" + _s("token") + b"\x16" + _s(token)
+    return _varint(len(props)) + props
+
+
+def _read_packet(sock):
+    head = sock.recv(1)
+    if not head:
+        return None, b""
+    n, shift = 0, 0
+    while True:
+        b = sock.recv(1)[0]
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return head[0], body
+
+
+def test_mqtt5_reauthenticates_with_auth_before_exp(secured):
+    """MQTT 5 enhanced authentication with the method `token`: CONNECT
+    carries the token as authentication data, AUTH 0x19 with a new token
+    of the same role keeps the connection past the old exp, and one of
+    another role ends it with DISCONNECT 0x87. (No client library in the
+    suite sends AUTH, so the packets are written here, per MQTT 5.0
+    3.1, 3.2 and 3.15.)"""
+    import socket
+    token, exp = expiring(secured)
+    with socket.create_connection(("127.0.0.1", secured.mqtt_port), timeout=10) as s:
+        connect_body = (_s("MQTT") + b"\x05\x02\x00\x3c" + _token_props(token)
+                        + _s(f"reauth-{uuid.uuid4().hex[:6]}"))
+        s.sendall(_packet(0x10, connect_body))
+        kind, body = _read_packet(s)
+        assert kind == 0x20 and body[1] == 0, (hex(kind or 0), body[:4])
+        assert b"\x15\x00\x05token" in body, "CONNACK names the method"
+        s.sendall(_packet(0xF0, b"\x19" + _token_props(secured.token("admin"))))
+        kind, body = _read_packet(s)
+        assert kind == 0xF0 and body[0] == 0x00, (hex(kind or 0), body[:4])
+        time.sleep(max(0.0, exp - time.time()) + 1.5)
+        s.sendall(b"\xc0\x00")  # PINGREQ, past the first token's exp
+        assert _read_packet(s) == (0xD0, b"")
+        s.sendall(_packet(0xF0, b"\x19" + _token_props(secured.token("sensor"))))
+        kind, body = _read_packet(s)
+        assert kind == 0xE0 and body[0] == 0x87, (hex(kind or 0), body[:4])
+    # A method other than `token` is refused at CONNECT.
+    with socket.create_connection(("127.0.0.1", secured.mqtt_port), timeout=10) as s:
+        props = b"\x15" + _s("SCRAM-SHA-256")
+        s.sendall(_packet(0x10, _s("MQTT") + b"\x05\x02\x00\x3c" + _varint(len(props)) + props
+                          + _s("scram")))
+        kind, body = _read_packet(s)
+        assert kind == 0x20 and body[1] == 0x8C, (hex(kind or 0), body[:4])
