@@ -408,6 +408,18 @@ fn access(method: &Method, path: &str) -> Access {
     }
 }
 
+/// The token of an `Authorization: Bearer` header, trimmed.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// With authentication on, every route of this router but health and
 /// readiness takes a bearer token, as Pulsar's clients send it (or, over
 /// HTTPS, a client certificate the CA verified): 401
@@ -425,21 +437,14 @@ async fn auth_guard(
     if matches!(need, Access::Open | Access::Elsewhere) {
         return next.run(req).await;
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
+    let token = bearer(req.headers());
     let certificate = crate::listener::PeerCertificate::of(&req);
     if token.is_none() && certificate.is_none() {
         return ApiError::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
     }
     let creds = magnetar_tenancy::Credentials {
         user: None,
-        secret: token.map(|t| t.trim().as_bytes()),
+        secret: token.map(str::as_bytes),
         certificate,
     };
     let principal = match b.authenticate(&creds) {

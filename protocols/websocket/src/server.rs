@@ -161,14 +161,7 @@ const TOKEN_SUBPROTOCOL: &str = "magnetar";
 /// subprotocol (the console's way, keeping it out of URLs), or Pulsar's
 /// `?token=`.
 fn token<'a>(q: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+    let bearer = magnetar_broker::http::bearer(headers);
     let offered = || {
         headers
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
