@@ -307,21 +307,26 @@ impl AllowedOrigins {
         )
     }
 
-    /// The listener's own origins: its loopback names on `port` (and on
-    /// `https_port` over HTTPS), and the address it advertises.
-    pub fn own(port: u16, https_port: Option<u16>, advertised: &str) -> Self {
-        let host = advertised
-            .trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .trim_end_matches('/');
-        let mut set: std::collections::BTreeSet<String> = ["127.0.0.1", "localhost", "[::1]"]
+    /// The listener's own origins: its loopback names on `port`, and
+    /// the address it advertises; with HTTPS, the same on `https` (its
+    /// port, and its advertised HOST:PORT).
+    pub fn own(port: u16, advertised: &str, https: Option<(u16, &str)>) -> Self {
+        let bare = |a: &str| {
+            a.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .to_ascii_lowercase()
+        };
+        let loopback = ["127.0.0.1", "localhost", "[::1]"];
+        let mut set: std::collections::BTreeSet<String> = loopback
             .iter()
-            .flat_map(|h| {
-                std::iter::once(format!("http://{h}:{port}"))
-                    .chain(https_port.map(|p| format!("https://{h}:{p}")))
-            })
+            .map(|h| format!("http://{h}:{port}"))
             .collect();
-        set.insert(format!("http://{}", host.to_ascii_lowercase()));
+        set.insert(format!("http://{}", bare(advertised)));
+        if let Some((port, advertised)) = https {
+            set.extend(loopback.iter().map(|h| format!("https://{h}:{port}")));
+            set.insert(format!("https://{}", bare(advertised)));
+        }
         AllowedOrigins::Only(set)
     }
 
@@ -1562,12 +1567,17 @@ mod tests {
 
     #[test]
     fn own_origins_are_the_loopback_names_and_the_advertised_address() {
-        let own = AllowedOrigins::own(8080, Some(8443), "broker-1.example:8080");
+        let own = AllowedOrigins::own(
+            8080,
+            "broker-1.example:8080",
+            Some((8443, "broker-1.example:443")),
+        );
         for ok in [
             "http://127.0.0.1:8080",
             "http://localhost:8080/",
             "HTTP://Broker-1.example:8080",
             "https://localhost:8443",
+            "https://broker-1.example:443",
         ] {
             assert!(own.allows(ok), "{ok}");
         }

@@ -11,31 +11,88 @@ use tokio::net::TcpListener;
 
 pub use magnetar_net::{accept_loop, Admission, Conn, ListenerLimits, Ticket, TlsServer};
 
-/// The TLS listeners a protocol server runs next to its plain one, on
-/// the same state: each an accept loop in a task of its own.
-#[derive(Debug, Default)]
-pub struct TlsListeners(Vec<(SocketAddr, tokio::task::JoinHandle<()>)>);
+/// How a protocol serves one accepted connection.
+type ServeFn = dyn Fn(Conn, SocketAddr) -> futures::future::BoxFuture<'static, Result<(), String>>
+    + Send
+    + Sync;
 
-impl TlsListeners {
-    /// Runs `accept`, the accept loop of the listener on `addr`.
-    pub fn spawn(
+/// The listeners of one protocol: its plain one and any TLS twins, all
+/// serving connections the same way on the same state and counted
+/// against one admission, so that adding TLS takes no descriptors from
+/// the budget of the others.
+pub struct ProtocolListeners {
+    protocol: &'static str,
+    admission: Arc<Admission>,
+    serve: Arc<ServeFn>,
+    tls: Vec<(SocketAddr, tokio::task::JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for ProtocolListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProtocolListeners")
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProtocolListeners {
+    /// `serve` runs once per connection (see [`Conn::is_tls`] and
+    /// [`Conn::certificate_role`] for what it may ask of it).
+    pub fn new<F, Fut, E>(protocol: &'static str, admission: Arc<Admission>, serve: F) -> Self
+    where
+        F: Fn(Conn, SocketAddr) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let serve: Arc<ServeFn> = Arc::new(move |conn, peer| {
+            let served = serve(conn, peer);
+            Box::pin(async move { served.await.map_err(|e| e.to_string()) })
+        });
+        ProtocolListeners {
+            protocol,
+            admission,
+            serve,
+            tls: Vec::new(),
+        }
+    }
+
+    /// The accept loop of `listener`, over TLS with `tls`, for the caller
+    /// to run.
+    pub fn accept(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsServer>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let serve = Arc::clone(&self.serve);
+        accept_loop(
+            listener,
+            Arc::clone(&self.admission),
+            tls,
+            move |conn, peer| serve(conn, peer),
+        )
+    }
+
+    /// Serves `listener` over TLS too, in a task of its own.
+    pub fn add_tls(
         &mut self,
-        protocol: &str,
-        addr: SocketAddr,
-        accept: impl Future<Output = ()> + Send + 'static,
-    ) -> SocketAddr {
-        self.0.push((addr, tokio::spawn(accept)));
-        tracing::info!(local_addr = %addr, "{protocol} TLS listener started");
-        addr
+        listener: TcpListener,
+        tls: TlsServer,
+    ) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let accept = self.accept(listener, Some(tls));
+        self.tls.push((addr, tokio::spawn(accept)));
+        tracing::info!(local_addr = %addr, "{} TLS listener started", self.protocol);
+        Ok(addr)
     }
 
-    /// Where the first one listens, if there is one.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        self.0.first().map(|(a, _)| *a)
+    /// Where the first TLS listener listens, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.first().map(|(a, _)| *a)
     }
 
-    pub fn stop(&self) {
-        for (_, t) in &self.0 {
+    /// Stops the TLS listeners (the plain one is its owner's task).
+    pub fn stop_tls(&self) {
+        for (_, t) in &self.tls {
             t.abort();
         }
     }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use magnetar_bookies::{CreateOptions, LedgerClient};
-use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, PutOptions};
+use magnetar_metadata::{parse_endpoints, EventKind, KeyValue, MetaClient, PutOptions};
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -195,20 +195,23 @@ fn print_kv(out: &mut impl Write, kv: &KeyValue, verbose: bool) -> std::io::Resu
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    // The internal planes' client, with the token and TLS they take.
+    let meta = |endpoints: &str| {
+        crate::broker::meta_client(
+            &parse_endpoints(endpoints),
+            args.auth_token.clone(),
+            &args.tls,
+        )
+    };
     match args.command {
-        AdminCommand::Metadata(m) => run_metadata(m, args.auth_token, &args.tls).await,
-        AdminCommand::Bookies(b) => run_bookies(b, args.auth_token, &args.tls).await,
-        AdminCommand::Ledgers(l) => run_ledgers(l, args.auth_token, &args.tls).await,
+        AdminCommand::Metadata(m) => run_metadata(meta(&m.meta)?, m).await,
+        AdminCommand::Bookies(b) => run_bookies(LedgerClient::new(meta(&b.meta)?), b).await,
+        AdminCommand::Ledgers(l) => run_ledgers(LedgerClient::new(meta(&l.meta)?), l).await,
         AdminCommand::Rest(c) => crate::admin_rest::run(args.url, args.auth_token, c).await,
     }
 }
 
-async fn run_metadata(
-    args: MetadataArgs,
-    token: Option<String>,
-    tls: &crate::tls::TlsArgs,
-) -> anyhow::Result<()> {
-    let client = crate::broker::meta_client(&parse_endpoints(&args.meta), token, tls)?;
+async fn run_metadata(client: MetaClient, args: MetadataArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match args.command {
         MetadataCommand::Get { key, verbose } => match client.get(&key).await? {
@@ -324,16 +327,7 @@ async fn run_metadata(
     Ok(())
 }
 
-async fn run_bookies(
-    args: BookiesArgs,
-    token: Option<String>,
-    tls: &crate::tls::TlsArgs,
-) -> anyhow::Result<()> {
-    let client = LedgerClient::new(crate::broker::meta_client(
-        &parse_endpoints(&args.meta),
-        token,
-        tls,
-    )?);
+async fn run_bookies(client: LedgerClient, args: BookiesArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match args.command {
         BookiesCommand::List => {
@@ -351,16 +345,7 @@ async fn run_bookies(
     Ok(())
 }
 
-async fn run_ledgers(
-    args: LedgersArgs,
-    token: Option<String>,
-    tls: &crate::tls::TlsArgs,
-) -> anyhow::Result<()> {
-    let client = LedgerClient::new(crate::broker::meta_client(
-        &parse_endpoints(&args.meta),
-        token,
-        tls,
-    )?);
+async fn run_ledgers(client: LedgerClient, args: LedgersArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match args.command {
         LedgersCommand::List => {

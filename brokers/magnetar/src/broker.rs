@@ -561,9 +561,20 @@ struct HttpListeners {
     http: tokio::net::TcpListener,
     https: Option<(tokio::net::TcpListener, magnetar_net::TlsServer)>,
     advertised: String,
-    /// The base URL other brokers are given: the HTTPS listener's with
-    /// --internal-tls, else the HTTP one's.
-    url: String,
+    /// HOST:PORT of the HTTPS listener as others reach it, if it is on.
+    https_advertised: Option<String>,
+    /// Brokers give each other the HTTPS listener (--internal-tls).
+    internal_tls: bool,
+}
+
+impl HttpListeners {
+    /// The base URL other brokers are given.
+    fn url(&self) -> String {
+        match &self.https_advertised {
+            Some(a) if self.internal_tls => format!("https://{a}"),
+            _ => format!("http://{}", self.advertised),
+        }
+    }
 }
 
 async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<HttpListeners> {
@@ -576,21 +587,19 @@ async fn bind_http(opts: &BrokerOptions) -> anyhow::Result<HttpListeners> {
         .clone()
         .unwrap_or_else(|| bound.to_string());
     let https = bind_tls(opts.https_listen, "--https-listen", opts).await?;
-    let url = match &https {
-        Some((l, _)) if opts.tls.internal_on() => format!(
-            "https://{}",
-            match &opts.advertised_https {
-                Some(a) => a.clone(),
-                None => l.local_addr()?.to_string(),
-            }
-        ),
-        _ => format!("http://{advertised}"),
+    let https_advertised = match &https {
+        None => None,
+        Some((l, _)) => Some(match &opts.advertised_https {
+            Some(a) => a.clone(),
+            None => l.local_addr()?.to_string(),
+        }),
     };
     Ok(HttpListeners {
         http: listener,
         https,
         advertised,
-        url,
+        https_advertised,
+        internal_tls: opts.tls.internal_on(),
     })
 }
 
@@ -600,11 +609,11 @@ fn allowed_origins(
 ) -> anyhow::Result<magnetar_broker::http::AllowedOrigins> {
     use magnetar_broker::http::AllowedOrigins;
     Ok(if opts.allowed_origins.is_empty() {
-        let https = match &l.https {
-            Some((h, _)) => Some(h.local_addr()?.port()),
-            None => None,
+        let https = match (&l.https, &l.https_advertised) {
+            (Some((h, _)), Some(a)) => Some((h.local_addr()?.port(), a.as_str())),
+            _ => None,
         };
-        AllowedOrigins::own(l.http.local_addr()?.port(), https, &l.advertised)
+        AllowedOrigins::own(l.http.local_addr()?.port(), &l.advertised, https)
     } else {
         AllowedOrigins::parse(&opts.allowed_origins)
     })
@@ -760,7 +769,7 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     let listeners = bind_protocols(&args.opts).await?;
     let cfg = broker_config(
         &args.cluster,
-        (&http_listeners.advertised, &http_listeners.url),
+        (&http_listeners.advertised, &http_listeners.url()),
         &args.opts,
         (3, 3, 2),
         Some(&listeners),
@@ -933,7 +942,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         || {
             broker_config(
                 &args.cluster,
-                (&http_listeners.advertised, &http_listeners.url),
+                (&http_listeners.advertised, &http_listeners.url()),
                 &args.opts,
                 (1, 1, 1),
                 Some(&listeners),

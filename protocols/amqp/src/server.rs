@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use magnetar_broker::listener::{accept_loop, Admission, TlsListeners, TlsServer};
+use magnetar_broker::listener::{ProtocolListeners, TlsServer};
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -12,14 +12,13 @@ use crate::session::{serve, Ctx};
 use crate::AmqpConfig;
 
 /// A running AMQP listener.
+#[derive(Debug)]
 pub struct AmqpServer {
     local_addr: SocketAddr,
-    ctx: Arc<Ctx>,
-    admission: Arc<Admission>,
     task: tokio::task::JoinHandle<()>,
-    /// The AMQPS listeners, sharing the queues' state and the connection
-    /// budget.
-    tls: TlsListeners,
+    /// This one and the AMQPS listeners, sharing the queues' state and the
+    /// connection budget.
+    listeners: ProtocolListeners,
 }
 
 impl AmqpServer {
@@ -29,31 +28,16 @@ impl AmqpServer {
         let admission = broker.admission("AMQP");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_alarms();
-        let task = tokio::spawn(Self::accept(
-            listener,
-            Arc::clone(&admission),
-            None,
-            Arc::clone(&ctx),
-        ));
+        let listeners = ProtocolListeners::new("AMQP", admission, move |stream, _| {
+            let certificate = stream.certificate_role().cloned();
+            serve(stream, certificate, Arc::clone(&ctx))
+        });
+        let task = tokio::spawn(listeners.accept(listener, None));
         info!(%local_addr, "AMQP listener started");
         Ok(AmqpServer {
             local_addr,
-            ctx,
-            admission,
             task,
-            tls: TlsListeners::default(),
-        })
-    }
-
-    fn accept(
-        listener: TcpListener,
-        admission: Arc<Admission>,
-        tls: Option<TlsServer>,
-        ctx: Arc<Ctx>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        accept_loop(listener, admission, tls, move |stream, _| {
-            let certificate = stream.certificate_role().cloned();
-            serve(stream, certificate, Arc::clone(&ctx))
+            listeners,
         })
     }
 
@@ -63,19 +47,12 @@ impl AmqpServer {
         listener: TcpListener,
         tls: TlsServer,
     ) -> std::io::Result<SocketAddr> {
-        let addr = listener.local_addr()?;
-        let accept = Self::accept(
-            listener,
-            Arc::clone(&self.admission),
-            Some(tls),
-            Arc::clone(&self.ctx),
-        );
-        Ok(self.tls.spawn("AMQP", addr, accept))
+        self.listeners.add_tls(listener, tls)
     }
 
     /// Where AMQPS listens, if it does.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls.addr()
+        self.listeners.tls_addr()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -84,15 +61,7 @@ impl AmqpServer {
 
     pub fn stop(&self) {
         self.task.abort();
-        self.tls.stop();
-    }
-}
-
-impl std::fmt::Debug for AmqpServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpServer")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        self.listeners.stop_tls();
     }
 }
 

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
-use magnetar_broker::listener::{accept_loop, Admission, Conn, TlsListeners, TlsServer};
+use magnetar_broker::listener::{Conn, ProtocolListeners, TlsServer};
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
@@ -41,12 +41,10 @@ const READ_BUFFER: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct KafkaServer {
     local_addr: SocketAddr,
-    ctx: Arc<Ctx>,
-    admission: Arc<Admission>,
     task: tokio::task::JoinHandle<()>,
-    /// The SSL / SASL_SSL listeners, sharing the groups and the
-    /// connection budget.
-    tls: TlsListeners,
+    /// This one and the SSL / SASL_SSL listeners, sharing the groups and
+    /// the connection budget.
+    listeners: ProtocolListeners,
 }
 
 /// The name under which a broker advertises its Kafka TLS listener.
@@ -61,31 +59,20 @@ impl KafkaServer {
         let admission = broker.admission("Kafka");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
-        let task = tokio::spawn(Self::accept(
-            listener,
-            Arc::clone(&admission),
-            None,
-            Arc::clone(&ctx),
-        ));
+        let listeners = ProtocolListeners::new("Kafka", admission, move |stream, peer| {
+            let name = if stream.is_tls() {
+                TLS_LISTENER
+            } else {
+                "kafka"
+            };
+            serve_connection(stream, peer, name, Arc::clone(&ctx))
+        });
+        let task = tokio::spawn(listeners.accept(listener, None));
         info!(%local_addr, "Kafka listener started");
         Ok(KafkaServer {
             local_addr,
-            ctx,
-            admission,
             task,
-            tls: TlsListeners::default(),
-        })
-    }
-
-    fn accept(
-        listener: TcpListener,
-        admission: Arc<Admission>,
-        tls: Option<TlsServer>,
-        ctx: Arc<Ctx>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let name = if tls.is_some() { TLS_LISTENER } else { "kafka" };
-        accept_loop(listener, admission, tls, move |stream, peer| {
-            serve_connection(stream, peer, name, Arc::clone(&ctx))
+            listeners,
         })
     }
 
@@ -97,19 +84,12 @@ impl KafkaServer {
         listener: TcpListener,
         tls: TlsServer,
     ) -> std::io::Result<SocketAddr> {
-        let addr = listener.local_addr()?;
-        let accept = Self::accept(
-            listener,
-            Arc::clone(&self.admission),
-            Some(tls),
-            Arc::clone(&self.ctx),
-        );
-        Ok(self.tls.spawn("Kafka", addr, accept))
+        self.listeners.add_tls(listener, tls)
     }
 
     /// Where Kafka over TLS listens, if it does.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls.addr()
+        self.listeners.tls_addr()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -118,7 +98,7 @@ impl KafkaServer {
 
     pub fn stop(&self) {
         self.task.abort();
-        self.tls.stop();
+        self.listeners.stop_tls();
     }
 }
 

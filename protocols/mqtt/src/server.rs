@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use magnetar_broker::listener::{accept_loop, Admission, TlsListeners, TlsServer};
+use magnetar_broker::listener::{ProtocolListeners, TlsServer};
 use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -15,11 +15,10 @@ use crate::MqttConfig;
 pub struct MqttServer {
     local_addr: SocketAddr,
     ctx: Arc<Ctx>,
-    admission: Arc<Admission>,
     task: tokio::task::JoinHandle<()>,
-    /// The MQTT-over-TLS listeners, sharing the sessions and the
-    /// connection budget.
-    tls: TlsListeners,
+    /// This one and the MQTT-over-TLS listeners, sharing the sessions and
+    /// the connection budget.
+    listeners: ProtocolListeners,
 }
 
 impl MqttServer {
@@ -35,7 +34,11 @@ impl MqttServer {
             tokio::spawn(async {})
         };
         let sweeper = tokio::spawn(Ctx::sweep_sessions(Arc::downgrade(&ctx)));
-        let plain = Self::accept(listener, Arc::clone(&admission), None, ctx_accept);
+        let listeners = ProtocolListeners::new("MQTT", admission, move |stream, _| {
+            let certificate = stream.certificate_role().cloned();
+            serve(stream, certificate, Arc::clone(&ctx_accept))
+        });
+        let plain = listeners.accept(listener, None);
         let task = tokio::spawn(async move {
             let _owners = AbortOnDrop(owners);
             let _sweeper = AbortOnDrop(sweeper);
@@ -45,21 +48,8 @@ impl MqttServer {
         Ok(MqttServer {
             local_addr,
             ctx,
-            admission,
             task,
-            tls: TlsListeners::default(),
-        })
-    }
-
-    fn accept(
-        listener: TcpListener,
-        admission: Arc<Admission>,
-        tls: Option<TlsServer>,
-        ctx: Arc<Ctx>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        accept_loop(listener, admission, tls, move |stream, _| {
-            let certificate = stream.certificate_role().cloned();
-            serve(stream, certificate, Arc::clone(&ctx))
+            listeners,
         })
     }
 
@@ -69,19 +59,12 @@ impl MqttServer {
         listener: TcpListener,
         tls: TlsServer,
     ) -> std::io::Result<SocketAddr> {
-        let addr = listener.local_addr()?;
-        let accept = Self::accept(
-            listener,
-            Arc::clone(&self.admission),
-            Some(tls),
-            Arc::clone(&self.ctx),
-        );
-        Ok(self.tls.spawn("MQTT", addr, accept))
+        self.listeners.add_tls(listener, tls)
     }
 
     /// Where MQTT over TLS listens, if it does.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls.addr()
+        self.listeners.tls_addr()
     }
 
     /// MQTT over WebSocket (`/mqtt`), to merge into the HTTP listener's
@@ -96,7 +79,7 @@ impl MqttServer {
 
     pub fn stop(&self) {
         self.task.abort();
-        self.tls.stop();
+        self.listeners.stop_tls();
     }
 }
 

@@ -1209,7 +1209,7 @@ impl Conn {
             secret: a.auth_data.as_deref(),
             ..Credentials::default()
         };
-        let role = match self.ctx.broker.authenticate_until(&creds) {
+        let (role, expires) = match self.ctx.broker.authenticate_until(&creds) {
             Ok((Principal::Role(r), expires)) => (Some(r), expires),
             Ok((Principal::Anonymous, expires)) => (None, expires),
             Err(e) => {
@@ -1217,11 +1217,11 @@ impl Conn {
                 return Err(MqttError::TokenExpired);
             }
         };
-        if role.0 != self.role {
+        if role != self.role {
             debug!(client = %self.client_id, "re-authentication as another role refused");
             return Err(MqttError::TokenExpired);
         }
-        self.expires = role.1;
+        self.expires = expires;
         self.send(Packet::Auth(v5::Auth {
             reason_code: v5::AuthReasonCode::Success,
             auth_method: Some(method),
