@@ -425,6 +425,28 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// A WebSocket client's token: `Authorization: Bearer`, a `bearer.<jwt>`
+/// subprotocol (a browser may set no header on a WebSocket, and a
+/// subprotocol keeps the token out of URLs), or else `query_token`, the
+/// `?token=` that Pulsar's clients use.
+pub fn upgrade_token<'a>(
+    headers: &'a axum::http::HeaderMap,
+    query_token: Option<&'a str>,
+) -> Option<&'a str> {
+    let offered = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix("bearer."))
+            .filter(|t| !t.is_empty())
+    };
+    bearer(headers)
+        .or_else(offered)
+        .or_else(|| query_token.filter(|t| !t.is_empty()))
+}
+
 /// With authentication on, every route of this router but health and
 /// readiness takes a bearer token, as Pulsar's clients send it (or, over
 /// HTTPS, a client certificate the CA verified): 401

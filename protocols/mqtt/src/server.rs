@@ -8,7 +8,7 @@ use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::session::{serve, Ctx};
+use crate::session::{serve, Ctx, Presented};
 use crate::MqttConfig;
 
 /// A running MQTT listener.
@@ -35,8 +35,11 @@ impl MqttServer {
         };
         let sweeper = tokio::spawn(Ctx::sweep_sessions(Arc::downgrade(&ctx)));
         let listeners = ProtocolListeners::new("MQTT", admission, move |stream, _| {
-            let certificate = stream.certificate_role().cloned();
-            serve(stream, certificate, Arc::clone(&ctx_accept))
+            let presented = Presented {
+                certificate: stream.certificate_role().cloned(),
+                ..Presented::default()
+            };
+            serve(stream, presented, Arc::clone(&ctx_accept))
         });
         let plain = listeners.accept(listener, None);
         let task = tokio::spawn(async move {

@@ -640,10 +640,22 @@ struct Conn {
 /// (reason 0x19) before the old one expires.
 pub(crate) const TOKEN_AUTH_METHOD: &str = "token";
 
+/// What a client showed before its CONNECT.
+#[derive(Debug, Default)]
+pub(crate) struct Presented {
+    /// The role of the client's TLS certificate, if it showed one the CA
+    /// verified.
+    pub certificate: Option<Arc<str>>,
+    /// Over WebSocket, the token the upgrade carried: it stands for a
+    /// CONNECT without a password.
+    pub token: Option<Arc<str>>,
+    /// Over WebSocket, the namespace the path named, in place of the
+    /// listener's.
+    pub namespace: Option<NamespaceName>,
+}
+
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
-/// `certificate`: the role of the client's TLS certificate, if it showed
-/// one the CA verified.
-pub(crate) async fn serve<S>(stream: S, certificate: Option<Arc<str>>, ctx: Arc<Ctx>) -> Result<()>
+pub(crate) async fn serve<S>(stream: S, presented: Presented, ctx: Arc<Ctx>) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -677,7 +689,7 @@ where
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(_))) => return Err(MqttError::Protocol("first packet is not CONNECT".into())),
     };
-    let (mut conn, kick) = match Conn::open(&ctx, framing, *connect, certificate.as_deref()).await {
+    let (mut conn, kick) = match Conn::open(&ctx, framing, *connect, &presented).await {
         Ok(x) => x,
         Err((framing, reason)) => {
             refuse(framing, &mut wr, reason).await;
@@ -713,7 +725,7 @@ impl Conn {
         ctx: &Arc<Ctx>,
         mut framing: Framing,
         c: v5::Connect,
-        certificate: Option<&str>,
+        presented: &Presented,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
         // v5 enhanced authentication knows one method, whose data is the
@@ -727,16 +739,20 @@ impl Conn {
         }
         // The user name and password go to the auth hook; the password
         // carries the token, as with Pulsar's MQTT handlers. Without one,
-        // a client certificate's CN is the role (Mosquitto's
+        // the WebSocket upgrade's token stands in, and else a client
+        // certificate's CN is the role (Mosquitto's
         // `use_identity_as_username`).
         let secret = match &auth_method {
             Some(_) => c.auth_data.as_deref(),
-            None => c.password.as_deref(),
+            None => c
+                .password
+                .as_deref()
+                .or(presented.token.as_deref().map(str::as_bytes)),
         };
         let creds = Credentials {
             user: c.username.as_deref(),
             secret,
-            certificate,
+            certificate: presented.certificate.as_deref(),
         };
         let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
             Ok(p) => p,
@@ -756,7 +772,10 @@ impl Conn {
         // Kafka SASL user does.
         let named = c.username.as_deref().filter(|u| u.contains('/'));
         let ns = match named {
-            None => ctx.cfg.default_namespace.clone(),
+            None => presented
+                .namespace
+                .clone()
+                .unwrap_or_else(|| ctx.cfg.default_namespace.clone()),
             Some(user) => match user.parse::<NamespaceName>() {
                 Ok(ns) => ns,
                 Err(_) => return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword)),
@@ -764,7 +783,8 @@ impl Conn {
         };
         // Connection storms to the listener's namespace with auth off skip
         // the metadata read.
-        let lookup = named.is_some() || principal != Principal::Anonymous;
+        let lookup =
+            named.is_some() || presented.namespace.is_some() || principal != Principal::Anonymous;
         let grants = match if lookup {
             ctx.broker.grants(&principal, &ns).await
         } else {

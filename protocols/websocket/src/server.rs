@@ -157,25 +157,6 @@ fn making(req: &Request) -> &'static str {
 /// server echoes, since a browser may set no header on a WebSocket.
 const TOKEN_SUBPROTOCOL: &str = "magnetar";
 
-/// The client's token: `Authorization: Bearer`, a `bearer.<jwt>`
-/// subprotocol (the console's way, keeping it out of URLs), or Pulsar's
-/// `?token=`.
-fn token<'a>(q: &'a Params, headers: &'a HeaderMap) -> Option<&'a str> {
-    let bearer = magnetar_broker::http::bearer(headers);
-    let offered = || {
-        headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .find_map(|p| p.trim().strip_prefix("bearer."))
-            .filter(|t| !t.is_empty())
-    };
-    bearer
-        .or_else(offered)
-        .or_else(|| q.get("token").filter(|t| !t.is_empty()))
-}
-
 /// The grants of the request's role, and when its token expires (the
 /// socket closes then).
 async fn authorize(
@@ -186,7 +167,7 @@ async fn authorize(
     certificate: Option<&str>,
 ) -> Result<(Grants, Option<Instant>), Refusal> {
     let (principal, expires) = if b.auth_enabled() {
-        let t = token(q, headers);
+        let t = magnetar_broker::http::upgrade_token(headers, q.get("token"));
         if t.is_none() && certificate.is_none() {
             return Err(Refusal::new(401, "Authentication required"));
         }

@@ -159,7 +159,9 @@ def test_over_websocket_the_token_works_too(secured, made):
     made.append(c)
     c.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.client_id,
                       protocol=V5, transport="websockets")
-    c.c.ws_set_options(path="/mqtt")
+    # The upgrade carries the token too, as every HTTP path does.
+    c.c.ws_set_options(path="/mqtt",
+                       headers={"Authorization": f"Bearer {secured.token('admin')}"})
     c.c.on_connect = c._on_connect
     c.c.on_message = c._on_message
     c.c.on_subscribe = c._on_subscribe

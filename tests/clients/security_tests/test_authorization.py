@@ -1,6 +1,6 @@
 """Authorization with token authentication on, judged by real clients:
 every HTTP route but health takes a token (401 without, 403 with a role
-that may not), a WebSocket dead-letter topic must be one the role may
+that may not), MQTT over WebSocket included, a WebSocket dead-letter topic must be one the role may
 produce to, destructive Kafka and AMQP operations are the namespace
 admin's, and an MQTT persistent session belongs to the role that made it.
 
@@ -91,11 +91,13 @@ def test_every_http_route_takes_a_token_and_its_grants(s):
     assert http(s, "PUT", "/admin/v2/namespaces/acme/made-by-admin", "acme-admin") in (200, 204)
 
 
-def ws_status(s, path, role=None):
+def ws_status(s, path, role=None, subprotocols=None, token=None):
     url = f"ws://127.0.0.1:{s.ports['http']}{path}"
-    headers = {"Authorization": f"Bearer {s.token(role)}"} if role else None
+    token = token or (s.token(role) if role else None)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        with ws_connect(url, open_timeout=10, additional_headers=headers):
+        with ws_connect(url, open_timeout=10, additional_headers=headers,
+                        subprotocols=subprotocols):
             return 101
     except InvalidStatus as e:
         return e.response.status_code
@@ -241,3 +243,49 @@ def test_an_mqtt_persistent_session_is_its_roles(s):
     assert rc == 0
     back.disconnect()
     back.loop_stop()
+
+
+def test_mqtt_over_websocket_needs_a_token_on_the_upgrade(s):
+    mqtt_ws = ["mqtt"]
+    assert ws_status(s, "/mqtt", subprotocols=mqtt_ws) == 401
+    assert ws_status(s, "/mqtt", token="e30.e30.AAAA", subprotocols=mqtt_ws) == 401
+    # `/mqtt` serves the listener's namespace (public/default), which is
+    # not acme's; `/mqtt/<tenant>/<namespace>` names another.
+    assert ws_status(s, "/mqtt", "acme-rw", subprotocols=mqtt_ws) == 403
+    assert ws_status(s, f"/mqtt/{VICTIM}", "acme-rw", subprotocols=mqtt_ws) == 403
+    assert ws_status(s, f"/mqtt/{NS}", "someone", subprotocols=mqtt_ws) == 403
+    assert ws_status(s, f"/mqtt/{NS}", "acme-rw", subprotocols=mqtt_ws) == 101
+    assert ws_status(s, "/mqtt", "admin", subprotocols=mqtt_ws) == 101
+    # A browser's ways, which set no header: a `bearer.<jwt>` subprotocol
+    # (the server answers with `mqtt`), or `?token=`.
+    url = f"ws://127.0.0.1:{s.ports['http']}/mqtt/{NS}"
+    with ws_connect(url, open_timeout=10,
+                    subprotocols=["mqtt", f"bearer.{s.token('acme-ro')}"]) as c:
+        assert c.subprotocol == "mqtt"
+    with ws_connect(f"{url}?token={s.token('acme-ro')}", open_timeout=10, subprotocols=mqtt_ws):
+        pass
+
+
+def test_an_mqtt_websocket_upgrades_token_logs_in_a_connect_without_password(s):
+    """paho with the token on the upgrade only: CONNECT carries no
+    password, and the session runs as the upgrade's role in the path's
+    namespace (acme-rw may do nothing in the listener's own)."""
+    got = queue.Queue()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ws-{uuid.uuid4().hex[:6]}",
+                    protocol=mqtt.MQTTv5, transport="websockets")
+    c.ws_set_options(path=f"/mqtt/{NS}",
+                     headers={"Authorization": f"Bearer {s.token('acme-rw')}"})
+    c.on_connect = lambda _c, _u, _f, rc, _p: got.put(("connack", rc.value))
+    c.on_subscribe = lambda _c, _u, _m, rcs, _p: got.put(("suback", [r.value for r in rcs]))
+    c.on_message = lambda _c, _u, m: got.put(("message", m.payload))
+    c.connect("127.0.0.1", s.ports["http"])
+    c.loop_start()
+    try:
+        assert got.get(timeout=10) == ("connack", 0)
+        c.subscribe("ws/upgrade", qos=1)
+        assert got.get(timeout=10) == ("suback", [1])
+        c.publish("ws/upgrade", b"from the upgrade", qos=1)
+        assert got.get(timeout=10) == ("message", b"from the upgrade")
+    finally:
+        c.loop_stop()
+        c.disconnect()

@@ -174,9 +174,18 @@ def test_mqtt_over_tls_with_a_token(env):
 def test_mqtt_over_wss(env):
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wss-{uuid.uuid4().hex[:6]}",
                     transport="websockets")
-    c.ws_set_options(path="/mqtt")
+    c.ws_set_options(path="/mqtt", headers={"Authorization": f"Bearer {env.token('admin')}"})
     c.tls_set_context(env.pki.context())
     c.username_pw_set("admin", env.token("admin"))
+    mqtt_round_trip(c, env.tls_ports["https"])
+
+
+def test_mqtt_over_wss_with_a_client_certificate(env):
+    """The certificate opens the upgrade, and CONNECT needs no password."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wss-{uuid.uuid4().hex[:6]}",
+                    transport="websockets")
+    c.ws_set_options(path="/mqtt")
+    c.tls_set_context(env.pki.context("admin"))
     mqtt_round_trip(c, env.tls_ports["https"])
 
 
