@@ -84,6 +84,77 @@ impl PartitionLog {
         }
     }
 
+    /// The first record at or after `ts_ms` and its own timestamp, as
+    /// Kafka's ListOffsets answers; `None` when no record is that recent.
+    pub async fn record_for_timestamp(&self, ts_ms: i64) -> Result<Option<(u64, i64)>> {
+        let at = self.offset_for_timestamp(ts_ms).await?;
+        self.first_record(at, |t| t >= ts_ms).await
+    }
+
+    /// The record with the greatest timestamp in the newest batch (Kafka's
+    /// MAX_TIMESTAMP), earliest on ties; `None` for an empty log.
+    pub async fn newest_by_timestamp(&self) -> Result<Option<(u64, i64)>> {
+        let end = self.end_offset();
+        if end == self.start_offset() {
+            return Ok(None);
+        }
+        let Some(entry) = self.read(end - 1, 1, usize::MAX).await?.pop() else {
+            return Ok(None);
+        };
+        let records = crate::format::decode_entry(&entry.data)?;
+        Ok(records
+            .iter()
+            .fold(None, |best: Option<(u64, i64)>, r| match best {
+                Some((_, t)) if t >= r.message.timestamp_ms => best,
+                _ => Some((r.offset, r.message.timestamp_ms)),
+            }))
+    }
+
+    /// The first record at or after `from` whose timestamp passes `want`,
+    /// within the batch that holds `from`.
+    async fn first_record(&self, from: u64, want: impl Fn(i64) -> bool) -> Result<Option<(u64, i64)>> {
+        if from >= self.end_offset() {
+            return Ok(None);
+        }
+        let Some(entry) = self.read(from, 1, usize::MAX).await?.pop() else {
+            return Ok(None);
+        };
+        Ok(crate::format::decode_entry(&entry.data)?
+            .iter()
+            .find(|r| r.offset >= from && want(r.message.timestamp_ms))
+            .map(|r| (r.offset, r.message.timestamp_ms)))
+    }
+
+    /// Where the data still on the bookies starts (Kafka's local log start
+    /// offset): past every ledger offloaded and deleted from the bookies.
+    pub fn local_start_offset(&self) -> u64 {
+        match self {
+            PartitionLog::Managed(ml) => ml
+                .ledgers()
+                .iter()
+                .filter(|l| l.bookie_deleted)
+                .map(|l| l.end_offset())
+                .max()
+                .unwrap_or(0)
+                .max(ml.start_offset()),
+            PartitionLog::Memory(m) => m.start_offset(),
+        }
+    }
+
+    /// The last offset held in offload storage (Kafka's latest tiered
+    /// offset), if any ledger was offloaded.
+    pub fn last_offloaded_offset(&self) -> Option<u64> {
+        match self {
+            PartitionLog::Managed(ml) => ml
+                .ledgers()
+                .iter()
+                .filter(|l| l.offload.is_some() && l.end_offset() > l.first_offset)
+                .map(|l| l.end_offset() - 1)
+                .max(),
+            PartitionLog::Memory(_) => None,
+        }
+    }
+
     pub fn start_offset(&self) -> u64 {
         match self {
             PartitionLog::Managed(ml) => ml.start_offset(),

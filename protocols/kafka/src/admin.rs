@@ -21,7 +21,7 @@ use magnetar_broker::BrokerError;
 use magnetar_tenancy::{NamespaceName, RetentionPolicies, TopicName as Name};
 
 use crate::error::code_of;
-use crate::handler::{str, Caller, Ctx, Layout};
+use crate::handler::{endpoint, node_id, str, Caller, Ctx, Layout};
 
 /// ConfigResource type of a topic.
 const TOPIC_RESOURCE: i8 = 2;
@@ -29,7 +29,17 @@ const BROKER_RESOURCE: i8 = 4;
 
 /// Config sources, as DescribeConfigs reports them.
 const SOURCE_TOPIC: i8 = 1;
+const SOURCE_STATIC: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
+
+fn described(name: &str, value: String, source: i8, read_only: bool) -> DescribeConfigsResourceResult {
+    DescribeConfigsResourceResult::default()
+        .with_name(str(name))
+        .with_value(Some(str(value)))
+        .with_config_source(source)
+        .with_read_only(read_only)
+        .with_config_type(config_type(name))
+}
 
 /// Topic configs Kafka clients commonly read or set, and their defaults.
 const TOPIC_CONFIGS: &[(&str, &str)] = &[
@@ -44,6 +54,65 @@ const TOPIC_CONFIGS: &[(&str, &str)] = &[
     ("segment.ms", "604800000"),
 ];
 
+/// Topic configs Kafka describes that have no effect here (placement,
+/// flushing, compaction and segment files are the bookies' and the
+/// managed ledger's): described with Kafka's defaults, read-only.
+const FIXED_TOPIC_CONFIGS: &[(&str, &str)] = &[
+    ("compression.gzip.level", "-1"),
+    ("compression.lz4.level", "9"),
+    ("compression.zstd.level", "3"),
+    ("delete.retention.ms", "86400000"),
+    ("file.delete.delay.ms", "60000"),
+    ("flush.messages", "9223372036854775807"),
+    ("flush.ms", "9223372036854775807"),
+    ("follower.replication.throttled.replicas", ""),
+    ("index.interval.bytes", "4096"),
+    ("leader.replication.throttled.replicas", ""),
+    ("max.compaction.lag.ms", "9223372036854775807"),
+    ("message.timestamp.after.max.ms", "3600000"),
+    ("message.timestamp.before.max.ms", "9223372036854775807"),
+    ("min.cleanable.dirty.ratio", "0.5"),
+    ("min.compaction.lag.ms", "0"),
+    ("preallocate", "false"),
+    ("segment.index.bytes", "10485760"),
+    ("segment.jitter.ms", "0"),
+    ("unclean.leader.election.enable", "false"),
+];
+
+/// DescribeConfigs' type of a config (v3+): BOOLEAN 1, STRING 2, INT 3,
+/// LONG 5, DOUBLE 6, LIST 7.
+fn config_type(name: &str) -> i8 {
+    match name {
+        "preallocate" | "unclean.leader.election.enable" | "auto.create.topics.enable"
+        | "delete.topic.enable" => 1,
+        "compression.type" | "message.timestamp.type" | "process.roles" => 2,
+        "cleanup.policy"
+        | "follower.replication.throttled.replicas"
+        | "leader.replication.throttled.replicas"
+        | "advertised.listeners"
+        | "listeners"
+        | "listener.security.protocol.map"
+        | "sasl.enabled.mechanisms" => 7,
+        "min.cleanable.dirty.ratio" => 6,
+        "max.message.bytes"
+        | "min.insync.replicas"
+        | "segment.bytes"
+        | "segment.index.bytes"
+        | "index.interval.bytes"
+        | "compression.gzip.level"
+        | "compression.lz4.level"
+        | "compression.zstd.level"
+        | "broker.id"
+        | "node.id"
+        | "num.partitions"
+        | "default.replication.factor"
+        | "message.max.bytes"
+        | "transaction.max.timeout.ms"
+        | "group.initial.rebalance.delay.ms" => 3,
+        _ => 5,
+    }
+}
+
 fn valid_value(name: &str, value: &str) -> bool {
     match name {
         "cleanup.policy" => value
@@ -55,6 +124,41 @@ fn valid_value(name: &str, value: &str) -> bool {
         ),
         "message.timestamp.type" => matches!(value, "CreateTime" | "LogAppendTime"),
         _ => value.parse::<i64>().is_ok(),
+    }
+}
+
+/// Topic configs whose value is a comma-separated list, which
+/// IncrementalAlterConfigs may append to and subtract from.
+const LIST_CONFIGS: &[&str] = &["cleanup.policy"];
+
+/// Kafka's default of a topic config.
+fn default_of(name: &str) -> &'static str {
+    TOPIC_CONFIGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("", |(_, d)| d)
+}
+
+/// One config change, as AlterConfigs and IncrementalAlterConfigs (SET,
+/// DELETE, APPEND, SUBTRACT) ask for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Change {
+    Set(String),
+    Delete,
+    Append(String),
+    Subtract(String),
+}
+
+impl Change {
+    fn value(&self) -> Option<&str> {
+        match self {
+            Change::Set(v) | Change::Append(v) | Change::Subtract(v) => Some(v),
+            Change::Delete => None,
+        }
+    }
+
+    fn is_list_op(&self) -> bool {
+        matches!(self, Change::Append(_) | Change::Subtract(_))
     }
 }
 
@@ -277,7 +381,29 @@ impl Ctx {
         let base = self
             .topic_name(&c.ns, name)
             .map_err(|code| (code, format!("invalid topic name {name:?}")))?;
+        if !t.assignments.is_empty() {
+            // Kafka's rule: assignments replace the count and the factor.
+            if t.num_partitions != -1 || t.replication_factor != -1 {
+                return Err((
+                    E::InvalidRequest.code(),
+                    "with replica assignments, numPartitions and replicationFactor must be -1"
+                        .into(),
+                ));
+            }
+            let mut indexes: Vec<i32> = t.assignments.iter().map(|a| a.partition_index).collect();
+            indexes.sort_unstable();
+            if indexes.iter().enumerate().any(|(i, &p)| p != i as i32) {
+                return Err((
+                    E::InvalidReplicaAssignment.code(),
+                    "partitions must be numbered from 0 without gaps".into(),
+                ));
+            }
+            let lists: Vec<&[BrokerId]> =
+                t.assignments.iter().map(|a| a.broker_ids.as_slice()).collect();
+            self.check_assignments(&lists).await?;
+        }
         let partitions = match t.num_partitions {
+            -1 if !t.assignments.is_empty() => t.assignments.len() as u32,
             -1 => self.cfg.default_partitions,
             n if (1..=10_000).contains(&n) => n as u32,
             n => {
@@ -291,12 +417,6 @@ impl Ctx {
             return Err((
                 E::InvalidReplicationFactor.code(),
                 "replication factor must be at least 1".into(),
-            ));
-        }
-        if !t.assignments.is_empty() {
-            return Err((
-                E::InvalidReplicaAssignment.code(),
-                "replica assignments are chosen by the bookies".into(),
             ));
         }
         self.check_configs(
@@ -399,12 +519,16 @@ impl Ctx {
         for t in r.topics {
             let outcome = match Self::admin_only(c, "adding partitions") {
                 Ok(()) => {
+                    let lists: Option<Vec<&[BrokerId]>> = t
+                        .assignments
+                        .as_ref()
+                        .map(|a| a.iter().map(|a| a.broker_ids.as_slice()).collect());
                     self.grow(
                         &c.ns,
                         t.name.0.as_str(),
                         t.count,
                         r.validate_only,
-                        t.assignments.is_some(),
+                        lists.as_deref(),
                     )
                     .await
                 }
@@ -426,7 +550,7 @@ impl Ctx {
         name: &str,
         count: i32,
         validate_only: bool,
-        assignments: bool,
+        assignments: Option<&[&[BrokerId]]>,
     ) -> Result<(), (i16, String)> {
         let base = self
             .topic_name(ns, name)
@@ -449,12 +573,6 @@ impl Ctx {
                 ))
             }
         };
-        if assignments {
-            return Err((
-                E::InvalidReplicaAssignment.code(),
-                "replica assignments are chosen by the bookies".into(),
-            ));
-        }
         if count <= current as i32 {
             return Err((
                 E::InvalidPartitions.code(),
@@ -467,12 +585,59 @@ impl Ctx {
                 format!("{count} partitions is too many"),
             ));
         }
+        if let Some(lists) = assignments {
+            let adding = count as usize - current as usize;
+            if lists.len() != adding {
+                return Err((
+                    E::InvalidReplicaAssignment.code(),
+                    format!(
+                        "increasing the number of partitions by {adding} but {} assignments provided",
+                        lists.len()
+                    ),
+                ));
+            }
+            self.check_assignments(lists).await?;
+        }
         if validate_only {
             return Ok(());
         }
         let r = self.broker.update_partitions(&base, count as u32).await;
         self.forget_layout(&base);
         r.map_err(|e| (code_of(&e), e.to_string()))
+    }
+
+    /// Replica assignments pass Kafka's checks (each list names known
+    /// brokers, once each) and are then ignored: the bookies place a
+    /// partition's data, and its leader is the broker that owns it.
+    async fn check_assignments(&self, lists: &[&[BrokerId]]) -> Result<(), (i16, String)> {
+        let mut known: Vec<i32> = match self.broker.active_brokers().await {
+            Ok(bs) => bs.iter().map(|b| node_id(&b.id)).collect(),
+            Err(e) => return Err((code_of(&e), e.to_string())),
+        };
+        known.push(self.node_id());
+        for list in lists {
+            if list.is_empty() {
+                return Err((
+                    E::InvalidReplicaAssignment.code(),
+                    "a replica assignment names no broker".into(),
+                ));
+            }
+            for (i, id) in list.iter().enumerate() {
+                if list[..i].contains(id) {
+                    return Err((
+                        E::InvalidReplicaAssignment.code(),
+                        format!("broker {} is named twice in one assignment", id.0),
+                    ));
+                }
+                if !known.contains(&id.0) {
+                    return Err((
+                        E::BrokerNotAvailable.code(),
+                        format!("unknown broker {} in a replica assignment", id.0),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Moves each partition's start up to the given offset (-1: its end).
@@ -569,33 +734,34 @@ impl Ctx {
                                         SOURCE_DEFAULT,
                                     ),
                                 };
-                                out.configs.push(
-                                    DescribeConfigsResourceResult::default()
-                                        .with_name(str(*name))
-                                        .with_value(Some(str(value)))
-                                        .with_config_source(source),
-                                );
+                                out.configs.push(described(name, value, source, false));
+                            }
+                            for (name, value) in FIXED_TOPIC_CONFIGS {
+                                if wanted(name) {
+                                    out.configs.push(described(
+                                        name,
+                                        value.to_string(),
+                                        SOURCE_DEFAULT,
+                                        true,
+                                    ));
+                                }
                             }
                         }
                     }
                 }
                 BROKER_RESOURCE => {
-                    for (name, value) in [
-                        (
-                            "auto.create.topics.enable",
-                            self.broker.config().auto_create_topics.to_string(),
-                        ),
-                        ("num.partitions", self.cfg.default_partitions.to_string()),
-                        ("message.max.bytes", self.cfg.message_max_bytes.to_string()),
-                    ] {
-                        if wanted(name) {
-                            out.configs.push(
-                                DescribeConfigsResourceResult::default()
-                                    .with_name(str(name))
-                                    .with_value(Some(str(value)))
-                                    .with_read_only(true)
-                                    .with_config_source(SOURCE_DEFAULT),
-                            );
+                    let own = self.node_id().to_string();
+                    if !res.resource_name.is_empty() && res.resource_name.as_str() != own {
+                        out.error_code = E::InvalidRequest.code();
+                        out.error_message = Some(str(format!(
+                            "this is broker {own}, not {}",
+                            res.resource_name.as_str()
+                        )));
+                    } else {
+                        for (name, value) in self.broker_configs(&own) {
+                            if wanted(name) {
+                                out.configs.push(described(name, value, SOURCE_STATIC, true));
+                            }
                         }
                     }
                 }
@@ -609,14 +775,68 @@ impl Ctx {
         DescribeConfigsResponse::default().with_results(results)
     }
 
-    /// Applies config changes: `Some(value)` sets, `None` removes. With
-    /// `replace`, every override not named is removed (AlterConfigs).
+    /// The broker's configs as Kafka names them, for tools that read them
+    /// (`advertised.listeners` above all).
+    fn broker_configs(&self, own: &str) -> Vec<(&'static str, String)> {
+        let info = self.broker.info();
+        let sasl = self.broker.auth_enabled();
+        let mut listeners = Vec::new();
+        let mut protocols = Vec::new();
+        for (listener, name, secured) in [
+            ("kafka", "PLAINTEXT", "SASL_PLAINTEXT"),
+            (crate::server::TLS_LISTENER, "SSL", "SASL_SSL"),
+        ] {
+            if let Some((_, host, port)) = endpoint(info, listener) {
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                listeners.push(format!("{name}://{host}:{port}"));
+                protocols.push(format!("{name}:{}", if sasl { secured } else { name }));
+            }
+        }
+        let listeners = listeners.join(",");
+        vec![
+            ("advertised.listeners", listeners.clone()),
+            (
+                "auto.create.topics.enable",
+                self.broker.config().auto_create_topics.to_string(),
+            ),
+            ("broker.id", own.to_string()),
+            ("compression.type", "producer".into()),
+            ("default.replication.factor", "1".into()),
+            ("delete.topic.enable", "true".into()),
+            (
+                "group.initial.rebalance.delay.ms",
+                self.cfg.group_initial_rebalance_delay.as_millis().to_string(),
+            ),
+            ("listener.security.protocol.map", protocols.join(",")),
+            ("listeners", listeners),
+            ("message.max.bytes", self.cfg.message_max_bytes.to_string()),
+            ("min.insync.replicas", "1".into()),
+            ("node.id", own.to_string()),
+            ("num.partitions", self.cfg.default_partitions.to_string()),
+            ("process.roles", "broker".into()),
+            (
+                "sasl.enabled.mechanisms",
+                if sasl { "PLAIN" } else { "" }.into(),
+            ),
+            (
+                "transaction.max.timeout.ms",
+                crate::txn::TRANSACTION_MAX_TIMEOUT_MS.to_string(),
+            ),
+        ]
+    }
+
+    /// Applies config changes. With `replace`, every override not named is
+    /// removed (AlterConfigs).
     async fn change_configs(
         &self,
         c: &Caller,
         resource_type: i8,
         resource: &str,
-        changes: Vec<(String, Option<String>)>,
+        changes: Vec<(String, Change)>,
         replace: bool,
         validate_only: bool,
     ) -> Result<(), (i16, String)> {
@@ -627,7 +847,16 @@ impl Ctx {
             ));
         }
         Self::admin_only(c, "changing topic configs")?;
-        self.check_configs(changes.iter().map(|(n, v)| (n.as_str(), v.as_deref())))?;
+        self.check_configs(changes.iter().map(|(n, v)| (n.as_str(), v.value())))?;
+        if let Some((n, _)) = changes
+            .iter()
+            .find(|(n, v)| v.is_list_op() && !LIST_CONFIGS.contains(&n.as_str()))
+        {
+            return Err((
+                E::InvalidConfig.code(),
+                format!("{n} is not a list: values cannot be appended or subtracted"),
+            ));
+        }
         let base = self
             .topic_name(&c.ns, resource)
             .map_err(|code| (code, format!("invalid topic name {resource:?}")))?;
@@ -649,11 +878,43 @@ impl Ctx {
             if replace {
                 configs.clear();
             }
-            for (n, v) in &changes {
-                match v {
-                    Some(v) => configs.insert(n.clone(), v.clone()),
-                    None => configs.remove(n),
-                };
+            for (n, change) in &changes {
+                match change {
+                    Change::Set(v) => {
+                        configs.insert(n.clone(), v.clone());
+                    }
+                    Change::Delete => {
+                        configs.remove(n);
+                    }
+                    Change::Append(v) | Change::Subtract(v) => {
+                        let current = match configs.get(n) {
+                            Some(c) => c.clone(),
+                            None => default_of(n).to_string(),
+                        };
+                        let mut items: Vec<&str> = current
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|i| !i.is_empty())
+                            .collect();
+                        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                            if matches!(change, Change::Append(_)) {
+                                if !items.contains(&item) {
+                                    items.push(item);
+                                }
+                            } else {
+                                items.retain(|i| *i != item);
+                            }
+                        }
+                        let joined = items.join(",");
+                        if !valid_value(n, &joined) {
+                            return Err((
+                                E::InvalidConfig.code(),
+                                format!("{n} would be {joined:?}, which is not valid"),
+                            ));
+                        }
+                        configs.insert(n.clone(), joined);
+                    }
+                }
             }
             match self.store_overrides(&base, &configs, version).await {
                 Ok(true) => return Ok(()),
@@ -674,7 +935,13 @@ impl Ctx {
             let changes = res
                 .configs
                 .iter()
-                .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
+                .map(|c| {
+                    let change = match &c.value {
+                        Some(v) => Change::Set(v.to_string()),
+                        None => Change::Delete,
+                    };
+                    (c.name.to_string(), change)
+                })
                 .collect();
             let outcome = self
                 .change_configs(
@@ -710,17 +977,18 @@ impl Ctx {
             let mut bad = None;
             for cfg in &res.configs {
                 let name = cfg.name.to_string();
-                match cfg.config_operation {
-                    0 => changes.push((name, cfg.value.as_ref().map(|v| v.to_string()))),
-                    1 => changes.push((name, None)),
-                    // APPEND and SUBTRACT apply to list configs only.
-                    _ => {
-                        bad = Some(format!(
-                            "operation {} is not supported for {name}",
-                            cfg.config_operation
-                        ))
+                let value = cfg.value.as_ref().map(|v| v.to_string());
+                let change = match (cfg.config_operation, value) {
+                    (0, Some(v)) => Change::Set(v),
+                    (0, None) | (1, _) => Change::Delete,
+                    (2, Some(v)) => Change::Append(v),
+                    (3, Some(v)) => Change::Subtract(v),
+                    (op, _) => {
+                        bad = Some(format!("operation {op} on {name} is not valid"));
+                        continue;
                     }
-                }
+                };
+                changes.push((name, change));
             }
             let outcome = match bad {
                 Some(msg) => Err((E::InvalidConfig.code(), msg)),

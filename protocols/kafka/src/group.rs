@@ -31,7 +31,7 @@ use tracing::debug;
 
 use crate::coordinator::{self, Kind};
 use crate::error::code_of;
-use crate::handler::{now_ms, str, Caller};
+use crate::handler::{now_ms, str, Caller, Ctx};
 use crate::KafkaConfig;
 
 const MIN_SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -928,10 +928,29 @@ impl GroupCoordinator {
         Ok(())
     }
 
-    pub async fn commit(&self, c: &Caller, r: OffsetCommitRequest) -> OffsetCommitResponse {
+    pub async fn commit(
+        &self,
+        ctx: &Ctx,
+        c: &Caller,
+        r: OffsetCommitRequest,
+    ) -> OffsetCommitResponse {
         use kafka_protocol::messages::offset_commit_response::{
             OffsetCommitResponsePartition, OffsetCommitResponseTopic,
         };
+        // As Kafka, a partition that does not exist gets its own error and
+        // nothing is stored for it; the others commit.
+        let mut missing = HashMap::new();
+        for t in &r.topics {
+            for p in &t.partitions {
+                if let Err(code) = ctx
+                    .partition_name(&c.ns, t.name.0.as_str(), p.partition_index)
+                    .await
+                {
+                    missing.insert((t.name.0.to_string(), p.partition_index), code);
+                }
+            }
+        }
+        let missing_code = |t: &str, p: i32| missing.get(&(t.to_string(), p)).copied();
         let group = r.group_id.0.to_string();
         let allowed = self
             .commit_allowed(
@@ -946,9 +965,12 @@ impl GroupCoordinator {
                 let now = now_ms();
                 self.modify_offsets(&c.ns, &group, |rec| {
                     for t in &r.topics {
-                        let parts = rec.topics.entry(t.name.0.to_string()).or_default();
+                        let name = t.name.0.to_string();
                         for p in &t.partitions {
-                            parts.insert(
+                            if missing_code(&name, p.partition_index).is_some() {
+                                continue;
+                            }
+                            rec.topics.entry(name.clone()).or_default().insert(
                                 p.partition_index,
                                 Committed {
                                     offset: p.committed_offset,
@@ -969,18 +991,20 @@ impl GroupCoordinator {
             .topics
             .into_iter()
             .map(|t| {
+                let partitions = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        OffsetCommitResponsePartition::default()
+                            .with_partition_index(p.partition_index)
+                            .with_error_code(
+                                missing_code(t.name.0.as_str(), p.partition_index).unwrap_or(code),
+                            )
+                    })
+                    .collect();
                 OffsetCommitResponseTopic::default()
                     .with_name(t.name)
-                    .with_partitions(
-                        t.partitions
-                            .iter()
-                            .map(|p| {
-                                OffsetCommitResponsePartition::default()
-                                    .with_partition_index(p.partition_index)
-                                    .with_error_code(code)
-                            })
-                            .collect(),
-                    )
+                    .with_partitions(partitions)
             })
             .collect();
         OffsetCommitResponse::default().with_topics(topics)

@@ -378,7 +378,7 @@ impl Ctx {
             Q::SyncGroup(r) => A::SyncGroup(self.groups.sync(c, r).await),
             Q::Heartbeat(r) => A::Heartbeat(self.groups.heartbeat(c, r).await),
             Q::LeaveGroup(r) => A::LeaveGroup(self.groups.leave(c, r, v).await),
-            Q::OffsetCommit(r) => A::OffsetCommit(self.groups.commit(c, r).await),
+            Q::OffsetCommit(r) => A::OffsetCommit(self.groups.commit(self, c, r).await),
             Q::OffsetFetch(r) => A::OffsetFetch(self.groups.fetch_offsets(c, r, v).await),
             Q::OffsetDelete(r) => A::OffsetDelete(self.groups.delete_offsets(c, r).await),
             Q::DescribeGroups(r) => A::DescribeGroups(self.groups.describe(c, r).await),
@@ -709,18 +709,30 @@ impl Ctx {
                         } else {
                             end
                         };
-                        match p.timestamp {
-                            -2 => out.offset = log.start_offset() as i64,
-                            -1 | -3 => out.offset = latest as i64,
-                            ts if ts >= 0 => match log.offset_for_timestamp(ts).await {
-                                Ok(o) if o < end => {
-                                    out.offset = o as i64;
-                                    out.timestamp = ts;
-                                }
-                                Ok(_) => {}
-                                Err(e) => out.error_code = code_of(&e),
-                            },
-                            _ => out.error_code = E::InvalidRequest.code(),
+                        // Kafka's specs: -1 latest, -2 earliest, -3 the
+                        // greatest timestamp, -4 earliest on local storage
+                        // (the bookies), -5 the latest offloaded.
+                        let found = match p.timestamp {
+                            -1 => Ok(Some((latest, -1))),
+                            -2 => Ok(Some((log.start_offset(), -1))),
+                            -3 => log.newest_by_timestamp().await,
+                            -4 => Ok(Some((log.local_start_offset(), -1))),
+                            -5 => Ok(log.last_offloaded_offset().map(|o| (o, -1))),
+                            ts if ts >= 0 => log.record_for_timestamp(ts).await,
+                            _ => Err(BrokerError::InvalidArgument("timestamp".into())),
+                        };
+                        match found {
+                            // A record past what read_committed may see is
+                            // not found yet.
+                            Ok(Some((o, ts))) if p.timestamp < 0 || o < latest => {
+                                out.offset = o as i64;
+                                out.timestamp = ts;
+                            }
+                            Ok(_) => {}
+                            Err(BrokerError::InvalidArgument(_)) => {
+                                out.error_code = E::InvalidRequest.code()
+                            }
+                            Err(e) => out.error_code = code_of(&e),
                         }
                     }
                 }

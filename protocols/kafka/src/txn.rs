@@ -33,6 +33,11 @@ use crate::coordinator::{self, Kind};
 use crate::error::code_of;
 use crate::handler::{now_ms, Caller, Ctx};
 
+/// Kafka's `transaction.max.timeout.ms` default: a producer asking for a
+/// longer transaction timeout is refused, so that an abandoned transaction
+/// cannot hold back read_committed readers for longer.
+pub(crate) const TRANSACTION_MAX_TIMEOUT_MS: i32 = 900_000;
+
 const ID_SEQUENCE: &str = "kafka-producer-ids";
 const ID_BLOCK: u64 = 1000;
 
@@ -288,7 +293,7 @@ impl TxnCoordinator {
         id: &str,
         timeout_ms: i32,
     ) -> Result<(i64, i16), i16> {
-        if timeout_ms <= 0 {
+        if timeout_ms <= 0 || timeout_ms > TRANSACTION_MAX_TIMEOUT_MS {
             return Err(E::InvalidTransactionTimeout.code());
         }
         let (_held, record) = self.begin(ns, id).await?;
