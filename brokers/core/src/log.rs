@@ -112,7 +112,11 @@ impl PartitionLog {
 
     /// The first record at or after `from` whose timestamp passes `want`,
     /// within the batch that holds `from`.
-    async fn first_record(&self, from: u64, want: impl Fn(i64) -> bool) -> Result<Option<(u64, i64)>> {
+    async fn first_record(
+        &self,
+        from: u64,
+        want: impl Fn(i64) -> bool,
+    ) -> Result<Option<(u64, i64)>> {
         if from >= self.end_offset() {
             return Ok(None);
         }
@@ -152,6 +156,15 @@ impl PartitionLog {
                 .map(|l| l.end_offset() - 1)
                 .max(),
             PartitionLog::Memory(_) => None,
+        }
+    }
+
+    /// See [`ManagedLedger::producers`]; non-persistent logs keep no
+    /// producer state.
+    pub fn producers(&self) -> Vec<(i64, crate::managed_ledger::ProducerSeq, Option<u64>)> {
+        match self {
+            PartitionLog::Managed(ml) => ml.producers(),
+            PartitionLog::Memory(_) => Vec::new(),
         }
     }
 

@@ -571,6 +571,16 @@ impl ManagedLedger {
         self.state().producers.get(&producer_id).copied()
     }
 
+    /// Every idempotent producer the partition remembers, with where its
+    /// open transaction began, if it has one (Kafka's DescribeProducers).
+    pub fn producers(&self) -> Vec<(i64, ProducerSeq, Option<u64>)> {
+        let st = self.state();
+        st.producers
+            .iter()
+            .map(|(&id, &seq)| (id, seq, st.txns.open.get(&id).copied()))
+            .collect()
+    }
+
     /// Why the ledger takes no more writes, if it does not.
     pub fn failure(&self) -> Option<String> {
         self.state().failed.clone()

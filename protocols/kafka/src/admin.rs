@@ -32,7 +32,12 @@ const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
 
-fn described(name: &str, value: String, source: i8, read_only: bool) -> DescribeConfigsResourceResult {
+fn described(
+    name: &str,
+    value: String,
+    source: i8,
+    read_only: bool,
+) -> DescribeConfigsResourceResult {
     DescribeConfigsResourceResult::default()
         .with_name(str(name))
         .with_value(Some(str(value)))
@@ -83,7 +88,9 @@ const FIXED_TOPIC_CONFIGS: &[(&str, &str)] = &[
 /// LONG 5, DOUBLE 6, LIST 7.
 fn config_type(name: &str) -> i8 {
     match name {
-        "preallocate" | "unclean.leader.election.enable" | "auto.create.topics.enable"
+        "preallocate"
+        | "unclean.leader.election.enable"
+        | "auto.create.topics.enable"
         | "delete.topic.enable" => 1,
         "compression.type" | "message.timestamp.type" | "process.roles" => 2,
         "cleanup.policy"
@@ -398,8 +405,11 @@ impl Ctx {
                     "partitions must be numbered from 0 without gaps".into(),
                 ));
             }
-            let lists: Vec<&[BrokerId]> =
-                t.assignments.iter().map(|a| a.broker_ids.as_slice()).collect();
+            let lists: Vec<&[BrokerId]> = t
+                .assignments
+                .iter()
+                .map(|a| a.broker_ids.as_slice())
+                .collect();
             self.check_assignments(&lists).await?;
         }
         let partitions = match t.num_partitions {
@@ -609,7 +619,10 @@ impl Ctx {
     /// Replica assignments pass Kafka's checks (each list names known
     /// brokers, once each) and are then ignored: the bookies place a
     /// partition's data, and its leader is the broker that owns it.
-    async fn check_assignments(&self, lists: &[&[BrokerId]]) -> Result<(), (i16, String)> {
+    pub(crate) async fn check_assignments(
+        &self,
+        lists: &[&[BrokerId]],
+    ) -> Result<(), (i16, String)> {
         let mut known: Vec<i32> = match self.broker.active_brokers().await {
             Ok(bs) => bs.iter().map(|b| node_id(&b.id)).collect(),
             Err(e) => return Err((code_of(&e), e.to_string())),
@@ -760,7 +773,8 @@ impl Ctx {
                     } else {
                         for (name, value) in self.broker_configs(&own) {
                             if wanted(name) {
-                                out.configs.push(described(name, value, SOURCE_STATIC, true));
+                                out.configs
+                                    .push(described(name, value, SOURCE_STATIC, true));
                             }
                         }
                     }
@@ -809,7 +823,10 @@ impl Ctx {
             ("delete.topic.enable", "true".into()),
             (
                 "group.initial.rebalance.delay.ms",
-                self.cfg.group_initial_rebalance_delay.as_millis().to_string(),
+                self.cfg
+                    .group_initial_rebalance_delay
+                    .as_millis()
+                    .to_string(),
             ),
             ("listener.security.protocol.map", protocols.join(",")),
             ("listeners", listeners),

@@ -393,6 +393,27 @@ impl Ctx {
             Q::IncrementalAlterConfigs(r) => {
                 A::IncrementalAlterConfigs(self.incremental_alter_configs(c, r).await)
             }
+            Q::DescribeTopicPartitions(r) => {
+                A::DescribeTopicPartitions(self.describe_topic_partitions(c, r).await)
+            }
+            Q::DescribeLogDirs(r) => A::DescribeLogDirs(self.describe_log_dirs(c, r).await),
+            Q::AlterReplicaLogDirs(r) => {
+                A::AlterReplicaLogDirs(self.alter_replica_log_dirs(c, r).await)
+            }
+            Q::ElectLeaders(r) => A::ElectLeaders(self.elect_leaders(c, r).await),
+            Q::ListPartitionReassignments(r) => {
+                A::ListPartitionReassignments(self.list_partition_reassignments(c, r).await)
+            }
+            Q::AlterPartitionReassignments(r) => {
+                A::AlterPartitionReassignments(self.alter_partition_reassignments(c, r).await)
+            }
+            Q::DescribeQuorum(r) => A::DescribeQuorum(self.describe_quorum(c, r).await),
+            Q::DescribeProducers(r) => A::DescribeProducers(self.describe_producers(c, r).await),
+            Q::DescribeTransactions(r) => A::DescribeTransactions(self.txns.describe(c, r).await),
+            Q::ListTransactions(r) => A::ListTransactions(self.txns.list(c, r).await),
+            Q::DescribeAcls(r) => A::DescribeAcls(self.describe_acls(c, r).await),
+            Q::CreateAcls(r) => A::CreateAcls(self.create_acls(c, r).await),
+            Q::DeleteAcls(r) => A::DeleteAcls(self.delete_acls(c, r).await),
             other => {
                 debug!("request {other:?} is not served");
                 return None;
@@ -799,7 +820,7 @@ impl Ctx {
         out
     }
 
-    async fn leader_of(&self, name: &Name) -> Result<i32, i16> {
+    pub(crate) async fn leader_of(&self, name: &Name) -> Result<i32, i16> {
         let owner = self.broker.lookup(name).await.map_err(|e| code_of(&e))?;
         Ok(node_id(&owner.id))
     }

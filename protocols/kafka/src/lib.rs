@@ -17,7 +17,9 @@ pub mod error;
 pub mod server;
 pub mod versions;
 
+mod acl;
 mod admin;
+mod cluster;
 mod coordinator;
 mod group;
 mod handler;

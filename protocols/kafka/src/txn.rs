@@ -14,7 +14,7 @@
 //! gives read-committed fetches their last stable offset and aborted
 //! lists.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use kafka_protocol::messages::add_partitions_to_txn_response::{
@@ -31,7 +31,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::coordinator::{self, Kind};
 use crate::error::code_of;
-use crate::handler::{now_ms, Caller, Ctx};
+use crate::handler::{now_ms, str, Caller, Ctx};
 
 /// Kafka's `transaction.max.timeout.ms` default: a producer asking for a
 /// longer transaction timeout is refused, so that an abandoned transaction
@@ -49,6 +49,21 @@ enum Phase {
     PrepareAbort,
     CompleteCommit,
     CompleteAbort,
+}
+
+impl Phase {
+    /// The state as Kafka's DescribeTransactions and ListTransactions
+    /// name it.
+    fn kafka_name(self) -> &'static str {
+        match self {
+            Phase::Empty => "Empty",
+            Phase::Ongoing => "Ongoing",
+            Phase::PrepareCommit => "PrepareCommit",
+            Phase::PrepareAbort => "PrepareAbort",
+            Phase::CompleteCommit => "CompleteCommit",
+            Phase::CompleteAbort => "CompleteAbort",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -144,6 +159,161 @@ impl TxnCoordinator {
 
     pub async fn coordinator_of(&self, ns: &NamespaceName, id: &str) -> Result<BrokerInfo, i16> {
         coordinator::owner(&self.broker, ns, Kind::Transaction, id).await
+    }
+
+    /// Kafka's DescribeTransactions: the state of each id this broker
+    /// coordinates.
+    pub async fn describe(
+        &self,
+        c: &Caller,
+        r: DescribeTransactionsRequest,
+    ) -> DescribeTransactionsResponse {
+        use kafka_protocol::messages::describe_transactions_response::{
+            TopicData, TransactionState,
+        };
+        let mut out = DescribeTransactionsResponse::default();
+        for id in r.transactional_ids {
+            let mut st = TransactionState::default()
+                .with_transactional_id(id.clone())
+                .with_transaction_state(str(""))
+                .with_transaction_start_time_ms(-1)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1);
+            let found = async {
+                if !c.grants.produce {
+                    return Err(E::TransactionalIdAuthorizationFailed.code());
+                }
+                self.check_coordinator(&c.ns, &id.0).await?;
+                self.load(&c.ns, &id.0)
+                    .await?
+                    .ok_or(E::TransactionalIdNotFound.code())
+            }
+            .await;
+            match found {
+                Err(code) => st.error_code = code,
+                Ok((rec, _)) => {
+                    st.transaction_state = str(rec.phase.kafka_name());
+                    st.transaction_timeout_ms = rec.timeout_ms;
+                    if rec.phase == Phase::Ongoing {
+                        st.transaction_start_time_ms = rec.started_ms;
+                    }
+                    st.producer_id = ProducerId(rec.producer_id);
+                    st.producer_epoch = rec.epoch;
+                    let mut topics: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+                    for full in &rec.partitions {
+                        let Ok(t) = full.parse::<Name>() else {
+                            continue;
+                        };
+                        let index = t.partition_index().map_or(0, |i| i as i32);
+                        topics
+                            .entry(t.base().local_name().to_string())
+                            .or_default()
+                            .push(index);
+                    }
+                    st.topics = topics
+                        .into_iter()
+                        .map(|(t, ps)| {
+                            TopicData::default()
+                                .with_topic(TopicName(str(t)))
+                                .with_partitions(ps)
+                        })
+                        .collect();
+                }
+            }
+            out.transaction_states.push(st);
+        }
+        out
+    }
+
+    /// Kafka's ListTransactions: the namespace's transactional ids this
+    /// broker coordinates, filtered by state, producer id, duration (v1)
+    /// and id pattern (v2, a Java-style regular expression).
+    pub async fn list(&self, c: &Caller, r: ListTransactionsRequest) -> ListTransactionsResponse {
+        use kafka_protocol::messages::list_transactions_response::TransactionState;
+        let mut out = ListTransactionsResponse::default();
+        const STATES: &[&str] = &[
+            "Empty",
+            "Ongoing",
+            "PrepareCommit",
+            "PrepareAbort",
+            "CompleteCommit",
+            "CompleteAbort",
+            "Dead",
+            "PrepareEpochFence",
+        ];
+        out.unknown_state_filters = r
+            .state_filters
+            .iter()
+            .filter(|f| !STATES.contains(&f.as_str()))
+            .cloned()
+            .collect();
+        if !c.grants.produce {
+            return out;
+        }
+        let pattern = match r
+            .transactional_id_pattern
+            .as_deref()
+            .filter(|p| !p.is_empty())
+        {
+            None => None,
+            Some(p) => match regex::RegexBuilder::new(&format!("^(?:{p})$"))
+                .size_limit(1 << 20)
+                .build()
+            {
+                Ok(re) => Some(re),
+                Err(_) => {
+                    out.error_code = E::InvalidRegularExpression.code();
+                    return out;
+                }
+            },
+        };
+        let prefix = format!("{}/", c.ns);
+        let records = match self.store.list(&prefix).await {
+            Ok(r) => r,
+            Err(e) => {
+                out.error_code = code_of(&e);
+                return out;
+            }
+        };
+        let now = now_ms();
+        for (key, v) in records {
+            let Some(Ok(id)) = key
+                .strip_prefix(&prefix)
+                .map(magnetar_tenancy::names::decode_segment)
+            else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<TxnRecord>(&v.value) else {
+                continue;
+            };
+            let state = rec.phase.kafka_name();
+            if !r.state_filters.is_empty() && !r.state_filters.iter().any(|f| f.as_str() == state) {
+                continue;
+            }
+            if !r.producer_id_filters.is_empty()
+                && !r.producer_id_filters.contains(&ProducerId(rec.producer_id))
+            {
+                continue;
+            }
+            if r.duration_filter >= 0
+                && (rec.phase != Phase::Ongoing || now - rec.started_ms < r.duration_filter)
+            {
+                continue;
+            }
+            if pattern.as_ref().is_some_and(|re| !re.is_match(&id)) {
+                continue;
+            }
+            if self.check_coordinator(&c.ns, &id).await.is_err() {
+                continue;
+            }
+            out.transaction_states.push(
+                TransactionState::default()
+                    .with_transactional_id(TransactionalId(str(id)))
+                    .with_producer_id(ProducerId(rec.producer_id))
+                    .with_transaction_state(str(state)),
+            );
+        }
+        out
     }
 
     async fn check_coordinator(&self, ns: &NamespaceName, id: &str) -> Result<(), i16> {
