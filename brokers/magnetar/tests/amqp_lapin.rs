@@ -66,16 +66,15 @@ async fn hundred_thousand_confirmed_persistent_messages_all_consumed() {
     let s = standalone();
     let conn = connect(s.amqp).await;
     let ch = conn.create_channel().await.expect("channel");
-    ch.queue_declare(
-        "lapin-bulk".into(),
+    declare(
+        &ch,
+        "lapin-bulk",
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        FieldTable::default(),
     )
-    .await
-    .expect("declare");
+    .await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");
@@ -244,6 +243,12 @@ async fn bodies(ch: &lapin::Channel, queue: &str, n: usize) -> Vec<String> {
         .expect("basic.get");
     assert!(extra.is_none(), "{queue}: more than {n} messages");
     out
+}
+
+async fn declare(ch: &lapin::Channel, queue: &str, options: QueueDeclareOptions) {
+    ch.queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .expect("declare");
 }
 
 fn text(d: &lapin::message::Delivery) -> String {
@@ -725,4 +730,81 @@ async fn dead_letters_carry_x_death() {
         "50",
         "the expiration that fired is kept"
     );
+}
+
+/// A channel's methods apply in order, as RabbitMQ promises: with no
+/// confirms in between, basic.get right after basic.publish on the same
+/// channel finds the message, for durable and transient queues alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_then_get_on_one_channel_finds_the_message() {
+    let s = standalone();
+    let conn = connect(s.amqp).await;
+    let ch = conn.create_channel().await.expect("channel");
+    for (queue, durable) in [
+        ("lapin-order-durable", true),
+        ("lapin-order-transient", false),
+    ] {
+        declare(
+            &ch,
+            queue,
+            QueueDeclareOptions {
+                durable,
+                ..Default::default()
+            },
+        )
+        .await;
+        let props = BasicProperties::default().with_delivery_mode(if durable { 2 } else { 1 });
+        for i in 0..1000 {
+            let body = format!("{i}");
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props.clone(),
+            )
+            .await
+            .expect("publish");
+            let got = ch
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get")
+                .unwrap_or_else(|| panic!("{queue}, round {i}: get-empty after the publish"));
+            assert_eq!(text(&got.delivery), body, "{queue}");
+        }
+    }
+}
+
+/// A connection closed many times at once closes once, cleanly: every
+/// close returns, and none is refused as a frame error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_closes_of_one_connection_end_cleanly() {
+    let s = standalone();
+    for _ in 0..5 {
+        let conn = connect(s.amqp).await;
+        let ch = conn.create_channel().await.expect("channel");
+        declare(
+            &ch,
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        let closes = (0..100).map(|_| conn.close(200, "bye".into()));
+        let results = futures::future::join_all(closes).await;
+        for r in &results {
+            let text = format!("{r:?}");
+            assert!(
+                !text.contains("501") && !text.contains("FRAME_ERROR"),
+                "{text}"
+            );
+        }
+        assert!(results.iter().any(Result::is_ok), "{results:?}");
+        assert!(!conn.status().connected());
+    }
 }

@@ -30,7 +30,7 @@ use magnetar_broker::{
 };
 use magnetar_tenancy::{AuthAction, Credentials, NamespaceName, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -46,6 +46,11 @@ use crate::AmqpConfig;
 /// bounds what sits in memory between the subscription and the socket.
 const UNLIMITED_CREDIT: u64 = 1000;
 /// Publishes of one channel between the socket and durability.
+/// How long a connection the peer closed keeps reading, for more closes.
+const CLOSING_LINGER: Duration = Duration::from_secs(1);
+/// What it buffers meanwhile, at most.
+const CLOSING_MAX_BUFFER: usize = 1 << 20;
+
 const PIPELINE_DEPTH: usize = 4096;
 /// How often resource alarms are checked.
 const ALARM_CHECK: Duration = Duration::from_millis(500);
@@ -102,6 +107,9 @@ struct QueueInfo {
     sac_waiting: std::collections::VecDeque<(ConsumerId, ConsumerControl, u64)>,
     /// Last declare, consume or get: what `x-expires` counts from.
     last_used: Instant,
+    /// Set while an auto-delete or expired queue is being deleted in the
+    /// background; turns true once it is gone.
+    deleting: Option<watch::Receiver<bool>>,
 }
 
 /// A consumer across the broker: connection, channel, tag.
@@ -149,6 +157,49 @@ impl Ctx {
                 tokio::time::sleep(ALARM_CHECK).await;
             }
         });
+    }
+
+    /// Waits while the queue is being deleted in the background.
+    async fn deleted(&self, key: &(NamespaceName, String)) {
+        loop {
+            let mark = self
+                .registry()
+                .queues
+                .get(key)
+                .and_then(|i| i.deleting.clone());
+            let Some(mut done) = mark else {
+                return;
+            };
+            let _ = done.wait_for(|&gone| gone).await;
+        }
+    }
+
+    /// Marks a queue as being deleted, under the registry lock: declares
+    /// and lookups of its name wait until it is gone, and then make a new
+    /// queue, which this deletion cannot reach.
+    fn mark_deleting(info: &mut QueueInfo) -> watch::Sender<bool> {
+        let (tx, rx) = watch::channel(false);
+        info.deleting = Some(rx);
+        tx
+    }
+
+    /// Deletes a queue marked with [`Ctx::mark_deleting`]; whether it went.
+    /// On failure the mark is lifted and the queue stays.
+    async fn delete_marked(
+        &self,
+        key: &(NamespaceName, String),
+        done: watch::Sender<bool>,
+    ) -> bool {
+        let (ns, q) = key;
+        let gone = self.broker.delete_queue(ns, q).await.is_ok();
+        if gone {
+            let _ = qdef::remove(&self.store, ns, q).await;
+            self.registry().queues.remove(key);
+        } else if let Some(info) = self.registry().queues.get_mut(key) {
+            info.deleting = None;
+        }
+        done.send_replace(true);
+        gone
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -312,15 +363,15 @@ impl Ctx {
             let period = (expires / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
             loop {
                 tokio::time::sleep(period).await;
-                let due = match ctx.registry().queues.get(&key) {
+                let deletion = match ctx.registry().queues.get_mut(&key) {
                     None => break,
-                    Some(info) => info.consumers == 0 && info.last_used.elapsed() >= expires,
+                    Some(info) => (info.consumers == 0
+                        && info.deleting.is_none()
+                        && info.last_used.elapsed() >= expires)
+                        .then(|| Ctx::mark_deleting(info)),
                 };
-                if due {
-                    let (ns, q) = &key;
-                    if ctx.broker.delete_queue(ns, q).await.is_ok() {
-                        let _ = qdef::remove(&ctx.store, ns, q).await;
-                        ctx.registry().queues.remove(&key);
+                if let Some(done) = deletion {
+                    if ctx.delete_marked(&key, done).await {
                         break;
                     }
                 }
@@ -464,6 +515,11 @@ struct Chan {
     confirm: bool,
     next_seq: u64,
     pipeline: mpsc::Sender<(u64, Pending)>,
+    /// Publishes handed to the pipeline, and how many of them it has seen
+    /// stored (or fail): methods that read a queue wait for the two to
+    /// meet, since RabbitMQ applies a channel's methods in order.
+    published: u64,
+    settled: watch::Receiver<u64>,
     last_queue: String,
     next_ctag: u64,
     /// The direct reply-to consumer: its tag and address token.
@@ -555,6 +611,8 @@ pub(crate) struct Conn {
     /// This connection has published; an alarm stops reading from it.
     publisher: bool,
     /// The alarm this connection was last told about.
+    /// The peer sent connection.close and had its close-ok.
+    peer_closed: bool,
     told_blocked: bool,
     /// Who logged in, and what that role may do in the vhost.
     principal: Principal,
@@ -600,6 +658,7 @@ where
         blockable: false,
         publisher: false,
         told_blocked: false,
+        peer_closed: false,
         principal: Principal::Anonymous,
         expires: None,
         user: String::new(),
@@ -750,6 +809,9 @@ impl Conn {
                 let frame = match codec::decode_frame(&mut buf, max) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
+                    // Once closing, a frame error is the peer's last
+                    // garbage, not a reason for a close of our own.
+                    Err(_) if self.closing => return Ok(()),
                     Err(e) => {
                         self.close_connection(codec_exception(&e));
                         return Err(e.into());
@@ -757,6 +819,10 @@ impl Conn {
                 };
                 match self.on_frame(frame, &mut phase).await {
                     Ok(true) => {}
+                    Ok(false) if self.peer_closed => {
+                        self.linger_closed(rd, &mut buf).await;
+                        return Ok(());
+                    }
                     Ok(false) => return Ok(()),
                     Err(ex) => {
                         self.close_connection(ex.clone());
@@ -908,13 +974,25 @@ impl Conn {
 
     /// Handles one frame; `Ok(false)` ends the connection cleanly.
     async fn on_frame(&mut self, frame: Frame, phase: &mut Phase) -> Result<bool, Exception> {
+        use connection::AMQPMethod as C;
         let ch = frame.channel();
         if self.closing {
-            // After connection.close only close-ok (or a crossing close) counts.
-            return Ok(!matches!(
-                frame,
-                Frame::Method(_, ref m) if matches!(**m, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) | AMQPClass::Connection(connection::AMQPMethod::Close(_)))
-            ));
+            // After connection.close only close-ok, or a close that
+            // crossed ours (answered with close-ok), counts.
+            return Ok(match frame {
+                Frame::Method(0, m) => match *m {
+                    AMQPClass::Connection(C::CloseOk(_)) => false,
+                    AMQPClass::Connection(C::Close(_)) => {
+                        self.send_method(
+                            0,
+                            AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
+                        );
+                        false
+                    }
+                    _ => true,
+                },
+                _ => true,
+            });
         }
         match frame {
             Frame::Heartbeat(0) => Ok(true),
@@ -1119,6 +1197,7 @@ impl Conn {
                 // reconnects at once finds them gone.
                 self.cleanup().await;
                 self.send_method(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
+                self.peer_closed = true;
                 Ok(false)
             }
             (M::CloseOk(_), _) => Ok(false),
@@ -1237,7 +1316,7 @@ impl Conn {
                 }
                 let gen = self.next_gen;
                 self.next_gen += 1;
-                let pipeline = self.start_pipeline(ch, gen);
+                let (pipeline, settled) = self.start_pipeline(ch, gen);
                 self.channels.insert(
                     ch,
                     Chan {
@@ -1254,6 +1333,8 @@ impl Conn {
                         confirm: false,
                         next_seq: 1,
                         pipeline,
+                        published: 0,
+                        settled,
                         last_queue: String::new(),
                         next_ctag: 1,
                         reply_to: None,
@@ -1297,11 +1378,17 @@ impl Conn {
     /// The publish pipeline of a channel: publishes wait here, in order,
     /// for durability; confirms are reported as they complete, runs of
     /// already-durable ones as one `multiple` ack.
-    fn start_pipeline(&self, channel: u16, gen: u64) -> mpsc::Sender<(u64, Pending)> {
+    fn start_pipeline(
+        &self,
+        channel: u16,
+        gen: u64,
+    ) -> (mpsc::Sender<(u64, Pending)>, watch::Receiver<u64>) {
         let (tx, mut rx) = mpsc::channel::<(u64, Pending)>(PIPELINE_DEPTH);
+        let (settled_tx, settled) = watch::channel(0u64);
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             let mut next: Option<(u64, Pending)> = None;
+            let mut done = 0u64;
             loop {
                 let (seq, fut) = match next.take() {
                     Some(x) => x,
@@ -1318,10 +1405,14 @@ impl Conn {
                     }
                 };
                 let mut last = seq;
+                done += 1;
                 if ok && seq > 0 {
                     while let Ok((s, mut f)) = rx.try_recv() {
                         match (&mut f).now_or_never() {
-                            Some(Ok(())) if s == last + 1 => last = s,
+                            Some(Ok(())) if s == last + 1 => {
+                                last = s;
+                                done += 1;
+                            }
                             Some(r) => {
                                 next = Some((s, async move { r }.boxed()));
                                 break;
@@ -1333,6 +1424,7 @@ impl Conn {
                         }
                     }
                 }
+                settled_tx.send_replace(done);
                 if seq > 0 {
                     let _ = events.send(Event::Confirmed {
                         channel,
@@ -1344,7 +1436,53 @@ impl Conn {
                 }
             }
         });
-        tx
+        (tx, settled)
+    }
+
+    /// The spec's closing state after our close-ok: a client closing from
+    /// several threads at once sends more closes, each answered with
+    /// close-ok; everything else is discarded. It ends at the peer's end
+    /// of stream or close-ok, at a frame that does not decode, or after
+    /// [`CLOSING_LINGER`], and never with an error of its own. Reading to
+    /// the end also keeps the socket from being reset under the close-ok.
+    async fn linger_closed<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) {
+        use connection::AMQPMethod as C;
+        let deadline = Instant::now() + CLOSING_LINGER;
+        loop {
+            loop {
+                match codec::decode_frame(buf, self.frame_max.max(codec::FRAME_MIN_SIZE)) {
+                    Ok(Some(Frame::Method(0, m))) => match *m {
+                        AMQPClass::Connection(C::Close(_)) => self.send_method(
+                            0,
+                            AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
+                        ),
+                        AMQPClass::Connection(C::CloseOk(_)) => return,
+                        _ => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            if buf.len() > CLOSING_MAX_BUFFER {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, rd.read_buf(buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Waits until every publish this channel made so far is stored, so
+    /// that a later get, consume or queue method sees it.
+    async fn publishes_settled(&mut self, ch: u16) -> Result<(), Exception> {
+        let chan = self.chan(ch)?;
+        let want = chan.published;
+        let mut settled = chan.settled.clone();
+        // An ended pipeline (the channel closing) settles nothing more.
+        let _ = settled.wait_for(|&n| n >= want).await;
+        Ok(())
     }
 
     /// Detaches a channel's consumers and requeues what it holds, as a
@@ -1398,9 +1536,11 @@ impl Conn {
         match m {
             M::Declare(d) => {
                 let name = d.exchange.as_str();
+                // RabbitMQ 3.12.14+ closes the channel alone with 406: one
+                // bad declare does not end the connection's other channels.
                 let kind = ExchangeKind::parse(d.kind.as_str()).map_err(|_| {
                     Exception::new(
-                        error::COMMAND_INVALID,
+                        error::PRECONDITION_FAILED,
                         format!("unknown exchange type '{}'", d.kind.as_str()),
                     )
                 });
@@ -1544,6 +1684,7 @@ impl Conn {
     /// The queue's definition, if it exists, checking exclusive ownership.
     async fn lookup_queue(&self, name: &str) -> Result<Option<Arc<QueueDef>>, Exception> {
         let key = (self.ns.clone(), name.to_owned());
+        self.ctx.deleted(&key).await;
         {
             let mut reg = self.ctx.registry();
             if let Some(info) = reg.queues.get_mut(&key) {
@@ -1585,6 +1726,7 @@ impl Conn {
                 sac_active: None,
                 sac_waiting: Default::default(),
                 last_used: Instant::now(),
+                deleting: None,
             });
             Arc::clone(&info.def)
         };
@@ -1687,6 +1829,8 @@ impl Conn {
     }
 
     async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), Exception> {
+        // Counts, purges and deletes see the channel's earlier publishes.
+        self.publishes_settled(ch).await?;
         use queue::AMQPMethod as M;
         // A binding decides what a queue receives, and purging consumes
         // it all: its readers' (RabbitMQ's read permission).
@@ -1865,6 +2009,7 @@ impl Conn {
                     sac_active: None,
                     sac_waiting: Default::default(),
                     last_used: Instant::now(),
+                    deleting: None,
                 },
             );
         }
@@ -1887,6 +2032,20 @@ impl Conn {
     }
 
     async fn delete_queue(&mut self, name: &str) -> Result<(), Exception> {
+        // A background deletion under way (an auto-delete queue that lost
+        // its last consumer) finishes the job.
+        let key = (self.ns.clone(), name.to_owned());
+        let underway = self
+            .ctx
+            .registry()
+            .queues
+            .get(&key)
+            .is_some_and(|i| i.deleting.is_some());
+        if underway {
+            self.ctx.deleted(&key).await;
+            self.exclusive_queues.retain(|q| q != name);
+            return Ok(());
+        }
         self.ctx
             .broker
             .delete_queue(&self.ns, name)
@@ -1925,21 +2084,16 @@ impl Conn {
                     } else {
                         info.sac_waiting.retain(|(id, _, _)| *id != me);
                     }
-                    info.consumers == 0 && info.def.auto_delete
+                    (info.consumers == 0 && info.def.auto_delete && info.deleting.is_none())
+                        .then(|| Ctx::mark_deleting(info))
                 }
-                None => false,
+                None => None,
             }
         };
-        if doomed {
-            let broker = self.ctx.broker.clone();
-            let store = self.ctx.store.clone();
-            let ns = self.ns.clone();
+        if let Some(done) = doomed {
             let ctx = Arc::clone(&self.ctx);
-            let q = queue.to_owned();
             tokio::spawn(async move {
-                let _ = broker.delete_queue(&ns, &q).await;
-                let _ = qdef::remove(&store, &ns, &q).await;
-                ctx.registry().queues.remove(&(ns, q));
+                ctx.delete_marked(&key, done).await;
             });
         }
     }
@@ -2107,6 +2261,9 @@ impl Conn {
         if c.queue.as_str() == REPLY_TO {
             return self.consume_replies(ch, c);
         }
+        // A stream consumer's `next` or `last` counts the channel's
+        // earlier publishes as there.
+        self.publishes_settled(ch).await?;
         let (name, def) = self.require_queue(ch, c.queue.as_str()).await?;
         let tag = if c.consumer_tag.as_str().is_empty() {
             let n = {
@@ -2439,6 +2596,7 @@ impl Conn {
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> Result<(), Exception> {
+        self.publishes_settled(ch).await?;
         let (name, def) = self.require_queue(ch, g.queue.as_str()).await?;
         if def.args.queue_type == QueueType::Stream {
             return Err(Exception::new(
@@ -2549,6 +2707,7 @@ impl Conn {
             0
         };
         let pipeline = chan.pipeline.clone();
+        chan.published += 1;
         // A full pipeline holds this connection's reads: backpressure.
         let _ = pipeline.send((seq, stored)).await;
         Ok(())

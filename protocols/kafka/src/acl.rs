@@ -347,11 +347,7 @@ impl Ctx {
             DeleteAclsFilterResult, DeleteAclsMatchingAcl,
         };
         let mut out = DeleteAclsResponse::default();
-        let filters: Vec<Filter> = r
-            .filters
-            .into_iter()
-            .map(|f| filter_of!(f))
-            .collect();
+        let filters: Vec<Filter> = r.filters.into_iter().map(|f| filter_of!(f)).collect();
         if let Some((code, msg)) = self.acl_refusal(c) {
             out.filter_results = filters
                 .iter()

@@ -1,6 +1,8 @@
 """AMQP fixtures: pika connections to the module's standalone process."""
 
 import contextlib
+import socket
+import struct
 
 import pika
 import pytest
@@ -50,3 +52,46 @@ def drain(ch, queue, n, timeout=10, auto_ack=True):
             continue
         out.append((method, props, body))
     return out
+
+
+# ---- raw AMQP frames, for what clients will not send ----
+
+def raw_session(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"AMQP\x00\x00\x09\x01")
+    return s
+
+
+def method(channel, class_id, method_id, args=b""):
+    payload = struct.pack(">HH", class_id, method_id) + args
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
+def raw_open(port, heartbeat=0, channel=True):
+    """A raw connection through the handshake (PLAIN guest/guest, vhost /),
+    with channel 1 opened unless told otherwise."""
+    s = raw_session(port)
+    s.sendall(method(0, 10, 11, struct.pack(">I", 0) + b"\x05PLAIN"
+                     + struct.pack(">I", 12) + b"\x00guest\x00guest" + b"\x05en_US"))
+    s.sendall(method(0, 10, 31, struct.pack(">HIH", 0, 131072, heartbeat)))
+    s.sendall(method(0, 10, 40, b"\x01/\x00\x00"))
+    if channel:
+        s.sendall(method(1, 20, 10, b"\x00"))
+    return s
+
+
+def frames(s):
+    """(type, channel, payload) of each frame the server sends, until end
+    of stream."""
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while len(buf) >= 7:
+            kind, ch, size = struct.unpack(">BHI", buf[:7])
+            if len(buf) < size + 8:
+                break
+            payload, buf = buf[7:7 + size], buf[size + 8:]
+            yield kind, ch, payload

@@ -8,6 +8,8 @@ import struct
 import pika
 import pytest
 
+from amqp_tests.conftest import frames, method, raw_open, raw_session
+
 
 def closed(fn):
     with pytest.raises((pika.exceptions.ChannelClosedByBroker,
@@ -80,32 +82,12 @@ def test_deleting_a_queue_cancels_its_consumers(connect):
     assert cancelled == [tag]
 
 
-def raw_session(port):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(b"AMQP\x00\x00\x09\x01")
-    return s
-
-
 def read_close(s):
     """Reads frames until connection.close; returns its reply code."""
-    buf = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return None
-        buf += chunk
-        while len(buf) >= 7:
-            kind, ch, size = struct.unpack(">BHI", buf[:7])
-            if len(buf) < size + 8:
-                break
-            payload, buf = buf[7:7 + size], buf[size + 8:]
-            if kind == 1 and payload[:4] == b"\x00\x0a\x00\x32":
-                return struct.unpack(">H", payload[4:6])[0]
-
-
-def method(channel, class_id, method_id, args=b""):
-    payload = struct.pack(">HH", class_id, method_id) + args
-    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+    for kind, _, payload in frames(s):
+        if kind == 1 and payload[:4] == b"\x00\x0a\x00\x32":
+            return struct.unpack(">H", payload[4:6])[0]
+    return None
 
 
 def test_malformed_frames_close_with_frame_or_syntax_errors(standalone):
@@ -131,19 +113,6 @@ def test_malformed_frames_close_with_frame_or_syntax_errors(standalone):
     c.close()
 
 
-def raw_open(port, heartbeat=0, channel=True):
-    """A raw connection through the handshake (PLAIN guest/guest, vhost /),
-    with channel 1 opened unless told otherwise."""
-    s = raw_session(port)
-    s.sendall(method(0, 10, 11, struct.pack(">I", 0) + b"\x05PLAIN"
-                     + struct.pack(">I", 12) + b"\x00guest\x00guest" + b"\x05en_US"))
-    s.sendall(method(0, 10, 31, struct.pack(">HIH", 0, 131072, heartbeat)))
-    s.sendall(method(0, 10, 40, b"\x01/\x00\x00"))
-    if channel:
-        s.sendall(method(1, 20, 10, b"\x00"))
-    return s
-
-
 def test_channel_and_frame_sequence_errors_close_the_connection(standalone):
     port = standalone.amqp_port
     # A method on a channel that was never opened: 504.
@@ -165,10 +134,16 @@ def test_channel_and_frame_sequence_errors_close_the_connection(standalone):
 
 
 def test_command_invalid_and_not_implemented(connect):
-    # An unknown exchange type: 503, as RabbitMQ.
-    ch = connect().channel()
-    code, text = closed(lambda: ch.exchange_declare("odd", exchange_type="x-no-such-type"))
-    assert code == 503 and "unknown exchange type" in text
+    # An unknown exchange type closes the channel alone with 406, as
+    # RabbitMQ does since 3.12.14; the connection's other channels go on.
+    conn = connect()
+    ch, other = conn.channel(), conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.exchange_declare("odd", exchange_type="x-no-such-type")
+    assert e.value.reply_code == 406
+    assert e.value.reply_text == "PRECONDITION_FAILED - unknown exchange type 'x-no-such-type'"
+    assert other.is_open and conn.is_open
+    other.queue_declare("", exclusive=True)
     # channel.flow(active=false) is refused as RabbitMQ refuses it: 540.
     ch = connect().channel()
     code, text = closed(lambda: ch.flow(False))
