@@ -43,7 +43,7 @@ pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{
     Broker, BrokerConfig, BrokerInfo, FetchResult, OffloadDefaults, RetentionHold, RetentionRun,
-    TopicPolicies,
+    RoutingStored, TopicPolicies,
 };
 pub use state::{KeyQuota, StateChange, StateStore, Versioned};
 pub use subscription::{

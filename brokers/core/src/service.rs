@@ -168,21 +168,73 @@ struct PartitionedMetadata {
 
 type TopicCell = Arc<OnceCell<Arc<Topic>>>;
 
+/// A change to a namespace's routing that applies at once and is stored
+/// after: replayed on the stored table when another broker's change is
+/// stored first.
+type RoutingOp = Box<dyn FnMut(&mut NamespaceRouting) -> Result<()> + Send>;
+
+struct PendingChange {
+    seq: u64,
+    op: RoutingOp,
+    /// Told when the change is stored, or why it is not.
+    done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+impl PendingChange {
+    fn fail(self, e: BrokerError) {
+        let _ = self.done.send(Err(e));
+    }
+}
+
+/// The wait for a routing change that already applies to be stored.
+pub type RoutingStored = futures::future::BoxFuture<'static, Result<()>>;
+
 struct NamespaceRouting {
     table: RoutingTable,
     version: u64,
     /// Queues that live as long as this broker does (exclusive AMQP
     /// queues, clean MQTT sessions): non-persistent topics, never stored.
     transient: HashSet<String>,
+    /// The durable part as stored at `version`: what the table goes back
+    /// to, with the transient part, when unstored changes are refused.
+    base: RoutingSnapshot,
+    /// Durable changes that apply here and are not stored yet, in order.
+    pending: std::collections::VecDeque<PendingChange>,
+    next_seq: u64,
+    /// A task is storing the pending changes.
+    flushing: bool,
+    /// A write is in flight: another broker's table seen meanwhile waits
+    /// here, since the write may have stored this broker's changes after
+    /// it.
+    inflight: bool,
+    deferred: Option<(RoutingTable, u64)>,
 }
 
 impl NamespaceRouting {
+    fn new(table: RoutingTable, version: u64) -> Self {
+        NamespaceRouting {
+            base: table.to_snapshot(),
+            table,
+            version,
+            transient: HashSet::new(),
+            pending: Default::default(),
+            next_seq: 0,
+            flushing: false,
+            inflight: false,
+            deferred: None,
+        }
+    }
+
     /// Takes a stored table (another broker's change) as the new base and
-    /// replays this broker's own transient part on it: non-durable
-    /// exchanges, transient queues and the bindings that involve them.
-    fn adopt(&mut self, stored: RoutingTable, version: u64) {
+    /// replays this broker's own transient part on it (non-durable
+    /// exchanges, transient queues and the bindings that involve them),
+    /// then its unstored changes. Those that no longer apply are returned,
+    /// with why, to be told.
+    #[must_use]
+    fn adopt(&mut self, stored: RoutingTable, version: u64) -> Vec<(PendingChange, BrokerError)> {
         let full = self.table.to_snapshot();
         let durable = durable_snapshot(self);
+        self.base = stored.to_snapshot();
         let mut next = stored;
         for e in full.exchanges {
             if !durable.exchanges.iter().any(|d| d.name == e.name) {
@@ -199,6 +251,32 @@ impl NamespaceRouting {
         }
         self.table = next;
         self.version = version;
+        let mut failed = Vec::new();
+        for mut p in std::mem::take(&mut self.pending) {
+            match (p.op)(self) {
+                Ok(()) => self.pending.push_back(p),
+                Err(e) => failed.push((p, e)),
+            }
+        }
+        failed
+    }
+
+    /// Drops every unstored change, back to the stored table; the changes
+    /// are returned to be told.
+    #[must_use]
+    fn roll_back(&mut self) -> Vec<PendingChange> {
+        let pending: Vec<PendingChange> = std::mem::take(&mut self.pending).into();
+        // The base parsed once already, so it parses again.
+        if let Ok(base) = RoutingTable::from_snapshot(self.base.clone()) {
+            let _ = self.adopt(base, self.version);
+        }
+        pending
+    }
+}
+
+fn tell_failed(failed: Vec<(PendingChange, BrokerError)>) {
+    for (p, e) in failed {
+        p.fail(e);
     }
 }
 
@@ -1079,80 +1157,207 @@ impl Broker {
             ),
             None => (RoutingTable::new(), 0),
         };
-        let r = Arc::new(Mutex::new(NamespaceRouting {
-            table,
-            version,
-            transient: HashSet::new(),
-        }));
+        let r = Arc::new(Mutex::new(NamespaceRouting::new(table, version)));
         let mut all = self.inner.routing.lock().await;
         Ok(all.entry(ns.clone()).or_insert(r).clone())
     }
 
-    /// Runs `f` on the namespace's table and stores the durable part, with
-    /// compare-and-set; another broker's concurrent change makes this
-    /// reload and retry.
+    /// Runs `f` on the namespace's table and waits for the durable part to
+    /// be stored. Routing follows the change at once; see
+    /// [`Broker::apply_routing`].
     async fn modify_routing<T>(
         &self,
         ns: &NamespaceName,
-        mut f: impl FnMut(&mut NamespaceRouting) -> Result<T>,
+        f: impl FnMut(&mut NamespaceRouting) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let key = format!("{ROUTING_PREFIX}{ns}");
-        for _ in 0..16 {
-            let r = self.routing(ns).await?;
-            let mut g = r.lock().await;
-            let before = g.table.clone();
-            let before_transient = g.transient.clone();
+        let (out, stored) = self.apply_routing(ns, None, f).await?;
+        stored.await?;
+        Ok(out)
+    }
+
+    /// Runs `f` on the namespace's table, so that routes follow it from
+    /// now on, and returns with the wait for its durable part to be
+    /// stored. Changes are stored in order, many in one compare-and-set;
+    /// when another broker's change was stored first, they are replayed on
+    /// it, and one that no longer applies, or a store that keeps failing,
+    /// undoes the change and fails the wait. A change that touches only
+    /// transient queues and exchanges is complete at once.
+    ///
+    /// `durable`: whether the change touches the stored part, when the
+    /// caller can tell (a binding can); then the change costs no copy of
+    /// the table, and its size is checked when it is stored.
+    async fn apply_routing<T>(
+        &self,
+        ns: &NamespaceName,
+        durable: Option<&(dyn Fn(&NamespaceRouting) -> bool + Sync)>,
+        mut f: impl FnMut(&mut NamespaceRouting) -> Result<T> + Send + 'static,
+    ) -> Result<(T, RoutingStored)> {
+        use futures::FutureExt;
+        let r = self.routing(ns).await?;
+        let mut g = r.lock().await;
+        if let Some(durable) = durable {
+            let durable = durable(&g);
             let out = f(&mut g)?;
-            // Cached routes go stale from here on, whatever the outcome.
-            self.inner
-                .routing_generation
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
-            let snapshot = json(&durable_snapshot(&g));
-            if snapshot.len() > magnetar_metadata::MAX_VALUE_BYTES {
-                // The table is one metadata value: refusing what would not
-                // fit keeps the namespace's routing as it was, so that
-                // deletes and unbinds still work.
-                g.table = before;
-                g.transient = before_transient;
-                return Err(BrokerError::QuotaExceeded(format!(
-                    "routing table of namespace {ns} would take {} bytes (max {}); \
-                     delete or unbind first",
-                    snapshot.len(),
-                    magnetar_metadata::MAX_VALUE_BYTES
-                )));
+            self.bump_routing_generation();
+            if !durable {
+                return Ok((out, futures::future::ready(Ok(())).boxed()));
             }
-            match self
-                .inner
-                .meta
-                .compare_and_put(&key, g.version, snapshot)
+            let stored = self.pend(ns, &r, &mut g, f);
+            return Ok((out, stored));
+        }
+        let before = g.table.clone();
+        let before_transient = g.transient.clone();
+        let durable_before = durable_snapshot(&g);
+        let out = f(&mut g)?;
+        // Cached routes go stale from here on.
+        self.bump_routing_generation();
+        let durable = durable_snapshot(&g);
+        if durable == durable_before {
+            return Ok((out, futures::future::ready(Ok(())).boxed()));
+        }
+        let size = json(&durable).len();
+        if size > magnetar_metadata::MAX_VALUE_BYTES {
+            // The table is one metadata value: refusing what would not
+            // fit keeps the namespace's routing as it was, so that
+            // deletes and unbinds still work.
+            g.table = before;
+            g.transient = before_transient;
+            return Err(BrokerError::QuotaExceeded(format!(
+                "routing table of namespace {ns} would take {size} bytes (max {}); \
+                 delete or unbind first",
+                magnetar_metadata::MAX_VALUE_BYTES
+            )));
+        }
+        let stored = self.pend(ns, &r, &mut g, f);
+        Ok((out, stored))
+    }
+
+    /// Queues an applied change to be stored; the wait for it.
+    fn pend<T>(
+        &self,
+        ns: &NamespaceName,
+        r: &Arc<Mutex<NamespaceRouting>>,
+        g: &mut NamespaceRouting,
+        mut f: impl FnMut(&mut NamespaceRouting) -> Result<T> + Send + 'static,
+    ) -> RoutingStored {
+        use futures::FutureExt;
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        g.pending.push_back(PendingChange {
+            seq,
+            op: Box::new(move |r| f(r).map(drop)),
+            done,
+        });
+        if !g.flushing {
+            g.flushing = true;
+            tokio::spawn(self.clone().store_routing(ns.clone(), Arc::clone(r)));
+        }
+        async move {
+            stored
                 .await
-            {
-                Ok(kv) => {
-                    g.version = kv.version;
-                    return Ok(out);
+                .unwrap_or_else(|_| Err(BrokerError::ShuttingDown))
+        }
+        .boxed()
+    }
+
+    fn bump_routing_generation(&self) {
+        self.inner
+            .routing_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Stores a namespace's pending routing changes until none is left,
+    /// each write carrying all that are pending; the namespace's lock is
+    /// not held while a write is in flight, so routes and new changes go
+    /// on meanwhile.
+    async fn store_routing(self, ns: NamespaceName, r: Arc<Mutex<NamespaceRouting>>) {
+        let key = format!("{ROUTING_PREFIX}{ns}");
+        let mut conflicts = 0;
+        loop {
+            let (snapshot, bytes, upto, version) = {
+                let mut g = r.lock().await;
+                let Some(upto) = g.pending.back().map(|p| p.seq) else {
+                    g.flushing = false;
+                    return;
+                };
+                let snapshot = durable_snapshot(&g);
+                let bytes = json(&snapshot);
+                if bytes.len() > magnetar_metadata::MAX_VALUE_BYTES {
+                    // The table is one metadata value: refusing what would
+                    // not fit keeps the namespace's routing as it was, so
+                    // that deletes and unbinds still work.
+                    let why = format!(
+                        "routing table of namespace {ns} would take {} bytes (max {}); \
+                         delete or unbind first",
+                        bytes.len(),
+                        magnetar_metadata::MAX_VALUE_BYTES
+                    );
+                    for p in g.roll_back() {
+                        p.fail(BrokerError::QuotaExceeded(why.clone()));
+                    }
+                    self.bump_routing_generation();
+                    continue;
                 }
-                Err(MetaError::Conflict { current, .. }) => {
-                    g.table = before;
-                    g.transient = before_transient;
-                    // Someone else changed it; take theirs and go again.
-                    match current {
-                        Some(kv) => {
-                            let table = RoutingTable::from_snapshot(parse(&key, &kv.value)?)?;
-                            g.adopt(table, kv.version);
+                g.inflight = true;
+                (snapshot, bytes, upto, g.version)
+            };
+            let result = self.inner.meta.compare_and_put(&key, version, bytes).await;
+            let mut g = r.lock().await;
+            g.inflight = false;
+            let deferred = g.deferred.take();
+            match result {
+                Ok(kv) => {
+                    conflicts = 0;
+                    g.version = kv.version;
+                    g.base = snapshot;
+                    while g.pending.front().is_some_and(|p| p.seq <= upto) {
+                        if let Some(p) = g.pending.pop_front() {
+                            let _ = p.done.send(Ok(()));
                         }
-                        None => g.adopt(RoutingTable::new(), 0),
+                    }
+                    // Another broker's change stored after this one.
+                    if let Some((table, v)) = deferred.filter(|(_, v)| *v > g.version) {
+                        let failed = g.adopt(table, v);
+                        self.bump_routing_generation();
+                        tell_failed(failed);
+                    }
+                }
+                Err(MetaError::Conflict { current, .. }) if conflicts < 16 => {
+                    conflicts += 1;
+                    let stored = match current {
+                        Some(kv) => parse(&key, &kv.value)
+                            .and_then(RoutingTable::from_snapshot)
+                            .map(|t| (t, kv.version)),
+                        None => Ok((RoutingTable::new(), 0)),
+                    };
+                    match stored {
+                        Ok((table, v)) => {
+                            let failed = g.adopt(table, v);
+                            self.bump_routing_generation();
+                            tell_failed(failed);
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            for p in g.roll_back() {
+                                p.fail(BrokerError::TopicUnavailable(why.clone()));
+                            }
+                            self.bump_routing_generation();
+                        }
                     }
                 }
                 Err(e) => {
-                    g.table = before;
-                    g.transient = before_transient;
-                    return Err(e.into());
+                    let why = match e {
+                        MetaError::Conflict { .. } => format!("routing of {ns} keeps changing"),
+                        e => format!("routing of {ns} not stored: {e}"),
+                    };
+                    for p in g.roll_back() {
+                        p.fail(BrokerError::TopicUnavailable(why.clone()));
+                    }
+                    self.bump_routing_generation();
                 }
             }
         }
-        Err(BrokerError::TopicUnavailable(format!(
-            "routing of {ns} keeps changing"
-        )))
     }
 
     pub async fn declare_exchange(
@@ -1165,7 +1370,7 @@ impl Broker {
             let r = self.routing(ns).await?;
             return r.lock().await.table.declare_exchange(def, true).map(drop);
         }
-        self.modify_routing(ns, |r| r.table.declare_exchange(def.clone(), false))
+        self.modify_routing(ns, move |r| r.table.declare_exchange(def.clone(), false))
             .await
             .map(drop)
     }
@@ -1176,7 +1381,8 @@ impl Broker {
         name: &str,
         if_unused: bool,
     ) -> Result<()> {
-        self.modify_routing(ns, |r| r.table.delete_exchange(name, if_unused))
+        let name = name.to_owned();
+        self.modify_routing(ns, move |r| r.table.delete_exchange(&name, if_unused))
             .await
             .map(drop)
     }
@@ -1194,10 +1400,11 @@ impl Broker {
         if durable {
             self.create_topic(&topic).await?;
         }
-        self.modify_routing(ns, |r| {
-            r.table.declare_queue(name)?;
+        let owned = name.to_owned();
+        self.modify_routing(ns, move |r| {
+            r.table.declare_queue(&owned)?;
             if !durable {
-                r.transient.insert(name.to_string());
+                r.transient.insert(owned.clone());
             }
             Ok(())
         })
@@ -1228,9 +1435,10 @@ impl Broker {
             let g = r.lock().await;
             !g.transient.contains(name)
         };
-        self.modify_routing(ns, |r| {
-            r.transient.remove(name);
-            Ok(r.table.delete_queue(name))
+        let owned = name.to_owned();
+        self.modify_routing(ns, move |r| {
+            r.transient.remove(&owned);
+            Ok(r.table.delete_queue(&owned))
         })
         .await?;
         let topic = self.queue_topic(ns, name, durable)?;
@@ -1241,15 +1449,34 @@ impl Broker {
     }
 
     pub async fn bind(&self, ns: &NamespaceName, binding: Binding) -> Result<()> {
-        self.modify_routing(ns, |r| r.table.bind(binding.clone()))
-            .await
-            .map(drop)
+        self.bind_now(ns, binding).await?.await
     }
 
     pub async fn unbind(&self, ns: &NamespaceName, binding: &Binding) -> Result<()> {
-        self.modify_routing(ns, |r| r.table.unbind(binding))
-            .await
-            .map(drop)
+        self.unbind_now(ns, binding.clone()).await?.await
+    }
+
+    /// Binds at once: routes follow the binding when this returns, and the
+    /// returned wait ends when it is stored (a failure there undoes it).
+    /// A front end may answer its client before that, as long as it drops
+    /// the client if the wait fails.
+    pub async fn bind_now(&self, ns: &NamespaceName, binding: Binding) -> Result<RoutingStored> {
+        let b = binding.clone();
+        let durable = move |g: &NamespaceRouting| binding_is_durable(g, &b);
+        let (_, stored) = self
+            .apply_routing(ns, Some(&durable), move |r| r.table.bind(binding.clone()))
+            .await?;
+        Ok(stored)
+    }
+
+    /// Unbinds at once; see [`Broker::bind_now`].
+    pub async fn unbind_now(&self, ns: &NamespaceName, binding: Binding) -> Result<RoutingStored> {
+        let b = binding.clone();
+        let durable = move |g: &NamespaceRouting| binding_is_durable(g, &b);
+        let (_, stored) = self
+            .apply_routing(ns, Some(&durable), move |r| r.table.unbind(&binding))
+            .await?;
+        Ok(stored)
     }
 
     pub async fn routing_snapshot(&self, ns: &NamespaceName) -> Result<RoutingSnapshot> {
@@ -1523,6 +1750,19 @@ pub fn resolve_in(ns: &NamespaceName, name: &str) -> Result<TopicName> {
     }
 }
 
+/// Whether a binding is part of the stored table, by the rule of
+/// [`durable_snapshot`]: both ends durable (or predeclared).
+fn binding_is_durable(r: &NamespaceRouting, b: &Binding) -> bool {
+    let exchange = |name: &str| {
+        RoutingTable::is_predeclared(name) || r.table.exchange(name).is_some_and(|e| e.durable)
+    };
+    let destination = match &b.destination {
+        crate::routing::Destination::Queue(q) => r.table.has_queue(q) && !r.transient.contains(q),
+        crate::routing::Destination::Exchange(e) => exchange(e),
+    };
+    exchange(&b.source) && destination
+}
+
 fn durable_snapshot(r: &NamespaceRouting) -> RoutingSnapshot {
     let mut s = r.table.to_snapshot();
     s.exchanges.retain(|e| e.durable);
@@ -1728,7 +1968,18 @@ async fn routing_watch(weak: Weak<Inner>) {
                 } else {
                     0
                 };
-                g.adopt(table, version);
+                if g.inflight {
+                    // The write in flight settles which is newer.
+                    g.deferred = Some((table, version));
+                    continue;
+                }
+                let failed = g.adopt(table, version);
+                drop(g);
+                tell_failed(failed);
+                // Routes cached by front ends may miss the change.
+                inner
+                    .routing_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
             }
             None => {
                 // Unreadable: drop the cache so the next use reports it.

@@ -633,6 +633,19 @@ struct Conn {
     /// The v5 authentication method of CONNECT ([`TOKEN_AUTH_METHOD`]),
     /// if the client used one: AUTH re-authenticates with it.
     auth_method: Option<ByteString>,
+    /// Writes that SUBACK and UNSUBACK do not wait for: bindings on their
+    /// way to the metadata store (routes follow them already) and saves of
+    /// the session. One failing ends the connection.
+    background: futures::stream::FuturesUnordered<BoxFuture<'static, Background>>,
+    /// A save of the session is among them; another is due after it.
+    saving: bool,
+    save_again: bool,
+}
+
+/// What a background write was, and how it went.
+enum Background {
+    Stored(std::result::Result<(), BrokerError>),
+    Saved(Result<()>),
 }
 
 /// The MQTT 5 authentication method whose data is a token: a client
@@ -974,6 +987,9 @@ impl Conn {
             retained_out: VecDeque::new(),
             resumed_at: session_present.then(now_ms),
             stores: FuturesOrdered::new(),
+            background: futures::stream::FuturesUnordered::new(),
+            saving: false,
+            save_again: false,
             qos0: futures::stream::FuturesUnordered::new(),
             qos0_bytes: 0,
             receiving: 0,
@@ -1089,6 +1105,11 @@ impl Conn {
                     }
                     self.pump();
                 }
+                Some(done) = self.background.next(), if !self.background.is_empty() => {
+                    if let Err(e) = self.on_background(done) {
+                        return End::Abrupt(Some(e));
+                    }
+                }
                 Some(size) = self.qos0.next(), if !self.qos0.is_empty() => {
                     self.qos0_bytes -= size;
                     // Not reading was the broker's doing, not the client's.
@@ -1187,6 +1208,7 @@ impl Conn {
                     }
                     if e != self.expiry && e > 0 {
                         self.expiry = e;
+                        self.settle_background().await;
                         self.save().await?;
                     }
                     self.expiry = e;
@@ -1458,7 +1480,7 @@ impl Conn {
             status.push(codec::granted(opts.qos));
         }
         if changed && self.expiry > 0 {
-            self.save().await?;
+            self.save_later();
         }
         self.send(Packet::SubscribeAck(v5::SubscribeAck {
             packet_id: s.packet_id,
@@ -1485,7 +1507,7 @@ impl Conn {
             status.push(v5::UnsubscribeAckReason::Success);
         }
         if self.expiry > 0 {
-            self.save().await?;
+            self.save_later();
         }
         self.send(Packet::UnsubscribeAck(v5::UnsubscribeAck {
             packet_id: u.packet_id,
@@ -1496,20 +1518,70 @@ impl Conn {
         Ok(())
     }
 
-    /// Binds `sub`'s queue to its filter and consumes the queue.
+    /// Consumes `sub`'s queue and binds it to its filter. The consumer
+    /// comes first, so that nothing routed by the binding waits unseen;
+    /// the binding routes publishes when this returns, and is stored in
+    /// the background.
     async fn attach(&mut self, sub: &Sub) -> Result<()> {
         self.touched = true;
         let queue = sub.queue(&self.client_id);
         let durable = queue != session_queue(&self.client_id, 0);
         self.ctx.ensure_queue(&self.ns, &queue, durable).await?;
-        self.ctx
+        self.consume(&queue).await?;
+        let stored = self
+            .ctx
             .broker
-            .bind(
+            .bind_now(
                 &self.ns,
                 Binding::queue(EXCHANGE, queue.as_str(), topic::binding_key(sub.pattern())),
             )
             .await?;
-        self.consume(&queue).await
+        self.background
+            .push(async move { Background::Stored(stored.await) }.boxed());
+        Ok(())
+    }
+
+    /// A background write ended; a failed one ends the connection, whose
+    /// client then holds a subscription the broker may not keep.
+    fn on_background(&mut self, done: Background) -> Result<()> {
+        match done {
+            Background::Stored(r) => r?,
+            Background::Saved(r) => {
+                self.saving = false;
+                r?;
+                if std::mem::take(&mut self.save_again) {
+                    self.save_later();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the session in the background, one save at a time, the
+    /// latest state winning.
+    fn save_later(&mut self) {
+        if self.saving {
+            self.save_again = true;
+            return;
+        }
+        self.saving = true;
+        self.touched = true;
+        let ctx = Arc::clone(&self.ctx);
+        let (ns, client_id) = (self.ns.clone(), self.client_id.clone());
+        let session = self.stored_session(None);
+        self.background.push(
+            async move { Background::Saved(ctx.save_session(&ns, &client_id, &session).await) }
+                .boxed(),
+        );
+    }
+
+    /// Lets the background writes finish, before the session's last save.
+    async fn settle_background(&mut self) {
+        while let Some(done) = self.background.next().await {
+            if let Background::Saved(_) = done {
+                self.saving = false;
+            }
+        }
     }
 
     /// Undoes what `sub` needed of its queue, unless another of the
@@ -1532,11 +1604,22 @@ impl Conn {
                 .iter()
                 .any(|s| topic::binding_key(s.pattern()) == key)
         {
-            let _ = self
-                .ctx
-                .broker
-                .unbind(&self.ns, &Binding::queue(EXCHANGE, queue.as_str(), key))
-                .await;
+            // Routes drop the binding at once; storing it is not waited
+            // for, and a failure leaves a binding whose deliveries the
+            // session no longer wants, which is not worth the connection.
+            let binding = Binding::queue(EXCHANGE, queue.as_str(), key);
+            if let Ok(stored) = self.ctx.broker.unbind_now(&self.ns, binding).await {
+                let client = self.client_id.clone();
+                self.background.push(
+                    async move {
+                        if let Err(e) = stored.await {
+                            debug!(client = %client, "unbind not stored: {e}");
+                        }
+                        Background::Stored(Ok(()))
+                    }
+                    .boxed(),
+                );
+            }
         }
         if sub.share().is_some() && others.is_empty() {
             self.sources.remove(&queue);
@@ -1550,19 +1633,20 @@ impl Conn {
     /// Saves the session, as disconnected at `disconnected_ms` if given.
     async fn save_as(&mut self, disconnected_ms: Option<i64>) -> Result<()> {
         self.touched = true;
+        let session = self.stored_session(disconnected_ms);
         self.ctx
-            .save_session(
-                &self.ns,
-                &self.client_id,
-                &StoredSession {
-                    subs: self.subs.clone(),
-                    expiry: self.expiry,
-                    owner: self.ctx.token(self.id),
-                    disconnected_ms,
-                    role: self.role.clone(),
-                },
-            )
+            .save_session(&self.ns, &self.client_id, &session)
             .await
+    }
+
+    fn stored_session(&self, disconnected_ms: Option<i64>) -> StoredSession {
+        StoredSession {
+            subs: self.subs.clone(),
+            expiry: self.expiry,
+            owner: self.ctx.token(self.id),
+            disconnected_ms,
+            role: self.role.clone(),
+        }
     }
 
     /// Sends what waits, retained messages first, while the in-flight
@@ -1762,6 +1846,7 @@ impl Conn {
         // Unsettled deliveries go back to their queues for the next
         // connection (or another member of a share group).
         self.sources.clear();
+        self.settle_background().await;
         let fire = match end {
             End::Clean { will } => will,
             End::Abrupt(_) | End::TakenOver => true,
