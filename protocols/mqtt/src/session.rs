@@ -1131,8 +1131,9 @@ impl Conn {
                             self.send(Packet::PublishReceived(codec::ack(id)));
                         }
                         Reply::Refused(id, qos) => {
+                            // Counted off above: a PUBREC with an error
+                            // ends the exchange, no PUBREL follows.
                             if qos == QoS::ExactlyOnce {
-                                self.receiving = self.receiving.saturating_sub(1);
                                 self.send(Packet::PublishReceived(v5::PublishAck {
                                     reason_code: v5::PublishAckReason::NotAuthorized,
                                     ..codec::ack(id)
@@ -1763,7 +1764,9 @@ impl Conn {
             // says, dropped as if delivered.
             debug!(client = %self.client_id, "publish not sent: {e}");
             if let Some(id) = id {
-                self.outbound.finish(id.get(), true);
+                // Whatever its QoS, the slot in the client's Receive
+                // Maximum is free again.
+                self.outbound.finish(id.get(), qos == QoS::ExactlyOnce);
             }
             self.done(&queue, offset);
         } else if qos == QoS::AtMostOnce {

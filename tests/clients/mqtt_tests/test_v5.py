@@ -222,6 +222,22 @@ def test_client_maximum_packet_size_is_respected(client, tag):
     assert sub.c.is_connected()
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_dropped_oversized_delivery_frees_its_receive_maximum_slot(client, tag, qos):
+    """With Receive Maximum 1, a delivery over the client's Maximum Packet
+    Size is dropped as if delivered, and its slot is free again: the
+    next messages still arrive."""
+    sub = client(V5, properties=props(PacketTypes.CONNECT, MaximumPacketSize=1024,
+                                      ReceiveMaximum=1))
+    sub.subscribe(f"rm/{tag}", qos=qos)
+    pub = client(V5)
+    pub.publish(f"rm/{tag}", b"x" * 4000, qos=qos)
+    for i in range(3):
+        pub.publish(f"rm/{tag}", b"small %d" % i, qos=qos)
+    got = sub.expect(3) + sub.collect(0.5)
+    assert [m.payload for m in got] == [b"small 0", b"small 1", b"small 2"]
+
+
 def test_server_keeps_qos2_inbound_state_for_pubrel_only(raw, tag):
     """A QoS 2 publish is acknowledged with PUBREC; the PUBREL is answered
     with PUBCOMP 0 (the normal flow, byte for byte)."""
