@@ -13,7 +13,9 @@
 #   qos1    4 publishers, 1 subscriber, QoS 1, 256 B; Magnetar acknowledges
 #           a publish once the subscriber's durable queue has it on the
 #           bookie quorum;
-#   fanout  1 publisher to 100 subscribers, QoS 1.
+#   fanout  1 publisher to 100 subscribers, QoS 1;
+#   sublat  2,000 SUBSCRIBEs to new filters at QoS 1, one at a time on one
+#           connection, SUBSCRIBE to SUBACK (each unsubscribed again).
 # Prints every line, then the medians and the ratios magnetar/mosquitto.
 # The target: QoS 1 publish throughput at least Mosquitto's, and at most
 # 16 KiB per idle connection.
@@ -31,9 +33,10 @@ workload() {
     qos1) echo --qos 1 --messages 200000 --size 256 --publishers 4 --subscribers 1 ;;
     fanout) echo --qos 1 --messages 5000 --size 256 --publishers 1 --subscribers 100 ;;
     idle) echo --qos 1 --messages 1000 --size 256 --publishers 1 --subscribers 1 --connections 10000 ;;
+    sublat) echo --qos 1 --subscribe-latency 2000 ;;
   esac
 }
-workloads=(idle qos0 qos1 fanout)
+workloads=(idle qos0 qos1 fanout sublat)
 echo "machine: cores=$(nproc)"
 
 # Every workload ROUNDS times against one broker; lines go to $dir/LABEL.
@@ -86,6 +89,7 @@ ratio() { python3 -c "a,b='$1','$2'; print('n/a' if 'n/a' in (a,b) else (f'{floa
 for w in "${workloads[@]}"; do
   fields=(publish_msgs_per_s deliver_msgs_per_s p50_ms p99_ms)
   [ "$w" = idle ] && fields=(rss_per_conn_kib)
+  [ "$w" = sublat ] && fields=(subscribe_p50_ms subscribe_p99_ms)
   for f in "${fields[@]}"; do
     m=$(median magnetar "$w" "$f"); q=$(median mosquitto "$w" "$f")
     echo "median $w $f magnetar=$m mosquitto=$q ratio=$(ratio "$m" "$q")"

@@ -51,6 +51,54 @@ pub struct MqttPerf {
     /// QoS 1 and 2 publishes each publisher keeps unacknowledged.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
+    /// Instead of publishing: this many SUBSCRIBEs, one at a time, each to
+    /// a new filter at --qos, timed from the SUBSCRIBE to its SUBACK
+    /// (each is unsubscribed again).
+    #[arg(long, default_value_t = 0)]
+    subscribe_latency: u64,
+}
+
+/// SUBSCRIBE to SUBACK, one at a time on one connection: how soon a
+/// subscription is in place.
+async fn subscribe_latency(args: &MqttPerf, qos: QoS, run_id: u64) -> anyhow::Result<()> {
+    let (c, mut ev) = client(format!("perf-sublat-{run_id}"), args, 16)?;
+    loop {
+        if let Event::Incoming(Incoming::ConnAck(_)) = ev.poll().await.context("connecting")? {
+            break;
+        }
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for i in 0..args.subscribe_latency {
+        let filter = format!("{}/sublat/{run_id}/{i}", args.topic);
+        c.subscribe(filter.as_str(), qos).await?;
+        let mut sent = None;
+        loop {
+            match ev.poll().await.context("subscribing")? {
+                Event::Outgoing(Outgoing::Subscribe(_)) => sent = Some(Instant::now()),
+                Event::Incoming(Incoming::SubAck(_)) => break,
+                _ => {}
+            }
+        }
+        if let Some(t) = sent {
+            hist.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+        }
+        c.unsubscribe(filter.as_str()).await?;
+        loop {
+            if let Event::Incoming(Incoming::UnsubAck(_)) =
+                ev.poll().await.context("unsubscribing")?
+            {
+                break;
+            }
+        }
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "subscribes={} subscribe_p50_ms={:.3} subscribe_p99_ms={:.3}",
+        hist.len(),
+        ms(0.5),
+        ms(0.99)
+    );
+    Ok(())
 }
 
 fn qos_of(n: u8) -> anyhow::Result<QoS> {
@@ -92,6 +140,9 @@ pub async fn run(args: MqttPerf) -> anyhow::Result<()> {
     let qos = qos_of(args.qos)?;
     let args = Arc::new(args);
     let run_id = now_us();
+    if args.subscribe_latency > 0 {
+        return subscribe_latency(&args, qos, run_id).await;
+    }
 
     // Idle connections first, so that the memory they take is measured
     // alone.
