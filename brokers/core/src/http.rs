@@ -935,6 +935,82 @@ async fn get_partitions(
     }
 }
 
+/// Pulsar's admin API takes a partitioned topic's base name for its
+/// partitions: `op` runs on each, on this broker for the partitions it
+/// owns, and through their owners' admin API (`suffix` after the topic's
+/// path) for the others. `None` when `name` is not partitioned. The
+/// answers come by partition.
+async fn on_partitions<F, Fut>(
+    b: &Broker,
+    name: &TopicName,
+    method: Method,
+    suffix: &str,
+    op: F,
+) -> ApiResult<Option<BTreeMap<String, Value>>>
+where
+    F: Fn(TopicName) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<Value>>,
+{
+    let Some(n) = b.partitions(name).await? else {
+        return Ok(None);
+    };
+    let mut out = BTreeMap::new();
+    for i in 0..n {
+        let p = name.partition(i);
+        let owner = b.lookup(&p).await?;
+        let answer = if owner.id == b.info().id {
+            op(p.clone()).await?
+        } else {
+            let path = format!(
+                "/admin/v2/{}/{}/{}/{}/{suffix}",
+                p.domain().as_str(),
+                p.namespace().tenant(),
+                p.namespace().namespace(),
+                p.local_name()
+            );
+            let (status, body) = b.admin_request(&owner, method.clone(), &path).await?;
+            if !(200..300).contains(&status) {
+                let reason = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+                return Err(ApiError::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    format!("{p}: {reason}"),
+                ));
+            }
+            serde_json::from_slice(&body).unwrap_or(Value::Null)
+        };
+        out.insert(p.to_string(), answer);
+    }
+    Ok(Some(out))
+}
+
+/// A PUT that acts on a topic here (redirecting to its owner), or on
+/// each partition of a base name.
+async fn put_on_topic<F, Fut>(
+    b: &Broker,
+    name: &TopicName,
+    uri: &Uri,
+    suffix: &str,
+    op: F,
+) -> ApiResult<Response>
+where
+    F: Fn(Broker, TopicName) -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<()>>,
+{
+    let each = on_partitions(b, name, Method::PUT, suffix, |p| {
+        let done = op(b.clone(), p);
+        async move { done.await.map(|()| Value::Null).map_err(Into::into) }
+    })
+    .await?;
+    if each.is_none() {
+        existing_topic(b, name, uri).await?;
+        op(b.clone(), name.clone()).await?;
+    }
+    Ok(no_content())
+}
+
 /// Loads an existing topic here, redirecting to its owner if need be.
 async fn existing_topic(
     b: &Broker,
@@ -960,6 +1036,12 @@ async fn topic_stats(
     uri: Uri,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    if b.partitions(&name).await?.is_some() {
+        // Pulsar answers a base name with the partitioned stats.
+        return Ok(partitioned_stats(State(b), Path((d, t, ns, topic)))
+            .await?
+            .into_response());
+    }
     let topic = existing_topic(&b, &name, &uri).await?;
     Ok(Json(topic.stats().await?).into_response())
 }
@@ -1043,19 +1125,34 @@ async fn trigger_offload(
     uri: Uri,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    existing_topic(&b, &name, &uri).await?;
-    b.trigger_offload(&name).await?;
-    Ok(no_content())
+    put_on_topic(&b, &name, &uri, "offload", |b, p| async move {
+        b.trigger_offload(&p).await
+    })
+    .await
 }
 
+/// A partitioned topic's answer is each partition's, by partition name.
 async fn offload_status(
     State(b): State<Broker>,
     Path((d, t, ns, topic)): TopicPath,
     uri: Uri,
-) -> ApiResult<Json<crate::managed_ledger::OffloadStatus>> {
+) -> ApiResult<Json<Value>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    let each = on_partitions(&b, &name, Method::GET, "offload", |p| {
+        let b = b.clone();
+        async move {
+            let status = b.offload_status(&p).await?;
+            Ok(serde_json::to_value(status).unwrap_or(Value::Null))
+        }
+    })
+    .await?;
+    if let Some(each) = each {
+        return Ok(Json(json!({ "partitions": each })));
+    }
     existing_topic(&b, &name, &uri).await?;
-    Ok(Json(b.offload_status(&name).await?))
+    Ok(Json(
+        serde_json::to_value(b.offload_status(&name).await?).unwrap_or(Value::Null),
+    ))
 }
 
 async fn list_subscriptions(
@@ -1198,9 +1295,10 @@ async fn unload(
     uri: Uri,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    existing_topic(&b, &name, &uri).await?;
-    b.unload_topic(&name).await?;
-    Ok(no_content())
+    put_on_topic(&b, &name, &uri, "unload", |b, p| async move {
+        b.unload_topic(&p).await
+    })
+    .await
 }
 
 // ---- routes out of a topic ----

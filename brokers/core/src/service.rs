@@ -1045,19 +1045,9 @@ impl Broker {
             topic.path()
         );
         let unavailable = |why: String| BrokerError::TopicUnavailable(format!("{topic}: {why}"));
-        let mut req = self
-            .inner
-            .http
-            .post(&url)
+        let req = self
+            .internal_request(reqwest::Method::POST, &url)
             .header("content-type", "application/octet-stream");
-        if let Some(token) = self
-            .config()
-            .auth
-            .as_ref()
-            .and_then(|a| a.internal_token.as_ref())
-        {
-            req = req.bearer_auth(token);
-        }
         let resp = req
             .body(batch)
             .send()
@@ -1081,6 +1071,41 @@ impl Broker {
             None if body["duplicate"].as_bool() == Some(true) => Ok(Published::Duplicate),
             None => Err(unavailable(format!("unreadable reply of {owner_url}"))),
         }
+    }
+
+    /// A request to another broker, as this broker: with the internal
+    /// token when authentication is on.
+    fn internal_request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.inner.http.request(method, url);
+        match self
+            .config()
+            .auth
+            .as_ref()
+            .and_then(|a| a.internal_token.as_ref())
+        {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
+
+    /// Sends an admin request to another broker (`path` from `/admin` on),
+    /// as this broker, with the internal token; its status and body.
+    pub async fn admin_request(
+        &self,
+        owner: &BrokerInfo,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(u16, Bytes)> {
+        let url = format!("{}{path}", owner.http_url.trim_end_matches('/'));
+        let unavailable = |why: String| BrokerError::TopicUnavailable(format!("{url}: {why}"));
+        let resp = self
+            .internal_request(method, &url)
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
+        Ok((status, body))
     }
 
     /// Reads entries from `offset` on, up to about `max_bytes`; with

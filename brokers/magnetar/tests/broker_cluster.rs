@@ -290,3 +290,57 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
         json!(urls[1])
     );
 }
+
+/// A partitioned topic's base name stands for its partitions on whichever
+/// broker is asked: one that owns none forwards each partition's unload
+/// and offload status to the owner, as Pulsar's admin API does.
+#[tokio::test]
+async fn base_name_operations_reach_partitions_owned_elsewhere() {
+    let cluster = LedgerCluster::start(3, &[]);
+    let ports = [free_port(), free_port()];
+    let dir = cluster.meta.dir.path();
+    let _a = start_broker(&cluster, ports[0], None, &dir.join("broker-a.log"));
+    let _b = start_broker(&cluster, ports[1], None, &dir.join("broker-b.log"));
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let c = http();
+    let base = "/admin/v2/persistent/public/default/parts";
+    c.put(format!("{}{base}/partitions", urls[0]))
+        .json(&json!(3))
+        .send()
+        .await
+        .expect("create")
+        .error_for_status()
+        .expect("create status");
+    // Broker A takes the namespace's bundle by serving the partitions.
+    for i in 0..3 {
+        let body = json!({ "messages": [{ "payload": b64(&format!("m{i}")) }] });
+        produce(&c, &urls[0], &format!("parts-partition-{i}"), body)
+            .await
+            .expect("produce");
+    }
+    assert_eq!(
+        lookup(&c, &urls[1], "parts-partition-0").await["httpUrl"],
+        json!(urls[0])
+    );
+    let status = c
+        .get(format!("{}{base}/offload", urls[1]))
+        .send()
+        .await
+        .expect("offload status");
+    assert!(status.status().is_success(), "{}", status.status());
+    let status: Value = status.json().await.expect("json");
+    let parts = status["partitions"].as_object().expect("by partition");
+    assert_eq!(parts.len(), 3, "{status}");
+    let unload = c
+        .put(format!("{}{base}/unload", urls[1]))
+        .send()
+        .await
+        .expect("unload");
+    assert_eq!(unload.status().as_u16(), 204);
+    // The data is still there after the unload.
+    let read = read_all(&c, &urls[0], "parts-partition-2").await;
+    assert_eq!(read.len(), 1);
+}
