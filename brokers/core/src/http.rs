@@ -969,6 +969,12 @@ where
                 p.local_name()
             );
             let (status, body) = b.admin_request(&owner, method.clone(), &path).await?;
+            // Deleting what one partition does not have (a subscription)
+            // is no failure of the whole.
+            if status == 404 && method == Method::DELETE {
+                out.insert(p.to_string(), Value::Null);
+                continue;
+            }
             if !(200..300).contains(&status) {
                 let reason = serde_json::from_slice::<Value>(&body)
                     .ok()
@@ -1161,6 +1167,21 @@ async fn list_subscriptions(
     uri: Uri,
 ) -> ApiResult<Json<Vec<String>>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    let each = on_partitions(&b, &name, Method::GET, "subscriptions", |p| {
+        let b = b.clone();
+        async move { Ok(json!(b.topic(&p, false).await?.subscriptions().await)) }
+    })
+    .await?;
+    if let Some(each) = each {
+        // A base name's subscriptions are those of its partitions.
+        let all: std::collections::BTreeSet<String> = each
+            .values()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        return Ok(Json(all.into_iter().collect()));
+    }
     let topic = existing_topic(&b, &name, &uri).await?;
     Ok(Json(topic.subscriptions().await))
 }
@@ -1217,9 +1238,36 @@ async fn delete_subscription(
     uri: Uri,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    let suffix = format!("subscription/{}?force={}", url_segment(&sub), q.force);
+    let each = on_partitions(&b, &name, Method::DELETE, &suffix, |p| {
+        let (b, sub) = (b.clone(), sub.clone());
+        async move {
+            match b.topic(&p, false).await?.unsubscribe(&sub, q.force).await {
+                // A partition that never had it is no failure of the whole.
+                Ok(()) | Err(BrokerError::NotFound(_)) => Ok(Value::Null),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
+    if each.is_some() {
+        return Ok(no_content());
+    }
     let topic = existing_topic(&b, &name, &uri).await?;
     topic.unsubscribe(&sub, q.force).await?;
     Ok(no_content())
+}
+
+/// A path segment as a URL carries it.
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|c| match c {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (c as char).to_string()
+            }
+            c => format!("%{c:02X}"),
+        })
+        .collect()
 }
 
 type SubscriptionPath = Path<(String, String, String, String, String)>;

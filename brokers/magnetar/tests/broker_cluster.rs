@@ -292,8 +292,9 @@ async fn owner_sigkill_mid_stream_is_taken_over_with_every_ack_once_in_order() {
 }
 
 /// A partitioned topic's base name stands for its partitions on whichever
-/// broker is asked: one that owns none forwards each partition's unload
-/// and offload status to the owner, as Pulsar's admin API does.
+/// broker is asked: one that owns none forwards each partition's unload,
+/// offload status and subscriptions to the owner, as Pulsar's admin API
+/// does.
 #[tokio::test]
 async fn base_name_operations_reach_partitions_owned_elsewhere() {
     let cluster = LedgerCluster::start(3, &[]);
@@ -343,4 +344,42 @@ async fn base_name_operations_reach_partitions_owned_elsewhere() {
     // The data is still there after the unload.
     let read = read_all(&c, &urls[0], "parts-partition-2").await;
     assert_eq!(read.len(), 1);
+    // Subscriptions: listed and deleted through the broker that owns none.
+    c.put(format!("{}{base}-partition-1/subscription/audit", urls[0]))
+        .json(&json!("earliest"))
+        .send()
+        .await
+        .expect("subscribe")
+        .error_for_status()
+        .expect("subscribe status");
+    let subs: Value = c
+        .get(format!("{}{base}/subscriptions", urls[1]))
+        .send()
+        .await
+        .expect("subscriptions")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        subs.as_array().expect("a list").contains(&json!("audit")),
+        "{subs}"
+    );
+    let deleted = c
+        .delete(format!("{}{base}/subscription/audit", urls[1]))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status().as_u16(), 204);
+    let subs: Value = c
+        .get(format!("{}{base}/subscriptions", urls[1]))
+        .send()
+        .await
+        .expect("subscriptions")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        !subs.as_array().expect("a list").contains(&json!("audit")),
+        "{subs}"
+    );
 }

@@ -1,6 +1,7 @@
 """Topic operations on a partitioned topic's base name act on every
 partition, as Pulsar users run them: `magnetar admin topics stats`,
-`unload` and `offload-status` (and the REST paths under them)."""
+`unload`, `offload-status`, and the subscriptions (and the REST paths
+under them)."""
 
 import json
 import uuid
@@ -44,3 +45,19 @@ def test_admin_operations_on_a_base_name_act_on_every_partition(standalone):
     out = cli(standalone, "offload-status", topic)
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout)["partitions"]) == parts
+
+    # Subscriptions: listed across the partitions, deleted from each.
+    status, _ = call(standalone, "PUT",
+                     f"/admin/v2/persistent/public/default/{topic}-partition-0/subscription/audit",
+                     "earliest")
+    assert status == 204
+    status, body = call(standalone, "GET",
+                        f"/admin/v2/persistent/public/default/{topic}/subscriptions")
+    assert status == 200, body
+    assert "audit" in json.loads(body), body
+    status, body = call(standalone, "DELETE",
+                        f"/admin/v2/persistent/public/default/{topic}/subscription/audit")
+    assert status == 204, body
+    status, body = call(standalone, "GET",
+                        f"/admin/v2/persistent/public/default/{topic}/subscriptions")
+    assert "audit" not in json.loads(body), body
