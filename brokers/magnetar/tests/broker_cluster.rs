@@ -119,6 +119,16 @@ async fn stats(c: &reqwest::Client, url: &str, topic: &str) -> Value {
     .expect("json")
 }
 
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 async fn lookup(c: &reqwest::Client, url: &str, topic: &str) -> Value {
     c.get(format!(
         "{url}/lookup/v2/topic/persistent/public/default/{topic}"
@@ -352,14 +362,7 @@ async fn base_name_operations_reach_partitions_owned_elsewhere() {
         .expect("subscribe")
         .error_for_status()
         .expect("subscribe status");
-    let subs: Value = c
-        .get(format!("{}{base}/subscriptions", urls[1]))
-        .send()
-        .await
-        .expect("subscriptions")
-        .json()
-        .await
-        .expect("json");
+    let subs = get_json(&c, &format!("{}{base}/subscriptions", urls[1])).await;
     assert!(
         subs.as_array().expect("a list").contains(&json!("audit")),
         "{subs}"
@@ -370,14 +373,7 @@ async fn base_name_operations_reach_partitions_owned_elsewhere() {
         .await
         .expect("delete");
     assert_eq!(deleted.status().as_u16(), 204);
-    let subs: Value = c
-        .get(format!("{}{base}/subscriptions", urls[1]))
-        .send()
-        .await
-        .expect("subscriptions")
-        .json()
-        .await
-        .expect("json");
+    let subs = get_json(&c, &format!("{}{base}/subscriptions", urls[1])).await;
     assert!(
         !subs.as_array().expect("a list").contains(&json!("audit")),
         "{subs}"
