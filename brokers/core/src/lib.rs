@@ -42,8 +42,8 @@ pub use coalesce::Coalescer;
 pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{
-    Broker, BrokerConfig, BrokerInfo, FetchResult, OffloadDefaults, RetentionHold, RetentionRun,
-    RoutingStored, TopicPolicies,
+    Broker, BrokerConfig, BrokerInfo, FetchResult, MetadataQuorum, OffloadDefaults, QuorumVoter,
+    RetentionHold, RetentionRun, RoutingStored, TopicPolicies,
 };
 pub use state::{KeyQuota, StateChange, StateStore, Versioned};
 pub use subscription::{

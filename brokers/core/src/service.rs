@@ -69,6 +69,23 @@ pub struct BrokerInfo {
     pub listeners: BTreeMap<String, String>,
 }
 
+/// See [`Broker::metadata_quorum`].
+#[derive(Clone, Debug)]
+pub struct MetadataQuorum {
+    pub leader: u64,
+    pub term: u64,
+    /// The leader's last applied index.
+    pub applied: u64,
+    pub voters: Vec<QuorumVoter>,
+}
+
+#[derive(Clone, Debug)]
+pub struct QuorumVoter {
+    pub id: u64,
+    pub addr: String,
+    pub last_log_index: i64,
+}
+
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     pub cluster: String,
@@ -433,6 +450,39 @@ impl Broker {
 
     pub fn meta(&self) -> &MetaClient {
         &self.inner.meta
+    }
+
+    /// The metadata store's raft group as its leader sees it, with each
+    /// member's last log index (-1 for a member that did not answer);
+    /// `None` when no reachable node knows a leader.
+    pub async fn metadata_quorum(&self) -> Option<MetadataQuorum> {
+        let meta = &self.inner.meta;
+        let mut statuses = Vec::new();
+        for endpoint in meta.endpoints() {
+            if let Ok(s) = meta.node_status(endpoint).await {
+                statuses.push(s);
+            }
+        }
+        let leader = statuses.iter().find(|s| s.leader == Some(s.id))?;
+        let voters = leader
+            .members
+            .iter()
+            .map(|m| QuorumVoter {
+                id: m.id,
+                addr: m.addr.clone(),
+                last_log_index: statuses
+                    .iter()
+                    .find(|s| s.id == m.id)
+                    .and_then(|s| i64::try_from(s.last_log_index).ok())
+                    .unwrap_or(-1),
+            })
+            .collect();
+        Some(MetadataQuorum {
+            leader: leader.id,
+            term: leader.term,
+            applied: leader.last_applied,
+            voters,
+        })
     }
 
     pub fn ledger_client(&self) -> &LedgerClient {

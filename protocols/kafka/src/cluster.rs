@@ -384,33 +384,23 @@ impl Ctx {
             out.error_code = E::ClusterAuthorizationFailed.code();
             return out;
         }
-        let meta = self.broker.meta();
-        let mut statuses = Vec::new();
-        for endpoint in meta.endpoints().to_vec() {
-            if let Ok(s) = meta.node_status(&endpoint).await {
-                statuses.push(s);
-            }
-        }
-        let leader = statuses.iter().find(|s| s.leader == Some(s.id));
+        let quorum = self.broker.metadata_quorum().await;
+        let id = |n: u64| BrokerId(i32::try_from(n).unwrap_or(-1));
         for t in r.topics {
             let mut td = TopicData::default().with_topic_name(t.topic_name.clone());
             for p in t.partitions {
                 let mut pd = PartitionData::default().with_partition_index(p.partition_index);
                 if t.topic_name.0.as_str() != METADATA_TOPIC || p.partition_index != 0 {
                     pd.error_code = E::UnknownTopicOrPartition.code();
-                } else if let Some(l) = leader {
-                    pd.leader_id = BrokerId(i32::try_from(l.id).unwrap_or(-1));
-                    pd.leader_epoch = i32::try_from(l.term).unwrap_or(i32::MAX);
-                    pd.high_watermark = i64::try_from(l.last_applied).unwrap_or(i64::MAX);
-                    for m in &l.members {
-                        let end = statuses
-                            .iter()
-                            .find(|s| s.id == m.id)
-                            .map_or(-1, |s| i64::try_from(s.last_log_index).unwrap_or(-1));
+                } else if let Some(q) = &quorum {
+                    pd.leader_id = id(q.leader);
+                    pd.leader_epoch = i32::try_from(q.term).unwrap_or(i32::MAX);
+                    pd.high_watermark = i64::try_from(q.applied).unwrap_or(i64::MAX);
+                    for v in &q.voters {
                         pd.current_voters.push(
                             ReplicaState::default()
-                                .with_replica_id(BrokerId(i32::try_from(m.id).unwrap_or(-1)))
-                                .with_log_end_offset(end)
+                                .with_replica_id(id(v.id))
+                                .with_log_end_offset(v.last_log_index)
                                 .with_last_fetch_timestamp(-1)
                                 .with_last_caught_up_timestamp(-1),
                         );
@@ -423,22 +413,19 @@ impl Ctx {
             }
             out.topics.push(td);
         }
-        if let Some(l) = leader {
-            for m in &l.members {
-                let mut node =
-                    Node::default().with_node_id(BrokerId(i32::try_from(m.id).unwrap_or(-1)));
-                if let Some((host, port)) = m.addr.rsplit_once(':') {
-                    if let Ok(port) = port.parse() {
-                        node.listeners.push(
-                            describe_quorum_response::Listener::default()
-                                .with_name(str("metadata"))
-                                .with_host(str(host.trim_start_matches('[').trim_end_matches(']')))
-                                .with_port(port),
-                        );
-                    }
+        for v in quorum.iter().flat_map(|q| &q.voters) {
+            let mut node = Node::default().with_node_id(id(v.id));
+            if let Some((host, port)) = v.addr.rsplit_once(':') {
+                if let Ok(port) = port.parse() {
+                    node.listeners.push(
+                        describe_quorum_response::Listener::default()
+                            .with_name(str("metadata"))
+                            .with_host(str(host.trim_start_matches('[').trim_end_matches(']')))
+                            .with_port(port),
+                    );
                 }
-                out.nodes.push(node);
             }
+            out.nodes.push(node);
         }
         out
     }

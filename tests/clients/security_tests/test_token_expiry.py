@@ -35,17 +35,22 @@ def assert_closed_at_exp(closed_at, exp, what):
     assert closed_at <= exp + 1.0, f"{what} closed {closed_at - exp:.2f} s after exp"
 
 
-def test_kafka(secured):
-    token, exp = expiring(secured)
-    errors = queue.Queue()
-    p = Producer({
+def sasl_conf(secured, token, **extra):
+    """librdkafka's settings for SASL/PLAIN with `token` in public/default."""
+    return {
         "bootstrap.servers": secured.kafka,
         "security.protocol": "SASL_PLAINTEXT",
         "sasl.mechanism": "PLAIN",
         "sasl.username": "public/default",
         "sasl.password": "token:" + token,
-        "error_cb": lambda e: errors.put((time.time(), e)),
-    })
+        **extra,
+    }
+
+
+def test_kafka(secured):
+    token, exp = expiring(secured)
+    errors = queue.Queue()
+    p = Producer(sasl_conf(secured, token, error_cb=lambda e: errors.put((time.time(), e))))
     p.produce(f"exp-{uuid.uuid4().hex[:6]}", b"before")
     assert p.flush(30) == 0
     assert time.time() < exp - 1, "the token expired before the test began"
@@ -68,16 +73,9 @@ def test_kafka_reauthenticates_on_its_connection_before_exp(secured):
     token, exp = expiring(secured)
     stats = queue.Queue()
     errors = queue.Queue()
-    p = Producer({
-        "bootstrap.servers": secured.kafka,
-        "security.protocol": "SASL_PLAINTEXT",
-        "sasl.mechanism": "PLAIN",
-        "sasl.username": "public/default",
-        "sasl.password": "token:" + token,
-        "statistics.interval.ms": 500,
-        "stats_cb": stats.put,
-        "error_cb": errors.put,
-    })
+    p = Producer(sasl_conf(secured, token, **{"statistics.interval.ms": 500,
+                                               "stats_cb": stats.put,
+                                               "error_cb": errors.put}))
     topic = f"reauth-{uuid.uuid4().hex[:6]}"
     p.produce(topic, b"before")
     assert p.flush(30) == 0
