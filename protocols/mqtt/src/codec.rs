@@ -65,6 +65,23 @@ impl Framing {
         }
     }
 
+    /// A decoder of the rest of this connection's input, which goes on
+    /// where this one took CONNECT: same level and limit, at a packet
+    /// boundary.
+    pub fn decoder(&self) -> Framing {
+        let codec = match &self.codec {
+            Codec::Unknown(_) => Codec::Unknown(VersionCodec),
+            Codec::V3(_) => Codec::V3(v3::Codec::new(self.max_in)),
+            Codec::V5(_) => Codec::V5(v5::Codec::new(self.max_in, 0)),
+        };
+        Framing {
+            codec,
+            level: self.level,
+            max_in: self.max_in,
+            mid_packet: false,
+        }
+    }
+
     /// The next whole packet in `buf`, if there is one.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, MqttError> {
         if let Codec::Unknown(vc) = &mut self.codec {

@@ -101,7 +101,7 @@ impl Drop for MqttServer {
 }
 
 /// Ends a task when dropped: the owner watch goes with the listener.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -38,8 +38,10 @@ use tracing::{debug, warn};
 
 use crate::codec::{self, Framing};
 use crate::error::{MqttError, Result};
+use crate::order::{spawn_reader, Batch, Inbound, SubscribeGate};
 use crate::props;
 use crate::retained;
+use crate::server::AbortOnDrop;
 use crate::state::{AliasesOut, Inflight, Outbound, TopicRef};
 use crate::topic;
 use crate::{MqttConfig, EXCHANGE};
@@ -80,6 +82,8 @@ pub(crate) struct Ctx {
     meta_ops: tokio::sync::Semaphore,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
+    /// SUBSCRIBEs that publishes read after them wait for.
+    gate: Arc<SubscribeGate>,
 }
 
 #[derive(Default)]
@@ -240,6 +244,7 @@ impl Ctx {
             retained,
             next_conn: AtomicU64::new(1),
             registry: std::sync::Mutex::new(Registry::default()),
+            gate: Arc::default(),
         }
     }
 
@@ -581,6 +586,9 @@ struct Conn {
     ns: NamespaceName,
     client_id: String,
     framing: Framing,
+    /// The sequence number of the packet being served: publishes wait for
+    /// SUBSCRIBEs read before it ([`SubscribeGate`]).
+    read_seq: u64,
     out: BytesMut,
     v5: bool,
     subs: Vec<Sub>,
@@ -709,7 +717,7 @@ where
             return Ok(());
         }
     };
-    let end = conn.run(&mut rd, &mut wr, buf, kick).await;
+    let end = conn.run(rd, &mut wr, buf, kick).await;
     conn.close(end, &mut wr).await;
     Ok(())
 }
@@ -969,6 +977,7 @@ impl Conn {
             ns,
             client_id,
             framing,
+            read_seq: 0,
             out: BytesMut::new(),
             v5,
             subs: Vec::new(),
@@ -1019,34 +1028,34 @@ impl Conn {
         }
     }
 
-    /// Serves every whole packet in `buf`; the end of the connection if
+    /// Serves a batch of packets as read; the end of the connection if
     /// one ends it.
-    async fn drain(&mut self, buf: &mut BytesMut) -> Option<End> {
-        loop {
-            match self.framing.decode(buf) {
-                Ok(Some(p)) => match self.on_packet(p).await {
-                    Ok(None) => {}
-                    Ok(Some(end)) => return Some(end),
-                    Err(e) => return Some(End::Abrupt(Some(e))),
-                },
-                Ok(None) => return None,
+    async fn serve_batch(&mut self, mut batch: Batch) -> Option<End> {
+        for Inbound { seq, packet, held } in std::mem::take(&mut batch.packets) {
+            self.read_seq = seq;
+            let served = match packet {
+                Ok(p) => self.on_packet(p).await,
+                Err(e) => return Some(End::Abrupt(Some(e))),
+            };
+            // A SUBSCRIBE's filters are bound (or refused) by now.
+            drop(held);
+            match served {
+                Ok(None) => {}
+                Ok(Some(end)) => return Some(end),
                 Err(e) => return Some(End::Abrupt(Some(e))),
             }
         }
+        None
     }
 
-    async fn run<S: AsyncRead + AsyncWrite>(
+    async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
         &mut self,
-        rd: &mut ReadHalf<S>,
+        rd: ReadHalf<S>,
         wr: &mut WriteHalf<S>,
-        mut buf: BytesMut,
+        buf: BytesMut,
         mut kick: oneshot::Receiver<()>,
     ) -> End {
         let mut deliveries = None::<mpsc::UnboundedReceiver<(String, Delivery)>>;
-        // How much the last read brought: reads reserve for about twice
-        // that, so that busy connections read in large chunks and idle
-        // ones hold small buffers.
-        let mut last_read = 0usize;
         // A resumed session's subscriptions: bound again (the QoS 0
         // queue lives in memory and went with the last connection or a
         // restart), and consumed.
@@ -1056,18 +1065,20 @@ impl Conn {
             }
         }
         // Packets a client sent right behind CONNECT (paho sends SUBSCRIBE
-        // before CONNACK comes) arrived with it: served before waiting
-        // for more bytes, which the client may never send.
-        if let Some(end) = self.drain(&mut buf).await {
-            return end;
-        }
+        // before CONNACK comes) arrived with it, in `buf`: the reader
+        // serves them before waiting for more bytes.
+        let (mut inbound, reader) = spawn_reader(
+            rd,
+            self.framing.decoder(),
+            buf,
+            self.ns.clone(),
+            Arc::clone(&self.ctx.gate),
+        );
+        let _reader = AbortOnDrop(reader);
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
         loop {
             if let Some(rx) = self.deliveries_new.take() {
                 deliveries = Some(rx);
-            }
-            if buf.capacity() - buf.len() < 256 {
-                buf.reserve((last_read * 2).clamp(512, 64 * 1024));
             }
             if !self.out.is_empty() {
                 let out = self.out.split();
@@ -1076,17 +1087,13 @@ impl Conn {
                 }
             }
             tokio::select! {
-                r = rd.read_buf(&mut buf), if self.qos0.len() < QOS0_IN_FLIGHT && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES => {
-                    match r {
-                        Ok(0) | Err(_) => return End::Abrupt(None),
-                        Ok(n) => last_read = n,
-                    }
+                batch = inbound.recv(), if self.qos0.len() < QOS0_IN_FLIGHT && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES => {
+                    let Some(batch) = batch else {
+                        return End::Abrupt(None);
+                    };
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
-                    if let Some(end) = self.drain(&mut buf).await {
+                    if let Some(end) = self.serve_batch(batch).await {
                         return end;
-                    }
-                    if buf.is_empty() && buf.capacity() > 8192 {
-                        buf = BytesMut::new();
                     }
                 }
                 Some(first) = async {
@@ -1330,6 +1337,8 @@ impl Conn {
             }
         }
         let record = props::to_record(&p, &topic, &self.client_id);
+        // Subscribers whose SUBSCRIBE arrived first get it.
+        self.ctx.gate.wait(self.read_seq, &self.ns, &topic).await;
         let mut stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
         if let (QoS::ExactlyOnce, Some(id), true) = (p.qos, p.packet_id, self.expiry > 0) {
             // Remembered durably before PUBREC goes out.
@@ -1526,8 +1535,7 @@ impl Conn {
     async fn attach(&mut self, sub: &Sub) -> Result<()> {
         self.touched = true;
         let queue = sub.queue(&self.client_id);
-        let durable = queue != session_queue(&self.client_id, 0);
-        self.ctx.ensure_queue(&self.ns, &queue, durable).await?;
+        // A queue the session consumes exists.
         self.consume(&queue).await?;
         let stored = self
             .ctx

@@ -252,3 +252,51 @@ def test_v311_live_retained_publish_reaches_subscribers_without_retain(client, t
     m = sub.expect_one()
     assert (m.payload, m.retain) == (b"r", False)
     pub.publish(f"lr/{tag}", b"", qos=1, retain=True)
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_publish_right_behind_another_clients_subscribe_reaches_it(standalone, tag, qos):
+    """B writes SUBSCRIBE, and A publishes the moment that write returned,
+    before any SUBACK: the broker reads the SUBSCRIBE first, so B gets the
+    message (as from Mosquitto), 1,000 rounds in a row. paho without its
+    loop thread writes each packet in the call that makes it; with
+    TCP_NODELAY the kernel sends it at once too, rather than holding a
+    small packet until the broker acknowledged the previous one."""
+    import socket
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got = []
+
+    def make(name):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{tag}", protocol=V5)
+        c.connect("127.0.0.1", standalone.mqtt_port)
+        deadline = time.monotonic() + 10
+        while not c.is_connected():
+            assert time.monotonic() < deadline, f"{name} got no CONNACK"
+            c.loop(timeout=0.05)
+        c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return c
+
+    a, b = make("a"), make("b")
+    b.on_message = lambda c, u, m: got.append(m.topic)
+    missed = []
+    try:
+        for i in range(1000):
+            topic = f"{tag}/{i}"
+            b.subscribe(topic, qos=qos)
+            a.publish(topic, b"x", qos=1)
+            deadline = time.monotonic() + 2
+            while topic not in got and time.monotonic() < deadline:
+                b.loop(timeout=0.01)
+                a.loop(timeout=0)
+            if topic not in got:
+                missed.append(i)
+                if len(missed) >= 10:
+                    break
+            b.unsubscribe(topic)
+    finally:
+        a.disconnect()
+        b.disconnect()
+    assert not missed, f"publishes of rounds {missed} missed the subscriber"
