@@ -181,6 +181,10 @@ pub fn router(broker: Broker) -> Router {
             get(internal_stats),
         )
         .route(
+            "/{domain}/{tenant}/{ns}/{topic}/partitioned-internalStats",
+            get(partitioned_internal_stats),
+        )
+        .route(
             "/{domain}/{tenant}/{ns}/{topic}/subscriptions",
             get(list_subscriptions),
         )
@@ -938,15 +942,18 @@ async fn get_partitions(
 /// Pulsar's admin API takes a partitioned topic's base name for its
 /// partitions: `op` runs on each, on this broker for the partitions it
 /// owns, and through their owners' admin API (`suffix` after the topic's
-/// path) for the others. `None` when `name` is not partitioned. The
-/// answers come by partition.
+/// path, with `body`) for the others. `None` when `name` is not
+/// partitioned. The answers come by partition; `None` for a partition
+/// that answered 404 (not created yet, or without the subscription
+/// addressed), which is no failure of the whole.
 async fn on_partitions<F, Fut>(
     b: &Broker,
     name: &TopicName,
     method: Method,
     suffix: &str,
+    body: &Bytes,
     op: F,
-) -> ApiResult<Option<BTreeMap<String, Value>>>
+) -> ApiResult<Option<BTreeMap<String, Option<Value>>>>
 where
     F: Fn(TopicName) -> Fut,
     Fut: std::future::Future<Output = ApiResult<Value>>,
@@ -959,7 +966,11 @@ where
         let p = name.partition(i);
         let owner = b.lookup(&p).await?;
         let answer = if owner.id == b.info().id {
-            op(p.clone()).await?
+            match op(p.clone()).await {
+                Ok(v) => Some(v),
+                Err(e) if e.status == StatusCode::NOT_FOUND => None,
+                Err(e) => return Err(e),
+            }
         } else {
             let path = format!(
                 "/admin/v2/{}/{}/{}/{}/{suffix}",
@@ -968,28 +979,34 @@ where
                 p.namespace().namespace(),
                 p.local_name()
             );
-            let (status, body) = b.admin_request(&owner, method.clone(), &path).await?;
-            // Deleting what one partition does not have (a subscription)
-            // is no failure of the whole.
-            if status == 404 && method == Method::DELETE {
-                out.insert(p.to_string(), Value::Null);
-                continue;
-            }
-            if !(200..300).contains(&status) {
-                let reason = serde_json::from_slice::<Value>(&body)
+            let (status, answer) = b
+                .admin_request(&owner, method.clone(), &path, body.clone())
+                .await?;
+            if status == 404 {
+                None
+            } else if (200..300).contains(&status) {
+                Some(serde_json::from_slice(&answer).unwrap_or(Value::Null))
+            } else {
+                let reason = serde_json::from_slice::<Value>(&answer)
                     .ok()
                     .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+                    .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
                 return Err(ApiError::new(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                     format!("{p}: {reason}"),
                 ));
             }
-            serde_json::from_slice(&body).unwrap_or(Value::Null)
         };
         out.insert(p.to_string(), answer);
     }
     Ok(Some(out))
+}
+
+/// The answers of the partitions that had one.
+fn answered(each: BTreeMap<String, Option<Value>>) -> BTreeMap<String, Value> {
+    each.into_iter()
+        .filter_map(|(p, v)| v.map(|v| (p, v)))
+        .collect()
 }
 
 /// A PUT that acts on a topic here (redirecting to its owner), or on
@@ -1005,7 +1022,7 @@ where
     F: Fn(Broker, TopicName) -> Fut,
     Fut: std::future::Future<Output = crate::error::Result<()>>,
 {
-    let each = on_partitions(b, name, Method::PUT, suffix, |p| {
+    let each = on_partitions(b, name, Method::PUT, suffix, &Bytes::new(), |p| {
         let done = op(b.clone(), p);
         async move { done.await.map(|()| Value::Null).map_err(Into::into) }
     })
@@ -1057,35 +1074,25 @@ async fn partitioned_stats(
     Path((d, t, ns, topic)): TopicPath,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    let n = b.partitions(&name).await?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("partitioned topic {name} not found"),
-        )
-    })?;
-    let mut partitions = BTreeMap::new();
-    let (mut msg_in, mut bytes_in, mut size) = (0u64, 0u64, 0u64);
-    for i in 0..n {
-        let p = name.partition(i);
-        if !b.topic_exists(&p).await? {
-            continue;
+    let each = on_partitions(&b, &name, Method::GET, "stats", &Bytes::new(), |p| {
+        let b = b.clone();
+        async move {
+            if !b.topic_exists(&p).await? {
+                return Err(ApiError::not_found(format!("topic {p} not found")));
+            }
+            Ok(serde_json::to_value(b.topic_stats(&p).await?).unwrap_or(Value::Null))
         }
-        // Partitions owned elsewhere are reported by their owner.
-        if let Ok(s) = b.topic_stats(&p).await {
-            msg_in += s.msg_in_counter;
-            bytes_in += s.bytes_in_counter;
-            size += s.storage_size;
-            partitions.insert(
-                p.to_string(),
-                serde_json::to_value(&s).unwrap_or(Value::Null),
-            );
-        }
-    }
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("partitioned topic {name} not found")))?;
+    let n = each.len();
+    let partitions = answered(each);
+    let sum = |field: &str| -> u64 { partitions.values().filter_map(|s| s[field].as_u64()).sum() };
     Ok(Json(json!({
         "metadata": { "partitions": n },
-        "msgInCounter": msg_in,
-        "bytesInCounter": bytes_in,
-        "storageSize": size,
+        "msgInCounter": sum("msgInCounter"),
+        "bytesInCounter": sum("bytesInCounter"),
+        "storageSize": sum("storageSize"),
         "partitions": partitions,
     })))
 }
@@ -1096,10 +1103,49 @@ async fn internal_stats(
     uri: Uri,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
+    if b.partitions(&name).await?.is_some() {
+        // As Pulsar's partitioned-internalStats.
+        return partitioned_internal_stats(State(b), Path((d, t, ns, topic))).await;
+    }
     let topic = existing_topic(&b, &name, &uri).await?;
+    Ok(Json(internal_stats_of(&topic).await?))
+}
+
+async fn partitioned_internal_stats(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    let each = on_partitions(
+        &b,
+        &name,
+        Method::GET,
+        "internalStats",
+        &Bytes::new(),
+        |p| {
+            let b = b.clone();
+            async move {
+                if !b.topic_exists(&p).await? {
+                    return Err(ApiError::not_found(format!("topic {p} not found")));
+                }
+                let topic = b.topic(&p, false).await?;
+                internal_stats_of(&topic).await
+            }
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("partitioned topic {name} not found")))?;
+    Ok(Json(json!({
+        "metadata": { "partitions": each.len() },
+        "partitions": answered(each),
+    })))
+}
+
+/// Pulsar's internal stats of one topic: its ledgers and cursors.
+async fn internal_stats_of(topic: &crate::topic::Topic) -> ApiResult<Value> {
     let ledgers = topic.ledgers();
     let stats = topic.stats().await?;
-    Ok(Json(json!({
+    Ok(json!({
         "entriesAddedCounter": stats.msg_in_counter,
         "numberOfEntries": ledgers.iter().map(|l| l.entries).sum::<u64>(),
         "totalSize": stats.storage_size,
@@ -1119,7 +1165,7 @@ async fn internal_stats(
             "markDeleteOffset": s.mark_delete_offset,
             "readOffset": s.read_offset,
         }))).collect::<BTreeMap<_, _>>(),
-    })))
+    }))
 }
 
 /// Offloads the topic's closed ledgers now. Pulsar's body names the last
@@ -1144,7 +1190,7 @@ async fn offload_status(
     uri: Uri,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    let each = on_partitions(&b, &name, Method::GET, "offload", |p| {
+    let each = on_partitions(&b, &name, Method::GET, "offload", &Bytes::new(), |p| {
         let b = b.clone();
         async move {
             let status = b.offload_status(&p).await?;
@@ -1167,27 +1213,37 @@ async fn list_subscriptions(
     uri: Uri,
 ) -> ApiResult<Json<Vec<String>>> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    let each = on_partitions(&b, &name, Method::GET, "subscriptions", |p| {
-        let b = b.clone();
-        async move { Ok(json!(b.topic(&p, false).await?.subscriptions().await)) }
-    })
-    .await?;
-    if let Some(each) = each {
-        // A base name's subscriptions are those of its partitions.
-        let all: std::collections::BTreeSet<String> = each
-            .values()
-            .filter_map(Value::as_array)
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect();
+    if let Some(all) = base_subscriptions(&b, &name).await? {
         return Ok(Json(all.into_iter().collect()));
     }
     let topic = existing_topic(&b, &name, &uri).await?;
     Ok(Json(topic.subscriptions().await))
 }
 
+/// A base name's subscriptions: those of its partitions. `None` when
+/// `name` is not partitioned.
+async fn base_subscriptions(
+    b: &Broker,
+    name: &TopicName,
+) -> ApiResult<Option<std::collections::BTreeSet<String>>> {
+    let each = on_partitions(b, name, Method::GET, "subscriptions", &Bytes::new(), |p| {
+        let b = b.clone();
+        async move { Ok(json!(b.topic(&p, false).await?.subscriptions().await)) }
+    })
+    .await?;
+    Ok(each.map(|each| {
+        answered(each)
+            .values()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }))
+}
+
 /// The body names where a new subscription starts: `"latest"`,
-/// `"earliest"` or `{"offset": N}`.
+/// `"earliest"` or `{"offset": N}`. On a base name, the subscription is
+/// made on every partition (those not created yet are created).
 async fn create_subscription(
     State(b): State<Broker>,
     Path((d, t, ns, topic, sub)): SubscriptionPath,
@@ -1195,19 +1251,46 @@ async fn create_subscription(
     raw: Bytes,
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
-    let topic = existing_topic(&b, &name, &uri).await?;
-    if topic.subscriptions().await.contains(&sub) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("subscription {sub} already exists on {name}"),
-        ));
+    let start = subscription_start(&raw)?;
+    if let Some(existing) = base_subscriptions(&b, &name).await? {
+        if existing.contains(&sub) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("subscription {sub} already exists on {name}"),
+            ));
+        }
+        let suffix = format!("subscription/{}", url_segment(&sub));
+        let (sub, b2) = (&sub, b.clone());
+        on_partitions(&b, &name, Method::PUT, &suffix, &raw, move |p| {
+            let b = b2.clone();
+            async move {
+                let topic = b.topic(&p, true).await?;
+                subscribe_at(&topic, &p, sub, start).await?;
+                Ok(Value::Null)
+            }
+        })
+        .await?;
+        return Ok(no_content());
     }
+    // A partition is created by its first use, as its producers would.
+    let topic = if name.partition_index().is_some() && b.partitions(&name.base()).await?.is_some() {
+        owned(&b, &name, &uri).await?;
+        b.topic(&name, true).await?
+    } else {
+        existing_topic(&b, &name, &uri).await?
+    };
+    subscribe_at(&topic, &name, &sub, start).await?;
+    Ok(no_content())
+}
+
+/// Where a subscription made through the admin API starts.
+fn subscription_start(raw: &Bytes) -> ApiResult<(InitialPosition, Option<u64>)> {
     let start: Value = if raw.is_empty() {
         json!("latest")
     } else {
-        body(&raw)?
+        body(raw)?
     };
-    let (initial_position, offset) = match &start {
+    Ok(match &start {
         Value::String(s) if s.eq_ignore_ascii_case("latest") => (InitialPosition::Latest, None),
         Value::String(s) if s.eq_ignore_ascii_case("earliest") => (InitialPosition::Earliest, None),
         v => match v.get("offset").and_then(Value::as_u64) {
@@ -1218,17 +1301,31 @@ async fn create_subscription(
                 ))
             }
         },
-    };
+    })
+}
+
+async fn subscribe_at(
+    topic: &crate::topic::Topic,
+    name: &TopicName,
+    sub: &str,
+    (initial_position, offset): (InitialPosition, Option<u64>),
+) -> ApiResult<()> {
+    if topic.subscriptions().await.iter().any(|s| s == sub) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("subscription {sub} already exists on {name}"),
+        ));
+    }
     let opts = SubscriptionOptions {
         sub_type: SubscriptionType::Exclusive,
         initial_position,
         ..SubscriptionOptions::default()
     };
-    let s = topic.get_or_create_subscription(&sub, opts).await?;
+    let s = topic.get_or_create_subscription(sub, opts).await?;
     if let Some(o) = offset {
         s.reset(ResetTo::Offset(o)).await?;
     }
-    Ok(no_content())
+    Ok(())
 }
 
 async fn delete_subscription(
@@ -1239,7 +1336,7 @@ async fn delete_subscription(
 ) -> ApiResult<Response> {
     let name = topic_name(&d, &t, &ns, &topic)?;
     let suffix = format!("subscription/{}?force={}", url_segment(&sub), q.force);
-    let each = on_partitions(&b, &name, Method::DELETE, &suffix, |p| {
+    let each = on_partitions(&b, &name, Method::DELETE, &suffix, &Bytes::new(), |p| {
         let (b, sub) = (b.clone(), sub.clone());
         async move {
             match b.topic(&p, false).await?.unsubscribe(&sub, q.force).await {
@@ -1272,25 +1369,69 @@ fn url_segment(s: &str) -> String {
 
 type SubscriptionPath = Path<(String, String, String, String, String)>;
 
-async fn reset_to(
+/// Moves a subscription's cursor to where `to` says for its topic; on a
+/// base name, on every partition that has the subscription (`suffix`
+/// after `subscription/<sub>/` and `body` reach the partitions owned
+/// elsewhere).
+async fn reset_to<F, Fut>(
     b: &Broker,
     path: SubscriptionPath,
     uri: &Uri,
-    to: ResetTo,
-) -> ApiResult<Response> {
+    suffix: &str,
+    body: &Bytes,
+    to: F,
+) -> ApiResult<Response>
+where
+    F: Fn(std::sync::Arc<crate::topic::Topic>) -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<ResetTo>>,
+{
     let Path((d, t, ns, topic, sub)) = path;
     let name = topic_name(&d, &t, &ns, &topic)?;
+    let (to, sub) = (&to, &sub);
+    let path = format!("subscription/{}/{suffix}", url_segment(sub));
+    let each = on_partitions(b, &name, Method::POST, &path, body, |p| {
+        let b = b.clone();
+        async move {
+            let topic = b.topic(&p, false).await?;
+            let at = to(std::sync::Arc::clone(&topic)).await?;
+            topic.reset_subscription(sub, at).await?;
+            Ok(Value::Null)
+        }
+    })
+    .await?;
+    if let Some(each) = each {
+        if each.values().all(Option::is_none) {
+            return Err(ApiError::not_found(format!(
+                "subscription {sub} not found on any partition of {name}"
+            )));
+        }
+        return Ok(no_content());
+    }
     let topic = existing_topic(b, &name, uri).await?;
-    topic.reset_subscription(&sub, to).await?;
+    let at = to(std::sync::Arc::clone(&topic)).await?;
+    topic.reset_subscription(sub, at).await?;
     Ok(no_content())
 }
 
+/// Not on a base name, as in Pulsar: a count of messages means nothing
+/// across partitions.
 async fn skip(
     State(b): State<Broker>,
     Path((d, t, ns, topic, sub, n)): Path<(String, String, String, String, String, u64)>,
     uri: Uri,
 ) -> ApiResult<Response> {
-    reset_to(&b, Path((d, t, ns, topic, sub)), &uri, ResetTo::Skip(n)).await
+    let name = topic_name(&d, &t, &ns, &topic)?;
+    if b.partitions(&name).await?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("skipping messages on partitioned topic {name} is not allowed; skip on one of its partitions"),
+        ));
+    }
+    let path = Path((d, t, ns, topic, sub));
+    reset_to(&b, path, &uri, "", &Bytes::new(), |_| async move {
+        Ok(ResetTo::Skip(n))
+    })
+    .await
 }
 
 async fn skip_all(
@@ -1298,7 +1439,10 @@ async fn skip_all(
     path: SubscriptionPath,
     uri: Uri,
 ) -> ApiResult<Response> {
-    reset_to(&b, path, &uri, ResetTo::End).await
+    reset_to(&b, path, &uri, "skip_all", &Bytes::new(), |_| async {
+        Ok(ResetTo::End)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -1306,6 +1450,7 @@ struct ResetBody {
     offset: u64,
 }
 
+/// On a base name, every partition's cursor goes to the same offset.
 async fn reset_cursor(
     State(b): State<Broker>,
     path: SubscriptionPath,
@@ -1313,27 +1458,25 @@ async fn reset_cursor(
     raw: Bytes,
 ) -> ApiResult<Response> {
     let r: ResetBody = body(&raw)?;
-    reset_to(&b, path, &uri, ResetTo::Offset(r.offset)).await
+    reset_to(&b, path, &uri, "resetcursor", &raw, |_| async move {
+        Ok(ResetTo::Offset(r.offset))
+    })
+    .await
 }
 
 /// Pulsar's reset by publish time: to the first message at or after
-/// `timestamp` (milliseconds since the epoch).
+/// `timestamp` (milliseconds since the epoch), in each partition of a
+/// base name.
 async fn reset_cursor_to_time(
     State(b): State<Broker>,
     Path((d, t, ns, topic, sub, ts)): Path<(String, String, String, String, String, i64)>,
     uri: Uri,
 ) -> ApiResult<Response> {
-    let name = topic_name(&d, &t, &ns, &topic)?;
-    let offset = existing_topic(&b, &name, &uri)
-        .await?
-        .offset_for_timestamp(ts)
-        .await?;
-    reset_to(
-        &b,
-        Path((d, t, ns, topic, sub)),
-        &uri,
-        ResetTo::Offset(offset),
-    )
+    let path = Path((d, t, ns, topic, sub));
+    let suffix = format!("resetcursor/{ts}");
+    reset_to(&b, path, &uri, &suffix, &Bytes::new(), |topic| async move {
+        Ok(ResetTo::Offset(topic.offset_for_timestamp(ts).await?))
+    })
     .await
 }
 

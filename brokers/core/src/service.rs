@@ -1138,21 +1138,25 @@ impl Broker {
         }
     }
 
-    /// Sends an admin request to another broker (`path` from `/admin` on),
-    /// as this broker, with the internal token; its status and body.
+    /// Sends an admin request to another broker (`path` from `/admin` on,
+    /// with `body` as JSON unless empty), as this broker, with the
+    /// internal token; its status and body.
     pub async fn admin_request(
         &self,
         owner: &BrokerInfo,
         method: reqwest::Method,
         path: &str,
+        body: Bytes,
     ) -> Result<(u16, Bytes)> {
         let url = format!("{}{path}", owner.http_url.trim_end_matches('/'));
         let unavailable = |why: String| BrokerError::TopicUnavailable(format!("{url}: {why}"));
-        let resp = self
-            .internal_request(method, &url)
-            .send()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let mut req = self.internal_request(method, &url);
+        if !body.is_empty() {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let resp = req.send().await.map_err(|e| unavailable(e.to_string()))?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
         Ok((status, body))

@@ -378,4 +378,44 @@ async fn base_name_operations_reach_partitions_owned_elsewhere() {
         !subs.as_array().expect("a list").contains(&json!("audit")),
         "{subs}"
     );
+    // Stats, and a subscription made, moved (with a body) and read back
+    // on every partition, all through the broker that owns none.
+    let stats = get_json(&c, &format!("{}{base}/partitioned-stats", urls[1])).await;
+    // Counters count since the unload; the stored data is all there.
+    let ends: Vec<Value> = stats["partitions"]
+        .as_object()
+        .expect("by partition")
+        .values()
+        .map(|p| p["endOffset"].clone())
+        .collect();
+    assert_eq!(ends, vec![json!(1); 3], "{stats}");
+    let post = |path: String, body: Option<Value>| {
+        let req = c.request(reqwest::Method::POST, path);
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        async move { req.send().await.expect("post").status().as_u16() }
+    };
+    let made = c
+        .put(format!("{}{base}/subscription/replay", urls[1]))
+        .json(&json!("latest"))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(made.status().as_u16(), 204);
+    let at = |stats: &Value| -> Vec<Value> {
+        stats["partitions"]
+            .as_object()
+            .expect("by partition")
+            .values()
+            .map(|p| p["cursors"]["replay"]["markDeleteOffset"].clone())
+            .collect()
+    };
+    let internal = get_json(&c, &format!("{}{base}/internalStats", urls[1])).await;
+    assert_eq!(at(&internal), vec![json!(1); 3], "{internal}");
+    let reset = format!("{}{base}/subscription/replay/resetcursor", urls[1]);
+    assert_eq!(post(reset, Some(json!({ "offset": 0 }))).await, 204);
+    let internal = get_json(&c, &format!("{}{base}/internalStats", urls[1])).await;
+    assert_eq!(at(&internal), vec![json!(0); 3], "{internal}");
 }

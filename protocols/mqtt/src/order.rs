@@ -311,7 +311,11 @@ mod tests {
         assert!(gate.blocks(b, &ns(), "s/x"));
         assert!(!gate.blocks(a, &ns(), "s/x"), "not a publish read before");
         assert!(!gate.blocks(b, &ns(), "other"));
-        assert!(!gate.blocks(b, &NamespaceName::new("t", "m").expect("a valid name"), "s/x"));
+        assert!(!gate.blocks(
+            b,
+            &NamespaceName::new("t", "m").expect("a valid name"),
+            "s/x"
+        ));
         let waiting = tokio::spawn({
             let gate = Arc::clone(&gate);
             async move { gate.wait(b, &ns(), "s/x").await }
@@ -345,7 +349,9 @@ mod tests {
         let (mut rx, _task) = spawn_reader(server, framing, buf, ns(), Arc::clone(&gate));
         let mut got = Vec::new();
         while got.len() < 2 {
-            got.extend(std::mem::take(&mut rx.recv().await.expect("a batch").packets));
+            got.extend(std::mem::take(
+                &mut rx.recv().await.expect("a batch").packets,
+            ));
         }
         assert!(matches!(got[0].packet, Ok(Packet::Subscribe(_))));
         assert!(got[0].held.is_some());

@@ -1087,7 +1087,11 @@ impl Conn {
                 }
             }
             tokio::select! {
-                batch = inbound.recv(), if self.qos0.len() < QOS0_IN_FLIGHT && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES => {
+                // Stores in flight, not publishes waiting for PUBREL, hold
+                // back reading: the PUBRELs are read.
+                batch = inbound.recv(), if self.qos0.len() < QOS0_IN_FLIGHT
+                    && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES
+                    && self.stores.len() < usize::from(self.ctx.cfg.receive_max) => {
                     let Some(batch) = batch else {
                         return End::Abrupt(None);
                     };
@@ -1301,7 +1305,9 @@ impl Conn {
         topic::check_name(&topic)?;
         if p.qos != QoS::AtMostOnce {
             self.receiving += 1;
-            if self.receiving > usize::from(self.ctx.cfg.receive_max) {
+            // Receive Maximum is MQTT 5's; a 3.1.1 client was never told
+            // one, and is slowed down instead (see `run`).
+            if self.v5 && self.receiving > usize::from(self.ctx.cfg.receive_max) {
                 return Err(MqttError::ReceiveMaximum);
             }
         }

@@ -8,7 +8,7 @@ import time
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
-from mqtt_tests.conftest import DISCONNECT, PUBREC, QUIET, V5, alive, props, uid
+from mqtt_tests.conftest import DISCONNECT, PUBACK, PUBREC, QUIET, V5, alive, props, uid
 
 
 def pub_props(**kw):
@@ -170,6 +170,24 @@ def test_receive_maximum_exceeded(raw, standalone, tag):
     assert got[-1].reason(True) == 0x93, f"DISCONNECT {got[-1].reason(True):#x}"
     assert len(recs) <= rmax
     alive(standalone.mqtt_port)
+
+
+def test_a_311_client_has_no_receive_maximum(raw, standalone, tag):
+    """3.1.1 has no Receive Maximum: a client with more QoS 1 publishes in
+    flight than the v5 limit is slowed down, not disconnected, and every
+    publish is acknowledged."""
+    r = raw(4)
+    r.connect(f"rm3-{tag}")
+    n = 3000
+    data = b"".join(r.publish_bytes(f"rm3/{tag}", b"x", qos=1, pid=i) for i in range(1, n + 1))
+    r.send(data)
+    acked = set()
+    while len(acked) < n:
+        p = r.recv(timeout=20)
+        assert p is not None, f"closed after {len(acked)} PUBACKs"
+        assert p.type == PUBACK, p
+        acked.add(p.packet_id)
+    assert acked == set(range(1, n + 1))
 
 
 @pytest.mark.parametrize("level", [4, 5], ids=["v311", "v5"])
