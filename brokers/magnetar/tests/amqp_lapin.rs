@@ -795,16 +795,23 @@ async fn concurrent_closes_of_one_connection_end_cleanly() {
             },
         )
         .await;
-        let closes = (0..100).map(|_| conn.close(200, "bye".into()));
+        // lapin queues each close for its I/O loop; one queued after that
+        // loop ended on the first close-ok is never answered by lapin
+        // (`InternalRPCHandle::send` leaves it in the channel), whatever
+        // the broker does. So each close is bounded; those lapin leaves
+        // pending must leave the connection closed.
+        let closes = (0..100)
+            .map(|_| tokio::time::timeout(Duration::from_secs(10), conn.close(200, "bye".into())));
         let results = futures::future::join_all(closes).await;
-        for r in &results {
+        let answered: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        for r in &answered {
             let text = format!("{r:?}");
             assert!(
                 !text.contains("501") && !text.contains("FRAME_ERROR"),
                 "{text}"
             );
         }
-        assert!(results.iter().any(Result::is_ok), "{results:?}");
+        assert!(answered.iter().any(|r| r.is_ok()), "{answered:?}");
         assert!(!conn.status().connected());
     }
 }
