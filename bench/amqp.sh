@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AMQP against RabbitMQ, in one run on this machine: `magnetar perf amqp`
+# AMQP against RabbitMQ, in one run on this machine: `magnetar-perf amqp`
 # (lapin) against `magnetar standalone` (release build), then the same
 # command against Debian's rabbitmq-server started here on loopback.
 # Workload: a durable queue (a quorum queue on RabbitMQ, a replicated-ledger
@@ -43,7 +43,7 @@ run_rounds() {
   lines=()
   for r in $(seq "$rounds"); do
     before=$(cpu_s "$pid")
-    line=$("$bin" perf amqp --url "$url" --queue "bench$r" "${workload[@]}" 2>"$dir/perf.log") ||
+    line=$("$perf" amqp --url "$url" --queue "bench$r" "${workload[@]}" 2>"$dir/perf.log") ||
       { tail -n 20 "$dir/perf.log" "$log"; exit 1; }
     line="$line broker_cpu_ms_per_1k=$(cpu_per_k "$before" "$(cpu_s "$pid")" "$msgs")"
     echo "$label: $line"

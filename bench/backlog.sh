@@ -8,4 +8,4 @@
 set -euo pipefail
 extra=("$@")
 source "$(dirname "$0")/common.sh"
-"$bin" perf backlog --data-dir "$dir/data" ${extra[@]+"${extra[@]}"} 2>"$dir/perf.log"
+"$perf" backlog --data-dir "$dir/data" ${extra[@]+"${extra[@]}"} 2>"$dir/perf.log"

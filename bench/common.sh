@@ -1,4 +1,5 @@
-# Sourced by the bench scripts: builds the binary into $bin, makes a scratch
+# Sourced by the bench scripts: builds the server into $bin and the load
+# generators into $perf (magnetar-perf), makes a scratch
 # $dir removed on exit with every process in $pids, and offers `port` (a free
 # loopback port), `wait_line FILE TEXT` and `median WORKLOAD KEY` (over the
 # lines "WORKLOAD key=value ..." collected in $dir/results).
@@ -8,8 +9,10 @@ scripts/bootstrap
 # MAGNETAR_BENCH_PROFILE=dev reuses the test build (dependencies optimised,
 # Magnetar's own code at opt-level 1) instead of compiling a release build.
 profile="${MAGNETAR_BENCH_PROFILE:-release}"
-cargo build --profile "$profile" --locked -p magnetar
-case "$profile" in dev) bin="$CARGO_TARGET_DIR/debug/magnetar" ;; *) bin="$CARGO_TARGET_DIR/$profile/magnetar" ;; esac
+cargo build --profile "$profile" --locked -p magnetar -p magnetar-perf
+case "$profile" in dev) out="$CARGO_TARGET_DIR/debug" ;; *) out="$CARGO_TARGET_DIR/$profile" ;; esac
+bin="$out/magnetar"
+perf="$out/magnetar-perf"
 
 dir=$(mktemp -d "${MAGNETAR_BENCH_DIR:-${TMPDIR:-/tmp}}/magnetar-bench.XXXXXX")
 pids=()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kafka throughput on standalone: starts `magnetar standalone` (release
-# build) on free loopback ports, then `magnetar perf kafka` with librdkafka:
+# build) on free loopback ports, then `magnetar-perf kafka` with librdkafka:
 # 1 KiB messages, acks=all, one producer and one consumer, a six-partition
 # topic. Prints the machine's limits first (cores, and the disk's
 # sequential write rate with fdatasync, which bounds acks=all), then the
@@ -21,7 +21,7 @@ kafka=$(port)
 pids+=($!)
 wait_line "$dir/standalone.out" ready
 
-"$bin" perf kafka --bootstrap "127.0.0.1:$kafka" --topic bench --messages 1000000 --size 1024 \
+"$perf" kafka --bootstrap "127.0.0.1:$kafka" --topic bench --messages 1000000 --size 1024 \
   ${extra[@]+"${extra[@]}"} 2>"$dir/perf.log"
 rss=$(ps -o rss= -p "${pids[0]}" | awk '{printf "%.0f", $1/1024}')
 echo "standalone_rss_mb=$rss"

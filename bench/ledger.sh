@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts one metadata node and three bookies on loopback, measures this
-# machine's own fsync rate, and runs `magnetar perf ledger` with 1 KiB
+# machine's own fsync rate, and runs `magnetar-perf ledger` with 1 KiB
 # entries: at E=Qw=Qa=1 and at 3/3/2 with 10,000 adds in flight
 # (throughput), and at 3/3/2 with 100 in flight (latency).
 #   bench/ledger.sh [extra perf args, e.g. --rate 50000]
@@ -35,6 +35,6 @@ entries="${MAGNETAR_BENCH_ENTRIES:-200000}"
 for q in "1 1 1 10000 $entries" "3 3 2 10000 $entries" "3 3 2 100 $((entries / 10))"; do
   read -r e qw qa window n <<<"$q"
   echo "perf ledger E=$e Qw=$qw Qa=$qa, 1 KiB entries, $window in flight"
-  "$bin" perf ledger --meta "127.0.0.1:$mp" --ensemble "$e" --write-quorum "$qw" --ack-quorum "$qa" \
+  "$perf" ledger --meta "127.0.0.1:$mp" --ensemble "$e" --write-quorum "$qw" --ack-quorum "$qa" \
     --entry-size 1024 --entries "$n" --max-in-flight "$window" ${extra[@]+"${extra[@]}"}
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts a three-node metadata group on loopback, runs `magnetar perf
+# Starts a three-node metadata group on loopback, runs `magnetar-perf
 # metadata` against it, and prints put/get throughput and latency.
 #   bench/metadata.sh [extra perf args, e.g. --ops 50000 --concurrency 128]
 set -euo pipefail
@@ -14,4 +14,4 @@ for id in 1 2 3; do
 done
 for id in 1 2 3; do wait_line "$dir/n$id.out" listening; done
 echo "three metadata nodes on one machine ($(nproc) cores), each fsyncing its own raft log"
-"$bin" perf metadata --meta "127.0.0.1:$p1,127.0.0.1:$p2,127.0.0.1:$p3" "$@"
+"$perf" metadata --meta "127.0.0.1:$p1,127.0.0.1:$p2,127.0.0.1:$p3" "$@"

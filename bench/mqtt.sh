@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MQTT against Mosquitto, in one run on this machine: `magnetar perf mqtt`
+# MQTT against Mosquitto, in one run on this machine: `magnetar-perf mqtt`
 # (rumqttc, MQTT 3.1.1) against `magnetar standalone` (release build), then
 # the same commands against Debian's mosquitto started here on loopback
 # (in memory, its default; queues unbounded so that neither broker drops).
@@ -47,7 +47,7 @@ run_all() {
     n=$rounds; [ "$w" = idle ] && n=1
     for r in $(seq "$n"); do
       # shellcheck disable=SC2046
-      line=$("$bin" perf mqtt --url "$url" --topic "bench/$w/$r" $(workload "$w") \
+      line=$("$perf" mqtt --url "$url" --topic "bench/$w/$r" $(workload "$w") \
         --server-pid "$pid" ${extra[@]+"${extra[@]}"} 2>"$dir/perf.log") ||
         { tail -n 20 "$dir/perf.log" "$log"; exit 1; }
       echo "$label $w: $line"

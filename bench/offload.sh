@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tiered storage with `magnetar perf offload` (an embedded standalone in one
+# Tiered storage with `magnetar-perf offload` (an embedded standalone in one
 # process): 256 MiB of 1 KiB messages in 32 MiB ledgers, read back from the
 # bookies (hot), offloaded, dropped from the bookies and read back from the
 # object store (cold); then a tail reader's latency at 500 msg/s, 10 s per
@@ -40,7 +40,7 @@ EOF
   for r in $(seq "$rounds"); do
     echo "== store: $store, round $r"
     rm -rf "$dir/data"
-    "$bin" perf offload --data-dir "$dir/data" ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"} \
+    "$perf" offload --data-dir "$dir/data" ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"} \
       2>"$dir/perf.log" | tee "$dir/out" || { tail -20 "$dir/perf.log" >&2; exit 1; }
     echo "$store $(tail -1 "$dir/out")" >>"$dir/results"
   done

@@ -2,9 +2,9 @@
 # What TLS costs: one `magnetar standalone` (release build) with the plain
 # and the TLS listeners side by side (certificates from `magnetar tls`),
 # and the same workloads over each, alternating, ROUNDS times (default 3):
-#   - Kafka produce with librdkafka (`magnetar perf kafka`): 1 KiB
+#   - Kafka produce with librdkafka (`magnetar-perf kafka`): 1 KiB
 #     messages, acks=all, six partitions, produce alone; plain vs SSL;
-#   - AMQP publish with lapin (`magnetar perf amqp`): persistent 1 KiB
+#   - AMQP publish with lapin (`magnetar-perf amqp`): persistent 1 KiB
 #     messages with confirms to a durable queue, four producers, publish
 #     alone; amqp:// vs amqps://.
 # Prints every line, then the medians and TLS as a share of plain. The
@@ -31,14 +31,14 @@ wait_line "$dir/standalone.out" ready
 kafka_run() { # LABEL BOOTSTRAP ROUND [perf args]
   local label=$1 bootstrap=$2 r=$3 line
   shift 3
-  line=$("$bin" perf kafka --bootstrap "$bootstrap" --topic "kafka-$label-$r" --messages 500000 \
+  line=$("$perf" kafka --bootstrap "$bootstrap" --topic "kafka-$label-$r" --messages 500000 \
     --size 1024 --consumers 0 "$@" 2>"$dir/perf.log") || { tail -n 20 "$dir/perf.log"; exit 1; }
   echo "kafka-$label $line" | tee -a "$dir/results"
 }
 amqp_run() { # LABEL URL ROUND [perf args]
   local label=$1 url=$2 r=$3 line
   shift 3
-  line=$("$bin" perf amqp --url "$url" --queue "amqp-$label-$r" --messages 200000 --size 1024 \
+  line=$("$perf" amqp --url "$url" --queue "amqp-$label-$r" --messages 200000 --size 1024 \
     --confirm --persistent --queue-type quorum --producers 4 --consumers 0 "$@" \
     2>"$dir/perf.log") || { tail -n 20 "$dir/perf.log"; exit 1; }
   echo "amqp-$label $line" | tee -a "$dir/results"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The WebSocket API on `magnetar standalone` (release build) with
-# `magnetar perf ws` (tokio-tungstenite, Pulsar's JSON frames):
+# `magnetar-perf ws` (tokio-tungstenite, Pulsar's JSON frames):
 #   idle    first, on the fresh broker: 10,000 idle subscriber connections
 #           (consumers on one shared subscription) held while a small run
 #           goes on; prints the broker's resident memory per connection;
@@ -37,7 +37,7 @@ for w in "${workloads[@]}"; do
   n=$rounds; [ "$w" = idle ] && n=1
   for r in $(seq "$n"); do
     # shellcheck disable=SC2046
-    line=$("$bin" perf ws --url "ws://127.0.0.1:$http" --topic "bench-$w-$r" --size 256 $(workload "$w") \
+    line=$("$perf" ws --url "ws://127.0.0.1:$http" --topic "bench-$w-$r" --size 256 $(workload "$w") \
       --server-pid "${pids[0]}" ${extra[@]+"${extra[@]}"} 2>"$dir/perf.log") ||
       { tail -n 20 "$dir/perf.log" "$dir/standalone.log"; exit 1; }
     [ "$w" = idle ] && grep idle_connections "$dir/perf.log" || true

@@ -1,4 +1,4 @@
-//! `magnetar perf amqp`: publish and consume through an AMQP 0-9-1 broker
+//! `magnetar-perf amqp`: publish and consume through an AMQP 0-9-1 broker
 //! with lapin, measuring confirmed-publish throughput, consume throughput
 //! and end-to-end latency. The same run works against Magnetar and against
 //! RabbitMQ, so that `bench/amqp.sh` can compare them.

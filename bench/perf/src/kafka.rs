@@ -1,4 +1,4 @@
-//! `magnetar perf kafka`: throughput and end-to-end latency measured with
+//! `magnetar-perf kafka`: throughput and end-to-end latency measured with
 //! librdkafka (the `rdkafka` crate), the client most Kafka applications
 //! sit on, so that the figures are what such applications would see.
 //!
@@ -22,7 +22,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use crate::perf_amqp::now_us;
+use crate::amqp::now_us;
 
 #[derive(Args)]
 pub struct KafkaPerf {

@@ -1,21 +1,51 @@
-//! `magnetar perf`: load generators. Each prints one summary line per phase,
-//! as `key=value` pairs, so that scripts can compare runs.
+//! `magnetar-perf`: load generators. Each prints one summary line per
+//! phase, as `key=value` pairs, so that scripts can compare runs. A binary
+//! of its own, so that the server links none of the client libraries
+//! (librdkafka, lapin, rumqttc) these drive.
+
+mod amqp;
+mod kafka;
+mod mqtt;
+mod offload;
+mod ws;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use magnetar_bookies::{CreateOptions, LedgerClient};
 use magnetar_metadata::{parse_endpoints, MetaClient};
 
-#[derive(Args)]
-pub struct PerfArgs {
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The benches embed a standalone with the server's allocator, so that
+/// their memory figures are the server's.
+#[derive(Parser)]
+#[command(
+    name = "magnetar-perf",
+    version,
+    about = "Load generators that print throughput and latency"
+)]
+struct PerfArgs {
     #[command(subcommand)]
     command: PerfCommand,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    magnetar::init_tracing();
+    match run(PerfArgs::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -31,17 +61,17 @@ enum PerfCommand {
     /// Tiered storage: hot reads from the bookies beside cold reads from
     /// the object store, and a tail reader's latency while a catch-up
     /// reader scans; on an embedded standalone.
-    Offload(crate::perf_offload::OffloadPerf),
+    Offload(crate::offload::OffloadPerf),
     /// Produce and consume through a Kafka listener with librdkafka.
-    Kafka(crate::perf_kafka::KafkaPerf),
+    Kafka(crate::kafka::KafkaPerf),
     /// Publish (with confirms) and consume through an AMQP listener with
     /// lapin; works against RabbitMQ too.
-    Amqp(crate::perf_amqp::AmqpPerf),
+    Amqp(crate::amqp::AmqpPerf),
     /// Publish and subscribe through an MQTT broker (Magnetar or Mosquitto).
-    Mqtt(crate::perf_mqtt::MqttPerf),
+    Mqtt(crate::mqtt::MqttPerf),
     /// Produce and consume through the WebSocket API (Pulsar's JSON
     /// frames); optionally hold idle subscriber connections.
-    Ws(crate::perf_ws::WsPerf),
+    Ws(crate::ws::WsPerf),
 }
 
 #[derive(Args)]
@@ -97,15 +127,6 @@ struct LedgerPerf {
     keep: bool,
 }
 
-/// The payload `perf ledger` and `admin ledgers write` give an entry: its id,
-/// then bytes that depend on it, so that a read-back can be checked.
-pub fn entry_payload(entry: u64, size: usize) -> bytes::Bytes {
-    let mut v = Vec::with_capacity(size.max(8));
-    v.extend_from_slice(&entry.to_le_bytes());
-    v.extend((8..size).map(|i| (entry as usize).wrapping_add(i) as u8));
-    bytes::Bytes::from(v)
-}
-
 #[derive(Args)]
 struct MetadataPerf {
     /// Metadata nodes, as HOST:PORT,HOST:PORT,...
@@ -125,16 +146,16 @@ struct MetadataPerf {
     keys: u64,
 }
 
-pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
+async fn run(args: PerfArgs) -> anyhow::Result<()> {
     match args.command {
         PerfCommand::Metadata(m) => metadata(m).await,
         PerfCommand::Ledger(l) => ledger(l).await,
         PerfCommand::Backlog(b) => backlog(b).await,
-        PerfCommand::Offload(o) => crate::perf_offload::run(o).await,
-        PerfCommand::Kafka(k) => crate::perf_kafka::run(k).await,
-        PerfCommand::Amqp(a) => crate::perf_amqp::run(a).await,
-        PerfCommand::Mqtt(a) => crate::perf_mqtt::run(a).await,
-        PerfCommand::Ws(w) => crate::perf_ws::run(w).await,
+        PerfCommand::Offload(o) => crate::offload::run(o).await,
+        PerfCommand::Kafka(k) => crate::kafka::run(k).await,
+        PerfCommand::Amqp(a) => crate::amqp::run(a).await,
+        PerfCommand::Mqtt(a) => crate::mqtt::run(a).await,
+        PerfCommand::Ws(w) => crate::ws::run(w).await,
     }
 }
 
@@ -278,7 +299,7 @@ async fn ledger(args: LedgerPerf) -> anyhow::Result<()> {
     let bookies = md.all_bookies();
     let journal_before = journal_counters(&client, &bookies).await;
     let payloads: Vec<bytes::Bytes> = (0..args.entries.min(4096))
-        .map(|i| entry_payload(i, args.entry_size))
+        .map(|i| magnetar::entry_payload(i, args.entry_size))
         .collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0u64;
@@ -443,13 +464,13 @@ async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = crate::broker::Embedded::start(
+    let embedded = magnetar::broker::Embedded::start(
         &dir,
         any,
         any,
         Default::default(),
         &Default::default(),
-        || crate::broker::standalone_config("perf", "127.0.0.1:0"),
+        || magnetar::broker::standalone_config("perf", "127.0.0.1:0"),
     )
     .await?;
     let broker = embedded.broker.clone();

@@ -1,4 +1,4 @@
-//! `magnetar perf mqtt`: publishers and subscribers through an MQTT broker
+//! `magnetar-perf mqtt`: publishers and subscribers through an MQTT broker
 //! with rumqttc, measuring acknowledged-publish throughput, delivery
 //! throughput (every subscriber gets every message) and end-to-end
 //! latency; optionally, the broker's resident memory per idle connection.
@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Qo
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::perf_amqp::now_us;
+use crate::amqp::now_us;
 
 /// Later flags override earlier ones, so that scripts can pass defaults
 /// and let the caller's arguments win.
@@ -147,7 +147,7 @@ pub async fn run(args: MqttPerf) -> anyhow::Result<()> {
     // Idle connections first, so that the memory they take is measured
     // alone.
     let (idle, rss_per_conn) = if args.connections > 0 {
-        crate::perf::idle_connections(args.server_pid, open_idle(&args, run_id)).await?
+        crate::idle_connections(args.server_pid, open_idle(&args, run_id)).await?
     } else {
         (Vec::new(), None)
     };
@@ -242,7 +242,7 @@ pub async fn run(args: MqttPerf) -> anyhow::Result<()> {
     eprintln!(
         "published={n} delivered={got} of {want} publish_s={publish_s:.2} deliver_s={deliver_s:.2}"
     );
-    crate::perf::print_pubsub_summary(n, publish_s, got, deliver_s, &h, rss_per_conn);
+    crate::print_pubsub_summary(n, publish_s, got, deliver_s, &h, rss_per_conn);
     anyhow::ensure!(
         qos == QoS::AtMostOnce || got >= want,
         "delivered {got} of {want} messages"

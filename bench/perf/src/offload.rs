@@ -1,4 +1,4 @@
-//! `magnetar perf offload`: reads under tiered storage. An embedded
+//! `magnetar-perf offload`: reads under tiered storage. An embedded
 //! standalone (metadata node, bookie, broker) in this process writes a topic
 //! and reads it back from the bookies (hot); then it offloads the closed
 //! ledgers, drops the bookie copies and reads the same range back from the
@@ -22,7 +22,7 @@ use magnetar_broker::{
 };
 use magnetar_tenancy::TopicName;
 
-use crate::perf_amqp::now_us;
+use crate::amqp::now_us;
 
 #[derive(Args)]
 pub struct OffloadPerf {
@@ -80,18 +80,18 @@ pub async fn run(args: OffloadPerf) -> anyhow::Result<()> {
             std::path::absolute(dir.join("offload"))?.display()
         ),
     };
-    let tier = crate::broker::tier_from_url(&url, &args.offload_options, args.cache_mb)
+    let tier = magnetar::broker::tier_from_url(&url, &args.offload_options, args.cache_mb)
         .context("the offload store")?;
     let ledger_bytes = args.ledger_mb.max(1) << 20;
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = crate::broker::Embedded::start(
+    let embedded = magnetar::broker::Embedded::start(
         &dir,
         any,
         any,
         Default::default(),
         &Default::default(),
         move || {
-            let mut cfg = crate::broker::standalone_config("perf", "127.0.0.1:0")?;
+            let mut cfg = magnetar::broker::standalone_config("perf", "127.0.0.1:0")?;
             cfg.managed_ledger.tier = Some(tier);
             cfg.managed_ledger.max_ledger_bytes = ledger_bytes;
             // The benchmark offloads when it chooses, and drops the bookie
@@ -167,7 +167,7 @@ async fn publish(args: &OffloadPerf, broker: &Broker, topic: &TopicName) -> anyh
     for i in 0..batches {
         let first = i * args.batch as u64;
         let msgs: Vec<Message> = (first..(first + args.batch as u64).min(messages))
-            .map(|m| Message::new(crate::perf::entry_payload(m, args.size)))
+            .map(|m| Message::new(magnetar::entry_payload(m, args.size)))
             .collect();
         in_flight.push(async move { broker.publish(topic, msgs).await });
         while in_flight.len() >= 64 {

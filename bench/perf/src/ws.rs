@@ -1,4 +1,4 @@
-//! `magnetar perf ws`: a producer and consumers on Pulsar's WebSocket API
+//! `magnetar-perf ws`: a producer and consumers on Pulsar's WebSocket API
 //! (tokio-tungstenite, the client half of the library the broker serves
 //! with), measuring acknowledged-publish throughput, delivery throughput
 //! and end-to-end latency; optionally the broker's resident memory per
@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::perf_amqp::now_us;
+use crate::amqp::now_us;
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -76,7 +76,7 @@ pub async fn run(args: WsPerf) -> anyhow::Result<()> {
     let (idle, rss_per_conn) = if args.connections > 0 {
         let url =
             format!("{base}/ws/v2/consumer/{path}-idle/idle-{run_id}?subscriptionType=Shared");
-        crate::perf::idle_connections(args.server_pid, open_idle(&url, args.connections)).await?
+        crate::idle_connections(args.server_pid, open_idle(&url, args.connections)).await?
     } else {
         (Vec::new(), None)
     };
@@ -116,7 +116,7 @@ pub async fn run(args: WsPerf) -> anyhow::Result<()> {
     eprintln!(
         "published={published} delivered={got} of {want} publish_s={publish_s:.2} deliver_s={deliver_s:.2}"
     );
-    crate::perf::print_pubsub_summary(published, publish_s, got, deliver_s, &h, rss_per_conn);
+    crate::print_pubsub_summary(published, publish_s, got, deliver_s, &h, rss_per_conn);
     anyhow::ensure!(got >= want, "delivered {got} of {want} messages");
     Ok(())
 }

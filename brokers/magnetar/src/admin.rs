@@ -27,7 +27,7 @@ pub struct AdminArgs {
     /// `--meta-tls`, `--bookie-tls` and `--tls-ca-file` (and a client
     /// certificate) when the internal planes speak TLS.
     #[command(flatten)]
-    tls: crate::tls::TlsArgs,
+    tls: magnetar::tls::TlsArgs,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -197,7 +197,7 @@ fn print_kv(out: &mut impl Write, kv: &KeyValue, verbose: bool) -> std::io::Resu
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     // The internal planes' client, with the token and TLS they take.
     let meta = |endpoints: &str| {
-        crate::broker::meta_client(
+        magnetar::broker::meta_client(
             &parse_endpoints(endpoints),
             args.auth_token.clone(),
             &args.tls,
@@ -380,7 +380,7 @@ async fn run_ledgers(client: LedgerClient, args: LedgersArgs) -> anyhow::Result<
                         out.flush()?;
                     }
                 }
-                in_flight.push_back(w.add(crate::perf::entry_payload(i, entry_size)));
+                in_flight.push_back(w.add(magnetar::entry_payload(i, entry_size)));
             }
             while let Some(r) = in_flight.next().await {
                 writeln!(out, "acked {}", r?)?;

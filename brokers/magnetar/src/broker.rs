@@ -244,7 +244,7 @@ fn offload_tier(
 }
 
 /// An offload store from its URL, `KEY=VALUE` settings and block-cache size.
-pub(crate) fn tier_from_url(
+pub fn tier_from_url(
     url: &str,
     options: &[String],
     cache_mb: usize,

@@ -1,19 +1,11 @@
-//! `magnetar`: one binary for every role of a Magnetar deployment, the
-//! operator CLI and the load generator.
+//! `magnetar`: one binary for every role of a Magnetar deployment and the
+//! operator CLI. The load generators are `magnetar-perf` (`bench/perf`).
 
 mod admin;
 mod admin_rest;
-mod auth_args;
-mod bookie;
-mod broker;
-mod perf;
-mod perf_amqp;
-mod perf_kafka;
-mod perf_mqtt;
-mod perf_offload;
-mod perf_ws;
-mod tls;
 mod tokens;
+
+use magnetar::{auth_args, bookie, broker, tls};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,8 +36,6 @@ enum Command {
     Bookie(bookie::BookieArgs),
     /// Operator commands.
     Admin(admin::AdminArgs),
-    /// Load generators that print throughput and latency.
-    Perf(perf::PerfArgs),
     /// Secret keys and tokens for token authentication.
     Tokens(tokens::TokensArgs),
     /// A CA and certificates for TLS, for tests and development.
@@ -96,17 +86,6 @@ struct MetaArgs {
     tls: tls::TlsArgs,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     let peers = parse_peers(&args.peers)?;
     let node = MetaNode::start(NodeConfig {
@@ -136,7 +115,7 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
         node.id(),
         node.local_addr()
     );
-    wait_for_signal().await;
+    magnetar::wait_for_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
@@ -160,24 +139,9 @@ fn parse_peer_roles(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, S
         .collect()
 }
 
-pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    init_tracing();
+    magnetar::init_tracing();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Standalone(args) => broker::run_standalone(args).await,
@@ -185,7 +149,6 @@ async fn main() -> std::process::ExitCode {
         Command::Meta(args) => run_meta(args).await,
         Command::Bookie(args) => bookie::run(args).await,
         Command::Admin(args) => admin::run(args).await,
-        Command::Perf(args) => perf::run(args).await,
         Command::Tokens(args) => tokens::run(args),
         Command::Tls(args) => tls::run(args),
     };

@@ -715,8 +715,8 @@ async fn perf_ledger_prints_its_line() {
     let c = LedgerCluster::start(3, &[]);
     c.wait_writable(&c.client(), 3).await;
     for q in [["1", "1", "1"], ["3", "3", "2"]] {
-        let out = Command::new(BIN)
-            .args(["perf", "ledger", "--meta", &c.meta_endpoint()])
+        let out = Command::new(common::perf_bin())
+            .args(["ledger", "--meta", &c.meta_endpoint()])
             .args([
                 "--ensemble",
                 q[0],

@@ -392,13 +392,20 @@ impl Drop for LedgerCluster {
     }
 }
 
-/// The payload `magnetar admin ledgers write` and `perf ledger` give an
-/// entry (the binary's `perf::entry_payload`).
-pub fn entry_payload(entry: u64, size: usize) -> bytes::Bytes {
-    let mut v = Vec::with_capacity(size.max(8));
-    v.extend_from_slice(&entry.to_le_bytes());
-    v.extend((8..size).map(|i| (entry as usize).wrapping_add(i) as u8));
-    bytes::Bytes::from(v)
+// Not every test that includes this module uses it.
+#[allow(unused_imports)]
+pub use magnetar::entry_payload;
+
+/// `magnetar-perf`, which `cargo test --workspace` builds beside
+/// `magnetar` (its package's own CLI test needs it).
+pub fn perf_bin() -> std::path::PathBuf {
+    let p = std::path::Path::new(BIN).with_file_name("magnetar-perf");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build -p magnetar-perf",
+        p.display()
+    );
+    p
 }
 
 /// `magnetar broker` on `cluster`'s metadata and bookies (ledgers at
