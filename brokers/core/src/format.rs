@@ -226,10 +226,12 @@ pub fn with_base_offset(batch: Bytes, offset: u64) -> Bytes {
     m.freeze()
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the epoch, the timestamps of records and of
+/// protocol state (0 before 1970, saturating far after).
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// An idempotent producer's identity and the sequence number of the first

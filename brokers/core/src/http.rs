@@ -84,36 +84,45 @@ impl From<TenancyError> for ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        let status = match &e {
-            BrokerError::Tenancy(t) => tenancy_status(t),
-            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
-            BrokerError::AlreadyExists(_)
-            | BrokerError::ConsumerBusy(_)
-            | BrokerError::OutOfOrderSequence(_)
-            | BrokerError::ProducerFenced(_) => StatusCode::CONFLICT,
-            BrokerError::InvalidArgument(_) | BrokerError::CorruptBatch(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            BrokerError::PreconditionFailed(_) | BrokerError::QuotaExceeded(_) => {
-                StatusCode::PRECONDITION_FAILED
-            }
-            BrokerError::AccessRefused(_) => StatusCode::FORBIDDEN,
-            BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            BrokerError::NotOwner { owner, .. } => {
-                return ApiError {
-                    status: StatusCode::TEMPORARY_REDIRECT,
-                    reason: e.to_string(),
-                    location: owner.clone(),
-                }
-            }
-            BrokerError::TopicUnavailable(_)
-            | BrokerError::OffloadUnavailable(_)
-            | BrokerError::ShuttingDown
-            | BrokerError::Bookie(_)
-            | BrokerError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
-            BrokerError::CorruptMetadata { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = status_of(&e);
+        let location = match &e {
+            BrokerError::NotOwner { owner, .. } => owner.clone(),
+            _ => None,
         };
-        ApiError::new(status, e.to_string())
+        ApiError {
+            status,
+            reason: e.to_string(),
+            location,
+        }
+    }
+}
+
+/// The HTTP status of a broker error, after Pulsar's admin API: one map
+/// for every HTTP surface (the admin API here, the WebSocket API's
+/// refusals before the upgrade).
+pub fn status_of(e: &BrokerError) -> StatusCode {
+    match e {
+        BrokerError::Tenancy(t) => tenancy_status(t),
+        BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+        BrokerError::AlreadyExists(_)
+        | BrokerError::ConsumerBusy(_)
+        | BrokerError::OutOfOrderSequence(_)
+        | BrokerError::ProducerFenced(_) => StatusCode::CONFLICT,
+        BrokerError::InvalidArgument(_) | BrokerError::CorruptBatch(_) => StatusCode::BAD_REQUEST,
+        BrokerError::PreconditionFailed(_) | BrokerError::QuotaExceeded(_) => {
+            StatusCode::PRECONDITION_FAILED
+        }
+        BrokerError::AccessRefused(_) => StatusCode::FORBIDDEN,
+        BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        // Sent where the owner is; with none known yet, a retry later.
+        BrokerError::NotOwner { owner: Some(_), .. } => StatusCode::TEMPORARY_REDIRECT,
+        BrokerError::NotOwner { owner: None, .. }
+        | BrokerError::TopicUnavailable(_)
+        | BrokerError::OffloadUnavailable(_)
+        | BrokerError::ShuttingDown
+        | BrokerError::Bookie(_)
+        | BrokerError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
+        BrokerError::CorruptMetadata { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

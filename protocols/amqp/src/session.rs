@@ -20,6 +20,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use magnetar_broker::format::now_ms;
 use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind};
 use magnetar_broker::subscription::{
     InitialPosition, MessagePriority, SubscriptionOptions, SubscriptionType,
@@ -415,12 +416,6 @@ fn resident_bytes() -> Option<u64> {
 /// What RabbitMQ's byte limits count of a message: its body.
 fn body_len(m: &Message) -> u64 {
     m.value.as_ref().map_or(0, |v| v.len() as u64)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Whether a stored message is past its queue's TTL or its own

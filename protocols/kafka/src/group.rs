@@ -31,8 +31,9 @@ use tracing::debug;
 
 use crate::coordinator::{self, Kind};
 use crate::error::code_of;
-use crate::handler::{now_ms, str, Caller, Ctx};
+use crate::handler::{str, Caller, Ctx};
 use crate::KafkaConfig;
+use magnetar_broker::format::now_ms;
 
 const MIN_SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
 const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(1800);

@@ -145,12 +145,6 @@ pub(crate) fn endpoint(b: &BrokerInfo, listener: &str) -> Option<(i32, String, i
     Some((node_id(&b.id), host.to_string(), port.parse().ok()?))
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn respond(api: ApiKey, version: i16, correlation_id: i32, body: ResponseKind) -> Option<Bytes> {
     match codec::encode_response(api, version, correlation_id, &body) {
         Ok(b) => Some(b),

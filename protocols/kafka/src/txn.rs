@@ -31,7 +31,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::coordinator::{self, Kind};
 use crate::error::code_of;
-use crate::handler::{now_ms, str, Caller, Ctx};
+use crate::handler::{str, Caller, Ctx};
+use magnetar_broker::format::now_ms;
 
 /// Kafka's `transaction.max.timeout.ms` default: a producer asking for a
 /// longer transaction timeout is refused, so that an abandoned transaction

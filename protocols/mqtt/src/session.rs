@@ -21,6 +21,7 @@ use bytestring::ByteString;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use magnetar_broker::format::now_ms;
 use magnetar_broker::routing::Binding;
 use magnetar_broker::subscription::{
     ConsumerControl, ConsumerOptions, InitialPosition, SubscriptionOptions, SubscriptionType,
@@ -201,12 +202,6 @@ fn share_queue(group: &str) -> String {
         "{SHARE_QUEUE_PREFIX}{}",
         magnetar_tenancy::names::encode_segment(group)
     )
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn qos_of(n: u8) -> QoS {

@@ -117,27 +117,11 @@ fn refuse(r: Refusal) -> Response {
     (status, r.message).into_response()
 }
 
-/// What a broker error before the upgrade answers, as Pulsar's servlets
-/// do: the status by kind, and the message under Pulsar's prefix for what
-/// was being made.
+/// What a broker error before the upgrade answers: the status of the
+/// broker's one map (as the admin API answers), and the message under
+/// Pulsar's prefix for what was being made.
 fn refusal(e: &BrokerError, making: &str) -> Refusal {
-    let status = match e {
-        BrokerError::NotFound(_) => 404,
-        BrokerError::Unauthenticated(_) => 401,
-        BrokerError::AccessRefused(_) => 403,
-        BrokerError::InvalidArgument(_) => 400,
-        BrokerError::ConsumerBusy(_) | BrokerError::PreconditionFailed(_) => 409,
-        BrokerError::QuotaExceeded(_) => 429,
-        BrokerError::TopicUnavailable(_)
-        | BrokerError::OffloadUnavailable(_)
-        | BrokerError::ShuttingDown => 503,
-        BrokerError::Tenancy(t) => match t {
-            magnetar_tenancy::TenancyError::NotFound(_) => 404,
-            magnetar_tenancy::TenancyError::InvalidName(_) => 400,
-            _ => 500,
-        },
-        _ => 500,
-    };
+    let status = magnetar_broker::http::status_of(e).as_u16();
     if status == 400 {
         Refusal::bad_params(e)
     } else {
