@@ -39,7 +39,8 @@ impl MqttServer {
                 certificate: stream.certificate_role().cloned(),
                 ..Presented::default()
             };
-            serve(stream, presented, Arc::clone(&ctx_accept))
+            let (rd, wr) = stream.into_split();
+            serve(rd, wr, presented, Arc::clone(&ctx_accept))
         });
         let plain = listeners.accept(listener, None);
         let task = tokio::spawn(async move {

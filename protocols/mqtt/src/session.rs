@@ -32,7 +32,7 @@ use magnetar_tenancy::{AuthAction, Credentials};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -671,11 +671,18 @@ pub(crate) struct Presented {
 }
 
 /// Serves one connection, over TCP or a WebSocket's bytes, until it ends.
-pub(crate) async fn serve<S>(stream: S, presented: Presented, ctx: Arc<Ctx>) -> Result<()>
+/// Its halves are apart, so that reading (on the reading thread) never
+/// waits for a write: a plain TCP connection's halves share no lock.
+pub(crate) async fn serve<R, W>(
+    mut rd: R,
+    mut wr: W,
+    presented: Presented,
+    ctx: Arc<Ctx>,
+) -> Result<()>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut framing = Framing::new(ctx.cfg.max_packet_size);
     let mut buf = BytesMut::new();
     let first = tokio::time::timeout(ctx.cfg.connect_timeout, async {
@@ -718,9 +725,9 @@ where
 }
 
 /// CONNACK with a refusal, before the connection closes.
-async fn refuse<W: AsyncRead + AsyncWrite>(
+async fn refuse<W: AsyncWrite + Unpin>(
     mut framing: Framing,
-    wr: &mut WriteHalf<W>,
+    wr: &mut W,
     reason: v5::ConnectAckReason,
 ) {
     let mut out = BytesMut::new();
@@ -1043,13 +1050,17 @@ impl Conn {
         None
     }
 
-    async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
+    async fn run<R, W>(
         &mut self,
-        rd: ReadHalf<S>,
-        wr: &mut WriteHalf<S>,
+        rd: R,
+        wr: &mut W,
         buf: BytesMut,
         mut kick: oneshot::Receiver<()>,
-    ) -> End {
+    ) -> End
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin,
+    {
         let mut deliveries = None::<mpsc::UnboundedReceiver<(String, Delivery)>>;
         // A resumed session's subscriptions: bound again (the QoS 0
         // queue lives in memory and went with the last connection or a
@@ -1828,7 +1839,7 @@ impl Conn {
         }
     }
 
-    async fn close<S: AsyncRead + AsyncWrite>(mut self, end: End, wr: &mut WriteHalf<S>) {
+    async fn close<W: AsyncWrite + Unpin>(mut self, end: End, wr: &mut W) {
         let reason = match &end {
             End::TakenOver => Some(v5::DisconnectReasonCode::SessionTakenOver),
             End::Abrupt(Some(e)) => Some(e.reason()),

@@ -138,7 +138,8 @@ async fn admit(ctx: &Ctx, presented: &Presented) -> std::result::Result<(), (Sta
 async fn bridge(socket: WebSocket, presented: Presented, ctx: Arc<Ctx>) {
     let (ours, theirs) = tokio::io::duplex(PIPE);
     let session = tokio::spawn(async move {
-        if let Err(e) = serve(ours, presented, ctx).await {
+        let (rd, wr) = tokio::io::split(ours);
+        if let Err(e) = serve(rd, wr, presented, ctx).await {
             debug!("MQTT over WebSocket closed: {e}");
         }
     });
