@@ -170,11 +170,15 @@ impl Admission {
 /// one with `serve` in a task of its own (see `accept_admitted`). With
 /// `tls`, the TLS handshake comes first, bounded by the handshake
 /// timeout, in the connection's task so that a slow one holds up no
-/// other.
+/// other. With `io`, each connection is registered with that runtime's
+/// I/O driver instead of the caller's, for a protocol that reads its
+/// connections on a runtime of its own and must see their readiness
+/// there, in the order the kernel reports it.
 pub async fn accept_loop<F, Fut, E>(
     listener: TcpListener,
     admission: Arc<Admission>,
     tls: Option<TlsServer>,
+    io: Option<tokio::runtime::Handle>,
     serve: F,
 ) where
     F: Fn(Conn, SocketAddr) -> Fut + Send + Sync + 'static,
@@ -186,6 +190,16 @@ pub async fn accept_loop<F, Fut, E>(
     let serve = Arc::new(serve);
     loop {
         let (stream, peer, ticket) = accept_admitted(&listener, &admission).await;
+        let stream = match &io {
+            Some(io) => match register_with(stream, io) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(%peer, "{protocol} connection dropped: {e}");
+                    continue;
+                }
+            },
+            None => stream,
+        };
         let Some(tls) = tls.clone() else {
             let served = serve(Conn::plain(stream), peer);
             tokio::spawn(async move {
@@ -215,6 +229,13 @@ pub async fn accept_loop<F, Fut, E>(
             drop(ticket);
         });
     }
+}
+
+/// `stream`, registered with `io`'s I/O driver.
+fn register_with(stream: TcpStream, io: &tokio::runtime::Handle) -> std::io::Result<TcpStream> {
+    let stream = stream.into_std()?;
+    let _entered = io.enter();
+    TcpStream::from_std(stream)
 }
 
 /// The next connection `admission` lets in, with Nagle off. Those over a

@@ -25,6 +25,7 @@ pub struct ProtocolListeners {
     admission: Arc<Admission>,
     serve: Arc<ServeFn>,
     tls: Vec<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    io: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for ProtocolListeners {
@@ -53,7 +54,16 @@ impl ProtocolListeners {
             admission,
             serve,
             tls: Vec::new(),
+            io: None,
         }
+    }
+
+    /// Registers the connections with `io`'s I/O driver (see
+    /// [`accept_loop`]).
+    #[must_use]
+    pub fn with_io_runtime(mut self, io: Option<tokio::runtime::Handle>) -> Self {
+        self.io = io;
+        self
     }
 
     /// The accept loop of `listener`, over TLS with `tls`, for the caller
@@ -68,6 +78,7 @@ impl ProtocolListeners {
             listener,
             Arc::clone(&self.admission),
             tls,
+            self.io.clone(),
             move |conn, peer| serve(conn, peer),
         )
     }
@@ -145,7 +156,7 @@ pub async fn serve_http(
         }
     };
     tokio::select! {
-        () = accept_loop(listener, admission, tls, serve) => {}
+        () = accept_loop(listener, admission, tls, None, serve) => {}
         () = shutdown => {}
     }
 }

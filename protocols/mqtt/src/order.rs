@@ -1,14 +1,24 @@
 //! Arrival order across connections: a publish the broker reads after
 //! another connection's SUBSCRIBE reaches that subscriber.
 //!
-//! Two things make that hold. Every connection's packets are read and
-//! decoded on one thread ([`spawn_reader`]), whose tasks run in the order
-//! the sockets became readable, so read order is arrival order (as in a
-//! single-threaded broker such as Mosquitto); a worker pool would read
-//! whichever connection it happens to poll first. And every packet gets a
-//! sequence number when read: a SUBSCRIBE holds its filters in the
-//! [`SubscribeGate`] until its session has bound them, and a publish
-//! read later that one of them matches waits for that before it routes.
+//! Three things make that hold. Every connection is read and decoded on
+//! one thread ([`spawn_reader`]), whose runtime also polls the sockets'
+//! readiness (the listener registers them with it), so readers run in the
+//! order the kernel reported data; a worker pool would read whichever
+//! connection it happens to poll first. A read that brought a publish
+//! then yields once before the publish takes its place in the order: the
+//! runtime polls readiness again and first runs every reader whose data
+//! had arrived by then. Without that, a reader that was still running
+//! (or whose thread the OS had preempted) reads a publish that arrived
+//! after another connection's SUBSCRIBE before that SUBSCRIBE's reader
+//! gets its turn. And every packet gets a sequence number: a SUBSCRIBE
+//! holds its filters in the [`SubscribeGate`] until its session has bound
+//! them, and a publish numbered later that one of them matches waits for
+//! that before it routes.
+//!
+//! What no broker sees is data the kernel has not yet made readable: a
+//! segment that arrives while the broker's thread holds that socket (in
+//! a write to it) is queued until the write ends.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +52,9 @@ const READ_AHEAD: usize = 1 << 20;
 #[derive(Default)]
 pub(crate) struct SubscribeGate {
     next: AtomicU64,
+    /// Numbers the connections: a publish never waits for a SUBSCRIBE of
+    /// its own connection, whose session serves both in order.
+    connections: AtomicU64,
     /// How many are held: publishes look at the map only when some are.
     held: AtomicUsize,
     pending: Mutex<BTreeMap<u64, Pending>>,
@@ -49,6 +62,7 @@ pub(crate) struct SubscribeGate {
 }
 
 struct Pending {
+    conn: u64,
     ns: NamespaceName,
     filters: Vec<String>,
 }
@@ -81,9 +95,20 @@ impl SubscribeGate {
         self.next.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// Holds back publishes read after `seq` in `ns` that one of `filters`
-    /// matches (shared subscriptions by their filter).
-    fn hold(self: &Arc<Self>, seq: u64, ns: &NamespaceName, filters: Vec<String>) -> Held {
+    fn connection(&self) -> u64 {
+        self.connections.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Holds back publishes of other connections numbered after `seq` in
+    /// `ns` that one of `filters` matches (shared subscriptions by their
+    /// filter).
+    fn hold(
+        self: &Arc<Self>,
+        conn: u64,
+        seq: u64,
+        ns: &NamespaceName,
+        filters: Vec<String>,
+    ) -> Held {
         let filters = filters
             .into_iter()
             .map(|f| match topic::parse_share(&f) {
@@ -97,6 +122,7 @@ impl SubscribeGate {
             .insert(
                 seq,
                 Pending {
+                    conn,
                     ns: ns.clone(),
                     filters,
                 },
@@ -108,17 +134,20 @@ impl SubscribeGate {
         }
     }
 
-    fn blocks(&self, seq: u64, ns: &NamespaceName, topic: &str) -> bool {
+    fn blocks(&self, conn: u64, seq: u64, ns: &NamespaceName, topic: &str) -> bool {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .range(..seq)
-            .any(|(_, p)| p.ns == *ns && p.filters.iter().any(|f| topic::matches(f, topic)))
+            .any(|(_, p)| {
+                p.conn != conn && p.ns == *ns && p.filters.iter().any(|f| topic::matches(f, topic))
+            })
     }
 
-    /// Resolves once no SUBSCRIBE read before `seq` whose filters match
-    /// `topic` waits to be bound (or after [`HOLD_LIMIT`]).
-    pub(crate) async fn wait(&self, seq: u64, ns: &NamespaceName, topic: &str) {
+    /// Resolves once no SUBSCRIBE of another connection numbered before
+    /// `seq` whose filters match `topic` waits to be bound (or after
+    /// [`HOLD_LIMIT`]).
+    pub(crate) async fn wait(&self, conn: u64, seq: u64, ns: &NamespaceName, topic: &str) {
         if self.held.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -127,7 +156,7 @@ impl SubscribeGate {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if !self.blocks(seq, ns, topic) {
+            if !self.blocks(conn, seq, ns, topic) {
                 return;
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
@@ -197,6 +226,14 @@ fn reading_thread() -> Option<&'static Handle> {
         .as_ref()
 }
 
+/// A connection's reader: its batches, its task, and its number for
+/// [`SubscribeGate::wait`].
+pub(crate) struct Reader {
+    pub batches: mpsc::UnboundedReceiver<Batch>,
+    pub task: JoinHandle<()>,
+    pub conn: u64,
+}
+
 /// Reads and decodes `rd` (starting with what `buf` holds) on the reading
 /// thread, into batches of packets, one per read, up to [`READ_AHEAD`]
 /// bytes ahead of the session: a session that stops taking batches
@@ -207,10 +244,11 @@ pub(crate) fn spawn_reader<R>(
     mut buf: BytesMut,
     ns: NamespaceName,
     gate: Arc<SubscribeGate>,
-) -> (mpsc::UnboundedReceiver<Batch>, JoinHandle<()>)
+) -> Reader
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    let conn = gate.connection();
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(Backlog::default());
     let task = async move {
@@ -222,13 +260,16 @@ where
             let mut batch = Vec::new();
             let mut failed = false;
             let before = buf.len();
+            let mut publishes = false;
             loop {
                 let seq = gate.stamp();
                 match framing.decode(&mut buf) {
                     Ok(None) => break,
                     Ok(Some(packet)) => {
+                        publishes |= matches!(packet, Packet::Publish(_));
                         let held = match &packet {
                             Packet::Subscribe(s) => Some(gate.hold(
+                                conn,
                                 seq,
                                 &ns,
                                 s.topic_filters.iter().map(|(f, _)| f.to_string()).collect(),
@@ -249,6 +290,18 @@ where
                         });
                         failed = true;
                         break;
+                    }
+                }
+            }
+            if publishes {
+                // Readers whose data arrived before this read number their
+                // SUBSCRIBEs first: on the reading thread a yield resumes
+                // only after the runtime has polled readiness again and run
+                // the readers that woke.
+                tokio::task::yield_now().await;
+                for p in &mut batch {
+                    if matches!(p.packet, Ok(Packet::Publish(_))) {
+                        p.seq = gate.stamp();
                     }
                 }
             }
@@ -292,7 +345,18 @@ where
         Some(thread) => thread.spawn(task),
         None => tokio::spawn(task),
     };
-    (rx, task)
+    Reader {
+        batches: rx,
+        task,
+        conn,
+    }
+}
+
+/// The runtime whose I/O driver a listener registers MQTT connections
+/// with: the reading thread's, so that it sees their readiness in the
+/// order the kernel reports it.
+pub(crate) fn reading_runtime() -> Option<Handle> {
+    reading_thread().cloned()
 }
 
 #[cfg(test)]
@@ -307,18 +371,27 @@ mod tests {
     async fn a_publish_waits_only_for_earlier_matching_subscribes() {
         let gate = Arc::new(SubscribeGate::default());
         let (a, b) = (gate.stamp(), gate.stamp());
-        let held = gate.hold(a, &ns(), vec!["$share/g/s/+".into()]);
-        assert!(gate.blocks(b, &ns(), "s/x"));
-        assert!(!gate.blocks(a, &ns(), "s/x"), "not a publish read before");
-        assert!(!gate.blocks(b, &ns(), "other"));
+        let (me, other) = (gate.connection(), gate.connection());
+        let held = gate.hold(other, a, &ns(), vec!["$share/g/s/+".into()]);
+        assert!(gate.blocks(me, b, &ns(), "s/x"));
+        assert!(
+            !gate.blocks(other, b, &ns(), "s/x"),
+            "not a publish of the subscribing connection"
+        );
+        assert!(
+            !gate.blocks(me, a, &ns(), "s/x"),
+            "not a publish read before"
+        );
+        assert!(!gate.blocks(me, b, &ns(), "other"));
         assert!(!gate.blocks(
+            me,
             b,
             &NamespaceName::new("t", "m").expect("a valid name"),
             "s/x"
         ));
         let waiting = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.wait(b, &ns(), "s/x").await }
+            async move { gate.wait(me, b, &ns(), "s/x").await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
@@ -346,22 +419,24 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut client, &rest)
             .await
             .expect("written");
-        let (mut rx, _task) = spawn_reader(server, framing, buf, ns(), Arc::clone(&gate));
+        let mut reader = spawn_reader(server, framing, buf, ns(), Arc::clone(&gate));
         let mut got = Vec::new();
         while got.len() < 2 {
             got.extend(std::mem::take(
-                &mut rx.recv().await.expect("a batch").packets,
+                &mut reader.batches.recv().await.expect("a batch").packets,
             ));
         }
         assert!(matches!(got[0].packet, Ok(Packet::Subscribe(_))));
         assert!(got[0].held.is_some());
         assert!(matches!(got[1].packet, Ok(Packet::PingRequest)));
-        assert!(gate.blocks(got[1].seq, &ns(), "a/b"));
+        let other = gate.connection();
+        assert!(gate.blocks(other, got[1].seq, &ns(), "a/b"));
+        assert!(!gate.blocks(reader.conn, got[1].seq, &ns(), "a/b"));
         got.clear();
-        assert!(!gate.blocks(u64::MAX, &ns(), "a/b"));
+        assert!(!gate.blocks(other, u64::MAX, &ns(), "a/b"));
         drop(client);
         assert!(
-            rx.recv().await.is_none(),
+            reader.batches.recv().await.is_none(),
             "the end of input ends the batches"
         );
     }

@@ -41,7 +41,8 @@ impl MqttServer {
             };
             let (rd, wr) = stream.into_split();
             serve(rd, wr, presented, Arc::clone(&ctx_accept))
-        });
+        })
+        .with_io_runtime(crate::order::reading_runtime());
         let plain = listeners.accept(listener, None);
         let task = tokio::spawn(async move {
             let _owners = AbortOnDrop(owners);

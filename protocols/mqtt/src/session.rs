@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 
 use crate::codec::{self, Framing};
 use crate::error::{MqttError, Result};
-use crate::order::{spawn_reader, Batch, Inbound, SubscribeGate};
+use crate::order::{spawn_reader, Batch, Inbound, Reader, SubscribeGate};
 use crate::props;
 use crate::retained;
 use crate::server::AbortOnDrop;
@@ -581,9 +581,11 @@ struct Conn {
     ns: NamespaceName,
     client_id: String,
     framing: Framing,
-    /// The sequence number of the packet being served: publishes wait for
-    /// SUBSCRIBEs read before it ([`SubscribeGate`]).
+    /// The sequence number of the packet being served, and the reader's
+    /// connection number: publishes wait for other connections'
+    /// SUBSCRIBEs read before them ([`SubscribeGate`]).
     read_seq: u64,
+    read_conn: u64,
     out: BytesMut,
     v5: bool,
     subs: Vec<Sub>,
@@ -980,6 +982,7 @@ impl Conn {
             client_id,
             framing,
             read_seq: 0,
+            read_conn: u64::MAX,
             out: BytesMut::new(),
             v5,
             subs: Vec::new(),
@@ -1073,14 +1076,19 @@ impl Conn {
         // Packets a client sent right behind CONNECT (paho sends SUBSCRIBE
         // before CONNACK comes) arrived with it, in `buf`: the reader
         // serves them before waiting for more bytes.
-        let (mut inbound, reader) = spawn_reader(
+        let Reader {
+            batches: mut inbound,
+            task,
+            conn,
+        } = spawn_reader(
             rd,
             self.framing.decoder(),
             buf,
             self.ns.clone(),
             Arc::clone(&self.ctx.gate),
         );
-        let _reader = AbortOnDrop(reader);
+        let _reader = AbortOnDrop(task);
+        self.read_conn = conn;
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
         loop {
             if let Some(rx) = self.deliveries_new.take() {
@@ -1350,7 +1358,10 @@ impl Conn {
         }
         let record = props::to_record(&p, &topic, &self.client_id);
         // Subscribers whose SUBSCRIBE arrived first get it.
-        self.ctx.gate.wait(self.read_seq, &self.ns, &topic).await;
+        self.ctx
+            .gate
+            .wait(self.read_conn, self.read_seq, &self.ns, &topic)
+            .await;
         let mut stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
         if let (QoS::ExactlyOnce, Some(id), true) = (p.qos, p.packet_id, self.expiry > 0) {
             // Remembered durably before PUBREC goes out.
