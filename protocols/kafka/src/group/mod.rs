@@ -11,15 +11,13 @@
 //! without a rebalance. Committed offsets are not cached; they are read
 //! and written through the broker's state store, compare-and-set.
 
+mod membership;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use bytes::Bytes;
-use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::Decodable;
 use kafka_protocol::ResponseError as E;
 use magnetar_broker::service::resolve_in;
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, RetentionHold, StateStore};
@@ -34,100 +32,7 @@ use crate::error::code_of;
 use crate::handler::{str, Caller, Ctx};
 use crate::KafkaConfig;
 use magnetar_broker::format::now_ms;
-
-const MIN_SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
-const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(1800);
-/// How long a member id handed out with MEMBER_ID_REQUIRED waits for
-/// its join.
-const PENDING_MEMBER_TTL: Duration = Duration::from_secs(300);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum State {
-    Empty,
-    PreparingRebalance,
-    CompletingRebalance,
-    Stable,
-}
-
-impl State {
-    fn name(self) -> &'static str {
-        match self {
-            State::Empty => "Empty",
-            State::PreparingRebalance => "PreparingRebalance",
-            State::CompletingRebalance => "CompletingRebalance",
-            State::Stable => "Stable",
-        }
-    }
-}
-
-struct Member {
-    id: String,
-    instance_id: Option<String>,
-    client_id: String,
-    client_host: String,
-    session_timeout: Duration,
-    rebalance_timeout: Duration,
-    protocol_type: String,
-    protocols: Vec<(String, Bytes)>,
-    assignment: Bytes,
-    last_seen: Instant,
-    join_waiter: Option<oneshot::Sender<JoinGroupResponse>>,
-    sync_waiter: Option<oneshot::Sender<SyncGroupResponse>>,
-}
-
-impl Member {
-    fn metadata_for(&self, protocol: &str) -> Bytes {
-        self.protocols
-            .iter()
-            .find(|(n, _)| n == protocol)
-            .map(|(_, m)| m.clone())
-            .unwrap_or_default()
-    }
-
-    fn expired(&self, now: Instant) -> bool {
-        self.join_waiter.is_none() && now.duration_since(self.last_seen) > self.session_timeout
-    }
-}
-
-struct Group {
-    ns: NamespaceName,
-    id: String,
-    state: State,
-    generation: i32,
-    protocol_type: Option<String>,
-    protocol: Option<String>,
-    leader: Option<String>,
-    members: BTreeMap<String, Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED, not yet joined.
-    pending: HashMap<String, Instant>,
-    /// Counts rebalances, so that a timer of an old one does nothing.
-    round: u64,
-    join_not_before: Instant,
-    join_deadline: Instant,
-}
-
-/// What is stored per group.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct GroupRecord {
-    generation: i32,
-    protocol_type: Option<String>,
-    protocol: Option<String>,
-    leader: Option<String>,
-    members: Vec<MemberRecord>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct MemberRecord {
-    id: String,
-    instance_id: Option<String>,
-    client_id: String,
-    client_host: String,
-    session_timeout_ms: u64,
-    rebalance_timeout_ms: u64,
-    protocol_type: String,
-    protocols: Vec<(String, String)>,
-    assignment: String,
-}
+use membership::{Answer, Effects, Group, GroupRecord, Join, Reply, TimerStep};
 
 /// Committed offsets of a group: topic, partition, offset.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -149,17 +54,6 @@ fn minus_one() -> i32 {
     -1
 }
 
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-fn unb64(s: &str) -> Bytes {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .map(Bytes::from)
-        .unwrap_or_default()
-}
-
 type GroupKey = (NamespaceName, String);
 
 /// A topic and the partitions an OffsetFetch asks for.
@@ -173,7 +67,64 @@ pub(crate) struct GroupCoordinator {
     cfg: KafkaConfig,
     store: StateStore,
     quota: magnetar_broker::KeyQuota,
-    groups: std::sync::Mutex<HashMap<GroupKey, Arc<Mutex<Group>>>>,
+    groups: std::sync::Mutex<HashMap<GroupKey, Arc<Mutex<Slot>>>>,
+}
+
+/// A group in memory: its rules' state and the requests parked on it, by
+/// member id (a later park of a member replaces, and so answers, an
+/// earlier one).
+struct Slot {
+    g: Group,
+    joins: HashMap<String, oneshot::Sender<JoinGroupResponse>>,
+    syncs: HashMap<String, oneshot::Sender<SyncGroupResponse>>,
+}
+
+impl Slot {
+    fn answer(&mut self, answers: Vec<Answer>) {
+        for a in answers {
+            match a {
+                Answer::Join(id, resp) => {
+                    if let Some(tx) = self.joins.remove(&id) {
+                        let _ = tx.send(resp);
+                    }
+                }
+                Answer::Sync(id, resp) => {
+                    if let Some(tx) = self.syncs.remove(&id) {
+                        let _ = tx.send(resp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The response of `reply` now, or the receiver of the one it parks in
+/// `waiters` (replacing, and so answering, an earlier park of the member).
+fn park<T>(
+    reply: Reply<T>,
+    waiters: &mut HashMap<String, oneshot::Sender<T>>,
+) -> Result<T, oneshot::Receiver<T>> {
+    match reply {
+        Reply::Now(resp) => Ok(resp),
+        Reply::Wait(member) => {
+            let (tx, rx) = oneshot::channel();
+            waiters.insert(member, tx);
+            Err(rx)
+        }
+    }
+}
+
+/// Writes a settled group (see [`Group::record`]) to the store.
+async fn store_settled(store: &StateStore, g: &Group) {
+    let Some(record) = g.record() else {
+        return;
+    };
+    let key = format!("{}/meta", group_path(&g.ns, &g.id));
+    if let Ok(bytes) = serde_json::to_vec(&record) {
+        if let Err(e) = store.put(&key, bytes).await {
+            tracing::warn!("group {}: state not stored: {e}", g.id);
+        }
+    }
 }
 
 fn group_path(ns: &NamespaceName, group: &str) -> String {
@@ -253,7 +204,7 @@ impl GroupCoordinator {
         }
     }
 
-    fn groups_lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Arc<Mutex<Group>>>> {
+    fn groups_lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Arc<Mutex<Slot>>>> {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -267,8 +218,7 @@ impl GroupCoordinator {
                 let Some(this) = weak.upgrade() else { return };
                 let groups: Vec<_> = this.groups_lock().values().cloned().collect();
                 for g in groups {
-                    let mut g = g.lock().await;
-                    this.expire_members(&mut g).await;
+                    this.expire_members(&g).await;
                 }
             }
         });
@@ -288,62 +238,24 @@ impl GroupCoordinator {
         coordinator::check_local(&self.broker, &c.ns, Kind::Group, group).await
     }
 
-    async fn group(&self, ns: &NamespaceName, id: &str) -> Result<Arc<Mutex<Group>>, i16> {
+    async fn group(&self, ns: &NamespaceName, id: &str) -> Result<Arc<Mutex<Slot>>, i16> {
         let key = (ns.clone(), id.to_string());
         if let Some(g) = self.groups_lock().get(&key) {
             return Ok(Arc::clone(g));
         }
         let record = self.load_record(ns, id).await?;
-        let now = Instant::now();
-        let mut g = Group {
-            ns: ns.clone(),
-            id: id.to_string(),
-            state: State::Empty,
-            generation: 0,
-            protocol_type: None,
-            protocol: None,
-            leader: None,
-            members: BTreeMap::new(),
-            pending: HashMap::new(),
-            round: 0,
-            join_not_before: now,
-            join_deadline: now,
-        };
-        if let Some(r) = record {
-            g.generation = r.generation;
-            g.protocol_type = r.protocol_type;
-            g.protocol = r.protocol;
-            g.leader = r.leader;
-            for m in r.members {
-                g.members.insert(
-                    m.id.clone(),
-                    Member {
-                        id: m.id,
-                        instance_id: m.instance_id,
-                        client_id: m.client_id,
-                        client_host: m.client_host,
-                        session_timeout: Duration::from_millis(m.session_timeout_ms),
-                        rebalance_timeout: Duration::from_millis(m.rebalance_timeout_ms),
-                        protocol_type: m.protocol_type,
-                        protocols: m
-                            .protocols
-                            .into_iter()
-                            .map(|(n, d)| (n, unb64(&d)))
-                            .collect(),
-                        assignment: unb64(&m.assignment),
-                        // A taken-over member gets a full session to find
-                        // the new coordinator.
-                        last_seen: now,
-                        join_waiter: None,
-                        sync_waiter: None,
-                    },
-                );
-            }
-            if !g.members.is_empty() {
-                g.state = State::Stable;
-            }
-        }
-        let arc = Arc::new(Mutex::new(g));
+        let g = Group::restore(
+            ns.clone(),
+            id.to_string(),
+            record,
+            self.cfg.group_initial_rebalance_delay,
+            Instant::now(),
+        );
+        let arc = Arc::new(Mutex::new(Slot {
+            g,
+            joins: HashMap::new(),
+            syncs: HashMap::new(),
+        }));
         Ok(Arc::clone(self.groups_lock().entry(key).or_insert(arc)))
     }
 
@@ -371,250 +283,89 @@ impl GroupCoordinator {
         }
     }
 
-    /// Writes the group's membership through, at settled states.
-    async fn persist(&self, g: &Group) {
-        store_settled(&self.store, g).await;
+    /// Carries out what a membership rule decided: answers the parked
+    /// requests, writes the group through, arms the rebalance timer.
+    async fn apply(&self, arc: &Arc<Mutex<Slot>>, slot: &mut Slot, fx: Effects) {
+        slot.answer(fx.answers);
+        if fx.persist {
+            store_settled(&self.store, &slot.g).await;
+        }
+        if let Some(timer) = fx.timer {
+            let weak = Arc::downgrade(arc);
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                for (at, force) in [(timer.not_before, false), (timer.deadline, true)] {
+                    tokio::time::sleep_until(at.into()).await;
+                    let Some(arc) = weak.upgrade() else { return };
+                    let mut slot = arc.lock().await;
+                    match slot.g.rebalance_due(timer.round, force, Instant::now()) {
+                        TimerStep::Stale => return,
+                        TimerStep::Pending => {}
+                        TimerStep::Done(fx) => {
+                            slot.answer(fx.answers);
+                            store_settled(&store, &slot.g).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     // ---- membership ----
 
     pub async fn join(&self, c: &Caller, r: JoinGroupRequest, v: i16) -> JoinGroupResponse {
-        let err = |code: i16, member: &str| {
+        let err = |code: i16| {
             JoinGroupResponse::default()
                 .with_error_code(code)
                 .with_generation_id(-1)
-                .with_member_id(str(member))
+                .with_member_id(r.member_id.clone())
                 .with_protocol_name(Some(str("")))
         };
         let group_id = r.group_id.0.to_string();
-        let member_id = r.member_id.to_string();
         if let Err(code) = self.check_coordinator(c, &group_id).await {
-            return err(code, &member_id);
+            return err(code);
         }
         if let Err(code) = self.admit(&c.ns, &group_id).await {
-            return err(code, &member_id);
+            return err(code);
         }
-        let session_timeout = Duration::from_millis(r.session_timeout_ms.max(0) as u64);
-        if !(MIN_SESSION_TIMEOUT..=MAX_SESSION_TIMEOUT).contains(&session_timeout) {
-            return err(E::InvalidSessionTimeout.code(), &member_id);
-        }
-        let rebalance_timeout = if v >= 1 {
-            Duration::from_millis(r.rebalance_timeout_ms.max(0) as u64)
-        } else {
-            session_timeout
-        };
-        let protocols: Vec<(String, Bytes)> = r
-            .protocols
-            .iter()
-            .map(|p| (p.name.to_string(), p.metadata.clone()))
-            .collect();
-        let protocol_type = r.protocol_type.to_string();
-        if protocols.is_empty() || protocol_type.is_empty() {
-            return err(E::InconsistentGroupProtocol.code(), &member_id);
-        }
-        let instance_id = r.group_instance_id.as_ref().map(|s| s.to_string());
         let arc = match self.group(&c.ns, &group_id).await {
             Ok(g) => g,
-            Err(code) => return err(code, &member_id),
+            Err(code) => return err(code),
+        };
+        let session_timeout =
+            Duration::from_millis(u64::try_from(r.session_timeout_ms).unwrap_or(0));
+        let join = Join {
+            member_id: r.member_id.to_string(),
+            instance_id: r.group_instance_id.as_ref().map(|s| s.to_string()),
+            client_id: c.client.clone(),
+            client_host: c.host.clone(),
+            session_timeout,
+            rebalance_timeout: if v >= 1 {
+                Duration::from_millis(u64::try_from(r.rebalance_timeout_ms).unwrap_or(0))
+            } else {
+                session_timeout
+            },
+            protocol_type: r.protocol_type.to_string(),
+            protocols: r
+                .protocols
+                .iter()
+                .map(|p| (p.name.to_string(), p.metadata.clone()))
+                .collect(),
+            version: v,
+            fresh_id: format!("{}-{}", c.client, uuid_like()),
         };
         let rx = {
-            let mut g = arc.lock().await;
-            if !g.members.is_empty() {
-                if g.protocol_type.as_deref() != Some(protocol_type.as_str()) {
-                    return err(E::InconsistentGroupProtocol.code(), &member_id);
-                }
-                let all_support = |name: &str| {
-                    g.members
-                        .values()
-                        .filter(|m| m.id != member_id)
-                        .all(|m| m.protocols.iter().any(|(n, _)| n == name))
-                };
-                if !protocols.iter().any(|(n, _)| all_support(n)) {
-                    return err(E::InconsistentGroupProtocol.code(), &member_id);
-                }
+            let mut slot = arc.lock().await;
+            let (reply, fx) = slot.g.join(join, Instant::now());
+            let parked = park(reply, &mut slot.joins);
+            self.apply(&arc, &mut slot, fx).await;
+            match parked {
+                Ok(resp) => return resp,
+                Err(rx) => rx,
             }
-            let now = Instant::now();
-            let mut member_id = member_id;
-            if member_id.is_empty() {
-                let fresh = format!("{}-{}", c.client, uuid_like());
-                if let Some(inst) = &instance_id {
-                    // A static member coming back: it takes over its old
-                    // member id's place and assignment.
-                    let old = g
-                        .members
-                        .values()
-                        .find(|m| m.instance_id.as_ref() == Some(inst))
-                        .map(|m| m.id.clone());
-                    if let Some(old) = old {
-                        if let Some(mut m) = g.members.remove(&old) {
-                            if let Some(w) = m.join_waiter.take() {
-                                let _ = w.send(err(E::FencedInstanceId.code(), &old));
-                            }
-                            if let Some(w) = m.sync_waiter.take() {
-                                let _ = w.send(
-                                    SyncGroupResponse::default()
-                                        .with_error_code(E::FencedInstanceId.code()),
-                                );
-                            }
-                            let unchanged = m.protocols == protocols;
-                            m.id = fresh.clone();
-                            m.last_seen = now;
-                            m.protocols = protocols.clone();
-                            m.session_timeout = session_timeout;
-                            m.rebalance_timeout = rebalance_timeout;
-                            if g.leader.as_deref() == Some(old.as_str()) {
-                                g.leader = Some(fresh.clone());
-                            }
-                            g.members.insert(fresh.clone(), m);
-                            if g.state == State::Stable && unchanged {
-                                let resp = self.join_response(&g, &fresh, false);
-                                self.persist(&g).await;
-                                return resp;
-                            }
-                        }
-                    }
-                } else if v >= 4 {
-                    g.pending.insert(fresh.clone(), now);
-                    return err(E::MemberIdRequired.code(), &fresh);
-                }
-                member_id = fresh;
-            } else {
-                let known =
-                    g.members.contains_key(&member_id) || g.pending.contains_key(&member_id);
-                if !known {
-                    return err(E::UnknownMemberId.code(), &member_id);
-                }
-                if let (Some(inst), Some(m)) = (&instance_id, g.members.get(&member_id)) {
-                    if m.instance_id.as_ref() != Some(inst) {
-                        return err(E::FencedInstanceId.code(), &member_id);
-                    }
-                }
-            }
-            g.pending.remove(&member_id);
-            let (tx, rx) = oneshot::channel();
-            let existing = g.members.get(&member_id).map(|m| m.protocols == protocols);
-            let member = g
-                .members
-                .entry(member_id.clone())
-                .or_insert_with(|| Member {
-                    id: member_id.clone(),
-                    instance_id: instance_id.clone(),
-                    client_id: c.client.clone(),
-                    client_host: c.host.clone(),
-                    session_timeout,
-                    rebalance_timeout,
-                    protocol_type: protocol_type.clone(),
-                    protocols: protocols.clone(),
-                    assignment: Bytes::new(),
-                    last_seen: now,
-                    join_waiter: None,
-                    sync_waiter: None,
-                });
-            member.protocols = protocols;
-            member.session_timeout = session_timeout;
-            member.rebalance_timeout = rebalance_timeout;
-            member.last_seen = now;
-            // A repeated join replaces the earlier one, whose caller then
-            // hears UNKNOWN_MEMBER_ID, as a superseded request.
-            member.join_waiter = Some(tx);
-            g.protocol_type = Some(protocol_type);
-            let is_leader = g.leader.as_deref() == Some(member_id.as_str());
-            match g.state {
-                State::Stable if existing == Some(true) && !is_leader => {
-                    // Nothing changed for a follower: tell it the current
-                    // generation, as Kafka does.
-                    let resp = self.join_response(&g, &member_id, false);
-                    if let Some(m) = g.members.get_mut(&member_id) {
-                        m.join_waiter = None;
-                    }
-                    return resp;
-                }
-                State::PreparingRebalance => {}
-                _ => self.prepare_rebalance(&arc, &mut g),
-            }
-            self.try_complete_join(&mut g, false).await;
-            rx
         };
-        rx.await
-            .unwrap_or_else(|_| err(E::UnknownMemberId.code(), &r.member_id))
-    }
-
-    fn join_response(&self, g: &Group, member_id: &str, with_members: bool) -> JoinGroupResponse {
-        let protocol = g.protocol.clone().unwrap_or_default();
-        let members = if with_members {
-            g.members
-                .values()
-                .map(|m| {
-                    JoinGroupResponseMember::default()
-                        .with_member_id(str(m.id.clone()))
-                        .with_group_instance_id(m.instance_id.clone().map(str))
-                        .with_metadata(m.metadata_for(&protocol))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        JoinGroupResponse::default()
-            .with_generation_id(g.generation)
-            .with_protocol_type(g.protocol_type.clone().map(str))
-            .with_protocol_name(Some(str(protocol)))
-            .with_leader(str(g.leader.clone().unwrap_or_default()))
-            .with_member_id(str(member_id))
-            .with_members(members)
-    }
-
-    fn prepare_rebalance(&self, arc: &Arc<Mutex<Group>>, g: &mut Group) {
-        let initial = g.state == State::Empty;
-        g.state = State::PreparingRebalance;
-        g.round += 1;
-        for m in g.members.values_mut() {
-            if let Some(w) = m.sync_waiter.take() {
-                let _ = w.send(
-                    SyncGroupResponse::default().with_error_code(E::RebalanceInProgress.code()),
-                );
-            }
-        }
-        let now = Instant::now();
-        let timeout = g
-            .members
-            .values()
-            .map(|m| m.rebalance_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(60));
-        g.join_deadline = now + timeout;
-        g.join_not_before = if initial {
-            now + self.cfg.group_initial_rebalance_delay.min(timeout)
-        } else {
-            now
-        };
-        let round = g.round;
-        let (not_before, deadline) = (g.join_not_before, g.join_deadline);
-        let weak = Arc::downgrade(arc);
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(not_before.into()).await;
-            for force in [false, true] {
-                let Some(arc) = weak.upgrade() else { return };
-                {
-                    let mut g = arc.lock().await;
-                    if g.round != round || g.state != State::PreparingRebalance {
-                        return;
-                    }
-                    if complete_join_if_ready(&mut g, force) {
-                        store_settled(&store, &g).await;
-                        return;
-                    }
-                }
-                drop(arc);
-                tokio::time::sleep_until(deadline.into()).await;
-            }
-        });
-    }
-
-    async fn try_complete_join(&self, g: &mut Group, force: bool) {
-        if complete_join_if_ready(g, force) {
-            self.persist(g).await;
-        }
+        rx.await.unwrap_or_else(|_| err(E::UnknownMemberId.code()))
     }
 
     pub async fn sync(&self, c: &Caller, r: SyncGroupRequest) -> SyncGroupResponse {
@@ -627,73 +378,27 @@ impl GroupCoordinator {
             Ok(g) => g,
             Err(code) => return err(code),
         };
-        let member_id = r.member_id.to_string();
+        let sync = membership::Sync {
+            member_id: r.member_id.to_string(),
+            instance_id: r.group_instance_id.as_ref().map(|s| s.to_string()),
+            generation: r.generation_id,
+            protocol_type: r.protocol_type.as_ref().map(|s| s.to_string()),
+            protocol_name: r.protocol_name.as_ref().map(|s| s.to_string()),
+            assignments: r
+                .assignments
+                .into_iter()
+                .map(|a| (a.member_id.to_string(), a.assignment))
+                .collect(),
+        };
         let rx = {
-            let mut g = arc.lock().await;
-            let Some(m) = g.members.get_mut(&member_id) else {
-                return err(E::UnknownMemberId.code());
-            };
-            if r.group_instance_id.is_some()
-                && m.instance_id.as_deref() != r.group_instance_id.as_deref()
-            {
-                return err(E::FencedInstanceId.code());
+            let mut slot = arc.lock().await;
+            let (reply, fx) = slot.g.sync(sync, Instant::now());
+            let parked = park(reply, &mut slot.syncs);
+            self.apply(&arc, &mut slot, fx).await;
+            match parked {
+                Ok(resp) => return resp,
+                Err(rx) => rx,
             }
-            m.last_seen = Instant::now();
-            if r.generation_id != g.generation {
-                return err(E::IllegalGeneration.code());
-            }
-            if r.protocol_type
-                .as_ref()
-                .is_some_and(|t| Some(t.to_string()) != g.protocol_type)
-                || r.protocol_name
-                    .as_ref()
-                    .is_some_and(|p| Some(p.to_string()) != g.protocol)
-            {
-                return err(E::InconsistentGroupProtocol.code());
-            }
-            let ok = |g: &Group, a: Bytes| {
-                SyncGroupResponse::default()
-                    .with_protocol_type(g.protocol_type.clone().map(str))
-                    .with_protocol_name(g.protocol.clone().map(str))
-                    .with_assignment(a)
-            };
-            match g.state {
-                State::Empty | State::PreparingRebalance => {
-                    return err(E::RebalanceInProgress.code())
-                }
-                State::Stable => {
-                    let a = g.members.get(&member_id).map(|m| m.assignment.clone());
-                    return ok(&g, a.unwrap_or_default());
-                }
-                State::CompletingRebalance => {}
-            }
-            if g.leader.as_deref() == Some(member_id.as_str()) {
-                let assignments: HashMap<String, Bytes> = r
-                    .assignments
-                    .into_iter()
-                    .map(|a| (a.member_id.to_string(), a.assignment))
-                    .collect();
-                g.state = State::Stable;
-                let resp_of = |g: &Group, a: &Bytes| ok(g, a.clone());
-                let mut answers = Vec::new();
-                for m in g.members.values_mut() {
-                    m.assignment = assignments.get(&m.id).cloned().unwrap_or_default();
-                    if let Some(w) = m.sync_waiter.take() {
-                        answers.push((w, m.assignment.clone()));
-                    }
-                }
-                for (w, a) in answers {
-                    let _ = w.send(resp_of(&g, &a));
-                }
-                self.persist(&g).await;
-                let a = g.members.get(&member_id).map(|m| m.assignment.clone());
-                return ok(&g, a.unwrap_or_default());
-            }
-            let (tx, rx) = oneshot::channel();
-            if let Some(m) = g.members.get_mut(&member_id) {
-                m.sync_waiter = Some(tx);
-            }
-            rx
         };
         rx.await
             .unwrap_or_else(|_| err(E::RebalanceInProgress.code()))
@@ -713,29 +418,16 @@ impl GroupCoordinator {
             Ok(g) => g,
             Err(code) => return code,
         };
-        let mut g = arc.lock().await;
-        let generation = g.generation;
-        let state = g.state;
-        let Some(m) = g.members.get_mut(r.member_id.as_str()) else {
-            return E::UnknownMemberId.code();
-        };
-        if r.group_instance_id.is_some()
-            && m.instance_id.as_deref() != r.group_instance_id.as_deref()
-        {
-            return E::FencedInstanceId.code();
-        }
-        m.last_seen = Instant::now();
-        if r.generation_id != generation {
-            return E::IllegalGeneration.code();
-        }
-        match state {
-            State::PreparingRebalance => E::RebalanceInProgress.code(),
-            _ => 0,
-        }
+        let mut slot = arc.lock().await;
+        slot.g.heartbeat(
+            r.member_id.as_str(),
+            r.group_instance_id.as_deref(),
+            r.generation_id,
+            Instant::now(),
+        )
     }
 
     pub async fn leave(&self, c: &Caller, r: LeaveGroupRequest, v: i16) -> LeaveGroupResponse {
-        use kafka_protocol::messages::leave_group_response::MemberResponse;
         let group_id = r.group_id.0.to_string();
         if let Err(code) = self.check_coordinator(c, &group_id).await {
             return LeaveGroupResponse::default().with_error_code(code);
@@ -757,97 +449,16 @@ impl GroupCoordinator {
         } else {
             vec![(r.member_id.to_string(), None)]
         };
-        let mut g = arc.lock().await;
-        let mut results = Vec::new();
-        let mut removed = Vec::new();
-        for (mid, inst) in leaving {
-            // Static members may leave by instance id alone.
-            let id = match (&inst, mid.is_empty()) {
-                (Some(i), true) => g
-                    .members
-                    .values()
-                    .find(|m| m.instance_id.as_ref() == Some(i))
-                    .map(|m| m.id.clone()),
-                _ => Some(mid.clone()),
-            };
-            let code = match id.as_ref().and_then(|id| g.members.get(id)) {
-                None => E::UnknownMemberId.code(),
-                Some(m) if inst.is_some() && m.instance_id != inst => E::FencedInstanceId.code(),
-                Some(_) => {
-                    removed.extend(id.clone());
-                    0
-                }
-            };
-            results.push(
-                MemberResponse::default()
-                    .with_member_id(str(mid))
-                    .with_group_instance_id(inst.map(str))
-                    .with_error_code(code),
-            );
-        }
-        if v < 3 && results.iter().any(|m| m.error_code != 0) {
-            return LeaveGroupResponse::default().with_error_code(E::UnknownMemberId.code());
-        }
-        if !removed.is_empty() {
-            self.remove_members(&arc, &mut g, &removed).await;
-        }
-        LeaveGroupResponse::default().with_members(if v >= 3 { results } else { Vec::new() })
+        let mut slot = arc.lock().await;
+        let (resp, fx) = slot.g.leave(leaving, v, Instant::now());
+        self.apply(&arc, &mut slot, fx).await;
+        resp
     }
 
-    async fn remove_members(&self, arc: &Arc<Mutex<Group>>, g: &mut Group, ids: &[String]) {
-        for id in ids {
-            if let Some(mut m) = g.members.remove(id) {
-                if let Some(w) = m.join_waiter.take() {
-                    let _ = w.send(
-                        JoinGroupResponse::default().with_error_code(E::UnknownMemberId.code()),
-                    );
-                }
-                if let Some(w) = m.sync_waiter.take() {
-                    let _ = w.send(
-                        SyncGroupResponse::default().with_error_code(E::UnknownMemberId.code()),
-                    );
-                }
-            }
-        }
-        if g.leader
-            .as_ref()
-            .is_some_and(|l| !g.members.contains_key(l))
-        {
-            g.leader = None;
-        }
-        if g.members.is_empty() {
-            g.state = State::Empty;
-            g.generation += 1;
-            g.round += 1;
-            g.protocol = None;
-            self.persist(g).await;
-        } else if g.state == State::PreparingRebalance {
-            self.try_complete_join(g, false).await;
-        } else {
-            self.prepare_rebalance(arc, g);
-            self.try_complete_join(g, false).await;
-        }
-    }
-
-    async fn expire_members(&self, g: &mut Group) {
-        let now = Instant::now();
-        g.pending
-            .retain(|_, at| now.duration_since(*at) < PENDING_MEMBER_TTL);
-        let expired: Vec<String> = g
-            .members
-            .values()
-            .filter(|m| m.expired(now))
-            .map(|m| m.id.clone())
-            .collect();
-        if expired.is_empty() {
-            return;
-        }
-        debug!(group = %g.id, ?expired, "member sessions expired");
-        let key = (g.ns.clone(), g.id.clone());
-        let arc = self.groups_lock().get(&key).cloned();
-        if let Some(arc) = arc {
-            self.remove_members(&arc, g, &expired).await;
-        }
+    async fn expire_members(&self, arc: &Arc<Mutex<Slot>>) {
+        let mut slot = arc.lock().await;
+        let fx = slot.g.expire(Instant::now());
+        self.apply(arc, &mut slot, fx).await;
     }
 
     // ---- offsets ----
@@ -905,28 +516,8 @@ impl GroupCoordinator {
     ) -> Result<(), i16> {
         self.check_coordinator(c, group).await?;
         let arc = self.group(&c.ns, group).await?;
-        let mut g = arc.lock().await;
-        if generation < 0 && member_id.is_empty() {
-            // A consumer outside any group (assign(), not subscribe()).
-            return if g.members.is_empty() {
-                Ok(())
-            } else {
-                Err(E::UnknownMemberId.code())
-            };
-        }
-        let g_generation = g.generation;
-        let state = g.state;
-        let Some(m) = g.members.get_mut(member_id) else {
-            return Err(E::UnknownMemberId.code());
-        };
-        m.last_seen = Instant::now();
-        if generation != g_generation {
-            return Err(E::IllegalGeneration.code());
-        }
-        if state == State::CompletingRebalance {
-            return Err(E::RebalanceInProgress.code());
-        }
-        Ok(())
+        let mut slot = arc.lock().await;
+        slot.g.commit_allowed(member_id, generation, Instant::now())
     }
 
     pub async fn commit(
@@ -1151,7 +742,7 @@ impl GroupCoordinator {
             return resp.with_error_code(code);
         }
         let subscribed = match self.group(&c.ns, &group).await {
-            Ok(arc) => subscribed_topics(&*arc.lock().await),
+            Ok(arc) => arc.lock().await.g.subscribed_topics(),
             Err(code) => return resp.with_error_code(code),
         };
         let (rec, _) = match self.read_offsets(&c.ns, &group).await {
@@ -1352,9 +943,9 @@ impl GroupCoordinator {
             match self.group(&c.ns, &gid.0).await {
                 Err(code) => d.error_code = code,
                 Ok(arc) => {
-                    let g = arc.lock().await;
-                    let known = !g.members.is_empty() || g.generation > 0;
-                    if known {
+                    let slot = arc.lock().await;
+                    let g = &slot.g;
+                    if g.known() {
                         let protocol = g.protocol.clone().unwrap_or_default();
                         d.group_state = str(g.state.name());
                         d.protocol_type = str(g.protocol_type.clone().unwrap_or_default());
@@ -1404,7 +995,8 @@ impl GroupCoordinator {
             let Ok(arc) = self.group(&c.ns, &id).await else {
                 continue;
             };
-            let g = arc.lock().await;
+            let slot = arc.lock().await;
+            let g = &slot.g;
             let state = g.state.name();
             if !filter.is_empty() && !filter.contains(&state.to_lowercase()) {
                 continue;
@@ -1441,8 +1033,8 @@ impl GroupCoordinator {
         self.check_coordinator(c, group).await?;
         let ns = &c.ns;
         let arc = self.group(ns, group).await?;
-        let g = arc.lock().await;
-        if !g.members.is_empty() {
+        let slot = arc.lock().await;
+        if !slot.g.members.is_empty() {
             return Err(E::NonEmptyGroup.code());
         }
         let path = group_path(ns, group);
@@ -1456,7 +1048,7 @@ impl GroupCoordinator {
             .delete(&format!("{path}/offsets"))
             .await
             .map_err(|e| code_of(&e))?;
-        drop(g);
+        drop(slot);
         self.groups_lock().remove(&(ns.clone(), group.to_string()));
         if meta || offsets {
             Ok(())
@@ -1464,133 +1056,6 @@ impl GroupCoordinator {
             Err(E::GroupIdNotFound.code())
         }
     }
-}
-
-/// Completes the join phase when every member has rejoined (and any
-/// initial delay is over), or, with `force`, at the rebalance deadline,
-/// dropping members that did not rejoin. Returns whether it completed.
-fn complete_join_if_ready(g: &mut Group, force: bool) -> bool {
-    if g.state != State::PreparingRebalance {
-        return false;
-    }
-    let all_joined = g.members.values().all(|m| m.join_waiter.is_some());
-    if !force && (!all_joined || Instant::now() < g.join_not_before) {
-        return false;
-    }
-    g.members.retain(|_, m| m.join_waiter.is_some());
-    g.generation += 1;
-    if g.members.is_empty() {
-        g.state = State::Empty;
-        g.leader = None;
-        g.protocol = None;
-        return true;
-    }
-    // The first protocol of the leader's list that every member speaks.
-    if g.leader.as_ref().is_none_or(|l| !g.members.contains_key(l)) {
-        g.leader = g.members.keys().next().cloned();
-    }
-    let leader = g.leader.clone().unwrap_or_default();
-    let candidates: Vec<String> = g
-        .members
-        .get(&leader)
-        .map(|m| m.protocols.iter().map(|(n, _)| n.clone()).collect())
-        .unwrap_or_default();
-    g.protocol = candidates.into_iter().find(|p| {
-        g.members
-            .values()
-            .all(|m| m.protocols.iter().any(|(n, _)| n == p))
-    });
-    g.state = State::CompletingRebalance;
-    let protocol = g.protocol.clone().unwrap_or_default();
-    let all: Vec<JoinGroupResponseMember> = g
-        .members
-        .values()
-        .map(|m| {
-            JoinGroupResponseMember::default()
-                .with_member_id(str(m.id.clone()))
-                .with_group_instance_id(m.instance_id.clone().map(str))
-                .with_metadata(m.metadata_for(&protocol))
-        })
-        .collect();
-    let base = JoinGroupResponse::default()
-        .with_generation_id(g.generation)
-        .with_protocol_type(g.protocol_type.clone().map(str))
-        .with_protocol_name(Some(str(protocol)))
-        .with_leader(str(leader.clone()));
-    for m in g.members.values_mut() {
-        m.assignment = Bytes::new();
-        m.last_seen = Instant::now();
-        if let Some(w) = m.join_waiter.take() {
-            let mut resp = base.clone().with_member_id(str(m.id.clone()));
-            if m.id == leader {
-                resp.members = all.clone();
-            }
-            let _ = w.send(resp);
-        }
-    }
-    true
-}
-
-/// Writes a settled group (stable, or empty) to the store. A group
-/// between join and sync is not settled: its members hold a generation
-/// whose assignments do not exist yet, and a coordinator taking over must
-/// not hand them out empty, so such a group keeps its last settled record.
-async fn store_settled(store: &StateStore, g: &Group) {
-    if !matches!(g.state, State::Stable | State::Empty) {
-        return;
-    }
-    let record = GroupRecord {
-        generation: g.generation,
-        protocol_type: g.protocol_type.clone(),
-        protocol: g.protocol.clone(),
-        leader: g.leader.clone(),
-        members: g
-            .members
-            .values()
-            .map(|m| MemberRecord {
-                id: m.id.clone(),
-                instance_id: m.instance_id.clone(),
-                client_id: m.client_id.clone(),
-                client_host: m.client_host.clone(),
-                session_timeout_ms: m.session_timeout.as_millis() as u64,
-                rebalance_timeout_ms: m.rebalance_timeout.as_millis() as u64,
-                protocol_type: m.protocol_type.clone(),
-                protocols: m
-                    .protocols
-                    .iter()
-                    .map(|(n, d)| (n.clone(), b64(d)))
-                    .collect(),
-                assignment: b64(&m.assignment),
-            })
-            .collect(),
-    };
-    let key = format!("{}/meta", group_path(&g.ns, &g.id));
-    if let Ok(bytes) = serde_json::to_vec(&record) {
-        if let Err(e) = store.put(&key, bytes).await {
-            tracing::warn!("group {}: state not stored: {e}", g.id);
-        }
-    }
-}
-
-/// Topics the group's consumers subscribe to, from their metadata.
-fn subscribed_topics(g: &Group) -> std::collections::HashSet<String> {
-    let mut out = std::collections::HashSet::new();
-    if g.protocol_type.as_deref() != Some("consumer") {
-        return out;
-    }
-    let protocol = g.protocol.clone().unwrap_or_default();
-    for m in g.members.values() {
-        let mut meta = m.metadata_for(&protocol);
-        if meta.len() < 2 {
-            continue;
-        }
-        let version = i16::from_be_bytes([meta[0], meta[1]]);
-        let _ = bytes::Buf::get_i16(&mut meta);
-        if let Ok(s) = ConsumerProtocolSubscription::decode(&mut meta, version.clamp(0, 3)) {
-            out.extend(s.topics.iter().map(|t| t.to_string()));
-        }
-    }
-    out
 }
 
 /// A random member-id suffix, as Kafka's are UUIDs.
