@@ -24,6 +24,7 @@ pub mod state;
 pub mod topic;
 
 mod order;
+mod rules;
 mod session;
 mod ws;
 

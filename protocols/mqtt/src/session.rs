@@ -42,6 +42,9 @@ use crate::error::{MqttError, Result};
 use crate::order::{spawn_reader, Batch, Inbound, Reader, SubscribeGate};
 use crate::props;
 use crate::retained;
+use crate::rules::connect;
+use crate::rules::inbound::{self, AliasesIn, Receiving};
+use crate::rules::subscriptions::{self, qos_of, session_queue, Plan, Sub, Verdict};
 use crate::server::AbortOnDrop;
 use crate::state::{AliasesOut, Inflight, Outbound, TopicRef};
 use crate::topic;
@@ -134,37 +137,6 @@ struct Live {
     owner_version: u64,
 }
 
-/// A subscription as a session keeps it (and stores it, when persistent).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct Sub {
-    /// As the client sent it, `$share/…` included: its identity.
-    filter: String,
-    qos: u8,
-    no_local: bool,
-    retain_as_published: bool,
-    id: Option<u32>,
-}
-
-impl Sub {
-    fn share(&self) -> Option<(&str, &str)> {
-        topic::parse_share(&self.filter).ok().flatten()
-    }
-
-    /// The filter without its `$share/group/` prefix.
-    fn pattern(&self) -> &str {
-        self.share().map_or(self.filter.as_str(), |(_, f)| f)
-    }
-
-    /// The queue this subscription binds: a share group's, or one of
-    /// the session's own two by QoS.
-    fn queue(&self, client_id: &str) -> String {
-        match self.share() {
-            Some((g, _)) => share_queue(g),
-            None => session_queue(client_id, self.qos),
-        }
-    }
-}
-
 #[derive(Default, Serialize, Deserialize)]
 struct StoredSession {
     subs: Vec<Sub>,
@@ -183,33 +155,6 @@ struct StoredSession {
     /// the client id over and resume it. None: made with auth off.
     #[serde(default)]
     role: Option<String>,
-}
-
-/// A session's queue for subscriptions at `qos`: QoS 0 in memory, QoS 1
-/// and 2 durable.
-fn session_queue(client_id: &str, qos: u8) -> String {
-    format!(
-        "mqtt-subscription-{}qos{}",
-        magnetar_tenancy::names::encode_segment(client_id),
-        u8::from(qos > 0)
-    )
-}
-
-const SHARE_QUEUE_PREFIX: &str = "mqtt-share-";
-
-fn share_queue(group: &str) -> String {
-    format!(
-        "{SHARE_QUEUE_PREFIX}{}",
-        magnetar_tenancy::names::encode_segment(group)
-    )
-}
-
-fn qos_of(n: u8) -> QoS {
-    match n {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
 }
 
 impl Ctx {
@@ -594,8 +539,7 @@ struct Conn {
     will: Option<v5::LastWill>,
     keep_alive: Option<Duration>,
     /// Inbound topic aliases (v5).
-    aliases_in: HashMap<u16, ByteString>,
-    alias_max_in: u16,
+    aliases_in: AliasesIn,
     outbound: Outbound,
     /// Topic aliases of outgoing publishes (v5).
     aliases_out: AliasesOut,
@@ -627,7 +571,7 @@ struct Conn {
     /// Payload bytes of those publishes.
     qos0_bytes: usize,
     /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
-    receiving: usize,
+    receiving: Receiving,
     /// What the authenticated role may do in the namespace.
     grants: Grants,
     /// The connection's role, stored with its session.
@@ -635,7 +579,7 @@ struct Conn {
     /// When the CONNECT token expires: the connection closes then, unless
     /// the client re-authenticates first (v5 AUTH).
     expires: Option<Instant>,
-    /// The v5 authentication method of CONNECT ([`TOKEN_AUTH_METHOD`]),
+    /// The v5 authentication method of CONNECT ([`connect::TOKEN_AUTH_METHOD`]),
     /// if the client used one: AUTH re-authenticates with it.
     auth_method: Option<ByteString>,
     /// Writes that SUBACK and UNSUBACK do not wait for: bindings on their
@@ -652,11 +596,6 @@ enum Background {
     Stored(std::result::Result<(), BrokerError>),
     Saved(Result<()>),
 }
-
-/// The MQTT 5 authentication method whose data is a token: a client
-/// that logs in with it may renew the token on its connection with AUTH
-/// (reason 0x19) before the old one expires.
-pub(crate) const TOKEN_AUTH_METHOD: &str = "token";
 
 /// What a client showed before its CONNECT.
 #[derive(Debug, Default)]
@@ -753,96 +692,56 @@ impl Conn {
         presented: &Presented,
     ) -> std::result::Result<(Conn, oneshot::Receiver<()>), (Framing, v5::ConnectAckReason)> {
         let v5 = framing.is_v5();
-        // v5 enhanced authentication knows one method, whose data is the
-        // token; others get Bad authentication method.
         let auth_method = c.auth_method.clone();
-        if auth_method
-            .as_deref()
-            .is_some_and(|m| m != TOKEN_AUTH_METHOD)
-        {
-            return Err((framing, v5::ConnectAckReason::BadAuthenticationMethod));
+        if let Err(reason) = connect::auth_method(auth_method.as_deref()) {
+            return Err((framing, reason));
         }
-        // The user name and password go to the auth hook; the password
-        // carries the token, as with Pulsar's MQTT handlers. Without one,
-        // the WebSocket upgrade's token stands in, and else a client
-        // certificate's CN is the role (Mosquitto's
+        // The user name and secret go to the auth hook; without either, a
+        // client certificate's CN is the role (Mosquitto's
         // `use_identity_as_username`).
-        let secret = match &auth_method {
-            Some(_) => c.auth_data.as_deref(),
-            None => c
-                .password
-                .as_deref()
-                .or(presented.token.as_deref().map(str::as_bytes)),
-        };
         let creds = Credentials {
             user: c.username.as_deref(),
-            secret,
+            secret: connect::secret(&c, presented.token.as_deref()),
             certificate: presented.certificate.as_deref(),
         };
         let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
             Ok(p) => p,
             Err(e) => {
                 debug!("CONNECT refused: {e}");
-                // Mosquitto's split: nothing presented is "not
-                // authorized", a wrong secret a bad user name or password.
-                let reason = if creds.secret.is_none() && creds.user.is_none() {
-                    v5::ConnectAckReason::NotAuthorized
-                } else {
-                    v5::ConnectAckReason::BadUserNameOrPassword
-                };
+                let reason = connect::auth_refusal(creds.user.is_some(), creds.secret.is_some());
                 return Err((framing, reason));
             }
         };
-        // The user name may name the namespace (`tenant/namespace`), as a
-        // Kafka SASL user does.
-        let named = c.username.as_deref().filter(|u| u.contains('/'));
-        let ns = match named {
-            None => presented
-                .namespace
-                .clone()
-                .unwrap_or_else(|| ctx.cfg.default_namespace.clone()),
-            Some(user) => match user.parse::<NamespaceName>() {
-                Ok(ns) => ns,
-                Err(_) => return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword)),
-            },
+        let (ns, named) = match connect::namespace(
+            c.username.as_deref(),
+            presented.namespace.as_ref(),
+            &ctx.cfg.default_namespace,
+        ) {
+            Ok(x) => x,
+            Err(reason) => return Err((framing, reason)),
         };
         // Connection storms to the listener's namespace with auth off skip
         // the metadata read.
-        let lookup =
-            named.is_some() || presented.namespace.is_some() || principal != Principal::Anonymous;
-        let grants = match if lookup {
+        let found = if named || principal != Principal::Anonymous {
             ctx.broker.grants(&principal, &ns).await
         } else {
             Ok(Grants::ALL)
-        } {
-            Ok(g) if g.any() => g,
-            Ok(_) => return Err((framing, v5::ConnectAckReason::NotAuthorized)),
-            Err(BrokerError::NotFound(_)) => {
-                return Err((framing, v5::ConnectAckReason::BadUserNameOrPassword))
-            }
-            Err(e) => {
-                debug!("CONNECT: grants of {principal:?} in {ns}: {e}");
-                return Err((framing, v5::ConnectAckReason::ServerUnavailable));
-            }
         };
-        if c.last_will.is_some() && !grants.produce {
-            // The will would be a publish the role may not make.
-            return Err((framing, v5::ConnectAckReason::NotAuthorized));
+        if let Err(e) = &found {
+            debug!("CONNECT: grants of {principal:?} in {ns}: {e}");
         }
-        let mut client_id = c.client_id.to_string();
-        let mut assigned = None;
-        if client_id.is_empty() {
-            // 3.1.1 gives an id only to clean sessions.
-            if !v5 && !c.clean_start {
-                return Err((framing, v5::ConnectAckReason::ClientIdentifierNotValid));
-            }
-            client_id = format!("magnetar-{:016x}", rand::random::<u64>());
-            assigned = Some(client_id.clone());
-        }
-        if let Some(w) = &c.last_will {
-            if topic::check_name(&w.topic).is_err() {
-                return Err((framing, v5::ConnectAckReason::TopicNameInvalid));
-            }
+        let grants = match connect::grants(found.as_ref().copied(), c.last_will.is_some()) {
+            Ok(g) => g,
+            Err(reason) => return Err((framing, reason)),
+        };
+        let (client_id, assigned) =
+            match connect::client_id(&c.client_id, v5, c.clean_start, rand::random()) {
+                Ok(x) => x,
+                Err(reason) => return Err((framing, reason)),
+            };
+        let assigned = assigned.then(|| client_id.clone());
+        if let Err(reason) = connect::will(c.last_will.as_ref()) {
+            return Err((framing, reason));
         }
         if let Some(max) = c.max_packet_size {
             framing.set_max_outbound(max.get());
@@ -914,34 +813,21 @@ impl Conn {
         }
         let stored = ctx.load_session(&ns, &client_id).await;
         let had_session = stored.is_some();
-        let mut session_present = false;
-        let mut subs = Vec::new();
-        if c.clean_start {
-            if stored.is_some() {
-                ctx.drop_session(&ns, &client_id).await;
-            }
-        } else if let Some(s) = stored {
-            session_present = true;
-            // Subscriptions are checked again: the role may have lost its
-            // consume grant since it made them.
-            if grants.consume {
-                subs = s.subs;
-            }
+        let resume = connect::resume(c.clean_start, stored.map(|s| s.subs), grants.consume);
+        if resume.discard {
+            ctx.drop_session(&ns, &client_id).await;
+        }
+        if resume.present {
             if let Err(e) = ctx.load_received(&ns, &client_id).await {
                 debug!(client = %client_id, "QoS 2 state not loaded: {e}");
                 return Err((framing, v5::ConnectAckReason::ServerUnavailable));
             }
         }
-        let max_ka = ctx.cfg.max_keep_alive;
-        let mut server_keep_alive = None;
-        let mut ka = c.keep_alive;
-        if max_ka < u16::MAX && (ka == 0 || ka > max_ka) {
-            if !v5 {
-                return Err((framing, v5::ConnectAckReason::ClientIdentifierNotValid));
-            }
-            ka = max_ka;
-            server_keep_alive = Some(max_ka);
-        }
+        let (session_present, subs) = (resume.present, resume.subs);
+        let ka = match connect::keep_alive(c.keep_alive, ctx.cfg.max_keep_alive, v5) {
+            Ok(ka) => ka,
+            Err(reason) => return Err((framing, reason)),
+        };
         let expiry = c.session_expiry_interval_secs;
         // One stored before (resumed, or replaced by a clean start)
         // counts already.
@@ -973,7 +859,7 @@ impl Conn {
                 return Err((framing, v5::ConnectAckReason::ServerUnavailable));
             }
         }
-        let keep_alive = (ka > 0).then(|| Duration::from_millis(u64::from(ka) * 1500));
+        let keep_alive = ka.idle_limit();
         let receive_max = c.receive_max.map_or(65_535, NonZeroU16::get);
         let mut conn = Conn {
             ctx: Arc::clone(ctx),
@@ -989,8 +875,7 @@ impl Conn {
             expiry,
             will: c.last_will,
             keep_alive,
-            aliases_in: HashMap::new(),
-            alias_max_in: ctx.cfg.topic_alias_max,
+            aliases_in: AliasesIn::new(ctx.cfg.topic_alias_max),
             outbound: Outbound::new(receive_max),
             aliases_out: AliasesOut::new(if v5 { c.topic_alias_max } else { 0 }),
             sources: HashMap::new(),
@@ -1006,7 +891,7 @@ impl Conn {
             save_again: false,
             qos0: futures::stream::FuturesUnordered::new(),
             qos0_bytes: 0,
-            receiving: 0,
+            receiving: Receiving::new(ctx.cfg.receive_max, v5),
             grants,
             role: principal_role,
             expires,
@@ -1020,7 +905,7 @@ impl Conn {
             topic_alias_max: ctx.cfg.topic_alias_max,
             max_packet_size: Some(ctx.cfg.max_packet_size),
             session_expiry_interval_secs: None,
-            server_keepalive_sec: server_keep_alive,
+            server_keepalive_sec: ka.server,
             ..Default::default()
         })));
         conn.subs = subs;
@@ -1105,7 +990,7 @@ impl Conn {
                 // back reading: the PUBRELs are read.
                 batch = inbound.recv(), if self.qos0.len() < QOS0_IN_FLIGHT
                     && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES
-                    && self.stores.len() < usize::from(self.ctx.cfg.receive_max) => {
+                    && self.receiving.has_room(self.stores.len()) => {
                     let Some(batch) = batch else {
                         return End::Abrupt(None);
                     };
@@ -1144,7 +1029,7 @@ impl Conn {
                     // A QoS 2 publish counts against Receive Maximum
                     // until PUBCOMP.
                     if !matches!(reply, Reply::PubRec(_)) {
-                        self.receiving = self.receiving.saturating_sub(1);
+                        self.receiving.finish();
                     }
                     if let Err(e) = r {
                         return End::Abrupt(Some(e));
@@ -1216,7 +1101,7 @@ impl Conn {
                 }
                 let mut comp = codec::ack2(a.packet_id);
                 if known {
-                    self.receiving = self.receiving.saturating_sub(1);
+                    self.receiving.finish();
                 } else {
                     comp.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
                 }
@@ -1226,19 +1111,13 @@ impl Conn {
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await?,
             Packet::PingRequest => self.send(Packet::PingResponse),
             Packet::Disconnect(d) => {
-                if let Some(e) = d.session_expiry_interval_secs {
-                    if self.expiry == 0 && e != 0 {
-                        return Err(MqttError::Protocol(
-                            "session expiry set on DISCONNECT after 0 on CONNECT".into(),
-                        ));
-                    }
-                    if e != self.expiry && e > 0 {
-                        self.expiry = e;
-                        self.settle_background().await;
-                        self.save().await?;
-                    }
+                let e = inbound::disconnect_expiry(self.expiry, d.session_expiry_interval_secs)?;
+                if e != self.expiry && e > 0 {
                     self.expiry = e;
+                    self.settle_background().await;
+                    self.save().await?;
                 }
+                self.expiry = e;
                 return Ok(Some(End::Clean {
                     will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
                 }));
@@ -1258,21 +1137,7 @@ impl Conn {
     /// token of the same role moves the connection's expiry; any other
     /// ends the connection with Not authorized.
     fn on_auth(&mut self, a: v5::Auth) -> Result<()> {
-        let Some(method) = self.auth_method.clone() else {
-            return Err(MqttError::Protocol(
-                "AUTH without an authentication method".into(),
-            ));
-        };
-        if a.auth_method.as_ref() != Some(&method) {
-            return Err(MqttError::Protocol(
-                "AUTH with another authentication method than CONNECT's".into(),
-            ));
-        }
-        if a.reason_code != v5::AuthReasonCode::ReAuth {
-            return Err(MqttError::Protocol(
-                "AUTH other than re-authenticate".into(),
-            ));
-        }
+        let method = inbound::reauth(self.auth_method.as_ref(), &a)?;
         let creds = Credentials {
             secret: a.auth_data.as_deref(),
             ..Credentials::default()
@@ -1299,31 +1164,11 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<()> {
-        // Topic aliases (v5): an alias with a topic sets it, without uses it.
-        let alias = p.properties.as_mut().and_then(|pr| pr.topic_alias.take());
-        if let Some(a) = alias {
-            if a.get() > self.alias_max_in {
-                return Err(MqttError::TopicAlias(format!("alias {a} over the maximum")));
-            }
-            if p.topic.is_empty() {
-                p.topic = self
-                    .aliases_in
-                    .get(&a.get())
-                    .cloned()
-                    .ok_or_else(|| MqttError::TopicAlias(format!("alias {a} is not set")))?;
-            } else {
-                self.aliases_in.insert(a.get(), p.topic.clone());
-            }
-        }
+        self.aliases_in.resolve(&mut p)?;
         let topic = p.topic.to_string();
         topic::check_name(&topic)?;
         if p.qos != QoS::AtMostOnce {
-            self.receiving += 1;
-            // Receive Maximum is MQTT 5's; a 3.1.1 client was never told
-            // one, and is slowed down instead (see `run`).
-            if self.v5 && self.receiving > usize::from(self.ctx.cfg.receive_max) {
-                return Err(MqttError::ReceiveMaximum);
-            }
+            self.receiving.start()?;
         }
         if let Err(e) = self.grants.check(AuthAction::Produce, || topic.clone()) {
             // 3.1.1 has no way to say no but closing (MQTT-3.3.5-2); v5
@@ -1456,25 +1301,19 @@ impl Conn {
         let mut retained_for = Vec::new();
         for (filter, opts) in s.topic_filters {
             let filter = filter.to_string();
-            let checked = topic::check_filter(&filter).and_then(|()| topic::parse_share(&filter));
-            let share = match checked {
-                Ok(share) => share.map(|(g, f)| (g.to_owned(), f.to_owned())),
-                Err(_) => {
+            let shared = match subscriptions::verdict(&filter, opts.no_local, self.grants.consume)?
+            {
+                Verdict::Accepted { shared } => shared,
+                Verdict::Invalid => {
                     status.push(v5::SubscribeAckReason::TopicFilterInvalid);
                     continue;
                 }
+                Verdict::NotAuthorized => {
+                    debug!(client = %self.client_id, "not authorized to subscribe to {filter}");
+                    status.push(v5::SubscribeAckReason::NotAuthorized);
+                    continue;
+                }
             };
-            if share.is_some() && opts.no_local {
-                // Not allowed on shared subscriptions (MQTT 5, 3.8.3.1).
-                return Err(MqttError::Protocol(
-                    "no-local on a shared subscription".into(),
-                ));
-            }
-            if !self.grants.consume {
-                debug!(client = %self.client_id, "not authorized to subscribe to {filter}");
-                status.push(v5::SubscribeAckReason::NotAuthorized);
-                continue;
-            }
             let existed = self.subs.iter().any(|x| x.filter == filter);
             let sub = Sub {
                 filter: filter.clone(),
@@ -1494,15 +1333,7 @@ impl Conn {
                     self.detach(&old, &[&sub]).await;
                 }
             }
-            // Shared subscriptions get no retained messages (MQTT 5,
-            // 4.8.2).
-            let send_retained = share.is_none()
-                && match opts.retain_handling {
-                    v5::RetainHandling::AtSubscribe => true,
-                    v5::RetainHandling::AtSubscribeNew => !existed,
-                    v5::RetainHandling::NoAtSubscribe => false,
-                };
-            if send_retained {
+            if subscriptions::sends_retained(shared, opts.retain_handling, existed) {
                 retained_for.push(sub.clone());
             }
             match self.subs.iter_mut().find(|x| x.filter == filter) {
@@ -1702,47 +1533,25 @@ impl Conn {
             self.done(&queue, d.offset);
             return;
         };
-        // The session's own two queues count as one: a message both
-        // carry goes out once, from the QoS 1 queue, at the highest QoS
-        // of the matching subscriptions, with all their identifiers.
-        let from_share = queue.starts_with(SHARE_QUEUE_PREFIX);
-        let mut qos = None::<QoS>;
-        let mut ids = Vec::new();
-        let mut rap = false;
-        let mut durable_too = false;
-        for s in &self.subs {
-            let same = if from_share {
-                s.queue(&self.client_id) == queue
-            } else {
-                s.share().is_none()
-            };
-            if !same || !topic::matches(s.pattern(), &stored.topic) {
-                continue;
-            }
-            durable_too |= s.qos > 0;
-            if s.no_local && stored.publisher.as_deref() == Some(self.client_id.as_str()) {
-                continue;
-            }
-            let q = qos_of(s.qos);
-            qos = Some(qos.map_or(q, |x: QoS| if q.value() > x.value() { q } else { x }));
-            if let Some(id) = s.id.and_then(NonZeroU32::new) {
-                ids.push(id);
-            }
-            rap |= s.retain_as_published;
-        }
-        let Some(granted) = qos else {
+        let publisher = stored.publisher.as_deref();
+        let plan = subscriptions::plan(
+            &self.subs,
+            &self.client_id,
+            &queue,
+            &stored.topic,
+            publisher,
+            stored.qos,
+            stored.expired,
+        );
+        let Plan::Send {
+            qos,
+            ids,
+            retain_as_published: rap,
+        } = plan
+        else {
             self.done(&queue, d.offset);
             return;
         };
-        if durable_too && !from_share && queue == session_queue(&self.client_id, 0) {
-            self.done(&queue, d.offset);
-            return;
-        }
-        if stored.expired {
-            self.done(&queue, d.offset);
-            return;
-        }
-        let qos = stored.qos.less_value(granted);
         let properties = self.v5.then(|| props::properties(&d.message, &stored, ids));
         let publish = Publish {
             dup: false,
@@ -2039,22 +1848,5 @@ mod tests {
         }
         assert_eq!(parse_session_key("a/b"), None);
         assert_eq!(parse_session_key("a/b/c/d"), None);
-    }
-
-    #[test]
-    fn a_session_has_a_queue_per_qos_class_and_shares_their_groups() {
-        let sub = |filter: &str, qos| Sub {
-            filter: filter.into(),
-            qos,
-            no_local: false,
-            retain_as_published: false,
-            id: None,
-        };
-        assert_eq!(sub("a/#", 0).queue("dev"), "mqtt-subscription-devqos0");
-        assert_eq!(sub("a/#", 1).queue("dev"), "mqtt-subscription-devqos1");
-        assert_eq!(sub("a/#", 2).queue("dev"), "mqtt-subscription-devqos1");
-        let shared = sub("$share/g1/a/+", 0);
-        assert_eq!(shared.queue("dev"), "mqtt-share-g1");
-        assert_eq!(shared.pattern(), "a/+");
     }
 }
