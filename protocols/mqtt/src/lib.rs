@@ -23,6 +23,7 @@ pub mod server;
 pub mod state;
 pub mod topic;
 
+mod ctx;
 mod order;
 mod rules;
 mod session;

@@ -8,7 +8,8 @@ use magnetar_broker::Broker;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::session::{serve, Ctx, Presented};
+use crate::ctx::Ctx;
+use crate::session::{serve, Presented};
 use crate::MqttConfig;
 
 /// A running MQTT listener.

@@ -28,7 +28,8 @@ use magnetar_broker::BrokerError;
 use magnetar_tenancy::names::NamespaceName;
 use magnetar_tenancy::Credentials;
 
-use crate::session::{serve, Ctx, Presented};
+use crate::ctx::Ctx;
+use crate::session::{serve, Presented};
 
 /// Bytes the pipe holds each way.
 const PIPE: usize = 16 * 1024;
