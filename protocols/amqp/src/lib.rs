@@ -24,6 +24,7 @@ pub mod props;
 pub mod queue;
 pub mod server;
 
+mod rules;
 mod session;
 
 use std::time::Duration;

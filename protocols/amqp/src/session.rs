@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use magnetar_broker::format::now_ms;
-use magnetar_broker::routing::{Binding, ExchangeDef, ExchangeKind};
+use magnetar_broker::routing::{Binding, ExchangeDef};
 use magnetar_broker::subscription::{
     InitialPosition, MessagePriority, SubscriptionOptions, SubscriptionType,
 };
@@ -41,6 +41,8 @@ use crate::deadletter::{dead_lettered, Reason};
 use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
 use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
+use crate::rules::channels::{self, Prefetch};
+use crate::rules::handshake::{self, Mechanism};
 use crate::AmqpConfig;
 
 /// Credit a consumer without a prefetch limit is kept topped up to; it
@@ -391,7 +393,10 @@ impl Ctx {
         loop {
             let now = now_ms();
             let expired = sub
-                .reap(256, Box::new(move |m| is_expired(&m.message, ttl, now)))
+                .reap(
+                    256,
+                    Box::new(move |m| channels::expired(&m.message, ttl, now)),
+                )
                 .await?;
             if expired.is_empty() {
                 return Ok(());
@@ -416,20 +421,6 @@ fn resident_bytes() -> Option<u64> {
 /// What RabbitMQ's byte limits count of a message: its body.
 fn body_len(m: &Message) -> u64 {
     m.value.as_ref().map_or(0, |v| v.len() as u64)
-}
-
-/// Whether a stored message is past its queue's TTL or its own
-/// `expiration`, counted from when it was stored.
-fn is_expired(m: &Message, queue_ttl: Option<u64>, now: i64) -> bool {
-    let own = props::record_expiration_ms(m);
-    let ttl = match (queue_ttl, own) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => match a.or(b) {
-            Some(t) => t,
-            None => return false,
-        },
-    };
-    now.saturating_sub(m.timestamp_ms) >= i64::try_from(ttl).unwrap_or(i64::MAX)
 }
 
 /// Events from a connection's helper tasks.
@@ -500,10 +491,8 @@ struct Chan {
     /// Consumers cancelled with deliveries still unsettled: kept attached
     /// so that those deliveries stay theirs until settled or closed.
     retired: Vec<Consumer>,
-    /// Per-consumer limit (basic.qos global=false) for later consumers.
-    prefetch: u16,
-    /// Channel-wide limit (global=true), shared by all its consumers.
-    global_prefetch: u16,
+    /// basic.qos limits.
+    prefetch: Prefetch,
     /// Deliveries that arrived while the channel was at its channel-wide
     /// limit, sent in order as acknowledgements make room.
     held: VecDeque<Held>,
@@ -526,7 +515,7 @@ struct Chan {
 impl Chan {
     /// At the channel-wide prefetch limit (basic.qos global=true).
     fn at_global_limit(&self) -> bool {
-        self.global_prefetch > 0 && self.tags.len() >= usize::from(self.global_prefetch)
+        self.prefetch.at_global_limit(self.tags.len())
     }
 }
 
@@ -701,36 +690,6 @@ fn method_ids(m: &AMQPClass) -> (u16, u16) {
 
 fn short(s: &str) -> ShortString {
     ShortString::try_new(s).unwrap_or_default()
-}
-
-/// The user name and password of a PLAIN (`\0user\0password`) or
-/// AMQPLAIN (a field table without its length) response.
-fn login(mechanism: &str, response: &[u8]) -> Option<(String, Vec<u8>)> {
-    if mechanism == "PLAIN" {
-        let mut parts = response.split(|&b| b == 0);
-        let _authz = parts.next()?;
-        let user = std::str::from_utf8(parts.next()?).ok()?.to_owned();
-        let pass = parts.next()?.to_vec();
-        return parts.next().is_none().then_some((user, pass));
-    }
-    let mut framed = (response.len() as u32).to_be_bytes().to_vec();
-    framed.extend_from_slice(response);
-    let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
-    let text = |k: &str| match table.inner().get(k)? {
-        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
-        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
-        _ => None,
-    };
-    let user = String::from_utf8(text("LOGIN")?).ok()?;
-    Some((user, text("PASSWORD")?))
-}
-
-fn vhost_namespace(vhost: &str) -> Option<NamespaceName> {
-    if vhost == "/" || vhost.is_empty() {
-        return Some(NamespaceName::default_namespace());
-    }
-    let v = vhost.trim_start_matches('/');
-    v.parse().ok()
 }
 
 impl Conn {
@@ -1067,37 +1026,23 @@ impl Conn {
         use connection::AMQPMethod as M;
         match (m, &phase) {
             (M::StartOk(s), Phase::StartOk) => {
-                self.blockable = matches!(
-                    s.client_properties.inner().get("capabilities"),
-                    Some(AMQPValue::FieldTable(c))
-                        if c.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
-                );
+                self.blockable = handshake::blockable(&s.client_properties);
                 let mech = s.mechanism.as_str();
-                let external = mech == "EXTERNAL" && self.certificate.is_some();
-                if mech != "PLAIN" && mech != "AMQPLAIN" && !external {
-                    return Err(Exception::new(
-                        error::ACCESS_REFUSED,
-                        format!("unsupported authentication mechanism '{mech}'"),
-                    )
-                    .on(ids.0, ids.1));
-                }
-                // The password carries the token; the broker's auth hook
-                // judges it.
-                let refused = || {
-                    Exception::new(
-                        error::ACCESS_REFUSED,
-                        format!("Login was refused using authentication mechanism {mech}"),
-                    )
-                    .on(ids.0, ids.1)
-                };
-                let (user, password) = if external {
-                    let role = self.certificate.as_deref().unwrap_or_default();
-                    (role.to_string(), None)
-                } else {
-                    let Some((user, password)) = login(mech, s.response.as_bytes()) else {
-                        return Err(refused());
-                    };
-                    (user, Some(password))
+                let how = handshake::mechanism(mech, self.certificate.is_some())
+                    .map_err(|e| e.on(ids.0, ids.1))?;
+                let refused = || handshake::login_refused(mech).on(ids.0, ids.1);
+                let (user, password) = match how {
+                    Mechanism::Certificate => {
+                        let role = self.certificate.as_deref().unwrap_or_default();
+                        (role.to_string(), None)
+                    }
+                    Mechanism::Password => {
+                        let Some((user, password)) = handshake::login(mech, s.response.as_bytes())
+                        else {
+                            return Err(refused());
+                        };
+                        (user, Some(password))
+                    }
                 };
                 let creds = Credentials {
                     user: Some(&user),
@@ -1127,59 +1072,29 @@ impl Conn {
                 Ok(true)
             }
             (M::TuneOk(t), Phase::TuneOk) => {
-                if t.frame_max != 0 && t.frame_max < codec::FRAME_MIN_SIZE {
-                    return Err(Exception::new(
-                        error::NOT_ALLOWED,
-                        format!(
-                            "frame_max={} < {} min size",
-                            t.frame_max,
-                            codec::FRAME_MIN_SIZE
-                        ),
-                    ));
-                }
-                if t.frame_max > self.ctx.cfg.frame_max {
-                    return Err(Exception::new(
-                        error::NOT_ALLOWED,
-                        format!(
-                            "frame_max={} > {} max size",
-                            t.frame_max, self.ctx.cfg.frame_max
-                        ),
-                    ));
-                }
-                if t.frame_max != 0 {
-                    self.frame_max = t.frame_max;
-                }
-                if t.channel_max != 0 {
-                    self.channel_max = t.channel_max.min(self.ctx.cfg.channel_max);
-                }
-                self.heartbeat = t.heartbeat;
+                let tuned = handshake::tune(
+                    t.frame_max,
+                    t.channel_max,
+                    t.heartbeat,
+                    self.ctx.cfg.frame_max,
+                    self.ctx.cfg.channel_max,
+                )?;
+                self.frame_max = tuned.frame_max;
+                self.channel_max = tuned.channel_max;
+                self.heartbeat = tuned.heartbeat;
                 *phase = Phase::Open;
                 Ok(true)
             }
             (M::Open(o), Phase::Open) => {
                 let vhost = o.virtual_host.as_str().to_owned();
-                let Some(ns) = vhost_namespace(&vhost) else {
+                let Some(ns) = handshake::vhost_namespace(&vhost) else {
                     return Err(Exception::new(
                         error::NOT_ALLOWED,
                         format!("vhost {vhost} not found"),
                     ));
                 };
-                let grants = match self.ctx.broker.grants(&self.principal, &ns).await {
-                    Ok(g) => g,
-                    Err(BrokerError::NotFound(_)) => {
-                        return Err(Exception::new(
-                            error::NOT_ALLOWED,
-                            format!("vhost {vhost} not found"),
-                        ))
-                    }
-                    Err(e) => return Err(exception_of(&e)),
-                };
-                if !grants.any() {
-                    return Err(Exception::new(
-                        error::NOT_ALLOWED,
-                        format!("access to vhost '{vhost}' refused for user '{}'", self.user),
-                    ));
-                }
+                let found = self.ctx.broker.grants(&self.principal, &ns).await;
+                let grants = handshake::open(&vhost, &self.user, found.as_ref().copied())?;
                 self.grants = grants;
                 self.vhost = vhost;
                 self.ns = ns;
@@ -1258,12 +1173,7 @@ impl Conn {
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let c = self.chan(ch)?;
-                if c.tx.is_some() {
-                    return Err(Exception::new(
-                        error::PRECONDITION_FAILED,
-                        "cannot switch from tx to confirm mode",
-                    ));
-                }
+                channels::confirm_select(c.tx.is_some())?;
                 c.confirm = true;
                 if !s.nowait {
                     self.send_method(
@@ -1294,21 +1204,7 @@ impl Conn {
         use channel::AMQPMethod as M;
         match m {
             M::Open(_) => {
-                if ch > self.channel_max {
-                    return Err(Exception::new(
-                        error::NOT_ALLOWED,
-                        format!(
-                            "channel {ch} is over the negotiated channel_max {}",
-                            self.channel_max
-                        ),
-                    ));
-                }
-                if self.channels.contains_key(&ch) {
-                    return Err(Exception::new(
-                        error::CHANNEL_ERROR,
-                        format!("channel {ch} is already open"),
-                    ));
-                }
+                channels::open(ch, self.channel_max, self.channels.contains_key(&ch))?;
                 let gen = self.next_gen;
                 self.next_gen += 1;
                 let (pipeline, settled) = self.start_pipeline(ch, gen);
@@ -1322,8 +1218,7 @@ impl Conn {
                         consumers: HashMap::new(),
                         getters: HashMap::new(),
                         retired: Vec::new(),
-                        prefetch: 0,
-                        global_prefetch: 0,
+                        prefetch: Prefetch::default(),
                         held: VecDeque::new(),
                         confirm: false,
                         next_seq: 1,
@@ -1351,11 +1246,7 @@ impl Conn {
             }
             M::Flow(f) => {
                 self.chan(ch)?;
-                // RabbitMQ stopped honouring a client's request to pause
-                // deliveries; consumers use prefetch instead.
-                if !f.active {
-                    return Err(Exception::new(error::NOT_IMPLEMENTED, "active=false"));
-                }
+                channels::flow(f.active)?;
                 self.send_method(
                     ch,
                     AMQPClass::Channel(M::FlowOk(channel::FlowOk { active: f.active })),
@@ -1531,32 +1422,7 @@ impl Conn {
         match m {
             M::Declare(d) => {
                 let name = d.exchange.as_str();
-                // RabbitMQ 3.12.14+ closes the channel alone with 406: one
-                // bad declare does not end the connection's other channels.
-                let kind = ExchangeKind::parse(d.kind.as_str()).map_err(|_| {
-                    Exception::new(
-                        error::PRECONDITION_FAILED,
-                        format!("unknown exchange type '{}'", d.kind.as_str()),
-                    )
-                });
-                let kind = match (kind, d.passive) {
-                    (Ok(k), _) => k,
-                    // A passive declare names no type worth checking.
-                    (Err(_), true) => ExchangeKind::Direct,
-                    (Err(e), false) => return Err(e),
-                };
-                if name.starts_with("amq.")
-                    && !d.passive
-                    && !magnetar_broker::routing::RoutingTable::is_predeclared(name)
-                {
-                    return Err(Exception::new(
-                        error::ACCESS_REFUSED,
-                        format!(
-                            "exchange '{name}' in vhost '{}' contains reserved prefix 'amq.'",
-                            self.vhost
-                        ),
-                    ));
-                }
+                let kind = channels::exchange_kind(name, d.kind.as_str(), d.passive, &self.vhost)?;
                 // Declaring an exchange is configuring the vhost (RabbitMQ's
                 // configure permission): the namespace admin's, though any
                 // role may declare one that exists, as applications do at
@@ -1647,14 +1513,7 @@ impl Conn {
         if !name.is_empty() {
             return Ok(name.to_owned());
         }
-        let last = self.chan(ch)?.last_queue.clone();
-        if last.is_empty() {
-            return Err(Exception::new(
-                error::NOT_FOUND,
-                "no previously declared queue",
-            ));
-        }
-        Ok(last)
+        channels::queue_name(name, &self.chan(ch)?.last_queue)
     }
 
     fn not_found(&self, queue: &str) -> Exception {
@@ -2101,12 +1960,7 @@ impl Conn {
             M::Qos(q) => {
                 // As RabbitMQ (per_consumer_qos): global=false limits each
                 // consumer started afterwards, global=true the channel.
-                let chan = self.chan(ch)?;
-                if q.global {
-                    chan.global_prefetch = q.prefetch_count;
-                } else {
-                    chan.prefetch = q.prefetch_count;
-                }
+                self.chan(ch)?.prefetch.qos(q.prefetch_count, q.global);
                 self.send_method(ch, AMQPClass::Basic(M::QosOk(basic::QosOk {})));
                 self.release_held(ch)?;
             }
@@ -2330,13 +2184,7 @@ impl Conn {
             }
         };
         let chan = self.chan(ch)?;
-        // A channel-wide limit also caps each consumer's credit, so that
-        // at most one limit's worth per consumer waits in `held`.
-        let prefetch = match (chan.prefetch, chan.global_prefetch) {
-            (0, g) => g,
-            (p, 0) => p,
-            (p, g) => p.min(g),
-        };
+        let prefetch = chan.prefetch.consumer_credit();
         let limited = prefetch > 0 && !c.no_ack;
         let control = consumer.control();
         let credit = if limited {
@@ -2413,7 +2261,7 @@ impl Conn {
         tag: &str,
         args: &FieldTable,
     ) -> Result<magnetar_broker::subscription::Subscription, Exception> {
-        if self.chan(ch)?.prefetch == 0 {
+        if self.chan(ch)?.prefetch.per_consumer == 0 {
             return Err(Exception::new(
                 error::PRECONDITION_FAILED,
                 "consumer prefetch count is not set for stream queue",
@@ -2630,7 +2478,7 @@ impl Conn {
                 .args
                 .delivery_limit
                 .is_some_and(|l| u64::from(d.redelivery_count) > l);
-            let expired = is_expired(&d.message, def.args.message_ttl_ms, now_ms());
+            let expired = channels::expired(&d.message, def.args.message_ttl_ms, now_ms());
             if !over_limit && !expired {
                 break Some((d, control));
             }
@@ -2933,16 +2781,11 @@ impl Conn {
     /// acknowledged deliveries unacknowledged.
     async fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
         use tx::AMQPMethod as M;
-        let not_tx = || Exception::new(error::PRECONDITION_FAILED, "channel is not transactional");
+        let not_tx = channels::not_transactional;
         let reply = match m {
             M::Select(_) => {
                 let chan = self.chan(ch)?;
-                if chan.confirm {
-                    return Err(Exception::new(
-                        error::PRECONDITION_FAILED,
-                        "cannot switch from confirm to tx mode",
-                    ));
-                }
+                channels::tx_select(chan.confirm)?;
                 chan.tx.get_or_insert_with(TxBuffer::default);
                 M::SelectOk(tx::SelectOk {})
             }
@@ -3091,9 +2934,8 @@ impl Conn {
     fn deliver(&mut self, ch: u16, h: Held) -> Result<(), Exception> {
         if let Some(c) = self.channels.get_mut(&ch).filter(|c| c.gen == h.gen) {
             // Held in order behind earlier ones, so that none overtakes.
-            if (!c.held.is_empty() || c.at_global_limit())
-                && c.consumers.get(&h.consumer).is_some_and(|e| !e.no_ack)
-            {
+            let no_ack = c.consumers.get(&h.consumer).is_none_or(|e| e.no_ack);
+            if channels::waits(!c.held.is_empty(), c.at_global_limit(), no_ack) {
                 c.held.push_back(h);
                 return Ok(());
             }
@@ -3124,17 +2966,10 @@ impl Conn {
         let queue = entry.queue.clone();
         let (no_ack, limited) = (entry.no_ack, entry.limited);
         let def = Arc::clone(&entry.def);
-        let over_limit = def
-            .args
-            .delivery_limit
-            .is_some_and(|l| u64::from(d.redelivery_count) > l);
-        let expired = is_expired(&d.message, def.args.message_ttl_ms, now_ms());
-        if over_limit || expired {
-            let reason = if expired {
-                Reason::Expired
-            } else {
-                Reason::DeliveryLimit
-            };
+        let expired = channels::expired(&d.message, def.args.message_ttl_ms, now_ms());
+        if let Some(reason) =
+            channels::dead_letter_instead(def.args.delivery_limit, d.redelivery_count, expired)
+        {
             self.spawn_dead_letter(def, d.message, reason, control.clone(), d.offset);
             control.flow(1);
             return Ok(());
