@@ -1,0 +1,183 @@
+//! Which broker owns a topic: lookups through the namespace's bundle
+//! owners, topic policies and routes, partitions.
+
+use super::*;
+
+impl Broker {
+    pub(super) async fn policies(&self, ns: &NamespaceName) -> Result<Policies> {
+        match self.inner.tenancy.get_policies(ns).await {
+            Ok(p) => Ok(p),
+            Err(magnetar_tenancy::TenancyError::NotFound(_)) => {
+                Err(BrokerError::NotFound(format!("namespace {ns}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) fn owner_key(topic: &TopicName, policies: &Policies) -> String {
+        format!(
+            "{OWNER_PREFIX}{}/{}",
+            topic.namespace(),
+            bundle_of(topic, policies.bundles.num_bundles)
+        )
+    }
+
+    /// The broker owning `topic`'s bundle, taking the bundle if nobody
+    /// holds it.
+    pub async fn lookup(&self, topic: &TopicName) -> Result<BrokerInfo> {
+        let policies = self.policies(topic.namespace()).await?;
+        let key = Self::owner_key(topic, &policies);
+        loop {
+            if let Some(kv) = self.inner.meta.get(&key).await? {
+                return parse(&key, &kv.value);
+            }
+            let session = self.inner.session.read().await;
+            match session.create(&key, json(&self.inner.cfg.info)).await {
+                Ok(_) => return Ok(self.inner.cfg.info.clone()),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub(super) fn topic_policies_key(topic: &TopicName) -> String {
+        format!("{TOPIC_POLICIES_PREFIX}{}", topic.base().path())
+    }
+
+    /// The topic's own policies (for a partition: its topic's).
+    pub async fn topic_policies(&self, topic: &TopicName) -> Result<TopicPolicies> {
+        let key = Self::topic_policies_key(topic);
+        match self.inner.meta.get(&key).await? {
+            Some(kv) => parse(&key, &kv.value),
+            None => Ok(TopicPolicies::default()),
+        }
+    }
+
+    /// Sets the topic's own policies; the default (nothing set) removes
+    /// them, and the namespace's apply again. Retention picks them up at
+    /// its next run.
+    pub async fn set_topic_policies(&self, topic: &TopicName, p: &TopicPolicies) -> Result<()> {
+        let key = Self::topic_policies_key(topic);
+        if *p == TopicPolicies::default() {
+            self.inner.meta.delete(&key).await?;
+        } else {
+            self.inner.meta.put(&key, json(p)).await?;
+        }
+        Ok(())
+    }
+
+    /// Where the topic's records are routed, if anywhere.
+    pub async fn topic_route(&self, topic: &TopicName) -> Result<Option<TopicRoute>> {
+        Ok(self.topic_policies(topic).await?.route)
+    }
+
+    /// Routes the topic's records (every partition's) through an exchange
+    /// of its namespace from now on, or stops routing them. Partitions
+    /// owned here start at once: what is written after this returns is
+    /// routed. The owners of the others pick the route up within
+    /// [`ROUTE_RESCAN`].
+    pub async fn set_topic_route(
+        &self,
+        topic: &TopicName,
+        route: Option<TopicRoute>,
+    ) -> Result<()> {
+        let topic = topic.base();
+        if let Some(r) = &route {
+            if !topic.is_persistent() {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "{topic} is not persistent; only persistent topics can be routed"
+                )));
+            }
+            if !self.topic_exists(&topic).await? {
+                return Err(BrokerError::NotFound(format!("topic {topic} not found")));
+            }
+            let routing = self.routing(topic.namespace()).await?;
+            if !routing.lock().await.table.has_exchange(&r.exchange) {
+                return Err(BrokerError::NotFound(format!(
+                    "no exchange {:?} in {}",
+                    r.exchange,
+                    topic.namespace()
+                )));
+            }
+            for t in self.partitions_of(&topic).await? {
+                if self.lookup(&t).await?.id == self.inner.cfg.info.id {
+                    self.topic(&t, true)
+                        .await?
+                        .get_or_create_subscription(
+                            ROUTE_SUBSCRIPTION,
+                            crate::topic_route::subscription_options(
+                                crate::subscription::InitialPosition::Latest,
+                            ),
+                        )
+                        .await?;
+                }
+            }
+        }
+        let mut p = self.topic_policies(&topic).await?;
+        p.route = route;
+        self.set_topic_policies(&topic, &p).await
+    }
+
+    /// A topic's partitions, or the topic itself when it has none.
+    pub(super) async fn partitions_of(&self, topic: &TopicName) -> Result<Vec<TopicName>> {
+        Ok(match self.partitions(topic).await? {
+            Some(n) => (0..n).map(|i| topic.partition(i)).collect(),
+            None => vec![topic.clone()],
+        })
+    }
+
+    /// Every routed partition, and those of them this broker owns.
+    pub(super) async fn routed_partitions(
+        &self,
+    ) -> Result<(HashSet<TopicName>, HashMap<TopicName, TopicRoute>)> {
+        let mut all = HashSet::new();
+        let mut mine = HashMap::new();
+        for kv in self.inner.meta.list(TOPIC_POLICIES_PREFIX).await? {
+            let Some(path) = kv.key.strip_prefix(TOPIC_POLICIES_PREFIX) else {
+                continue;
+            };
+            let Ok(topic) = TopicName::from_path(path) else {
+                continue;
+            };
+            let Ok(TopicPolicies {
+                route: Some(route), ..
+            }) = parse::<TopicPolicies>(&kv.key, &kv.value)
+            else {
+                continue;
+            };
+            for t in self.partitions_of(&topic).await? {
+                all.insert(t.clone());
+                match self.lookup(&t).await {
+                    Ok(owner) if owner.id == self.inner.cfg.info.id => {
+                        mine.insert(t, route.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(topic = %t, "route owner: {e}"),
+                }
+            }
+        }
+        Ok((all, mine))
+    }
+
+    /// The namespace's policies with the topic's own laid over them.
+    pub(super) async fn effective_policies(&self, topic: &TopicName) -> Result<Policies> {
+        let mut p = self.policies(topic.namespace()).await?;
+        let own = self.topic_policies(topic).await?;
+        if own.retention_policies.is_some() {
+            p.retention_policies = own.retention_policies;
+        }
+        Ok(p)
+    }
+
+    pub(super) async fn ensure_owner(&self, topic: &TopicName) -> Result<()> {
+        let owner = self.lookup(topic).await?;
+        if owner.id == self.inner.cfg.info.id {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOwner {
+                topic: topic.to_string(),
+                owner: Some(owner.http_url),
+            })
+        }
+    }
+}
