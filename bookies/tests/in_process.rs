@@ -2,79 +2,9 @@
 //! client's whole life cycle, quickly. The process-level fault tests are in
 //! the `magnetar` crate.
 
-use std::time::Duration;
-
 use bytes::Bytes;
-use magnetar_bookies::{
-    BookieConfig, BookieError, BookieServer, CreateOptions, LedgerClient, LedgerState,
-};
-use magnetar_metadata::{MetaClient, MetaNode, NodeConfig};
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    meta: MetaNode,
-    bookies: Vec<Option<BookieServer>>,
-}
-
-impl Cluster {
-    async fn start(n: u64) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        let meta = MetaNode::start(NodeConfig::single(
-            "127.0.0.1:0".parse().expect("addr"),
-            path.join("meta"),
-        ))
-        .await
-        .expect("meta");
-        meta.wait_for_leader(Duration::from_secs(10))
-            .await
-            .expect("leader");
-        let mut c = Cluster {
-            _dir: dir,
-            dir: path,
-            meta,
-            bookies: Vec::new(),
-        };
-        for id in 1..=n {
-            let b = c.start_bookie(id).await;
-            c.bookies.push(Some(b));
-        }
-        c
-    }
-
-    fn meta_endpoints(&self) -> Vec<String> {
-        vec![self.meta.local_addr().to_string()]
-    }
-
-    async fn start_bookie(&self, id: u64) -> BookieServer {
-        let mut cfg = BookieConfig::new(
-            id,
-            "127.0.0.1:0".parse().expect("addr"),
-            self.dir.join(format!("bookie-{id}")),
-            self.meta_endpoints(),
-        );
-        cfg.session_ttl = Duration::from_millis(1000);
-        // Build output may fill the shared disk; these tests are not about
-        // the read-only mode.
-        cfg.disk_usage_threshold = 0.995;
-        BookieServer::start(cfg).await.expect("bookie")
-    }
-
-    fn client(&self) -> LedgerClient {
-        LedgerClient::new(MetaClient::new(&self.meta_endpoints()).expect("meta client"))
-    }
-
-    async fn wait_bookies(&self, client: &LedgerClient, n: usize) {
-        for _ in 0..100 {
-            if client.pool().writable(&[]).await.expect("list").len() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{n} bookies never registered");
-    }
-}
+use magnetar_bookies::{BookieError, CreateOptions, LedgerState};
+use magnetar_testkit::inproc::Cluster;
 
 fn payload(i: u64) -> Bytes {
     Bytes::from(format!("entry-{i:06}-{}", "x".repeat((i % 50) as usize)))
@@ -83,8 +13,8 @@ fn payload(i: u64) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_read_close_recover_delete() {
     let c = Cluster::start(3).await;
-    let client = c.client();
-    c.wait_bookies(&client, 3).await;
+    let client = c.ledger_client();
+    c.wait_writable(&client, 3).await;
 
     let w = client
         .create(CreateOptions::new(3, 3, 2))
@@ -140,8 +70,8 @@ async fn write_read_close_recover_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_fences_a_live_writer() {
     let c = Cluster::start(3).await;
-    let client = c.client();
-    c.wait_bookies(&client, 3).await;
+    let client = c.ledger_client();
+    c.wait_writable(&client, 3).await;
     let w = client
         .create(CreateOptions::new(3, 2, 2))
         .await
@@ -149,7 +79,7 @@ async fn recovery_fences_a_live_writer() {
     for i in 0..100 {
         w.add(payload(i)).await.expect("add");
     }
-    let other = c.client();
+    let other = c.ledger_client();
     let r = other.open_and_recover(w.id()).await.expect("recover");
     assert_eq!(r.last_add_confirmed(), 99);
     assert!(r.is_closed());
@@ -165,8 +95,8 @@ async fn recovery_fences_a_live_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensemble_change_replaces_a_stopped_bookie() {
     let mut c = Cluster::start(4).await;
-    let client = c.client();
-    c.wait_bookies(&client, 4).await;
+    let client = c.ledger_client();
+    c.wait_writable(&client, 4).await;
     let w = client
         .create(CreateOptions::new(3, 3, 3))
         .await
@@ -194,8 +124,8 @@ async fn ensemble_change_replaces_a_stopped_bookie() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fsync_failure_turns_a_bookie_read_only_and_loses_nothing_acknowledged() {
     let mut c = Cluster::start(4).await;
-    let client = c.client();
-    c.wait_bookies(&client, 4).await;
+    let client = c.ledger_client();
+    c.wait_writable(&client, 4).await;
     let w = client
         .create(CreateOptions::new(3, 3, 3))
         .await

@@ -3,11 +3,10 @@ ports, which a test may restart (SIGTERM) or kill (SIGKILL) and start again
 on the same ports and data."""
 
 import os
-import random
 import signal
-import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -16,34 +15,10 @@ import pytest
 BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
 
 
-_GIVEN = set()
-
-
-def free_port():
-    """A free loopback port from below the kernel's ephemeral range, so that
-    no outgoing connection can take it as its source port before the server
-    binds it. Ports handed out in this process are not reused."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            high = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        high = 32768
-    low = 10000
-    if high <= low + 1000:
-        high = 32768
-    start = random.randrange(low, high)
-    for i in range(high - low):
-        port = low + (start - low + i) % (high - low)
-        if port in _GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN.add(port)
-        return port
-    raise RuntimeError(f"no free port below {high}")
+# The one port rule of the test kit (tests/kit), shared with the Rust tests
+# and the bench scripts.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kit"))
+from free_port import free_port  # noqa: E402
 
 
 class Standalone:

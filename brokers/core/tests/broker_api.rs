@@ -457,7 +457,7 @@ async fn retention_by_acknowledgement_deletes_ledgers_on_the_bookies() {
             "ledger {id} metadata kept"
         );
         assert!(
-            c.bookies[0].storage().read(*id, 0).is_err(),
+            c.bookie(1).storage().read(*id, 0).is_err(),
             "bookie still holds ledger {id}"
         );
     }

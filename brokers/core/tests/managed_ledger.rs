@@ -132,7 +132,7 @@ async fn trim_deletes_whole_ledgers_on_the_bookies() {
     }
     // The bookie forgets them too.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let storage = c.bookies[0].storage();
+    let storage = c.bookie(1).storage();
     for id in &deleted {
         assert!(
             storage.read(*id, 0).is_err(),

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
+use magnetar_bookies::meta::now_ms;
 use magnetar_bookies::{BookieError, CreateOptions, LedgerClient, LedgerReader, LedgerWriter};
 use magnetar_metadata::MetaError;
 use magnetar_tiering::{LedgerFileWriter, OffloadedLedger, Tier};
@@ -397,10 +398,6 @@ impl std::fmt::Debug for ManagedLedger {
             .field("name", &self.inner.name)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> u64 {
-    magnetar_bookies::meta::now_ms()
 }
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> BrokerError {

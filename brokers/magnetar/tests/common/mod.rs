@@ -1,133 +1,19 @@
-//! Harness: real `magnetar` processes on loopback ephemeral ports.
+//! Harness: real `magnetar` processes on loopback ports, built on the test
+//! kit's ports and processes.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use magnetar_metadata::{ClientOptions, MetaClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_magnetar");
 
-/// A free loopback port, chosen at run time. Raft peers must know each
-/// other's addresses before they start, so ports are chosen up front.
-///
-/// The port comes from below the kernel's ephemeral range: between this call
-/// and the server's bind, any outgoing connection (a raft peer dialing, a
-/// parallel test) may take an ephemeral port as its source port, and then the
-/// server fails with "address in use". Ports below the range are only ever
-/// taken by explicit binds. Ports handed out in this process are not reused.
-pub fn free_port() -> u16 {
-    use std::collections::HashSet;
-    use std::hash::{BuildHasher, RandomState};
-    use std::sync::{Mutex, OnceLock};
-
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let low = 10_000u16;
-    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .filter(|&p| p > low + 1_000)
-        .unwrap_or(32_768);
-    let span = u64::from(high - low);
-    let mut given = GIVEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let seed = RandomState::new().hash_one(std::process::id());
-    for i in 0..span {
-        let port = low + ((seed.wrapping_add(i)) % span) as u16;
-        if given.contains(&port) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
-            return port;
-        }
-    }
-    panic!("no free port below {high}")
-}
-
-/// A child process that is SIGKILLed and reaped when dropped, so that a
-/// failing test leaves no process behind.
-pub struct Proc(Child);
-
-impl Proc {
-    pub fn from_child(child: Child) -> Self {
-        Proc(child)
-    }
-
-    /// SIGKILL, as a crash would, and reap.
-    pub fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    pub fn running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-
-    /// Sends `sig` (for example `Signal::STOP`, `Signal::CONT`).
-    pub fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("a child's pid");
-        rustix::process::kill_process(pid, sig).expect("signal the child");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Spawns `cmd` and waits until it prints a stdout line containing `ready`.
-/// Later stdout is drained in the background; stderr goes to `log`.
-pub fn spawn_until(mut cmd: Command, ready: &str, log: &Path, timeout: Duration) -> Proc {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("open log file");
-    // The test processes share a developer's or CI runner's disk, which may
-    // be nearly full of build output; only the tests of the read-only mode
-    // (which pass their own threshold) should see the bookie turn read-only.
-    if !cmd
-        .get_envs()
-        .any(|(k, _)| k == "MAGNETAR_BOOKIE_DISK_USAGE_THRESHOLD")
-    {
-        cmd.env("MAGNETAR_BOOKIE_DISK_USAGE_THRESHOLD", "0.995");
-    }
-    cmd.stdout(Stdio::piped())
-        .stderr(log_file)
-        .stdin(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn magnetar");
-    // Moved into a `Proc` below, which reaps it.
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    let ready = ready.to_string();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains(&ready) {
-                let _ = tx.send(());
-                sent = true;
-            }
-        }
-    });
-    let mut proc = Proc(child);
-    if rx.recv_timeout(timeout).is_err() {
-        proc.kill();
-        let log = std::fs::read_to_string(log).unwrap_or_default();
-        panic!("process did not become ready within {timeout:?}; its log:\n{log}");
-    }
-    proc
-}
+pub use magnetar_testkit::ports::free_port;
+pub use magnetar_testkit::process::{spawn_until, Proc};
 
 pub struct MetaCluster {
     pub dir: tempfile::TempDir,

@@ -1,0 +1,17 @@
+//! What Magnetar's tests share, so that no test carries its own copy:
+//!
+//! - [`ports`]: the one rule for choosing a loopback port, which the
+//!   Python suites (`tests/kit/free_port.py`) and the bench scripts (that
+//!   script again) follow too;
+//! - [`process`]: child processes killed and reaped on drop, and started
+//!   up to a readiness line;
+//! - [`inproc`]: a metadata node and bookies in the test's own process;
+//! - [`faults`]: a loopback proxy that cuts, delays or pauses a link.
+//!
+//! Every cluster a test starts lives in its own temporary directory on its
+//! own ports, so several run side by side (two regions, say) in one test.
+
+pub mod faults;
+pub mod inproc;
+pub mod ports;
+pub mod process;
