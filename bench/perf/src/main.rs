@@ -458,20 +458,10 @@ async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {
         args.batch >= 1 && args.size >= 1,
         "--batch and --size must be positive"
     );
-    let tmp = tempfile::tempdir()?;
-    let dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| tmp.path().to_path_buf());
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = magnetar::broker::Embedded::start(
-        &dir,
-        any,
-        any,
-        Default::default(),
-        &Default::default(),
-        || magnetar::broker::standalone_config("perf", "127.0.0.1:0"),
-    )
+    let (_tmp, dir) = data_dir(args.data_dir.as_ref())?;
+    let embedded = embedded(&dir, || {
+        magnetar::broker::standalone_config("perf", "127.0.0.1:0")
+    })
     .await?;
     let broker = embedded.broker.clone();
     let topic: magnetar_tenancy::TopicName = "persistent://public/default/perf-backlog".parse()?;
@@ -574,4 +564,25 @@ async fn backlog(args: BacklogPerf) -> anyhow::Result<()> {
     );
     embedded.shutdown().await;
     Ok(())
+}
+
+/// Where an embedded standalone keeps its data: `given`, or a temporary
+/// directory removed when the returned guard drops.
+fn data_dir(
+    given: Option<&std::path::PathBuf>,
+) -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let dir = given.cloned().unwrap_or_else(|| tmp.path().to_path_buf());
+    Ok((tmp, dir))
+}
+
+/// A standalone (metadata node, bookie, broker) in this process, on
+/// loopback ports of its own, with the broker configuration `cfg` makes.
+async fn embedded(
+    dir: &std::path::Path,
+    cfg: impl FnOnce() -> anyhow::Result<magnetar_broker::BrokerConfig>,
+) -> anyhow::Result<magnetar::broker::Embedded> {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    magnetar::broker::Embedded::start(dir, any, any, Default::default(), &Default::default(), cfg)
+        .await
 }

@@ -68,11 +68,7 @@ pub async fn run(args: OffloadPerf) -> anyhow::Result<()> {
         args.batch >= 1 && args.size >= 8 && args.tail_rate >= 1,
         "--batch and --tail-rate must be positive and --size at least 8"
     );
-    let tmp = tempfile::tempdir()?;
-    let dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let (_tmp, dir) = crate::data_dir(args.data_dir.as_ref())?;
     let url = match &args.offload_url {
         Some(u) => u.clone(),
         None => format!(
@@ -83,24 +79,16 @@ pub async fn run(args: OffloadPerf) -> anyhow::Result<()> {
     let tier = magnetar::broker::tier_from_url(&url, &args.offload_options, args.cache_mb)
         .context("the offload store")?;
     let ledger_bytes = args.ledger_mb.max(1) << 20;
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let embedded = magnetar::broker::Embedded::start(
-        &dir,
-        any,
-        any,
-        Default::default(),
-        &Default::default(),
-        move || {
-            let mut cfg = magnetar::broker::standalone_config("perf", "127.0.0.1:0")?;
-            cfg.managed_ledger.tier = Some(tier);
-            cfg.managed_ledger.max_ledger_bytes = ledger_bytes;
-            // The benchmark offloads when it chooses, and drops the bookie
-            // copies at once.
-            cfg.offload.deletion_lag = Duration::ZERO;
-            cfg.offload.interval = Duration::from_secs(24 * 3600);
-            Ok(cfg)
-        },
-    )
+    let embedded = crate::embedded(&dir, move || {
+        let mut cfg = magnetar::broker::standalone_config("perf", "127.0.0.1:0")?;
+        cfg.managed_ledger.tier = Some(tier);
+        cfg.managed_ledger.max_ledger_bytes = ledger_bytes;
+        // The benchmark offloads when it chooses, and drops the bookie
+        // copies at once.
+        cfg.offload.deletion_lag = Duration::ZERO;
+        cfg.offload.interval = Duration::from_secs(24 * 3600);
+        Ok(cfg)
+    })
     .await?;
     let result = phases(&args, &embedded.broker, &url).await;
     embedded.shutdown().await;
