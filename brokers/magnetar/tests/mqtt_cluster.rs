@@ -1,13 +1,17 @@
 //! MQTT across brokers, judged with rumqttc (MQTT 5): a client id that
 //! connects to a second broker ends its connection on the first (0x8E),
 //! and a persistent session whose broker is SIGKILLed is taken up on
-//! another broker with every queued QoS 1 message.
+//! another broker with every queued QoS 1 message. Two clusters side by
+//! side stay apart, and a client behind a link that is delayed and cut
+//! loses no acknowledged message.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{free_port, start_broker, LedgerCluster};
+use magnetar_testkit::cluster::start_broker_named;
+use magnetar_testkit::faults::FaultProxy;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
@@ -160,5 +164,139 @@ async fn client_ids_and_persistent_sessions_move_between_brokers() -> anyhow::Re
     got.sort();
     want.sort();
     assert_eq!(got, want, "every acknowledged message, after failover");
+    Ok(())
+}
+
+/// Publishes `payloads` at QoS 1 and waits for each PUBACK.
+async fn publish_acked(
+    client: &AsyncClient,
+    ev: &mut EventLoop,
+    topic: &str,
+    payloads: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
+    let mut sent = 0;
+    for p in payloads {
+        client.publish(topic, QoS::AtLeastOnce, false, p).await?;
+        sent += 1;
+    }
+    for _ in 0..sent {
+        until(ev, Duration::from_secs(20), |p| {
+            matches!(p, Packet::PubAck(_)).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Collects `n` publications' payloads.
+async fn receive(ev: &mut EventLoop, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        got.push(
+            until(ev, Duration::from_secs(20), |p| match p {
+                Packet::Publish(m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+                _ => None,
+            })
+            .await?,
+        );
+    }
+    Ok(got)
+}
+
+async fn subscribed(port: u16, id: &str, filter: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (c, mut ev, _) = connect(port, id, false).await?;
+    c.subscribe(filter, QoS::AtLeastOnce).await?;
+    until(&mut ev, Duration::from_secs(10), |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await?;
+    Ok((c, ev))
+}
+
+#[tokio::test]
+async fn two_clusters_side_by_side_and_a_client_behind_a_delayed_then_cut_link(
+) -> anyhow::Result<()> {
+    // Two regions: each its own metadata, bookie and broker, on its own
+    // directory and ports.
+    let east = LedgerCluster::start(1, &[]);
+    let west = LedgerCluster::start(1, &[]);
+    let mqtt = [free_port(), free_port()];
+    let _east_broker = start_broker_named(
+        &east,
+        "east",
+        free_port(),
+        Some(mqtt[0]),
+        &east.meta.dir.path().join("broker.log"),
+    );
+    let _west_broker = start_broker_named(
+        &west,
+        "west",
+        free_port(),
+        Some(mqtt[1]),
+        &west.meta.dir.path().join("broker.log"),
+    );
+    let (_e, mut east_sub) = subscribed(mqtt[0], "east-sub", "site/#").await?;
+    let (_w, mut west_sub) = subscribed(mqtt[1], "west-sub", "site/#").await?;
+
+    // The publisher reaches east through a link the test controls.
+    let proxy = FaultProxy::start(([127, 0, 0, 1], mqtt[0]).into()).await?;
+    let (publisher, mut pub_ev, _) = connect(proxy.addr().port(), "plc", false).await?;
+    publish_acked(
+        &publisher,
+        &mut pub_ev,
+        "site/a",
+        (0..10).map(|i| format!("m{i}")),
+    )
+    .await?;
+
+    // A delayed link is slow, both ways, and loses nothing.
+    proxy.delay(Duration::from_millis(150));
+    let t = Instant::now();
+    publish_acked(&publisher, &mut pub_ev, "site/a", ["slow".to_string()]).await?;
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // A cut link ends the connection; after the heal the client connects
+    // again and goes on.
+    proxy.cut();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if pub_ev.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the cut link ends the client's connection");
+    proxy.heal();
+    drop((publisher, pub_ev));
+    let (publisher, mut pub_ev, _) = connect(proxy.addr().port(), "plc", false).await?;
+    publish_acked(
+        &publisher,
+        &mut pub_ev,
+        "site/a",
+        (10..20).map(|i| format!("m{i}")),
+    )
+    .await?;
+
+    let mut got = receive(&mut east_sub, 21).await?;
+    got.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    want.push("slow".into());
+    want.sort();
+    assert_eq!(
+        got, want,
+        "every acknowledged message reached east's subscriber"
+    );
+
+    // Nothing crossed to the other cluster.
+    let crossed = until(&mut west_sub, Duration::from_millis(500), |p| {
+        matches!(p, Packet::Publish(_)).then_some(())
+    })
+    .await;
+    assert!(crossed.is_err(), "west is a separate cluster");
     Ok(())
 }

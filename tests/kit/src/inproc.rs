@@ -1,6 +1,6 @@
 //! A metadata node and bookies in the test's own process: the storage
-//! under a broker or a ledger client, quickly. Process-level clusters
-//! (for SIGKILL) are started from the `magnetar` binary by its tests.
+//! under a broker or a ledger client, quickly. Clusters of processes, to
+//! SIGKILL, are in [`crate::cluster`].
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -6,11 +6,14 @@
 //! - [`process`]: child processes killed and reaped on drop, and started
 //!   up to a readiness line;
 //! - [`inproc`]: a metadata node and bookies in the test's own process;
+//! - [`cluster`]: metadata nodes, bookies and brokers as processes of the
+//!   `magnetar` binary, to kill and restart;
 //! - [`faults`]: a loopback proxy that cuts, delays or pauses a link.
 //!
 //! Every cluster a test starts lives in its own temporary directory on its
 //! own ports, so several run side by side (two regions, say) in one test.
 
+pub mod cluster;
 pub mod faults;
 pub mod inproc;
 pub mod ports;
