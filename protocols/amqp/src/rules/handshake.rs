@@ -142,3 +142,188 @@ pub(crate) fn open(
         Err(e) => Err(exception_of(e)),
     }
 }
+
+/// The broker's limits, offered in connection.tune.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    StartOk,
+    /// Waiting for the broker's verdict on the credentials.
+    Login,
+    TuneOk,
+    Open,
+    /// Waiting for the grants of the role in the vhost's namespace.
+    Grants {
+        vhost: String,
+        ns: NamespaceName,
+    },
+    Running,
+}
+
+/// The connection's negotiation (start-ok, tune-ok, open) as a machine:
+/// channel-0 methods and the broker's answers go in, and out come the
+/// steps the session takes: calls to the broker, methods to send, the
+/// settings to apply. It holds no socket and awaits nothing.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    phase: Phase,
+    limits: Limits,
+    /// The role of the client's verified TLS certificate, if it showed one.
+    certificate: Option<String>,
+    mechanism: String,
+    user: String,
+}
+
+/// What goes into the [`Handshake`].
+#[derive(Debug)]
+pub(crate) enum Input<'a> {
+    /// A method on channel 0 while the connection is not open.
+    Method(&'a amq_protocol::protocol::connection::AMQPMethod),
+    /// The broker's verdict on [`Step::Authenticate`]'s credentials.
+    Judged { accepted: bool },
+    /// The grants [`Step::LookUpGrants`] found.
+    Granted(Result<Grants, &'a BrokerError>),
+}
+
+/// What the session does next.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
+    /// Judge these credentials and feed back [`Input::Judged`]. The
+    /// password is None for EXTERNAL (the certificate's role logs in).
+    Authenticate {
+        user: String,
+        password: Option<Vec<u8>>,
+        /// The client takes connection.blocked.
+        blockable: bool,
+    },
+    /// Send this method on channel 0.
+    Send(amq_protocol::protocol::AMQPClass),
+    /// Frame size, channels and heartbeat from now on.
+    Tune(Tuned),
+    /// Find the role's grants in `ns` and feed back [`Input::Granted`].
+    LookUpGrants(NamespaceName),
+    /// The connection is open on `vhost`, with these grants.
+    Opened {
+        vhost: String,
+        ns: NamespaceName,
+        grants: Grants,
+    },
+}
+
+impl Handshake {
+    pub(crate) fn new(limits: Limits, certificate: Option<&str>) -> Self {
+        Handshake {
+            phase: Phase::StartOk,
+            limits,
+            certificate: certificate.map(str::to_owned),
+            mechanism: String::new(),
+            user: String::new(),
+        }
+    }
+
+    /// Whether connection.open-ok went out: channels may be used.
+    pub(crate) fn is_open(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    /// The next steps after `input`; an exception closes the connection.
+    pub(crate) fn on(&mut self, input: Input<'_>) -> Result<Vec<Step>, Exception> {
+        use amq_protocol::protocol::connection::{self, AMQPMethod as M};
+        use amq_protocol::protocol::AMQPClass;
+        // connection.start-ok's class and method ids, for its refusals.
+        const START_OK: (u16, u16) = (10, 11);
+        match (input, &self.phase) {
+            (Input::Method(M::StartOk(s)), Phase::StartOk) => {
+                let mech = s.mechanism.as_str();
+                let how = mechanism(mech, self.certificate.is_some())
+                    .map_err(|e| e.on(START_OK.0, START_OK.1))?;
+                let (user, password) = match how {
+                    Mechanism::Certificate => (self.certificate.clone().unwrap_or_default(), None),
+                    Mechanism::Password => {
+                        let Some((user, password)) = login(mech, s.response.as_bytes()) else {
+                            return Err(login_refused(mech).on(START_OK.0, START_OK.1));
+                        };
+                        (user, Some(password))
+                    }
+                };
+                self.mechanism = mech.to_owned();
+                self.user.clone_from(&user);
+                self.phase = Phase::Login;
+                Ok(vec![Step::Authenticate {
+                    user,
+                    password,
+                    blockable: blockable(&s.client_properties),
+                }])
+            }
+            (Input::Judged { accepted }, Phase::Login) => {
+                if !accepted {
+                    return Err(login_refused(&self.mechanism).on(START_OK.0, START_OK.1));
+                }
+                self.phase = Phase::TuneOk;
+                Ok(vec![Step::Send(AMQPClass::Connection(M::Tune(
+                    connection::Tune {
+                        channel_max: self.limits.channel_max,
+                        frame_max: self.limits.frame_max,
+                        heartbeat: self.limits.heartbeat,
+                    },
+                )))])
+            }
+            (Input::Method(M::TuneOk(t)), Phase::TuneOk) => {
+                let tuned = tune(
+                    t.frame_max,
+                    t.channel_max,
+                    t.heartbeat,
+                    self.limits.frame_max,
+                    self.limits.channel_max,
+                )?;
+                self.phase = Phase::Open;
+                Ok(vec![Step::Tune(tuned)])
+            }
+            (Input::Method(M::Open(o)), Phase::Open) => {
+                let vhost = o.virtual_host.as_str().to_owned();
+                let Some(ns) = vhost_namespace(&vhost) else {
+                    return Err(Exception::new(
+                        error::NOT_ALLOWED,
+                        format!("vhost {vhost} not found"),
+                    ));
+                };
+                self.phase = Phase::Grants {
+                    vhost,
+                    ns: ns.clone(),
+                };
+                Ok(vec![Step::LookUpGrants(ns)])
+            }
+            (Input::Granted(found), Phase::Grants { vhost, ns }) => {
+                let grants = open(vhost, &self.user, found)?;
+                let opened = Step::Opened {
+                    vhost: vhost.clone(),
+                    ns: ns.clone(),
+                    grants,
+                };
+                self.phase = Phase::Running;
+                Ok(vec![
+                    opened,
+                    Step::Send(AMQPClass::Connection(M::OpenOk(connection::OpenOk {}))),
+                ])
+            }
+            (Input::Method(m), _) => Err(Exception::new(
+                error::COMMAND_INVALID,
+                format!("connection method {m:?} is not valid now"),
+            )
+            // A protocol violation: the copy for the ids is no cost.
+            .on(10, AMQPClass::Connection(m.clone()).get_amqp_method_id())),
+            // The session feeds an answer only right after the step that
+            // asked for it.
+            (input, phase) => Err(Exception::new(
+                error::INTERNAL_ERROR,
+                format!("{input:?} while the handshake is at {phase:?}"),
+            )),
+        }
+    }
+}

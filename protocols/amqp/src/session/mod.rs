@@ -47,7 +47,7 @@ use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
 use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
 use crate::rules::channels::{self, Prefetch};
-use crate::rules::handshake::{self, Mechanism};
+use crate::rules::handshake::{Handshake, Input, Limits, Step};
 use crate::AmqpConfig;
 
 /// Credit a consumer without a prefetch limit is kept topped up to; it
@@ -552,13 +552,6 @@ enum TxSettle {
     Reject { requeue: bool },
 }
 
-enum Phase {
-    StartOk,
-    TuneOk,
-    Open,
-    Running,
-}
-
 /// Bytes handed to a connection's writer and not yet written. Deliveries
 /// to consumers without a prefetch limit take their next credit only while
 /// this is under [`OUT_HIGH`], so that a consumer that stops reading holds
@@ -614,6 +607,8 @@ pub(crate) struct Conn {
     expires: Option<Instant>,
     user: String,
     grants: Grants,
+    /// start-ok, tune-ok and open, until the connection is open.
+    handshake: Handshake,
 }
 
 /// Serves one connection until it closes.
@@ -630,8 +625,17 @@ where
     let outbox = Arc::new(Outbox::default());
     let writer = tokio::spawn(write_loop(wr, out_rx, Arc::clone(&outbox)));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let handshake = Handshake::new(
+        Limits {
+            frame_max: ctx.cfg.frame_max,
+            channel_max: ctx.cfg.channel_max,
+            heartbeat: ctx.cfg.heartbeat,
+        },
+        certificate.as_deref(),
+    );
     let mut conn = Conn {
         id: ctx.next_conn.fetch_add(1, Ordering::Relaxed),
+        handshake,
         certificate,
         frame_max: ctx.cfg.frame_max,
         channel_max: ctx.cfg.channel_max,
@@ -757,7 +761,6 @@ impl Conn {
             }
         }
         self.send_start();
-        let mut phase = Phase::StartOk;
         let handshake_deadline = Instant::now() + self.ctx.cfg.handshake_timeout;
         let mut last_read = Instant::now();
         let mut alarm_rx = self.ctx.alarm.subscribe();
@@ -765,7 +768,7 @@ impl Conn {
         loop {
             // Decode everything buffered before reading again.
             loop {
-                let max = if matches!(phase, Phase::Running) {
+                let max = if self.handshake.is_open() {
                     self.frame_max
                 } else {
                     self.ctx.cfg.frame_max
@@ -781,7 +784,7 @@ impl Conn {
                         return Err(e.into());
                     }
                 };
-                match self.on_frame(frame, &mut phase).await {
+                match self.on_frame(frame).await {
                     Ok(true) => {}
                     Ok(false) if self.peer_closed => {
                         self.linger_closed(rd, &mut buf).await;
@@ -808,7 +811,7 @@ impl Conn {
             if paused {
                 last_read = Instant::now();
             }
-            let running = matches!(phase, Phase::Running);
+            let running = self.handshake.is_open();
             let outbox = Arc::clone(&self.outbox);
             if running && buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_BUFFER);
@@ -844,7 +847,7 @@ impl Conn {
                 }
                 _ = tokio::time::sleep_until(last_write_tick + tick) => {
                     last_write_tick = Instant::now();
-                    if !matches!(phase, Phase::Running) && Instant::now() > handshake_deadline {
+                    if !running && Instant::now() > handshake_deadline {
                         return Ok(());
                     }
                     if self.heartbeat > 0 {
@@ -937,7 +940,7 @@ impl Conn {
     }
 
     /// Handles one frame; `Ok(false)` ends the connection cleanly.
-    async fn on_frame(&mut self, frame: Frame, phase: &mut Phase) -> Result<bool, Exception> {
+    async fn on_frame(&mut self, frame: Frame) -> Result<bool, Exception> {
         use connection::AMQPMethod as C;
         let ch = frame.channel();
         if self.closing {
@@ -964,8 +967,8 @@ impl Conn {
                 error::COMMAND_INVALID,
                 "heartbeat on a channel other than 0",
             )),
-            Frame::Method(0, m) => self.on_connection_method(*m, phase).await,
-            _ if !matches!(phase, Phase::Running) => Err(Exception::new(
+            Frame::Method(0, m) => self.on_connection_method(*m).await,
+            _ if !self.handshake.is_open() => Err(Exception::new(
                 error::CHANNEL_ERROR,
                 format!("channel {ch} used before the connection is open"),
             )),
@@ -1020,11 +1023,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn on_connection_method(
-        &mut self,
-        m: AMQPClass,
-        phase: &mut Phase,
-    ) -> Result<bool, Exception> {
+    async fn on_connection_method(&mut self, m: AMQPClass) -> Result<bool, Exception> {
         let ids = method_ids(&m);
         let AMQPClass::Connection(m) = m else {
             return Err(Exception::new(
@@ -1034,84 +1033,7 @@ impl Conn {
             .on(ids.0, ids.1));
         };
         use connection::AMQPMethod as M;
-        match (m, &phase) {
-            (M::StartOk(s), Phase::StartOk) => {
-                self.blockable = handshake::blockable(&s.client_properties);
-                let mech = s.mechanism.as_str();
-                let how = handshake::mechanism(mech, self.certificate.is_some())
-                    .map_err(|e| e.on(ids.0, ids.1))?;
-                let refused = || handshake::login_refused(mech).on(ids.0, ids.1);
-                let (user, password) = match how {
-                    Mechanism::Certificate => {
-                        let role = self.certificate.as_deref().unwrap_or_default();
-                        (role.to_string(), None)
-                    }
-                    Mechanism::Password => {
-                        let Some((user, password)) = handshake::login(mech, s.response.as_bytes())
-                        else {
-                            return Err(refused());
-                        };
-                        (user, Some(password))
-                    }
-                };
-                let creds = Credentials {
-                    user: Some(&user),
-                    secret: password.as_deref(),
-                    certificate: self.certificate.as_deref(),
-                };
-                self.principal = match self.ctx.broker.authenticate_until(&creds) {
-                    Ok((p, expires)) => {
-                        self.expires = expires;
-                        p
-                    }
-                    Err(e) => {
-                        debug!("AMQP login of '{user}' refused: {e}");
-                        return Err(refused());
-                    }
-                };
-                self.user = user;
-                self.send_method(
-                    0,
-                    AMQPClass::Connection(M::Tune(connection::Tune {
-                        channel_max: self.ctx.cfg.channel_max,
-                        frame_max: self.ctx.cfg.frame_max,
-                        heartbeat: self.ctx.cfg.heartbeat,
-                    })),
-                );
-                *phase = Phase::TuneOk;
-                Ok(true)
-            }
-            (M::TuneOk(t), Phase::TuneOk) => {
-                let tuned = handshake::tune(
-                    t.frame_max,
-                    t.channel_max,
-                    t.heartbeat,
-                    self.ctx.cfg.frame_max,
-                    self.ctx.cfg.channel_max,
-                )?;
-                self.frame_max = tuned.frame_max;
-                self.channel_max = tuned.channel_max;
-                self.heartbeat = tuned.heartbeat;
-                *phase = Phase::Open;
-                Ok(true)
-            }
-            (M::Open(o), Phase::Open) => {
-                let vhost = o.virtual_host.as_str().to_owned();
-                let Some(ns) = handshake::vhost_namespace(&vhost) else {
-                    return Err(Exception::new(
-                        error::NOT_ALLOWED,
-                        format!("vhost {vhost} not found"),
-                    ));
-                };
-                let found = self.ctx.broker.grants(&self.principal, &ns).await;
-                let grants = handshake::open(&vhost, &self.user, found.as_ref().copied())?;
-                self.grants = grants;
-                self.vhost = vhost;
-                self.ns = ns;
-                self.send_method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
-                *phase = Phase::Running;
-                Ok(true)
-            }
+        match (m, self.handshake.is_open()) {
             (M::Close(_), _) => {
                 // Exclusive queues go before close-ok, so that a client that
                 // reconnects at once finds them gone.
@@ -1121,20 +1043,82 @@ impl Conn {
                 Ok(false)
             }
             (M::CloseOk(_), _) => Ok(false),
-            (M::Blocked(_) | M::Unblocked(_), Phase::Running) => Ok(true),
-            (M::UpdateSecret(_), Phase::Running) => {
+            (M::Blocked(_) | M::Unblocked(_), true) => Ok(true),
+            (M::UpdateSecret(_), true) => {
                 self.send_method(
                     0,
                     AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})),
                 );
                 Ok(true)
             }
-            (m, _) => Err(Exception::new(
+            (m, false) => {
+                self.negotiate(&m).await?;
+                Ok(true)
+            }
+            (m, true) => Err(Exception::new(
                 error::COMMAND_INVALID,
                 format!("connection method {m:?} is not valid now"),
             )
             .on(ids.0, ids.1)),
         }
+    }
+
+    /// Runs the handshake's steps for `m`, feeding it the broker's
+    /// answers, until it waits for the client again.
+    async fn negotiate(&mut self, m: &connection::AMQPMethod) -> Result<(), Exception> {
+        let mut steps: VecDeque<Step> = self.handshake.on(Input::Method(m))?.into();
+        while let Some(step) = steps.pop_front() {
+            let more = match step {
+                Step::Authenticate {
+                    user,
+                    password,
+                    blockable,
+                } => {
+                    self.blockable = blockable;
+                    let creds = Credentials {
+                        user: Some(&user),
+                        secret: password.as_deref(),
+                        certificate: self.certificate.as_deref(),
+                    };
+                    let judged = self.ctx.broker.authenticate_until(&creds);
+                    let accepted = match judged {
+                        Ok((principal, expires)) => {
+                            self.principal = principal;
+                            self.expires = expires;
+                            self.user = user;
+                            true
+                        }
+                        Err(e) => {
+                            debug!("AMQP login of '{user}' refused: {e}");
+                            false
+                        }
+                    };
+                    self.handshake.on(Input::Judged { accepted })?
+                }
+                Step::Send(m) => {
+                    self.send_method(0, m);
+                    Vec::new()
+                }
+                Step::Tune(t) => {
+                    self.frame_max = t.frame_max;
+                    self.channel_max = t.channel_max;
+                    self.heartbeat = t.heartbeat;
+                    Vec::new()
+                }
+                Step::LookUpGrants(ns) => {
+                    let found = self.ctx.broker.grants(&self.principal, &ns).await;
+                    self.handshake.on(Input::Granted(found.as_ref().copied()))?
+                }
+                Step::Opened { vhost, ns, grants } => {
+                    self.grants = grants;
+                    self.vhost = vhost;
+                    self.ns = ns;
+                    Vec::new()
+                }
+            };
+            steps.extend(more);
+        }
+        Ok(())
     }
 
     fn chan(&mut self, ch: u16) -> Result<&mut Chan, Exception> {
