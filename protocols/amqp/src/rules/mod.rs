@@ -1,15 +1,25 @@
-//! The protocol's rules, apart from I/O: the connection handshake (a
-//! machine from start-ok to open-ok: methods and the broker's answers in,
-//! steps out; mechanisms, logins, tuning, the vhost) and a channel's (its opening,
-//! modes, prefetch, the queue a method names, exchange declarations,
-//! when a delivery is dead-lettered instead). The session
-//! ([`crate::session`]) reads and writes, talks to the broker, and asks
-//! these functions for every verdict; they are tested without a socket.
-//! Content assembly and delivery tags are [`crate::channel`]'s.
+//! The protocol's rules, apart from I/O, each tested without a socket:
+//!
+//! - [`handshake`]: the connection's negotiation as a machine, from
+//!   start-ok to open-ok (methods and the broker's answers in, steps out),
+//!   and its verdicts (mechanisms, logins, tuning, the vhost);
+//! - [`publishing`]: a channel's modes (plain, confirm, tx: what a publish
+//!   and a settlement become, what commit applies and rollback hands
+//!   back) and the publisher confirms of settled writes;
+//! - [`channels`]: a channel's opening, flow, prefetch, the queue a method
+//!   names, exchange declarations, when a delivery is dead-lettered
+//!   instead.
+//!
+//! The session ([`crate::session`]) reads and writes, talks to the
+//! broker, and carries out what these decide. Content assembly and
+//! delivery tags are [`crate::channel`]'s.
 
 pub(crate) mod channels;
 pub(crate) mod handshake;
 #[cfg(test)]
 mod handshake_tests;
+pub(crate) mod publishing;
+#[cfg(test)]
+mod publishing_tests;
 #[cfg(test)]
 mod tests;

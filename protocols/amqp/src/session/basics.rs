@@ -87,10 +87,9 @@ impl Conn {
     ) -> Result<(), Exception> {
         let chan = self.chan(ch)?;
         let settled = chan.tags.settle_tagged(tag, multiple)?;
-        if let Some(tx) = chan.tx.as_mut() {
-            tx.settles.push((how, settled));
+        let Some((how, settled)) = chan.modes.settle((how, settled)) else {
             return Ok(());
-        }
+        };
         self.apply_settle(how, settled.into_iter().map(|(_, u)| u).collect());
         self.release_held(ch)
     }
@@ -591,19 +590,11 @@ impl Conn {
 
     pub(super) async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
         self.publisher = true;
-        let chan = self.chan(ch)?;
-        if let Some(tx) = chan.tx.as_mut() {
-            tx.publishes.push(p);
+        let Publishing::Store { publish: p, seq } = self.chan(ch)?.modes.publish(p) else {
             return Ok(());
-        }
+        };
         let stored = self.route_and_store(ch, p).await?;
         let chan = self.chan(ch)?;
-        let seq = if chan.confirm {
-            chan.next_seq += 1;
-            chan.next_seq - 1
-        } else {
-            0
-        };
         let pipeline = chan.pipeline.clone();
         chan.published += 1;
         // A full pipeline holds this connection's reads: backpressure.
@@ -840,16 +831,13 @@ impl Conn {
     /// acknowledged deliveries unacknowledged.
     pub(super) async fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> Result<(), Exception> {
         use tx::AMQPMethod as M;
-        let not_tx = channels::not_transactional;
         let reply = match m {
             M::Select(_) => {
-                let chan = self.chan(ch)?;
-                channels::tx_select(chan.confirm)?;
-                chan.tx.get_or_insert_with(TxBuffer::default);
+                self.chan(ch)?.modes.select_tx()?;
                 M::SelectOk(tx::SelectOk {})
             }
             M::Commit(_) => {
-                let buffer = std::mem::take(self.chan(ch)?.tx.as_mut().ok_or_else(not_tx)?);
+                let buffer = self.chan(ch)?.modes.commit()?;
                 let mut stored = Vec::with_capacity(buffer.publishes.len());
                 for p in buffer.publishes {
                     stored.push(self.route_and_store(ch, p).await?);
@@ -865,8 +853,7 @@ impl Conn {
             }
             M::Rollback(_) => {
                 let chan = self.chan(ch)?;
-                let buffer = std::mem::take(chan.tx.as_mut().ok_or_else(not_tx)?);
-                for (_, settled) in buffer.settles {
+                for (_, settled) in chan.modes.rollback()? {
                     for (tag, u) in settled {
                         chan.tags.restore(tag, u);
                     }

@@ -48,6 +48,7 @@ use crate::props;
 use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
 use crate::rules::channels::{self, Prefetch};
 use crate::rules::handshake::{Handshake, Input, Limits, Step};
+use crate::rules::publishing::{Confirms, Modes, Publishing};
 use crate::AmqpConfig;
 
 /// Credit a consumer without a prefetch limit is kept topped up to; it
@@ -506,8 +507,8 @@ struct Chan {
     /// Deliveries that arrived while the channel was at its channel-wide
     /// limit, sent in order as acknowledgements make room.
     held: VecDeque<Held>,
-    confirm: bool,
-    next_seq: u64,
+    /// Plain, confirm or tx mode, and what an open transaction holds.
+    modes: Modes<Publish, TagSettle>,
     pipeline: mpsc::Sender<(u64, Pending)>,
     /// Publishes handed to the pipeline, and how many of them it has seen
     /// stored (or fail): methods that read a queue wait for the two to
@@ -518,8 +519,6 @@ struct Chan {
     next_ctag: u64,
     /// The direct reply-to consumer: its tag and address token.
     reply_to: Option<(String, String)>,
-    /// In tx mode: what the open transaction holds until commit.
-    tx: Option<TxBuffer>,
 }
 
 impl Chan {
@@ -538,13 +537,10 @@ struct Held {
     delivery: Delivery,
 }
 
-/// Publishes and settlements of an open transaction, applied on commit and
-/// dropped on rollback (settled tags go back to being unacknowledged).
-#[derive(Default)]
-struct TxBuffer {
-    publishes: Vec<Publish>,
-    settles: Vec<(TxSettle, Vec<(u64, Unacked)>)>,
-}
+/// An ack, nack or reject of delivery tags: applied at once, or on
+/// commit in tx mode (on rollback the tags go back to being
+/// unacknowledged).
+type TagSettle = (TxSettle, Vec<(u64, Unacked)>);
 
 #[derive(Clone, Copy)]
 enum TxSettle {
@@ -1166,9 +1162,7 @@ impl Conn {
             AMQPClass::Queue(m) => self.on_queue(ch, m).await,
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
-                let c = self.chan(ch)?;
-                channels::confirm_select(c.tx.is_some())?;
-                c.confirm = true;
+                self.chan(ch)?.modes.select_confirm()?;
                 if !s.nowait {
                     self.send_method(
                         ch,
@@ -1214,15 +1208,13 @@ impl Conn {
                         retired: Vec::new(),
                         prefetch: Prefetch::default(),
                         held: VecDeque::new(),
-                        confirm: false,
-                        next_seq: 1,
+                        modes: Modes::default(),
                         pipeline,
                         published: 0,
                         settled,
                         last_queue: String::new(),
                         next_ctag: 1,
                         reply_to: None,
-                        tx: None,
                     },
                 );
                 self.send_method(ch, AMQPClass::Channel(M::OpenOk(channel::OpenOk {})));
@@ -1269,6 +1261,7 @@ impl Conn {
         tokio::spawn(async move {
             let mut next: Option<(u64, Pending)> = None;
             let mut done = 0u64;
+            let mut confirms = Confirms::default();
             loop {
                 let (seq, fut) = match next.take() {
                     Some(x) => x,
@@ -1277,41 +1270,34 @@ impl Conn {
                         None => return,
                     },
                 };
-                let ok = match fut.await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        debug!("publish failed: {e}");
-                        false
-                    }
-                };
-                let mut last = seq;
+                let stored = fut.await;
+                if let Err(e) = &stored {
+                    debug!("publish failed: {e}");
+                }
+                confirms.settled(seq, stored.is_ok());
                 done += 1;
-                if ok && seq > 0 {
-                    while let Ok((s, mut f)) = rx.try_recv() {
-                        match (&mut f).now_or_never() {
-                            Some(Ok(())) if s == last + 1 => {
-                                last = s;
-                                done += 1;
-                            }
-                            Some(r) => {
-                                next = Some((s, async move { r }.boxed()));
-                                break;
-                            }
-                            None => {
-                                next = Some((s, f));
-                                break;
-                            }
+                // Writes already settled right behind it go in the same
+                // confirm.
+                while let Ok((s, mut f)) = rx.try_recv() {
+                    match (&mut f).now_or_never() {
+                        Some(r) => {
+                            confirms.settled(s, r.is_ok());
+                            done += 1;
+                        }
+                        None => {
+                            next = Some((s, f));
+                            break;
                         }
                     }
                 }
                 settled_tx.send_replace(done);
-                if seq > 0 {
+                for c in confirms.take() {
                     let _ = events.send(Event::Confirmed {
                         channel,
                         gen,
-                        seq: last,
-                        multiple: last != seq,
-                        ok,
+                        seq: c.tag,
+                        multiple: c.multiple,
+                        ok: c.ok,
                     });
                 }
             }
