@@ -29,7 +29,7 @@ use magnetar_broker::subscription::{
 };
 use magnetar_broker::{BrokerError, Delivery, Grants, Principal};
 use magnetar_tenancy::names::NamespaceName;
-use magnetar_tenancy::{AuthAction, Credentials};
+use magnetar_tenancy::Credentials;
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,7 +44,7 @@ use crate::order::{spawn_reader, Batch, Inbound, Reader};
 use crate::props;
 use crate::retained;
 use crate::rules::connect;
-use crate::rules::inbound::{self, AliasesIn, Receiving};
+use crate::rules::inbound::{self, Admission, Publishes, Reply};
 use crate::rules::subscriptions::{self, qos_of, session_queue, Plan, Sub, Verdict};
 use crate::server::AbortOnDrop;
 use crate::state::{AliasesOut, Inflight, Outbound, TopicRef};
@@ -70,16 +70,8 @@ impl Drop for Source {
     }
 }
 
-/// What a stored inbound publish is acknowledged with, once durable.
-enum Reply {
-    PubAck(NonZeroU16),
-    PubRec(NonZeroU16),
-    /// A v5 publish the role may not make: PUBACK or (QoS 2) PUBREC with
-    /// 0x87, which ends its flow.
-    Refused(NonZeroU16, QoS),
-    Nothing,
-}
-
+/// An inbound publish on its way to the bookies, and what acknowledges it
+/// once durable.
 type Stored = BoxFuture<'static, (Reply, Result<()>)>;
 
 enum End {
@@ -110,8 +102,8 @@ struct Conn {
     expiry: u32,
     will: Option<v5::LastWill>,
     keep_alive: Option<Duration>,
-    /// Inbound topic aliases (v5).
-    aliases_in: AliasesIn,
+    /// The client's publishes: topic aliases, Receive Maximum, answers.
+    publishes: Publishes,
     outbound: Outbound,
     /// Topic aliases of outgoing publishes (v5).
     aliases_out: AliasesOut,
@@ -142,8 +134,6 @@ struct Conn {
     qos0: futures::stream::FuturesUnordered<BoxFuture<'static, usize>>,
     /// Payload bytes of those publishes.
     qos0_bytes: usize,
-    /// Stored inbound QoS 1 and 2 publishes not yet acknowledged.
-    receiving: Receiving,
     /// What the authenticated role may do in the namespace.
     grants: Grants,
     /// The connection's role, stored with its session.
@@ -447,7 +437,7 @@ impl Conn {
             expiry,
             will: c.last_will,
             keep_alive,
-            aliases_in: AliasesIn::new(ctx.cfg.topic_alias_max),
+            publishes: Publishes::new(ctx.cfg.topic_alias_max, ctx.cfg.receive_max, v5),
             outbound: Outbound::new(receive_max),
             aliases_out: AliasesOut::new(if v5 { c.topic_alias_max } else { 0 }),
             sources: HashMap::new(),
@@ -463,7 +453,6 @@ impl Conn {
             save_again: false,
             qos0: futures::stream::FuturesUnordered::new(),
             qos0_bytes: 0,
-            receiving: Receiving::new(ctx.cfg.receive_max, v5),
             grants,
             role: principal_role,
             expires,
@@ -562,7 +551,7 @@ impl Conn {
                 // back reading: the PUBRELs are read.
                 batch = inbound.recv(), if self.qos0.len() < QOS0_IN_FLIGHT
                     && self.qos0_bytes < QOS0_IN_FLIGHT_BYTES
-                    && self.receiving.has_room(self.stores.len()) => {
+                    && self.publishes.has_room(self.stores.len()) => {
                     let Some(batch) = batch else {
                         return End::Abrupt(None);
                     };
@@ -597,37 +586,15 @@ impl Conn {
                     // Not reading was the broker's doing, not the client's.
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
                 }
-                Some((reply, r)) = self.stores.next(), if !self.stores.is_empty() => {
-                    // A QoS 2 publish counts against Receive Maximum
-                    // until PUBCOMP.
-                    if !matches!(reply, Reply::PubRec(_)) {
-                        self.receiving.finish();
-                    }
+                Some((ack, r)) = self.stores.next(), if !self.stores.is_empty() => {
                     if let Err(e) = r {
                         return End::Abrupt(Some(e));
                     }
-                    match reply {
-                        Reply::PubAck(id) => self.send(Packet::PublishAck(codec::ack(id))),
-                        Reply::PubRec(id) => {
-                            self.ctx.registry().received.entry((self.ns.clone(), self.client_id.clone())).or_default().insert(id.get());
-                            self.send(Packet::PublishReceived(codec::ack(id)));
-                        }
-                        Reply::Refused(id, qos) => {
-                            // Counted off above: a PUBREC with an error
-                            // ends the exchange, no PUBREL follows.
-                            if qos == QoS::ExactlyOnce {
-                                self.send(Packet::PublishReceived(v5::PublishAck {
-                                    reason_code: v5::PublishAckReason::NotAuthorized,
-                                    ..codec::ack(id)
-                                }));
-                            } else {
-                                self.send(Packet::PublishAck(v5::PublishAck {
-                                    reason_code: v5::PublishAckReason::NotAuthorized,
-                                    ..codec::ack(id)
-                                }));
-                            }
-                        }
-                        Reply::Nothing => {}
+                    if let Reply::PubRec(id) = ack {
+                        self.ctx.registry().received.entry((self.ns.clone(), self.client_id.clone())).or_default().insert(id.get());
+                    }
+                    if let Some(p) = self.publishes.stored(ack) {
+                        self.send(p);
                     }
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
@@ -647,13 +614,8 @@ impl Conn {
             Packet::Publish(p) => self.on_publish(*p).await?,
             Packet::PublishAck(a) => self.settle(a.packet_id.get(), false),
             Packet::PublishReceived(a) => {
-                if self.outbound.received(a.packet_id.get()) {
-                    self.send(Packet::PublishRelease(codec::ack2(a.packet_id)));
-                } else {
-                    let mut rel = codec::ack2(a.packet_id);
-                    rel.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
-                    self.send(Packet::PublishRelease(rel));
-                }
+                let rel = inbound::release(&mut self.outbound, a.packet_id);
+                self.send(rel);
             }
             Packet::PublishComplete(a) => self.settle(a.packet_id.get(), true),
             Packet::PublishRelease(a) => {
@@ -671,13 +633,8 @@ impl Conn {
                     );
                     self.ctx.qos2.delete(&key).await?;
                 }
-                let mut comp = codec::ack2(a.packet_id);
-                if known {
-                    self.receiving.finish();
-                } else {
-                    comp.reason_code = v5::PublishAck2Reason::PacketIdNotFound;
-                }
-                self.send(Packet::PublishComplete(comp));
+                let comp = self.publishes.released(a.packet_id, known);
+                self.send(comp);
             }
             Packet::Subscribe(s) => self.on_subscribe(s).await?,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await?,
@@ -736,43 +693,27 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<()> {
-        self.aliases_in.resolve(&mut p)?;
-        let topic = p.topic.to_string();
-        topic::check_name(&topic)?;
-        if p.qos != QoS::AtMostOnce {
-            self.receiving.start()?;
-        }
-        if let Err(e) = self.grants.check(AuthAction::Produce, || topic.clone()) {
-            // 3.1.1 has no way to say no but closing (MQTT-3.3.5-2); v5
-            // answers 0x87 and a QoS 0 publish is dropped.
-            if !self.v5 {
-                return Err(e.into());
-            }
-            debug!(client = %self.client_id, "{e}");
-            if let Some(id) = p.packet_id {
-                let qos = p.qos;
-                self.stores
-                    .push_back(async move { (Reply::Refused(id, qos), Ok(())) }.boxed());
-            }
-            return Ok(());
-        }
-        if p.qos == QoS::ExactlyOnce {
-            let id = p.packet_id.map_or(0, NonZeroU16::get);
-            let seen = self
-                .ctx
+        let registry = &self.ctx;
+        let key = (self.ns.clone(), self.client_id.clone());
+        let stored_before = |id: NonZeroU16| {
+            registry
                 .registry()
                 .received
-                .get(&(self.ns.clone(), self.client_id.clone()))
-                .is_some_and(|s| s.contains(&id));
-            if seen {
-                // A resend of one already stored: acknowledge, do not store.
-                if let Some(id) = p.packet_id {
-                    self.stores
-                        .push_back(async move { (Reply::PubRec(id), Ok(())) }.boxed());
+                .get(&key)
+                .is_some_and(|s| s.contains(&id.get()))
+        };
+        let (topic, ack) = match self.publishes.publish(&mut p, self.grants, stored_before)? {
+            Admission::Store { topic, ack } => (topic, ack),
+            Admission::Answer(ack) => {
+                if let Reply::Refused(..) | Reply::Nothing = ack {
+                    debug!(client = %self.client_id, topic = %p.topic, "publish not authorised");
+                }
+                if ack != Reply::Nothing {
+                    self.stores.push_back(async move { (ack, Ok(())) }.boxed());
                 }
                 return Ok(());
             }
-        }
+        };
         let record = props::to_record(&p, &topic, &self.client_id);
         // Subscribers whose SUBSCRIBE arrived first get it.
         self.ctx
@@ -780,7 +721,7 @@ impl Conn {
             .wait(self.read_conn, self.read_seq, &self.ns, &topic)
             .await;
         let mut stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
-        if let (QoS::ExactlyOnce, Some(id), true) = (p.qos, p.packet_id, self.expiry > 0) {
+        if let (Reply::PubRec(id), true) = (ack, self.expiry > 0) {
             // Remembered durably before PUBREC goes out.
             let key = format!("{}{id}", Ctx::qos2_prefix(&self.ns, &self.client_id));
             let ctx = Arc::clone(&self.ctx);
@@ -791,12 +732,7 @@ impl Conn {
             }
             .boxed();
         }
-        let reply = match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => Reply::PubAck(id),
-            (QoS::ExactlyOnce, Some(id)) => Reply::PubRec(id),
-            _ => Reply::Nothing,
-        };
-        if matches!(reply, Reply::Nothing) {
+        if ack == Reply::Nothing {
             // QoS 0: nobody waits; errors are only logged.
             let size = p.payload.len();
             self.qos0_bytes += size;
@@ -811,7 +747,7 @@ impl Conn {
             );
         } else {
             self.stores
-                .push_back(async move { (reply, stored.await) }.boxed());
+                .push_back(async move { (ack, stored.await) }.boxed());
         }
         Ok(())
     }
