@@ -6,6 +6,8 @@
 //! - [`publishing`]: a channel's modes (plain, confirm, tx: what a publish
 //!   and a settlement become, what commit applies and rollback hands
 //!   back) and the publisher confirms of settled writes;
+//! - [`delivery`]: what becomes of a message handed to a consumer's
+//!   channel (sent, and how; dead-lettered; returned);
 //! - [`channels`]: a channel's opening, flow, prefetch, the queue a method
 //!   names, exchange declarations, when a delivery is dead-lettered
 //!   instead.
@@ -15,6 +17,9 @@
 //! delivery tags are [`crate::channel`]'s.
 
 pub(crate) mod channels;
+pub(crate) mod delivery;
+#[cfg(test)]
+mod delivery_tests;
 pub(crate) mod handshake;
 #[cfg(test)]
 mod handshake_tests;

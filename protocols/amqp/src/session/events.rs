@@ -129,55 +129,57 @@ impl Conn {
             delivery: d,
         } = h;
         let frame_max = self.frame_max;
-        let Some(c) = self
+        let entry = self
             .channels
-            .get_mut(&ch)
+            .get(&ch)
             .filter(|c| c.gen == gen && !c.closing)
-        else {
-            control.nack(vec![d.offset], Duration::ZERO);
-            return Ok(());
+            .and_then(|c| c.consumers.get(&consumer));
+        let consuming = entry.map(|e| delivery::Consuming {
+            queue: &e.def,
+            no_ack: e.no_ack,
+            limited: e.limited,
+        });
+        let send = match delivery::verdict(consuming, &d, now_ms()) {
+            Verdict::Return => {
+                control.nack(vec![d.offset], Duration::ZERO);
+                return Ok(());
+            }
+            Verdict::DeadLetter(reason) => {
+                if let Some(e) = entry {
+                    let def = Arc::clone(&e.def);
+                    self.spawn_dead_letter(def, d.message, reason, control.clone(), d.offset);
+                }
+                control.flow(1);
+                return Ok(());
+            }
+            Verdict::Send(send) => send,
         };
-        let Some(entry) = c.consumers.get(&consumer) else {
-            control.nack(vec![d.offset], Duration::ZERO);
-            return Ok(());
-        };
-        let queue = entry.queue.clone();
-        let (no_ack, limited) = (entry.no_ack, entry.limited);
-        let def = Arc::clone(&entry.def);
-        let expired = channels::expired(&d.message, def.args.message_ttl_ms, now_ms());
-        if let Some(reason) =
-            channels::dead_letter_instead(def.args.delivery_limit, d.redelivery_count, expired)
-        {
-            self.spawn_dead_letter(def, d.message, reason, control.clone(), d.offset);
-            control.flow(1);
-            return Ok(());
-        }
-        let keep = def.args.dead_letter_exchange.is_some();
+        let queue = entry.map(|e| e.queue.clone()).unwrap_or_default();
         let Some(c) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
-        let tag = if no_ack {
+        let tag = if send.ack_now {
             control.ack(vec![d.offset]);
             c.tags.issue(None)
         } else {
             c.tags.issue(Some(Unacked {
                 control: control.clone(),
                 offset: d.offset,
-                credit: limited,
+                credit: !send.credit_now,
                 queue: queue.clone(),
-                message: keep.then(|| d.message.clone()),
+                message: send.keep_message.then(|| d.message.clone()),
             }))
         };
-        if !limited {
+        if send.credit_now {
             self.return_credit(&control);
         }
         let mut delivered = props::from_record(&d.message, &queue);
-        if def.args.queue_type == QueueType::Stream {
+        if let Some(offset) = send.stream_offset {
             // Where this message sits in the stream, as RabbitMQ tells it.
             let mut h = delivered.properties.headers().clone().unwrap_or_default();
             h.insert(
                 "x-stream-offset".into(),
-                AMQPValue::LongLongInt(i64::try_from(d.offset).unwrap_or(i64::MAX)),
+                AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX)),
             );
             delivered.properties = delivered.properties.with_headers(h);
         }
@@ -188,7 +190,7 @@ impl Conn {
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                 consumer_tag: short(&consumer),
                 delivery_tag: tag,
-                redelivered: d.redelivery_count > 0,
+                redelivered: send.redelivered,
                 exchange: short(&delivered.exchange),
                 routing_key: short(&delivered.routing_key),
             })),

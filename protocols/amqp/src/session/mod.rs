@@ -47,6 +47,7 @@ use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
 use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
 use crate::rules::channels::{self, Prefetch};
+use crate::rules::delivery::{self, Verdict};
 use crate::rules::handshake::{Handshake, Input, Limits, Step};
 use crate::rules::publishing::{Confirms, Modes, Publishing};
 use crate::AmqpConfig;
