@@ -19,11 +19,13 @@ type ServeFn = dyn Fn(Conn, SocketAddr) -> futures::future::BoxFuture<'static, R
 /// The listeners of one protocol: its plain one and any TLS twins, all
 /// serving connections the same way on the same state and counted
 /// against one admission, so that adding TLS takes no descriptors from
-/// the budget of the others.
+/// the budget of the others. Every accept loop is its own task, stopped
+/// by [`ProtocolListeners::stop`] or when this is dropped.
 pub struct ProtocolListeners {
     protocol: &'static str,
     admission: Arc<Admission>,
     serve: Arc<ServeFn>,
+    plain: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     tls: Vec<(SocketAddr, tokio::task::JoinHandle<()>)>,
     io: Option<tokio::runtime::Handle>,
 }
@@ -53,6 +55,7 @@ impl ProtocolListeners {
             protocol,
             admission,
             serve,
+            plain: None,
             tls: Vec::new(),
             io: None,
         }
@@ -64,6 +67,25 @@ impl ProtocolListeners {
     pub fn with_io_runtime(mut self, io: Option<tokio::runtime::Handle>) -> Self {
         self.io = io;
         self
+    }
+
+    /// Serves `listener` (plain TCP) in a task of its own.
+    pub fn serve_plain(&mut self, listener: TcpListener) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let accept = self.accept(listener, None);
+        if let Some((_, old)) = self.plain.replace((addr, tokio::spawn(accept))) {
+            old.abort();
+        }
+        tracing::info!(local_addr = %addr, "{} listener started", self.protocol);
+        Ok(addr)
+    }
+
+    /// Where the plain listener listens (unspecified before
+    /// [`ProtocolListeners::serve_plain`]).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.plain
+            .as_ref()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |(a, _)| *a)
     }
 
     /// The accept loop of `listener`, over TLS with `tls`, for the caller
@@ -101,11 +123,18 @@ impl ProtocolListeners {
         self.tls.first().map(|(a, _)| *a)
     }
 
-    /// Stops the TLS listeners (the plain one is its owner's task).
-    pub fn stop_tls(&self) {
-        for (_, t) in &self.tls {
+    /// Stops accepting, on every listener. Connections already served
+    /// are their own tasks and go on.
+    pub fn stop(&self) {
+        for (_, t) in self.plain.iter().chain(&self.tls) {
             t.abort();
         }
+    }
+}
+
+impl Drop for ProtocolListeners {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

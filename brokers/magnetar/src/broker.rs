@@ -381,15 +381,15 @@ impl Protocols {
         };
         let mut kafka = magnetar_kafka::KafkaServer::start(l.kafka, broker.clone(), kafka_cfg)?;
         if let Some((listener, tls)) = l.kafka_tls {
-            kafka.add_tls_listener(listener, tls)?;
+            kafka.listeners.add_tls(listener, tls)?;
         }
         let mut amqp = magnetar_amqp::AmqpServer::start(l.amqp, broker.clone(), amqp_cfg)?;
         if let Some((listener, tls)) = l.amqp_tls {
-            amqp.add_tls_listener(listener, tls)?;
+            amqp.listeners.add_tls(listener, tls)?;
         }
         let mut mqtt = magnetar_mqtt::MqttServer::start(l.mqtt, broker.clone(), mqtt_cfg)?;
         if let Some((listener, tls)) = l.mqtt_tls {
-            mqtt.add_tls_listener(listener, tls)?;
+            mqtt.listeners.add_tls(listener, tls)?;
         }
         Ok(Protocols {
             kafka,
@@ -408,17 +408,17 @@ impl Protocols {
     }
 
     fn stop(&self) {
-        self.kafka.stop();
-        self.amqp.stop();
-        self.mqtt.stop();
+        self.kafka.listeners.stop();
+        self.amqp.listeners.stop();
+        self.mqtt.listeners.stop();
     }
 
     /// The TLS listeners that are on, for the ready line.
     fn tls_addrs(&self) -> String {
         [
-            ("kafka-tls", self.kafka.tls_addr()),
-            ("amqps", self.amqp.tls_addr()),
-            ("mqtts", self.mqtt.tls_addr()),
+            ("kafka-tls", self.kafka.listeners.tls_addr()),
+            ("amqps", self.amqp.listeners.tls_addr()),
+            ("mqtts", self.mqtt.listeners.tls_addr()),
         ]
         .into_iter()
         .filter_map(|(name, a)| a.map(|a| format!(" {name}={a}")))
@@ -789,9 +789,9 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     println!(
         "magnetar broker ready: http={} kafka={} amqp={} mqtt={}{}{}",
         http.addr,
-        protocols.kafka.local_addr(),
-        protocols.amqp.local_addr(),
-        protocols.mqtt.local_addr(),
+        protocols.kafka.listeners.local_addr(),
+        protocols.amqp.listeners.local_addr(),
+        protocols.mqtt.listeners.local_addr(),
         http.https_addr
             .map(|a| format!(" https={a}"))
             .unwrap_or_default(),
@@ -969,9 +969,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     println!(
         "magnetar standalone ready: http={} kafka={} amqp={} mqtt={} meta={} bookie={} data={}{}{}",
         http.addr,
-        protocols.kafka.local_addr(),
-        protocols.amqp.local_addr(),
-        protocols.mqtt.local_addr(),
+        protocols.kafka.listeners.local_addr(),
+        protocols.amqp.listeners.local_addr(),
+        protocols.mqtt.listeners.local_addr(),
         embedded.node.local_addr(),
         embedded.bookie.local_addr(),
         args.data_dir.display(),

@@ -17,12 +17,12 @@ use kafka_protocol::messages::ApiKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::codec::{self, DecodeError};
 use crate::handler::{Ctx, Session};
 use crate::KafkaConfig;
-use magnetar_broker::listener::{Conn, ProtocolListeners, TlsServer};
+use magnetar_broker::listener::{Conn, ProtocolListeners};
 use magnetar_broker::Broker;
 
 /// Requests of one connection started but not yet answered.
@@ -40,11 +40,10 @@ const READ_BUFFER: usize = 64 * 1024;
 /// A running Kafka listener.
 #[derive(Debug)]
 pub struct KafkaServer {
-    local_addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
     /// This one and the SSL / SASL_SSL listeners, sharing the groups and
-    /// the connection budget.
-    listeners: ProtocolListeners,
+    /// the connection budget; TLS ones are added here, and the broker's
+    /// registration advertises them under [`TLS_LISTENER`].
+    pub listeners: ProtocolListeners,
 }
 
 /// The name under which a broker advertises its Kafka TLS listener.
@@ -55,11 +54,10 @@ impl KafkaServer {
     /// registration should already advertise this listener under
     /// `kafka`, since Metadata answers send clients there.
     pub fn start(listener: TcpListener, broker: Broker, cfg: KafkaConfig) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
         let admission = broker.admission("Kafka");
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.start_background();
-        let listeners = ProtocolListeners::new("Kafka", admission, move |stream, peer| {
+        let mut listeners = ProtocolListeners::new("Kafka", admission, move |stream, peer| {
             let name = if stream.is_tls() {
                 TLS_LISTENER
             } else {
@@ -67,44 +65,8 @@ impl KafkaServer {
             };
             serve_connection(stream, peer, name, Arc::clone(&ctx))
         });
-        let task = tokio::spawn(listeners.accept(listener, None));
-        info!(%local_addr, "Kafka listener started");
-        Ok(KafkaServer {
-            local_addr,
-            task,
-            listeners,
-        })
-    }
-
-    /// Serves Kafka over TLS on `listener` too (SSL, and SASL_SSL for
-    /// clients that go on to SASL). The broker's registration should
-    /// advertise it under [`TLS_LISTENER`].
-    pub fn add_tls_listener(
-        &mut self,
-        listener: TcpListener,
-        tls: TlsServer,
-    ) -> std::io::Result<SocketAddr> {
-        self.listeners.add_tls(listener, tls)
-    }
-
-    /// Where Kafka over TLS listens, if it does.
-    pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.listeners.tls_addr()
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn stop(&self) {
-        self.task.abort();
-        self.listeners.stop_tls();
-    }
-}
-
-impl Drop for KafkaServer {
-    fn drop(&mut self) {
-        self.stop();
+        listeners.serve_plain(listener)?;
+        Ok(KafkaServer { listeners })
     }
 }
 
