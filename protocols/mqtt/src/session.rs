@@ -693,13 +693,12 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<()> {
-        let registry = &self.ctx;
-        let key = (self.ns.clone(), self.client_id.clone());
+        // Asked for QoS 2 publishes only: the key is built then.
         let stored_before = |id: NonZeroU16| {
-            registry
+            self.ctx
                 .registry()
                 .received
-                .get(&key)
+                .get(&(self.ns.clone(), self.client_id.clone()))
                 .is_some_and(|s| s.contains(&id.get()))
         };
         let (topic, ack) = match self.publishes.publish(&mut p, self.grants, stored_before)? {

@@ -13,24 +13,22 @@ use magnetar_metadata::{ClientOptions, MetaClient};
 use crate::ports::free_port;
 use crate::process::{spawn_until, Proc};
 
-/// The `magnetar` binary under test: `MAGNETAR_BIN`, or the one cargo
-/// built beside this test executable (`target/<profile>/magnetar`; a
-/// package's integration tests run from `target/<profile>/deps`).
+/// The `magnetar` binary under test: the one cargo built beside this test
+/// executable (`target/<profile>/magnetar`, what `CARGO_BIN_EXE_magnetar`
+/// names in that package's tests; integration tests run from
+/// `target/<profile>/deps`), so that every cluster of a test runs the
+/// build under test. `MAGNETAR_BIN` only where cargo built none.
 pub fn magnetar_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("MAGNETAR_BIN") {
-        return PathBuf::from(bin);
-    }
     let exe = std::env::current_exe().expect("the test executable");
-    let profile = exe
+    let built = exe
         .parent()
         .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let bin = profile.join("magnetar");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo build -p magnetar, or set MAGNETAR_BIN",
-        bin.display()
-    );
+        .map(|profile| profile.join("magnetar"))
+        .filter(|bin| bin.exists());
+    let bin = built
+        .or_else(|| std::env::var_os("MAGNETAR_BIN").map(PathBuf::from))
+        .expect("no magnetar binary: cargo build -p magnetar, or set MAGNETAR_BIN");
+    assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }
 

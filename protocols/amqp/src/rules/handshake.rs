@@ -1,6 +1,8 @@
 //! Connection negotiation: start-ok (mechanism and login), tune-ok and
 //! open.
 
+use std::sync::Arc;
+
 use amq_protocol::types::{AMQPValue, FieldTable};
 use magnetar_broker::{BrokerError, Grants};
 use magnetar_tenancy::NamespaceName;
@@ -175,7 +177,7 @@ pub(crate) struct Handshake {
     phase: Phase,
     limits: Limits,
     /// The role of the client's verified TLS certificate, if it showed one.
-    certificate: Option<String>,
+    certificate: Option<Arc<str>>,
     mechanism: String,
     user: String,
 }
@@ -217,13 +219,29 @@ pub(crate) enum Step {
 }
 
 impl Handshake {
-    pub(crate) fn new(limits: Limits, certificate: Option<&str>) -> Self {
+    pub(crate) fn new(limits: Limits, certificate: Option<Arc<str>>) -> Self {
         Handshake {
             phase: Phase::StartOk,
             limits,
-            certificate: certificate.map(str::to_owned),
+            certificate,
             mechanism: String::new(),
             user: String::new(),
+        }
+    }
+
+    /// The role of the client's verified TLS certificate, if it showed one.
+    pub(crate) fn certificate(&self) -> Option<&str> {
+        self.certificate.as_deref()
+    }
+
+    /// The mechanisms connection.start offers: EXTERNAL (the client
+    /// certificate's role, as RabbitMQ's rabbitmq_auth_mechanism_ssl) only
+    /// where there is a certificate.
+    pub(crate) fn mechanisms(&self) -> &'static str {
+        if self.certificate.is_some() {
+            "PLAIN AMQPLAIN EXTERNAL"
+        } else {
+            "PLAIN AMQPLAIN"
         }
     }
 
@@ -244,7 +262,9 @@ impl Handshake {
                 let how = mechanism(mech, self.certificate.is_some())
                     .map_err(|e| e.on(START_OK.0, START_OK.1))?;
                 let (user, password) = match how {
-                    Mechanism::Certificate => (self.certificate.clone().unwrap_or_default(), None),
+                    Mechanism::Certificate => {
+                        (self.certificate().unwrap_or_default().to_owned(), None)
+                    }
                     Mechanism::Password => {
                         let Some((user, password)) = login(mech, s.response.as_bytes()) else {
                             return Err(login_refused(mech).on(START_OK.0, START_OK.1));

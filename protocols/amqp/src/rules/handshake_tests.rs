@@ -164,7 +164,8 @@ fn a_malformed_plain_response_is_refused_before_the_broker_is_asked() {
 
 #[test]
 fn external_logs_in_as_the_certificate_role_and_needs_a_certificate() {
-    let mut h = Handshake::new(LIMITS, Some("device-42"));
+    let mut h = Handshake::new(LIMITS, Some("device-42".into()));
+    assert_eq!(h.mechanisms(), "PLAIN AMQPLAIN EXTERNAL");
     assert_eq!(
         method(&mut h, &start_ok("EXTERNAL", b"", FieldTable::default())).expect("start-ok"),
         vec![Step::Authenticate {

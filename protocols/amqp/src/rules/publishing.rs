@@ -174,10 +174,11 @@ impl Confirms {
         }
     }
 
-    /// The confirms to send for what settled since the last call.
-    pub(crate) fn take(&mut self) -> Vec<Confirm> {
+    /// The confirms to send for what settled since the last call; the
+    /// buffer is kept for the next batch.
+    pub(crate) fn take(&mut self) -> std::vec::Drain<'_, Confirm> {
         self.close_run();
-        std::mem::take(&mut self.out)
+        self.out.drain(..)
     }
 
     fn close_run(&mut self) {

@@ -568,9 +568,6 @@ const OUT_LOW: usize = 2 << 20;
 pub(crate) struct Conn {
     ctx: Arc<Ctx>,
     id: u64,
-    /// The role of the client's TLS certificate, if it showed one the CA
-    /// verified: what the EXTERNAL mechanism logs in as.
-    certificate: Option<Arc<str>>,
     out: mpsc::UnboundedSender<Bytes>,
     outbox: Arc<Outbox>,
     /// Credits of unlimited consumers held back while the outbox is full.
@@ -628,12 +625,11 @@ where
             channel_max: ctx.cfg.channel_max,
             heartbeat: ctx.cfg.heartbeat,
         },
-        certificate.as_deref(),
+        certificate,
     );
     let mut conn = Conn {
         id: ctx.next_conn.fetch_add(1, Ordering::Relaxed),
         handshake,
-        certificate,
         frame_max: ctx.cfg.frame_max,
         channel_max: ctx.cfg.channel_max,
         heartbeat: 0,
@@ -907,13 +903,7 @@ impl Conn {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                // EXTERNAL (the client certificate's CN, as RabbitMQ's
-                // rabbitmq_auth_mechanism_ssl) only where there is one.
-                mechanisms: LongString::from(if self.certificate.is_some() {
-                    "PLAIN AMQPLAIN EXTERNAL"
-                } else {
-                    "PLAIN AMQPLAIN"
-                }),
+                mechanisms: LongString::from(self.handshake.mechanisms()),
                 locales: LongString::from("en_US"),
             })),
         );
@@ -1075,7 +1065,7 @@ impl Conn {
                     let creds = Credentials {
                         user: Some(&user),
                         secret: password.as_deref(),
-                        certificate: self.certificate.as_deref(),
+                        certificate: self.handshake.certificate(),
                     };
                     let judged = self.ctx.broker.authenticate_until(&creds);
                     let accepted = match judged {
