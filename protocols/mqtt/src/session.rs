@@ -834,11 +834,8 @@ impl Conn {
                 status.push(v5::SubscribeAckReason::UnspecifiedError);
                 continue;
             }
-            // A new QoS may have moved the filter to the other queue.
-            if let Some(old) = self.subs.iter().find(|x| x.filter == filter).cloned() {
-                if old.queue(&self.client_id) != sub.queue(&self.client_id) {
-                    self.detach(&old, &[&sub]).await;
-                }
+            if let Some(old) = subscriptions::moved(&self.subs, &sub, &self.client_id).cloned() {
+                self.detach(&old, &[&sub]).await;
             }
             if subscriptions::sends_retained(shared, opts.retain_handling, existed) {
                 retained_for.push(sub.clone());
@@ -954,26 +951,12 @@ impl Conn {
         }
     }
 
-    /// Undoes what `sub` needed of its queue, unless another of the
-    /// session's subscriptions (or one in `keep`, about to be added)
-    /// still needs it: the binding of its own queue, the consumer of a
-    /// share group's. A share group's bindings stay, for its other
-    /// members.
+    /// Undoes what `sub` needed of its queue, as far as
+    /// [`subscriptions::release`] says nothing else needs it.
     async fn detach(&mut self, sub: &Sub, keep: &[&Sub]) {
         let queue = sub.queue(&self.client_id);
-        let key = topic::binding_key(sub.pattern());
-        let others: Vec<&Sub> = self
-            .subs
-            .iter()
-            .filter(|s| s.filter != sub.filter)
-            .chain(keep.iter().copied())
-            .filter(|s| s.queue(&self.client_id) == queue)
-            .collect();
-        if sub.share().is_none()
-            && !others
-                .iter()
-                .any(|s| topic::binding_key(s.pattern()) == key)
-        {
+        let release = subscriptions::release(&self.subs, sub, keep, &self.client_id);
+        if let Some(key) = release.unbind {
             // Routes drop the binding at once; storing it is not waited
             // for, and a failure leaves a binding whose deliveries the
             // session no longer wants, which is not worth the connection.
@@ -991,7 +974,7 @@ impl Conn {
                 );
             }
         }
-        if sub.share().is_some() && others.is_empty() {
+        if release.stop_consuming {
             self.sources.remove(&queue);
         }
     }

@@ -8,6 +8,9 @@
 //!   back) and the publisher confirms of settled writes;
 //! - [`delivery`]: what becomes of a message handed to a consumer's
 //!   channel (sent, and how; dead-lettered; returned);
+//! - [`consumers`]: consumer tags, priorities and credit, exclusive
+//!   use, a single active consumer's turns, where a stream consumer
+//!   starts;
 //! - [`channels`]: a channel's opening, flow, prefetch, the queue a method
 //!   names, exchange declarations, when a delivery is dead-lettered
 //!   instead.
@@ -17,6 +20,9 @@
 //! delivery tags are [`crate::channel`]'s.
 
 pub(crate) mod channels;
+pub(crate) mod consumers;
+#[cfg(test)]
+mod consumers_tests;
 pub(crate) mod delivery;
 #[cfg(test)]
 mod delivery_tests;

@@ -168,46 +168,30 @@ impl Conn {
         // earlier publishes as there.
         self.publishes_settled(ch).await?;
         let (name, def) = self.require_queue(ch, c.queue.as_str()).await?;
-        let tag = if c.consumer_tag.as_str().is_empty() {
-            let n = {
-                let chan = self.chan(ch)?;
+        let tag = {
+            let chan = self.chan(ch)?;
+            let n = if c.consumer_tag.as_str().is_empty() {
                 chan.next_ctag += 1;
                 chan.next_ctag
+            } else {
+                0
             };
-            format!("amq.ctag-{}-{n}", random_suffix())
-        } else {
-            c.consumer_tag.as_str().to_owned()
+            consumers::tag(c.consumer_tag.as_str(), n, &random_suffix(), |t| {
+                chan.consumers.contains_key(t)
+            })?
         };
-        if self.chan(ch)?.consumers.contains_key(&tag) {
-            return Err(Exception::new(
-                error::NOT_ALLOWED,
-                format!("attempt to reuse consumer tag '{tag}'"),
-            ));
-        }
-        let priority = c
-            .arguments
-            .inner()
-            .get("x-priority")
-            .map(props::header_value)
-            .and_then(|v| match v {
-                magnetar_broker::routing::HeaderValue::Int(n) => i32::try_from(n).ok(),
-                _ => None,
-            })
-            .unwrap_or(0);
         {
             let mut reg = self.ctx.registry();
             let info = reg
                 .queues
                 .get_mut(&(self.ns.clone(), name.clone()))
                 .ok_or_else(|| self.not_found(&name))?;
-            if info.exclusive_consumer || (c.exclusive && info.consumers > 0) {
+            if !info.uses.admit(c.exclusive) {
                 return Err(Exception::new(
                     error::ACCESS_REFUSED,
                     format!("queue '{name}' in vhost '{}' in exclusive use", self.vhost),
                 ));
             }
-            info.consumers += 1;
-            info.exclusive_consumer = c.exclusive;
         }
         let stream = def.args.queue_type == QueueType::Stream;
         let sub = if stream {
@@ -225,8 +209,7 @@ impl Conn {
         let consumer = match sub
             .add_consumer(ConsumerOptions {
                 name: tag.clone(),
-                // Ours serves lower values first; RabbitMQ higher.
-                priority: priority.saturating_neg(),
+                priority: consumers::priority(&c.arguments),
                 ack_timeout: None,
             })
             .await
@@ -238,30 +221,16 @@ impl Conn {
             }
         };
         let chan = self.chan(ch)?;
-        let prefetch = chan.prefetch.consumer_credit();
-        let limited = prefetch > 0 && !c.no_ack;
+        let (credit, limited) = consumers::credit(chan.prefetch.consumer_credit(), c.no_ack);
         let control = consumer.control();
-        let credit = if limited {
-            u64::from(prefetch)
-        } else {
-            UNLIMITED_CREDIT
-        };
         // With a single active consumer, later ones wait without credit.
         let active = !def.args.single_active_consumer || {
             let mut reg = self.ctx.registry();
             match reg.queues.get_mut(&(self.ns.clone(), name.clone())) {
-                Some(info) if info.sac_active.is_some() => {
-                    info.sac_waiting.push_back((
-                        (self.id, ch, tag.clone()),
-                        control.clone(),
-                        credit,
-                    ));
-                    false
-                }
-                Some(info) => {
-                    info.sac_active = Some((self.id, ch, tag.clone()));
-                    true
-                }
+                Some(info) => info
+                    .sac
+                    .join((self.id, ch, tag.clone()), (control.clone(), credit))
+                    .is_some(),
                 None => true,
             }
         };
@@ -329,38 +298,11 @@ impl Conn {
             .await
             .map_err(Exception::from)?;
         let (start, end) = (t.log().start_offset(), t.log().end_offset());
-        let at = match args.inner().get("x-stream-offset") {
-            None => end,
-            Some(AMQPValue::LongString(v)) => match &*String::from_utf8_lossy(v.as_bytes()) {
-                "first" => start,
-                "last" => end.saturating_sub(1).max(start),
-                "next" => end,
-                other => {
-                    return Err(Exception::new(
-                        error::PRECONDITION_FAILED,
-                        format!("invalid x-stream-offset '{other}'"),
-                    ))
-                }
-            },
-            Some(AMQPValue::Timestamp(secs)) => t
-                .offset_for_timestamp(
-                    i64::try_from(*secs)
-                        .unwrap_or(i64::MAX)
-                        .saturating_mul(1000),
-                )
-                .await
-                .map_err(Exception::from)?,
-            Some(v) => match props::header_value(v) {
-                magnetar_broker::routing::HeaderValue::Int(n) => {
-                    u64::try_from(n).unwrap_or(0).clamp(start, end)
-                }
-                _ => {
-                    return Err(Exception::new(
-                        error::PRECONDITION_FAILED,
-                        "invalid x-stream-offset",
-                    ))
-                }
-            },
+        let at = match consumers::stream_start(args.inner().get("x-stream-offset"), start, end)? {
+            StreamStart::Offset(at) => at,
+            StreamStart::Timestamp(ms) => {
+                t.offset_for_timestamp(ms).await.map_err(Exception::from)?
+            }
         };
         let name = self.stream_subscription_name(ch, tag);
         let sub = t

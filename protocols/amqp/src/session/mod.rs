@@ -47,6 +47,7 @@ use crate::error::{self, exception_of, AmqpError, Exception};
 use crate::props;
 use crate::queue::{self as qdef, Overflow, QueueDef, QueueType, QUEUE_SUBSCRIPTION};
 use crate::rules::channels::{self, Prefetch};
+use crate::rules::consumers::{self, StreamStart};
 use crate::rules::delivery::{self, Verdict};
 use crate::rules::handshake::{Handshake, Input, Limits, Step};
 use crate::rules::publishing::{Confirms, Modes, Publishing};
@@ -59,7 +60,6 @@ mod events;
 mod exchanges;
 mod queues;
 
-const UNLIMITED_CREDIT: u64 = 1000;
 /// Publishes of one channel between the socket and durability.
 /// How long a connection the peer closed keeps reading, for more closes.
 const CLOSING_LINGER: Duration = Duration::from_secs(1);
@@ -114,12 +114,10 @@ struct QueueInfo {
     def: Arc<QueueDef>,
     /// The connection an exclusive queue belongs to.
     owner: Option<u64>,
-    consumers: u32,
-    exclusive_consumer: bool,
-    /// Single active consumer: the one that receives, and the others in
-    /// the order they came, holding their credit until their turn.
-    sac_active: Option<ConsumerId>,
-    sac_waiting: std::collections::VecDeque<(ConsumerId, ConsumerControl, u64)>,
+    uses: consumers::Use,
+    /// Single active consumer: the others wait holding their credit
+    /// until their turn.
+    sac: consumers::SingleActive<ConsumerId, (ConsumerControl, u64)>,
     /// Last declare, consume or get: what `x-expires` counts from.
     last_used: Instant,
     /// Set while an auto-delete or expired queue is being deleted in the
@@ -380,7 +378,7 @@ impl Ctx {
                 tokio::time::sleep(period).await;
                 let deletion = match ctx.registry().queues.get_mut(&key) {
                     None => break,
-                    Some(info) => (info.consumers == 0
+                    Some(info) => (info.uses.consumers == 0
                         && info.deleting.is_none()
                         && info.last_used.elapsed() >= expires)
                         .then(|| Ctx::mark_deleting(info)),

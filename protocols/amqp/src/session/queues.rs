@@ -74,10 +74,8 @@ impl Conn {
             let info = reg.queues.entry(key).or_insert(QueueInfo {
                 def: Arc::new(def),
                 owner: None,
-                consumers: 0,
-                exclusive_consumer: false,
-                sac_active: None,
-                sac_waiting: Default::default(),
+                uses: Default::default(),
+                sac: Default::default(),
                 last_used: Instant::now(),
                 deleting: None,
             });
@@ -165,7 +163,7 @@ impl Conn {
             let reg = self.ctx.registry();
             reg.queues
                 .get(&(self.ns.clone(), def.name.clone()))
-                .map_or(0, |i| i.consumers)
+                .map_or(0, |i| i.uses.consumers)
         };
         if def.args.queue_type == QueueType::Stream {
             return (0, consumers);
@@ -364,10 +362,8 @@ impl Conn {
                 QueueInfo {
                     def: Arc::new(wanted.clone()),
                     owner: d.exclusive.then_some(self.id),
-                    consumers: 0,
-                    exclusive_consumer: false,
-                    sac_active: None,
-                    sac_waiting: Default::default(),
+                    uses: Default::default(),
+                    sac: Default::default(),
                     last_used: Instant::now(),
                     deleting: None,
                 },
@@ -431,20 +427,13 @@ impl Conn {
             let mut reg = self.ctx.registry();
             match reg.queues.get_mut(&key) {
                 Some(info) => {
-                    info.consumers = info.consumers.saturating_sub(1);
-                    info.exclusive_consumer = false;
+                    let none_left = info.uses.leave();
                     info.last_used = Instant::now();
-                    if info.sac_active.as_ref() == Some(&me) {
-                        // The next in line becomes active and gets its credit.
-                        info.sac_active = None;
-                        if let Some((id, control, credit)) = info.sac_waiting.pop_front() {
-                            control.flow(credit);
-                            info.sac_active = Some(id);
-                        }
-                    } else {
-                        info.sac_waiting.retain(|(id, _, _)| *id != me);
+                    // The next in line becomes active and gets its credit.
+                    if let Some((control, credit)) = info.sac.leave(&me) {
+                        control.flow(credit);
                     }
-                    (info.consumers == 0 && info.def.auto_delete && info.deleting.is_none())
+                    (none_left && info.def.auto_delete && info.deleting.is_none())
                         .then(|| Ctx::mark_deleting(info))
                 }
                 None => None,

@@ -116,6 +116,54 @@ pub(crate) fn sends_retained(shared: bool, handling: v5::RetainHandling, existed
         }
 }
 
+/// What dropping a subscription undoes of its queue.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Release {
+    /// The binding key to unbind from the session's queue: none when
+    /// another subscription of that queue binds the same key, nor for a
+    /// share group, whose bindings stay for its other members.
+    pub unbind: Option<String>,
+    /// Whether the session stops consuming the queue: a share group's,
+    /// once none of the session's subscriptions is in that group. The
+    /// session's own queues stay consumed, since a resumed or later
+    /// subscription finds what they hold.
+    pub stop_consuming: bool,
+}
+
+/// What dropping `sub` from a session with `subs` (it may be among them)
+/// undoes, when `keep` are about to be added: a subscription whose QoS
+/// changed moves to the other queue and keeps nothing of the old one
+/// unless another subscription needs it.
+pub(crate) fn release(subs: &[Sub], sub: &Sub, keep: &[&Sub], client_id: &str) -> Release {
+    let queue = sub.queue(client_id);
+    let others: Vec<&Sub> = subs
+        .iter()
+        .filter(|s| s.filter != sub.filter)
+        .chain(keep.iter().copied())
+        .filter(|s| s.queue(client_id) == queue)
+        .collect();
+    let shared = sub.share().is_some();
+    let key = topic::binding_key(sub.pattern());
+    let unbind = (!shared
+        && !others
+            .iter()
+            .any(|s| topic::binding_key(s.pattern()) == key))
+    .then_some(key);
+    Release {
+        unbind,
+        stop_consuming: shared && others.is_empty(),
+    }
+}
+
+/// The subscription that `sub` replaces when it moves its filter to
+/// another queue (its QoS class changed), to be released after `sub` is
+/// attached; none when the filter is new or stays on its queue.
+pub(crate) fn moved<'a>(subs: &'a [Sub], sub: &Sub, client_id: &str) -> Option<&'a Sub> {
+    subs.iter()
+        .find(|x| x.filter == sub.filter)
+        .filter(|old| old.queue(client_id) != sub.queue(client_id))
+}
+
 /// How a message goes out to a session.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Plan {

@@ -14,6 +14,7 @@ use super::connect::{self, KeepAlive, Resume};
 use super::inbound::{self, AliasesIn, Receiving};
 use super::subscriptions::{self, plan, Plan, Sub, Verdict};
 use crate::error::MqttError;
+use crate::topic;
 
 fn ns(s: &str) -> NamespaceName {
     s.parse().expect("a valid namespace")
@@ -611,5 +612,75 @@ fn a_share_groups_queue_delivers_by_that_groups_subscription_only() {
             false
         ),
         Plan::Drop
+    );
+}
+
+#[test]
+fn unsubscribing_unbinds_the_filter_but_the_session_keeps_consuming_its_queue() {
+    let subs = vec![sub("a/+", 1), sub("b/#", 1)];
+    let r = subscriptions::release(&subs, &subs[0], &[], "dev");
+    assert_eq!(
+        r.unbind.as_deref(),
+        Some(topic::binding_key("a/+").as_str())
+    );
+    assert!(!r.stop_consuming);
+}
+
+#[test]
+fn a_binding_another_subscription_of_the_queue_still_needs_stays() {
+    // One about to be added (`keep`) counts like one the session holds.
+    let held = sub("a/+", 1);
+    let coming = Sub {
+        id: Some(7),
+        ..sub("a/+", 2)
+    };
+    let r = subscriptions::release(&[], &held, &[&coming], "dev");
+    assert_eq!(r.unbind, None);
+    let r = subscriptions::release(
+        std::slice::from_ref(&held),
+        &sub("x/+", 1),
+        &[&coming],
+        "dev",
+    );
+    assert_eq!(
+        r.unbind.as_deref(),
+        Some(topic::binding_key("x/+").as_str())
+    );
+}
+
+#[test]
+fn a_filter_moving_to_the_other_qos_queue_releases_the_old_one() {
+    let subs = vec![sub("a/+", 0), sub("b/+", 1)];
+    let up = sub("a/+", 1);
+    let old = subscriptions::moved(&subs, &up, "dev").expect("moves from qos0 to qos1");
+    assert_eq!(old.queue("dev"), "mqtt-subscription-devqos0");
+    let r = subscriptions::release(&subs, old, &[&up], "dev");
+    assert_eq!(
+        r.unbind.as_deref(),
+        Some(topic::binding_key("a/+").as_str())
+    );
+    // QoS 1 to QoS 2 stays on the durable queue; a new filter moves nothing.
+    assert!(subscriptions::moved(&subs, &sub("b/+", 2), "dev").is_none());
+    assert!(subscriptions::moved(&subs, &sub("c/+", 0), "dev").is_none());
+}
+
+#[test]
+fn leaving_a_share_group_keeps_its_bindings_and_stops_consuming_once_no_filter_is_left() {
+    let subs = vec![sub("$share/g/a/+", 1), sub("$share/g/b/+", 1)];
+    let r = subscriptions::release(&subs, &subs[0], &[], "dev");
+    assert_eq!(
+        r,
+        subscriptions::Release {
+            unbind: None,
+            stop_consuming: false
+        }
+    );
+    let r = subscriptions::release(&subs[..1], &subs[0], &[], "dev");
+    assert_eq!(
+        r,
+        subscriptions::Release {
+            unbind: None,
+            stop_consuming: true
+        }
     );
 }
