@@ -16,6 +16,7 @@ pub mod auditor;
 pub mod client;
 pub mod error;
 pub mod meta;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod storage;

@@ -88,6 +88,7 @@ pub struct BookieServer {
     id: u64,
     addr: SocketAddr,
     storage: Arc<Storage>,
+    registered: Arc<std::sync::atomic::AtomicBool>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -175,9 +176,11 @@ impl BookieServer {
             )
             .await?;
         let (ro_tx, ro_rx) = watch::channel(false);
+        let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tasks.push(tokio::spawn(register_loop(
             meta_client.clone(),
             info,
+            Arc::clone(&registered),
             cfg.session_ttl,
             ro_rx,
             stop_rx.clone(),
@@ -206,6 +209,7 @@ impl BookieServer {
             id: cfg.id,
             addr,
             storage,
+            registered,
             stop,
             tasks,
         })
@@ -221,6 +225,14 @@ impl BookieServer {
 
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+
+    /// This bookie's metrics and health, for an HTTP listener.
+    pub fn metrics(&self) -> crate::metrics::BookieMetrics {
+        crate::metrics::BookieMetrics {
+            storage: Arc::clone(&self.storage),
+            registered: Arc::clone(&self.registered),
+        }
     }
 
     /// Stops serving, withdraws the registration and flushes storage.
@@ -247,6 +259,7 @@ impl BookieServer {
 async fn register_loop(
     client: MetaClient,
     mut info: BookieInfo,
+    registered: Arc<std::sync::atomic::AtomicBool>,
     ttl: Duration,
     mut read_only: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
@@ -267,12 +280,15 @@ async fn register_loop(
             info.read_only = *read_only.borrow_and_update();
             let value = serde_json::to_vec(&info).unwrap_or_default();
             if let Err(e) = session.put(&key, value).await {
+                registered.store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(error = %e, "registration failed; retrying");
                 break;
             }
+            registered.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(id = info.id, read_only = info.read_only, "registered");
             tokio::select! {
                 _ = session.expired() => {
+                    registered.store(false, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!("metadata session expired; registering again");
                     break;
                 }

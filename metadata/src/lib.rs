@@ -16,6 +16,7 @@
 mod client;
 mod error;
 mod log_store;
+pub mod metrics;
 mod network;
 mod server;
 mod sm_store;

@@ -153,10 +153,10 @@ pub struct MetaNode {
     reads: tokio::task::JoinHandle<()>,
 }
 
-struct NodeShared {
-    id: u64,
-    raft: Raft,
-    state: Arc<SharedState>,
+pub(crate) struct NodeShared {
+    pub(crate) id: u64,
+    pub(crate) raft: Raft,
+    pub(crate) state: Arc<SharedState>,
     log: LogStore,
     peers: BTreeMap<u64, String>,
     /// See `NodeConfig::peer_roles`.
@@ -167,7 +167,8 @@ struct NodeShared {
     deadlines: Mutex<HashMap<u64, Instant>>,
     reads: ReadBarrier,
     /// Set on shutdown; ends open watch streams so connections can close.
-    closing: watch::Sender<bool>,
+    pub(crate) closing: watch::Sender<bool>,
+    pub(crate) proposals: crate::metrics::ProposalLatency,
 }
 
 /// Coalesces linearizable reads: one quorum check serves every read that
@@ -298,6 +299,7 @@ impl MetaNode {
             deadlines: Mutex::new(HashMap::new()),
             reads: ReadBarrier::new(),
             closing: watch::channel(false).0,
+            proposals: Default::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -373,6 +375,13 @@ impl MetaNode {
 
     pub fn id(&self) -> u64 {
         self.shared.id
+    }
+
+    /// This node's metrics and health, for an HTTP listener.
+    pub fn metrics(&self) -> crate::metrics::MetaMetrics {
+        crate::metrics::MetaMetrics {
+            node: Arc::clone(&self.shared),
+        }
     }
 
     /// Waits until the group has a leader that this node knows of.
@@ -451,8 +460,12 @@ impl NodeShared {
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResult, Status> {
+        let start = std::time::Instant::now();
         match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
+            Ok(resp) => {
+                self.proposals.since(start);
+                Ok(resp.data)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(self.not_leader(f.leader_id, f.leader_node.as_ref()))
             }

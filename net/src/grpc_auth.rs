@@ -51,6 +51,49 @@ impl GrpcAuth {
     pub fn enabled(&self) -> bool {
         self.check.is_some()
     }
+
+    /// The role of a caller with `token` (a bearer token) or a verified
+    /// client certificate's `certified` role: `None` with authentication
+    /// off and no certificate. The same rule serves the gRPC planes and
+    /// the HTTP listeners of metadata nodes and bookies.
+    pub fn caller(
+        &self,
+        token: Option<&str>,
+        certified: Option<&str>,
+    ) -> Result<Option<String>, Refusal> {
+        let Some(check) = &self.check else {
+            return Ok(certified.map(str::to_owned));
+        };
+        let Check { verifier, roles } = &**check;
+        let role = match (token, certified) {
+            (Some(token), _) => verifier
+                .verify(token.trim())
+                .map_err(|why| Refusal::Unauthenticated(format!("token refused: {why}")))?,
+            (None, Some(role)) => role.to_string(),
+            (None, None) => {
+                return Err(Refusal::Unauthenticated(
+                    "a bearer token or a client certificate is required".into(),
+                ))
+            }
+        };
+        if roles.contains(&role) {
+            Ok(Some(role))
+        } else {
+            Err(Refusal::Forbidden(format!(
+                "role {role:?} may not call the cluster's internal services"
+            )))
+        }
+    }
+}
+
+/// Why a caller was turned away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential, or one that does not verify (gRPC UNAUTHENTICATED,
+    /// HTTP 401).
+    Unauthenticated(String),
+    /// A verified role that may not call (PERMISSION_DENIED, HTTP 403).
+    Forbidden(String),
 }
 
 /// Who a call authenticated as (a token's role, or a client
@@ -60,19 +103,6 @@ pub struct CallerRole(pub Arc<str>);
 
 impl Interceptor for GrpcAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(check) = &self.check else {
-            // Without tokens, a verified certificate still names the
-            // caller.
-            let role = req
-                .extensions()
-                .get::<crate::GrpcPeer>()
-                .and_then(|p| p.certificate_role.clone());
-            if let Some(role) = role {
-                req.extensions_mut().insert(CallerRole(role));
-            }
-            return Ok(req);
-        };
-        let Check { verifier, roles } = &**check;
         let token = req
             .metadata()
             .get("authorization")
@@ -85,24 +115,16 @@ impl Interceptor for GrpcAuth {
             .extensions()
             .get::<crate::GrpcPeer>()
             .and_then(|p| p.certificate_role.as_deref());
-        let role = match (token, certified) {
-            (Some(token), _) => verifier
-                .verify(token.trim())
-                .map_err(|why| Status::unauthenticated(format!("token refused: {why}")))?,
-            (None, Some(role)) => role.to_string(),
-            (None, None) => {
-                return Err(Status::unauthenticated(
-                    "a bearer token or a client certificate is required",
-                ))
+        // Without tokens, a verified certificate still names the caller.
+        match self.caller(token, certified) {
+            Ok(role) => {
+                if let Some(role) = role {
+                    req.extensions_mut().insert(CallerRole(role.into()));
+                }
+                Ok(req)
             }
-        };
-        if roles.contains(&role) {
-            req.extensions_mut().insert(CallerRole(role.into()));
-            Ok(req)
-        } else {
-            Err(Status::permission_denied(format!(
-                "role {role:?} may not call the cluster's internal services"
-            )))
+            Err(Refusal::Unauthenticated(why)) => Err(Status::unauthenticated(why)),
+            Err(Refusal::Forbidden(why)) => Err(Status::permission_denied(why)),
         }
     }
 }

@@ -14,7 +14,7 @@
 pub mod grpc_auth;
 pub mod tls;
 
-pub use grpc_auth::{BearerToken, CallerRole, GrpcAuth, TokenVerifier};
+pub use grpc_auth::{BearerToken, CallerRole, GrpcAuth, Refusal, TokenVerifier};
 pub use tls::{grpc_endpoint, Conn, GrpcClientTls, TlsError, TlsFiles, TlsServer};
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -64,6 +64,10 @@ pub struct Admission {
     protocol: &'static str,
     limits: ListenerLimits,
     open: AtomicUsize,
+    /// Connections admitted and refused since the listener started: the
+    /// connection counters of the metrics.
+    admitted: AtomicU64,
+    refused: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// When a refusal was last logged, so that a flood logs once a
     /// minute rather than once a connection.
@@ -102,6 +106,8 @@ impl Admission {
             protocol,
             limits,
             open: AtomicUsize::new(0),
+            admitted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             per_ip: Mutex::new(HashMap::new()),
             last_refusal_log: Mutex::new(None),
         })
@@ -114,6 +120,20 @@ impl Admission {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    /// Connections admitted so far.
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused at a limit so far.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// A slot for a connection from `peer`, or `None` when a limit is
@@ -143,6 +163,7 @@ impl Admission {
             }
             *n += 1;
         }
+        self.admitted.fetch_add(1, Ordering::Relaxed);
         Some(Ticket {
             admission: Arc::clone(self),
             ip,
@@ -150,6 +171,7 @@ impl Admission {
     }
 
     fn refused(&self, peer: SocketAddr, limit: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
         let mut last = self
             .last_refusal_log
             .lock()

@@ -30,6 +30,7 @@ pub mod http;
 pub mod listener;
 pub mod log;
 pub mod managed_ledger;
+pub mod metrics;
 pub mod routing;
 pub mod service;
 pub mod state;

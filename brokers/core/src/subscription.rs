@@ -318,6 +318,8 @@ pub struct SubscriptionSetup {
     pub dead_letter: Option<DeadLetterSink>,
     /// Partition index, for spreading failover subscriptions.
     pub partition: u32,
+    /// The namespace's delivery counters.
+    pub delivered: crate::metrics::Traffic,
 }
 
 impl Subscription {
@@ -358,6 +360,7 @@ impl Subscription {
             tx: tx.downgrade(),
             partition: setup.partition,
             msg_out: 0,
+            delivered: setup.delivered,
             skipped_entries: 0,
         };
         tokio::spawn(d.run(rx));
@@ -632,6 +635,7 @@ struct Dispatcher {
     tx: mpsc::WeakUnboundedSender<Cmd>,
     partition: u32,
     msg_out: u64,
+    delivered: crate::metrics::Traffic,
     /// Stored entries that could not be decoded and were skipped.
     skipped_entries: u64,
 }
@@ -1138,6 +1142,7 @@ impl Dispatcher {
 
     fn send(&mut self, i: usize, m: StoredMessage, kh: u64) {
         let count = self.cursor.redelivery_count(m.offset);
+        let payload_len = m.message.value.as_ref().map_or(0, |v| v.len() as u64);
         let c = &mut self.consumers[i];
         let delivery = Delivery {
             offset: m.offset,
@@ -1155,6 +1160,7 @@ impl Dispatcher {
         c.unacked += 1;
         c.msg_out += 1;
         self.msg_out += 1;
+        self.delivered.add(1, payload_len);
         let deadline = c.ack_timeout.map(|t| Instant::now() + t);
         if let Some(t) = deadline {
             self.timeouts.push(Reverse((t, m.offset)));

@@ -17,6 +17,7 @@ use crate::error::{BrokerError, Result};
 use crate::format::{encode_batch, encode_messages, validate_batch, Message, ProducerSequence};
 use crate::log::PartitionLog;
 use crate::managed_ledger::LedgerInfo;
+use crate::metrics::{NamespaceGauges, Traffic};
 use crate::subscription::{
     cursor_key, cursor_record, load_cursor, Consumer, ConsumerOptions, CursorStore, DeadLetterSink,
     InitialPosition, ResetTo, Subscription, SubscriptionOptions, SubscriptionSetup,
@@ -100,6 +101,7 @@ pub struct Topic {
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
     stats: Arc<InCounters>,
+    traffic: TopicTraffic,
     /// When the broker last handed the topic out, in ms since the epoch:
     /// how long a non-persistent topic has been idle.
     last_used: AtomicU64,
@@ -111,13 +113,25 @@ struct InCounters {
     bytes_in: AtomicU64,
 }
 
-/// The counters a publish bumps once it is durable.
-struct Counters(Arc<InCounters>);
+/// The namespace's counters a topic adds to: what it stores, and what
+/// its subscriptions deliver. They outlive the topic, so a namespace's
+/// totals hold when it unloads.
+#[derive(Clone, Debug, Default)]
+pub struct TopicTraffic {
+    pub inbound: Traffic,
+    pub outbound: Traffic,
+}
+
+/// The counters a publish bumps once it is durable: the topic's own
+/// (its stats, which start again when it loads again) and its
+/// namespace's.
+struct Counters(Arc<InCounters>, Traffic);
 
 impl Counters {
     fn add(&self, messages: u64, bytes: u64) {
         self.0.msg_in.fetch_add(messages, Ordering::Relaxed);
         self.0.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        self.1.add(messages, bytes);
     }
 }
 
@@ -139,6 +153,7 @@ impl Topic {
         log: PartitionLog,
         meta: MetaClient,
         dead_letter: Option<DeadLetterSink>,
+        traffic: TopicTraffic,
     ) -> Result<Arc<Topic>> {
         let topic = Arc::new(Topic {
             name,
@@ -149,6 +164,7 @@ impl Topic {
             subs: Mutex::new(HashMap::new()),
             dead_letter,
             stats: Arc::default(),
+            traffic,
             last_used: AtomicU64::new(magnetar_bookies::meta::now_ms()),
         });
         if topic.log.is_persistent() {
@@ -219,6 +235,7 @@ impl Topic {
             store,
             dead_letter: self.dead_letter.clone(),
             partition: self.name.partition_index().unwrap_or(0),
+            delivered: self.traffic.outbound.clone(),
         })
     }
 
@@ -277,7 +294,7 @@ impl Topic {
     }
 
     fn counters(&self) -> Counters {
-        Counters(self.stats.clone())
+        Counters(self.stats.clone(), self.traffic.inbound.clone())
     }
 
     /// Checks a producer's sequence as Kafka does, per partition: a
@@ -506,6 +523,36 @@ impl Topic {
             ledger_count: ledgers.len(),
             subscriptions: out,
         })
+    }
+
+    /// This topic's part of its namespace's gauges. System
+    /// subscriptions (`__…`) count as neither subscriptions nor backlog.
+    pub async fn gauges(&self) -> NamespaceGauges {
+        let mut g = NamespaceGauges {
+            topics: 1,
+            storage_size: i64::try_from(self.log.size()).unwrap_or(i64::MAX),
+            offloaded_size: self
+                .ledgers()
+                .iter()
+                .filter(|l| l.offload.is_some())
+                .map(|l| i64::try_from(l.size).unwrap_or(i64::MAX))
+                .sum(),
+            backlog_size: i64::try_from(self.backlog_bytes().await).unwrap_or(i64::MAX),
+            ..NamespaceGauges::default()
+        };
+        for (name, s) in self.subscription_list().await {
+            if is_system_subscription(&name) {
+                continue;
+            }
+            let Ok(st) = s.stats().await else {
+                continue;
+            };
+            g.subscriptions += 1;
+            g.consumers += st.consumers.len() as i64;
+            g.msg_backlog += i64::try_from(st.msg_backlog).unwrap_or(i64::MAX);
+            g.unacked += i64::try_from(st.unacked_messages).unwrap_or(i64::MAX);
+        }
+        g
     }
 
     pub fn ledgers(&self) -> Vec<LedgerInfo> {

@@ -22,6 +22,14 @@ pub struct BookieArgs {
     /// Address clients are told to use (default: the bound address).
     #[arg(long, env = "MAGNETAR_BOOKIE_ADVERTISED")]
     advertised: Option<String>,
+    /// The HTTP listener: `/metrics`, `/health`, `/ready` (BookKeeper's
+    /// `prometheusStatsHttpPort`).
+    #[arg(
+        long,
+        env = "MAGNETAR_BOOKIE_HTTP_LISTEN",
+        default_value = "127.0.0.1:8000"
+    )]
+    http_listen: SocketAddr,
     /// Journal, entry logs and index live here.
     #[arg(long, env = "MAGNETAR_BOOKIE_DATA_DIR")]
     data_dir: PathBuf,
@@ -140,9 +148,26 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         !cfg.auth.enabled() || cfg.token.is_some(),
         "authentication is on: the bookie needs --internal-token (or a secret key and a superuser role) for the metadata store"
     );
+    let http_tls = args.tls.bookie_on().then(|| args.tls.https()).transpose()?;
+    let (auth, limits) = (cfg.auth.clone(), cfg.limits.clone());
     let server = BookieServer::start(cfg)
         .await
         .context("starting the bookie")?;
+    let metrics = server.metrics();
+    let http = crate::ops::serve(
+        args.http_listen,
+        limits,
+        http_tls,
+        auth,
+        metrics.registry(),
+        std::sync::Arc::new(move || {
+            let h = metrics.health();
+            (h.live, h.ready)
+        }),
+    )
+    .await
+    .context("starting the bookie's HTTP listener")?;
+    println!("bookie {} http on {}", server.id(), http.local_addr());
     // A line on stdout that harnesses and operators can wait for.
     println!(
         "bookie {} listening on {}",

@@ -893,6 +893,11 @@ impl Embedded {
         let broker = Broker::start(meta, cfg)
             .await
             .context("starting the broker")?;
+        // One HTTP port serves all three processes' metrics.
+        broker.metrics().extend(|r| {
+            node.metrics().register(r);
+            bookie.metrics().register(r);
+        });
         Ok(Embedded {
             node,
             bookie,

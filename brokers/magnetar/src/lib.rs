@@ -7,6 +7,7 @@
 pub mod auth_args;
 pub mod bookie;
 pub mod broker;
+pub mod ops;
 pub mod tls;
 
 /// The payload `magnetar-perf ledger` and `magnetar admin ledgers write`

@@ -78,6 +78,14 @@ struct MetaArgs {
     /// know members by the id they send.
     #[arg(long, env = "MAGNETAR_META_PEER_ROLES", default_value = "")]
     peer_roles: String,
+    /// The HTTP listener: `/metrics`, `/health`, `/ready` (ZooKeeper's
+    /// `metricsProvider.httpPort`).
+    #[arg(
+        long,
+        env = "MAGNETAR_META_HTTP_LISTEN",
+        default_value = "127.0.0.1:7000"
+    )]
+    http_listen: std::net::SocketAddr,
     #[command(flatten)]
     limits: broker::ListenerArgs,
     #[command(flatten)]
@@ -87,6 +95,7 @@ struct MetaArgs {
 }
 
 async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
+    let http_tls = args.tls.meta_on().then(|| args.tls.https()).transpose()?;
     let peers = parse_peers(&args.peers)?;
     let node = MetaNode::start(NodeConfig {
         id: args.id,
@@ -109,6 +118,21 @@ async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     })
     .await
     .context("starting the metadata node")?;
+    let metrics = node.metrics();
+    let http = magnetar::ops::serve(
+        args.http_listen,
+        args.limits.limits(),
+        http_tls,
+        args.auth.grpc()?,
+        metrics.registry(),
+        std::sync::Arc::new(move || {
+            let h = metrics.health();
+            (h.live, h.ready)
+        }),
+    )
+    .await
+    .context("starting the metadata node's HTTP listener")?;
+    println!("metadata node {} http on {}", node.id(), http.local_addr());
     // A line on stdout that harnesses and operators can wait for.
     println!(
         "metadata node {} listening on {}",

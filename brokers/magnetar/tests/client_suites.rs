@@ -95,3 +95,11 @@ fn safety() {
 fn security() {
     pytest("security_tests");
 }
+
+/// `/metrics`, `/health` and `/ready` of standalone, metadata nodes and
+/// bookies, parsed strictly, with counters checked against the traffic
+/// of real clients.
+#[test]
+fn metrics() {
+    pytest("metrics_tests");
+}

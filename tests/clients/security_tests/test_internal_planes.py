@@ -133,7 +133,7 @@ def test_raft_peers_are_known_by_their_identity_not_the_id_they_claim(stubs, tmp
         for i, addr in addrs.items():
             log = open(tmp_path / f"meta-{i}.log", "w")
             procs.append(subprocess.Popen(
-                [BIN, "meta", "--id", str(i), "--listen", addr,
+                [BIN, "meta", "--id", str(i), "--listen", addr, "--http-listen", "127.0.0.1:0",
                  "--data-dir", str(tmp_path / f"meta-{i}"), "--peers", peers,
                  "--peer-roles", roles, "--heartbeat-ms", "100", "--election-min-ms", "500",
                  "--election-max-ms", "1000", "--auth-token-secret-key", f"file://{key}",

@@ -66,7 +66,7 @@ class Cluster:
                               text=True).stdout.strip()
 
     def start_meta(self, i, tls=None):
-        return spawn(["meta", "--id", str(i), "--listen", self.meta[i],
+        return spawn(["meta", "--id", str(i), "--listen", self.meta[i], "--http-listen", "127.0.0.1:0",
                       "--data-dir", os.path.join(self.d, f"meta-{i}"), "--peers", self.peers,
                       "--heartbeat-ms", "100", "--election-min-ms", "500",
                       "--election-max-ms", "1000", *self.auth, *(tls or self.tls)],
@@ -76,7 +76,7 @@ class Cluster:
         for i in self.meta:
             self.procs.append(self.start_meta(i))
         self.procs.append(spawn(
-            ["bookie", "--id", "1", "--listen", f"127.0.0.1:{free_port()}",
+            ["bookie", "--id", "1", "--listen", f"127.0.0.1:{free_port()}", "--http-listen", "127.0.0.1:0",
              "--data-dir", os.path.join(self.d, "bookie-1"), "--meta", self.endpoints,
              *self.auth, *self.tls], os.path.join(self.d, "bookie-1.log"), "listening on"))
         self.brokers = []

@@ -35,6 +35,8 @@ pub fn magnetar_bin() -> PathBuf {
 pub struct MetaCluster {
     pub dir: tempfile::TempDir,
     pub addrs: BTreeMap<u64, String>,
+    /// Each node's HTTP listener (`/metrics`, `/health`, `/ready`).
+    pub http_addrs: BTreeMap<u64, String>,
     children: BTreeMap<u64, Proc>,
     extra: Vec<String>,
 }
@@ -45,9 +47,13 @@ impl MetaCluster {
         let addrs = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
             .collect();
+        let http_addrs = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
         let mut c = Self {
             dir: tempfile::tempdir().expect("tempdir"),
             addrs,
+            http_addrs,
             children: BTreeMap::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -79,6 +85,7 @@ impl MetaCluster {
         cmd.arg("meta")
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
+            .args(["--http-listen", &self.http_addrs[&id]])
             .arg("--data-dir")
             .arg(self.node_dir(id))
             .args(["--peers", &self.peers()])
@@ -172,6 +179,8 @@ impl Drop for MetaCluster {
 pub struct LedgerCluster {
     pub meta: MetaCluster,
     pub bookie_addrs: BTreeMap<u64, String>,
+    /// Each bookie's HTTP listener.
+    pub bookie_http_addrs: BTreeMap<u64, String>,
     bookies: BTreeMap<u64, Proc>,
     bookie_args: BTreeMap<u64, Vec<String>>,
 }
@@ -183,6 +192,7 @@ impl LedgerCluster {
         let mut c = Self {
             meta,
             bookie_addrs: BTreeMap::new(),
+            bookie_http_addrs: BTreeMap::new(),
             bookies: BTreeMap::new(),
             bookie_args: BTreeMap::new(),
         };
@@ -207,6 +217,8 @@ impl LedgerCluster {
     pub fn add_bookie(&mut self, id: u64, extra: &[&str]) {
         self.bookie_addrs
             .insert(id, format!("127.0.0.1:{}", free_port()));
+        self.bookie_http_addrs
+            .insert(id, format!("127.0.0.1:{}", free_port()));
         self.bookie_args
             .insert(id, extra.iter().map(|s| s.to_string()).collect());
         self.start_bookie(id);
@@ -218,6 +230,7 @@ impl LedgerCluster {
         cmd.arg("bookie")
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.bookie_addrs[&id]])
+            .args(["--http-listen", &self.bookie_http_addrs[&id]])
             .arg("--data-dir")
             .arg(self.bookie_dir(id))
             .args(["--meta", &self.meta_endpoint()])

@@ -80,6 +80,22 @@ pub(super) async fn ready(State(b): State<Broker>) -> ApiResult<Response> {
     Ok("ok".into_response())
 }
 
+/// Prometheus's scrape: OpenMetrics when the `Accept` header asks for
+/// it (Prometheus does), else the 0.0.4 text format.
+pub(super) async fn metrics(
+    State(b): State<Broker>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let e = b
+        .scrape_metrics(magnetar_metrics::wants_openmetrics(accept))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, e.content_type)], e.body).into_response())
+}
+
 pub(super) async fn lookup(
     State(b): State<Broker>,
     Path((d, t, ns, topic)): TopicPath,

@@ -279,6 +279,7 @@ pub fn router(broker: Broker) -> Router {
         .nest("/admin/v2", topics)
         .route("/admin/v2/brokers/health", get(health))
         .route("/admin/v2/brokers/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/admin/v2/brokers/{cluster}", get(list_brokers))
         .route(
             "/lookup/v2/topic/{domain}/{tenant}/{ns}/{topic}",
@@ -425,7 +426,8 @@ fn access(method: &Method, path: &str) -> Access {
         ["admin", "v2", "tenants", _] if method == Method::GET => Access::TenantAdmin(tenant(3)),
         ["admin", "v2", "namespaces", _, ..] => Access::TenantAdmin(tenant(3)),
         ["admin", "v2", "persistent" | "non-persistent", _, ..] => Access::TenantAdmin(tenant(3)),
-        ["admin", ..] | ["internal", ..] => Access::Superuser,
+        // Metrics name every tenant's namespaces.
+        ["admin", ..] | ["internal", ..] | ["metrics", ..] => Access::Superuser,
         ["lookup", "v2", "topic", _, _, _, _] => ns(4),
         ["topics", _, _, _, _] => with(ns(2), AuthAction::Produce),
         ["topics", _, _, _, _, "messages"] => with(ns(2), AuthAction::Consume),

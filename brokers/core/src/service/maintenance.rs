@@ -76,7 +76,38 @@ impl Broker {
     /// Admission for a new client listener of `protocol`, under this
     /// broker's listener limits.
     pub fn admission(&self, protocol: &'static str) -> Arc<crate::listener::Admission> {
-        crate::listener::Admission::new(protocol, self.inner.cfg.listener_limits.clone())
+        let a = crate::listener::Admission::new(protocol, self.inner.cfg.listener_limits.clone());
+        self.inner.metrics.watch_admission(&a);
+        a
+    }
+
+    /// The broker's metrics: what protocols and the process add their
+    /// collectors to.
+    pub fn metrics(&self) -> &Arc<crate::metrics::BrokerMetrics> {
+        &self.inner.metrics
+    }
+
+    /// A scrape of this broker's metrics: the counters, and the gauges of
+    /// the topics loaded now, summed per namespace.
+    pub async fn scrape_metrics(
+        &self,
+        openmetrics: bool,
+    ) -> std::result::Result<magnetar_metrics::Exposition, magnetar_metrics::MetricsError> {
+        let topics: Vec<Arc<Topic>> = self
+            .inner
+            .topics
+            .lock()
+            .await
+            .values()
+            .filter_map(|c| c.get().cloned())
+            .collect();
+        let mut live = std::collections::BTreeMap::<_, crate::metrics::NamespaceGauges>::new();
+        for t in topics {
+            let g = t.gauges().await;
+            let e = live.entry(t.name().namespace().clone()).or_default();
+            *e = e.plus(&g);
+        }
+        self.inner.metrics.render(&live, openmetrics)
     }
 
     /// Adds a consumer of topic data whose positions live outside the

@@ -319,6 +319,7 @@ struct Inner {
     /// front ends can cache routes and know when to drop them.
     routing_generation: std::sync::atomic::AtomicU64,
     retention_holds: std::sync::RwLock<Vec<Arc<dyn RetentionHold>>>,
+    metrics: Arc<crate::metrics::BrokerMetrics>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -405,6 +406,7 @@ impl Broker {
             routing: Mutex::new(HashMap::new()),
             routing_generation: std::sync::atomic::AtomicU64::new(0),
             retention_holds: std::sync::RwLock::default(),
+            metrics: Arc::new(crate::metrics::BrokerMetrics::new(&cfg.cluster)),
             shutdown,
             meta,
             cfg,

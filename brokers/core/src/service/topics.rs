@@ -81,6 +81,10 @@ impl Broker {
             log,
             self.inner.meta.clone(),
             Some(self.dead_letter_sink(name.namespace().clone())),
+            crate::topic::TopicTraffic {
+                inbound: self.inner.metrics.inbound(name.namespace()),
+                outbound: self.inner.metrics.outbound(name.namespace()),
+            },
         )
         .await?;
         topic.set_policies(&policies);

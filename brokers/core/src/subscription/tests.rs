@@ -26,6 +26,7 @@ fn setup_with(opts: SubscriptionOptions, log: &PartitionLog) -> Subscription {
         store: None,
         dead_letter: None,
         partition: 0,
+        delivered: Default::default(),
     })
 }
 
@@ -168,6 +169,7 @@ async fn dead_letters_go_to_the_sink_after_the_limit() {
         store: None,
         dead_letter: Some(sink),
         partition: 0,
+        delivered: Default::default(),
     });
     let mut c = sub.add_consumer(consumer("a")).await.expect("consumer");
     c.flow(10);

@@ -1,0 +1,454 @@
+//! The broker's metrics, in Pulsar's names where Pulsar has the metric.
+//!
+//! Two kinds:
+//! - **Counters** (`pulsar_in_messages_total` and the like) are kept per
+//!   namespace by the broker itself, not summed from the topics loaded at
+//!   scrape time: a topic that unloads, or whose bundle moves away, takes
+//!   nothing back, so a namespace's counter never goes backwards.
+//! - **Gauges** (storage, backlog, topics, subscriptions, consumers,
+//!   connections) are read from live state when Prometheus scrapes, into
+//!   a registry made for that scrape.
+//!
+//! Series are at namespace level: every MQTT session is a queue, so
+//! per-topic series would grow with the number of devices.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, Weak};
+
+use magnetar_metrics::prometheus_client::collector::Collector;
+use magnetar_metrics::prometheus_client::encoding::EncodeLabelSet;
+use magnetar_metrics::prometheus_client::metrics::counter::Counter;
+use magnetar_metrics::prometheus_client::metrics::family::Family;
+use magnetar_metrics::prometheus_client::metrics::gauge::Gauge;
+use magnetar_metrics::prometheus_client::registry::Registry;
+use magnetar_metrics::{Exposition, MetricsError};
+use magnetar_tenancy::NamespaceName;
+
+use crate::listener::Admission;
+
+/// The labels of a namespace-level series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct NsLabels {
+    pub cluster: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    cluster: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+/// Handles to one namespace's message and byte counters, cached by
+/// whatever counts (a topic, a subscription) so that the hot path only
+/// adds to two atomics.
+#[derive(Clone, Debug, Default)]
+pub struct Traffic {
+    messages: Counter,
+    bytes: Counter,
+}
+
+impl Traffic {
+    pub fn add(&self, messages: u64, bytes: u64) {
+        self.messages.inc_by(messages);
+        self.bytes.inc_by(bytes);
+    }
+}
+
+pub struct BrokerMetrics {
+    cluster: String,
+    in_messages: Family<NsLabels, Counter>,
+    in_bytes: Family<NsLabels, Counter>,
+    out_messages: Family<NsLabels, Counter>,
+    out_bytes: Family<NsLabels, Counter>,
+    /// The counters and whatever collectors the process adds (the
+    /// process's own, and in standalone the metadata node's and the
+    /// bookie's).
+    registry: RwLock<Registry>,
+    /// Every client listener's admission: its open connections are the
+    /// connection gauge.
+    admissions: RwLock<Vec<Weak<Admission>>>,
+}
+
+impl std::fmt::Debug for BrokerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerMetrics")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+impl BrokerMetrics {
+    pub fn new(cluster: &str) -> Self {
+        let m = BrokerMetrics {
+            cluster: cluster.to_owned(),
+            in_messages: Family::default(),
+            in_bytes: Family::default(),
+            out_messages: Family::default(),
+            out_bytes: Family::default(),
+            registry: RwLock::new(Registry::default()),
+            admissions: RwLock::new(Vec::new()),
+        };
+        {
+            let mut r = m.registry.write().unwrap_or_else(|p| p.into_inner());
+            r.register(
+                "pulsar_in_messages",
+                "Messages stored, after deduplication",
+                m.in_messages.clone(),
+            );
+            r.register(
+                "pulsar_in_bytes",
+                "Bytes of the record batches stored",
+                m.in_bytes.clone(),
+            );
+            r.register(
+                "pulsar_out_messages",
+                "Messages delivered to consumers, redeliveries included",
+                m.out_messages.clone(),
+            );
+            r.register(
+                "pulsar_out_bytes",
+                "Payload bytes delivered to consumers",
+                m.out_bytes.clone(),
+            );
+            r.register_collector(Box::new(magnetar_metrics::ProcessCollector));
+        }
+        m
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    fn labels(&self, ns: &NamespaceName) -> NsLabels {
+        NsLabels {
+            cluster: self.cluster.clone(),
+            namespace: ns.to_string(),
+        }
+    }
+
+    /// The counters a topic of `ns` adds what it stores to.
+    pub fn inbound(&self, ns: &NamespaceName) -> Traffic {
+        let l = self.labels(ns);
+        Traffic {
+            messages: self.in_messages.get_or_create_owned(&l),
+            bytes: self.in_bytes.get_or_create_owned(&l),
+        }
+    }
+
+    /// The counters deliveries from a topic of `ns` add to.
+    pub fn outbound(&self, ns: &NamespaceName) -> Traffic {
+        let l = self.labels(ns);
+        Traffic {
+            messages: self.out_messages.get_or_create_owned(&l),
+            bytes: self.out_bytes.get_or_create_owned(&l),
+        }
+    }
+
+    /// Adds a collector to every scrape of this broker.
+    pub fn register_collector(&self, c: Box<dyn Collector>) {
+        self.extend(|r| r.register_collector(c));
+    }
+
+    /// Adds families to every scrape of this broker (standalone adds its
+    /// metadata node's and bookie's).
+    pub fn extend(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub(crate) fn watch_admission(&self, a: &Arc<Admission>) {
+        let mut v = self.admissions.write().unwrap_or_else(|p| p.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(a));
+    }
+
+    /// Open connections by protocol, over every listener still serving.
+    fn connections(&self) -> BTreeMap<&'static str, (usize, u64, u64)> {
+        let mut out = BTreeMap::<&'static str, (usize, u64, u64)>::new();
+        for a in self
+            .admissions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
+            let e = out.entry(a.protocol()).or_default();
+            e.0 += a.open();
+            e.1 += a.admitted();
+            e.2 += a.refused_total();
+        }
+        out
+    }
+
+    /// Encodes the counters, the gauges of `live`, and the collectors.
+    pub(crate) fn render(
+        &self,
+        live: &BTreeMap<NamespaceName, NamespaceGauges>,
+        openmetrics: bool,
+    ) -> Result<Exposition, MetricsError> {
+        let scrape = self.scrape_registry(live);
+        let registry = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        magnetar_metrics::render(&[&registry, &scrape], openmetrics)
+    }
+
+    fn scrape_registry(&self, live: &BTreeMap<NamespaceName, NamespaceGauges>) -> Registry {
+        let mut r = Registry::default();
+        type G = Family<NsLabels, Gauge>;
+        let fams: [(&str, &str, G); 8] = [
+            (
+                "pulsar_topics_count",
+                "Topic partitions loaded",
+                G::default(),
+            ),
+            (
+                "pulsar_subscriptions_count",
+                "Subscriptions of the topics loaded",
+                G::default(),
+            ),
+            (
+                "pulsar_consumers_count",
+                "Consumers attached to those subscriptions",
+                G::default(),
+            ),
+            (
+                "pulsar_msg_backlog",
+                "Messages not yet acknowledged, summed over subscriptions",
+                G::default(),
+            ),
+            (
+                "pulsar_subscription_unacked_messages",
+                "Messages delivered and not yet acknowledged",
+                G::default(),
+            ),
+            (
+                "pulsar_storage_size",
+                "Bytes stored on bookies and offloaded",
+                G::default(),
+            ),
+            (
+                "pulsar_storage_offloaded_size",
+                "Bytes offloaded to the object store",
+                G::default(),
+            ),
+            (
+                "pulsar_storage_backlog_size",
+                "Bytes of ledgers the slowest subscription still needs",
+                G::default(),
+            ),
+        ];
+        let total = live
+            .values()
+            .fold(NamespaceGauges::default(), |a, g| a.plus(g));
+        for (ns, g) in live {
+            let l = self.labels(ns);
+            let v = g.values();
+            for ((_, _, fam), v) in fams.iter().zip(v) {
+                fam.get_or_create(&l).set(v);
+            }
+        }
+        for (name, help, fam) in fams {
+            r.register(name, help, fam);
+        }
+        // Always there, whatever the level: the broker's totals
+        // (Pulsar's PIP-214 `pulsar_broker_*`).
+        let cl = ClusterLabels {
+            cluster: self.cluster.clone(),
+        };
+        let broker: [(&str, &str, i64); 4] = [
+            (
+                "pulsar_broker_topics_count",
+                "Topic partitions loaded",
+                total.topics,
+            ),
+            (
+                "pulsar_broker_msg_backlog",
+                "Messages not yet acknowledged, over every namespace",
+                total.msg_backlog,
+            ),
+            (
+                "pulsar_broker_storage_size",
+                "Bytes stored, over every namespace",
+                total.storage_size,
+            ),
+            (
+                "pulsar_broker_subscriptions_count",
+                "Subscriptions, over every namespace",
+                total.subscriptions,
+            ),
+        ];
+        for (name, help, v) in broker {
+            let f = Family::<ClusterLabels, Gauge>::default();
+            f.get_or_create(&cl).set(v);
+            r.register(name, help, f);
+        }
+        let open = Family::<ProtocolLabels, Gauge>::default();
+        let opened = Family::<ProtocolLabels, Counter>::default();
+        let refused = Family::<ProtocolLabels, Counter>::default();
+        for (protocol, (n, admitted, rejected)) in self.connections() {
+            let l = ProtocolLabels {
+                cluster: self.cluster.clone(),
+                protocol: protocol.to_ascii_lowercase(),
+            };
+            open.get_or_create(&l)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            opened.get_or_create(&l).inc_by(admitted);
+            refused.get_or_create(&l).inc_by(rejected);
+        }
+        r.register(
+            "magnetar_connections",
+            "Client connections open, by protocol",
+            open,
+        );
+        r.register(
+            "magnetar_connections_opened",
+            "Client connections admitted, by protocol",
+            opened,
+        );
+        r.register(
+            "magnetar_connections_rejected",
+            "Client connections refused at a listener's limits, by protocol",
+            refused,
+        );
+        r
+    }
+}
+
+/// One namespace's gauges, summed over its loaded topics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceGauges {
+    pub topics: i64,
+    pub subscriptions: i64,
+    pub consumers: i64,
+    pub msg_backlog: i64,
+    pub unacked: i64,
+    pub storage_size: i64,
+    pub offloaded_size: i64,
+    pub backlog_size: i64,
+}
+
+impl NamespaceGauges {
+    fn values(&self) -> [i64; 8] {
+        [
+            self.topics,
+            self.subscriptions,
+            self.consumers,
+            self.msg_backlog,
+            self.unacked,
+            self.storage_size,
+            self.offloaded_size,
+            self.backlog_size,
+        ]
+    }
+
+    pub fn plus(self, o: &NamespaceGauges) -> NamespaceGauges {
+        NamespaceGauges {
+            topics: self.topics + o.topics,
+            subscriptions: self.subscriptions + o.subscriptions,
+            consumers: self.consumers + o.consumers,
+            msg_backlog: self.msg_backlog + o.msg_backlog,
+            unacked: self.unacked + o.unacked,
+            storage_size: self.storage_size + o.storage_size,
+            offloaded_size: self.offloaded_size + o.offloaded_size,
+            backlog_size: self.backlog_size + o.backlog_size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(s: &str) -> NamespaceName {
+        s.parse().expect("a namespace")
+    }
+
+    #[test]
+    fn counters_are_per_namespace_and_shared_by_every_handle() {
+        let m = BrokerMetrics::new("c1");
+        m.inbound(&ns("t/a")).add(2, 100);
+        m.inbound(&ns("t/a")).add(1, 10);
+        m.inbound(&ns("t/b")).add(5, 5);
+        let e = m.render(&BTreeMap::new(), true).expect("renders");
+        assert!(
+            e.body
+                .contains(r#"pulsar_in_messages_total{cluster="c1",namespace="t/a"} 3"#),
+            "{}",
+            e.body
+        );
+        assert!(
+            e.body
+                .contains(r#"pulsar_in_bytes_total{cluster="c1",namespace="t/a"} 110"#),
+            "{}",
+            e.body
+        );
+        assert!(e
+            .body
+            .contains(r#"pulsar_in_messages_total{cluster="c1",namespace="t/b"} 5"#));
+    }
+
+    #[test]
+    fn gauges_come_from_the_scrapes_snapshot_with_broker_totals() {
+        let m = BrokerMetrics::new("c1");
+        let mut live = BTreeMap::new();
+        let g = NamespaceGauges {
+            topics: 2,
+            msg_backlog: 7,
+            ..NamespaceGauges::default()
+        };
+        live.insert(ns("t/a"), g);
+        live.insert(ns("t/b"), g);
+        let e = m.render(&live, false).expect("renders");
+        assert!(
+            e.body
+                .contains(r#"pulsar_msg_backlog{cluster="c1",namespace="t/a"} 7"#),
+            "{}",
+            e.body
+        );
+        assert!(
+            e.body
+                .contains(r#"pulsar_broker_msg_backlog{cluster="c1"} 14"#),
+            "{}",
+            e.body
+        );
+        assert!(
+            e.body
+                .contains(r#"pulsar_broker_topics_count{cluster="c1"} 4"#),
+            "{}",
+            e.body
+        );
+        assert_eq!(e.body.matches("# TYPE pulsar_msg_backlog ").count(), 1);
+    }
+
+    #[test]
+    fn connections_follow_the_listeners_admissions() {
+        let m = BrokerMetrics::new("c1");
+        let a = Admission::new("MQTT", magnetar_net::ListenerLimits::default());
+        m.watch_admission(&a);
+        let peer = "127.0.0.1:1".parse().expect("an address");
+        let t1 = a.admit(peer);
+        let t2 = a.admit(peer);
+        drop(t1);
+        let e = m.render(&BTreeMap::new(), true).expect("renders");
+        assert!(
+            e.body
+                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"} 1"#),
+            "{}",
+            e.body
+        );
+        assert!(
+            e.body
+                .contains(r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#),
+            "{}",
+            e.body
+        );
+        // A listener that stopped, its connections gone, counts no more.
+        drop((a, t2));
+        let e = m.render(&BTreeMap::new(), true).expect("renders");
+        assert!(!e.body.contains("protocol=\"mqtt\""), "{}", e.body);
+    }
+}

@@ -1,0 +1,321 @@
+"""`/metrics` of standalone and of a cluster's metadata node and bookie,
+judged by the Prometheus client's strict OpenMetrics parser, with traffic
+from pika, paho and confluent-kafka: the counters equal what was sent,
+the backlog what was left unread, connection gauges follow the clients,
+and nothing goes backwards when a topic unloads."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import paho.mqtt.client as mqtt
+import pika
+import pytest
+from confluent_kafka import Producer
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+from prometheus_client.parser import text_string_to_metric_families as text_parse
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "kit"))
+from free_port import free_port  # noqa: E402
+from interop_tests.test_routes import call as admin  # noqa: E402
+
+BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
+OM = "application/openmetrics-text; version=1.0.0"
+NS = "public/metrics"
+
+
+def get(url, accept=OM, token=None):
+    req = urllib.request.Request(url, headers={"Accept": accept})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+def families(url):
+    """The strict parse of one OpenMetrics scrape, checked for one `# TYPE`
+    per name and for histogram invariants."""
+    status, ctype, text = get(url)
+    assert status == 200, text
+    assert ctype.startswith("application/openmetrics-text") and "version=1.0.0" in ctype, ctype
+    types = [l.split()[2] for l in text.splitlines() if l.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
+    fams = {f.name: f for f in om_parse(text)}
+    for f in fams.values():
+        if f.type != "histogram":
+            continue
+        by_series = {}
+        for s in f.samples:
+            key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            by_series.setdefault(key, []).append(s)
+        for series in by_series.values():
+            buckets = [s.value for s in series if s.name.endswith("_bucket")]
+            assert buckets == sorted(buckets), f.name
+            count = [s.value for s in series if s.name.endswith("_count")]
+            assert count and buckets[-1] == count[0], f.name
+    return fams
+
+
+def value(fams, name, **labels):
+    f = fams.get(name)
+    if f is None:
+        return None
+    want = name + "_total" if f.type == "counter" else name
+    vals = [s.value for s in f.samples
+            if s.name == want and all(s.labels.get(k) == v for k, v in labels.items())]
+    return sum(vals) if vals else None
+
+
+@pytest.fixture(scope="module")
+def s(standalone):
+    status, body = admin(standalone, "PUT", f"/admin/v2/namespaces/{NS}")
+    assert status in (200, 204, 409), body
+    return standalone
+
+
+def scrape(s):
+    return families(f"{s.http}/metrics")
+
+
+def test_both_formats_parse_and_name_every_family_once(s):
+    families(f"{s.http}/metrics")
+    status, ctype, text = get(f"{s.http}/metrics", accept="text/plain")
+    assert status == 200
+    assert ctype.startswith("text/plain") and "version=0.0.4" in ctype, ctype
+    names = [f.name for f in text_parse(text)]
+    assert len(names) == len(set(names))
+    assert "# EOF" not in text
+
+
+def test_standalone_serves_the_metadata_node_bookie_and_process_families(s):
+    fams = scrape(s)
+    for name in ("magnetar_meta_is_leader", "magnetar_meta_raft_term", "magnetar_meta_applied_index",
+                 "bookie_SERVER_STATUS", "bookie_ledgers_count", "bookie_journal_syncs",
+                 "process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds",
+                 "pulsar_broker_topics_count"):
+        assert name in fams, name
+    assert value(fams, "magnetar_meta_is_leader") == 1
+    assert value(fams, "bookie_SERVER_STATUS") == 1
+    assert value(fams, "process_resident_memory_bytes") > 1 << 20
+
+
+def test_amqp_counters_equal_the_traffic_and_the_backlog_what_is_unread(s):
+    before = scrape(s)
+    in0 = value(before, "pulsar_in_messages", namespace=NS) or 0
+    out0 = value(before, "pulsar_out_messages", namespace=NS) or 0
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", s.amqp_port, virtual_host=NS))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = f"metrics-{uuid.uuid4().hex[:8]}"
+    ch.queue_declare(q, durable=True)
+    for i in range(12):
+        ch.basic_publish("", q, b"payload-%d" % i)
+    got = 0
+    while got < 7:
+        m, _, body = ch.basic_get(q, auto_ack=True)
+        if m is None:
+            time.sleep(0.05)
+            continue
+        got += 1
+    fams = scrape(s)
+    assert value(fams, "pulsar_in_messages", namespace=NS) - in0 == 12
+    assert value(fams, "pulsar_out_messages", namespace=NS) - out0 == 7
+    assert value(fams, "pulsar_msg_backlog", namespace=NS) == 5
+    stats = json.loads(admin(s, "GET", f"/admin/v2/persistent/{NS}/{q}/stats")[1])
+    assert stats["msgInCounter"] == 12
+    conn.close()
+
+
+def test_mqtt_counters_count_what_reaches_a_subscribers_session(s):
+    before = scrape(s)
+    in0 = value(before, "pulsar_in_messages", namespace=NS) or 0
+    out0 = value(before, "pulsar_out_messages", namespace=NS) or 0
+    topic = f"metrics/{uuid.uuid4().hex[:8]}"
+    got = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"m-sub-{uuid.uuid4().hex[:6]}")
+    sub.username_pw_set(NS)
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    sub.connect("127.0.0.1", s.mqtt_port)
+    sub.loop_start()
+    r, _ = sub.subscribe(topic, qos=1)
+    time.sleep(0.5)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"m-pub-{uuid.uuid4().hex[:6]}")
+    pub.username_pw_set(NS)
+    pub.connect("127.0.0.1", s.mqtt_port)
+    pub.loop_start()
+    for i in range(9):
+        pub.publish(topic, b"v%d" % i, qos=1).wait_for_publish(10)
+    deadline = time.time() + 10
+    while len(got) < 9 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(got) == 9
+    fams = scrape(s)
+    assert value(fams, "pulsar_in_messages", namespace=NS) - in0 == 9
+    assert value(fams, "pulsar_out_messages", namespace=NS) - out0 == 9
+    for c in (pub, sub):
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_kafka_produce_counts_in_the_default_namespace(s):
+    before = scrape(s)
+    in0 = value(before, "pulsar_in_messages", namespace="public/default") or 0
+    p = Producer({"bootstrap.servers": s.kafka, "acks": "all"})
+    topic = f"metrics-{uuid.uuid4().hex[:8]}"
+    for i in range(25):
+        p.produce(topic, b"k%d" % i)
+    assert p.flush(30) == 0
+    fams = scrape(s)
+    assert value(fams, "pulsar_in_messages", namespace="public/default") - in0 == 25
+    assert value(fams, "pulsar_in_bytes", namespace="public/default") > 0
+
+
+def test_connection_gauges_follow_connects_and_disconnects(s):
+    def open_amqp():
+        return value(scrape(s), "magnetar_connections", protocol="amqp") or 0
+    base = open_amqp()
+    conns = [pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", s.amqp_port))
+             for _ in range(3)]
+    assert open_amqp() == base + 3
+    opened = value(scrape(s), "magnetar_connections_opened", protocol="amqp")
+    for c in conns:
+        c.close()
+    deadline = time.time() + 5
+    while open_amqp() != base and time.time() < deadline:
+        time.sleep(0.05)
+    assert open_amqp() == base
+    assert value(scrape(s), "magnetar_connections_opened", protocol="amqp") == opened
+
+
+def test_counters_survive_a_topic_unload(s):
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", s.amqp_port, virtual_host=NS))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = f"unload-{uuid.uuid4().hex[:8]}"
+    ch.queue_declare(q, durable=True)
+    for i in range(4):
+        ch.basic_publish("", q, b"x")
+    conn.close()
+    before = scrape(s)
+    status, body = admin(s, "PUT", f"/admin/v2/persistent/{NS}/{q}/unload")
+    assert status in (200, 204), body
+    after = scrape(s)
+    for name in ("pulsar_in_messages", "pulsar_in_bytes", "pulsar_out_messages"):
+        assert value(after, name, namespace=NS) >= value(before, name, namespace=NS), name
+    stats = json.loads(admin(s, "GET", f"/admin/v2/persistent/{NS}/{q}/stats")[1])
+    # The topic's own counter starts again when it loads; the namespace's does not.
+    assert stats["msgInCounter"] == 0
+
+
+# ---- a cluster's metadata node and bookie ----
+
+def spawn(args, log, until):
+    p = subprocess.Popen([BIN, *args], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    deadline = time.time() + 60
+    for line in p.stdout:
+        if until in line:
+            return p
+        if time.time() > deadline:
+            break
+    p.kill()
+    raise AssertionError(f"{args[0]} did not start: {open(log).read()[-2000:]}")
+
+
+def wait_for(url, status, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if get(url)[0] == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered {status}; last {get(url)[:3:2]}")
+
+
+def test_meta_and_bookie_serve_metrics_and_flip_ready():
+    with tempfile.TemporaryDirectory() as d:
+        meta, meta_http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        bookie_http = f"127.0.0.1:{free_port()}"
+        procs = []
+        try:
+            procs.append(spawn(["meta", "--id", "1", "--listen", meta, "--http-listen", meta_http,
+                                "--data-dir", os.path.join(d, "meta")],
+                               os.path.join(d, "meta.log"), "listening on"))
+            wait_for(f"http://{meta_http}/ready", 200)
+            assert get(f"http://{meta_http}/health")[0] == 200
+            fams = families(f"http://{meta_http}/metrics")
+            assert value(fams, "magnetar_meta_is_leader") == 1
+            assert value(fams, "magnetar_meta_raft_term") >= 1
+            assert "process_resident_memory_bytes" in fams
+            # A disk threshold of 0 turns the bookie read-only at its
+            # first check.
+            bookie = spawn(["bookie", "--id", "1", "--listen", f"127.0.0.1:{free_port()}",
+                            "--http-listen", bookie_http, "--meta", meta,
+                            "--data-dir", os.path.join(d, "bookie"), "--session-ttl-ms", "1000",
+                            "--disk-usage-threshold", "0.999", "--disk-check-interval-ms", "100"],
+                           os.path.join(d, "bookie.log"), "listening on")
+            procs.append(bookie)
+            wait_for(f"http://{bookie_http}/ready", 200)
+            fams = families(f"http://{bookie_http}/metrics")
+            assert value(fams, "bookie_SERVER_STATUS") == 1
+            assert value(fams, "bookie_registered") == 1
+            bookie.terminate()
+            bookie.wait(30)
+            procs.remove(bookie)
+            ro = spawn(["bookie", "--id", "1", "--listen", f"127.0.0.1:{free_port()}",
+                        "--http-listen", bookie_http, "--meta", meta,
+                        "--data-dir", os.path.join(d, "bookie"), "--session-ttl-ms", "1000",
+                        "--disk-usage-threshold", "0", "--disk-check-interval-ms", "100"],
+                       os.path.join(d, "bookie-ro.log"), "listening on")
+            procs.append(ro)
+            wait_for(f"http://{bookie_http}/ready", 503)
+            assert get(f"http://{bookie_http}/health")[0] == 200
+            assert value(families(f"http://{bookie_http}/metrics"), "bookie_SERVER_STATUS") == 0
+            # The metadata node alone in a group of one cannot lose its
+            # leader; a member of a group of two whose peer is gone can.
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+
+def test_a_member_that_loses_its_leader_is_not_ready():
+    with tempfile.TemporaryDirectory() as d:
+        addrs = {i: f"127.0.0.1:{free_port()}" for i in (1, 2, 3)}
+        https = {i: f"127.0.0.1:{free_port()}" for i in (1, 2, 3)}
+        peers = ",".join(f"{i}={a}" for i, a in addrs.items())
+        procs = {}
+        try:
+            for i in addrs:
+                procs[i] = spawn(["meta", "--id", str(i), "--listen", addrs[i],
+                                  "--http-listen", https[i], "--peers", peers,
+                                  "--heartbeat-ms", "100", "--election-min-ms", "500",
+                                  "--election-max-ms", "1000",
+                                  "--data-dir", os.path.join(d, f"meta-{i}")],
+                                 os.path.join(d, f"meta-{i}.log"), "listening on")
+            for i in addrs:
+                wait_for(f"http://{https[i]}/ready", 200)
+            leaders = [i for i in addrs
+                       if value(families(f"http://{https[i]}/metrics"), "magnetar_meta_is_leader") == 1]
+            assert len(leaders) == 1
+            # Two of three gone: the one left knows no leader once its
+            # election timeout passes.
+            left = [i for i in addrs if i != leaders[0]][0]
+            for i in addrs:
+                if i != left:
+                    procs[i].kill()
+            wait_for(f"http://{https[left]}/ready", 503)
+            assert get(f"http://{https[left]}/health")[0] == 200
+        finally:
+            for p in procs.values():
+                p.kill()
+                p.wait()
