@@ -52,6 +52,17 @@ impl BookieMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
+        let (sync, batch) = self.storage.journal_histograms();
+        r.register(
+            "bookie_journal_sync_latency_seconds",
+            "One journal write and its fdatasync",
+            sync,
+        );
+        r.register(
+            "bookie_journal_batch_records",
+            "Records covered by one journal fdatasync",
+            batch,
+        );
         r.register_collector(Box::new(self.clone()));
     }
 }

@@ -317,7 +317,7 @@ impl JournalWriter {
         mut self,
         rx: Receiver<JournalReq>,
         mut durable: impl FnMut(Vec<JournalReq>, JournalPos),
-        mut on_sync: impl FnMut(usize),
+        mut on_sync: impl FnMut(usize, std::time::Duration),
         mut on_fail: impl FnMut(),
     ) {
         let mut failed: Option<String> = None;
@@ -354,13 +354,17 @@ impl JournalWriter {
                     rec.encode_into(&mut buf);
                 }
             }
+            let started = Instant::now();
             let written = match &failed {
                 Some(why) => Err(why.clone()),
                 None => self.write_and_sync(&buf).map_err(|e| e.to_string()),
             };
             match written {
                 Ok(()) => {
-                    on_sync(batch.iter().map(|r| r.records.len()).sum());
+                    on_sync(
+                        batch.iter().map(|r| r.records.len()).sum(),
+                        started.elapsed(),
+                    );
                     durable(batch, self.position());
                 }
                 Err(e) => {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use magnetar_metrics::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use crate::error::{BookieError, Result};
@@ -191,6 +192,10 @@ struct Inner {
     journal_syncs: AtomicU64,
     journal_entries: AtomicU64,
     compacted_logs: AtomicU64,
+    /// One journal write and its fdatasync.
+    journal_sync_latency: Histogram,
+    /// Records one fdatasync covered.
+    journal_batch_records: Histogram,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,6 +302,8 @@ impl Storage {
             journal_syncs: AtomicU64::new(0),
             journal_entries: AtomicU64::new(0),
             compacted_logs: AtomicU64::new(0),
+            journal_sync_latency: Histogram::new(magnetar_metrics::LATENCY_BUCKETS),
+            journal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         });
         let (tx, rx) = std::sync::mpsc::channel::<JournalReq>();
         let mut threads = Vec::new();
@@ -310,9 +317,11 @@ impl Storage {
                     writer.run(
                         rx,
                         |batch, pos| j_inner.apply_durable(batch, pos),
-                        |n| {
+                        |n, took| {
                             syncs.journal_syncs.fetch_add(1, Ordering::Relaxed);
                             syncs.journal_entries.fetch_add(n as u64, Ordering::Relaxed);
+                            syncs.journal_sync_latency.observe(took.as_secs_f64());
+                            syncs.journal_batch_records.observe(n as f64);
                         },
                         || failed.io_failed.store(true, Ordering::Relaxed),
                     )
@@ -488,6 +497,15 @@ impl Storage {
     /// Returns how many logs were reclaimed.
     pub fn compact(&self) -> Result<usize> {
         self.inner.compact()
+    }
+
+    /// The journal's histograms: the latency of a write and its
+    /// fdatasync, and the records each covered.
+    pub fn journal_histograms(&self) -> (Histogram, Histogram) {
+        (
+            self.inner.journal_sync_latency.clone(),
+            self.inner.journal_batch_records.clone(),
+        )
     }
 
     pub fn stats(&self) -> StorageStats {

@@ -15,12 +15,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, Weak};
 
+use futures::future::BoxFuture;
+
 use magnetar_metrics::prometheus_client::collector::Collector;
 use magnetar_metrics::prometheus_client::encoding::EncodeLabelSet;
 use magnetar_metrics::prometheus_client::metrics::counter::Counter;
 use magnetar_metrics::prometheus_client::metrics::family::Family;
 use magnetar_metrics::prometheus_client::metrics::gauge::Gauge;
-use magnetar_metrics::prometheus_client::registry::Registry;
+pub use magnetar_metrics::prometheus_client::metrics::histogram::Histogram;
+pub use magnetar_metrics::prometheus_client::registry::Registry;
 use magnetar_metrics::{Exposition, MetricsError};
 use magnetar_tenancy::NamespaceName;
 
@@ -60,12 +63,43 @@ impl Traffic {
     }
 }
 
+/// Families that need awaiting to read (the metadata store, topics),
+/// built afresh at each scrape: a protocol's own (Kafka's consumer-group
+/// lag) or the process's.
+pub trait ScrapeSource: Send + Sync {
+    fn scrape<'a>(&'a self, cluster: &'a str) -> BoxFuture<'a, Registry>;
+}
+
+/// Registers a gauge family of `rows`, each a label set and a value, for
+/// a [`ScrapeSource`]: protocols report what they alone know without
+/// depending on the metrics library.
+pub fn add_gauges(
+    r: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    rows: impl IntoIterator<Item = (Vec<(&'static str, String)>, i64)>,
+) {
+    let f = Family::<Vec<(&'static str, String)>, Gauge>::default();
+    for (labels, v) in rows {
+        f.get_or_create(&labels).set(v);
+    }
+    r.register(name, help, f);
+}
+
+/// `(live, ready)` of a part of the process, for `/health` and `/ready`.
+pub type Probe = Arc<dyn Fn() -> (bool, bool) + Send + Sync>;
+
 pub struct BrokerMetrics {
     cluster: String,
+    auth_failures: Family<ProtocolLabels, Counter>,
+    sources: RwLock<Vec<Arc<dyn ScrapeSource>>>,
+    probes: RwLock<Vec<(&'static str, Probe)>>,
     in_messages: Family<NsLabels, Counter>,
     in_bytes: Family<NsLabels, Counter>,
     out_messages: Family<NsLabels, Counter>,
     out_bytes: Family<NsLabels, Counter>,
+    write_latency: Family<NsLabels, Histogram, fn() -> Histogram>,
+    publish_latency: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
     /// The counters and whatever collectors the process adds (the
     /// process's own, and in standalone the metadata node's and the
     /// bookie's).
@@ -87,10 +121,15 @@ impl BrokerMetrics {
     pub fn new(cluster: &str) -> Self {
         let m = BrokerMetrics {
             cluster: cluster.to_owned(),
+            auth_failures: Family::default(),
+            sources: RwLock::new(Vec::new()),
+            probes: RwLock::new(Vec::new()),
             in_messages: Family::default(),
             in_bytes: Family::default(),
             out_messages: Family::default(),
             out_bytes: Family::default(),
+            write_latency: Family::new_with_constructor(latency_histogram),
+            publish_latency: Family::new_with_constructor(latency_histogram),
             registry: RwLock::new(Registry::default()),
             admissions: RwLock::new(Vec::new()),
         };
@@ -115,6 +154,30 @@ impl BrokerMetrics {
                 "pulsar_out_bytes",
                 "Payload bytes delivered to consumers",
                 m.out_bytes.clone(),
+            );
+            r.register(
+                "pulsar_storage_write_latency_seconds",
+                "From a write's submission to its durability on a quorum of bookies",
+                m.write_latency.clone(),
+            );
+            r.register(
+                "magnetar_publish_latency_seconds",
+                "From a publish's arrival to its acknowledgement (Kafka: a produce request to its response)",
+                m.publish_latency.clone(),
+            );
+            // Every protocol's series from the start, at 0: a counter that
+            // appears only at its first refusal hides that first one from
+            // `rate()`.
+            for protocol in ["kafka", "amqp", "mqtt", "websocket", "http"] {
+                let _ = m.auth_failures.get_or_create(&ProtocolLabels {
+                    cluster: cluster.to_owned(),
+                    protocol: protocol.to_owned(),
+                });
+            }
+            r.register(
+                "magnetar_auth_failures",
+                "Logins refused (a bad or expired token, password or certificate), by protocol",
+                m.auth_failures.clone(),
             );
             r.register_collector(Box::new(magnetar_metrics::ProcessCollector));
         }
@@ -141,6 +204,19 @@ impl BrokerMetrics {
         }
     }
 
+    /// The histogram a protocol times its publishes in.
+    pub fn publish_latency(&self, protocol: &str) -> Histogram {
+        self.publish_latency.get_or_create_owned(&ProtocolLabels {
+            cluster: self.cluster.clone(),
+            protocol: protocol.to_owned(),
+        })
+    }
+
+    /// The histogram a topic of `ns` times its writes in.
+    pub fn write_latency(&self, ns: &NamespaceName) -> Histogram {
+        self.write_latency.get_or_create_owned(&self.labels(ns))
+    }
+
     /// The counters deliveries from a topic of `ns` add to.
     pub fn outbound(&self, ns: &NamespaceName) -> Traffic {
         let l = self.labels(ns);
@@ -148,6 +224,56 @@ impl BrokerMetrics {
             messages: self.out_messages.get_or_create_owned(&l),
             bytes: self.out_bytes.get_or_create_owned(&l),
         }
+    }
+
+    /// Counts a refused login on `protocol` (lower case: `kafka`, `amqp`,
+    /// `mqtt`, `http`, `websocket`).
+    pub fn auth_failure(&self, protocol: &str) {
+        self.auth_failures
+            .get_or_create(&ProtocolLabels {
+                cluster: self.cluster.clone(),
+                protocol: protocol.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Adds families read at each scrape.
+    pub fn add_source(&self, s: Arc<dyn ScrapeSource>) {
+        self.sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
+    }
+
+    pub(crate) fn sources(&self) -> Vec<Arc<dyn ScrapeSource>> {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds a part of the process to `/health` and `/ready` (standalone
+    /// adds its metadata node and bookie).
+    pub fn add_probe(&self, name: &'static str, p: Probe) {
+        self.probes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, p));
+    }
+
+    /// The parts that are not live, and those that are not ready.
+    pub fn probe(&self) -> (Vec<&'static str>, Vec<&'static str>) {
+        let (mut dead, mut unready) = (Vec::new(), Vec::new());
+        for (name, p) in self.probes.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (live, ready) = p();
+            if !live {
+                dead.push(*name);
+            }
+            if !ready {
+                unready.push(*name);
+            }
+        }
+        (dead, unready)
     }
 
     /// Adds a collector to every scrape of this broker.
@@ -189,11 +315,14 @@ impl BrokerMetrics {
     pub(crate) fn render(
         &self,
         live: &BTreeMap<NamespaceName, NamespaceGauges>,
+        sourced: &[Registry],
         openmetrics: bool,
     ) -> Result<Exposition, MetricsError> {
         let scrape = self.scrape_registry(live);
         let registry = self.registry.read().unwrap_or_else(|p| p.into_inner());
-        magnetar_metrics::render(&[&registry, &scrape], openmetrics)
+        let mut all = vec![&*registry, &scrape];
+        all.extend(sourced);
+        magnetar_metrics::render(&all, openmetrics)
     }
 
     fn scrape_registry(&self, live: &BTreeMap<NamespaceName, NamespaceGauges>) -> Registry {
@@ -318,6 +447,10 @@ impl BrokerMetrics {
     }
 }
 
+fn latency_histogram() -> Histogram {
+    Histogram::new(magnetar_metrics::LATENCY_BUCKETS)
+}
+
 /// One namespace's gauges, summed over its loaded topics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceGauges {
@@ -373,7 +506,7 @@ mod tests {
         m.inbound(&ns("t/a")).add(2, 100);
         m.inbound(&ns("t/a")).add(1, 10);
         m.inbound(&ns("t/b")).add(5, 5);
-        let e = m.render(&BTreeMap::new(), true).expect("renders");
+        let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
         assert!(
             e.body
                 .contains(r#"pulsar_in_messages_total{cluster="c1",namespace="t/a"} 3"#),
@@ -402,7 +535,7 @@ mod tests {
         };
         live.insert(ns("t/a"), g);
         live.insert(ns("t/b"), g);
-        let e = m.render(&live, false).expect("renders");
+        let e = m.render(&live, &[], false).expect("renders");
         assert!(
             e.body
                 .contains(r#"pulsar_msg_backlog{cluster="c1",namespace="t/a"} 7"#),
@@ -433,7 +566,7 @@ mod tests {
         let t1 = a.admit(peer);
         let t2 = a.admit(peer);
         drop(t1);
-        let e = m.render(&BTreeMap::new(), true).expect("renders");
+        let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
         assert!(
             e.body
                 .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"} 1"#),
@@ -448,7 +581,12 @@ mod tests {
         );
         // A listener that stopped, its connections gone, counts no more.
         drop((a, t2));
-        let e = m.render(&BTreeMap::new(), true).expect("renders");
-        assert!(!e.body.contains("protocol=\"mqtt\""), "{}", e.body);
+        let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
+        assert!(
+            !e.body
+                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"}"#),
+            "{}",
+            e.body
+        );
     }
 }

@@ -121,6 +121,16 @@ impl StateStore {
         })
     }
 
+    /// Every key under `prefix` without its value, the area's prefix
+    /// stripped: counting costs no values.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let keys = self.meta.list_keys(&self.key(prefix)).await?;
+        Ok(keys
+            .into_iter()
+            .map(|k| k[self.prefix.len()..].to_string())
+            .collect())
+    }
+
     /// Every key under `prefix`, with the area's prefix stripped.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
         let kvs = self.meta.list(&self.key(prefix)).await?;

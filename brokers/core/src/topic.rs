@@ -17,7 +17,7 @@ use crate::error::{BrokerError, Result};
 use crate::format::{encode_batch, encode_messages, validate_batch, Message, ProducerSequence};
 use crate::log::PartitionLog;
 use crate::managed_ledger::LedgerInfo;
-use crate::metrics::{NamespaceGauges, Traffic};
+use crate::metrics::{Histogram, NamespaceGauges, Traffic};
 use crate::subscription::{
     cursor_key, cursor_record, load_cursor, Consumer, ConsumerOptions, CursorStore, DeadLetterSink,
     InitialPosition, ResetTo, Subscription, SubscriptionOptions, SubscriptionSetup,
@@ -116,22 +116,25 @@ struct InCounters {
 /// The namespace's counters a topic adds to: what it stores, and what
 /// its subscriptions deliver. They outlive the topic, so a namespace's
 /// totals hold when it unloads.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TopicTraffic {
     pub inbound: Traffic,
     pub outbound: Traffic,
+    /// From a write's submission to its durability on a quorum.
+    pub write_latency: Histogram,
 }
 
 /// The counters a publish bumps once it is durable: the topic's own
 /// (its stats, which start again when it loads again) and its
 /// namespace's.
-struct Counters(Arc<InCounters>, Traffic);
+struct Counters(Arc<InCounters>, Traffic, Histogram, std::time::Instant);
 
 impl Counters {
     fn add(&self, messages: u64, bytes: u64) {
         self.0.msg_in.fetch_add(messages, Ordering::Relaxed);
         self.0.bytes_in.fetch_add(bytes, Ordering::Relaxed);
         self.1.add(messages, bytes);
+        self.2.observe(self.3.elapsed().as_secs_f64());
     }
 }
 
@@ -282,8 +285,8 @@ impl Topic {
             return self.submit_idempotent(batch, p, count).await;
         }
         self.check_quota().await?;
-        let pending = self.log.submit(batch.clone()).await?;
         let stats = self.counters();
+        let pending = self.log.submit(batch.clone()).await?;
         let len = batch.len() as u64;
         Ok(async move {
             let offset = pending.await?;
@@ -294,7 +297,12 @@ impl Topic {
     }
 
     fn counters(&self) -> Counters {
-        Counters(self.stats.clone(), self.traffic.inbound.clone())
+        Counters(
+            self.stats.clone(),
+            self.traffic.inbound.clone(),
+            self.traffic.write_latency.clone(),
+            std::time::Instant::now(),
+        )
     }
 
     /// Checks a producer's sequence as Kafka does, per partition: a
@@ -377,8 +385,9 @@ impl Topic {
     async fn append(&self, batch: Bytes, messages: u64) -> Result<u64> {
         self.check_quota().await?;
         let len = batch.len() as u64;
+        let stats = self.counters();
         let base = self.log.append(batch).await?;
-        self.counters().add(messages, len);
+        stats.add(messages, len);
         Ok(base)
     }
 

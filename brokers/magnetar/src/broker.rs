@@ -898,6 +898,21 @@ impl Embedded {
             node.metrics().register(r);
             bookie.metrics().register(r);
         });
+        let (meta, bk) = (node.metrics(), bookie.metrics());
+        broker.metrics().add_probe(
+            "metadata",
+            std::sync::Arc::new(move || {
+                let h = meta.health();
+                (h.live, h.ready)
+            }),
+        );
+        broker.metrics().add_probe(
+            "bookie",
+            std::sync::Arc::new(move || {
+                let h = bk.health();
+                (h.live, h.ready)
+            }),
+        );
         Ok(Embedded {
             node,
             bookie,

@@ -120,6 +120,8 @@ pub(crate) struct Ctx {
     pub(crate) codecs: Mutex<HashMap<Name, (crate::admin::ProduceConfigs, Instant)>>,
     pub groups: Arc<GroupCoordinator>,
     pub txns: TxnCoordinator,
+    /// A produce request from its arrival to its response.
+    produce_latency: magnetar_broker::metrics::Histogram,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -160,6 +162,7 @@ impl Ctx {
         Ctx {
             groups: Arc::new(GroupCoordinator::new(broker.clone(), cfg.clone())),
             txns: TxnCoordinator::new(broker.clone()),
+            produce_latency: broker.metrics().publish_latency("kafka"),
             broker,
             cfg,
             layouts: Mutex::new(HashMap::new()),
@@ -289,10 +292,13 @@ impl Ctx {
         }
         match req.body {
             RequestKind::Produce(r) => {
+                let started = std::time::Instant::now();
                 let fut = self.produce(s, r).await;
+                let latency = self.produce_latency.clone();
                 Some(
                     async move {
                         let body = fut.await?;
+                        latency.observe(started.elapsed().as_secs_f64());
                         respond(api, v, cid, ResponseKind::Produce(body))
                     }
                     .boxed(),
@@ -596,6 +602,9 @@ impl Ctx {
         loop {
             let mut total = 0usize;
             let mut out: Vec<PartitionData> = Vec::with_capacity(parts.len());
+            // Records and bytes this round would send, per partition: the
+            // namespace's delivery counters take them once the answer goes.
+            let mut sent: Vec<(&Arc<Topic>, u64, u64)> = Vec::new();
             for p in &parts {
                 let mut d = PartitionData::default()
                     .with_partition_index(p.index)
@@ -631,6 +640,7 @@ impl Ctx {
                         Ok(entries) => {
                             let mut chunks: Vec<Bytes> = Vec::with_capacity(entries.len());
                             let mut len = 0;
+                            let mut records = 0u64;
                             for e in entries {
                                 if e.base_offset as i64 >= stable
                                     || (len > 0 && len + e.data.len() > room)
@@ -638,9 +648,14 @@ impl Ctx {
                                     break;
                                 }
                                 len += e.data.len();
+                                records += magnetar_broker::format::BatchHeader::parse(&e.data)
+                                    .ok()
+                                    .filter(|h| !h.is_control())
+                                    .map_or(0, |h| u64::try_from(h.record_count).unwrap_or(0));
                                 chunks.push(e.data);
                             }
                             total += len;
+                            sent.push((t, records, len as u64));
                             // One entry goes out as stored; several are
                             // joined into one record set.
                             let records = if chunks.len() == 1 {
@@ -687,6 +702,14 @@ impl Ctx {
                     .collect();
                 for (p, d) in parts.iter().zip(out) {
                     responses[p.topic_idx].partitions.push(d);
+                }
+                for (t, records, bytes) in sent {
+                    if records > 0 {
+                        self.broker
+                            .metrics()
+                            .outbound(t.name().namespace())
+                            .add(records, bytes);
+                    }
                 }
                 return FetchResponse::default().with_responses(responses);
             }

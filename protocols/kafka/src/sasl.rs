@@ -62,6 +62,7 @@ pub(crate) async fn authenticate(
     let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
         Ok(x) => x,
         Err(e) => {
+            ctx.broker.metrics().auth_failure("kafka");
             s.closing = true;
             return fail(&e.to_string());
         }
@@ -109,6 +110,7 @@ pub(crate) async fn certificate_login(ctx: &Ctx, s: &mut Session, role: &str) {
         ..Credentials::default()
     };
     let Ok((principal, _)) = ctx.broker.authenticate_until(&creds) else {
+        ctx.broker.metrics().auth_failure("kafka");
         return;
     };
     let ns = s.ns.clone();

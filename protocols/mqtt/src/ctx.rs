@@ -3,7 +3,7 @@
 //! takeover), the QoS 2 packet ids received, the publish routes, and the
 //! subscribe gate.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +124,75 @@ pub(crate) struct StoredSession {
     /// the client id over and resume it. None: made with auth off.
     #[serde(default)]
     pub(crate) role: Option<String>,
+}
+
+/// The MQTT gauges, per namespace: sessions connected to this broker, and
+/// persistent sessions and retained messages stored (cluster-wide, so
+/// each broker reports the same count: take `max`, not `sum`).
+pub(crate) struct MqttGauges(pub(crate) std::sync::Weak<Ctx>);
+
+/// The namespace a store key starts with (`tenant/namespace/…`, both
+/// segments encoded).
+fn key_namespace(key: &str) -> Option<String> {
+    let mut it = key.splitn(3, '/');
+    let (t, n) = (it.next()?, it.next()?);
+    let t = magnetar_tenancy::names::decode_segment(t).ok()?;
+    let n = magnetar_tenancy::names::decode_segment(n).ok()?;
+    Some(format!("{t}/{n}"))
+}
+
+fn per_namespace<'a>(keys: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        if let Some(ns) = key_namespace(k) {
+            *out.entry(ns).or_default() += 1;
+        }
+    }
+    out
+}
+
+impl magnetar_broker::metrics::ScrapeSource for MqttGauges {
+    fn scrape<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> futures::future::BoxFuture<'a, magnetar_broker::metrics::Registry> {
+        Box::pin(async move {
+            let mut r = magnetar_broker::metrics::Registry::default();
+            let Some(ctx) = self.0.upgrade() else {
+                return r;
+            };
+            let connected = {
+                let reg = ctx.registry();
+                per_namespace(reg.live.keys())
+            };
+            let stored = per_namespace(&ctx.sessions.keys("").await.unwrap_or_default());
+            let retained = per_namespace(&ctx.retained.keys("").await.unwrap_or_default());
+            let rows = |m: BTreeMap<String, i64>| {
+                m.into_iter()
+                    .map(|(ns, n)| (vec![("cluster", cluster.to_owned()), ("namespace", ns)], n))
+                    .collect::<Vec<_>>()
+            };
+            magnetar_broker::metrics::add_gauges(
+                &mut r,
+                "magnetar_mqtt_sessions_connected",
+                "MQTT sessions with a connection to this broker",
+                rows(connected),
+            );
+            magnetar_broker::metrics::add_gauges(
+                &mut r,
+                "magnetar_mqtt_sessions_persisted",
+                "Persistent MQTT sessions stored (session expiry above 0), connected or not",
+                rows(stored),
+            );
+            magnetar_broker::metrics::add_gauges(
+                &mut r,
+                "magnetar_mqtt_retained_messages",
+                "Retained MQTT messages stored",
+                rows(retained),
+            );
+            r
+        })
+    }
 }
 
 impl Ctx {

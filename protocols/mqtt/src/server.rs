@@ -26,6 +26,9 @@ impl MqttServer {
     pub fn start(listener: TcpListener, broker: Broker, cfg: MqttConfig) -> std::io::Result<Self> {
         let admission = broker.admission("MQTT");
         let ctx = Arc::new(Ctx::new(broker, cfg));
+        ctx.broker
+            .metrics()
+            .add_source(Arc::new(crate::ctx::MqttGauges(Arc::downgrade(&ctx))));
         let ctx_accept = Arc::clone(&ctx);
         let owners = if ctx.cfg.takeover_across_brokers {
             tokio::spawn(Ctx::watch_owners(Arc::downgrade(&ctx)))

@@ -269,6 +269,7 @@ impl Conn {
         let (principal, expires) = match ctx.broker.authenticate_until(&creds) {
             Ok(p) => p,
             Err(e) => {
+                ctx.broker.metrics().auth_failure("mqtt");
                 debug!("CONNECT refused: {e}");
                 let reason = connect::auth_refusal(creds.user.is_some(), creds.secret.is_some());
                 return Err((framing, reason));
@@ -675,6 +676,7 @@ impl Conn {
             Ok((Principal::Role(r), expires)) => (Some(r), expires),
             Ok((Principal::Anonymous, expires)) => (None, expires),
             Err(e) => {
+                self.ctx.broker.metrics().auth_failure("mqtt");
                 debug!(client = %self.client_id, "re-authentication refused: {e}");
                 return Err(MqttError::TokenExpired);
             }

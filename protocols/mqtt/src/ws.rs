@@ -117,10 +117,11 @@ async fn admit(ctx: &Ctx, presented: &Presented) -> std::result::Result<(), (Sta
     let principal = match broker.authenticate(&creds) {
         Ok(p) => p,
         Err(e) => {
+            broker.metrics().auth_failure("mqtt");
             return status(
                 StatusCode::UNAUTHORIZED,
                 format!("failed to authenticate: {e}"),
-            )
+            );
         }
     };
     let ns = presented

@@ -160,7 +160,10 @@ async fn authorize(
             secret: t.map(str::as_bytes),
             certificate,
         })
-        .map_err(|e| Refusal::new(401, format!("Failed to authenticate: {e}")))?
+        .map_err(|e| {
+            b.metrics().auth_failure("websocket");
+            Refusal::new(401, format!("Failed to authenticate: {e}"))
+        })?
     } else {
         (Principal::Anonymous, None)
     };

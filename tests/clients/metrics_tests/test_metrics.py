@@ -39,6 +39,8 @@ def get(url, accept=OM, token=None):
             return r.status, r.headers.get("Content-Type", ""), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, "", str(e)
 
 
 def families(url):
@@ -241,6 +243,15 @@ def wait_for(url, status, timeout=30):
     raise AssertionError(f"{url} never answered {status}; last {get(url)[:3:2]}")
 
 
+def start_broker(d, meta):
+    http = f"127.0.0.1:{free_port()}"
+    p = spawn(["broker", "--meta", meta, "--cluster", "local", "--http-listen", http,
+               "--kafka-listen", "127.0.0.1:0", "--amqp-listen", "127.0.0.1:0",
+               "--mqtt-listen", "127.0.0.1:0", "--ensemble", "1", "--write-quorum", "1",
+               "--ack-quorum", "1"], os.path.join(d, "broker.log"), "ready")
+    return p, f"http://{http}"
+
+
 def test_meta_and_bookie_serve_metrics_and_flip_ready():
     with tempfile.TemporaryDirectory() as d:
         meta, meta_http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -268,6 +279,10 @@ def test_meta_and_bookie_serve_metrics_and_flip_ready():
             fams = families(f"http://{bookie_http}/metrics")
             assert value(fams, "bookie_SERVER_STATUS") == 1
             assert value(fams, "bookie_registered") == 1
+            broker, broker_http = start_broker(d, meta)
+            procs.append(broker)
+            wait_for(f"{broker_http}/ready", 200)
+            assert "pulsar_broker_topics_count" in families(f"{broker_http}/metrics")
             bookie.terminate()
             bookie.wait(30)
             procs.remove(bookie)
@@ -280,8 +295,18 @@ def test_meta_and_bookie_serve_metrics_and_flip_ready():
             wait_for(f"http://{bookie_http}/ready", 503)
             assert get(f"http://{bookie_http}/health")[0] == 200
             assert value(families(f"http://{bookie_http}/metrics"), "bookie_SERVER_STATUS") == 0
-            # The metadata node alone in a group of one cannot lose its
-            # leader; a member of a group of two whose peer is gone can.
+            # The broker has no writable bookie left for a ledger.
+            wait_for(f"{broker_http}/ready", 503)
+            assert "writable bookies" in get(f"{broker_http}/ready")[2]
+            assert get(f"{broker_http}/health")[0] == 200
+            # Its metadata store gone (the group's only member), the
+            # broker says so.
+            procs[0].kill()
+            deadline = time.time() + 30
+            while "metadata store" not in get(f"{broker_http}/ready")[2] and time.time() < deadline:
+                time.sleep(0.2)
+            assert "metadata store" in get(f"{broker_http}/ready")[2]
+            assert get(f"{broker_http}/health")[0] == 200
         finally:
             for p in procs:
                 p.kill()

@@ -80,6 +80,47 @@ pub(super) async fn ready(State(b): State<Broker>) -> ApiResult<Response> {
     Ok("ok".into_response())
 }
 
+/// The process's liveness: every part added with
+/// [`crate::metrics::BrokerMetrics::add_probe`] (standalone's metadata
+/// node and bookie) is live. 503 names those that are not.
+pub(super) async fn process_health(State(b): State<Broker>) -> Response {
+    let (dead, _) = b.metrics().probe();
+    probe_verdict(&dead)
+}
+
+/// The process's readiness: the metadata store answers this broker,
+/// enough bookies are writable for a ledger's ensemble, and every added
+/// part is ready (a leader known; the bookie registered and writable).
+pub(super) async fn process_ready(State(b): State<Broker>) -> Response {
+    // A probe answers within its own timeout, even while the metadata
+    // client retries.
+    const WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+    let (_, mut unready) = b.metrics().probe();
+    let tenancy = b.tenancy();
+    let metadata = tokio::time::timeout(WITHIN, tenancy.list_clusters()).await;
+    if !matches!(metadata, Ok(Ok(_))) {
+        unready.push("metadata store");
+    } else if !matches!(
+        tokio::time::timeout(WITHIN, b.bookies_writable()).await,
+        Ok(true)
+    ) {
+        unready.push("writable bookies");
+    }
+    probe_verdict(&unready)
+}
+
+fn probe_verdict(failing: &[&str]) -> Response {
+    if failing.is_empty() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: {}", failing.join(", ")),
+        )
+            .into_response()
+    }
+}
+
 /// Prometheus's scrape: OpenMetrics when the `Accept` header asks for
 /// it (Prometheus does), else the 0.0.4 text format.
 pub(super) async fn metrics(

@@ -280,6 +280,8 @@ pub fn router(broker: Broker) -> Router {
         .route("/admin/v2/brokers/health", get(health))
         .route("/admin/v2/brokers/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/health", get(process_health))
+        .route("/ready", get(process_ready))
         .route("/admin/v2/brokers/{cluster}", get(list_brokers))
         .route(
             "/lookup/v2/topic/{domain}/{tenant}/{ns}/{topic}",
@@ -422,7 +424,7 @@ fn access(method: &Method, path: &str) -> Access {
         other => other,
     };
     match seg.as_slice() {
-        ["admin", "v2", "brokers", "health" | "ready"] => Access::Open,
+        ["admin", "v2", "brokers", "health" | "ready"] | ["health" | "ready"] => Access::Open,
         ["admin", "v2", "tenants", _] if method == Method::GET => Access::TenantAdmin(tenant(3)),
         ["admin", "v2", "namespaces", _, ..] => Access::TenantAdmin(tenant(3)),
         ["admin", "v2", "persistent" | "non-persistent", _, ..] => Access::TenantAdmin(tenant(3)),
@@ -499,7 +501,10 @@ async fn auth_guard(
     };
     let principal = match b.authenticate(&creds) {
         Ok(p) => p,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => {
+            b.metrics().auth_failure("http");
+            return ApiError::from(e).into_response();
+        }
     };
     match authorized(&b, &principal, need).await {
         Ok(()) => next.run(req).await,

@@ -87,6 +87,25 @@ impl Broker {
         &self.inner.metrics
     }
 
+    /// Whether enough bookies are writable for a new ledger's ensemble:
+    /// without them, persistent writes fail once the open ledgers roll.
+    pub async fn bookies_writable(&self) -> bool {
+        match self.inner.ledgers.pool().writable(&[]).await {
+            Ok(w) => w.len() >= self.inner.cfg.managed_ledger.ensemble,
+            Err(_) => false,
+        }
+    }
+
+    /// The topic if this broker has it loaded now; never loads it.
+    pub async fn loaded_topic(&self, name: &TopicName) -> Option<Arc<Topic>> {
+        self.inner
+            .topics
+            .lock()
+            .await
+            .get(name)
+            .and_then(|c| c.get().cloned())
+    }
+
     /// A scrape of this broker's metrics: the counters, and the gauges of
     /// the topics loaded now, summed per namespace.
     pub async fn scrape_metrics(
@@ -107,7 +126,11 @@ impl Broker {
             let e = live.entry(t.name().namespace().clone()).or_default();
             *e = e.plus(&g);
         }
-        self.inner.metrics.render(&live, openmetrics)
+        let mut sourced = Vec::new();
+        for s in self.inner.metrics.sources() {
+            sourced.push(s.scrape(self.inner.metrics.cluster()).await);
+        }
+        self.inner.metrics.render(&live, &sourced, openmetrics)
     }
 
     /// Adds a consumer of topic data whose positions live outside the

@@ -84,6 +84,7 @@ impl Broker {
             crate::topic::TopicTraffic {
                 inbound: self.inner.metrics.inbound(name.namespace()),
                 outbound: self.inner.metrics.outbound(name.namespace()),
+                write_latency: self.inner.metrics.write_latency(name.namespace()),
             },
         )
         .await?;

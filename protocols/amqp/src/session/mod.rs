@@ -1074,6 +1074,7 @@ impl Conn {
                             true
                         }
                         Err(e) => {
+                            self.ctx.broker.metrics().auth_failure("amqp");
                             debug!("AMQP login of '{user}' refused: {e}");
                             false
                         }

@@ -184,12 +184,110 @@ impl RetentionHold for OffsetHolds {
     }
 }
 
+/// Consumer-group lag (high watermark minus committed offset) of the
+/// partitions this broker has loaded, read at each scrape: each partition
+/// is loaded on one broker, so a cluster's brokers together report every
+/// group once. On by default, as users of every Kafka-compatible system
+/// ask for it.
+struct GroupLag {
+    store: StateStore,
+    broker: Broker,
+}
+
+impl magnetar_broker::metrics::ScrapeSource for GroupLag {
+    fn scrape<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> futures::future::BoxFuture<'a, magnetar_broker::metrics::Registry> {
+        Box::pin(async move {
+            let mut lag = Vec::new();
+            let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+            for (key, v) in self.store.list("").await.unwrap_or_default() {
+                let Some((ns, group)) = key
+                    .strip_suffix("/offsets")
+                    .and_then(|k| k.rsplit_once('/'))
+                else {
+                    continue;
+                };
+                let (Ok(ns), Ok(group)) = (
+                    ns.parse::<NamespaceName>(),
+                    magnetar_tenancy::names::decode_segment(group),
+                ) else {
+                    continue;
+                };
+                let Ok(rec) = serde_json::from_slice::<OffsetsRecord>(&v.value) else {
+                    continue;
+                };
+                for (topic, partitions) in &rec.topics {
+                    let Ok(base) = resolve_in(&ns, topic) else {
+                        continue;
+                    };
+                    for (&index, c) in partitions {
+                        let Ok(i) = u32::try_from(index) else {
+                            continue;
+                        };
+                        // Partition 0 of a Kafka topic is the topic itself
+                        // when it is not partitioned.
+                        let mut t = self.broker.loaded_topic(&base.partition(i)).await;
+                        if t.is_none() && i == 0 {
+                            t = self.broker.loaded_topic(&base).await;
+                        }
+                        let Some(t) = t else {
+                            continue;
+                        };
+                        let end = i64::try_from(t.log().end_offset()).unwrap_or(i64::MAX);
+                        let n = end.saturating_sub(c.offset).max(0);
+                        *sums.entry((ns.to_string(), group.clone())).or_default() += n;
+                        lag.push((
+                            vec![
+                                ("cluster", cluster.to_owned()),
+                                ("namespace", ns.to_string()),
+                                ("group", group.clone()),
+                                ("topic", topic.clone()),
+                                ("partition", index.to_string()),
+                            ],
+                            n,
+                        ));
+                    }
+                }
+            }
+            let mut r = magnetar_broker::metrics::Registry::default();
+            magnetar_broker::metrics::add_gauges(
+                &mut r,
+                "magnetar_kafka_consumer_group_lag",
+                "Records between a group's committed offset and the partition's high watermark",
+                lag,
+            );
+            magnetar_broker::metrics::add_gauges(
+                &mut r,
+                "magnetar_kafka_consumer_group_lag_sum",
+                "A group's lag over the partitions this broker has loaded",
+                sums.into_iter().map(|((ns, group), n)| {
+                    (
+                        vec![
+                            ("cluster", cluster.to_owned()),
+                            ("namespace", ns),
+                            ("group", group),
+                        ],
+                        n,
+                    )
+                }),
+            );
+            r
+        })
+    }
+}
+
 impl GroupCoordinator {
     pub fn new(broker: Broker, cfg: KafkaConfig) -> Self {
         let store = broker.state("kafka-groups");
         broker.add_retention_hold(Arc::new(OffsetHolds {
             store: store.clone(),
             retention: cfg.offsets_retention,
+        }));
+        broker.metrics().add_source(Arc::new(GroupLag {
+            store: store.clone(),
+            broker: broker.clone(),
         }));
         GroupCoordinator {
             quota: magnetar_broker::KeyQuota::new(
