@@ -17,7 +17,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pika
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families as text_parse
 
@@ -180,6 +180,54 @@ def test_kafka_produce_counts_in_the_default_namespace(s):
     fams = scrape(s)
     assert value(fams, "pulsar_in_messages", namespace="public/default") - in0 == 25
     assert value(fams, "pulsar_in_bytes", namespace="public/default") > 0
+
+
+def test_kafka_group_lag_is_what_the_group_left_unread(s):
+    before = scrape(s)
+    out0 = value(before, "pulsar_out_messages", namespace="public/default") or 0
+    topic = f"lag-{uuid.uuid4().hex[:8]}"
+    group = f"g-{topic}"
+    p = Producer({"bootstrap.servers": s.kafka, "acks": "all"})
+    for i in range(25):
+        p.produce(topic, b"v%d" % i, partition=0)
+    assert p.flush(30) == 0
+    c = Consumer({"bootstrap.servers": s.kafka, "group.id": group,
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, 0, 0)])
+    got = []
+    deadline = time.time() + 30
+    while len(got) < 10 and time.time() < deadline:
+        m = c.poll(1)
+        if m is not None and not m.error():
+            got.append(m.offset())
+    assert len(got) == 10
+    c.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+    c.close()
+    fams = scrape(s)
+    assert value(fams, "magnetar_kafka_consumer_group_lag", group=group, topic=topic,
+                 partition="0") == 15
+    assert value(fams, "magnetar_kafka_consumer_group_lag_sum", group=group) == 15
+    # Fetch responses carry at least what the consumer read.
+    assert value(fams, "pulsar_out_messages", namespace="public/default") - out0 >= 10
+
+
+def test_refused_logins_count_by_protocol(secured):
+    before = value(families_auth(secured), "magnetar_auth_failures", protocol="amqp")
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", secured.amqp_port,
+            credentials=pika.PlainCredentials("nobody", "not-a-token")))
+    after = value(families_auth(secured), "magnetar_auth_failures", protocol="amqp")
+    assert after == before + 1
+    # Without a superuser's token the scrape is refused.
+    assert get(f"{secured.http}/metrics")[0] == 401
+    assert get(f"{secured.http}/metrics", token=secured.token("sensor"))[0] == 403
+
+
+def families_auth(secured):
+    status, ctype, text = get(f"{secured.http}/metrics", token=secured.token("admin"))
+    assert status == 200, text
+    return {f.name: f for f in om_parse(text)}
 
 
 def test_connection_gauges_follow_connects_and_disconnects(s):
