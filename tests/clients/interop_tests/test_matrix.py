@@ -1,8 +1,8 @@
 """The interop matrix: messages published through each of Kafka
 (confluent-kafka), AMQP (pika), MQTT (paho-mqtt 5) and the WebSocket API
 (websockets), consumed through each of the four: 16 pairs, each checked
-for payload bytes, key, headers and order as the README's "Across
-protocols" table says.
+for payload bytes, key, headers (W3C `traceparent` among them) and order
+as the README's "Across protocols" table says.
 
 The meeting point is an AMQP queue `Q` bound to `amq.topic` with
 `interop.<tag>.#`, which is also where MQTT subscriptions live:
@@ -42,7 +42,10 @@ def payload(src, i):
 
 
 def headers(src, i):
-    return {"h-src": src, "h-seq": str(i), "h-note": "ü ✓"}
+    # `traceparent` (W3C Trace Context) among them: a trace started by any
+    # writer continues at every reader, under its own unprefixed name.
+    return {"h-src": src, "h-seq": str(i), "h-note": "ü ✓",
+            "traceparent": f"00-4bf92f3577b34da6a3ce929d0e0e47{i:02x}-00f067aa0ba902b7-01"}
 
 
 class Matrix:
