@@ -51,10 +51,11 @@ def session(i):
     props.SessionExpiryInterval = 3600
     c.connect("127.0.0.1", mqtt_port, clean_start=True, properties=props)
     c.loop_start()
-    c.subscribe(f"devices/{i}/cmd", qos=0)[1]
+    c.subscribe(f"devices/{i}/cmd", qos=0)
     time.sleep(0.05)
-    c.loop_stop()
+    # paho's network thread ends only once disconnected.
     c.disconnect()
+    c.loop_stop()
 
 t0 = time.time()
 with ThreadPoolExecutor(16) as pool:
@@ -71,8 +72,14 @@ for fmt, accept in (("openmetrics", "application/openmetrics-text; version=1.0.0
                     ("text", "text/plain")):
     runs = [scrape(accept) for _ in range(scrapes)]
     body = runs[-1][1]
-    series = sum(1 for l in body.splitlines() if l and not l.startswith(b"#"))
+    lines = body.decode().splitlines()
+    series = sum(1 for l in lines if l and not l.startswith("#"))
+    def total(name):
+        return sum(float(l.rsplit(" ", 1)[1]) for l in lines
+                   if l.startswith(name + "{") or l.startswith(name + " "))
     ms = statistics.median(r[0] for r in runs) * 1000
     print(f"scrape format={fmt} topics={topics} sessions={sessions} "
-          f"ms_p50={ms:.1f} bytes={len(body)} series={series}", flush=True)
+          f"ms_p50={ms:.1f} bytes={len(body)} series={series} "
+          f"topics_loaded={total('pulsar_broker_topics_count'):.0f} "
+          f"sessions_stored={total('magnetar_mqtt_sessions_persisted'):.0f}", flush=True)
 PY

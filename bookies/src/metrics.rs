@@ -94,7 +94,17 @@ impl Collector for BookieMetrics {
             ),
         ];
         encode_gauges(&mut encoder, gauges)?;
-        let counters: [(&str, &str, u64); 3] = [
+        let counters: [(&str, &str, u64); 5] = [
+            (
+                "bookie_WRITE_BYTES",
+                "Bytes written to the journal",
+                s.write_bytes,
+            ),
+            (
+                "bookie_READ_BYTES",
+                "Entry bytes read by clients",
+                s.read_bytes,
+            ),
             (
                 "bookie_journal_syncs",
                 "Journal fsyncs (each covers a batch of adds)",

@@ -317,7 +317,7 @@ impl JournalWriter {
         mut self,
         rx: Receiver<JournalReq>,
         mut durable: impl FnMut(Vec<JournalReq>, JournalPos),
-        mut on_sync: impl FnMut(usize, std::time::Duration),
+        mut on_sync: impl FnMut(usize, usize, std::time::Duration),
         mut on_fail: impl FnMut(),
     ) {
         let mut failed: Option<String> = None;
@@ -363,6 +363,7 @@ impl JournalWriter {
                 Ok(()) => {
                     on_sync(
                         batch.iter().map(|r| r.records.len()).sum(),
+                        buf.len(),
                         started.elapsed(),
                     );
                     durable(batch, self.position());

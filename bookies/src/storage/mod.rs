@@ -169,6 +169,8 @@ pub struct StorageStats {
     pub journal_syncs: u64,
     pub journal_entries: u64,
     pub compacted_logs: u64,
+    pub write_bytes: u64,
+    pub read_bytes: u64,
     pub read_only: bool,
 }
 
@@ -192,6 +194,9 @@ struct Inner {
     journal_syncs: AtomicU64,
     journal_entries: AtomicU64,
     compacted_logs: AtomicU64,
+    /// Bytes written to the journal, and entry bytes read back.
+    write_bytes: AtomicU64,
+    read_bytes: AtomicU64,
     /// One journal write and its fdatasync.
     journal_sync_latency: Histogram,
     /// Records one fdatasync covered.
@@ -302,6 +307,8 @@ impl Storage {
             journal_syncs: AtomicU64::new(0),
             journal_entries: AtomicU64::new(0),
             compacted_logs: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
             journal_sync_latency: Histogram::new(magnetar_metrics::LATENCY_BUCKETS),
             journal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         });
@@ -317,8 +324,9 @@ impl Storage {
                     writer.run(
                         rx,
                         |batch, pos| j_inner.apply_durable(batch, pos),
-                        |n, took| {
+                        |n, bytes, took| {
                             syncs.journal_syncs.fetch_add(1, Ordering::Relaxed);
+                            syncs.write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                             syncs.journal_entries.fetch_add(n as u64, Ordering::Relaxed);
                             syncs.journal_sync_latency.observe(took.as_secs_f64());
                             syncs.journal_batch_records.observe(n as f64);
@@ -479,7 +487,11 @@ impl Storage {
     }
 
     pub fn read(&self, ledger: u64, entry: u64) -> Result<StoredEntry> {
-        self.inner.read(ledger, entry)
+        let e = self.inner.read(ledger, entry)?;
+        self.inner
+            .read_bytes
+            .fetch_add(e.payload.len() as u64, Ordering::Relaxed);
+        Ok(e)
     }
 
     /// Drops a ledger: its index entries go now, its bytes when compaction
@@ -518,6 +530,8 @@ impl Storage {
             journal_syncs: self.inner.journal_syncs.load(Ordering::Relaxed),
             journal_entries: self.inner.journal_entries.load(Ordering::Relaxed),
             compacted_logs: self.inner.compacted_logs.load(Ordering::Relaxed),
+            write_bytes: self.inner.write_bytes.load(Ordering::Relaxed),
+            read_bytes: self.inner.read_bytes.load(Ordering::Relaxed),
             read_only: self.is_read_only(),
         }
     }
