@@ -13,7 +13,7 @@
 //! per-topic series would grow with the number of devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::BoxFuture;
 
@@ -106,7 +106,10 @@ pub struct BrokerMetrics {
     registry: RwLock<Registry>,
     /// Every client listener's admission: its open connections are the
     /// connection gauge.
-    admissions: RwLock<Vec<Weak<Admission>>>,
+    admissions: Mutex<Vec<Arc<Admission>>>,
+    /// What listeners that stopped admitted and refused, by protocol, so
+    /// that the connection counters never go backwards.
+    retired: Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 impl std::fmt::Debug for BrokerMetrics {
@@ -131,7 +134,8 @@ impl BrokerMetrics {
             write_latency: Family::new_with_constructor(latency_histogram),
             publish_latency: Family::new_with_constructor(latency_histogram),
             registry: RwLock::new(Registry::default()),
-            admissions: RwLock::new(Vec::new()),
+            admissions: Mutex::new(Vec::new()),
+            retired: Mutex::new(BTreeMap::new()),
         };
         {
             let mut r = m.registry.write().unwrap_or_else(|p| p.into_inner());
@@ -162,7 +166,7 @@ impl BrokerMetrics {
             );
             r.register(
                 "magnetar_publish_latency_seconds",
-                "From a publish's arrival to its acknowledgement (Kafka: a produce request to its response)",
+                "From a publish's arrival to its acknowledgement: a Kafka produce request to its response, an AMQP confirmed publish to its basic.ack, an MQTT QoS 1 or 2 publish to its PUBACK or PUBREC, a WebSocket message to its ack",
                 m.publish_latency.clone(),
             );
             // Every protocol's series from the start, at 0: a counter that
@@ -288,21 +292,33 @@ impl BrokerMetrics {
     }
 
     pub(crate) fn watch_admission(&self, a: &Arc<Admission>) {
-        let mut v = self.admissions.write().unwrap_or_else(|p| p.into_inner());
-        v.retain(|w| w.strong_count() > 0);
-        v.push(Arc::downgrade(a));
+        self.admissions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(a));
     }
 
-    /// Open connections by protocol, over every listener still serving.
+    /// Open connections by protocol, and connections admitted and refused
+    /// since the broker started.
     fn connections(&self) -> BTreeMap<&'static str, (usize, u64, u64)> {
-        let mut out = BTreeMap::<&'static str, (usize, u64, u64)>::new();
-        for a in self
-            .admissions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut live = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        // A listener nobody else holds has stopped, and its connections
+        // are gone: only its totals remain.
+        live.retain(|a| {
+            if Arc::strong_count(a) > 1 {
+                return true;
+            }
+            let e = retired.entry(a.protocol()).or_default();
+            e.0 += a.admitted();
+            e.1 += a.refused_total();
+            false
+        });
+        let mut out: BTreeMap<&'static str, (usize, u64, u64)> = retired
             .iter()
-            .filter_map(Weak::upgrade)
-        {
+            .map(|(p, &(admitted, refused))| (*p, (0, admitted, refused)))
+            .collect();
+        for a in live.iter() {
             let e = out.entry(a.protocol()).or_default();
             e.0 += a.open();
             e.1 += a.admitted();
@@ -579,12 +595,19 @@ mod tests {
             "{}",
             e.body
         );
-        // A listener that stopped, its connections gone, counts no more.
+        // A listener that stopped, its connections gone, has none open,
+        // and its totals stay.
         drop((a, t2));
         let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
         assert!(
-            !e.body
-                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"}"#),
+            e.body
+                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"} 0"#),
+            "{}",
+            e.body
+        );
+        assert!(
+            e.body
+                .contains(r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#),
             "{}",
             e.body
         );

@@ -101,16 +101,19 @@ pub struct Topic {
     subs: Mutex<HashMap<String, Subscription>>,
     dead_letter: Option<DeadLetterSink>,
     stats: Arc<InCounters>,
-    traffic: TopicTraffic,
     /// When the broker last handed the topic out, in ms since the epoch:
     /// how long a non-persistent topic has been idle.
     last_used: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+/// What a publish adds to once it is durable: the topic's own counts
+/// (its stats, which start again when it loads again) and its
+/// namespace's. One allocation, so a write clones one handle.
+#[derive(Debug)]
 struct InCounters {
     msg_in: AtomicU64,
     bytes_in: AtomicU64,
+    traffic: TopicTraffic,
 }
 
 /// The namespace's counters a topic adds to: what it stores, and what
@@ -124,17 +127,18 @@ pub struct TopicTraffic {
     pub write_latency: Histogram,
 }
 
-/// The counters a publish bumps once it is durable: the topic's own
-/// (its stats, which start again when it loads again) and its
-/// namespace's.
-struct Counters(Arc<InCounters>, Traffic, Histogram, std::time::Instant);
+/// A write's counters, and when it was submitted.
+struct Counters(Arc<InCounters>, std::time::Instant);
 
 impl Counters {
     fn add(&self, messages: u64, bytes: u64) {
-        self.0.msg_in.fetch_add(messages, Ordering::Relaxed);
-        self.0.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-        self.1.add(messages, bytes);
-        self.2.observe(self.3.elapsed().as_secs_f64());
+        let c = &self.0;
+        c.msg_in.fetch_add(messages, Ordering::Relaxed);
+        c.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        c.traffic.inbound.add(messages, bytes);
+        c.traffic
+            .write_latency
+            .observe(self.1.elapsed().as_secs_f64());
     }
 }
 
@@ -166,8 +170,11 @@ impl Topic {
             quota: std::sync::RwLock::new(None),
             subs: Mutex::new(HashMap::new()),
             dead_letter,
-            stats: Arc::default(),
-            traffic,
+            stats: Arc::new(InCounters {
+                msg_in: AtomicU64::new(0),
+                bytes_in: AtomicU64::new(0),
+                traffic,
+            }),
             last_used: AtomicU64::new(magnetar_bookies::meta::now_ms()),
         });
         if topic.log.is_persistent() {
@@ -238,7 +245,7 @@ impl Topic {
             store,
             dead_letter: self.dead_letter.clone(),
             partition: self.name.partition_index().unwrap_or(0),
-            delivered: self.traffic.outbound.clone(),
+            delivered: self.stats.traffic.outbound.clone(),
         })
     }
 
@@ -297,12 +304,7 @@ impl Topic {
     }
 
     fn counters(&self) -> Counters {
-        Counters(
-            self.stats.clone(),
-            self.traffic.inbound.clone(),
-            self.traffic.write_latency.clone(),
-            std::time::Instant::now(),
-        )
+        Counters(self.stats.clone(), std::time::Instant::now())
     }
 
     /// Checks a producer's sequence as Kafka does, per partition: a

@@ -57,6 +57,8 @@ pub(crate) struct Ctx {
     pub(crate) registry: std::sync::Mutex<Registry>,
     /// SUBSCRIBEs that publishes read after them wait for.
     pub(crate) gate: Arc<SubscribeGate>,
+    /// A QoS 1 or 2 publish from its arrival to its PUBACK or PUBREC.
+    pub(crate) publish_latency: magnetar_broker::metrics::Histogram,
 }
 
 #[derive(Default)]
@@ -215,6 +217,7 @@ impl Ctx {
                 "persistent sessions",
             ),
             instance: rand::random(),
+            publish_latency: broker.metrics().publish_latency("mqtt"),
             meta_ops: tokio::sync::Semaphore::new(META_OPS),
             broker,
             cfg,

@@ -695,6 +695,7 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<()> {
+        let arrived = std::time::Instant::now();
         // Asked for QoS 2 publishes only: the key is built then.
         let stored_before = |id: NonZeroU16| {
             self.ctx
@@ -747,8 +748,15 @@ impl Conn {
                 .boxed(),
             );
         } else {
-            self.stores
-                .push_back(async move { (ack, stored.await) }.boxed());
+            let latency = self.ctx.publish_latency.clone();
+            self.stores.push_back(
+                async move {
+                    let r = stored.await;
+                    latency.observe(arrived.elapsed().as_secs_f64());
+                    (ack, r)
+                }
+                .boxed(),
+            );
         }
         Ok(())
     }

@@ -296,6 +296,8 @@ struct ProducerState {
     /// One coalescer per partition (one for a plain topic).
     partitions: Vec<(IdBase, Coalescer)>,
     round_robin: usize,
+    /// A message from its frame's arrival to its ack.
+    latency: magnetar_broker::metrics::Histogram,
 }
 
 async fn producer(ctx: &Ctx, p: ProducerRequest) -> Result<ProducerState, BrokerError> {
@@ -315,6 +317,7 @@ async fn producer(ctx: &Ctx, p: ProducerRequest) -> Result<ProducerState, Broker
             .map(|t| (IdBase::of(&t), b.coalescer(&t)))
             .collect(),
         round_robin: 0,
+        latency: b.metrics().publish_latency("websocket"),
     })
 }
 
@@ -425,9 +428,13 @@ fn publish(
             let (ids, coalescer) = &p.partitions[i];
             let ids = *ids;
             let sent = coalescer.publish(record);
+            let (latency, arrived) = (p.latency.clone(), std::time::Instant::now());
             async move {
                 match sent.await {
-                    Ok(offset) => ProducerAck::ok(ids.id(offset).encode(), context),
+                    Ok(offset) => {
+                        latency.observe(arrived.elapsed().as_secs_f64());
+                        ProducerAck::ok(ids.id(offset).encode(), context)
+                    }
                     Err(e) => ProducerAck::error(
                         crate::SEND_FAILED,
                         format!("Failed to send message: {e}"),

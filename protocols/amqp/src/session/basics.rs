@@ -532,10 +532,20 @@ impl Conn {
 
     pub(super) async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
         self.publisher = true;
+        let arrived = std::time::Instant::now();
         let Publishing::Store { publish: p, seq } = self.chan(ch)?.modes.publish(p) else {
             return Ok(());
         };
-        let stored = self.route_and_store(ch, p).await?;
+        let mut stored = self.route_and_store(ch, p).await?;
+        if seq > 0 {
+            let latency = self.ctx.publish_latency.clone();
+            stored = async move {
+                let r = stored.await;
+                latency.observe(arrived.elapsed().as_secs_f64());
+                r
+            }
+            .boxed();
+        }
         let chan = self.chan(ch)?;
         let pipeline = chan.pipeline.clone();
         chan.published += 1;

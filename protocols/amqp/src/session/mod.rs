@@ -81,6 +81,8 @@ pub(crate) struct Ctx {
     pub alarm: tokio::sync::watch::Sender<Option<String>>,
     next_conn: AtomicU64,
     registry: std::sync::Mutex<Registry>,
+    /// A confirmed publish from its arrival to its `basic.ack`.
+    publish_latency: magnetar_broker::metrics::Histogram,
 }
 
 /// Per-queue facts that only matter while the broker runs.
@@ -132,6 +134,7 @@ impl Ctx {
     pub fn new(broker: Broker, cfg: AmqpConfig) -> Self {
         let store = broker.state(qdef::STATE_AREA);
         Ctx {
+            publish_latency: broker.metrics().publish_latency("amqp"),
             broker,
             cfg,
             store,
