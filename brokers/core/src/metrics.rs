@@ -13,7 +13,9 @@
 //! per-topic series would grow with the number of devices.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
@@ -86,6 +88,22 @@ pub fn add_gauges(
     r.register(name, help, f);
 }
 
+/// Every namespace's traffic counters at one moment.
+type Sample = BTreeMap<NsLabels, [u64; 4]>;
+
+/// How far back the rates look.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A connection counted in `pulsar_producers_count` until it is dropped.
+#[derive(Debug)]
+pub struct ProducerGuard(Gauge);
+
+impl Drop for ProducerGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// `(live, ready)` of a part of the process, for `/health` and `/ready`.
 pub type Probe = Arc<dyn Fn() -> (bool, bool) + Send + Sync>;
 
@@ -100,6 +118,12 @@ pub struct BrokerMetrics {
     out_bytes: Family<NsLabels, Counter>,
     write_latency: Family<NsLabels, Histogram, fn() -> Histogram>,
     publish_latency: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
+    producers: Family<NsLabels, Gauge>,
+    /// Every namespace's four traffic counters, for the rates.
+    traffic: Mutex<BTreeMap<NsLabels, [Counter; 4]>>,
+    /// The traffic counters as they stood at recent scrapes, oldest
+    /// first: the rates are taken over the last minute of them.
+    samples: Mutex<std::collections::VecDeque<(Instant, Sample)>>,
     /// The counters and whatever collectors the process adds (the
     /// process's own, and in standalone the metadata node's and the
     /// bookie's).
@@ -133,6 +157,9 @@ impl BrokerMetrics {
             out_bytes: Family::default(),
             write_latency: Family::new_with_constructor(latency_histogram),
             publish_latency: Family::new_with_constructor(latency_histogram),
+            producers: Family::default(),
+            traffic: Mutex::new(BTreeMap::new()),
+            samples: Mutex::new(std::collections::VecDeque::new()),
             registry: RwLock::new(Registry::default()),
             admissions: Mutex::new(Vec::new()),
             retired: Mutex::new(BTreeMap::new()),
@@ -183,6 +210,11 @@ impl BrokerMetrics {
                 "Logins refused (a bad or expired token, password or certificate), by protocol",
                 m.auth_failures.clone(),
             );
+            r.register(
+                "pulsar_producers_count",
+                "Connections publishing into the namespace: WebSocket producers, and Kafka, AMQP and MQTT connections that have published",
+                m.producers.clone(),
+            );
             r.register_collector(Box::new(magnetar_metrics::ProcessCollector));
         }
         m
@@ -201,11 +233,77 @@ impl BrokerMetrics {
 
     /// The counters a topic of `ns` adds what it stores to.
     pub fn inbound(&self, ns: &NamespaceName) -> Traffic {
+        let [messages, bytes, ..] = self.traffic_of(ns);
+        Traffic { messages, bytes }
+    }
+
+    /// A namespace's counters: messages and bytes in, then out.
+    fn traffic_of(&self, ns: &NamespaceName) -> [Counter; 4] {
         let l = self.labels(ns);
-        Traffic {
-            messages: self.in_messages.get_or_create_owned(&l),
-            bytes: self.in_bytes.get_or_create_owned(&l),
+        let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        t.entry(l)
+            .or_insert_with_key(|l| {
+                [
+                    self.in_messages.get_or_create_owned(l),
+                    self.in_bytes.get_or_create_owned(l),
+                    self.out_messages.get_or_create_owned(l),
+                    self.out_bytes.get_or_create_owned(l),
+                ]
+            })
+            .clone()
+    }
+
+    /// Counts a connection as a producer of `ns` while the guard lives.
+    pub fn producer(&self, ns: &NamespaceName) -> ProducerGuard {
+        let g = self.producers.get_or_create_owned(&self.labels(ns));
+        g.inc();
+        ProducerGuard(g)
+    }
+
+    /// Messages and bytes per second in and out of each namespace, over
+    /// the scrapes of the last minute (Pulsar's `pulsar_rate_in` and
+    /// `pulsar_throughput_in` are over its one-minute stats interval).
+    /// The first scrape has nothing to compare with, and reports 0.
+    fn rates(&self, now: Instant) -> BTreeMap<NsLabels, [f64; 4]> {
+        let current: Sample = self
+            .traffic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(l, c)| (l.clone(), [c[0].get(), c[1].get(), c[2].get(), c[3].get()]))
+            .collect();
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        while samples.len() > 1
+            && samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
+        {
+            samples.pop_front();
         }
+        let base = samples
+            .front()
+            .filter(|(t, _)| now.duration_since(*t) >= Duration::from_millis(500));
+        let mut out = BTreeMap::new();
+        for (l, v) in &current {
+            let mut r = [0.0; 4];
+            if let Some((t, old)) = base {
+                let dt = now.duration_since(*t).as_secs_f64();
+                let was = old.get(l).copied().unwrap_or_default();
+                for i in 0..4 {
+                    r[i] = v[i].saturating_sub(was[i]) as f64 / dt;
+                }
+            }
+            out.insert(l.clone(), r);
+        }
+        // One sample a second at most: many scrapers keep the window
+        // short.
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            samples.push_back((now, current));
+        }
+        out
     }
 
     /// The histogram a protocol times its publishes in.
@@ -223,11 +321,8 @@ impl BrokerMetrics {
 
     /// The counters deliveries from a topic of `ns` add to.
     pub fn outbound(&self, ns: &NamespaceName) -> Traffic {
-        let l = self.labels(ns);
-        Traffic {
-            messages: self.out_messages.get_or_create_owned(&l),
-            bytes: self.out_bytes.get_or_create_owned(&l),
-        }
+        let [_, _, messages, bytes] = self.traffic_of(ns);
+        Traffic { messages, bytes }
     }
 
     /// Counts a refused login on `protocol` (lower case: `kafka`, `amqp`,
@@ -330,7 +425,7 @@ impl BrokerMetrics {
     /// Encodes the counters, the gauges of `live`, and the collectors.
     pub(crate) fn render(
         &self,
-        live: &BTreeMap<NamespaceName, NamespaceGauges>,
+        live: &BTreeMap<GaugeKey, NamespaceGauges>,
         sourced: &[Registry],
         openmetrics: bool,
     ) -> Result<Exposition, MetricsError> {
@@ -341,9 +436,9 @@ impl BrokerMetrics {
         magnetar_metrics::render(&all, openmetrics)
     }
 
-    fn scrape_registry(&self, live: &BTreeMap<NamespaceName, NamespaceGauges>) -> Registry {
+    fn scrape_registry(&self, live: &BTreeMap<GaugeKey, NamespaceGauges>) -> Registry {
         let mut r = Registry::default();
-        type G = Family<NsLabels, Gauge>;
+        type G = Family<Vec<(&'static str, String)>, Gauge>;
         let fams: [(&str, &str, G); 8] = [
             (
                 "pulsar_topics_count",
@@ -389,14 +484,51 @@ impl BrokerMetrics {
         let total = live
             .values()
             .fold(NamespaceGauges::default(), |a, g| a.plus(g));
-        for (ns, g) in live {
-            let l = self.labels(ns);
+        for ((ns, topic), g) in live {
+            let mut l = vec![
+                ("cluster", self.cluster.clone()),
+                ("namespace", ns.to_string()),
+            ];
+            if let Some(t) = topic {
+                l.push(("topic", t.clone()));
+            }
             let v = g.values();
             for ((_, _, fam), v) in fams.iter().zip(v) {
                 fam.get_or_create(&l).set(v);
             }
         }
         for (name, help, fam) in fams {
+            r.register(name, help, fam);
+        }
+        type Rate = Family<NsLabels, Gauge<f64, AtomicU64>>;
+        let rates: [(&str, &str, Rate); 4] = [
+            (
+                "pulsar_rate_in",
+                "Messages stored per second, over the last minute",
+                Family::default(),
+            ),
+            (
+                "pulsar_throughput_in",
+                "Bytes stored per second, over the last minute",
+                Family::default(),
+            ),
+            (
+                "pulsar_rate_out",
+                "Messages delivered per second, over the last minute",
+                Family::default(),
+            ),
+            (
+                "pulsar_throughput_out",
+                "Bytes delivered per second, over the last minute",
+                Family::default(),
+            ),
+        ];
+        for (l, v) in self.rates(Instant::now()) {
+            for ((_, _, fam), v) in rates.iter().zip(v) {
+                fam.get_or_create(&l).set(v);
+            }
+        }
+        for (name, help, fam) in rates {
             r.register(name, help, fam);
         }
         // Always there, whatever the level: the broker's totals
@@ -466,6 +598,11 @@ impl BrokerMetrics {
 fn latency_histogram() -> Histogram {
     Histogram::new(magnetar_metrics::LATENCY_BUCKETS)
 }
+
+/// Whose gauges a row holds: a namespace's, or with topic-level metrics
+/// on, one topic's (the topics past the cap stay in their namespace's
+/// row).
+pub type GaugeKey = (NamespaceName, Option<String>);
 
 /// One namespace's gauges, summed over its loaded topics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -549,8 +686,8 @@ mod tests {
             msg_backlog: 7,
             ..NamespaceGauges::default()
         };
-        live.insert(ns("t/a"), g);
-        live.insert(ns("t/b"), g);
+        live.insert((ns("t/a"), None), g);
+        live.insert((ns("t/b"), None), g);
         let e = m.render(&live, &[], false).expect("renders");
         assert!(
             e.body
@@ -611,5 +748,73 @@ mod tests {
             "{}",
             e.body
         );
+    }
+
+    #[test]
+    fn rates_are_over_the_scrapes_of_the_last_minute() {
+        let m = BrokerMetrics::new("c1");
+        let t0 = Instant::now();
+        let a = ns("t/a");
+        m.inbound(&a).add(0, 0);
+        let first = m.rates(t0);
+        assert_eq!(
+            first[&m.labels(&a)],
+            [0.0; 4],
+            "nothing to compare with yet"
+        );
+        m.inbound(&a).add(100, 1000);
+        m.outbound(&a).add(50, 500);
+        let r = m.rates(t0 + Duration::from_secs(10));
+        assert_eq!(r[&m.labels(&a)], [10.0, 100.0, 5.0, 50.0]);
+        // Past the window, the oldest samples no longer count.
+        m.inbound(&a).add(70, 0);
+        let r = m.rates(t0 + Duration::from_secs(80));
+        assert_eq!(
+            r[&m.labels(&a)][0],
+            1.0,
+            "70 messages over the 70 s since the last sample"
+        );
+    }
+
+    #[test]
+    fn producers_are_counted_while_their_guards_live() {
+        let m = BrokerMetrics::new("c1");
+        let (g1, g2) = (m.producer(&ns("t/a")), m.producer(&ns("t/a")));
+        drop(g1);
+        let e = m.render(&BTreeMap::new(), &[], false).expect("renders");
+        assert!(
+            e.body
+                .contains(r#"pulsar_producers_count{cluster="c1",namespace="t/a"} 1"#),
+            "{}",
+            e.body
+        );
+        drop(g2);
+    }
+
+    #[test]
+    fn topic_rows_carry_a_topic_label_and_count_in_the_totals() {
+        let m = BrokerMetrics::new("c1");
+        let g = NamespaceGauges {
+            topics: 1,
+            msg_backlog: 3,
+            ..NamespaceGauges::default()
+        };
+        let mut live = BTreeMap::new();
+        live.insert((ns("t/a"), Some("persistent://t/a/x".to_owned())), g);
+        live.insert((ns("t/a"), None), g.plus(&g));
+        let e = m.render(&live, &[], false).expect("renders");
+        assert!(
+            e.body.contains(
+                r#"pulsar_msg_backlog{cluster="c1",namespace="t/a",topic="persistent://t/a/x"} 3"#
+            ),
+            "{}",
+            e.body
+        );
+        assert!(e
+            .body
+            .contains(r#"pulsar_msg_backlog{cluster="c1",namespace="t/a"} 6"#));
+        assert!(e
+            .body
+            .contains(r#"pulsar_broker_msg_backlog{cluster="c1"} 9"#));
     }
 }

@@ -229,6 +229,15 @@ pub struct BrokerOptions {
     /// ranged GET fetches.
     #[arg(long, env = "MAGNETAR_OFFLOAD_BLOCK_KB", default_value_t = 1024)]
     offload_block_kb: usize,
+    /// Gives topics series of their own in /metrics (a `topic` label),
+    /// beside their namespace's. Off by default: every MQTT session is a
+    /// queue, so topic-level series grow with the devices.
+    #[arg(long, env = "MAGNETAR_METRICS_TOPIC_LEVEL")]
+    metrics_topic_level: bool,
+    /// With --metrics-topic-level, how many topics (the first by name) get
+    /// series of their own; the rest stay in their namespace's series.
+    #[arg(long, env = "MAGNETAR_METRICS_MAX_TOPICS", default_value_t = 1000)]
+    metrics_max_topics: usize,
 }
 
 /// The offload store the options ask for, if any.
@@ -748,6 +757,11 @@ fn broker_config(
     };
     cfg.auth = opts.auth.broker().context("token authentication")?;
     cfg.http_tls = opts.tls.http_client()?;
+    cfg.metrics_topics = if opts.metrics_topic_level {
+        opts.metrics_max_topics
+    } else {
+        0
+    };
     Ok(cfg)
 }
 

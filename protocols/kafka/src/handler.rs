@@ -63,6 +63,9 @@ pub(crate) struct Session {
     /// `kafka-tls`): Metadata and FindCoordinator send it to the same
     /// listener of other brokers.
     pub listener: &'static str,
+    /// Set at the first produce: the connection counts as a producer of
+    /// its namespace from then on.
+    pub producer: std::sync::OnceLock<magnetar_broker::metrics::ProducerGuard>,
 }
 
 impl Session {
@@ -77,6 +80,7 @@ impl Session {
             closing: false,
             expires: None,
             principal: None,
+            producer: std::sync::OnceLock::new(),
         }
     }
 }
@@ -432,6 +436,10 @@ impl Ctx {
         r: ProduceRequest,
     ) -> BoxFuture<'static, Option<ProduceResponse>> {
         let acks = r.acks;
+        if s.grants.produce {
+            s.producer
+                .get_or_init(|| self.broker.metrics().producer(&s.ns));
+        }
         let txn_id = r.transactional_id.as_ref().map(|t| t.0.to_string());
         let mut topics = Vec::with_capacity(r.topic_data.len());
         for td in r.topic_data {

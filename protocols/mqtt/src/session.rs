@@ -116,6 +116,9 @@ struct Conn {
     /// Whether the session left anything in the broker (queues, a stored
     /// session) that ending it must remove.
     touched: bool,
+    /// Counts the connection as a producer of its namespace once it has
+    /// published.
+    producer: Option<magnetar_broker::metrics::ProducerGuard>,
     /// Deliveries not yet sent, for the in-flight window is full.
     waiting: VecDeque<(String, Delivery)>,
     /// Retained messages for new subscriptions, waiting likewise.
@@ -445,6 +448,7 @@ impl Conn {
             deliveries_tx: None,
             deliveries_new: None,
             touched: expiry > 0 || session_present,
+            producer: None,
             waiting: VecDeque::new(),
             retained_out: VecDeque::new(),
             resumed_at: session_present.then(now_ms),
@@ -716,6 +720,9 @@ impl Conn {
                 return Ok(());
             }
         };
+        if self.producer.is_none() {
+            self.producer = Some(self.ctx.broker.metrics().producer(&self.ns));
+        }
         let record = props::to_record(&p, &topic, &self.client_id);
         // Subscribers whose SUBSCRIBE arrived first get it.
         self.ctx

@@ -298,6 +298,8 @@ struct ProducerState {
     round_robin: usize,
     /// A message from its frame's arrival to its ack.
     latency: magnetar_broker::metrics::Histogram,
+    /// Counts the socket as a producer of the topic's namespace.
+    _producer: magnetar_broker::metrics::ProducerGuard,
 }
 
 async fn producer(ctx: &Ctx, p: ProducerRequest) -> Result<ProducerState, BrokerError> {
@@ -318,6 +320,7 @@ async fn producer(ctx: &Ctx, p: ProducerRequest) -> Result<ProducerState, Broker
             .collect(),
         round_robin: 0,
         latency: b.metrics().publish_latency("websocket"),
+        _producer: b.metrics().producer(p.topic.namespace()),
     })
 }
 

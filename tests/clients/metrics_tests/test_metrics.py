@@ -4,6 +4,7 @@ from pika, paho and confluent-kafka: the counters equal what was sent,
 the backlog what was left unread, connection gauges follow the clients,
 and nothing goes backwards when a topic unloads."""
 
+import base64
 import json
 import os
 import subprocess
@@ -20,10 +21,12 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families as text_parse
+from websockets.sync.client import connect as ws_connect
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "kit"))
 from free_port import free_port  # noqa: E402
 from interop_tests.test_routes import call as admin  # noqa: E402
+from conftest import Standalone  # noqa: E402
 
 BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
 OM = "application/openmetrics-text; version=1.0.0"
@@ -84,6 +87,18 @@ def s(standalone):
     return standalone
 
 
+def confirmed_queue(s, prefix):
+    """A pika connection to NS, a channel in confirm mode, and a new
+    durable queue."""
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", s.amqp_port, virtual_host=NS))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    ch.queue_declare(q, durable=True)
+    return conn, ch, q
+
+
 def scrape(s):
     return families(f"{s.http}/metrics")
 
@@ -116,12 +131,7 @@ def test_amqp_counters_equal_the_traffic_and_the_backlog_what_is_unread(s):
     before = scrape(s)
     in0 = value(before, "pulsar_in_messages", namespace=NS) or 0
     out0 = value(before, "pulsar_out_messages", namespace=NS) or 0
-    conn = pika.BlockingConnection(pika.ConnectionParameters(
-        "127.0.0.1", s.amqp_port, virtual_host=NS))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    q = f"metrics-{uuid.uuid4().hex[:8]}"
-    ch.queue_declare(q, durable=True)
+    conn, ch, q = confirmed_queue(s, "metrics")
     for i in range(12):
         ch.basic_publish("", q, b"payload-%d" % i)
     got = 0
@@ -252,12 +262,7 @@ def test_connection_gauges_follow_connects_and_disconnects(s):
 
 
 def test_counters_survive_a_topic_unload(s):
-    conn = pika.BlockingConnection(pika.ConnectionParameters(
-        "127.0.0.1", s.amqp_port, virtual_host=NS))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    q = f"unload-{uuid.uuid4().hex[:8]}"
-    ch.queue_declare(q, durable=True)
+    conn, ch, q = confirmed_queue(s, "unload")
     for i in range(4):
         ch.basic_publish("", q, b"x")
     conn.close()
@@ -270,6 +275,75 @@ def test_counters_survive_a_topic_unload(s):
     stats = json.loads(admin(s, "GET", f"/admin/v2/persistent/{NS}/{q}/stats")[1])
     # The topic's own counter starts again when it loads; the namespace's does not.
     assert stats["msgInCounter"] == 0
+
+
+def hist_count(fams, name, **labels):
+    f = fams.get(name)
+    return sum(x.value for x in f.samples if x.name == name + "_count"
+               and all(x.labels.get(k) == v for k, v in labels.items())) if f else 0
+
+
+def test_producers_publish_latency_and_rates_follow_each_protocol(s):
+    before = scrape(s)
+    producers0 = value(before, "pulsar_producers_count", namespace=NS) or 0
+    lat0 = {p: hist_count(before, "magnetar_publish_latency_seconds", protocol=p)
+            for p in ("amqp", "mqtt", "websocket")}
+    conn, ch, q = confirmed_queue(s, "rates")
+    for _ in range(20):
+        ch.basic_publish("", q, b"r" * 100)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"m-lat-{uuid.uuid4().hex[:6]}")
+    pub.username_pw_set(NS)
+    pub.connect("127.0.0.1", s.mqtt_port)
+    pub.loop_start()
+    for i in range(5):
+        pub.publish(f"lat/{q}", b"v", qos=1).wait_for_publish(10)
+    ws_url = s.http.replace("http://", "ws://") + f"/ws/v2/producer/persistent/{NS}/ws-{q}"
+    with ws_connect(ws_url) as ws:
+        for _ in range(3):
+            ws.send(json.dumps({"payload": base64.b64encode(b"w").decode()}))
+            assert json.loads(ws.recv(timeout=10))["result"] == "ok"
+        fams = scrape(s)
+        # pika, paho and the WebSocket producer, each one producer.
+        assert value(fams, "pulsar_producers_count", namespace=NS) == producers0 + 3
+    for p, n in (("amqp", 20), ("mqtt", 5), ("websocket", 3)):
+        assert hist_count(fams, "magnetar_publish_latency_seconds", protocol=p) - lat0[p] == n, p
+    time.sleep(1.2)
+    fams = scrape(s)
+    assert value(fams, "pulsar_rate_in", namespace=NS) > 0
+    assert value(fams, "pulsar_throughput_in", namespace=NS) > 0
+    conn.close()
+    pub.disconnect()
+    pub.loop_stop()
+    deadline = time.time() + 5
+    while value(scrape(s), "pulsar_producers_count", namespace=NS) != producers0 \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(s), "pulsar_producers_count", namespace=NS) == producers0
+
+
+def test_topic_level_series_are_opt_in_and_capped():
+    with tempfile.TemporaryDirectory(prefix="magnetar-test-") as d:
+        sa = Standalone(d, extra=["--metrics-topic-level", "--metrics-max-topics", "2"])
+        sa.start()
+        try:
+            conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", sa.amqp_port))
+            ch = conn.channel()
+            ch.confirm_delivery()
+            for q in ("qa", "qb", "qc"):
+                ch.queue_declare(q, durable=True)
+                ch.basic_publish("", q, b"x")
+            conn.close()
+            fams = families(f"{sa.http}/metrics")
+            rows = [x for x in fams["pulsar_msg_backlog"].samples
+                    if x.labels.get("namespace") == "public/default"]
+            topics = sorted(x.labels["topic"] for x in rows if x.labels.get("topic"))
+            assert len(topics) == 2, rows
+            # The third queue's backlog stays in its namespace's row, and
+            # the sum over the rows is the namespace's.
+            assert sum(x.value for x in rows) == 3, rows
+            assert value(fams, "pulsar_broker_msg_backlog") == 3
+        finally:
+            sa.stop()
 
 
 # ---- a cluster's metadata node and bookie ----

@@ -112,7 +112,7 @@ impl Broker {
         &self,
         openmetrics: bool,
     ) -> std::result::Result<magnetar_metrics::Exposition, magnetar_metrics::MetricsError> {
-        let topics: Vec<Arc<Topic>> = self
+        let mut topics: Vec<Arc<Topic>> = self
             .inner
             .topics
             .lock()
@@ -120,10 +120,19 @@ impl Broker {
             .values()
             .filter_map(|c| c.get().cloned())
             .collect();
-        let mut live = std::collections::BTreeMap::<_, crate::metrics::NamespaceGauges>::new();
-        for t in topics {
+        // The first topics by name get rows of their own, so that a
+        // scrape's series stay the same from one scrape to the next.
+        topics.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut live = std::collections::BTreeMap::<
+            crate::metrics::GaugeKey,
+            crate::metrics::NamespaceGauges,
+        >::new();
+        for (i, t) in topics.into_iter().enumerate() {
             let g = t.gauges().await;
-            let e = live.entry(t.name().namespace().clone()).or_default();
+            let topic = (i < self.inner.cfg.metrics_topics).then(|| t.name().to_string());
+            let e = live
+                .entry((t.name().namespace().clone(), topic))
+                .or_default();
             *e = e.plus(&g);
         }
         let mut sourced = Vec::new();

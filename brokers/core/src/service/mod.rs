@@ -123,6 +123,10 @@ pub struct BrokerConfig {
     pub offload: OffloadDefaults,
     /// Connection limits and timeouts of every client listener.
     pub listener_limits: crate::listener::ListenerLimits,
+    /// How many topics get series of their own in `/metrics`, beside
+    /// their namespace's; 0 (the default) keeps every series at namespace
+    /// level, since every MQTT session is a queue.
+    pub metrics_topics: usize,
 }
 
 /// The broker's offload settings; namespaces override the policies.
@@ -171,6 +175,7 @@ impl BrokerConfig {
             auth: None,
             offload: OffloadDefaults::default(),
             listener_limits: crate::listener::ListenerLimits::default(),
+            metrics_topics: 0,
         }
     }
 }

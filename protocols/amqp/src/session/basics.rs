@@ -532,6 +532,9 @@ impl Conn {
 
     pub(super) async fn publish(&mut self, ch: u16, p: Publish) -> Result<(), Exception> {
         self.publisher = true;
+        if self.producer.is_none() {
+            self.producer = Some(self.ctx.broker.metrics().producer(&self.ns));
+        }
         let arrived = std::time::Instant::now();
         let Publishing::Store { publish: p, seq } = self.chan(ch)?.modes.publish(p) else {
             return Ok(());

@@ -592,6 +592,9 @@ pub(crate) struct Conn {
     blockable: bool,
     /// This connection has published; an alarm stops reading from it.
     publisher: bool,
+    /// Counts the connection as a producer of its vhost once it has
+    /// published.
+    producer: Option<magnetar_broker::metrics::ProducerGuard>,
     /// The alarm this connection was last told about.
     /// The peer sent connection.close and had its close-ok.
     peer_closed: bool,
@@ -649,6 +652,7 @@ where
         route_generation: u64::MAX,
         blockable: false,
         publisher: false,
+        producer: None,
         told_blocked: false,
         peer_closed: false,
         principal: Principal::Anonymous,
