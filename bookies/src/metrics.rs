@@ -52,7 +52,7 @@ impl BookieMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
-        let (sync, batch) = self.storage.journal_histograms();
+        let [sync, batch, add] = self.storage.journal_histograms();
         r.register(
             "bookie_journal_sync_latency_seconds",
             "One journal write and its fdatasync",
@@ -63,6 +63,11 @@ impl BookieMetrics {
             "Records covered by one journal fdatasync",
             batch,
         );
+        r.register(
+            "bookie_journal_add_latency_seconds",
+            "An add from its arrival to its durability in the journal (BookKeeper's JOURNAL_ADD_ENTRY)",
+            add,
+        );
         r.register_collector(Box::new(self.clone()));
     }
 }
@@ -70,7 +75,7 @@ impl BookieMetrics {
 impl Collector for BookieMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = self.storage.stats();
-        let gauges: [(&str, &str, i64); 5] = [
+        let gauges: [(&str, &str, i64); 6] = [
             (
                 "bookie_SERVER_STATUS",
                 "1 when the bookie accepts writes, 0 when it is read-only",
@@ -91,6 +96,11 @@ impl Collector for BookieMetrics {
                 "bookie_entry_logs_count",
                 "Entry log files",
                 to_i64(s.entry_logs),
+            ),
+            (
+                "bookie_journal_queue_size",
+                "Adds and fences waiting for the journal, or being written",
+                to_i64(s.journal_queue),
             ),
         ];
         encode_gauges(&mut encoder, gauges)?;

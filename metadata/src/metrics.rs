@@ -94,7 +94,8 @@ impl Collector for MetaMetrics {
         let last = m.last_log_index.unwrap_or(0);
         let applied = m.last_applied.map_or(0, |l| l.index);
         let keys = self.node.state.read().kv.data.kvs.len();
-        let gauges: [(&str, &str, i64); 8] = [
+        let committed = commit_index(&m).max(applied);
+        let gauges: [(&str, &str, i64); 9] = [
             (
                 "magnetar_meta_is_leader",
                 "1 on the node that leads the metadata group",
@@ -114,6 +115,11 @@ impl Collector for MetaMetrics {
                 "magnetar_meta_last_log_index",
                 "Index of the last entry in this node's log",
                 to_i64(last),
+            ),
+            (
+                "magnetar_meta_commit_index",
+                "Index of the last entry stored on a majority: on the leader, from its followers' progress; elsewhere, what this node applied (it applies only committed entries)",
+                to_i64(committed),
             ),
             (
                 "magnetar_meta_applied_index",
@@ -138,6 +144,23 @@ impl Collector for MetaMetrics {
         ];
         magnetar_metrics::encode_gauges(&mut encoder, gauges)
     }
+}
+
+/// The highest index a majority of voters hold, from the leader's view of
+/// its followers; 0 on a node that is not leading.
+fn commit_index<NID: openraft::NodeId, N: openraft::Node>(
+    m: &openraft::RaftMetrics<NID, N>,
+) -> u64 {
+    let Some(rep) = &m.replication else {
+        return 0;
+    };
+    let mut matched: Vec<u64> = m
+        .membership_config
+        .voter_ids()
+        .map(|v| rep.get(&v).and_then(Option::as_ref).map_or(0, |l| l.index))
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(matched.len() / 2).copied().unwrap_or(0)
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -151,6 +151,32 @@ impl Record {
 pub struct JournalReq {
     pub records: Vec<Record>,
     pub done: tokio::sync::oneshot::Sender<Result<()>>,
+    pub queued: Queued,
+}
+
+/// A request's place in the journal's queue: counted in the queue's
+/// depth until it is written or refused (when it is dropped), and when it
+/// was submitted.
+pub struct Queued {
+    pub since: Instant,
+    depth: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Queued {
+    pub fn new(depth: &std::sync::Arc<std::sync::atomic::AtomicI64>) -> Self {
+        depth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Queued {
+            since: Instant::now(),
+            depth: depth.clone(),
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.depth
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]

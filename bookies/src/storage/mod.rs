@@ -172,6 +172,8 @@ pub struct StorageStats {
     pub write_bytes: u64,
     pub read_bytes: u64,
     pub read_only: bool,
+    /// Adds and fences waiting for the journal, or being written.
+    pub journal_queue: u64,
 }
 
 struct Inner {
@@ -201,6 +203,10 @@ struct Inner {
     journal_sync_latency: Histogram,
     /// Records one fdatasync covered.
     journal_batch_records: Histogram,
+    /// An add or fence from its submission to its durability.
+    journal_add_latency: Histogram,
+    /// Requests submitted to the journal and not yet written.
+    journal_queue: Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,6 +317,8 @@ impl Storage {
             read_bytes: AtomicU64::new(0),
             journal_sync_latency: Histogram::new(magnetar_metrics::LATENCY_BUCKETS),
             journal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            journal_add_latency: Histogram::new(magnetar_metrics::LATENCY_BUCKETS),
+            journal_queue: Arc::default(),
         });
         let (tx, rx) = std::sync::mpsc::channel::<JournalReq>();
         let mut threads = Vec::new();
@@ -372,14 +380,23 @@ impl Storage {
         &self.inner.dir
     }
 
-    fn submit(&self, req: JournalReq) -> Result<()> {
+    /// Queues records for the journal; the receiver answers once they
+    /// are durable.
+    fn submit(&self, records: Vec<Record>) -> Result<tokio::sync::oneshot::Receiver<Result<()>>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let req = JournalReq {
+            records,
+            done,
+            queued: journal::Queued::new(&self.inner.journal_queue),
+        };
         let tx = lock(&self.journal);
         match tx.as_ref() {
             Some(tx) => tx
                 .send(req)
-                .map_err(|_| BookieError::Storage("journal stopped".into())),
-            None => Err(BookieError::Storage("storage closed".into())),
+                .map_err(|_| BookieError::Storage("journal stopped".into()))?,
+            None => return Err(BookieError::Storage("storage closed".into())),
         }
+        Ok(rx)
     }
 
     /// Validates and journals a batch of adds. `recovery` adds are taken on
@@ -422,20 +439,22 @@ impl Storage {
                 durable: None,
             };
         }
-        let (done, rx) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.submit(JournalReq { records, done }) {
-            let msg = e.to_string();
-            refused.extend(
-                accepted
-                    .drain(..)
-                    .map(|(l, en)| (l, en, BookieError::Storage(msg.clone()))),
-            );
-            return AddOutcome {
-                refused,
-                accepted,
-                durable: None,
-            };
-        }
+        let rx = match self.submit(records) {
+            Ok(rx) => rx,
+            Err(e) => {
+                let msg = e.to_string();
+                refused.extend(
+                    accepted
+                        .drain(..)
+                        .map(|(l, en)| (l, en, BookieError::Storage(msg.clone()))),
+                );
+                return AddOutcome {
+                    refused,
+                    accepted,
+                    durable: None,
+                };
+            }
+        };
         AddOutcome {
             refused,
             accepted,
@@ -453,11 +472,7 @@ impl Storage {
             }
             st.ledgers.entry(ledger).or_default().fenced = true;
         }
-        let (done, rx) = tokio::sync::oneshot::channel();
-        self.submit(JournalReq {
-            records: vec![Record::Fence(ledger)],
-            done,
-        })?;
+        let rx = self.submit(vec![Record::Fence(ledger)])?;
         rx.await
             .map_err(|_| BookieError::Storage("journal stopped".into()))??;
         Ok(self.ledger_info(ledger).unwrap_or_default())
@@ -513,11 +528,13 @@ impl Storage {
 
     /// The journal's histograms: the latency of a write and its
     /// fdatasync, and the records each covered.
-    pub fn journal_histograms(&self) -> (Histogram, Histogram) {
-        (
+    /// Fsync latency, records per fsync, and add latency.
+    pub fn journal_histograms(&self) -> [Histogram; 3] {
+        [
             self.inner.journal_sync_latency.clone(),
             self.inner.journal_batch_records.clone(),
-        )
+            self.inner.journal_add_latency.clone(),
+        ]
     }
 
     pub fn stats(&self) -> StorageStats {
@@ -533,6 +550,8 @@ impl Storage {
             write_bytes: self.inner.write_bytes.load(Ordering::Relaxed),
             read_bytes: self.inner.read_bytes.load(Ordering::Relaxed),
             read_only: self.is_read_only(),
+            journal_queue: u64::try_from(self.inner.journal_queue.load(Ordering::Relaxed))
+                .unwrap_or(0),
         }
     }
 
@@ -639,6 +658,8 @@ impl Inner {
             let mut st = lock(&self.state);
             let mut reqs = Vec::with_capacity(batch.len());
             for req in batch {
+                self.journal_add_latency
+                    .observe(req.queued.since.elapsed().as_secs_f64());
                 for rec in req.records {
                     apply_record(&mut st, rec);
                 }

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -65,11 +65,56 @@ impl Traffic {
     }
 }
 
+/// A namespace's offload counters.
+#[derive(Clone, Debug, Default)]
+pub struct OffloadTraffic {
+    bytes: Counter,
+    ledgers: Counter,
+    errors: Counter,
+}
+
+impl OffloadTraffic {
+    /// Counts one upload attempt: a ledger offloaded (with its bytes), or
+    /// a failure.
+    pub fn count<E>(&self, outcome: &Result<Option<u64>, E>) {
+        match outcome {
+            Ok(Some(bytes)) => {
+                self.ledgers.inc();
+                self.bytes.inc_by(*bytes);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                self.errors.inc();
+            }
+        }
+    }
+}
+
 /// Families that need awaiting to read (the metadata store, topics),
 /// built afresh at each scrape: a protocol's own (Kafka's consumer-group
 /// lag) or the process's.
 pub trait ScrapeSource: Send + Sync {
     fn scrape<'a>(&'a self, cluster: &'a str) -> BoxFuture<'a, Registry>;
+}
+
+/// A [`ScrapeSource`] over a protocol's shared state, held weakly so that
+/// the metrics do not keep a stopped listener's state alive: the
+/// function reads the state, and a source whose state is gone adds
+/// nothing.
+pub struct WeakSource<T>(
+    pub Weak<T>,
+    pub for<'a> fn(Arc<T>, &'a str) -> BoxFuture<'a, Registry>,
+);
+
+impl<T: Send + Sync> ScrapeSource for WeakSource<T> {
+    fn scrape<'a>(&'a self, cluster: &'a str) -> BoxFuture<'a, Registry> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(t) => (self.1)(t, cluster).await,
+                None => Registry::default(),
+            }
+        })
+    }
 }
 
 /// Registers a gauge family of `rows`, each a label set and a value, for
@@ -104,6 +149,23 @@ impl Drop for ProducerGuard {
     }
 }
 
+/// [`add_gauges`] of namespace-level rows: each a namespace and a value.
+pub fn add_ns_gauges(
+    r: &mut Registry,
+    cluster: &str,
+    name: &'static str,
+    help: &'static str,
+    rows: impl IntoIterator<Item = (String, i64)>,
+) {
+    add_gauges(
+        r,
+        name,
+        help,
+        rows.into_iter()
+            .map(|(ns, v)| (vec![("cluster", cluster.to_owned()), ("namespace", ns)], v)),
+    );
+}
+
 /// `(live, ready)` of a part of the process, for `/health` and `/ready`.
 pub type Probe = Arc<dyn Fn() -> (bool, bool) + Send + Sync>;
 
@@ -119,6 +181,9 @@ pub struct BrokerMetrics {
     write_latency: Family<NsLabels, Histogram, fn() -> Histogram>,
     publish_latency: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
     producers: Family<NsLabels, Gauge>,
+    offload_bytes: Family<NsLabels, Counter>,
+    offload_ledgers: Family<NsLabels, Counter>,
+    offload_errors: Family<NsLabels, Counter>,
     /// Every namespace's four traffic counters, for the rates.
     traffic: Mutex<BTreeMap<NsLabels, [Counter; 4]>>,
     /// The traffic counters as they stood at recent scrapes, oldest
@@ -158,6 +223,9 @@ impl BrokerMetrics {
             write_latency: Family::new_with_constructor(latency_histogram),
             publish_latency: Family::new_with_constructor(latency_histogram),
             producers: Family::default(),
+            offload_bytes: Family::default(),
+            offload_ledgers: Family::default(),
+            offload_errors: Family::default(),
             traffic: Mutex::new(BTreeMap::new()),
             samples: Mutex::new(std::collections::VecDeque::new()),
             registry: RwLock::new(Registry::default()),
@@ -166,26 +234,46 @@ impl BrokerMetrics {
         };
         {
             let mut r = m.registry.write().unwrap_or_else(|p| p.into_inner());
-            r.register(
-                "pulsar_in_messages",
-                "Messages stored, after deduplication",
-                m.in_messages.clone(),
-            );
-            r.register(
-                "pulsar_in_bytes",
-                "Bytes of the record batches stored",
-                m.in_bytes.clone(),
-            );
-            r.register(
-                "pulsar_out_messages",
-                "Messages delivered to consumers, redeliveries included",
-                m.out_messages.clone(),
-            );
-            r.register(
-                "pulsar_out_bytes",
-                "Payload bytes delivered to consumers",
-                m.out_bytes.clone(),
-            );
+            let counters: [(&str, &str, &Family<NsLabels, Counter>); 7] = [
+                (
+                    "pulsar_in_messages",
+                    "Messages stored, after deduplication",
+                    &m.in_messages,
+                ),
+                (
+                    "pulsar_in_bytes",
+                    "Bytes of the record batches stored",
+                    &m.in_bytes,
+                ),
+                (
+                    "pulsar_out_messages",
+                    "Messages delivered to consumers, redeliveries included",
+                    &m.out_messages,
+                ),
+                (
+                    "pulsar_out_bytes",
+                    "Payload bytes delivered to consumers",
+                    &m.out_bytes,
+                ),
+                (
+                    "magnetar_offload_bytes",
+                    "Bytes of ledgers written to the object store",
+                    &m.offload_bytes,
+                ),
+                (
+                    "magnetar_offload_ledgers",
+                    "Ledgers written to the object store",
+                    &m.offload_ledgers,
+                ),
+                (
+                    "magnetar_offload_errors",
+                    "Ledger uploads that failed, retries included",
+                    &m.offload_errors,
+                ),
+            ];
+            for (name, help, fam) in counters {
+                r.register(name, help, fam.clone());
+            }
             r.register(
                 "pulsar_storage_write_latency_seconds",
                 "From a write's submission to its durability on a quorum of bookies",
@@ -218,6 +306,16 @@ impl BrokerMetrics {
             r.register_collector(Box::new(magnetar_metrics::ProcessCollector));
         }
         m
+    }
+
+    /// The counters offloads of a topic of `ns` add to.
+    pub fn offload(&self, ns: &NamespaceName) -> OffloadTraffic {
+        let l = self.labels(ns);
+        OffloadTraffic {
+            bytes: self.offload_bytes.get_or_create_owned(&l),
+            ledgers: self.offload_ledgers.get_or_create_owned(&l),
+            errors: self.offload_errors.get_or_create_owned(&l),
+        }
     }
 
     pub fn cluster(&self) -> &str {

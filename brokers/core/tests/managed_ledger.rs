@@ -324,7 +324,12 @@ async fn offloaded_ledgers_read_the_same_and_leave_the_bookies() {
     // Every closed ledger goes; the one being written stays.
     let ids = offload_candidates(&ledgers, Some(0), None);
     assert_eq!(ids.len(), ledgers.len() - 1);
-    assert_eq!(ml.offload(&ids, 1).await.expect("offload"), ids);
+    assert_eq!(
+        ml.offload(&ids, 1, &Default::default())
+            .await
+            .expect("offload"),
+        ids
+    );
     assert_eq!(ml.offload_status().status, OffloadState::Success);
     assert!(ml
         .ledgers()

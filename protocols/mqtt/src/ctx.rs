@@ -128,11 +128,6 @@ pub(crate) struct StoredSession {
     pub(crate) role: Option<String>,
 }
 
-/// The MQTT gauges, per namespace: sessions connected to this broker, and
-/// persistent sessions and retained messages stored (cluster-wide, so
-/// each broker reports the same count: take `max`, not `sum`).
-pub(crate) struct MqttGauges(pub(crate) std::sync::Weak<Ctx>);
-
 /// The namespace a store key starts with (`tenant/namespace/…`, both
 /// segments encoded).
 fn key_namespace(key: &str) -> Option<String> {
@@ -153,48 +148,43 @@ fn per_namespace<'a>(keys: impl IntoIterator<Item = &'a String>) -> BTreeMap<Str
     out
 }
 
-impl magnetar_broker::metrics::ScrapeSource for MqttGauges {
-    fn scrape<'a>(
-        &'a self,
-        cluster: &'a str,
-    ) -> futures::future::BoxFuture<'a, magnetar_broker::metrics::Registry> {
-        Box::pin(async move {
-            let mut r = magnetar_broker::metrics::Registry::default();
-            let Some(ctx) = self.0.upgrade() else {
-                return r;
-            };
-            let connected = {
-                let reg = ctx.registry();
-                per_namespace(reg.live.keys())
-            };
-            let stored = per_namespace(&ctx.sessions.keys("").await.unwrap_or_default());
-            let retained = per_namespace(&ctx.retained.keys("").await.unwrap_or_default());
-            let rows = |m: BTreeMap<String, i64>| {
-                m.into_iter()
-                    .map(|(ns, n)| (vec![("cluster", cluster.to_owned()), ("namespace", ns)], n))
-                    .collect::<Vec<_>>()
-            };
-            magnetar_broker::metrics::add_gauges(
-                &mut r,
+/// The MQTT gauges, per namespace: sessions connected to this broker, and
+/// persistent sessions and retained messages stored (cluster-wide, so
+/// each broker reports the same count: take `max`, not `sum`).
+pub(crate) fn mqtt_gauges(
+    ctx: Arc<Ctx>,
+    cluster: &str,
+) -> futures::future::BoxFuture<'_, magnetar_broker::metrics::Registry> {
+    Box::pin(async move {
+        let mut r = magnetar_broker::metrics::Registry::default();
+        let connected = {
+            let reg = ctx.registry();
+            per_namespace(reg.live.keys())
+        };
+        let stored = per_namespace(&ctx.sessions.keys("").await.unwrap_or_default());
+        let retained = per_namespace(&ctx.retained.keys("").await.unwrap_or_default());
+        let families = [
+            (
                 "magnetar_mqtt_sessions_connected",
                 "MQTT sessions with a connection to this broker",
-                rows(connected),
-            );
-            magnetar_broker::metrics::add_gauges(
-                &mut r,
+                connected,
+            ),
+            (
                 "magnetar_mqtt_sessions_persisted",
                 "Persistent MQTT sessions stored (session expiry above 0), connected or not",
-                rows(stored),
-            );
-            magnetar_broker::metrics::add_gauges(
-                &mut r,
+                stored,
+            ),
+            (
                 "magnetar_mqtt_retained_messages",
                 "Retained MQTT messages stored",
-                rows(retained),
-            );
-            r
-        })
-    }
+                retained,
+            ),
+        ];
+        for (name, help, rows) in families {
+            magnetar_broker::metrics::add_ns_gauges(&mut r, cluster, name, help, rows);
+        }
+        r
+    })
 }
 
 impl Ctx {

@@ -28,7 +28,10 @@ impl MqttServer {
         let ctx = Arc::new(Ctx::new(broker, cfg));
         ctx.broker
             .metrics()
-            .add_source(Arc::new(crate::ctx::MqttGauges(Arc::downgrade(&ctx))));
+            .add_source(Arc::new(magnetar_broker::metrics::WeakSource(
+                Arc::downgrade(&ctx),
+                crate::ctx::mqtt_gauges,
+            )));
         let ctx_accept = Arc::clone(&ctx);
         let owners = if ctx.cfg.takeover_across_brokers {
             tokio::spawn(Ctx::watch_owners(Arc::downgrade(&ctx)))

@@ -119,11 +119,13 @@ def test_standalone_serves_the_metadata_node_bookie_and_process_families(s):
                  "bookie_SERVER_STATUS", "bookie_ledgers_count", "bookie_journal_syncs",
                  "bookie_WRITE_BYTES", "bookie_READ_BYTES", "bookie_journal_sync_latency_seconds",
                  "process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds",
-                 "pulsar_broker_topics_count"):
+                 "pulsar_broker_topics_count", "magnetar_meta_commit_index",
+                 "bookie_journal_add_latency_seconds", "bookie_journal_queue_size"):
         assert name in fams, name
     assert value(fams, "magnetar_meta_is_leader") == 1
     assert value(fams, "bookie_SERVER_STATUS") == 1
     assert value(fams, "bookie_WRITE_BYTES") is not None
+    assert value(fams, "magnetar_meta_commit_index") >= value(fams, "magnetar_meta_applied_index") > 0
     assert value(fams, "process_resident_memory_bytes") > 1 << 20
 
 
@@ -145,6 +147,14 @@ def test_amqp_counters_equal_the_traffic_and_the_backlog_what_is_unread(s):
     assert value(fams, "pulsar_in_messages", namespace=NS) - in0 == 12
     assert value(fams, "pulsar_out_messages", namespace=NS) - out0 == 7
     assert value(fams, "pulsar_msg_backlog", namespace=NS) == 5
+    assert value(fams, "rabbitmq_queue_messages_ready", namespace=NS) == 5
+    assert value(fams, "rabbitmq_queue_messages_unacked", namespace=NS) == 0
+    m, _, _ = ch.basic_get(q, auto_ack=False)
+    assert m is not None
+    fams = scrape(s)
+    assert value(fams, "rabbitmq_queue_messages_ready", namespace=NS) == 4
+    assert value(fams, "rabbitmq_queue_messages_unacked", namespace=NS) == 1
+    assert value(fams, "rabbitmq_queues", namespace=NS) == 1
     # Durable publishes went through the embedded bookie's journal.
     assert value(fams, "bookie_WRITE_BYTES") > 0
     stats = json.loads(admin(s, "GET", f"/admin/v2/persistent/{NS}/{q}/stats")[1])

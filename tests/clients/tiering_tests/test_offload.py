@@ -13,11 +13,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import boto3
 import pika
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Standalone, free_port
 from interop_tests.test_routes import call, cli
@@ -244,13 +246,25 @@ def declare_stream(standalone, name):
     conn.close()
 
 
+def offload_metric(standalone, name):
+    """A `magnetar_offload_*` counter of public/default, from /metrics."""
+    with urllib.request.urlopen(f"{standalone.http}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+               if x.name == f"magnetar_offload_{name}_total"
+               and x.labels.get("namespace") == "public/default")
+
+
 def test_offload_200_mb_and_the_bookies_let_go(tiered, moto):
+    counted = {n: offload_metric(tiered, n) for n in ("ledgers", "bytes")}
     declare_stream(tiered, TOPIC)
     PRODUCED.update(produce(tiered, TOPIC, COUNT, VALUE))
     before = [l for l in ledgers(tiered) if l["entries"] > 0]
     assert len(before) >= 10, before
     status = offload(tiered, TOPIC)
     assert len(status["offloadedLedgers"]) == len(before)
+    assert offload_metric(tiered, "ledgers") - counted["ledgers"] == len(before)
+    assert offload_metric(tiered, "bytes") - counted["bytes"] > COUNT * VALUE
     # After the deletion lag the bookies' copies go.
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -345,8 +359,10 @@ def test_the_store_stopping_mid_offload_loses_nothing(tiered, moto):
     produced = produce(tiered, topic, 6000, VALUE)  # 94 MiB: 6 ledgers
     # The store goes away 40 MB into the offload: inside the third ledger.
     moto.cutter.arm(40 << 20)
+    errors = offload_metric(tiered, "errors")
     status = offload(tiered, topic, expect="ERROR", timeout=120)
     assert status["lastError"], status
+    assert offload_metric(tiered, "errors") > errors
     assert len(status["offloadedLedgers"]) == 2, status
     now = [l for l in ledgers(tiered, topic) if l["entries"] > 0]
     assert [l["offloaded"] for l in now] == [True, True] + [False] * (len(now) - 2), now

@@ -820,7 +820,12 @@ impl ManagedLedger {
     /// backoff; the ledger stays on the bookies until its upload is
     /// verified. Returns the ledgers offloaded, or the first error once a
     /// ledger has used up its attempts.
-    pub async fn offload(&self, ids: &[u64], attempts: u32) -> Result<Vec<u64>> {
+    pub async fn offload(
+        &self,
+        ids: &[u64],
+        attempts: u32,
+        counted: &crate::metrics::OffloadTraffic,
+    ) -> Result<Vec<u64>> {
         let _running = self.inner.offloading.lock().await;
         let set = |st: OffloadStatus| {
             *self.inner.offload_status.lock().unwrap_or_else(lock_err) = st;
@@ -834,12 +839,14 @@ impl ManagedLedger {
             let mut delay = Duration::from_millis(500);
             let mut attempt = 1;
             loop {
-                match self.offload_one(id).await {
-                    Ok(true) => {
+                let outcome = self.offload_one(id).await;
+                counted.count(&outcome);
+                match outcome {
+                    Ok(Some(_)) => {
                         done.push(id);
                         break;
                     }
-                    Ok(false) => break,
+                    Ok(None) => break,
                     Err(e) if attempt < attempts.max(1) && e.is_retriable() => {
                         tracing::warn!(ml = %self.inner.name, ledger = id, attempt, "offload: {e}; retrying");
                         tokio::time::sleep(delay).await;
@@ -867,14 +874,14 @@ impl ManagedLedger {
     }
 
     /// Writes one closed ledger to the object store and records it in the
-    /// ledger list; false when there is nothing to do.
-    async fn offload_one(&self, id: u64) -> Result<bool> {
+    /// ledger list; its size, or `None` when there is nothing to do.
+    async fn offload_one(&self, id: u64) -> Result<Option<u64>> {
         let Some(l) = self
             .ledgers()
             .into_iter()
             .find(|l| l.id == id && l.is_closed() && l.offload.is_none() && l.entries > 0)
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(tier) = self.inner.cfg.tier.clone() else {
             return Err(BrokerError::InvalidArgument(
@@ -919,7 +926,7 @@ impl ManagedLedger {
             })
             .await;
         match marked {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Some(l.size)),
             Err(e) => {
                 if let Err(d) = tier.delete(&object).await {
                     tracing::warn!(ml = %self.inner.name, ledger = id, "removing an unused upload: {d}");

@@ -179,8 +179,9 @@ impl Broker {
         }
         let ids = offload_candidates(&ml.ledgers(), Some(0), None);
         let attempts = self.inner.cfg.offload.attempts;
+        let counted = self.inner.metrics.offload(name.namespace());
         tokio::spawn(async move {
-            let _ = ml.offload(&ids, attempts).await;
+            let _ = ml.offload(&ids, attempts, &counted).await;
         });
         Ok(())
     }
@@ -213,7 +214,8 @@ impl Broker {
                     .map(|s| now.saturating_sub(s.saturating_mul(1000))),
             );
             if tier && !ids.is_empty() {
-                if let Err(e) = ml.offload(&ids, defaults.attempts).await {
+                let counted = self.inner.metrics.offload(t.name().namespace());
+                if let Err(e) = ml.offload(&ids, defaults.attempts, &counted).await {
                     tracing::warn!(topic = %t.name(), "offload: {e}");
                 }
             }

@@ -89,6 +89,10 @@ impl Broker {
         )
         .await?;
         topic.set_policies(&policies);
+        // The namespace's offload counters, from 0, before its first
+        // offload: a series that appears at its first increment hides that
+        // increment from `rate()`.
+        let _ = self.inner.metrics.offload(name.namespace());
         Ok(topic)
     }
 
