@@ -14,6 +14,8 @@ const state = {
   counters: new Map(), // name -> recent [{at, msgIn, msgOut}]
   rates: new Map(),    // name -> {in, out, backlog, stored, subs}
   series: [],          // [{in, out}] of the selected topic
+  brokerSeries: [],    // [{in, out}] of the whole broker, from /metrics
+  scrapes: [],         // recent [{at, ns: Map(namespace -> {in, out})}]
   selected: null,
   shape: "",
   reader: null,
@@ -233,6 +235,7 @@ async function tick() {
         fillRow(row, state.rates.get(row.dataset.topic));
       }
     }
+    await refreshBroker().catch((e) => { $("broker-state").textContent = e.message; });
     setStatus(`${state.topics.length} topics · ${new Date().toLocaleTimeString()}`);
     if (state.selected) {
       const r = state.rates.get(state.selected.name);
@@ -254,17 +257,17 @@ function showStats(r) {
   drawChart();
 }
 
-function drawChart() {
-  const c = $("chart");
+function drawChart(canvas = $("chart"), series = state.series) {
+  const c = canvas;
   const g = c.getContext("2d");
   g.clearRect(0, 0, c.width, c.height);
-  const max = Math.max(1, ...state.series.flatMap((p) => [p.in, p.out]));
+  const max = Math.max(1, ...series.flatMap((p) => [p.in, p.out]));
   const step = c.width / (CHART_POINTS - 1);
   for (const [field, color] of [["in", "#4b3fd1"], ["out", "#d1603f"]]) {
     g.strokeStyle = color;
     g.lineWidth = 2;
     g.beginPath();
-    state.series.forEach((p, i) => {
+    series.forEach((p, i) => {
       const x = i * step, y = c.height - 4 - (p[field] / max) * (c.height - 10);
       if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
     });
@@ -273,6 +276,98 @@ function drawChart() {
   g.fillStyle = "#6b6b78";
   g.font = "11px system-ui";
   g.fillText(`max ${fmt(max)}/s  — in  — out`, 6, 12);
+}
+
+// ---- the broker, from /metrics ----
+//
+// The same numbers Prometheus scrapes: the namespace counters (which never
+// go backwards when a topic unloads), rates taken as Grafana's rate() does,
+// and the gauges as they are.
+
+function parseMetrics(text) {
+  // Prometheus text format: `name{labels} value`, comments skipped.
+  const out = [];
+  for (const line of text.split("\n")) {
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+    if (!m) continue;
+    const labels = {};
+    for (const l of (m[2] || "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
+      labels[l[1]] = l[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+    }
+    out.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return out;
+}
+
+function byNamespace(samples, name) {
+  const m = new Map();
+  for (const s of samples) {
+    if (s.name !== name || s.labels.namespace === undefined) continue;
+    m.set(s.labels.namespace, (m.get(s.labels.namespace) || 0) + s.value);
+  }
+  return m;
+}
+
+async function refreshBroker() {
+  const r = await fetch("/metrics", { headers: { ...headers(), Accept: "text/plain" } });
+  if (r.status === 401 || r.status === 403) {
+    $("broker-state").textContent = "the broker's metrics need a superuser token";
+    return;
+  }
+  if (!r.ok) throw new Error("/metrics: " + r.status);
+  const samples = parseMetrics(await r.text());
+  const msgIn = byNamespace(samples, "pulsar_in_messages_total");
+  const msgOut = byNamespace(samples, "pulsar_out_messages_total");
+  const now = performance.now();
+  const ns = new Map();
+  for (const name of new Set([...msgIn.keys(), ...msgOut.keys()])) {
+    ns.set(name, { in: msgIn.get(name) || 0, out: msgOut.get(name) || 0 });
+  }
+  state.scrapes.push({ at: now, ns });
+  while (state.scrapes.length > RATE_SAMPLES) state.scrapes.shift();
+  const first = state.scrapes[0];
+  const secs = (now - first.at) / 1000;
+  // A namespace the first sample lacks had counted nothing yet.
+  const rate = (name, field) => {
+    const was = first.ns.get(name);
+    return secs > 0 ? Math.max(0, ns.get(name)[field] - (was ? was[field] : 0)) / secs : 0;
+  };
+  const backlog = byNamespace(samples, "pulsar_msg_backlog");
+  const producers = byNamespace(samples, "pulsar_producers_count");
+  const consumers = byNamespace(samples, "pulsar_consumers_count");
+  const stored = byNamespace(samples, "pulsar_storage_size");
+  const body = $("namespaces").tBodies[0];
+  body.textContent = "";
+  let totalIn = 0, totalOut = 0;
+  for (const name of [...ns.keys()].sort()) {
+    const rIn = rate(name, "in"), rOut = rate(name, "out");
+    totalIn += rIn;
+    totalOut += rOut;
+    const tr = document.createElement("tr");
+    tr.dataset.namespace = name;
+    for (const v of [name, fmt(rIn), fmt(rOut), backlog.get(name) || 0,
+      producers.get(name) || 0, consumers.get(name) || 0, `${fmt(stored.get(name) || 0)} B`]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+  const conns = $("connections");
+  conns.textContent = "";
+  for (const s of samples.filter((s) => s.name === "magnetar_connections")) {
+    const d = document.createElement("div");
+    d.innerHTML = '<span class="label"></span> <span class="num"></span>';
+    d.firstChild.textContent = s.labels.protocol;
+    d.lastChild.textContent = s.value;
+    d.dataset.protocol = s.labels.protocol;
+    conns.appendChild(d);
+  }
+  state.brokerSeries.push({ in: totalIn, out: totalOut });
+  if (state.brokerSeries.length > CHART_POINTS) state.brokerSeries.shift();
+  drawChart($("broker-chart"), state.brokerSeries);
+  $("broker-state").textContent =
+    `${fmt(totalIn)} msg/s in · ${fmt(totalOut)} msg/s out · from /metrics`;
 }
 
 // ---- live messages and publishing ----

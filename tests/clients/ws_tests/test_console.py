@@ -81,6 +81,15 @@ def test_console_shows_kafka_messages_live(standalone, browser, tag):
     wait.until(lambda d: float(d.find_element(By.ID, "rate-in").text.rstrip("k") or 0) > 0
                or d.find_element(By.ID, "rate-in").text.endswith("k"))
 
+    # The broker panel reads /metrics, as Prometheus does: the namespace's
+    # counter turns into a rate, and the connection gauges are there.
+    def ns_in_rate(d):
+        rows = d.find_elements(By.CSS_SELECTOR, '#namespaces tr[data-namespace="public/default"] td')
+        return rows and rows[1].text not in ("", "0")
+    wait.until(ns_in_rate)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#connections [data-protocol="http"]'))
+    assert "from /metrics" in browser.find_element(By.ID, "broker-state").text
+
     os.makedirs(ARTIFACTS, exist_ok=True)
     shot = os.path.join(ARTIFACTS, "console.png")
     assert browser.save_screenshot(shot)
