@@ -22,9 +22,10 @@ from free_port import free_port  # noqa: E402
 
 
 class Standalone:
-    def __init__(self, data_dir, extra=()):
+    def __init__(self, data_dir, extra=(), env=None):
         self.data_dir = data_dir
         self.extra = list(extra)
+        self.env = dict(env or {})
         self.ports = {k: free_port() for k in ("http", "kafka", "amqp", "mqtt", "meta", "bookie")}
         self.proc = None
         self.log_path = os.path.join(data_dir, "standalone.log")
@@ -52,6 +53,7 @@ class Standalone:
         # A disk nearly full of build output must not turn the bookie
         # read-only; the tests of that mode pass their own threshold.
         env.setdefault("MAGNETAR_BOOKIE_DISK_USAGE_THRESHOLD", "0.995")
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [
                 BIN, "standalone",

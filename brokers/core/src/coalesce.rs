@@ -9,11 +9,13 @@
 //! kept, and each message learns its own offset once its batch is durable.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use magnetar_tenancy::TopicName;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::error::{BrokerError, Result};
 use crate::format::{encode_messages, Message};
@@ -33,18 +35,21 @@ type Reply = oneshot::Sender<Result<u64>>;
 #[derive(Clone, Debug)]
 pub struct Coalescer {
     tx: mpsc::UnboundedSender<(Message, Reply)>,
+    topic: Arc<TopicName>,
 }
 
 impl Coalescer {
     pub(crate) fn start(broker: Broker, topic: TopicName) -> Coalescer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(broker, topic, rx));
-        Coalescer { tx }
+        let topic = Arc::new(topic);
+        tokio::spawn(run(broker, TopicName::clone(&topic), rx));
+        Coalescer { tx, topic }
     }
 
     /// Queues a message in order with the handle's other messages; the
     /// future resolves to its offset once it is durable.
     pub fn publish(&self, message: Message) -> BoxFuture<'static, Result<u64>> {
+        let span = crate::trace::publish_span(&self.topic, &message.headers);
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send((message, reply)).is_ok();
         async move {
@@ -53,6 +58,7 @@ impl Coalescer {
             }
             rx.await.map_err(|_| BrokerError::ShuttingDown)?
         }
+        .instrument(span)
         .boxed()
     }
 }

@@ -37,6 +37,7 @@ pub mod state;
 pub mod subscription;
 pub mod topic;
 pub mod topic_route;
+pub mod trace;
 
 pub use auth::{AuthConfig, Grants, Principal};
 pub use coalesce::Coalescer;

@@ -176,6 +176,7 @@ async fn main() -> std::process::ExitCode {
         Command::Tokens(args) => tokens::run(args),
         Command::Tls(args) => tls::run(args),
     };
+    magnetar::flush_tracing();
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -26,7 +26,7 @@ use magnetar_broker::service::resolve_in;
 use magnetar_broker::topic::Topic;
 use magnetar_broker::{Broker, BrokerError, BrokerInfo, Grants, PendingPublish, Published};
 use magnetar_tenancy::{NamespaceName, TopicName as Name};
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::codec::{self, Request};
 use crate::error::code_of;
@@ -297,7 +297,10 @@ impl Ctx {
         match req.body {
             RequestKind::Produce(r) => {
                 let started = std::time::Instant::now();
-                let fut = self.produce(s, r).await;
+                // A request holds batches of many records, each with its own
+                // trace context: the span stands alone.
+                let span = tracing::debug_span!("produce", otel.kind = "server");
+                let fut = self.produce(s, r).instrument(span.clone()).await;
                 let latency = self.produce_latency.clone();
                 Some(
                     async move {
@@ -305,6 +308,7 @@ impl Ctx {
                         latency.observe(started.elapsed().as_secs_f64());
                         respond(api, v, cid, ResponseKind::Produce(body))
                     }
+                    .instrument(span)
                     .boxed(),
                 )
             }
