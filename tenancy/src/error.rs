@@ -15,6 +15,15 @@ pub enum TenancyError {
     #[error("{0} does not exist")]
     NotFound(String),
 
+    /// A policy names a cluster nobody registered; REST answers 412, as
+    /// Pulsar does.
+    #[error("invalid cluster id: {0}")]
+    UnknownCluster(String),
+
+    /// A policy names a cluster the tenant may not use; REST answers 403.
+    #[error("cluster {cluster} is not in the allowed clusters of tenant {tenant}")]
+    ClusterNotAllowed { cluster: String, tenant: String },
+
     #[error("{0} already exists")]
     AlreadyExists(String),
 

@@ -25,7 +25,7 @@ pub use auth::{AuthProvider, Credentials, TokenAuth};
 pub use error::{Result, TenancyError};
 pub use names::{NamespaceName, TopicDomain, TopicName};
 pub use policies::{
-    AuthAction, BacklogQuota, BacklogQuotaPolicy, ClusterData, Policies, RetentionPolicies,
-    TenantInfo,
+    AuthAction, BacklogQuota, BacklogQuotaPolicy, ClusterData, DispatchRate, Policies,
+    RetentionPolicies, TenantInfo,
 };
 pub use store::{TenancyStore, DEFAULT_NAMESPACE, DEFAULT_TENANT};

@@ -15,6 +15,8 @@ pub struct TenantInfo {
     pub allowed_clusters: BTreeSet<String>,
 }
 
+/// A cluster (a region) and how this region's brokers reach it: Pulsar's
+/// `ClusterData`, with its fields for the links between regions.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ClusterData {
@@ -22,6 +24,114 @@ pub struct ClusterData {
     pub service_url_tls: Option<String>,
     pub broker_service_url: Option<String>,
     pub broker_service_url_tls: Option<String>,
+    /// How to log in to the cluster: `token` (or Pulsar's
+    /// `org.apache.pulsar.client.impl.auth.AuthenticationToken`), or none.
+    pub authentication_plugin: Option<String>,
+    /// The plugin's parameters: `token:<jwt>`, or `file:///path` of a file
+    /// holding the token. Never shown back: a read gives [`REDACTED`].
+    pub authentication_parameters: Option<String>,
+    /// Reach the cluster over `serviceUrlTls`.
+    pub broker_client_tls_enabled: bool,
+    /// Accept a certificate the trusted CAs did not sign.
+    pub tls_allow_insecure_connection: bool,
+    /// PEM file of the CAs that sign the cluster's certificates.
+    pub broker_client_trust_certs_file_path: Option<String>,
+    /// This region's number for the cluster, fixed at registration: the
+    /// records replicated from it carry it.
+    pub geo_id: Option<u16>,
+}
+
+/// What a read shows in place of a cluster's authentication parameters.
+pub const REDACTED: &str = "******";
+
+/// The plugin names a cluster's `authenticationPlugin` may take.
+pub const TOKEN_PLUGINS: [&str; 2] = [
+    "token",
+    "org.apache.pulsar.client.impl.auth.AuthenticationToken",
+];
+
+impl ClusterData {
+    /// The record as the admin API shows it: secrets replaced.
+    pub fn redacted(&self) -> ClusterData {
+        let mut c = self.clone();
+        if c.authentication_parameters.is_some() {
+            c.authentication_parameters = Some(REDACTED.into());
+        }
+        c
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (field, url, schemes) in [
+            ("serviceUrl", &self.service_url, &["http://"][..]),
+            ("serviceUrlTls", &self.service_url_tls, &["https://"][..]),
+            (
+                "brokerServiceUrl",
+                &self.broker_service_url,
+                &["pulsar://", "http://"][..],
+            ),
+            (
+                "brokerServiceUrlTls",
+                &self.broker_service_url_tls,
+                &["pulsar+ssl://", "https://"][..],
+            ),
+        ] {
+            if let Some(u) = url {
+                check(
+                    schemes.iter().any(|s| u.starts_with(s)) && u.len() < 2048,
+                    || format!("{field} {u:?} must start with {}", schemes.join(" or ")),
+                )?;
+            }
+        }
+        match self.authentication_plugin.as_deref() {
+            None | Some("") => check(self.authentication_parameters.is_none(), || {
+                "authenticationParameters need an authenticationPlugin".into()
+            })?,
+            Some(p) => {
+                check(TOKEN_PLUGINS.contains(&p), || {
+                    format!("authenticationPlugin {p:?} is not supported; use token")
+                })?;
+                let params = self.authentication_parameters.as_deref().unwrap_or("");
+                check(
+                    params == REDACTED
+                        || params.starts_with("token:")
+                        || params.starts_with("file://"),
+                    || "authenticationParameters must be token:<jwt> or file:///path".into(),
+                )?;
+            }
+        }
+        check(
+            !self.broker_client_tls_enabled || self.service_url_tls.is_some(),
+            || "brokerClientTlsEnabled needs a serviceUrlTls".into(),
+        )
+    }
+}
+
+/// Pulsar's `DispatchRate`: at most this many messages and bytes per
+/// period, -1 meaning without limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatchRate {
+    #[serde(default = "unlimited")]
+    pub dispatch_throttling_rate_in_msg: i64,
+    #[serde(default = "unlimited")]
+    pub dispatch_throttling_rate_in_byte: i64,
+    #[serde(default = "one_second")]
+    pub rate_period_in_second: u32,
+}
+
+fn one_second() -> u32 {
+    1
+}
+
+impl DispatchRate {
+    pub fn validate(&self) -> Result<()> {
+        check(
+            self.dispatch_throttling_rate_in_msg >= -1
+                && self.dispatch_throttling_rate_in_byte >= -1
+                && self.rate_period_in_second >= 1,
+            || "dispatch rates must be -1 (unlimited) or more, over a period of 1 s or more".into(),
+        )
+    }
 }
 
 /// What a role may do in a namespace.
@@ -121,6 +231,9 @@ pub struct Policies {
     pub max_connections_per_broker: Option<u32>,
     pub publish_max_message_rate: BTreeMap<String, PublishRate>,
     pub deduplication_enabled: Option<bool>,
+    /// How fast each of this cluster's replicators of the namespace's
+    /// topics may ship to a remote cluster.
+    pub replicator_dispatch_rate: Option<DispatchRate>,
 }
 
 pub const MAX_BUNDLES: u32 = 1024;
@@ -158,6 +271,9 @@ impl Policies {
             || format!("numBundles must be between 1 and {MAX_BUNDLES}"),
         )?;
         if let Some(r) = &self.retention_policies {
+            r.validate()?;
+        }
+        if let Some(r) = &self.replicator_dispatch_rate {
             r.validate()?;
         }
         for (kind, q) in &self.backlog_quota_map {

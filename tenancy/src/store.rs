@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::error::{Result, TenancyError};
 use crate::names::{validate_segment, NamespaceName};
-use crate::policies::{ClusterData, Policies, TenantInfo};
+use crate::policies::{ClusterData, Policies, TenantInfo, REDACTED};
 
 pub const DEFAULT_TENANT: &str = "public";
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -14,6 +14,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 const CLUSTERS: &str = "/admin/clusters/";
 const TENANTS: &str = "/admin/tenants/";
 const POLICIES: &str = "/admin/policies/";
+/// The last `geoId` given to a registered cluster.
+const GEO_IDS: &str = "/geo/cluster-ids";
 /// Compare-and-set attempts before an update gives up with `Conflict`.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -101,10 +103,43 @@ impl TenancyStore {
 
     // ---- clusters ----
 
+    /// Registers a cluster and gives it the next `geoId`.
     pub async fn create_cluster(&self, name: &str, data: &ClusterData) -> Result<()> {
         validate_segment("cluster", name)?;
-        self.create(&cluster_key(name), format!("cluster {name}"), data)
+        data.validate()?;
+        if self.meta.get(&cluster_key(name)).await?.is_some() {
+            return Err(TenancyError::AlreadyExists(format!("cluster {name}")));
+        }
+        let data = ClusterData {
+            geo_id: Some(self.next_geo_id().await?),
+            ..data.clone()
+        };
+        self.create(&cluster_key(name), format!("cluster {name}"), &data)
             .await
+    }
+
+    /// A number never given before: a counter moved by compare-and-set.
+    /// One lost to a failed registration is simply skipped.
+    async fn next_geo_id(&self) -> Result<u16> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (last, version) = match self.read::<u16>(GEO_IDS).await? {
+                Some((n, v)) => (n, Some(v)),
+                None => (0, None),
+            };
+            let next = last
+                .checked_add(1)
+                .ok_or_else(|| TenancyError::InvalidPolicy("every geoId is taken".into()))?;
+            let stored = match version {
+                Some(v) => self.meta.compare_and_put(GEO_IDS, v, to_json(&next)).await,
+                None => self.meta.create(GEO_IDS, to_json(&next)).await,
+            };
+            match stored {
+                Ok(_) => return Ok(next),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TenancyError::Conflict("the geoId counter".into()))
     }
 
     pub async fn get_cluster(&self, name: &str) -> Result<ClusterData> {
@@ -115,13 +150,22 @@ impl TenancyStore {
             .ok_or_else(|| TenancyError::NotFound(format!("cluster {name}")))
     }
 
+    /// Replaces a cluster's record, as Pulsar's update does. Its `geoId`
+    /// stays, and parameters given back as read ([`REDACTED`]) keep their
+    /// stored value.
     pub async fn update_cluster(&self, name: &str, data: ClusterData) -> Result<()> {
         validate_segment("cluster", name)?;
+        data.validate()?;
         self.modify(
             &cluster_key(name),
             || format!("cluster {name}"),
             |c: &mut ClusterData| {
-                *c = data.clone();
+                let mut new = data.clone();
+                new.geo_id = c.geo_id;
+                if new.authentication_parameters.as_deref() == Some(REDACTED) {
+                    new.authentication_parameters = c.authentication_parameters.clone();
+                }
+                *c = new;
                 Ok(())
             },
         )
@@ -129,11 +173,35 @@ impl TenancyStore {
         .map(drop)
     }
 
+    /// Checks the clusters a namespace of `tenant` replicates to: each
+    /// registered, and allowed to the tenant.
+    pub async fn check_replication_clusters<'a>(
+        &self,
+        tenant: &str,
+        clusters: impl IntoIterator<Item = &'a String>,
+    ) -> Result<()> {
+        let known = self.list_clusters().await?;
+        let info = self.get_tenant(tenant).await?;
+        for c in clusters {
+            if !known.contains(c) {
+                return Err(TenancyError::UnknownCluster(c.clone()));
+            }
+            if !info.allowed_clusters.contains(c) {
+                return Err(TenancyError::ClusterNotAllowed {
+                    cluster: c.clone(),
+                    tenant: tenant.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub async fn list_clusters(&self) -> Result<Vec<String>> {
         self.names_under(CLUSTERS).await
     }
 
-    /// Refuses while a tenant still lists the cluster.
+    /// Refuses while a tenant allows the cluster or a namespace replicates
+    /// to it.
     pub async fn delete_cluster(&self, name: &str) -> Result<()> {
         validate_segment("cluster", name)?;
         for t in self.list_tenants().await? {
@@ -142,6 +210,15 @@ impl TenancyStore {
                     return Err(TenancyError::NotEmpty(format!(
                         "cluster {name} (tenant {t} uses it)"
                     )));
+                }
+            }
+            for ns in self.list_namespaces(&t).await.unwrap_or_default() {
+                if let Ok(p) = self.get_policies(&ns).await {
+                    if p.replication_clusters.contains(name) {
+                        return Err(TenancyError::NotEmpty(format!(
+                            "cluster {name} (namespace {ns} replicates to it)"
+                        )));
+                    }
                 }
             }
         }

@@ -145,3 +145,121 @@ async fn concurrent_policy_updates_all_land() {
     let p = store.get_policies(&ns).await.expect("get");
     assert_eq!(p.replication_clusters.len(), 9);
 }
+
+#[tokio::test]
+async fn clusters_get_geo_ids_keep_secrets_and_stay_while_replicated_to() {
+    let (_dir, _node, store) = start().await;
+    store
+        .ensure_defaults("east", &ClusterData::default())
+        .await
+        .expect("defaults");
+    let west = ClusterData {
+        service_url: Some("http://127.0.0.1:18080".into()),
+        authentication_plugin: Some("token".into()),
+        authentication_parameters: Some("token:secret-jwt".into()),
+        ..ClusterData::default()
+    };
+    store.create_cluster("west", &west).await.expect("west");
+    let (east, stored) = (
+        store.get_cluster("east").await.expect("east"),
+        store.get_cluster("west").await.expect("west"),
+    );
+    assert_eq!((east.geo_id, stored.geo_id), (Some(1), Some(2)));
+    assert_eq!(
+        stored.redacted().authentication_parameters.as_deref(),
+        Some(magnetar_tenancy::policies::REDACTED)
+    );
+    // A record sent back as read keeps its secret and its geoId.
+    let mut update = stored.redacted();
+    update.geo_id = Some(99);
+    update.service_url = Some("http://127.0.0.1:18081".into());
+    store.update_cluster("west", update).await.expect("update");
+    let stored = store.get_cluster("west").await.expect("west");
+    assert_eq!(stored.geo_id, Some(2));
+    assert_eq!(
+        stored.authentication_parameters.as_deref(),
+        Some("token:secret-jwt")
+    );
+    assert_eq!(
+        stored.service_url.as_deref(),
+        Some("http://127.0.0.1:18081")
+    );
+    // Refused: a plugin nobody knows, parameters without a plugin, a URL
+    // without its scheme.
+    for bad in [
+        ClusterData {
+            authentication_plugin: Some("kerberos".into()),
+            ..ClusterData::default()
+        },
+        ClusterData {
+            authentication_parameters: Some("token:x".into()),
+            ..ClusterData::default()
+        },
+        ClusterData {
+            service_url: Some("127.0.0.1:8080".into()),
+            ..ClusterData::default()
+        },
+    ] {
+        assert!(matches!(
+            store.create_cluster("bad", &bad).await,
+            Err(TenancyError::InvalidPolicy(_))
+        ));
+    }
+    // Replication clusters: registered and allowed to the tenant.
+    assert!(matches!(
+        store
+            .check_replication_clusters("public", &["mars".to_string()])
+            .await,
+        Err(TenancyError::UnknownCluster(_))
+    ));
+    assert!(matches!(
+        store
+            .check_replication_clusters("public", &["west".to_string()])
+            .await,
+        Err(TenancyError::ClusterNotAllowed { .. })
+    ));
+    let info = TenantInfo {
+        admin_roles: Default::default(),
+        allowed_clusters: ["east".to_string(), "west".to_string()].into(),
+    };
+    store
+        .update_tenant("public", info.clone())
+        .await
+        .expect("tenant");
+    store
+        .check_replication_clusters("public", &["east".to_string(), "west".to_string()])
+        .await
+        .expect("allowed");
+    let ns = NamespaceName::default_namespace();
+    store
+        .modify_policies(&ns, |p| {
+            p.replication_clusters.insert("west".into());
+            Ok(())
+        })
+        .await
+        .expect("replicate");
+    // The tenant no longer allows west, but a namespace still replicates
+    // to it: the cluster stays.
+    store
+        .update_tenant(
+            "public",
+            TenantInfo {
+                allowed_clusters: ["east".to_string()].into(),
+                ..info
+            },
+        )
+        .await
+        .expect("tenant");
+    assert!(matches!(
+        store.delete_cluster("west").await,
+        Err(TenancyError::NotEmpty(_))
+    ));
+    store
+        .modify_policies(&ns, |p| {
+            p.replication_clusters.remove("west");
+            Ok(())
+        })
+        .await
+        .expect("stop replicating");
+    store.delete_cluster("west").await.expect("deleted");
+}

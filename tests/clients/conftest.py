@@ -2,6 +2,7 @@
 ports, which a test may restart (SIGTERM) or kill (SIGKILL) and start again
 on the same ports and data."""
 
+import contextlib
 import os
 import signal
 import ssl
@@ -118,6 +119,19 @@ class Standalone:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def running(extra=(), env=None):
+    """A standalone started in a directory of its own, stopped (and the
+    directory removed) afterwards."""
+    with tempfile.TemporaryDirectory(prefix="magnetar-test-") as d:
+        s = Standalone(d, extra=extra, env=env)
+        s.start()
+        try:
+            yield s
+        finally:
+            s.stop()
 
 
 @pytest.fixture(scope="module")

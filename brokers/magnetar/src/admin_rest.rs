@@ -39,17 +39,72 @@ pub enum RestCommand {
 #[derive(Subcommand)]
 pub enum ClustersCommand {
     List,
+    /// A cluster's record (its authentication parameters hidden).
     Get {
         name: String,
     },
+    /// Register a cluster (a region) with how to reach it.
     Create {
         name: String,
-        #[arg(long)]
-        url: Option<String>,
+        #[command(flatten)]
+        data: ClusterFlags,
+    },
+    /// Replace a cluster's record (parameters left out are cleared, as in
+    /// pulsar-admin).
+    Update {
+        name: String,
+        #[command(flatten)]
+        data: ClusterFlags,
     },
     Delete {
         name: String,
     },
+}
+
+/// pulsar-admin's `clusters create` options, named after `ClusterData`'s
+/// fields (`--url` is the admin API's own).
+#[derive(clap::Args)]
+pub struct ClusterFlags {
+    /// The cluster's HTTP service URL (http://host:8080).
+    #[arg(long)]
+    service_url: Option<String>,
+    /// The cluster's HTTPS service URL (https://host:8443).
+    #[arg(long)]
+    service_url_tls: Option<String>,
+    #[arg(long)]
+    broker_service_url: Option<String>,
+    #[arg(long)]
+    broker_service_url_tls: Option<String>,
+    /// `token` to log in to the cluster with a token.
+    #[arg(long)]
+    auth_plugin: Option<String>,
+    /// `token:<jwt>` or `file:///path/to/token`.
+    #[arg(long)]
+    auth_parameters: Option<String>,
+    /// Reach the cluster over its HTTPS URL.
+    #[arg(long)]
+    tls_enable: bool,
+    #[arg(long)]
+    tls_allow_insecure: bool,
+    /// PEM file of the CAs that sign the cluster's certificates.
+    #[arg(long)]
+    tls_trust_certs_filepath: Option<String>,
+}
+
+impl ClusterFlags {
+    fn body(&self) -> Value {
+        json!({
+            "serviceUrl": self.service_url,
+            "serviceUrlTls": self.service_url_tls,
+            "brokerServiceUrl": self.broker_service_url,
+            "brokerServiceUrlTls": self.broker_service_url_tls,
+            "authenticationPlugin": self.auth_plugin,
+            "authenticationParameters": self.auth_parameters,
+            "brokerClientTlsEnabled": self.tls_enable,
+            "tlsAllowInsecureConnection": self.tls_allow_insecure,
+            "brokerClientTrustCertsFilePath": self.tls_trust_certs_filepath,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -123,6 +178,28 @@ pub enum NamespacesCommand {
     Revoke {
         namespace: String,
         role: String,
+    },
+    /// The clusters the namespace replicates to (it must include this
+    /// one), comma-separated.
+    SetClusters {
+        namespace: String,
+        #[arg(long)]
+        clusters: String,
+    },
+    GetClusters {
+        namespace: String,
+    },
+    /// How fast each replicator of the namespace's topics may ship.
+    SetReplicatorDispatchRate {
+        namespace: String,
+        #[command(flatten)]
+        rate: DispatchRateFlags,
+    },
+    GetReplicatorDispatchRate {
+        namespace: String,
+    },
+    RemoveReplicatorDispatchRate {
+        namespace: String,
     },
 }
 
@@ -224,6 +301,52 @@ pub enum TopicsCommand {
     Lookup {
         topic: String,
     },
+    /// The clusters the topic replicates to, over its namespace's.
+    SetReplicationClusters {
+        topic: String,
+        #[arg(long)]
+        clusters: String,
+    },
+    GetReplicationClusters {
+        topic: String,
+    },
+    /// The topic takes its namespace's replication clusters again.
+    RemoveReplicationClusters {
+        topic: String,
+    },
+    SetReplicatorDispatchRate {
+        topic: String,
+        #[command(flatten)]
+        rate: DispatchRateFlags,
+    },
+    GetReplicatorDispatchRate {
+        topic: String,
+    },
+    RemoveReplicatorDispatchRate {
+        topic: String,
+    },
+}
+
+/// pulsar-admin's dispatch-rate options (-1: without limit).
+#[derive(clap::Args)]
+pub struct DispatchRateFlags {
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    msg_dispatch_rate: i64,
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    byte_dispatch_rate: i64,
+    /// Seconds.
+    #[arg(long, default_value_t = 1)]
+    dispatch_rate_period: u32,
+}
+
+impl DispatchRateFlags {
+    fn body(&self) -> Value {
+        json!({
+            "dispatchThrottlingRateInMsg": self.msg_dispatch_rate,
+            "dispatchThrottlingRateInByte": self.byte_dispatch_rate,
+            "ratePeriodInSecond": self.dispatch_rate_period,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -316,10 +439,21 @@ pub async fn run(url: String, token: Option<String>, command: RestCommand) -> an
                 rest.call("GET", &format!("/admin/v2/clusters/{name}"), None)
                     .await
             }
-            ClustersCommand::Create { name, url } => {
-                let body = json!({ "serviceUrl": url });
-                rest.call("PUT", &format!("/admin/v2/clusters/{name}"), Some(body))
-                    .await
+            ClustersCommand::Create { name, data } => {
+                rest.call(
+                    "PUT",
+                    &format!("/admin/v2/clusters/{name}"),
+                    Some(data.body()),
+                )
+                .await
+            }
+            ClustersCommand::Update { name, data } => {
+                rest.call(
+                    "POST",
+                    &format!("/admin/v2/clusters/{name}"),
+                    Some(data.body()),
+                )
+                .await
             }
             ClustersCommand::Delete { name } => {
                 rest.call("DELETE", &format!("/admin/v2/clusters/{name}"), None)
@@ -428,6 +562,49 @@ async fn run_namespaces(rest: &Rest, command: NamespacesCommand) -> anyhow::Resu
                 "POST",
                 &format!("{}/permissions/{role}", ns_path(&namespace)?),
                 Some(json!(list(&actions))),
+            )
+            .await
+        }
+        NamespacesCommand::SetClusters {
+            namespace,
+            clusters,
+        } => {
+            rest.call(
+                "POST",
+                &format!("{}/replication", ns_path(&namespace)?),
+                Some(json!(list(&clusters))),
+            )
+            .await
+        }
+        NamespacesCommand::SetReplicatorDispatchRate { namespace, rate } => {
+            rest.call(
+                "POST",
+                &format!("{}/replicatorDispatchRate", ns_path(&namespace)?),
+                Some(rate.body()),
+            )
+            .await
+        }
+        NamespacesCommand::GetReplicatorDispatchRate { namespace } => {
+            rest.call(
+                "GET",
+                &format!("{}/replicatorDispatchRate", ns_path(&namespace)?),
+                None,
+            )
+            .await
+        }
+        NamespacesCommand::RemoveReplicatorDispatchRate { namespace } => {
+            rest.call(
+                "DELETE",
+                &format!("{}/replicatorDispatchRate", ns_path(&namespace)?),
+                None,
+            )
+            .await
+        }
+        NamespacesCommand::GetClusters { namespace } => {
+            rest.call(
+                "GET",
+                &format!("{}/replication", ns_path(&namespace)?),
+                None,
             )
             .await
         }
@@ -591,6 +768,50 @@ async fn run_topics(rest: &Rest, command: TopicsCommand) -> anyhow::Result<()> {
         TopicsCommand::OffloadStatus { topic } => {
             rest.call("GET", &format!("{}/offload", topic_path(&topic)?), None)
                 .await
+        }
+        TopicsCommand::SetReplicationClusters { topic, clusters } => {
+            rest.call(
+                "POST",
+                &format!("{}/replication", topic_path(&topic)?),
+                Some(json!(list(&clusters))),
+            )
+            .await
+        }
+        TopicsCommand::GetReplicationClusters { topic } => {
+            rest.call("GET", &format!("{}/replication", topic_path(&topic)?), None)
+                .await
+        }
+        TopicsCommand::RemoveReplicationClusters { topic } => {
+            rest.call(
+                "DELETE",
+                &format!("{}/replication", topic_path(&topic)?),
+                None,
+            )
+            .await
+        }
+        TopicsCommand::SetReplicatorDispatchRate { topic, rate } => {
+            rest.call(
+                "POST",
+                &format!("{}/replicatorDispatchRate", topic_path(&topic)?),
+                Some(rate.body()),
+            )
+            .await
+        }
+        TopicsCommand::GetReplicatorDispatchRate { topic } => {
+            rest.call(
+                "GET",
+                &format!("{}/replicatorDispatchRate", topic_path(&topic)?),
+                None,
+            )
+            .await
+        }
+        TopicsCommand::RemoveReplicatorDispatchRate { topic } => {
+            rest.call(
+                "DELETE",
+                &format!("{}/replicatorDispatchRate", topic_path(&topic)?),
+                None,
+            )
+            .await
         }
         TopicsCommand::Lookup { topic } => {
             let t: TopicName = topic.parse()?;

@@ -103,3 +103,10 @@ fn security() {
 fn metrics() {
     pytest("metrics_tests");
 }
+
+/// Geo-replication: the cluster registry and replication policies in
+/// Pulsar's shapes, with the admin CLI.
+#[test]
+fn geo() {
+    pytest("geo_tests");
+}

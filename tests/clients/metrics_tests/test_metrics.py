@@ -26,7 +26,7 @@ from websockets.sync.client import connect as ws_connect
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "kit"))
 from free_port import free_port  # noqa: E402
 from interop_tests.test_routes import call as admin  # noqa: E402
-from conftest import Standalone  # noqa: E402
+from conftest import running  # noqa: E402
 
 BIN = os.environ.get("MAGNETAR_BIN", "magnetar")
 OM = "application/openmetrics-text; version=1.0.0"
@@ -332,28 +332,23 @@ def test_producers_publish_latency_and_rates_follow_each_protocol(s):
 
 
 def test_topic_level_series_are_opt_in_and_capped():
-    with tempfile.TemporaryDirectory(prefix="magnetar-test-") as d:
-        sa = Standalone(d, extra=["--metrics-topic-level", "--metrics-max-topics", "2"])
-        sa.start()
-        try:
-            conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", sa.amqp_port))
-            ch = conn.channel()
-            ch.confirm_delivery()
-            for q in ("qa", "qb", "qc"):
-                ch.queue_declare(q, durable=True)
-                ch.basic_publish("", q, b"x")
-            conn.close()
-            fams = families(f"{sa.http}/metrics")
-            rows = [x for x in fams["pulsar_msg_backlog"].samples
-                    if x.labels.get("namespace") == "public/default"]
-            topics = sorted(x.labels["topic"] for x in rows if x.labels.get("topic"))
-            assert len(topics) == 2, rows
-            # The third queue's backlog stays in its namespace's row, and
-            # the sum over the rows is the namespace's.
-            assert sum(x.value for x in rows) == 3, rows
-            assert value(fams, "pulsar_broker_msg_backlog") == 3
-        finally:
-            sa.stop()
+    with running(extra=["--metrics-topic-level", "--metrics-max-topics", "2"]) as sa:
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", sa.amqp_port))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for q in ("qa", "qb", "qc"):
+            ch.queue_declare(q, durable=True)
+            ch.basic_publish("", q, b"x")
+        conn.close()
+        fams = families(f"{sa.http}/metrics")
+    rows = [x for x in fams["pulsar_msg_backlog"].samples
+            if x.labels.get("namespace") == "public/default"]
+    topics = sorted(x.labels["topic"] for x in rows if x.labels.get("topic"))
+    assert len(topics) == 2, rows
+    # The third queue's backlog stays in its namespace's row, and the sum
+    # over the rows is the namespace's.
+    assert sum(x.value for x in rows) == 3, rows
+    assert value(fams, "pulsar_broker_msg_backlog") == 3
 
 
 # ---- a cluster's metadata node and bookie ----

@@ -6,7 +6,6 @@ span, and Kafka produce requests have spans of their own."""
 import base64
 import json
 import secrets
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from websockets.sync.client import connect as ws_connect
 
-from conftest import Standalone
+from conftest import running
 
 
 class Collector(ThreadingHTTPServer):
@@ -60,16 +59,13 @@ class Handler(BaseHTTPRequestHandler):
 def traced():
     collector = Collector()
     threading.Thread(target=collector.serve_forever, daemon=True).start()
-    with tempfile.TemporaryDirectory(prefix="magnetar-test-") as d:
-        s = Standalone(d, env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
-            "OTEL_BSP_SCHEDULE_DELAY": "200",
-            "OTEL_SERVICE_NAME": "magnetar-test",
-        })
-        s.start()
+    with running(env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_SERVICE_NAME": "magnetar-test",
+    }) as s:
         yield s, collector
-        s.stop()
     collector.shutdown()
 
 

@@ -41,6 +41,91 @@ pub(super) async fn delete_route(
     Ok(no_content())
 }
 
+// ---- a topic's replication policies ----
+
+/// Geo-replication is of persistent topics only, as in Pulsar.
+fn replicable(d: &str, t: &str, ns: &str, topic: &str) -> ApiResult<TopicName> {
+    let name = topic_name(d, t, ns, topic)?;
+    if !name.is_persistent() {
+        return Err(ApiError::bad_request(format!(
+            "{name} is not persistent; only persistent topics replicate"
+        )));
+    }
+    Ok(name.base())
+}
+
+/// The topic's own replication clusters; 204 when it takes its
+/// namespace's.
+pub(super) async fn get_topic_replication(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    Ok(match b.topic_policies(&name).await?.replication_clusters {
+        Some(c) => Json(c).into_response(),
+        None => no_content(),
+    })
+}
+
+pub(super) async fn set_topic_replication(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    let clusters: std::collections::BTreeSet<String> = body(&raw)?;
+    check_replication(&b, name.namespace(), &clusters).await?;
+    b.modify_topic_policies(&name, |p| p.replication_clusters = Some(clusters.clone()))
+        .await?;
+    Ok(no_content())
+}
+
+pub(super) async fn delete_topic_replication(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    b.modify_topic_policies(&name, |p| p.replication_clusters = None)
+        .await?;
+    Ok(no_content())
+}
+
+pub(super) async fn get_topic_dispatch_rate(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    Ok(
+        match b.topic_policies(&name).await?.replicator_dispatch_rate {
+            Some(r) => Json(r).into_response(),
+            None => no_content(),
+        },
+    )
+}
+
+pub(super) async fn set_topic_dispatch_rate(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+    raw: Bytes,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    let rate: magnetar_tenancy::DispatchRate = body(&raw)?;
+    rate.validate()?;
+    b.modify_topic_policies(&name, |p| p.replicator_dispatch_rate = Some(rate))
+        .await?;
+    Ok(no_content())
+}
+
+pub(super) async fn delete_topic_dispatch_rate(
+    State(b): State<Broker>,
+    Path((d, t, ns, topic)): TopicPath,
+) -> ApiResult<Response> {
+    let name = replicable(&d, &t, &ns, &topic)?;
+    b.modify_topic_policies(&name, |p| p.replicator_dispatch_rate = None)
+        .await?;
+    Ok(no_content())
+}
+
 // ---- brokers ----
 
 pub(super) async fn list_brokers(

@@ -73,6 +73,8 @@ fn tenancy_status(e: &TenancyError) -> StatusCode {
     match e {
         TenancyError::InvalidName(_) | TenancyError::InvalidPolicy(_) => StatusCode::BAD_REQUEST,
         TenancyError::NotFound(_) => StatusCode::NOT_FOUND,
+        TenancyError::UnknownCluster(_) => StatusCode::PRECONDITION_FAILED,
+        TenancyError::ClusterNotAllowed { .. } => StatusCode::FORBIDDEN,
         TenancyError::AlreadyExists(_) | TenancyError::NotEmpty(_) | TenancyError::Conflict(_) => {
             StatusCode::CONFLICT
         }
@@ -229,6 +231,20 @@ pub fn router(broker: Broker) -> Router {
         .route(
             "/{domain}/{tenant}/{ns}/{topic}/offload",
             put(trigger_offload).get(offload_status),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/replication",
+            get(get_topic_replication)
+                .post(set_topic_replication)
+                .put(set_topic_replication)
+                .delete(delete_topic_replication),
+        )
+        .route(
+            "/{domain}/{tenant}/{ns}/{topic}/replicatorDispatchRate",
+            get(get_topic_dispatch_rate)
+                .post(set_topic_dispatch_rate)
+                .put(set_topic_dispatch_rate)
+                .delete(delete_topic_dispatch_rate),
         )
         .route(
             "/{domain}/{tenant}/{ns}/{topic}/route",

@@ -13,7 +13,7 @@ pub(super) async fn get_cluster(
     State(b): State<Broker>,
     Path(c): Path<String>,
 ) -> ApiResult<Json<ClusterData>> {
-    Ok(Json(b.tenancy().get_cluster(&c).await?))
+    Ok(Json(b.tenancy().get_cluster(&c).await?.redacted()))
 }
 
 pub(super) async fn create_cluster(
@@ -40,6 +40,12 @@ pub(super) async fn delete_cluster(
     State(b): State<Broker>,
     Path(c): Path<String>,
 ) -> ApiResult<Response> {
+    if let Some(t) = b.topics_replicating_to(&c).await?.first() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("cluster {c} is not empty: topic {t} replicates to it"),
+        ));
+    }
     b.tenancy().delete_cluster(&c).await?;
     Ok(no_content())
 }
@@ -132,6 +138,7 @@ pub(super) async fn create_namespace(
             .replication_clusters
             .insert(b.config().cluster.clone());
     }
+    check_replication(&b, &ns, &policies.replication_clusters).await?;
     b.tenancy().create_namespace(&ns, &policies).await?;
     Ok(no_content())
 }
@@ -184,6 +191,7 @@ pub(super) fn policy_field(name: &str) -> Option<&'static str> {
         "publishRate" => "publish_max_message_rate",
         "deduplication" => "deduplication_enabled",
         "backlogQuota" => "backlog_quota_map",
+        "replicatorDispatchRate" => "replicator_dispatch_rate",
         _ => return None,
     })
 }
@@ -244,12 +252,44 @@ pub(super) async fn remove_policy(
     apply_policy(&b, &namespace(&t, &ns)?, field, None).await
 }
 
+/// The clusters a namespace replicates to: registered, allowed to its
+/// tenant, and this one among them (its brokers serve the namespace).
+pub(super) async fn check_replication(
+    b: &Broker,
+    ns: &NamespaceName,
+    clusters: &std::collections::BTreeSet<String>,
+) -> ApiResult<()> {
+    let local = &b.config().cluster;
+    if !clusters.contains(local) {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("the replication clusters of {ns} must include this cluster, {local}"),
+        ));
+    }
+    b.tenancy()
+        .check_replication_clusters(ns.tenant(), clusters)
+        .await?;
+    Ok(())
+}
+
 pub(super) async fn apply_policy(
     b: &Broker,
     ns: &NamespaceName,
     field: &str,
     value: Option<Value>,
 ) -> ApiResult<Response> {
+    let value = if field == "replication_clusters" {
+        // Removing the policy leaves the namespace in this cluster alone.
+        let clusters: std::collections::BTreeSet<String> = match &value {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| ApiError::bad_request(format!("replication clusters: {e}")))?,
+            None => [b.config().cluster.clone()].into(),
+        };
+        check_replication(b, ns, &clusters).await?;
+        Some(json!(clusters))
+    } else {
+        value
+    };
     let mut parse_error = None;
     let r = b
         .tenancy()

@@ -57,6 +57,12 @@ pub struct TopicPolicies {
     /// Where the topic's records are routed, besides being kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<TopicRoute>,
+    /// The clusters the topic replicates to, over its namespace's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_clusters: Option<std::collections::BTreeSet<String>>,
+    /// Over its namespace's `replicatorDispatchRate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicator_dispatch_rate: Option<magnetar_tenancy::DispatchRate>,
 }
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.

@@ -66,6 +66,57 @@ impl Broker {
         Ok(())
     }
 
+    /// The clusters the topic replicates to: its own policy, else its
+    /// namespace's.
+    pub async fn replication_clusters(
+        &self,
+        topic: &TopicName,
+    ) -> Result<std::collections::BTreeSet<String>> {
+        if let Some(c) = self.topic_policies(topic).await?.replication_clusters {
+            return Ok(c);
+        }
+        Ok(self
+            .inner
+            .tenancy
+            .get_policies(topic.namespace())
+            .await?
+            .replication_clusters)
+    }
+
+    /// Changes one of the topic's own policies with compare-and-set, so
+    /// that concurrent changes of different policies all land.
+    pub async fn modify_topic_policies(
+        &self,
+        topic: &TopicName,
+        f: impl Fn(&mut TopicPolicies),
+    ) -> Result<()> {
+        let key = Self::topic_policies_key(topic);
+        for _ in 0..16 {
+            let (mut p, version) = match self.inner.meta.get(&key).await? {
+                Some(kv) => (parse::<TopicPolicies>(&key, &kv.value)?, Some(kv.version)),
+                None => (TopicPolicies::default(), None),
+            };
+            f(&mut p);
+            let done = match (version, p == TopicPolicies::default()) {
+                (None, true) => return Ok(()),
+                (None, false) => self.inner.meta.create(&key, json(&p)).await.map(drop),
+                (Some(v), true) => self.inner.meta.compare_and_delete(&key, v).await.map(drop),
+                (Some(v), false) => self
+                    .inner
+                    .meta
+                    .compare_and_put(&key, v, json(&p))
+                    .await
+                    .map(drop),
+            };
+            match done {
+                Ok(()) => return Ok(()),
+                Err(magnetar_metadata::MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(magnetar_tenancy::TenancyError::Conflict(format!("the policies of {topic}")).into())
+    }
+
     /// Where the topic's records are routed, if anywhere.
     pub async fn topic_route(&self, topic: &TopicName) -> Result<Option<TopicRoute>> {
         Ok(self.topic_policies(topic).await?.route)
@@ -124,6 +175,26 @@ impl Broker {
             Some(n) => (0..n).map(|i| topic.partition(i)).collect(),
             None => vec![topic.clone()],
         })
+    }
+
+    /// The topics whose own policy replicates to `cluster`.
+    pub async fn topics_replicating_to(&self, cluster: &str) -> Result<Vec<TopicName>> {
+        let mut out = Vec::new();
+        for kv in self.inner.meta.list(TOPIC_POLICIES_PREFIX).await? {
+            let Some(path) = kv.key.strip_prefix(TOPIC_POLICIES_PREFIX) else {
+                continue;
+            };
+            let (Ok(topic), Ok(p)) = (
+                TopicName::from_path(path),
+                parse::<TopicPolicies>(&kv.key, &kv.value),
+            ) else {
+                continue;
+            };
+            if p.replication_clusters.is_some_and(|c| c.contains(cluster)) {
+                out.push(topic);
+            }
+        }
+        Ok(out)
     }
 
     /// Every routed partition, and those of them this broker owns.
