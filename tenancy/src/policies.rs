@@ -62,12 +62,18 @@ impl ClusterData {
 
     pub fn validate(&self) -> Result<()> {
         for (field, url, schemes) in [
-            ("serviceUrl", &self.service_url, &["http://"][..]),
+            // A broker whose HTTP listener speaks TLS registers an https
+            // serviceUrl.
+            (
+                "serviceUrl",
+                &self.service_url,
+                &["http://", "https://"][..],
+            ),
             ("serviceUrlTls", &self.service_url_tls, &["https://"][..]),
             (
                 "brokerServiceUrl",
                 &self.broker_service_url,
-                &["pulsar://", "http://"][..],
+                &["pulsar://", "pulsar+ssl://", "http://", "https://"][..],
             ),
             (
                 "brokerServiceUrlTls",
