@@ -226,6 +226,23 @@ pub fn with_base_offset(batch: Bytes, offset: u64) -> Bytes {
     m.freeze()
 }
 
+/// Returns `batch` with the producer fields of a record replicated from
+/// another cluster, and no longer transactional (only committed data is
+/// replicated); the records themselves, compressed or not, are untouched,
+/// and the CRC covers the new header.
+pub fn with_geo_stamp(batch: Bytes, stamp: crate::replicated::GeoStamp) -> Result<Bytes> {
+    let h = validate_batch(&batch)?;
+    let mut m = BytesMut::from(batch);
+    let attributes = h.attributes & !TRANSACTIONAL_FLAG;
+    m[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    m[43..51].copy_from_slice(&stamp.producer_id.to_be_bytes());
+    m[51..53].copy_from_slice(&stamp.epoch.to_be_bytes());
+    m[53..57].copy_from_slice(&stamp.base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&m[ATTRIBUTES_AT..]);
+    m[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(m.freeze())
+}
+
 /// Milliseconds since the epoch, the timestamps of records and of
 /// protocol state (0 before 1970, saturating far after).
 pub fn now_ms() -> i64 {
@@ -959,6 +976,33 @@ mod tests {
             let _ = split_batches(Bytes::from(junk.clone()));
             let _ = decode_entry(&Bytes::from(junk));
         }
+    }
+
+    #[test]
+    fn a_geo_stamp_changes_the_producer_fields_and_nothing_else() {
+        let producer = ProducerSequence {
+            producer_id: 7,
+            epoch: 1,
+            base_sequence: 3,
+        };
+        let batch = encode_transactional(&sample(4), producer).expect("batch");
+        let stamp = crate::replicated::GeoStamp::new(2, 5_000_000_000).expect("stamp");
+        let stamped = with_geo_stamp(batch.clone(), stamp).expect("stamped");
+        let h = validate_batch(&stamped).expect("its CRC holds");
+        assert_eq!(
+            (h.producer_id, h.producer_epoch, h.base_sequence),
+            (stamp.producer_id, stamp.epoch, stamp.base_sequence)
+        );
+        assert!(!h.is_transactional());
+        assert_eq!(
+            crate::replicated::GeoStamp::decode(h.producer_id, h.producer_epoch, h.base_sequence),
+            Some((2, 5_000_000_000))
+        );
+        let before = decode_entry(&batch).expect("decodes");
+        let after = decode_entry(&stamped).expect("decodes");
+        assert_eq!(before, after);
+        assert_eq!(stamped[HEADER_LEN..], batch[HEADER_LEN..]);
+        assert!(with_geo_stamp(batch.slice(..batch.len() - 1), stamp).is_err());
     }
 
     #[test]

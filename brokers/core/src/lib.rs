@@ -31,6 +31,7 @@ pub mod listener;
 pub mod log;
 pub mod managed_ledger;
 pub mod metrics;
+pub mod replicated;
 pub mod routing;
 pub mod service;
 pub mod state;

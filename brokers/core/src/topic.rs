@@ -18,6 +18,7 @@ use crate::format::{encode_batch, encode_messages, validate_batch, Message, Prod
 use crate::log::PartitionLog;
 use crate::managed_ledger::LedgerInfo;
 use crate::metrics::{Histogram, NamespaceGauges, Traffic};
+use crate::replicated::{is_replicated, GeoStamp, Verdict, Watermark};
 use crate::subscription::{
     cursor_key, cursor_record, load_cursor, Consumer, ConsumerOptions, CursorStore, DeadLetterSink,
     InitialPosition, ResetTo, Subscription, SubscriptionOptions, SubscriptionSetup,
@@ -60,14 +61,18 @@ impl Default for RetentionDefaults {
     }
 }
 
-/// Subscriptions the system keeps for itself start with this: a route's
-/// `__route`, later the replicators. They hold data like any cursor, but
-/// never turn a topic from a stream into a queue, since no user asked for
-/// queue semantics by creating them.
+/// Subscriptions the system keeps for itself start with this (a route's
+/// `__route`) or with [`REPLICATOR_PREFIX`]. They hold data like any
+/// cursor, but never turn a topic from a stream into a queue, since no
+/// user asked for queue semantics by creating them.
 pub const SYSTEM_SUBSCRIPTION_PREFIX: &str = "__";
 
+/// The cursor of the replicator to cluster `c` is `pulsar.repl.c`, as in
+/// Pulsar, whose tools list and clear it under that name.
+pub const REPLICATOR_PREFIX: &str = "pulsar.repl.";
+
 pub fn is_system_subscription(name: &str) -> bool {
-    name.starts_with(SYSTEM_SUBSCRIPTION_PREFIX)
+    name.starts_with(SYSTEM_SUBSCRIPTION_PREFIX) || name.starts_with(REPLICATOR_PREFIX)
 }
 
 /// What a publish did.
@@ -96,6 +101,9 @@ pub struct Topic {
     /// Epoch and next sequence expected per producer, counting appends in
     /// flight.
     in_flight: Arc<Mutex<HashMap<i64, (i16, i64)>>>,
+    /// Per source cluster, the replication watermark with the batches in
+    /// progress; taken from the log when first used.
+    geo: Arc<Mutex<HashMap<u16, Watermark>>>,
     /// The namespace's backlog quota, refreshed whenever retention runs.
     quota: std::sync::RwLock<Option<BacklogQuota>>,
     subs: Mutex<HashMap<String, Subscription>>,
@@ -142,6 +150,16 @@ impl Counters {
     }
 }
 
+/// What became of a replicated batch.
+pub enum ReplicatedAppend {
+    /// Being stored: resolves to its offset here once durable.
+    Pending(BoxFuture<'static, Result<u64>>),
+    /// Stored before: nothing to do.
+    Duplicate,
+    /// It does not continue what was sent before: send again from `next`.
+    OutOfOrder { next: u64 },
+}
+
 /// A publish whose place is fixed, resolving when it is durable.
 pub type PendingPublish = BoxFuture<'static, Result<Published>>;
 
@@ -167,6 +185,7 @@ impl Topic {
             log,
             meta,
             in_flight: Arc::default(),
+            geo: Arc::default(),
             quota: std::sync::RwLock::new(None),
             subs: Mutex::new(HashMap::new()),
             dead_letter,
@@ -282,6 +301,12 @@ impl Topic {
     /// pipelines requests submits them in order and awaits them in any.
     pub async fn submit_batch(&self, batch: Bytes) -> Result<PendingPublish> {
         let h = validate_batch(&batch)?;
+        if is_replicated(h.producer_id) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "producer id {} is in the range of records replicated from other clusters",
+                h.producer_id
+            )));
+        }
         let count = h.record_count.max(0) as u64;
         if h.producer_id >= 0 && h.base_sequence >= 0 {
             let p = ProducerSequence {
@@ -301,6 +326,123 @@ impl Topic {
             Ok(Published::Stored(offset))
         }
         .boxed())
+    }
+
+    /// Where replication from cluster `source` (its `geoId`) stands for
+    /// the source topic's `incarnation`: the source offset to send from.
+    /// Refused for another life of the source topic than the one this
+    /// partition holds records of.
+    pub async fn replication_handshake(&self, source: u16, incarnation: u64) -> Result<u64> {
+        let ml = self.replicable()?;
+        let mut geo = self.geo.lock().await;
+        let w = Self::watermark(&mut geo, ml, source);
+        match w.handshake(incarnation) {
+            Ok(next) => {
+                ml.note_geo_incarnation(source, incarnation);
+                Ok(next)
+            }
+            Err(known) => Err(BrokerError::PreconditionFailed(format!(
+                "{} holds records of another life of the source topic ({known}, not {incarnation}); delete it first",
+                self.name
+            ))),
+        }
+    }
+
+    /// Appends a batch replicated from cluster `source`, exactly once: it
+    /// covers the source offsets its header names, and was sent after a
+    /// batch that ended at `prev` (see [`crate::replicated`]). The batch is
+    /// stored as it came, its records untouched, with its source range in
+    /// its producer fields.
+    pub async fn submit_replicated(
+        &self,
+        source: u16,
+        prev: u64,
+        batch: Bytes,
+    ) -> Result<ReplicatedAppend> {
+        let ml = self.replicable()?;
+        let h = validate_batch(&batch)?;
+        let base = u64::try_from(h.base_offset).unwrap_or(u64::MAX);
+        let (count, len, end) = (
+            h.record_count.max(0) as u64,
+            batch.len() as u64,
+            base.saturating_add(h.offset_count()),
+        );
+        let stamp = GeoStamp::new(source, base)
+            .filter(|_| !h.is_control())
+            .ok_or_else(|| {
+                BrokerError::InvalidArgument(format!(
+                    "{}: a replicated batch must be data, at a source offset below 2^46",
+                    self.name
+                ))
+            })?;
+        let stamped = crate::format::with_geo_stamp(batch, stamp)?;
+        let pending = {
+            let mut geo = self.geo.lock().await;
+            let w = Self::watermark(&mut geo, ml, source);
+            match w.offer(prev, base, h.offset_count()) {
+                Verdict::Append => {}
+                Verdict::Duplicate => return Ok(ReplicatedAppend::Duplicate),
+                Verdict::OutOfOrder { next } => return Ok(ReplicatedAppend::OutOfOrder { next }),
+                Verdict::Invalid => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "{}: source range {base}+{} after {prev}",
+                        self.name,
+                        h.offset_count()
+                    )))
+                }
+            }
+            match self.log.submit(stamped).await {
+                Ok(p) => p,
+                Err(e) => {
+                    w.failed();
+                    return Err(e);
+                }
+            }
+        };
+        let stats = self.counters();
+        let geo = Arc::clone(&self.geo);
+        Ok(ReplicatedAppend::Pending(
+            async move {
+                let stored = pending.await;
+                let mut geo = geo.lock().await;
+                let w = geo.entry(source).or_default();
+                match stored {
+                    Ok(offset) => {
+                        w.stored(end);
+                        stats.add(count, len);
+                        Ok(offset)
+                    }
+                    Err(e) => {
+                        w.failed();
+                        Err(e)
+                    }
+                }
+            }
+            .boxed(),
+        ))
+    }
+
+    fn replicable(&self) -> Result<&crate::managed_ledger::ManagedLedger> {
+        match &self.log {
+            PartitionLog::Managed(ml) => Ok(ml),
+            PartitionLog::Memory(_) => Err(BrokerError::InvalidArgument(format!(
+                "{} is not persistent; only persistent topics replicate",
+                self.name
+            ))),
+        }
+    }
+
+    fn watermark<'a>(
+        geo: &'a mut HashMap<u16, Watermark>,
+        ml: &crate::managed_ledger::ManagedLedger,
+        source: u16,
+    ) -> &'a mut Watermark {
+        geo.entry(source).or_insert_with(|| {
+            ml.geo_watermarks()
+                .get(&source)
+                .copied()
+                .unwrap_or_default()
+        })
     }
 
     fn counters(&self) -> Counters {

@@ -495,24 +495,29 @@ async fn retention_keeps_what_holds_and_system_subscriptions_need() {
     let b = broker(&c).await;
     let hold = std::sync::Arc::new(FixedHold(Default::default()));
     b.add_retention_hold(hold.clone());
-    // A system subscription (a route's) keeps a stream a stream: nothing
-    // goes although it acknowledged everything.
-    let s = topic("routed-stream");
-    publish_n(&b, &s, 60).await;
-    let mut r = b
-        .subscribe(&s, "__route", shared(SubscriptionType::Shared), named("r"))
-        .await
-        .expect("subscribe");
-    r.flow(1000);
-    for _ in 0..60 {
-        let d = recv(&mut r).await;
-        r.ack(d.offset);
+    // A system subscription (a route's, a replicator's) keeps a stream a
+    // stream: nothing goes although it acknowledged everything.
+    for (stream, sub) in [
+        ("routed-stream", "__route"),
+        ("replicated-stream", "pulsar.repl.west"),
+    ] {
+        let s = topic(stream);
+        publish_n(&b, &s, 60).await;
+        let mut r = b
+            .subscribe(&s, sub, shared(SubscriptionType::Shared), named("r"))
+            .await
+            .expect("subscribe");
+        r.flow(1000);
+        for _ in 0..60 {
+            let d = recv(&mut r).await;
+            r.ack(d.offset);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let run = b.run_retention().await;
+        assert!(run.failed.is_empty(), "{:?}", run.failed);
+        assert!(run.deleted.is_empty(), "{sub}: {:?}", run.deleted);
+        assert_eq!(b.topic_stats(&s).await.expect("stats").start_offset, 0);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let run = b.run_retention().await;
-    assert!(run.failed.is_empty(), "{:?}", run.failed);
-    assert!(run.deleted.is_empty(), "{:?}", run.deleted);
-    assert_eq!(b.topic_stats(&s).await.expect("stats").start_offset, 0);
 
     // A user subscription from the latest offset makes a queue of it, but
     // a hold at offset 10 keeps every ledger from there on.
@@ -1186,4 +1191,93 @@ async fn idle_non_persistent_topics_without_subscriptions_are_unloaded() {
     b.publish(&spam, vec![Message::new("again")])
         .await
         .expect("publish");
+}
+
+/// Batches replicated from another cluster are stored once each, in
+/// order, whatever is resent, and the watermark outlives the topic's
+/// unloading: it lives in the log.
+#[tokio::test]
+async fn replicated_batches_are_stored_exactly_once() {
+    use magnetar_broker::format::{encode_batch, with_base_offset};
+    use magnetar_broker::topic::ReplicatedAppend;
+    let c = Cluster::start(1).await;
+    let b = broker(&c).await;
+    let name = topic("replicated");
+    // Source entries at offsets 0..3 and 5..7 (3..5 held nothing to
+    // replicate), as the source's log stores them.
+    let batch = |base: u64, n: usize| {
+        let msgs: Vec<Message> = (0..n)
+            .map(|i| Message::new(format!("east-{}", base as usize + i)))
+            .collect();
+        with_base_offset(encode_batch(&msgs, None).expect("batch"), base)
+    };
+    let (first, second) = (batch(0, 3), batch(5, 2));
+    let t = b.topic(&name, true).await.expect("topic");
+    assert_eq!(t.replication_handshake(9, 1).await.expect("handshake"), 0);
+    let stored = |r: ReplicatedAppend| async move {
+        match r {
+            ReplicatedAppend::Pending(p) => Some(p.await.expect("durable")),
+            ReplicatedAppend::Duplicate => None,
+            ReplicatedAppend::OutOfOrder { next } => panic!("out of order, next {next}"),
+        }
+    };
+    let r = t
+        .submit_replicated(9, 0, first.clone())
+        .await
+        .expect("first");
+    assert_eq!(stored(r).await, Some(0));
+    // A resend is a duplicate; skipping what was not acknowledged is not
+    // allowed.
+    let r = t
+        .submit_replicated(9, 0, first.clone())
+        .await
+        .expect("resend");
+    assert!(matches!(r, ReplicatedAppend::Duplicate));
+    let r = t
+        .submit_replicated(9, 7, batch(7, 1))
+        .await
+        .expect("a hole");
+    assert!(matches!(r, ReplicatedAppend::OutOfOrder { next: 3 }));
+    let r = t
+        .submit_replicated(9, 3, second.clone())
+        .await
+        .expect("second");
+    assert_eq!(stored(r).await, Some(3));
+    // The records are as the source wrote them.
+    let got = b
+        .fetch(&name, 0, 1 << 20, Duration::ZERO)
+        .await
+        .expect("fetch");
+    let values: Vec<String> = got
+        .entries
+        .iter()
+        .flat_map(|e| magnetar_broker::format::decode_entry(&e.data).expect("decodes"))
+        .map(|m| String::from_utf8(m.message.value.unwrap_or_default().to_vec()).expect("utf8"))
+        .collect();
+    assert_eq!(values, ["east-0", "east-1", "east-2", "east-5", "east-6"]);
+    // A client cannot pass for replicated records.
+    let forged = magnetar_broker::format::with_geo_stamp(
+        batch(0, 1),
+        magnetar_broker::replicated::GeoStamp::new(9, 100).expect("stamp"),
+    )
+    .expect("stamped");
+    assert!(t.submit_batch(forged).await.is_err());
+    // Unloaded and loaded again, the partition knows where the source
+    // stands from its own log.
+    drop(t);
+    b.unload_topic(&name).await.expect("unload");
+    let t = b.topic(&name, true).await.expect("topic again");
+    assert_eq!(t.replication_handshake(9, 1).await.expect("handshake"), 7);
+    let r = t
+        .submit_replicated(9, 3, second)
+        .await
+        .expect("resend after reload");
+    assert!(matches!(r, ReplicatedAppend::Duplicate));
+    // Another source cluster has a watermark of its own, and another life
+    // of the source topic is refused rather than mixed in.
+    assert_eq!(t.replication_handshake(4, 1).await.expect("handshake"), 0);
+    assert!(matches!(
+        t.replication_handshake(9, 2).await,
+        Err(BrokerError::PreconditionFailed(_))
+    ));
 }

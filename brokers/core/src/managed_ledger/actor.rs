@@ -225,7 +225,7 @@ impl Actor {
                 }
             }
             st.next_offset = f.base + f.offsets;
-            note_producer(&mut st.producers, &f.header, f.base);
+            note_batch(&mut st.producers, &mut st.geo, &f.header, f.base);
         }
         self.inner.end_tx.send_replace(f.base + f.offsets);
         let _ = f.reply.send(Ok(f.base));

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::format::{decode_all, encode_restored, with_base_offset, BatchHeader, StoredMessage};
+use crate::replicated::{is_replicated, GeoStamp, Watermark};
 
 mod actor;
 
@@ -180,6 +181,10 @@ struct Record {
     low_watermark: u64,
     #[serde(default)]
     txns: TxnIndex,
+    /// Per source cluster (its `geoId`), the replication watermark: never
+    /// evicted, unlike `producers`, however long a region is away.
+    #[serde(default)]
+    geo: BTreeMap<u16, Watermark>,
 }
 
 /// Transactions seen in the partition's batches: where each producer's
@@ -244,6 +249,25 @@ pub struct ProducerSeq {
 
 /// Producers remembered per partition; the least recently seen go first.
 const MAX_PRODUCERS: usize = 10_000;
+
+/// Takes a stored batch's producer fields into account: a replicated
+/// batch moves its source cluster's watermark, any other its idempotent
+/// producer's sequence.
+fn note_batch(
+    producers: &mut BTreeMap<i64, ProducerSeq>,
+    geo: &mut BTreeMap<u16, Watermark>,
+    h: &BatchHeader,
+    offset: u64,
+) {
+    match GeoStamp::decode(h.producer_id, h.producer_epoch, h.base_sequence) {
+        Some((source, base)) => geo
+            .entry(source)
+            .or_default()
+            .recovered(base.saturating_add(h.offset_count())),
+        None if is_replicated(h.producer_id) => {}
+        None => note_producer(producers, h, offset),
+    }
+}
 
 fn note_producer(map: &mut BTreeMap<i64, ProducerSeq>, h: &BatchHeader, offset: u64) {
     if h.is_control() && h.producer_id >= 0 {
@@ -318,6 +342,7 @@ struct State {
     producers: BTreeMap<i64, ProducerSeq>,
     low_watermark: u64,
     txns: TxnIndex,
+    geo: BTreeMap<u16, Watermark>,
 }
 
 impl State {
@@ -336,6 +361,7 @@ impl State {
             producers: self.producers.clone(),
             low_watermark: self.low_watermark,
             txns: self.txns.clone(),
+            geo: self.geo.clone(),
         }
     }
 }
@@ -428,8 +454,14 @@ impl ManagedLedger {
         let mut dropped = Vec::new();
         if let Some(last) = record.ledgers.last().cloned() {
             if !last.is_closed() {
-                match recover_ledger(&client, &last, &mut record.producers, &mut record.txns)
-                    .await?
+                match recover_ledger(
+                    &client,
+                    &last,
+                    &mut record.producers,
+                    &mut record.geo,
+                    &mut record.txns,
+                )
+                .await?
                 {
                     Some((info, index)) => {
                         indexes.insert(info.id, index);
@@ -478,6 +510,7 @@ impl ManagedLedger {
                 producers: record.producers,
                 low_watermark: record.low_watermark,
                 txns: record.txns,
+                geo: record.geo,
                 indexes,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
@@ -561,6 +594,19 @@ impl ManagedLedger {
     /// What the partition last stored from an idempotent producer.
     pub fn producer(&self, producer_id: i64) -> Option<ProducerSeq> {
         self.state().producers.get(&producer_id).copied()
+    }
+
+    /// The replication watermark of each source cluster (by `geoId`), as
+    /// stored: the source offsets below `next` are in this partition.
+    pub fn geo_watermarks(&self) -> BTreeMap<u16, Watermark> {
+        self.state().geo.clone()
+    }
+
+    /// Records which life of the source topic cluster `source`'s records
+    /// come from; stored with the next ledger-list write.
+    pub fn note_geo_incarnation(&self, source: u16, incarnation: u64) {
+        let mut st = self.inner.state.write().unwrap_or_else(lock_err);
+        st.geo.entry(source).or_default().incarnation = incarnation;
     }
 
     /// Every idempotent producer the partition remembers, with where its
@@ -1144,6 +1190,7 @@ async fn recover_ledger(
     client: &LedgerClient,
     info: &LedgerInfo,
     producers: &mut BTreeMap<i64, ProducerSeq>,
+    geo: &mut BTreeMap<u16, Watermark>,
     txns: &mut TxnIndex,
 ) -> Result<Option<(LedgerInfo, Vec<u64>)>> {
     let reader = match client.open_and_recover(info.id).await {
@@ -1168,7 +1215,7 @@ async fn recover_ledger(
         let last = (first + SCAN_CHUNK - 1).min(lac as u64);
         for e in reader.read(first, last).await? {
             let h = BatchHeader::parse(&e.payload)?;
-            note_producer(producers, &h, h.base_offset.max(0) as u64);
+            note_batch(producers, geo, &h, h.base_offset.max(0) as u64);
             txns.note(&h, &e.payload, h.base_offset.max(0) as u64);
             index.push(h.base_offset.max(0) as u64);
             out.entries += 1;
