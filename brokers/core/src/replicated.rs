@@ -17,9 +17,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Producer ids from here up mark replicated records: Kafka's
-/// InitProducerId hands out ids far below, and a client's produce with
-/// one is refused.
+/// The 2^16 producer ids from here on, one per source cluster, mark
+/// replicated records. Kafka's InitProducerId hands out ids far below;
+/// named REST producers hash into `[2^62, 2^63)` but step around this
+/// window; and a client's batch with one of them is refused.
 pub const GEO_BASE: i64 = 1 << 62;
 
 /// Source offsets a stamp can carry: 31 bits of base sequence under a
@@ -28,7 +29,7 @@ pub const MAX_SOURCE_OFFSET: u64 = 1 << 46;
 
 /// Whether a batch's producer id marks it as replicated from elsewhere.
 pub fn is_replicated(producer_id: i64) -> bool {
-    producer_id >= GEO_BASE
+    producer_id & !0xffff == GEO_BASE
 }
 
 /// The producer fields of a replicated batch: which cluster it came from
@@ -60,7 +61,7 @@ impl GeoStamp {
         if !is_replicated(producer_id) || epoch < 0 || base_sequence < 0 {
             return None;
         }
-        let geo_id = u16::try_from(producer_id & !GEO_BASE).ok()?;
+        let geo_id = u16::try_from(producer_id - GEO_BASE).ok()?;
         Some((geo_id, (epoch as u64) << 31 | base_sequence as u64))
     }
 }
@@ -170,8 +171,11 @@ mod tests {
             );
         }
         assert_eq!(GeoStamp::new(1, MAX_SOURCE_OFFSET), None);
-        // A client's producer is not replicated.
+        // A client's producer is not replicated, nor is a REST producer's
+        // id just past the window.
         assert_eq!(GeoStamp::decode(42, 0, 0), None);
+        assert!(!is_replicated(GEO_BASE + 0x1_0000));
+        assert!(!is_replicated(GEO_BASE - 1));
     }
 
     #[test]

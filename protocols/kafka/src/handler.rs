@@ -534,6 +534,10 @@ impl Ctx {
                 // Only the transaction coordinator writes markers.
                 return Err(E::InvalidRecord.code());
             }
+            if magnetar_broker::replicated::is_replicated(h.producer_id) {
+                // Only replication writes records under these producer ids.
+                return Err(E::InvalidRecord.code());
+            }
             if h.is_transactional() != transactional {
                 // A transactional producer's batches say so, and only its.
                 return Err(E::InvalidRecord.code());

@@ -265,11 +265,17 @@ pub(super) struct ProducerMessages {
 }
 
 /// A stable producer id for a named REST producer. The top bit pattern
-/// keeps these apart from ids handed to Kafka producers.
+/// keeps these apart from ids handed to Kafka producers, and a name that
+/// would hash into the window of replicated records steps out of it.
 pub(super) fn rest_producer_id(name: &str) -> i64 {
     let lo = u64::from(crc32c::crc32c(name.as_bytes()));
     let hi = u64::from(crc32c::crc32c_append(0x5bd1_e995, name.as_bytes()));
-    ((1u64 << 62) | ((hi << 32 | lo) & ((1u64 << 62) - 1))) as i64
+    let id = ((1u64 << 62) | ((hi << 32 | lo) & ((1u64 << 62) - 1))) as i64;
+    if crate::replicated::is_replicated(id) {
+        id | 1 << 32
+    } else {
+        id
+    }
 }
 
 pub(super) fn decode_b64(s: &str) -> ApiResult<Vec<u8>> {
