@@ -338,7 +338,9 @@ impl Topic {
         let w = Self::watermark(&mut geo, ml, source);
         match w.handshake(incarnation) {
             Ok(next) => {
-                ml.note_geo_incarnation(source, incarnation);
+                // Durable before the first batch of this life is taken, so
+                // that a restart cannot forget which life it was.
+                ml.set_geo_incarnation(source, incarnation).await?;
                 Ok(next)
             }
             Err(known) => Err(BrokerError::PreconditionFailed(format!(

@@ -1274,10 +1274,18 @@ async fn replicated_batches_are_stored_exactly_once() {
         .expect("resend after reload");
     assert!(matches!(r, ReplicatedAppend::Duplicate));
     // Another source cluster has a watermark of its own, and another life
-    // of the source topic is refused rather than mixed in.
+    // of the source topic is refused rather than mixed in, even after a
+    // reload with nothing written since the handshake.
     assert_eq!(t.replication_handshake(4, 1).await.expect("handshake"), 0);
     assert!(matches!(
         t.replication_handshake(9, 2).await,
+        Err(BrokerError::PreconditionFailed(_))
+    ));
+    drop(t);
+    b.unload_topic(&name).await.expect("unload");
+    let t = b.topic(&name, true).await.expect("topic again");
+    assert!(matches!(
+        t.replication_handshake(4, 7).await,
         Err(BrokerError::PreconditionFailed(_))
     ));
 }

@@ -84,6 +84,11 @@ impl Actor {
                         let r = self.persist().await;
                         let _ = reply.send(r);
                     }
+                    Some(Cmd::SetGeoIncarnation { source, incarnation, reply }) => {
+                        self.state().geo.entry(source).or_default().incarnation = incarnation;
+                        let r = self.persist().await;
+                        let _ = reply.send(r);
+                    }
                     Some(Cmd::MarkOffloaded { ledger_id, object, reply }) => {
                         let r = self.mark_offloaded(ledger_id, object).await;
                         let _ = reply.send(r);

@@ -396,6 +396,11 @@ enum Cmd {
         props: BTreeMap<String, String>,
         reply: oneshot::Sender<Result<()>>,
     },
+    SetGeoIncarnation {
+        source: u16,
+        incarnation: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
     MarkOffloaded {
         ledger_id: u64,
         object: OffloadedLedger,
@@ -602,11 +607,19 @@ impl ManagedLedger {
         self.state().geo.clone()
     }
 
-    /// Records which life of the source topic cluster `source`'s records
-    /// come from; stored with the next ledger-list write.
-    pub fn note_geo_incarnation(&self, source: u16, incarnation: u64) {
-        let mut st = self.inner.state.write().unwrap_or_else(lock_err);
-        st.geo.entry(source).or_default().incarnation = incarnation;
+    /// Records, durably, which life of the source topic cluster
+    /// `source`'s records come from, before any of them is taken.
+    pub async fn set_geo_incarnation(&self, source: u16, incarnation: u64) -> Result<()> {
+        let stored = self.state().geo.get(&source).map(|w| w.incarnation);
+        if stored == Some(incarnation) {
+            return Ok(());
+        }
+        self.call(|reply| Cmd::SetGeoIncarnation {
+            source,
+            incarnation,
+            reply,
+        })
+        .await
     }
 
     /// Every idempotent producer the partition remembers, with where its
