@@ -253,15 +253,10 @@ impl Ctx {
                 v => v.saturating_add((1 << 20) - 1) >> 20,
             },
         });
-        // Other topic policies (a route) are kept.
-        let mut policies = self
-            .broker
-            .topic_policies(t)
-            .await
-            .map_err(|e| code_of(&e))?;
-        policies.retention_policies = retention;
+        // Other topic policies (a route, replication) are kept, whoever
+        // changes them at the same time.
         self.broker
-            .set_topic_policies(t, &policies)
+            .modify_topic_policies(t, |p| p.retention_policies = retention)
             .await
             .map_err(|e| code_of(&e))
     }

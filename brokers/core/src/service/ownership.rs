@@ -53,19 +53,6 @@ impl Broker {
         }
     }
 
-    /// Sets the topic's own policies; the default (nothing set) removes
-    /// them, and the namespace's apply again. Retention picks them up at
-    /// its next run.
-    pub async fn set_topic_policies(&self, topic: &TopicName, p: &TopicPolicies) -> Result<()> {
-        let key = Self::topic_policies_key(topic);
-        if *p == TopicPolicies::default() {
-            self.inner.meta.delete(&key).await?;
-        } else {
-            self.inner.meta.put(&key, json(p)).await?;
-        }
-        Ok(())
-    }
-
     /// The clusters the topic replicates to: its own policy, else its
     /// namespace's.
     pub async fn replication_clusters(
@@ -84,7 +71,10 @@ impl Broker {
     }
 
     /// Changes one of the topic's own policies with compare-and-set, so
-    /// that concurrent changes of different policies all land.
+    /// that concurrent changes of different policies (a route, retention,
+    /// replication) all land. Nothing left set removes the record, and the
+    /// namespace's policies apply again; retention picks a change up at
+    /// its next run.
     pub async fn modify_topic_policies(
         &self,
         topic: &TopicName,
@@ -164,9 +154,8 @@ impl Broker {
                 }
             }
         }
-        let mut p = self.topic_policies(&topic).await?;
-        p.route = route;
-        self.set_topic_policies(&topic, &p).await
+        self.modify_topic_policies(&topic, |p| p.route = route.clone())
+            .await
     }
 
     /// A topic's partitions, or the topic itself when it has none.
