@@ -226,12 +226,23 @@ pub fn with_base_offset(batch: Bytes, offset: u64) -> Bytes {
     m.freeze()
 }
 
-/// Returns `batch` with the producer fields of a record replicated from
-/// another cluster, and no longer transactional (only committed data is
-/// replicated); the records themselves, compressed or not, are untouched,
-/// and the CRC covers the new header.
-pub fn with_geo_stamp(batch: Bytes, stamp: crate::replicated::GeoStamp) -> Result<Bytes> {
-    let h = validate_batch(&batch)?;
+/// Returns `batch`, which [`validate_batch`] passed with header `h`, with
+/// the producer fields of a record replicated from another cluster, and no
+/// longer transactional (only committed data is replicated); the records
+/// themselves, compressed or not, are untouched, and the CRC covers the
+/// new header.
+pub fn with_geo_stamp(
+    batch: Bytes,
+    h: &BatchHeader,
+    stamp: crate::replicated::GeoStamp,
+) -> Result<Bytes> {
+    if h.size != batch.len() {
+        return Err(BrokerError::CorruptBatch(format!(
+            "batch says {} bytes but {} were given",
+            h.size,
+            batch.len()
+        )));
+    }
     let mut m = BytesMut::from(batch);
     let attributes = h.attributes & !TRANSACTIONAL_FLAG;
     m[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
@@ -987,7 +998,8 @@ mod tests {
         };
         let batch = encode_transactional(&sample(4), producer).expect("batch");
         let stamp = crate::replicated::GeoStamp::new(2, 5_000_000_000).expect("stamp");
-        let stamped = with_geo_stamp(batch.clone(), stamp).expect("stamped");
+        let h = validate_batch(&batch).expect("valid");
+        let stamped = with_geo_stamp(batch.clone(), &h, stamp).expect("stamped");
         let h = validate_batch(&stamped).expect("its CRC holds");
         assert_eq!(
             (h.producer_id, h.producer_epoch, h.base_sequence),
@@ -1002,7 +1014,7 @@ mod tests {
         let after = decode_entry(&stamped).expect("decodes");
         assert_eq!(before, after);
         assert_eq!(stamped[HEADER_LEN..], batch[HEADER_LEN..]);
-        assert!(with_geo_stamp(batch.slice(..batch.len() - 1), stamp).is_err());
+        assert!(with_geo_stamp(batch.slice(..batch.len() - 1), &h, stamp).is_err());
     }
 
     #[test]

@@ -747,6 +747,11 @@ impl NamespaceGauges {
 mod tests {
     use super::*;
 
+    /// Fails with the whole scrape when `line` is not in it.
+    fn has(e: &Exposition, line: &str) {
+        assert!(e.body.contains(line), "{line} not in:\n{}", e.body);
+    }
+
     fn ns(s: &str) -> NamespaceName {
         s.parse().expect("a namespace")
     }
@@ -758,17 +763,13 @@ mod tests {
         m.inbound(&ns("t/a")).add(1, 10);
         m.inbound(&ns("t/b")).add(5, 5);
         let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
-        assert!(
-            e.body
-                .contains(r#"pulsar_in_messages_total{cluster="c1",namespace="t/a"} 3"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"pulsar_in_messages_total{cluster="c1",namespace="t/a"} 3"#,
         );
-        assert!(
-            e.body
-                .contains(r#"pulsar_in_bytes_total{cluster="c1",namespace="t/a"} 110"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"pulsar_in_bytes_total{cluster="c1",namespace="t/a"} 110"#,
         );
         assert!(e
             .body
@@ -787,24 +788,9 @@ mod tests {
         live.insert((ns("t/a"), None), g);
         live.insert((ns("t/b"), None), g);
         let e = m.render(&live, &[], false).expect("renders");
-        assert!(
-            e.body
-                .contains(r#"pulsar_msg_backlog{cluster="c1",namespace="t/a"} 7"#),
-            "{}",
-            e.body
-        );
-        assert!(
-            e.body
-                .contains(r#"pulsar_broker_msg_backlog{cluster="c1"} 14"#),
-            "{}",
-            e.body
-        );
-        assert!(
-            e.body
-                .contains(r#"pulsar_broker_topics_count{cluster="c1"} 4"#),
-            "{}",
-            e.body
-        );
+        has(&e, r#"pulsar_msg_backlog{cluster="c1",namespace="t/a"} 7"#);
+        has(&e, r#"pulsar_broker_msg_backlog{cluster="c1"} 14"#);
+        has(&e, r#"pulsar_broker_topics_count{cluster="c1"} 4"#);
         assert_eq!(e.body.matches("# TYPE pulsar_msg_backlog ").count(), 1);
     }
 
@@ -818,33 +804,25 @@ mod tests {
         let t2 = a.admit(peer);
         drop(t1);
         let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
-        assert!(
-            e.body
-                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"} 1"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"magnetar_connections{cluster="c1",protocol="mqtt"} 1"#,
         );
-        assert!(
-            e.body
-                .contains(r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#,
         );
         // A listener that stopped, its connections gone, has none open,
         // and its totals stay.
         drop((a, t2));
         let e = m.render(&BTreeMap::new(), &[], true).expect("renders");
-        assert!(
-            e.body
-                .contains(r#"magnetar_connections{cluster="c1",protocol="mqtt"} 0"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"magnetar_connections{cluster="c1",protocol="mqtt"} 0"#,
         );
-        assert!(
-            e.body
-                .contains(r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"magnetar_connections_opened_total{cluster="c1",protocol="mqtt"} 2"#,
         );
     }
 
@@ -880,11 +858,9 @@ mod tests {
         let (g1, g2) = (m.producer(&ns("t/a")), m.producer(&ns("t/a")));
         drop(g1);
         let e = m.render(&BTreeMap::new(), &[], false).expect("renders");
-        assert!(
-            e.body
-                .contains(r#"pulsar_producers_count{cluster="c1",namespace="t/a"} 1"#),
-            "{}",
-            e.body
+        has(
+            &e,
+            r#"pulsar_producers_count{cluster="c1",namespace="t/a"} 1"#,
         );
         drop(g2);
     }

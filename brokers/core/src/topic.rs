@@ -377,7 +377,6 @@ impl Topic {
                     self.name
                 ))
             })?;
-        let stamped = crate::format::with_geo_stamp(batch, stamp)?;
         let pending = {
             let mut geo = self.geo.lock().await;
             let w = Self::watermark(&mut geo, ml, source);
@@ -393,7 +392,12 @@ impl Topic {
                     )))
                 }
             }
-            match self.log.submit(stamped).await {
+            // Stamped only once accepted: a duplicate costs no copy.
+            let stored = match crate::format::with_geo_stamp(batch, &h, stamp) {
+                Ok(stamped) => self.log.submit(stamped).await,
+                Err(e) => Err(e),
+            };
+            match stored {
                 Ok(p) => p,
                 Err(e) => {
                     w.failed();

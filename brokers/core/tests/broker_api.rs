@@ -1256,8 +1256,10 @@ async fn replicated_batches_are_stored_exactly_once() {
         .collect();
     assert_eq!(values, ["east-0", "east-1", "east-2", "east-5", "east-6"]);
     // A client cannot pass for replicated records.
+    let one = batch(0, 1);
     let forged = magnetar_broker::format::with_geo_stamp(
-        batch(0, 1),
+        one.clone(),
+        &magnetar_broker::format::validate_batch(&one).expect("valid"),
         magnetar_broker::replicated::GeoStamp::new(9, 100).expect("stamp"),
     )
     .expect("stamped");

@@ -539,21 +539,12 @@ impl Conn {
         let Publishing::Store { publish: p, seq } = self.chan(ch)?.modes.publish(p) else {
             return Ok(());
         };
-        let mut stored = self.route_and_store(ch, p).await?;
-        if seq > 0 {
-            let latency = self.ctx.publish_latency.clone();
-            stored = async move {
-                let r = stored.await;
-                latency.observe(arrived.elapsed().as_secs_f64());
-                r
-            }
-            .boxed();
-        }
+        let stored = self.route_and_store(ch, p).await?;
         let chan = self.chan(ch)?;
         let pipeline = chan.pipeline.clone();
         chan.published += 1;
         // A full pipeline holds this connection's reads: backpressure.
-        let _ = pipeline.send((seq, stored)).await;
+        let _ = pipeline.send((seq, stored, arrived)).await;
         Ok(())
     }
 

@@ -490,6 +490,10 @@ struct ConsumerEntry {
 
 type Pending = BoxFuture<'static, Result<(), BrokerError>>;
 
+/// A publish waiting in its channel's pipeline: its confirm sequence (0
+/// outside confirm mode), its write, and when it arrived.
+type Queued = (u64, Pending, std::time::Instant);
+
 /// The queues a message reaches, with their topics.
 type Routes = Arc<Vec<(String, TopicName)>>;
 
@@ -511,7 +515,7 @@ struct Chan {
     held: VecDeque<Held>,
     /// Plain, confirm or tx mode, and what an open transaction holds.
     modes: Modes<Publish, TagSettle>,
-    pipeline: mpsc::Sender<(u64, Pending)>,
+    pipeline: mpsc::Sender<Queued>,
     /// Publishes handed to the pipeline, and how many of them it has seen
     /// stored (or fail): methods that read a queue wait for the two to
     /// meet, since RabbitMQ applies a channel's methods in order.
@@ -1251,16 +1255,24 @@ impl Conn {
         &self,
         channel: u16,
         gen: u64,
-    ) -> (mpsc::Sender<(u64, Pending)>, watch::Receiver<u64>) {
-        let (tx, mut rx) = mpsc::channel::<(u64, Pending)>(PIPELINE_DEPTH);
+    ) -> (mpsc::Sender<Queued>, watch::Receiver<u64>) {
+        let (tx, mut rx) = mpsc::channel::<Queued>(PIPELINE_DEPTH);
         let (settled_tx, settled) = watch::channel(0u64);
         let events = self.events_tx.clone();
+        let latency = self.ctx.publish_latency.clone();
         tokio::spawn(async move {
-            let mut next: Option<(u64, Pending)> = None;
+            let mut next: Option<Queued> = None;
             let mut done = 0u64;
             let mut confirms = Confirms::default();
+            // A confirmed publish (sequence above 0), from its arrival to
+            // its confirm being decided.
+            let timed = |seq: u64, arrived: std::time::Instant| {
+                if seq > 0 {
+                    latency.observe(arrived.elapsed().as_secs_f64());
+                }
+            };
             loop {
-                let (seq, fut) = match next.take() {
+                let (seq, fut, arrived) = match next.take() {
                     Some(x) => x,
                     None => match rx.recv().await {
                         Some(x) => x,
@@ -1271,18 +1283,20 @@ impl Conn {
                 if let Err(e) = &stored {
                     debug!("publish failed: {e}");
                 }
+                timed(seq, arrived);
                 confirms.settled(seq, stored.is_ok());
                 done += 1;
                 // Writes already settled right behind it go in the same
                 // confirm.
-                while let Ok((s, mut f)) = rx.try_recv() {
+                while let Ok((s, mut f, at)) = rx.try_recv() {
                     match (&mut f).now_or_never() {
                         Some(r) => {
+                            timed(s, at);
                             confirms.settled(s, r.is_ok());
                             done += 1;
                         }
                         None => {
-                            next = Some((s, f));
+                            next = Some((s, f, at));
                             break;
                         }
                     }
