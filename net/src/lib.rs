@@ -348,19 +348,14 @@ pub fn grpc_incoming(
 /// and reads fail with `TimedOut` if the preface is late.
 #[derive(Debug)]
 pub struct GrpcConn {
-    stream: Conn,
-    /// Until the preface has arrived: when it must have.
-    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
-    read: usize,
+    stream: Prefaced<Conn>,
     _ticket: Ticket,
 }
 
 impl GrpcConn {
     fn new(stream: Conn, timeout: Duration, ticket: Ticket) -> Self {
         GrpcConn {
-            stream,
-            handshake: Some(Box::pin(tokio::time::sleep(timeout))),
-            read: 0,
+            stream: Prefaced::new(stream, H2_PREFACE_LEN, timeout),
             _ticket: ticket,
         }
     }
@@ -375,7 +370,33 @@ pub struct GrpcPeer {
     pub certificate_role: Option<Arc<str>>,
 }
 
-impl AsyncRead for GrpcConn {
+/// A stream whose reads fail with `TimedOut` unless its first `len` bytes
+/// arrive within a timeout: for servers (hyper's) that wait for a
+/// connection's first bytes without a limit, which would let a client
+/// that connects and says nothing hold its slot for good.
+#[derive(Debug)]
+pub struct Prefaced<S> {
+    stream: S,
+    /// Until the first bytes have arrived: when they must have.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    left: usize,
+}
+
+impl<S> Prefaced<S> {
+    pub fn new(stream: S, len: usize, timeout: Duration) -> Self {
+        Prefaced {
+            stream,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            left: len,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefaced<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -384,11 +405,11 @@ impl AsyncRead for GrpcConn {
         let this = &mut *self;
         let before = buf.filled().len();
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some(deadline) = this.handshake.as_mut() {
+        if let Some(deadline) = this.deadline.as_mut() {
             if let Poll::Ready(Ok(())) = res {
-                this.read += buf.filled().len() - before;
-                if this.read >= H2_PREFACE_LEN {
-                    this.handshake = None;
+                this.left = this.left.saturating_sub(buf.filled().len() - before);
+                if this.left == 0 {
+                    this.deadline = None;
                 }
                 return res;
             }
@@ -397,11 +418,51 @@ impl AsyncRead for GrpcConn {
             if res.is_pending() && deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no HTTP/2 preface within the handshake timeout",
+                    "the first bytes did not arrive within the handshake timeout",
                 )));
             }
         }
         res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefaced<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for GrpcConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -440,8 +501,8 @@ impl tonic::transport::server::Connected for GrpcConn {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         GrpcPeer {
-            remote: self.stream.tcp().peer_addr().ok(),
-            certificate_role: self.stream.certificate_role().cloned(),
+            remote: self.stream.get_ref().tcp().peer_addr().ok(),
+            certificate_role: self.stream.get_ref().certificate_role().cloned(),
         }
     }
 }

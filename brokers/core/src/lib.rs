@@ -46,7 +46,7 @@ pub use error::{BrokerError, Result};
 pub use format::{Message, ProducerSequence, StoredMessage};
 pub use service::{
     Broker, BrokerConfig, BrokerInfo, FetchResult, MetadataQuorum, OffloadDefaults, QuorumVoter,
-    RetentionHold, RetentionRun, RoutingStored, TopicPolicies,
+    RetentionHold, RetentionRun, RoutingStored, TopicPolicies, WeakBroker,
 };
 pub use state::{KeyQuota, StateChange, StateStore, Versioned};
 pub use subscription::{

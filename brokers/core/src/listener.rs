@@ -153,11 +153,13 @@ impl PeerCertificate {
     }
 }
 
-/// Serves HTTP/1.1 (with upgrades to WebSocket) on `listener` under
-/// `admission`, over TLS with `tls`: a request's headers must arrive
-/// within the handshake timeout, which also closes idle keep-alive
-/// connections, so that a client trickling header bytes (slowloris)
-/// holds nothing for long.
+/// Serves HTTP/1.1 (with upgrades to WebSocket) and HTTP/2 (gRPC between
+/// clusters; h2c, or `h2` by ALPN over TLS) on `listener` under
+/// `admission`, over TLS with `tls`. A connection's first bytes, and then
+/// an HTTP/1.1 request's headers, must arrive within the handshake
+/// timeout, which also closes idle keep-alive connections, so that a
+/// client trickling bytes (slowloris) holds nothing for long; HTTP/2
+/// connections are kept in check by keep-alive pings.
 pub async fn serve_http(
     listener: TcpListener,
     admission: Arc<Admission>,
@@ -176,12 +178,22 @@ pub async fn serve_http(
             },
         );
         async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new())
+            let mut http =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            http.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(timeout);
-            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .with_upgrades()
+            http.http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+                .keep_alive_timeout(std::time::Duration::from_secs(20))
+                .max_concurrent_streams(1024);
+            // The shortest HTTP/1.1 request line ("GET / HTTP/1.1") and
+            // the start of the HTTP/2 preface are this long.
+            let stream = magnetar_net::Prefaced::new(stream, 14, timeout);
+            http.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
                 .await
+                .map_err(|e| e.to_string())
         }
     };
     tokio::select! {

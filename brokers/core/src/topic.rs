@@ -35,6 +35,9 @@ pub struct TopicStats {
     pub end_offset: u64,
     pub ledger_count: usize,
     pub subscriptions: BTreeMap<String, SubscriptionStats>,
+    /// Per remote cluster, its replicator's stats (see
+    /// [`crate::Broker::set_replication_stats`]).
+    pub replication: BTreeMap<String, serde_json::Value>,
 }
 
 /// Longest a publish waits under the producer-request-hold policy.
@@ -326,6 +329,12 @@ impl Topic {
             Ok(Published::Stored(offset))
         }
         .boxed())
+    }
+
+    /// Which life of this persistent topic it is (see
+    /// [`crate::managed_ledger::ManagedLedger::incarnation`]).
+    pub fn incarnation(&self) -> Result<u64> {
+        Ok(self.replicable()?.incarnation())
     }
 
     /// Where replication from cluster `source` (its `geoId`) stands for
@@ -681,6 +690,7 @@ impl Topic {
             end_offset: self.log.end_offset(),
             ledger_count: ledgers.len(),
             subscriptions: out,
+            replication: BTreeMap::new(),
         })
     }
 

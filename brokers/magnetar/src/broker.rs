@@ -238,6 +238,41 @@ pub struct BrokerOptions {
     /// series of their own; the rest stay in their namespace's series.
     #[arg(long, env = "MAGNETAR_METRICS_MAX_TOPICS", default_value_t = 1000)]
     metrics_max_topics: usize,
+    /// Roles, besides superusers, that other clusters may replicate into
+    /// this one as (comma-separated).
+    #[arg(long, env = "MAGNETAR_GEO_PEER_ROLES", value_delimiter = ',')]
+    geo_peer_roles: Vec<String>,
+    /// How often the replicators are checked against the replication
+    /// policies and the ownership of partitions (besides on every change
+    /// of a policy).
+    #[arg(long, env = "MAGNETAR_GEO_RESCAN_MS", default_value_t = 5000)]
+    geo_rescan_ms: u64,
+    /// Batches a replicator sends ahead of the remote's replies.
+    #[arg(
+        long,
+        env = "MAGNETAR_GEO_MAX_INFLIGHT_BATCHES",
+        default_value_t = 1000
+    )]
+    geo_max_inflight_batches: usize,
+    /// Bytes a replicator sends ahead of the remote's replies.
+    #[arg(long, env = "MAGNETAR_GEO_MAX_INFLIGHT_BYTES", default_value_t = 8 << 20)]
+    geo_max_inflight_bytes: u64,
+    /// Longest pause between a replicator's attempts to reach a remote.
+    #[arg(long, env = "MAGNETAR_GEO_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    geo_backoff_max_ms: u64,
+}
+
+impl BrokerOptions {
+    fn geo(&self) -> magnetar_geo::GeoConfig {
+        magnetar_geo::GeoConfig {
+            rescan: Duration::from_millis(self.geo_rescan_ms.max(100)),
+            max_inflight_batches: self.geo_max_inflight_batches.max(1),
+            max_inflight_bytes: self.geo_max_inflight_bytes.max(1 << 16),
+            backoff_max: Duration::from_millis(self.geo_backoff_max_ms.max(100)),
+            peer_roles: self.geo_peer_roles.iter().cloned().collect(),
+            ..magnetar_geo::GeoConfig::default()
+        }
+    }
 }
 
 /// The offload store the options ask for, if any.
@@ -348,6 +383,10 @@ struct Protocols {
     mqtt: magnetar_mqtt::MqttServer,
     /// Pulsar's WebSocket API and the console, on the HTTP listener.
     websocket: axum::Router,
+    /// The replicators to other clusters (stopped when dropped), and the
+    /// service receiving from them, on the HTTP listener.
+    _geo: magnetar_geo::Geo,
+    geo_routes: axum::Router,
 }
 
 impl Protocols {
@@ -400,7 +439,11 @@ impl Protocols {
         if let Some((listener, tls)) = l.mqtt_tls {
             mqtt.listeners.add_tls(listener, tls)?;
         }
+        let geo_cfg = opts.geo();
+        let (geo, received) = magnetar_geo::Geo::start(broker, geo_cfg.clone());
         Ok(Protocols {
+            geo_routes: magnetar_geo::router(broker, &geo_cfg, &received),
+            _geo: geo,
             kafka,
             amqp,
             mqtt,
@@ -413,7 +456,10 @@ impl Protocols {
 
     /// What the protocols serve on the HTTP listener.
     fn http_routes(&self) -> axum::Router {
-        self.mqtt.websocket_routes().merge(self.websocket.clone())
+        self.mqtt
+            .websocket_routes()
+            .merge(self.websocket.clone())
+            .merge(self.geo_routes.clone())
     }
 
     fn stop(&self) {

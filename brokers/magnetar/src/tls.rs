@@ -75,9 +75,10 @@ impl TlsArgs {
         self.server(&[], what)
     }
 
-    /// The TLS of the HTTPS listener.
+    /// The TLS of the HTTPS listener: HTTP/2 for replication from other
+    /// clusters (gRPC), HTTP/1.1 for everything else.
     pub fn https(&self) -> anyhow::Result<TlsServer> {
-        self.server(&[HTTP1], "--https-listen")
+        self.server(&[H2, HTTP1], "--https-listen")
     }
 
     pub fn meta_on(&self) -> bool {

@@ -249,7 +249,9 @@ pub(super) async fn topic_stats(
             .into_response());
     }
     let topic = existing_topic(&b, &name, &uri).await?;
-    Ok(Json(topic.stats().await?).into_response())
+    let mut stats = topic.stats().await?;
+    b.add_replication_stats(&name, &mut stats);
+    Ok(Json(stats).into_response())
 }
 
 pub(super) async fn partitioned_stats(
@@ -271,11 +273,35 @@ pub(super) async fn partitioned_stats(
     let n = each.len();
     let partitions = answered(each);
     let sum = |field: &str| -> u64 { partitions.values().filter_map(|s| s[field].as_u64()).sum() };
+    // Per remote cluster, the partitions' replicators summed.
+    let mut replication = serde_json::Map::new();
+    for p in partitions.values() {
+        let Some(r) = p["replication"].as_object() else {
+            continue;
+        };
+        for (cluster, s) in r {
+            let e = replication
+                .entry(cluster.clone())
+                .or_insert_with(|| json!({"replicationBacklog": 0, "msgOutCounter": 0, "bytesOutCounter": 0, "connected": true, "state": "running"}));
+            for f in ["replicationBacklog", "msgOutCounter", "bytesOutCounter"] {
+                e[f] = json!(e[f].as_u64().unwrap_or(0) + s[f].as_u64().unwrap_or(0));
+            }
+            e["connected"] = json!(
+                e["connected"].as_bool().unwrap_or(false)
+                    && s["connected"].as_bool().unwrap_or(false)
+            );
+            if s["state"] != "running" {
+                e["state"] = s["state"].clone();
+                e["lastError"] = s["lastError"].clone();
+            }
+        }
+    }
     Ok(Json(json!({
         "metadata": { "partitions": n },
         "msgInCounter": sum("msgInCounter"),
         "bytesInCounter": sum("bytesInCounter"),
         "storageSize": sum("storageSize"),
+        "replication": replication,
         "partitions": partitions,
     })))
 }

@@ -369,6 +369,9 @@ impl State {
 struct Inner {
     name: String,
     key: String,
+    /// The revision that created the ledger's record: which life of the
+    /// topic this is, as replication tells a topic made again apart.
+    incarnation: u64,
     client: LedgerClient,
     cfg: ManagedLedgerConfig,
     state: RwLock<State>,
@@ -448,12 +451,13 @@ impl ManagedLedger {
     pub async fn open(client: LedgerClient, name: &str, cfg: ManagedLedgerConfig) -> Result<Self> {
         let key = format!("{ML_PREFIX}{name}");
         let meta = client.pool().meta().clone();
-        let (mut record, mut version) = match meta.get(&key).await? {
+        let (mut record, mut version, mut incarnation) = match meta.get(&key).await? {
             Some(kv) => (
                 serde_json::from_slice::<Record>(&kv.value).map_err(|e| corrupt(&key, e))?,
                 kv.version,
+                kv.create_revision,
             ),
-            None => (Record::default(), 0),
+            None => (Record::default(), 0, 0),
         };
         let mut indexes = HashMap::new();
         let mut dropped = Vec::new();
@@ -490,7 +494,10 @@ impl ManagedLedger {
         if !dropped.is_empty() || version == 0 {
             let json = serde_json::to_vec(&record).map_err(|e| corrupt(&key, e))?;
             version = match meta.compare_and_put(&key, version, json).await {
-                Ok(kv) => kv.version,
+                Ok(kv) => {
+                    incarnation = kv.create_revision;
+                    kv.version
+                }
                 Err(MetaError::Conflict { .. }) => {
                     return Err(BrokerError::TopicUnavailable(name.into()))
                 }
@@ -506,6 +513,7 @@ impl ManagedLedger {
         let inner = Arc::new(Inner {
             name: name.into(),
             key,
+            incarnation,
             client,
             state: RwLock::new(State {
                 ledgers: record.ledgers,
@@ -538,6 +546,12 @@ impl ManagedLedger {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Which life of the topic this is: it changes only when the topic is
+    /// deleted and made again.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
     }
 
     fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -45,7 +45,8 @@ const OWNER_PREFIX: &str = "/namespace-owners/";
 const BROKERS_PREFIX: &str = "/brokers/active/";
 const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
 const ROUTING_PREFIX: &str = "/routing/";
-const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
+/// Where topic-level policies are stored, by topic path.
+pub const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
 
 /// Policies set on one topic (all its partitions), over its namespace's,
 /// as Pulsar's topic-level policies are.
@@ -330,6 +331,7 @@ struct Inner {
     /// front ends can cache routes and know when to drop them.
     routing_generation: std::sync::atomic::AtomicU64,
     retention_holds: std::sync::RwLock<Vec<Arc<dyn RetentionHold>>>,
+    replication_stats: std::sync::RwLock<Option<ReplicationStats>>,
     metrics: Arc<crate::metrics::BrokerMetrics>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -340,13 +342,18 @@ pub struct Broker {
     inner: Arc<Inner>,
 }
 
+/// A topic's replicators' stats by remote cluster, from whatever runs
+/// them (the broker knows nothing of replication's transport).
+pub type ReplicationStats =
+    Arc<dyn Fn(&TopicName) -> BTreeMap<String, serde_json::Value> + Send + Sync>;
+
 /// A handle for background tasks that must not keep the broker alive;
 /// it upgrades only while the broker runs.
 #[derive(Clone)]
-pub(crate) struct WeakBroker(Weak<Inner>);
+pub struct WeakBroker(Weak<Inner>);
 
 impl WeakBroker {
-    pub(crate) fn upgrade(&self) -> Option<Broker> {
+    pub fn upgrade(&self) -> Option<Broker> {
         self.0
             .upgrade()
             .filter(|i| !*i.shutdown.borrow())
@@ -417,6 +424,7 @@ impl Broker {
             routing: Mutex::new(HashMap::new()),
             routing_generation: std::sync::atomic::AtomicU64::new(0),
             retention_holds: std::sync::RwLock::default(),
+            replication_stats: std::sync::RwLock::default(),
             metrics: Arc::new(crate::metrics::BrokerMetrics::new(&cfg.cluster)),
             shutdown,
             meta,
@@ -457,6 +465,16 @@ impl Broker {
 
     pub fn info(&self) -> &BrokerInfo {
         &self.inner.cfg.info
+    }
+
+    /// A handle that does not keep the broker alive.
+    pub fn downgrade(&self) -> WeakBroker {
+        WeakBroker(Arc::downgrade(&self.inner))
+    }
+
+    /// Turns true when the broker shuts down.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
     }
 
     pub fn config(&self) -> &BrokerConfig {

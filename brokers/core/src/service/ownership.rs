@@ -168,7 +168,21 @@ impl Broker {
 
     /// The topics whose own policy replicates to `cluster`.
     pub async fn topics_replicating_to(&self, cluster: &str) -> Result<Vec<TopicName>> {
-        let mut out = Vec::new();
+        Ok(self
+            .topic_replication_overrides()
+            .await?
+            .into_iter()
+            .filter(|(_, c)| c.contains(cluster))
+            .map(|(t, _)| t)
+            .collect())
+    }
+
+    /// Every topic whose own policy sets its replication clusters, with
+    /// them (one metadata listing, for the replicators' rescans).
+    pub async fn topic_replication_overrides(
+        &self,
+    ) -> Result<HashMap<TopicName, std::collections::BTreeSet<String>>> {
+        let mut out = HashMap::new();
         for kv in self.inner.meta.list(TOPIC_POLICIES_PREFIX).await? {
             let Some(path) = kv.key.strip_prefix(TOPIC_POLICIES_PREFIX) else {
                 continue;
@@ -179,8 +193,8 @@ impl Broker {
             ) else {
                 continue;
             };
-            if p.replication_clusters.is_some_and(|c| c.contains(cluster)) {
-                out.push(topic);
+            if let Some(c) = p.replication_clusters {
+                out.insert(topic, c);
             }
         }
         Ok(out)

@@ -320,6 +320,30 @@ impl Broker {
     }
 
     pub async fn topic_stats(&self, name: &TopicName) -> Result<TopicStats> {
-        self.topic(name, false).await?.stats().await
+        let mut stats = self.topic(name, false).await?.stats().await?;
+        self.add_replication_stats(name, &mut stats);
+        Ok(stats)
+    }
+
+    /// Reports replicators' stats in `topics stats` from now on.
+    pub fn set_replication_stats(&self, f: super::ReplicationStats) {
+        *self
+            .inner
+            .replication_stats
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Fills `stats.replication` for the topic.
+    pub fn add_replication_stats(&self, name: &TopicName, stats: &mut TopicStats) {
+        let f = self
+            .inner
+            .replication_stats
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = f {
+            stats.replication = f(name);
+        }
     }
 }

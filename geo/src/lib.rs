@@ -1,0 +1,341 @@
+//! Geo-replication between Magnetar clusters (regions), each with its own
+//! metadata store, bookies and brokers.
+//!
+//! A namespace (or a topic) lists the clusters it replicates to. For every
+//! partition it owns in such a namespace and every other cluster listed,
+//! a broker runs a replicator ([`replicator`]): a durable cursor
+//! `pulsar.repl.<cluster>` and one ordered gRPC stream that carries the
+//! partition's stored record batches unchanged. The remote broker
+//! ([`receiver`]) appends each batch exactly once, by the source offsets it
+//! covers, through the log's own path ([`magnetar_broker::replicated`]),
+//! and marks it so that it is never replicated again: a full mesh of
+//! regions has no loops. Every protocol writes the same log, so Kafka,
+//! AMQP, MQTT and WebSocket traffic replicates by the one mechanism.
+//!
+//! The crate sits above the broker as a protocol does: the broker knows
+//! nothing of it, and the binary mounts the receiver on the HTTP listener
+//! and starts the replicators.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use magnetar_broker::topic::REPLICATOR_PREFIX;
+use magnetar_broker::{Broker, WeakBroker};
+use magnetar_tenancy::TopicName;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+mod error;
+pub mod receiver;
+pub mod remote;
+pub mod replicator;
+pub mod stats;
+
+pub use error::{GeoError, Result};
+pub use stats::{ReplicatorStatus, Stats};
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("magnetar.geo.v1");
+}
+
+/// Replication settings of a broker.
+#[derive(Clone, Debug)]
+pub struct GeoConfig {
+    /// How often the replicators are checked against the policies and
+    /// the ownership of partitions, besides whenever a policy changes.
+    pub rescan: Duration,
+    /// Batches sent ahead of the remote's replies, per replicator.
+    pub max_inflight_batches: usize,
+    /// Bytes sent ahead of the remote's replies, per replicator.
+    pub max_inflight_bytes: u64,
+    /// Bytes read from the log at a time.
+    pub read_bytes: usize,
+    /// Longest pause between attempts to reach a remote.
+    pub backoff_max: Duration,
+    /// Roles, besides superusers, that other clusters replicate in as.
+    pub peer_roles: BTreeSet<String>,
+}
+
+impl Default for GeoConfig {
+    fn default() -> Self {
+        GeoConfig {
+            rescan: Duration::from_secs(5),
+            max_inflight_batches: 1000,
+            max_inflight_bytes: 8 << 20,
+            read_bytes: 1 << 20,
+            backoff_max: Duration::from_secs(60),
+            peer_roles: BTreeSet::new(),
+        }
+    }
+}
+
+/// What replicators share.
+pub(crate) struct Ctx {
+    pub(crate) broker: WeakBroker,
+    /// This cluster's name.
+    pub(crate) cluster: String,
+    pub(crate) cfg: GeoConfig,
+    pub(crate) stats: Arc<Stats>,
+    remotes: Mutex<HashMap<String, remote::Remote>>,
+}
+
+impl Ctx {
+    /// The remote cluster as registered now.
+    pub(crate) async fn remote(&self, b: &Broker, name: &str) -> Result<remote::Remote> {
+        let data = b.tenancy().get_cluster(name).await?;
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = remotes.get(name).filter(|r| r.is(&data)) {
+            return Ok(r.clone());
+        }
+        let r = remote::Remote::new(name, data)?;
+        remotes.insert(name.to_owned(), r.clone());
+        Ok(r)
+    }
+}
+
+/// The receiving service, to be merged into the broker's HTTP router
+/// (gRPC over HTTP/2 on the same listener, with its TLS).
+pub fn router(
+    broker: &Broker,
+    cfg: &GeoConfig,
+    metrics: &Arc<stats::ReceiverMetrics>,
+) -> axum::Router {
+    let server =
+        receiver::Receiver::new(broker.clone(), cfg.peer_roles.clone(), Arc::clone(metrics))
+            .into_server();
+    // Its own path only: the HTTP router keeps its fallback.
+    axum::Router::new().route_service("/magnetar.geo.v1.Replication/{method}", server)
+}
+
+/// The replicators of one broker; they stop when this is dropped.
+pub struct Geo {
+    stats: Arc<Stats>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Geo {
+    /// Starts the replicators of `broker` and registers replication's
+    /// series with its metrics.
+    pub fn start(broker: &Broker, cfg: GeoConfig) -> (Geo, Arc<stats::ReceiverMetrics>) {
+        let stats = Arc::new(Stats::default());
+        let cluster = broker.config().cluster.clone();
+        let receiver = Arc::new(stats::ReceiverMetrics::new(&cluster));
+        broker.metrics().extend(|r| receiver.register(r));
+        broker
+            .metrics()
+            .add_source(Arc::new(magnetar_broker::metrics::WeakSource(
+                Arc::downgrade(&stats),
+                Stats::scrape,
+            )));
+        let weak = Arc::downgrade(&stats);
+        broker.set_replication_stats(Arc::new(move |t: &TopicName| {
+            weak.upgrade()
+                .map(|s| {
+                    s.of_topic(t)
+                        .into_iter()
+                        .map(|(c, st)| (c, serde_json::to_value(st).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }));
+        let ctx = Arc::new(Ctx {
+            broker: broker.downgrade(),
+            cluster,
+            cfg,
+            stats: Arc::clone(&stats),
+            remotes: Mutex::default(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(reconcile_loop(ctx, stopped));
+        (
+            Geo {
+                stats,
+                stop,
+                task: Some(task),
+            },
+            receiver,
+        )
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Stops every replicator and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Geo {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Topics that never replicate: system topics, and the queues of AMQP
+/// and MQTT sessions, which each region routes into from its own
+/// exchanges.
+fn replicable(t: &TopicName) -> bool {
+    let name = t.base().local_name().to_owned();
+    !(name.starts_with("__")
+        || name.starts_with("mqtt-subscription-")
+        || name.starts_with("mqtt-share-"))
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// What should run here: (partition, remote) for every owned partition
+/// of a replicated topic, and the clusters of every replicated topic.
+async fn wanted(
+    b: &Broker,
+    local: &str,
+) -> magnetar_broker::Result<(
+    HashSet<(TopicName, String)>,
+    HashMap<TopicName, BTreeSet<String>>,
+)> {
+    let overrides = b.topic_replication_overrides().await?;
+    let mut run = HashSet::new();
+    let mut clusters_of = HashMap::new();
+    for tenant in b.tenancy().list_tenants().await? {
+        for ns in b.tenancy().list_namespaces(&tenant).await? {
+            let ns_clusters = b.tenancy().get_policies(&ns).await?.replication_clusters;
+            let any_override = overrides.keys().any(|t| t.namespace() == &ns);
+            if ns_clusters.len() < 2 && !any_override {
+                continue;
+            }
+            for t in b.list_topics(&ns).await? {
+                if !replicable(&t) {
+                    continue;
+                }
+                let clusters = overrides.get(&t.base()).unwrap_or(&ns_clusters);
+                if clusters.len() < 2 || !clusters.contains(local) {
+                    continue;
+                }
+                clusters_of.insert(t.clone(), clusters.clone());
+                // Taking an unowned bundle here is what gives an idle
+                // topic with a backlog an owner after a restart.
+                match b.lookup(&t).await {
+                    Ok(owner) if owner.id == b.info().id => {
+                        for c in clusters.iter().filter(|c| *c != local) {
+                            run.insert((t.clone(), c.clone()));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(topic = %t, "replicated topic's owner: {e}"),
+                }
+            }
+        }
+    }
+    Ok((run, clusters_of))
+}
+
+async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
+    let Some(b) = ctx.broker.upgrade() else {
+        return;
+    };
+    let mut shutdown = b.shutdown_signal();
+    let watch = |b: &Broker| {
+        futures::stream::select(
+            b.meta().watch("/admin/", 0),
+            b.meta()
+                .watch(magnetar_broker::service::TOPIC_POLICIES_PREFIX, 0),
+        )
+    };
+    let mut events = Some(watch(&b));
+    drop(b);
+    let mut running: HashMap<(TopicName, String), Running> = HashMap::new();
+    let mut rescan = tokio::time::interval(ctx.cfg.rescan);
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {}
+            _ = stopped.changed() => break,
+            _ = shutdown.changed() => break,
+            ev = async {
+                match events.as_mut() {
+                    Some(e) => e.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if ev.is_none() {
+                    events = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Several changes in a row make one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let Some(b) = ctx.broker.upgrade() else {
+            break;
+        };
+        if events.is_none() {
+            events = Some(watch(&b));
+        }
+        let (run, clusters_of) = match wanted(&b, &ctx.cluster).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("replication: {e}");
+                continue;
+            }
+        };
+        let stale: Vec<_> = running
+            .keys()
+            .filter(|k| !run.contains(*k))
+            .cloned()
+            .collect();
+        for k in stale {
+            if let Some(r) = running.remove(&k) {
+                let _ = r.stop.send(true);
+                let _ = r.task.await;
+                ctx.stats.remove(&k.0, &k.1);
+            }
+        }
+        for k in run {
+            if running.contains_key(&k) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(replicator::run(
+                Arc::clone(&ctx),
+                k.0.clone(),
+                k.1.clone(),
+                stop_rx,
+            ));
+            running.insert(k, Running { stop, task });
+        }
+        release_cursors(&b, &clusters_of).await;
+    }
+    for (_, r) in running.drain() {
+        let _ = r.stop.send(true);
+        let _ = r.task.await;
+    }
+}
+
+/// Deletes the cursors of clusters a topic no longer replicates to, so
+/// that they hold no backlog.
+async fn release_cursors(b: &Broker, clusters_of: &HashMap<TopicName, BTreeSet<String>>) {
+    let none = BTreeSet::new();
+    for t in b.loaded_topics().await {
+        let clusters = clusters_of.get(t.name()).unwrap_or(&none);
+        for sub in t.subscriptions().await {
+            let Some(cluster) = sub.strip_prefix(REPLICATOR_PREFIX) else {
+                continue;
+            };
+            if !clusters.contains(cluster) {
+                if let Err(e) = t.unsubscribe(&sub, true).await {
+                    tracing::debug!(topic = %t.name(), "releasing {sub}: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! One replicator: a partition this broker owns, copied to one remote
+//! cluster. It reads the partition's stored batches from where the
+//! remote's copy ends, sends them unchanged (compression, timestamps and
+//! headers as stored) on one ordered stream with a window of batches in
+//! flight, and moves its cursor `pulsar.repl.<remote>` over what the
+//! remote has stored, so that the backlog stays here while the remote is
+//! away.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use magnetar_broker::format::{with_base_offset, BatchHeader};
+use magnetar_broker::replicated::is_replicated;
+use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
+use magnetar_broker::topic::REPLICATOR_PREFIX;
+use magnetar_broker::BrokerError;
+use magnetar_tenancy::TopicName;
+use tokio::sync::{mpsc, watch};
+use tonic::metadata::MetadataValue;
+
+use crate::error::{GeoError, Result};
+use crate::proto::handshake_reply::Reply as Hs;
+use crate::proto::replicate_reply::Reply as Rr;
+use crate::proto::{HandshakeRequest, ReplicateRequest};
+use crate::receiver::{SOURCE_HEADER, TOPIC_HEADER};
+use crate::Ctx;
+
+/// How a session ended without an error.
+enum Ended {
+    /// Told to stop.
+    Stop,
+    /// The remote asked for a resend from its watermark.
+    Resend,
+}
+
+/// The cursor of the replicator to `remote`.
+pub fn cursor_name(remote: &str) -> String {
+    format!("{REPLICATOR_PREFIX}{remote}")
+}
+
+/// Runs until told to stop, reconnecting with backoff.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    topic: TopicName,
+    remote: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&ctx, &topic, &remote, &mut stop).await {
+            Ok(Ended::Stop) => return,
+            Ok(Ended::Resend) => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+            Err(e) => {
+                let state = match &e {
+                    GeoError::Refused { why, .. } => why
+                        .split_once(':')
+                        .map_or("refused", |(s, _)| s)
+                        .trim()
+                        .to_owned(),
+                    GeoError::Remote { why, .. }
+                        if why.contains("PermissionDenied") || why.contains("Unauthenticated") =>
+                    {
+                        "unauthorized".to_owned()
+                    }
+                    GeoError::Broker(BrokerError::NotOwner { .. }) => return,
+                    _ => "error".to_owned(),
+                };
+                tracing::debug!(%topic, %remote, "replicator: {e}");
+                ctx.stats.update(&topic, &remote, |s| {
+                    s.state = state;
+                    s.connected = false;
+                    s.last_error = Some(e.to_string());
+                });
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(ctx.cfg.backoff_max);
+    }
+}
+
+fn remote_err(cluster: &str, why: impl std::fmt::Display) -> GeoError {
+    GeoError::Remote {
+        cluster: cluster.to_owned(),
+        why: why.to_string(),
+    }
+}
+
+/// A batch sent and not yet stored by the remote.
+struct InFlight {
+    end: u64,
+    records: u64,
+    bytes: u64,
+    sent: Instant,
+}
+
+async fn session(
+    ctx: &Arc<Ctx>,
+    topic: &TopicName,
+    remote_name: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Ended> {
+    let Some(b) = ctx.broker.upgrade() else {
+        return Ok(Ended::Stop);
+    };
+    let t = b.topic(topic, false).await?;
+    let incarnation = t.incarnation()?;
+    let partitions = match topic.partition_index() {
+        Some(_) => b.partitions(&topic.base()).await?.unwrap_or(0),
+        None => 0,
+    };
+    let sub = t
+        .get_or_create_subscription(
+            &cursor_name(remote_name),
+            SubscriptionOptions {
+                sub_type: SubscriptionType::Exclusive,
+                initial_position: InitialPosition::Earliest,
+                ..SubscriptionOptions::default()
+            },
+        )
+        .await?;
+    let remote = ctx.remote(&b, remote_name).await?;
+    drop(b);
+    ctx.stats.update(topic, remote_name, |s| {
+        s.state = "connecting".into();
+    });
+
+    // The handshake, following the remote's redirects to the owner.
+    let mut url = remote.service_url()?;
+    let mut next = None;
+    for _ in 0..4 {
+        let mut client = remote.client(&url)?;
+        let reply = client
+            .handshake(HandshakeRequest {
+                source_cluster: ctx.cluster.clone(),
+                topic: topic.to_string(),
+                incarnation,
+                partitions,
+            })
+            .await
+            .map_err(|e| {
+                remote.drop_channel(&url);
+                remote_err(remote_name, format!("{:?}: {}", e.code(), e.message()))
+            })?
+            .into_inner();
+        match reply.reply {
+            Some(Hs::Next(n)) => {
+                next = Some(n);
+                break;
+            }
+            Some(Hs::NotOwner(owner)) => url = owner,
+            Some(Hs::Refused(why)) => {
+                return Err(GeoError::Refused {
+                    cluster: remote_name.to_owned(),
+                    why,
+                })
+            }
+            None => return Err(remote_err(remote_name, "an empty handshake reply")),
+        }
+    }
+    let next = next.ok_or_else(|| remote_err(remote_name, "redirected too often"))?;
+
+    let log = t.log().clone();
+    // Below the remote's watermark everything is there; below the
+    // cursor, nothing was left to send.
+    let start = next.max(sub.mark_delete()).max(log.start_offset());
+    sub.expire_before(start);
+    let (tx, rx) = mpsc::channel::<ReplicateRequest>(ctx.cfg.max_inflight_batches.max(1));
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let header = |v: &str| {
+        MetadataValue::try_from(v).map_err(|_| remote_err(remote_name, "a name unfit for a header"))
+    };
+    req.metadata_mut()
+        .insert(TOPIC_HEADER, header(&topic.to_string())?);
+    req.metadata_mut()
+        .insert(SOURCE_HEADER, header(&ctx.cluster)?);
+    let mut client = remote.client(&url)?;
+    let mut replies = client
+        .replicate(req)
+        .await
+        .map_err(|e| {
+            remote.drop_channel(&url);
+            remote_err(remote_name, format!("{:?}: {}", e.code(), e.message()))
+        })?
+        .into_inner();
+    ctx.stats.update(topic, remote_name, |s| {
+        s.state = "running".into();
+        s.connected = true;
+        s.last_error = None;
+        s.remote_watermark = next;
+        s.outbound_connection = Some(url.clone());
+    });
+
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut inflight_bytes = 0u64;
+    let (mut read_pos, mut prev) = (start, next);
+    let mut end_rx = log.watch_end();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sent_records = 0u64;
+    let mut sent_bytes = 0u64;
+    loop {
+        let room = inflight.len() < ctx.cfg.max_inflight_batches
+            && inflight_bytes < ctx.cfg.max_inflight_bytes;
+        // Open transactions are not read past: what they hold may still
+        // be aborted.
+        let readable = log.last_stable_offset();
+        if room && readable > read_pos {
+            let entries = log.read(read_pos, 1000, ctx.cfg.read_bytes).await?;
+            for e in entries {
+                let mut data = e.data;
+                let mut off = e.base_offset;
+                while !data.is_empty() {
+                    let h = BatchHeader::parse(&data)?;
+                    if h.size > data.len() {
+                        return Err(BrokerError::CorruptBatch(format!(
+                            "{topic} at {off}: a batch longer than its entry"
+                        ))
+                        .into());
+                    }
+                    let batch = data.split_to(h.size);
+                    let (base, span) = (off, h.offset_count());
+                    off = base + span;
+                    if is_replicated(h.producer_id)
+                        || h.is_control()
+                        || (h.is_transactional() && aborted(&log, &h, base, off))
+                    {
+                        continue;
+                    }
+                    let bytes = batch.len() as u64;
+                    let m = ReplicateRequest {
+                        prev,
+                        batch: with_base_offset(batch, base),
+                        source_append_ms: u64::try_from(h.max_timestamp).unwrap_or(0),
+                    };
+                    if tx.send(m).await.is_err() {
+                        return Err(remote_err(remote_name, "the stream closed"));
+                    }
+                    prev = off;
+                    inflight_bytes += bytes;
+                    inflight.push_back(InFlight {
+                        end: off,
+                        records: h.record_count.max(0) as u64,
+                        bytes,
+                        sent: Instant::now(),
+                    });
+                }
+                read_pos = e.base_offset + e.offsets;
+            }
+            if inflight.is_empty() {
+                sub.expire_before(read_pos);
+            }
+            // Take the replies that are in without waiting.
+            while let Some(r) = replies.message().now_or_never() {
+                let r = r.map_err(|e| remote_err(remote_name, e))?;
+                if let Some(ended) = settle(
+                    r,
+                    &mut inflight,
+                    &mut inflight_bytes,
+                    read_pos,
+                    &sub,
+                    remote_name,
+                    (&mut sent_records, &mut sent_bytes),
+                )? {
+                    return Ok(ended);
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            r = replies.message() => {
+                let r = r.map_err(|e| remote_err(remote_name, format!("{:?}: {}", e.code(), e.message())))?;
+                if let Some(ended) = settle(r, &mut inflight, &mut inflight_bytes, read_pos, &sub, remote_name, (&mut sent_records, &mut sent_bytes))? {
+                    return Ok(ended);
+                }
+            }
+            changed = end_rx.changed(), if room => {
+                if changed.is_err() {
+                    return Err(BrokerError::TopicUnavailable(topic.to_string()).into());
+                }
+            }
+            _ = stop.changed() => return Ok(Ended::Stop),
+            _ = tick.tick() => {
+                // The transaction state moves without the end moving.
+            }
+        }
+        let backlog = log.end_offset().saturating_sub(sub.mark_delete());
+        let delay = inflight.front().map_or(0, |f| f.sent.elapsed().as_secs());
+        ctx.stats.update(topic, remote_name, |s| {
+            s.replication_backlog = backlog;
+            s.replication_delay_in_seconds = delay;
+            s.msg_out_counter = sent_records;
+            s.bytes_out_counter = sent_bytes;
+        });
+    }
+}
+
+/// Whether the transactional batch at `[base, end)` was aborted.
+fn aborted(log: &magnetar_broker::log::PartitionLog, h: &BatchHeader, base: u64, end: u64) -> bool {
+    log.aborted_between(base, end)
+        .iter()
+        .any(|a| a.producer_id == h.producer_id && a.first_offset <= base && base <= a.last_offset)
+}
+
+/// Takes one reply: the oldest batch in flight is stored (or was
+/// before), and the cursor moves over it.
+fn settle(
+    r: Option<crate::proto::ReplicateReply>,
+    inflight: &mut VecDeque<InFlight>,
+    inflight_bytes: &mut u64,
+    read_pos: u64,
+    sub: &magnetar_broker::subscription::Subscription,
+    remote: &str,
+    (records, bytes): (&mut u64, &mut u64),
+) -> Result<Option<Ended>> {
+    let Some(r) = r else {
+        return Err(remote_err(remote, "the remote ended the stream"));
+    };
+    match r.reply {
+        Some(Rr::StoredAt(_) | Rr::Duplicate(_)) => {
+            let f = inflight
+                .pop_front()
+                .ok_or_else(|| remote_err(remote, "a reply to nothing sent"))?;
+            *inflight_bytes -= f.bytes;
+            *records += f.records;
+            *bytes += f.bytes;
+            // With nothing else in flight, what was read and filtered
+            // after it is done too.
+            sub.expire_before(if inflight.is_empty() { read_pos } else { f.end });
+            Ok(None)
+        }
+        Some(Rr::OutOfOrderNext(_)) => Ok(Some(Ended::Resend)),
+        Some(Rr::Error(why)) => Err(remote_err(remote, why)),
+        None => Err(remote_err(remote, "an empty reply")),
+    }
+}
