@@ -55,6 +55,9 @@ pub struct GeoConfig {
     pub read_bytes: usize,
     /// Longest pause between attempts to reach a remote.
     pub backoff_max: Duration,
+    /// How long the oldest batch in flight may wait for its reply before
+    /// the stream is given up and made anew.
+    pub reply_timeout: Duration,
     /// Roles, besides superusers, that other clusters replicate in as.
     pub peer_roles: BTreeSet<String>,
 }
@@ -67,6 +70,7 @@ impl Default for GeoConfig {
             max_inflight_bytes: 8 << 20,
             read_bytes: 1 << 20,
             backoff_max: Duration::from_secs(60),
+            reply_timeout: Duration::from_secs(30),
             peer_roles: BTreeSet::new(),
         }
     }
@@ -256,6 +260,8 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
     drop(b);
     let mut running: HashMap<(TopicName, String), Running> = HashMap::new();
     let mut rescan = tokio::time::interval(ctx.cfg.rescan);
+    // After a pause (a frozen process), one pass, not one per missed tick.
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = rescan.tick() => {}

@@ -27,12 +27,17 @@ use crate::proto::{HandshakeRequest, ReplicateRequest};
 use crate::receiver::{SOURCE_HEADER, TOPIC_HEADER};
 use crate::Ctx;
 
+/// Offsets a replicator resends from its cursor, at most, rather than
+/// starting at the remote's watermark.
+const MAX_RESEND: u64 = 100_000;
+
 /// How a session ended without an error.
 enum Ended {
     /// Told to stop.
     Stop,
-    /// The remote asked for a resend from its watermark.
-    Resend,
+    /// The remote asked for a resend from its watermark; whether any
+    /// batch was stored first.
+    Resend { progressed: bool },
 }
 
 /// The cursor of the replicator to `remote`.
@@ -48,11 +53,20 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut resends = 0u64;
     loop {
         match session(&ctx, &topic, &remote, &mut stop).await {
             Ok(Ended::Stop) => return,
-            Ok(Ended::Resend) => {
-                backoff = Duration::from_millis(100);
+            Ok(Ended::Resend { progressed }) => {
+                // At once the first time; a remote still writing what it
+                // took before gets a moment.
+                resends = if progressed { 1 } else { resends + 1 };
+                if resends > 1 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50 * resends.min(20))) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
                 continue;
             }
             Err(e) => {
@@ -137,13 +151,15 @@ async fn session(
     let mut next = None;
     for _ in 0..4 {
         let mut client = remote.client(&url)?;
+        let mut req = tonic::Request::new(HandshakeRequest {
+            source_cluster: ctx.cluster.clone(),
+            topic: topic.to_string(),
+            incarnation,
+            partitions,
+        });
+        req.set_timeout(ctx.cfg.reply_timeout);
         let reply = client
-            .handshake(HandshakeRequest {
-                source_cluster: ctx.cluster.clone(),
-                topic: topic.to_string(),
-                incarnation,
-                partitions,
-            })
+            .handshake(req)
             .await
             .map_err(|e| {
                 remote.drop_channel(&url);
@@ -168,9 +184,18 @@ async fn session(
     let next = next.ok_or_else(|| remote_err(remote_name, "redirected too often"))?;
 
     let log = t.log().clone();
-    // Below the remote's watermark everything is there; below the
-    // cursor, nothing was left to send.
-    let start = next.max(sub.mark_delete()).max(log.start_offset());
+    // Sending resumes at the cursor, as an at-least-once replicator's
+    // would: what the remote stored after the cursor last moved comes
+    // again and is absorbed as duplicates, which shows that resends are
+    // handled rather than avoided. A cursor far behind the remote (made
+    // again, say) starts at the remote's watermark instead.
+    let cursor = sub.mark_delete();
+    let start = if next > cursor.saturating_add(MAX_RESEND) {
+        next
+    } else {
+        cursor
+    }
+    .max(log.start_offset());
     sub.expire_before(start);
     let (tx, rx) = mpsc::channel::<ReplicateRequest>(ctx.cfg.max_inflight_batches.max(1));
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -198,21 +223,31 @@ async fn session(
         s.outbound_connection = Some(url.clone());
     });
 
-    let mut inflight: VecDeque<InFlight> = VecDeque::new();
-    let mut inflight_bytes = 0u64;
-    let (mut read_pos, mut prev) = (start, next);
+    let mut window = Window {
+        inflight: VecDeque::new(),
+        bytes: 0,
+        progressed: false,
+        ctx,
+        topic,
+        remote: remote_name,
+    };
+    // Resent batches chain from the cursor and end at the remote's
+    // watermark; past it, the offsets up to the cursor held nothing to
+    // send.
+    let (mut read_pos, mut prev) = (start, start.min(next));
     let mut end_rx = log.watch_end();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut sent_records = 0u64;
-    let mut sent_bytes = 0u64;
     loop {
-        let room = inflight.len() < ctx.cfg.max_inflight_batches
-            && inflight_bytes < ctx.cfg.max_inflight_bytes;
+        let room = window.has_room();
         // Open transactions are not read past: what they hold may still
         // be aborted.
         let readable = log.last_stable_offset();
-        if room && readable > read_pos {
-            let entries = log.read(read_pos, 1000, ctx.cfg.read_bytes).await?;
+        let entries = if room && readable > read_pos {
+            log.read(read_pos, 1000, ctx.cfg.read_bytes).await?
+        } else {
+            Vec::new()
+        };
+        if !entries.is_empty() {
             for e in entries {
                 let mut data = e.data;
                 let mut off = e.base_offset;
@@ -243,8 +278,7 @@ async fn session(
                         return Err(remote_err(remote_name, "the stream closed"));
                     }
                     prev = off;
-                    inflight_bytes += bytes;
-                    inflight.push_back(InFlight {
+                    window.push(InFlight {
                         end: off,
                         records: h.record_count.max(0) as u64,
                         bytes,
@@ -253,21 +287,13 @@ async fn session(
                 }
                 read_pos = e.base_offset + e.offsets;
             }
-            if inflight.is_empty() {
+            if window.inflight.is_empty() {
                 sub.expire_before(read_pos);
             }
             // Take the replies that are in without waiting.
             while let Some(r) = replies.message().now_or_never() {
                 let r = r.map_err(|e| remote_err(remote_name, e))?;
-                if let Some(ended) = settle(
-                    r,
-                    &mut inflight,
-                    &mut inflight_bytes,
-                    read_pos,
-                    &sub,
-                    remote_name,
-                    (&mut sent_records, &mut sent_bytes),
-                )? {
+                if let Some(ended) = window.settle(r, read_pos, &sub)? {
                     return Ok(ended);
                 }
             }
@@ -276,7 +302,7 @@ async fn session(
         tokio::select! {
             r = replies.message() => {
                 let r = r.map_err(|e| remote_err(remote_name, format!("{:?}: {}", e.code(), e.message())))?;
-                if let Some(ended) = settle(r, &mut inflight, &mut inflight_bytes, read_pos, &sub, remote_name, (&mut sent_records, &mut sent_bytes))? {
+                if let Some(ended) = window.settle(r, read_pos, &sub)? {
                     return Ok(ended);
                 }
             }
@@ -287,16 +313,25 @@ async fn session(
             }
             _ = stop.changed() => return Ok(Ended::Stop),
             _ = tick.tick() => {
-                // The transaction state moves without the end moving.
+                // The transaction state moves without the end moving. A
+                // remote that took a batch and never answered (its topic
+                // moved while it was frozen, say) gets a new stream.
+                if window.inflight.front().is_some_and(|f| f.sent.elapsed() > ctx.cfg.reply_timeout) {
+                    remote.drop_channel(&url);
+                    return Err(remote_err(remote_name, format!(
+                        "no reply within {:?}", ctx.cfg.reply_timeout
+                    )));
+                }
             }
         }
         let backlog = log.end_offset().saturating_sub(sub.mark_delete());
-        let delay = inflight.front().map_or(0, |f| f.sent.elapsed().as_secs());
+        let delay = window
+            .inflight
+            .front()
+            .map_or(0, |f| f.sent.elapsed().as_secs());
         ctx.stats.update(topic, remote_name, |s| {
             s.replication_backlog = backlog;
             s.replication_delay_in_seconds = delay;
-            s.msg_out_counter = sent_records;
-            s.bytes_out_counter = sent_bytes;
         });
     }
 }
@@ -308,35 +343,64 @@ fn aborted(log: &magnetar_broker::log::PartitionLog, h: &BatchHeader, base: u64,
         .any(|a| a.producer_id == h.producer_id && a.first_offset <= base && base <= a.last_offset)
 }
 
-/// Takes one reply: the oldest batch in flight is stored (or was
-/// before), and the cursor moves over it.
-fn settle(
-    r: Option<crate::proto::ReplicateReply>,
-    inflight: &mut VecDeque<InFlight>,
-    inflight_bytes: &mut u64,
-    read_pos: u64,
-    sub: &magnetar_broker::subscription::Subscription,
-    remote: &str,
-    (records, bytes): (&mut u64, &mut u64),
-) -> Result<Option<Ended>> {
-    let Some(r) = r else {
-        return Err(remote_err(remote, "the remote ended the stream"));
-    };
-    match r.reply {
-        Some(Rr::StoredAt(_) | Rr::Duplicate(_)) => {
-            let f = inflight
-                .pop_front()
-                .ok_or_else(|| remote_err(remote, "a reply to nothing sent"))?;
-            *inflight_bytes -= f.bytes;
-            *records += f.records;
-            *bytes += f.bytes;
-            // With nothing else in flight, what was read and filtered
-            // after it is done too.
-            sub.expire_before(if inflight.is_empty() { read_pos } else { f.end });
-            Ok(None)
+/// The batches sent and not yet stored by the remote, oldest first.
+struct Window<'a> {
+    inflight: VecDeque<InFlight>,
+    bytes: u64,
+    /// Whether the remote stored anything in this session.
+    progressed: bool,
+    ctx: &'a Ctx,
+    topic: &'a TopicName,
+    remote: &'a str,
+}
+
+impl Window<'_> {
+    fn has_room(&self) -> bool {
+        self.inflight.len() < self.ctx.cfg.max_inflight_batches
+            && self.bytes < self.ctx.cfg.max_inflight_bytes
+    }
+
+    fn push(&mut self, f: InFlight) {
+        self.bytes += f.bytes;
+        self.inflight.push_back(f);
+    }
+
+    /// Takes one reply: the oldest batch in flight is stored (or was
+    /// before), and the cursor moves over it and, with nothing else in
+    /// flight, over what was read and filtered after it.
+    fn settle(
+        &mut self,
+        r: Option<crate::proto::ReplicateReply>,
+        read_pos: u64,
+        sub: &magnetar_broker::subscription::Subscription,
+    ) -> Result<Option<Ended>> {
+        let Some(r) = r else {
+            return Err(remote_err(self.remote, "the remote ended the stream"));
+        };
+        match r.reply {
+            Some(Rr::StoredAt(_) | Rr::Duplicate(_)) => {
+                let f = self
+                    .inflight
+                    .pop_front()
+                    .ok_or_else(|| remote_err(self.remote, "a reply to nothing sent"))?;
+                self.bytes -= f.bytes;
+                self.progressed = true;
+                self.ctx.stats.update(self.topic, self.remote, |s| {
+                    s.msg_out_counter += f.records;
+                    s.bytes_out_counter += f.bytes;
+                });
+                sub.expire_before(if self.inflight.is_empty() {
+                    read_pos
+                } else {
+                    f.end
+                });
+                Ok(None)
+            }
+            Some(Rr::OutOfOrderNext(_)) => Ok(Some(Ended::Resend {
+                progressed: self.progressed,
+            })),
+            Some(Rr::Error(why)) => Err(remote_err(self.remote, why)),
+            None => Err(remote_err(self.remote, "an empty reply")),
         }
-        Some(Rr::OutOfOrderNext(_)) => Ok(Some(Ended::Resend)),
-        Some(Rr::Error(why)) => Err(remote_err(remote, why)),
-        None => Err(remote_err(remote, "an empty reply")),
     }
 }

@@ -127,7 +127,9 @@ impl Watermark {
         if end <= self.next {
             return Verdict::Duplicate;
         }
-        if prev != self.pending_next {
+        // A watermark read back from the ledger's record has nothing
+        // pending: its writes end where it does.
+        if prev != self.pending_next.max(self.next) {
             return Verdict::OutOfOrder { next: self.next };
         }
         self.pending_next = end;
@@ -194,6 +196,19 @@ mod tests {
         // Another life of the source topic is refused, not mixed in.
         assert_eq!(w.handshake(2), Err(1));
         assert_eq!(w.handshake(1), Ok(10), "15..20 is still being written");
+    }
+
+    #[test]
+    fn a_watermark_read_back_takes_what_continues_it() {
+        let mut w = Watermark::default();
+        assert_eq!(w.handshake(1), Ok(0));
+        assert_eq!(w.offer(0, 0, 10), Verdict::Append);
+        w.stored(10);
+        let json = serde_json::to_string(&w).expect("json");
+        let mut back: Watermark = serde_json::from_str(&json).expect("json");
+        assert_eq!(back.handshake(1), Ok(10));
+        assert_eq!(back.offer(0, 0, 10), Verdict::Duplicate);
+        assert_eq!(back.offer(10, 12, 3), Verdict::Append);
     }
 
     /// One step of a sender, a stream that may lose messages, and a

@@ -416,22 +416,33 @@ impl Topic {
         };
         let stats = self.counters();
         let geo = Arc::clone(&self.geo);
+        // The watermark follows the write whether or not the sender still
+        // waits for it: a stream that breaks must not leave the next one
+        // waiting on an append nobody settles.
+        let (done, settled) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let stored = pending.await;
+            let mut geo = geo.lock().await;
+            let w = geo.entry(source).or_default();
+            let r = match stored {
+                Ok(offset) => {
+                    w.stored(end);
+                    stats.add(count, len);
+                    Ok(offset)
+                }
+                Err(e) => {
+                    w.failed();
+                    Err(e)
+                }
+            };
+            let _ = done.send(r);
+        });
+        let name = self.name.to_string();
         Ok(ReplicatedAppend::Pending(
             async move {
-                let stored = pending.await;
-                let mut geo = geo.lock().await;
-                let w = geo.entry(source).or_default();
-                match stored {
-                    Ok(offset) => {
-                        w.stored(end);
-                        stats.add(count, len);
-                        Ok(offset)
-                    }
-                    Err(e) => {
-                        w.failed();
-                        Err(e)
-                    }
-                }
+                settled
+                    .await
+                    .unwrap_or_else(|_| Err(BrokerError::TopicUnavailable(name)))
             }
             .boxed(),
         ))

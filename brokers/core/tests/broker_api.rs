@@ -1275,6 +1275,12 @@ async fn replicated_batches_are_stored_exactly_once() {
         .await
         .expect("resend after reload");
     assert!(matches!(r, ReplicatedAppend::Duplicate));
+    // And what continues it is stored.
+    let r = t
+        .submit_replicated(9, 7, batch(7, 2))
+        .await
+        .expect("after reload");
+    assert_eq!(stored(r).await, Some(5));
     // Another source cluster has a watermark of its own, and another life
     // of the source topic is refused rather than mixed in, even after a
     // reload with nothing written since the handshake.
