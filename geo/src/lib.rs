@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
 use magnetar_broker::topic::REPLICATOR_PREFIX;
 use magnetar_broker::{Broker, WeakBroker};
 use magnetar_tenancy::TopicName;
@@ -31,6 +32,7 @@ mod error;
 pub mod receiver;
 pub mod remote;
 pub mod replicator;
+pub mod routein;
 pub mod stats;
 
 pub use error::{GeoError, Result};
@@ -184,14 +186,30 @@ impl Drop for Geo {
     }
 }
 
-/// Topics that never replicate: system topics, and the queues of AMQP
-/// and MQTT sessions, which each region routes into from its own
-/// exchanges.
-fn replicable(t: &TopicName) -> bool {
-    let name = t.base().local_name().to_owned();
-    !(name.starts_with("__")
-        || name.starts_with("mqtt-subscription-")
-        || name.starts_with("mqtt-share-"))
+/// Topics that never replicate: system topics (but exchanges' capture
+/// topics), and the queues of AMQP and MQTT sessions, which each region
+/// routes into from its own exchanges.
+fn replicable(t: &TopicName, queues: &HashSet<String>) -> bool {
+    let base = t.base();
+    let name = base.local_name();
+    name.starts_with(GEO_EXCHANGE_PREFIX)
+        || !(name.starts_with("__")
+            || name.starts_with("mqtt-subscription-")
+            || name.starts_with("mqtt-share-")
+            || queues.contains(name))
+}
+
+/// What should run on this broker.
+#[derive(Default)]
+struct Wanted {
+    /// (partition, remote cluster) of every replicator.
+    replicators: HashSet<(TopicName, String)>,
+    /// The clusters of every replicated partition.
+    clusters_of: HashMap<TopicName, BTreeSet<String>>,
+    /// Capture topics whose replicated records are routed in here.
+    route_in: HashSet<TopicName>,
+    /// Namespaces that replicate.
+    namespaces: BTreeSet<magnetar_tenancy::NamespaceName>,
 }
 
 struct Running {
@@ -199,40 +217,43 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// What should run here: (partition, remote) for every owned partition
-/// of a replicated topic, and the clusters of every replicated topic.
-async fn wanted(
-    b: &Broker,
-    local: &str,
-) -> magnetar_broker::Result<(
-    HashSet<(TopicName, String)>,
-    HashMap<TopicName, BTreeSet<String>>,
-)> {
+/// What should run here: a replicator per owned partition of a
+/// replicated topic and remote cluster, and the routing in of capture
+/// topics.
+async fn wanted(b: &Broker, local: &str) -> magnetar_broker::Result<Wanted> {
     let overrides = b.topic_replication_overrides().await?;
-    let mut run = HashSet::new();
-    let mut clusters_of = HashMap::new();
+    let mut w = Wanted::default();
     for tenant in b.tenancy().list_tenants().await? {
         for ns in b.tenancy().list_namespaces(&tenant).await? {
             let ns_clusters = b.tenancy().get_policies(&ns).await?.replication_clusters;
             let any_override = overrides.keys().any(|t| t.namespace() == &ns);
-            if ns_clusters.len() < 2 && !any_override {
+            let replicated = ns_clusters.len() > 1 && ns_clusters.contains(local);
+            if replicated {
+                w.namespaces.insert(ns.clone());
+            }
+            if !replicated && !any_override {
                 continue;
             }
+            let queues: HashSet<String> =
+                b.routing_snapshot(&ns).await?.queues.into_iter().collect();
             for t in b.list_topics(&ns).await? {
-                if !replicable(&t) {
+                if !replicable(&t, &queues) {
                     continue;
                 }
                 let clusters = overrides.get(&t.base()).unwrap_or(&ns_clusters);
                 if clusters.len() < 2 || !clusters.contains(local) {
                     continue;
                 }
-                clusters_of.insert(t.clone(), clusters.clone());
+                w.clusters_of.insert(t.clone(), clusters.clone());
                 // Taking an unowned bundle here is what gives an idle
                 // topic with a backlog an owner after a restart.
                 match b.lookup(&t).await {
                     Ok(owner) if owner.id == b.info().id => {
                         for c in clusters.iter().filter(|c| *c != local) {
-                            run.insert((t.clone(), c.clone()));
+                            w.replicators.insert((t.clone(), c.clone()));
+                        }
+                        if t.local_name().starts_with(GEO_EXCHANGE_PREFIX) {
+                            w.route_in.insert(t.clone());
                         }
                     }
                     Ok(_) => {}
@@ -241,7 +262,7 @@ async fn wanted(
             }
         }
     }
-    Ok((run, clusters_of))
+    Ok(w)
 }
 
 async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
@@ -259,6 +280,8 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
     let mut events = Some(watch(&b));
     drop(b);
     let mut running: HashMap<(TopicName, String), Running> = HashMap::new();
+    let mut routing_in: HashMap<TopicName, Running> = HashMap::new();
+    let mut replicated_namespaces = BTreeSet::new();
     let mut rescan = tokio::time::interval(ctx.cfg.rescan);
     // After a pause (a frozen process), one pass, not one per missed tick.
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,13 +310,38 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
         if events.is_none() {
             events = Some(watch(&b));
         }
-        let (run, clusters_of) = match wanted(&b, &ctx.cluster).await {
+        let Wanted {
+            replicators: run,
+            clusters_of,
+            route_in,
+            namespaces,
+        } = match wanted(&b, &ctx.cluster).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!("replication: {e}");
                 continue;
             }
         };
+        // Publishes into exchanges start (or stop) being captured.
+        if namespaces != replicated_namespaces {
+            b.invalidate_routes();
+            replicated_namespaces = namespaces;
+        }
+        routing_in.retain(|t, r: &mut Running| {
+            let keep = route_in.contains(t);
+            if !keep {
+                let _ = r.stop.send(true);
+            }
+            keep
+        });
+        for t in route_in {
+            if routing_in.contains_key(&t) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(routein::run(Arc::clone(&ctx), t.clone(), stop_rx));
+            routing_in.insert(t, Running { stop, task });
+        }
         let stale: Vec<_> = running
             .keys()
             .filter(|k| !run.contains(*k))
@@ -321,7 +369,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
         }
         release_cursors(&b, &clusters_of).await;
     }
-    for (_, r) in running.drain() {
+    for r in running.into_values().chain(routing_in.into_values()) {
         let _ = r.stop.send(true);
         let _ = r.task.await;
     }

@@ -860,9 +860,17 @@ impl Topic {
         let (slowest, queue) = {
             let subs = self.subs.lock().await;
             let durable = || subs.iter().filter(|(_, s)| s.is_durable());
+            let slowest = durable().map(|(_, s)| s.mark_delete()).min();
+            // An exchange's capture topic is a queue for the other
+            // clusters: once they and its routing in have it, it goes.
+            let capture = slowest.is_some()
+                && self
+                    .name
+                    .local_name()
+                    .starts_with(crate::service::GEO_EXCHANGE_PREFIX);
             (
-                durable().map(|(_, s)| s.mark_delete()).min(),
-                durable().any(|(n, _)| !is_system_subscription(n)),
+                slowest,
+                capture || durable().any(|(n, _)| !is_system_subscription(n)),
             )
         };
         let acked_limit = match (slowest, hold) {

@@ -29,7 +29,7 @@ def register(region, name, url):
 
 
 @contextlib.contextmanager
-def regions(names, extra=(), urls=None, replicate=None):
+def regions(names, extra=(), urls=None, replicate=None, kafka_ns=NS):
     """Standalones named `names`, each knowing the others (at `urls[a][b]`,
     the URL `a` reaches `b` by, when given), with `geo/ns` replicated
     between `replicate` (all of them by default)."""
@@ -37,7 +37,7 @@ def regions(names, extra=(), urls=None, replicate=None):
         out = {}
         for n in names:
             d = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"magnetar-geo-{n}-"))
-            s = Standalone(d, extra=["--cluster", n, "--kafka-namespace", NS,
+            s = Standalone(d, extra=["--cluster", n, "--kafka-namespace", kafka_ns,
                                      "--geo-rescan-ms", "1000", "--geo-backoff-max-ms", "2000",
                                      *extra])
             s.start()

@@ -49,12 +49,17 @@ def headers(src, i):
 
 
 class Matrix:
-    def __init__(self, standalone):
+    """Writers connect to `standalone`; readers to `sink` (the same one
+    unless given: another region, for the matrix across regions)."""
+
+    def __init__(self, standalone, sink=None):
         self.s = standalone
+        self.sink = sink or standalone
         self.tag = uuid.uuid4().hex[:8]
         self.queue = f"interop-{self.tag}"
         self.source = f"interop-src-{self.tag}"
         self.ws_base = standalone.http.replace("http://", "ws://")
+        self.sink_ws_base = self.sink.http.replace("http://", "ws://")
 
     # ---- the expected mapping, per the README's table ----
 
@@ -76,25 +81,28 @@ class Matrix:
 
     # ---- setup ----
 
-    def amqp_channel(self):
+    def amqp_channel(self, s=None):
         conn = pika.BlockingConnection(pika.ConnectionParameters(
-            "127.0.0.1", self.s.amqp_port, connection_attempts=3, retry_delay=0.5))
+            "127.0.0.1", (s or self.s).amqp_port, connection_attempts=3, retry_delay=0.5))
         return conn, conn.channel()
 
     def setup(self):
-        conn, ch = self.amqp_channel()
+        conn, ch = self.amqp_channel(self.sink)
         ch.queue_declare(self.queue, durable=True)
         ch.queue_bind(self.queue, "amq.topic", routing_key=f"interop.{self.tag}.#")
         conn.close()
-        call(self.s, "PUT", f"/admin/v2/persistent/public/default/{self.source}")
-        assert call(self.s, "PUT", f"/admin/v2/persistent/public/default/{self.source}/route",
-                    {"exchange": "amq.topic"})[0] == 204
+        # The source topic is routed in every region: each routes what it
+        # holds of it, its own records and replicated ones.
+        for s in {id(self.s): self.s, id(self.sink): self.sink}.values():
+            call(s, "PUT", f"/admin/v2/persistent/public/default/{self.source}")
+            assert call(s, "PUT", f"/admin/v2/persistent/public/default/{self.source}/route",
+                        {"exchange": "amq.topic"})[0] == 204
 
     # ---- sinks, started before anything is published ----
 
     def start_sinks(self):
         # AMQP: a consumer on Q, acknowledging as it goes.
-        self.amqp_conn, self.amqp_ch = self.amqp_channel()
+        self.amqp_conn, self.amqp_ch = self.amqp_channel(self.sink)
         self.amqp_got = []
 
         def on_amqp(ch, method, props, body):
@@ -112,7 +120,7 @@ class Matrix:
         c.on_message = lambda _c, _u, m: self.mqtt_got.put(
             (m.topic, list(getattr(m.properties, "UserProperty", None) or []), m.payload))
         c.on_subscribe = lambda *a: subscribed.put(True)
-        c.connect("127.0.0.1", self.s.mqtt_port)
+        c.connect("127.0.0.1", self.sink.mqtt_port)
         c.loop_start()
         c.subscribe(f"interop/{self.tag}/#", qos=1)
         subscribed.get(timeout=10)
@@ -120,7 +128,7 @@ class Matrix:
 
         # WebSocket: a consumer of Q's topic.
         self.ws_sink = connect(
-            f"{self.ws_base}/ws/v2/consumer/persistent/public/default/{self.queue}/ws-sink"
+            f"{self.sink_ws_base}/ws/v2/consumer/persistent/public/default/{self.queue}/ws-sink"
             "?subscriptionInitialPosition=Earliest", open_timeout=10)
 
     # ---- sources ----
@@ -172,7 +180,7 @@ class Matrix:
     # ---- what each sink got, as (source, key, headers, payload) in order ----
 
     def collect_kafka(self, total):
-        c = Consumer({"bootstrap.servers": self.s.kafka, "group.id": f"matrix-{self.tag}",
+        c = Consumer({"bootstrap.servers": self.sink.kafka, "group.id": f"matrix-{self.tag}",
                       "enable.auto.commit": False})
         c.assign([TopicPartition(self.queue, 0, 0)])
         got = []
@@ -244,7 +252,12 @@ def check(matrix, src, sink, received):
 
 
 def test_every_protocol_reads_what_every_protocol_writes(standalone, capsys):
-    m = Matrix(standalone)
+    run_matrix(Matrix(standalone), capsys)
+
+
+def run_matrix(m, capsys, title=""):
+    """Writes through every protocol, reads through every protocol, and
+    prints the grid."""
     m.setup()
     m.start_sinks()
     m.publish_kafka()
@@ -264,7 +277,7 @@ def test_every_protocol_reads_what_every_protocol_writes(standalone, capsys):
             why = check(m, src, sink, received[sink])
             if why:
                 failures[(src, sink)] = why
-    rows = ["from \\ to " + "".join(f"{p:>7}" for p in PROTOCOLS)]
+    rows = ([title] if title else []) + ["from \\ to " + "".join(f"{p:>7}" for p in PROTOCOLS)]
     for src in PROTOCOLS:
         cells = "".join(f"{'FAIL' if (src, s) in failures else 'pass':>7}" for s in PROTOCOLS)
         rows.append(f"{src:<10}{cells}")

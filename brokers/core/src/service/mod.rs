@@ -65,6 +65,10 @@ pub struct TopicPolicies {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicator_dispatch_rate: Option<magnetar_tenancy::DispatchRate>,
 }
+/// The topic of a replicated namespace that keeps, for the other
+/// clusters, what enters its durable exchange: this, then the exchange.
+pub const GEO_EXCHANGE_PREFIX: &str = "__geo-exchange-";
+
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.
 pub const FORWARD_PATH: &str = "/internal/v1/batch/";

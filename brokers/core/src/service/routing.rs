@@ -355,17 +355,45 @@ impl Broker {
         routing_key: &str,
         headers: &[(String, HeaderValue)],
     ) -> Result<Vec<(String, TopicName)>> {
-        let r = self.routing(ns).await?;
-        let g = r.lock().await;
-        let routed = g.table.route(exchange, routing_key, headers)?;
-        routed
-            .queues
-            .into_iter()
-            .map(|q| {
-                let t = self.queue_topic(ns, &q, !g.transient.contains(&q))?;
-                Ok((q, t))
-            })
-            .collect()
+        let (mut out, durable) = {
+            let r = self.routing(ns).await?;
+            let g = r.lock().await;
+            let routed = g.table.route(exchange, routing_key, headers)?;
+            let durable = g.table.exchange(exchange).is_some_and(|x| x.durable);
+            let out = routed
+                .queues
+                .into_iter()
+                .map(|q| {
+                    let t = self.queue_topic(ns, &q, !g.transient.contains(&q))?;
+                    Ok((q, t))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (out, durable)
+        };
+        // In a namespace replicated to other clusters, what enters a
+        // durable exchange is also kept for them (RabbitMQ's exchange
+        // federation): they route it through their own exchange of that
+        // name. Queues stay regional.
+        if durable && !exchange.is_empty() && self.replicates(ns).await? {
+            let name = format!("{GEO_EXCHANGE_PREFIX}{exchange}");
+            if let Ok(t) = ns.topic(TopicDomain::Persistent, &name) {
+                out.push((name, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the namespace replicates to another cluster.
+    pub async fn replicates(&self, ns: &NamespaceName) -> Result<bool> {
+        let clusters = self.policies(ns).await?.replication_clusters;
+        Ok(clusters.len() > 1 && clusters.contains(&self.inner.cfg.cluster))
+    }
+
+    /// Makes front ends route afresh (a namespace's replication changed).
+    pub fn invalidate_routes(&self) {
+        self.inner
+            .routing_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Changes whenever routing changes on this broker; a route computed

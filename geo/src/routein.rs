@@ -1,0 +1,126 @@
+//! Exchange federation's receiving half: what entered an exchange of a
+//! replicated namespace in another cluster arrives here in that
+//! exchange's capture topic (`__geo-exchange-<exchange>`), and is routed
+//! through this cluster's exchange of the same name, into this region's
+//! queues and MQTT subscriptions. Records captured here are left alone:
+//! they were routed here when they were published.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use magnetar_broker::format::{decode_entry, BatchHeader};
+use magnetar_broker::replicated::is_replicated;
+use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
+use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
+use magnetar_broker::TopicRoute;
+use magnetar_tenancy::TopicName;
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::Ctx;
+
+/// The cursor of what has been routed in.
+pub const ROUTE_IN_SUBSCRIPTION: &str = "__geo-route-in";
+
+/// Header giving the routing key a record was published with.
+const ROUTING_KEY_HEADER: &str = "amqp.routing-key";
+
+/// Routes the capture topic's replicated records in until told to stop.
+pub(crate) async fn run(ctx: Arc<Ctx>, topic: TopicName, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&ctx, &topic, &mut stop).await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(%topic, "routing replicated records in: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(ctx.cfg.backoff_max);
+    }
+}
+
+async fn session(ctx: &Ctx, topic: &TopicName, stop: &mut watch::Receiver<bool>) -> Result<()> {
+    let Some(exchange) = topic.local_name().strip_prefix(GEO_EXCHANGE_PREFIX) else {
+        return Ok(());
+    };
+    let route = TopicRoute {
+        exchange: exchange.to_owned(),
+        routing_key: None,
+    };
+    let Some(b) = ctx.broker.upgrade() else {
+        return Ok(());
+    };
+    let t = b.topic(topic, false).await?;
+    let sub = t
+        .get_or_create_subscription(
+            ROUTE_IN_SUBSCRIPTION,
+            SubscriptionOptions {
+                sub_type: SubscriptionType::Exclusive,
+                initial_position: InitialPosition::Earliest,
+                ..SubscriptionOptions::default()
+            },
+        )
+        .await?;
+    drop(b);
+    let log = t.log().clone();
+    let mut pos = sub.mark_delete().max(log.start_offset());
+    let mut end_rx = log.watch_end();
+    loop {
+        if log.end_offset() > pos {
+            let entries = log.read(pos, 100, 1 << 20).await?;
+            if entries.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            for e in entries {
+                let mut data = e.data;
+                while !data.is_empty() {
+                    let h = BatchHeader::parse(&data)?;
+                    let batch = data.split_to(h.size.min(data.len()));
+                    if !is_replicated(h.producer_id) || h.is_control() {
+                        continue;
+                    }
+                    for m in decode_entry(&batch)? {
+                        let Some(mut out) = route.prepare(topic, &m.message) else {
+                            continue;
+                        };
+                        if let Some(key) = m
+                            .message
+                            .headers
+                            .iter()
+                            .rev()
+                            .find(|(k, _)| k == ROUTING_KEY_HEADER)
+                            .and_then(|(_, v)| v.as_deref())
+                        {
+                            out.routing_key = String::from_utf8_lossy(key).into_owned();
+                        }
+                        let Some(b) = ctx.broker.upgrade() else {
+                            return Ok(());
+                        };
+                        b.route_publish(
+                            topic.namespace(),
+                            &route.exchange,
+                            &out.routing_key,
+                            &out.headers,
+                            out.copy,
+                        )
+                        .await?;
+                    }
+                }
+                pos = e.base_offset + e.offsets;
+            }
+            sub.expire_before(pos);
+            continue;
+        }
+        tokio::select! {
+            changed = end_rx.changed() => {
+                if changed.is_err() {
+                    return Err(magnetar_broker::BrokerError::TopicUnavailable(topic.to_string()).into());
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
