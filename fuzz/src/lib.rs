@@ -25,6 +25,7 @@
 
 mod amqp;
 mod bookie;
+mod geo;
 mod kafka;
 mod metadata;
 mod mqtt;
@@ -95,6 +96,12 @@ pub fn metadata_proto(data: &[u8]) {
     metadata::run(data);
 }
 
+/// The replication stream between clusters: its gRPC messages, and a
+/// replicated batch checked and stamped as the receiver does.
+pub fn geo_proto(data: &[u8]) {
+    geo::run(data);
+}
+
 macro_rules! targets {
     ($($name:ident),* $(,)?) => {
         &[$((stringify!($name), $name as Target)),*]
@@ -116,6 +123,7 @@ pub const TARGETS: &[(&str, Target)] = targets![
     journal_replay,
     bookie_proto,
     metadata_proto,
+    geo_proto,
 ];
 
 /// A protobuf message that decodes encodes to exactly its encoded length,
@@ -149,6 +157,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "journal_replay" => bookie::file_seeds(),
         "bookie_proto" => bookie::proto_seeds(),
         "metadata_proto" => metadata::seeds(),
+        "geo_proto" => geo::seeds(),
         _ => Vec::new(),
     };
     // An encoder that refused its input leaves an empty seed behind; the

@@ -333,4 +333,5 @@ fuzz_tests!(
     journal_replay,
     bookie_proto,
     metadata_proto,
+    geo_proto,
 );
