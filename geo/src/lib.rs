@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
+use magnetar_broker::service::{GEO_EXCHANGE_PREFIX, GEO_STATE_TOPIC, GEO_TOPIC_PREFIX};
 use magnetar_broker::topic::REPLICATOR_PREFIX;
 use magnetar_broker::{Broker, WeakBroker};
 use magnetar_tenancy::TopicName;
@@ -33,6 +33,7 @@ pub mod receiver;
 pub mod remote;
 pub mod replicator;
 pub mod routein;
+pub mod statesync;
 pub mod stats;
 
 pub use error::{GeoError, Result};
@@ -192,7 +193,7 @@ impl Drop for Geo {
 fn replicable(t: &TopicName, queues: &HashSet<String>) -> bool {
     let base = t.base();
     let name = base.local_name();
-    name.starts_with(GEO_EXCHANGE_PREFIX)
+    name.starts_with(GEO_TOPIC_PREFIX)
         || !(name.starts_with("__")
             || name.starts_with("mqtt-subscription-")
             || name.starts_with("mqtt-share-")
@@ -210,6 +211,8 @@ struct Wanted {
     route_in: HashSet<TopicName>,
     /// Namespaces that replicate.
     namespaces: BTreeSet<magnetar_tenancy::NamespaceName>,
+    /// Namespaces whose replicated state this broker syncs.
+    state_sync: HashSet<magnetar_tenancy::NamespaceName>,
 }
 
 struct Running {
@@ -230,6 +233,14 @@ async fn wanted(b: &Broker, local: &str) -> magnetar_broker::Result<Wanted> {
             let replicated = ns_clusters.len() > 1 && ns_clusters.contains(local);
             if replicated {
                 w.namespaces.insert(ns.clone());
+                let state = ns.topic(magnetar_tenancy::TopicDomain::Persistent, GEO_STATE_TOPIC)?;
+                match b.lookup(&state).await {
+                    Ok(owner) if owner.id == b.info().id => {
+                        w.state_sync.insert(ns.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(namespace = %ns, "replicated state's owner: {e}"),
+                }
             }
             if !replicated && !any_override {
                 continue;
@@ -281,6 +292,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
     drop(b);
     let mut running: HashMap<(TopicName, String), Running> = HashMap::new();
     let mut routing_in: HashMap<TopicName, Running> = HashMap::new();
+    let mut syncing: HashMap<magnetar_tenancy::NamespaceName, Running> = HashMap::new();
     let mut replicated_namespaces = BTreeSet::new();
     let mut rescan = tokio::time::interval(ctx.cfg.rescan);
     // After a pause (a frozen process), one pass, not one per missed tick.
@@ -315,6 +327,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
             clusters_of,
             route_in,
             namespaces,
+            state_sync,
         } = match wanted(&b, &ctx.cluster).await {
             Ok(w) => w,
             Err(e) => {
@@ -327,51 +340,64 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
             b.invalidate_routes();
             replicated_namespaces = namespaces;
         }
-        routing_in.retain(|t, r: &mut Running| {
-            let keep = route_in.contains(t);
-            if !keep {
-                let _ = r.stop.send(true);
-            }
-            keep
-        });
-        for t in route_in {
-            if routing_in.contains_key(&t) {
-                continue;
-            }
-            let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(routein::run(Arc::clone(&ctx), t.clone(), stop_rx));
-            routing_in.insert(t, Running { stop, task });
-        }
-        let stale: Vec<_> = running
-            .keys()
-            .filter(|k| !run.contains(*k))
-            .cloned()
-            .collect();
-        for k in stale {
-            if let Some(r) = running.remove(&k) {
-                let _ = r.stop.send(true);
-                let _ = r.task.await;
-                ctx.stats.remove(&k.0, &k.1);
-            }
-        }
-        for k in run {
-            if running.contains_key(&k) {
-                continue;
-            }
-            let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(replicator::run(
+        let keep = run.clone();
+        keep_running(&mut running, run, |(t, remote), stop| {
+            tokio::spawn(replicator::run(
                 Arc::clone(&ctx),
-                k.0.clone(),
-                k.1.clone(),
-                stop_rx,
-            ));
-            running.insert(k, Running { stop, task });
-        }
+                t.clone(),
+                remote.clone(),
+                stop,
+            ))
+        })
+        .await;
+        ctx.stats
+            .retain(|t, remote| keep.contains(&(t.clone(), remote.to_owned())));
+        keep_running(&mut routing_in, route_in, |t, stop| {
+            tokio::spawn(routein::run(Arc::clone(&ctx), t.clone(), stop))
+        })
+        .await;
+        keep_running(&mut syncing, state_sync, |ns, stop| {
+            tokio::spawn(statesync::run(Arc::clone(&ctx), ns.clone(), stop))
+        })
+        .await;
         release_cursors(&b, &clusters_of).await;
     }
-    for r in running.into_values().chain(routing_in.into_values()) {
+    for r in running
+        .into_values()
+        .chain(routing_in.into_values())
+        .chain(syncing.into_values())
+    {
         let _ = r.stop.send(true);
         let _ = r.task.await;
+    }
+}
+
+/// Runs exactly one task per key of `wanted`: stops the others (and
+/// waits for them, so that nothing they do outlasts the call), starts the
+/// missing ones with `spawn`.
+async fn keep_running<K: std::hash::Hash + Eq + Clone>(
+    running: &mut HashMap<K, Running>,
+    wanted: HashSet<K>,
+    spawn: impl Fn(&K, watch::Receiver<bool>) -> JoinHandle<()>,
+) {
+    let stale: Vec<K> = running
+        .keys()
+        .filter(|k| !wanted.contains(*k))
+        .cloned()
+        .collect();
+    for k in stale {
+        if let Some(r) = running.remove(&k) {
+            let _ = r.stop.send(true);
+            let _ = r.task.await;
+        }
+    }
+    for k in wanted {
+        if running.contains_key(&k) {
+            continue;
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let task = spawn(&k, stop_rx);
+        running.insert(k, Running { stop, task });
     }
 }
 

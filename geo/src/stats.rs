@@ -56,11 +56,12 @@ impl Stats {
         f(all.entry((topic.clone(), remote.to_owned())).or_default());
     }
 
-    pub(crate) fn remove(&self, topic: &TopicName, remote: &str) {
+    /// Keeps the replicators `keep` says still run.
+    pub(crate) fn retain(&self, keep: impl Fn(&TopicName, &str) -> bool) {
         self.replicators
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(topic.clone(), remote.to_owned()));
+            .retain(|(t, r), _| keep(t, r));
     }
 
     /// The replicators of `topic` (every partition of a partitioned one,

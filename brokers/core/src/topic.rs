@@ -861,13 +861,13 @@ impl Topic {
             let subs = self.subs.lock().await;
             let durable = || subs.iter().filter(|(_, s)| s.is_durable());
             let slowest = durable().map(|(_, s)| s.mark_delete()).min();
-            // An exchange's capture topic is a queue for the other
-            // clusters: once they and its routing in have it, it goes.
+            // Replication's own topics are queues for the other clusters:
+            // once they and the local reader have a record, it goes.
             let capture = slowest.is_some()
                 && self
                     .name
                     .local_name()
-                    .starts_with(crate::service::GEO_EXCHANGE_PREFIX);
+                    .starts_with(crate::service::GEO_TOPIC_PREFIX);
             (
                 slowest,
                 capture || durable().any(|(n, _)| !is_system_subscription(n)),

@@ -69,6 +69,14 @@ pub struct TopicPolicies {
 /// clusters, what enters its durable exchange: this, then the exchange.
 pub const GEO_EXCHANGE_PREFIX: &str = "__geo-exchange-";
 
+/// The topic of a replicated namespace that carries changes of its
+/// replicated protocol state (MQTT's retained messages) between clusters.
+pub const GEO_STATE_TOPIC: &str = "__geo-state";
+
+/// Topics of replication's own; once every cursor on them (the other
+/// clusters', and the local routing in) has a record, it goes.
+pub const GEO_TOPIC_PREFIX: &str = "__geo-";
+
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.
 pub const FORWARD_PATH: &str = "/internal/v1/batch/";
