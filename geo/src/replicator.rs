@@ -142,8 +142,11 @@ async fn session(
         .await?;
     let remote = ctx.remote(&b, remote_name).await?;
     drop(b);
+    // What waits for the remote shows while it cannot be reached, too.
+    let backlog = t.log().end_offset().saturating_sub(sub.mark_delete());
     ctx.stats.update(topic, remote_name, |s| {
         s.state = "connecting".into();
+        s.replication_backlog = backlog;
     });
 
     // The handshake, following the remote's redirects to the owner.
