@@ -35,6 +35,7 @@ pub mod replicator;
 pub mod routein;
 pub mod statesync;
 pub mod stats;
+pub mod status;
 
 pub use error::{GeoError, Result};
 pub use stats::{ReplicatorStatus, Stats};
@@ -103,23 +104,10 @@ impl Ctx {
     }
 }
 
-/// The receiving service, to be merged into the broker's HTTP router
-/// (gRPC over HTTP/2 on the same listener, with its TLS).
-pub fn router(
-    broker: &Broker,
-    cfg: &GeoConfig,
-    metrics: &Arc<stats::ReceiverMetrics>,
-) -> axum::Router {
-    let server =
-        receiver::Receiver::new(broker.clone(), cfg.peer_roles.clone(), Arc::clone(metrics))
-            .into_server();
-    // Its own path only: the HTTP router keeps its fallback.
-    axum::Router::new().route_service("/magnetar.geo.v1.Replication/{method}", server)
-}
-
 /// The replicators of one broker; they stop when this is dropped.
 pub struct Geo {
     stats: Arc<Stats>,
+    received: Arc<stats::ReceiverMetrics>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -127,7 +115,7 @@ pub struct Geo {
 impl Geo {
     /// Starts the replicators of `broker` and registers replication's
     /// series with its metrics.
-    pub fn start(broker: &Broker, cfg: GeoConfig) -> (Geo, Arc<stats::ReceiverMetrics>) {
+    pub fn start(broker: &Broker, cfg: GeoConfig) -> Geo {
         let stats = Arc::new(Stats::default());
         let cluster = broker.config().cluster.clone();
         let receiver = Arc::new(stats::ReceiverMetrics::new(&cluster));
@@ -158,18 +146,38 @@ impl Geo {
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(reconcile_loop(ctx, stopped));
-        (
-            Geo {
-                stats,
-                stop,
-                task: Some(task),
-            },
-            receiver,
-        )
+        Geo {
+            stats,
+            received: receiver,
+            stop,
+            task: Some(task),
+        }
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// The receiving service and `/admin/v2/geo/status`, to be merged
+    /// into the broker's HTTP router (gRPC over HTTP/2 on the same
+    /// listener, with its TLS).
+    pub fn router(&self, broker: &Broker, cfg: &GeoConfig) -> axum::Router {
+        let server = receiver::Receiver::new(
+            broker.clone(),
+            cfg.peer_roles.clone(),
+            Arc::clone(&self.received),
+        )
+        .into_server();
+        // Its own paths only: the HTTP router keeps its fallback.
+        axum::Router::new()
+            .route_service("/magnetar.geo.v1.Replication/{method}", server)
+            .route(
+                "/admin/v2/geo/status",
+                axum::routing::get(status::status).with_state(status::StatusState {
+                    broker: broker.clone(),
+                    stats: Arc::clone(&self.stats),
+                }),
+            )
     }
 
     /// Stops every replicator and waits for them.

@@ -34,6 +34,18 @@ pub enum RestCommand {
         #[command(subcommand)]
         command: BrokersCommand,
     },
+    /// Replication to other clusters.
+    Geo {
+        #[command(subcommand)]
+        command: GeoCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GeoCommand {
+    /// One line per replicated namespace and remote cluster: partitions,
+    /// connected, backlog, messages sent, worst state.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -492,6 +504,9 @@ pub async fn run(url: String, token: Option<String>, command: RestCommand) -> an
             }
             BrokersCommand::Health => rest.call("GET", "/admin/v2/brokers/health", None).await,
         },
+        RestCommand::Geo {
+            command: GeoCommand::Status,
+        } => rest.call("GET", "/admin/v2/geo/status", None).await,
     }
 }
 

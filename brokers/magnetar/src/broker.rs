@@ -440,9 +440,9 @@ impl Protocols {
             mqtt.listeners.add_tls(listener, tls)?;
         }
         let geo_cfg = opts.geo();
-        let (geo, received) = magnetar_geo::Geo::start(broker, geo_cfg.clone());
+        let geo = magnetar_geo::Geo::start(broker, geo_cfg.clone());
         Ok(Protocols {
-            geo_routes: magnetar_geo::router(broker, &geo_cfg, &received),
+            geo_routes: geo.router(broker, &geo_cfg),
             _geo: geo,
             kafka,
             amqp,

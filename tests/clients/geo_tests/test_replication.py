@@ -4,12 +4,15 @@ full mesh of three, and stream retention that replication does not turn
 into a queue's."""
 
 import hashlib
+import json
+import subprocess
 import threading
 import time
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from conftest import BIN
 from geo_tests.regions import NS, ok, partitioned, regions, replication, stats, wait_for
 from interop_tests.test_routes import call
 
@@ -111,6 +114,14 @@ def test_one_way_records_arrive_once_in_order_with_everything_they_carry(mesh):
     assert stats(east, "orders")["storageSize"] < 100_000 * 1024 / 2, "lz4 kept"
     r = replication(east, "orders", "west")
     assert r["connected"] and r["state"] == "running" and r["replicationBacklog"] == 0, r
+    # The operator's view: one line per namespace and remote cluster.
+    done = subprocess.run([BIN, "admin", "--url", east.http, "geo", "status"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    line = next(l for l in json.loads(done.stdout)
+                if l["namespace"] == NS and l["remoteCluster"] == "west")
+    assert line["state"] == "running" and line["replicationBacklog"] == 0
+    assert line["topics"] >= 6 and line["connected"] == line["topics"]
     # Central is not in the namespace's clusters.
     assert call(central_of(mesh), "GET", f"/admin/v2/persistent/{NS}/orders/partitions")[0] == 404
 
