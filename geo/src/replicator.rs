@@ -107,6 +107,65 @@ fn remote_err(cluster: &str, why: impl std::fmt::Display) -> GeoError {
     }
 }
 
+/// `replicatorDispatchRate`: at most so many records and bytes per
+/// period; a batch that would go over waits for the next period (a batch
+/// alone over the limit goes out on its own).
+struct Throttle {
+    rate: Option<magnetar_tenancy::DispatchRate>,
+    period_start: Instant,
+    records: u64,
+    bytes: u64,
+}
+
+impl Throttle {
+    fn new(rate: Option<magnetar_tenancy::DispatchRate>) -> Self {
+        Throttle {
+            rate: rate.filter(|r| {
+                r.dispatch_throttling_rate_in_msg > 0 || r.dispatch_throttling_rate_in_byte > 0
+            }),
+            period_start: Instant::now(),
+            records: 0,
+            bytes: 0,
+        }
+    }
+
+    /// How long to wait before sending `records` and `bytes` more.
+    fn delay(&mut self, records: u64, bytes: u64) -> Option<Duration> {
+        let r = self.rate.as_ref()?;
+        let period = Duration::from_secs(u64::from(r.rate_period_in_second.max(1)));
+        if self.period_start.elapsed() >= period {
+            self.period_start = Instant::now();
+            self.records = 0;
+            self.bytes = 0;
+        }
+        let over =
+            |limit: i64, used: u64, more: u64| limit > 0 && used > 0 && used + more > limit as u64;
+        if over(r.dispatch_throttling_rate_in_msg, self.records, records)
+            || over(r.dispatch_throttling_rate_in_byte, self.bytes, bytes)
+        {
+            return Some(period.saturating_sub(self.period_start.elapsed()));
+        }
+        self.records += records;
+        self.bytes += bytes;
+        None
+    }
+}
+
+/// The replicator dispatch rate of the topic: its own, else its
+/// namespace's.
+async fn dispatch_rate(
+    b: &magnetar_broker::Broker,
+    topic: &TopicName,
+) -> Result<Option<magnetar_tenancy::DispatchRate>> {
+    if let Some(r) = b.topic_policies(topic).await?.replicator_dispatch_rate {
+        return Ok(Some(r));
+    }
+    Ok(b.tenancy()
+        .get_policies(topic.namespace())
+        .await?
+        .replicator_dispatch_rate)
+}
+
 /// A batch sent and not yet stored by the remote.
 struct InFlight {
     end: u64,
@@ -141,6 +200,7 @@ async fn session(
         )
         .await?;
     let remote = ctx.remote(&b, remote_name).await?;
+    let mut throttle = Throttle::new(dispatch_rate(&b, topic).await?);
     drop(b);
     // What waits for the remote shows while it cannot be reached, too.
     let backlog = t.log().end_offset().saturating_sub(sub.mark_delete());
@@ -240,6 +300,7 @@ async fn session(
     let (mut read_pos, mut prev) = (start, start.min(next));
     let mut end_rx = log.watch_end();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     loop {
         let room = window.has_room();
         // Open transactions are not read past: what they hold may still
@@ -272,6 +333,13 @@ async fn session(
                         continue;
                     }
                     let bytes = batch.len() as u64;
+                    let records = h.record_count.max(0) as u64;
+                    while let Some(wait) = throttle.delay(records, bytes) {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.changed() => return Ok(Ended::Stop),
+                        }
+                    }
                     let m = ReplicateRequest {
                         prev,
                         batch: with_base_offset(batch, base),
@@ -283,7 +351,7 @@ async fn session(
                     prev = off;
                     window.push(InFlight {
                         end: off,
-                        records: h.record_count.max(0) as u64,
+                        records,
                         bytes,
                         sent: Instant::now(),
                     });
@@ -316,6 +384,13 @@ async fn session(
             }
             _ = stop.changed() => return Ok(Ended::Stop),
             _ = tick.tick() => {
+                // A changed dispatch rate applies within ten seconds.
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    if let Some(b) = ctx.broker.upgrade() {
+                        throttle.rate = Throttle::new(dispatch_rate(&b, topic).await?).rate;
+                    }
+                }
                 // The transaction state moves without the end moving. A
                 // remote that took a batch and never answered (its topic
                 // moved while it was frozen, say) gets a new stream.
@@ -405,5 +480,31 @@ impl Window<'_> {
             Some(Rr::Error(why)) => Err(remote_err(self.remote, why)),
             None => Err(remote_err(self.remote, "an empty reply")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dispatch_rate_holds_batches_to_the_period() {
+        let mut t = Throttle::new(Some(magnetar_tenancy::DispatchRate {
+            dispatch_throttling_rate_in_msg: 100,
+            dispatch_throttling_rate_in_byte: -1,
+            rate_period_in_second: 1,
+        }));
+        assert_eq!(t.delay(60, 1), None);
+        assert_eq!(t.delay(40, 1), None);
+        assert!(t.delay(1, 1).is_some_and(|d| d <= Duration::from_secs(1)));
+        // A batch over the limit on its own still goes, first in its period.
+        let mut t = Throttle::new(Some(magnetar_tenancy::DispatchRate {
+            dispatch_throttling_rate_in_msg: -1,
+            dispatch_throttling_rate_in_byte: 10,
+            rate_period_in_second: 1,
+        }));
+        assert_eq!(t.delay(1, 50), None);
+        assert!(t.delay(1, 1).is_some());
+        assert_eq!(Throttle::new(None).delay(1_000_000, 1 << 30), None);
     }
 }

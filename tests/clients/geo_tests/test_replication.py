@@ -195,3 +195,22 @@ def test_a_stream_topic_keeps_its_retention_and_a_removed_cluster_releases_its_c
         wait_for("the cursor released", lambda: "pulsar.repl.west" not in
                  stats(east, "stream")["partitions"][f"persistent://{NS}/stream-partition-0"]["subscriptions"])
         assert replication(east, "stream", "west") == {}
+
+
+def test_the_replicator_dispatch_rate_paces_a_topic(mesh):
+    east, west = mesh["east"], mesh["west"]
+    partitioned([east], "paced", 1)
+    ok(call(east, "POST", f"/admin/v2/persistent/{NS}/paced/replicatorDispatchRate",
+            {"dispatchThrottlingRateInMsg": 100, "ratePeriodInSecond": 1}))
+    # Batches of ten records, so that the pace shows in whole batches.
+    p = Producer({"bootstrap.servers": east.kafka, "linger.ms": 50, "batch.num.messages": 10})
+    for i in range(600):
+        p.produce("paced", value=f"p-{i}".encode(), partition=0)
+    assert p.flush(30) == 0
+    start = time.time()
+    time.sleep(2)
+    early = replication(east, "paced", "west").get("msgOutCounter", 0)
+    assert early <= 400, early
+    wait_for("all of it, at the pace", lambda: replication(east, "paced", "west")
+             .get("msgOutCounter") == 600, timeout=30)
+    assert time.time() - start >= 3
