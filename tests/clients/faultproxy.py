@@ -43,18 +43,18 @@ class FaultProxy:
             return
         pair = (writer, up_w)
         self.conns.add(pair)
-        await asyncio.gather(self._pump(reader, up_w), self._pump(up_r, writer),
+        await asyncio.gather(self._pump(reader, up_w, False), self._pump(up_r, writer, True),
                              return_exceptions=True)
         self.conns.discard(pair)
         for w in pair:
             w.close()
 
-    async def _pump(self, reader, writer):
+    async def _pump(self, reader, writer, reply):
         while True:
             data = await reader.read(65536)
             if not data:
                 break
-            while self.state == "paused":
+            while self.state == "paused" or (reply and self.state == "replies-paused"):
                 await asyncio.sleep(0.02)
             if self.state == "cut":
                 break
@@ -86,6 +86,11 @@ class FaultProxy:
     def pause(self):
         """Holds every byte, with connections open (a black hole)."""
         self._call(lambda: setattr(self, "state", "paused"))
+
+    def pause_replies(self):
+        """Holds what the target sends back, while what is sent to it
+        still arrives: requests are served and their answers lost."""
+        self._call(lambda: setattr(self, "state", "replies-paused"))
 
     def heal(self):
         self._call(lambda: setattr(self, "state", "up"))

@@ -4,6 +4,7 @@
 //! (librdkafka, lapin, rumqttc) these drive.
 
 mod amqp;
+mod geo;
 mod kafka;
 mod mqtt;
 mod offload;
@@ -72,6 +73,12 @@ enum PerfCommand {
     /// Produce and consume through the WebSocket API (Pulsar's JSON
     /// frames); optionally hold idle subscriber connections.
     Ws(crate::ws::WsPerf),
+    /// Replication lag between two regions at a fixed rate, over Kafka,
+    /// MQTT or AMQP (Magnetar, or a Mosquitto bridge, or RabbitMQ
+    /// federation).
+    Geo(crate::geo::GeoPerf),
+    /// A loopback TCP proxy that adds a round trip.
+    Proxy(crate::geo::ProxyArgs),
 }
 
 #[derive(Args)]
@@ -156,6 +163,8 @@ async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Amqp(a) => crate::amqp::run(a).await,
         PerfCommand::Mqtt(a) => crate::mqtt::run(a).await,
         PerfCommand::Ws(w) => crate::ws::run(w).await,
+        PerfCommand::Geo(g) => crate::geo::run(g).await,
+        PerfCommand::Proxy(p) => crate::geo::proxy(p).await,
     }
 }
 

@@ -110,7 +110,7 @@ fn qos_of(n: u8) -> anyhow::Result<QoS> {
     })
 }
 
-fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+pub(crate) fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
     let rest = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))

@@ -214,3 +214,20 @@ def test_the_replicator_dispatch_rate_paces_a_topic(mesh):
     wait_for("all of it, at the pace", lambda: replication(east, "paced", "west")
              .get("msgOutCounter") == 600, timeout=30)
     assert time.time() - start >= 3
+
+
+def test_a_partition_count_mismatch_pauses_visibly_and_loses_nothing(mesh):
+    east, west = mesh["east"], mesh["west"]
+    # West has `x` unpartitioned; east makes it with three partitions.
+    ok(call(west, "PUT", f"/admin/v2/persistent/{NS}/mismatch"))
+    partitioned([east], "mismatch", 3)
+    produce(east, "mismatch", 300, "east", 64)
+    wait_for("partitionMismatch", lambda: replication(east, "mismatch", "west")
+             .get("state") == "partitionMismatch", timeout=30)
+    assert replication(east, "mismatch", "west")["replicationBacklog"] == 300
+    # The operator removes west's topic: replication makes it as east has
+    # it and catches up.
+    ok(call(west, "DELETE", f"/admin/v2/persistent/{NS}/mismatch?force=true"))
+    got = consume(west, "mismatch", 3, 300, timeout=60)
+    assert sum(len(v) for v in got.values()) == 300
+    assert stats(west, "mismatch")["metadata"]["partitions"] == 3

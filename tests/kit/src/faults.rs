@@ -32,7 +32,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a loopback port of its own, forwarding to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<FaultProxy> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Listens on `listen`, forwarding to `target`.
+    pub async fn start_at(listen: SocketAddr, target: SocketAddr) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (link, watching) = watch::channel(Link::Up {
             delay: Duration::ZERO,
