@@ -5,6 +5,7 @@
 //! queues and MQTT subscriptions. Records captured here are left alone:
 //! they were routed here when they were published.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use magnetar_broker::format::{decode_entry, BatchHeader};
 use magnetar_broker::replicated::is_replicated;
 use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
-use magnetar_broker::TopicRoute;
+use magnetar_broker::{Coalescer, TopicRoute};
 use magnetar_tenancy::TopicName;
 use tokio::sync::watch;
 
@@ -67,13 +68,24 @@ async fn session(ctx: &Ctx, topic: &TopicName, stop: &mut watch::Receiver<bool>)
     let log = t.log().clone();
     let mut pos = sub.mark_delete().max(log.start_offset());
     let mut end_rx = log.watch_end();
+    // Appends to the queues are pipelined, each queue's in order, through
+    // one coalescer per queue; the cursor moves once a read's worth is
+    // durable everywhere.
+    let mut publishers: HashMap<TopicName, Coalescer> = HashMap::new();
     loop {
         if log.end_offset() > pos {
-            let entries = log.read(pos, 100, 1 << 20).await?;
+            let entries = log.read(pos, 1000, 1 << 20).await?;
             if entries.is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+            let Some(b) = ctx.broker.upgrade() else {
+                return Ok(());
+            };
+            if publishers.len() > 1024 {
+                publishers.clear();
+            }
+            let mut pending = Vec::new();
             for e in entries {
                 let mut data = e.data;
                 while !data.is_empty() {
@@ -96,20 +108,28 @@ async fn session(ctx: &Ctx, topic: &TopicName, stop: &mut watch::Receiver<bool>)
                         {
                             out.routing_key = String::from_utf8_lossy(key).into_owned();
                         }
-                        let Some(b) = ctx.broker.upgrade() else {
-                            return Ok(());
-                        };
-                        b.route_publish(
-                            topic.namespace(),
-                            &route.exchange,
-                            &out.routing_key,
-                            &out.headers,
-                            out.copy,
-                        )
-                        .await?;
+                        // Not captured again: it came from elsewhere.
+                        let (queues, _) = b
+                            .route_here(
+                                topic.namespace(),
+                                &route.exchange,
+                                &out.routing_key,
+                                &out.headers,
+                            )
+                            .await?;
+                        for (_, q) in queues {
+                            let c = publishers
+                                .entry(q.clone())
+                                .or_insert_with(|| b.coalescer(&q));
+                            pending.push(c.publish(out.copy.clone()));
+                        }
                     }
                 }
                 pos = e.base_offset + e.offsets;
+            }
+            drop(b);
+            for r in futures::future::join_all(pending).await {
+                r?;
             }
             sub.expire_before(pos);
             continue;

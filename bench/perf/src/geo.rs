@@ -127,11 +127,12 @@ pub async fn run(args: GeoPerf) -> anyhow::Result<()> {
         Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds"),
     ));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (args, seen) = (args.clone(), Arc::clone(&seen));
+        let (args, seen, done) = (args.clone(), Arc::clone(&seen), Arc::clone(&done));
         tokio::spawn(async move {
             match args.protocol.as_str() {
-                "kafka" => read_kafka(args, seen, ready_tx).await,
+                "kafka" => read_kafka(args, seen, ready_tx, done).await,
                 "mqtt" => read_mqtt(args, seen, ready_tx).await,
                 "amqp" => read_amqp(args, seen, ready_tx).await,
                 p => anyhow::bail!("--protocol {p}: kafka, mqtt or amqp"),
@@ -152,6 +153,9 @@ pub async fn run(args: GeoPerf) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The Kafka reader polls on a thread of its own, which abort cannot
+    // stop.
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.abort();
     let s = seen.lock().expect("lock");
     let p = publish.lock().expect("lock");
@@ -220,6 +224,7 @@ async fn read_kafka(
     args: GeoPerf,
     seen: Arc<Mutex<Seen>>,
     ready: tokio::sync::oneshot::Sender<()>,
+    done: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
@@ -236,13 +241,14 @@ async fn read_kafka(
         }
         c.assign(&tpl)?;
         let _ = ready.send(());
-        loop {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                 if let Some(v) = m.payload() {
                     seen.lock().expect("lock").record(v);
                 }
             }
         }
+        Ok(())
     })
     .await?
 }

@@ -183,10 +183,14 @@ pub async fn serve_http(
             http.http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(timeout);
+            // The flow-control window follows the measured bandwidth-delay
+            // product (as gRPC's own servers do): a fixed window caps a
+            // stream from another region at window / round trip.
             http.http2()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(20))
+                .adaptive_window(true)
                 .max_concurrent_streams(1024);
             // The shortest HTTP/1.1 request line ("GET / HTTP/1.1") and
             // the start of the HTTP/2 preface are this long.

@@ -347,7 +347,12 @@ impl Broker {
 
     /// The queues a message would reach through `exchange`, with their
     /// topics, without publishing: for front ends that apply per-queue
-    /// rules (length limits, confirms) before they append.
+    /// rules (length limits, confirms) before they append. In a namespace
+    /// replicated to other clusters, what enters a durable exchange is
+    /// also kept for them (RabbitMQ's exchange federation): the list then
+    /// ends with the exchange's capture topic, under its own name. The
+    /// other clusters route it through their own exchange of that name;
+    /// queues stay regional.
     pub async fn route(
         &self,
         ns: &NamespaceName,
@@ -355,25 +360,7 @@ impl Broker {
         routing_key: &str,
         headers: &[(String, HeaderValue)],
     ) -> Result<Vec<(String, TopicName)>> {
-        let (mut out, durable) = {
-            let r = self.routing(ns).await?;
-            let g = r.lock().await;
-            let routed = g.table.route(exchange, routing_key, headers)?;
-            let durable = g.table.exchange(exchange).is_some_and(|x| x.durable);
-            let out = routed
-                .queues
-                .into_iter()
-                .map(|q| {
-                    let t = self.queue_topic(ns, &q, !g.transient.contains(&q))?;
-                    Ok((q, t))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (out, durable)
-        };
-        // In a namespace replicated to other clusters, what enters a
-        // durable exchange is also kept for them (RabbitMQ's exchange
-        // federation): they route it through their own exchange of that
-        // name. Queues stay regional.
+        let (mut out, durable) = self.route_here(ns, exchange, routing_key, headers).await?;
         if durable && !exchange.is_empty() && self.replicates(ns).await? {
             let name = format!("{GEO_EXCHANGE_PREFIX}{exchange}");
             if let Ok(t) = ns.topic(TopicDomain::Persistent, &name) {
@@ -381,6 +368,31 @@ impl Broker {
             }
         }
         Ok(out)
+    }
+
+    /// As [`Self::route`], this region's queues only (what replication
+    /// routes in must not be captured again), and whether the exchange
+    /// is durable.
+    pub async fn route_here(
+        &self,
+        ns: &NamespaceName,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+    ) -> Result<(Vec<(String, TopicName)>, bool)> {
+        let r = self.routing(ns).await?;
+        let g = r.lock().await;
+        let routed = g.table.route(exchange, routing_key, headers)?;
+        let durable = g.table.exchange(exchange).is_some_and(|x| x.durable);
+        let out = routed
+            .queues
+            .into_iter()
+            .map(|q| {
+                let t = self.queue_topic(ns, &q, !g.transient.contains(&q))?;
+                Ok((q, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, durable))
     }
 
     /// Whether the namespace replicates to another cluster.
