@@ -77,6 +77,9 @@ for rtt in 0 50; do
   done
 done
 stop_proxy; start_proxy 0
+off=$(grep "baseline=east->east" "$dir/results" | sed -E 's/.*publish_p99_ms=([0-9.]+).*/\1/')
+on=$(grep "rtt_ms=0 rate=10000 " "$dir/results" | sed -E 's/.*publish_p99_ms=([0-9.]+).*/\1/')
+echo "geo overhead publish_p99_ms_replication_off=$off publish_p99_ms_replication_on=$on publish_p99_overhead_pct=$(python3 -c "print(round(($on/$off - 1) * 100, 1))")" | tee -a "$dir/results"
 
 # Catch-up: 1M records while the link is down, then the drain.
 topic catchup; sleep 1
