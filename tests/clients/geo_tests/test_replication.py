@@ -192,8 +192,15 @@ def test_a_stream_topic_keeps_its_retention_and_a_removed_cluster_releases_its_c
         # Off the topic's clusters, west's cursor goes, and with it what it
         # held back.
         ok(call(east, "POST", f"/admin/v2/persistent/{NS}/stream/replication", ["east"]))
-        wait_for("the cursor released", lambda: "pulsar.repl.west" not in
-                 stats(east, "stream")["partitions"][f"persistent://{NS}/stream-partition-0"]["subscriptions"])
+        def cursors():
+            status, body = call(east, "GET",
+                                f"/admin/v2/persistent/{NS}/stream-partition-0/internalStats")
+            assert status == 200, body
+            return json.loads(body)["cursors"]
+        assert "pulsar.repl.west" in cursors()
+        part = stats(east, "stream")["partitions"][f"persistent://{NS}/stream-partition-0"]
+        assert "pulsar.repl.west" not in part["subscriptions"], "listed under replication only"
+        wait_for("the cursor released", lambda: "pulsar.repl.west" not in cursors())
         assert replication(east, "stream", "west") == {}
 
 

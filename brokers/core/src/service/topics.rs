@@ -334,8 +334,13 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
-    /// Fills `stats.replication` for the topic.
+    /// Fills `stats.replication` for the topic; the replicators' cursors
+    /// are shown there rather than among the subscriptions, as in Pulsar
+    /// (internal stats list them with the other cursors).
     pub fn add_replication_stats(&self, name: &TopicName, stats: &mut TopicStats) {
+        stats
+            .subscriptions
+            .retain(|s, _| !s.starts_with(crate::topic::REPLICATOR_PREFIX));
         let f = self
             .inner
             .replication_stats
