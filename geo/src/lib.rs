@@ -45,6 +45,28 @@ pub mod proto {
     tonic::include_proto!("magnetar.geo.v1");
 }
 
+/// The records of a stored entry that were replicated in from another
+/// cluster (what routing in and state sync act on; local ones were acted
+/// on when they were written).
+pub(crate) fn replicated_records(
+    entry: bytes::Bytes,
+) -> magnetar_broker::Result<Vec<magnetar_broker::Message>> {
+    let mut data = entry;
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let h = magnetar_broker::format::BatchHeader::parse(&data)?;
+        let batch = data.split_to(h.size.min(data.len()));
+        if magnetar_broker::replicated::is_replicated(h.producer_id) && !h.is_control() {
+            out.extend(
+                magnetar_broker::format::decode_entry(&batch)?
+                    .into_iter()
+                    .map(|m| m.message),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Replication settings of a broker.
 #[derive(Clone, Debug)]
 pub struct GeoConfig {

@@ -9,8 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_broker::format::{decode_entry, BatchHeader};
-use magnetar_broker::replicated::is_replicated;
 use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
 use magnetar_broker::{Coalescer, TopicRoute};
@@ -87,42 +85,33 @@ async fn session(ctx: &Ctx, topic: &TopicName, stop: &mut watch::Receiver<bool>)
             }
             let mut pending = Vec::new();
             for e in entries {
-                let mut data = e.data;
-                while !data.is_empty() {
-                    let h = BatchHeader::parse(&data)?;
-                    let batch = data.split_to(h.size.min(data.len()));
-                    if !is_replicated(h.producer_id) || h.is_control() {
+                for m in crate::replicated_records(e.data)? {
+                    let Some(mut out) = route.prepare(topic, &m) else {
                         continue;
+                    };
+                    if let Some(key) = m
+                        .headers
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == ROUTING_KEY_HEADER)
+                        .and_then(|(_, v)| v.as_deref())
+                    {
+                        out.routing_key = String::from_utf8_lossy(key).into_owned();
                     }
-                    for m in decode_entry(&batch)? {
-                        let Some(mut out) = route.prepare(topic, &m.message) else {
-                            continue;
-                        };
-                        if let Some(key) = m
-                            .message
-                            .headers
-                            .iter()
-                            .rev()
-                            .find(|(k, _)| k == ROUTING_KEY_HEADER)
-                            .and_then(|(_, v)| v.as_deref())
-                        {
-                            out.routing_key = String::from_utf8_lossy(key).into_owned();
-                        }
-                        // Not captured again: it came from elsewhere.
-                        let (queues, _) = b
-                            .route_here(
-                                topic.namespace(),
-                                &route.exchange,
-                                &out.routing_key,
-                                &out.headers,
-                            )
-                            .await?;
-                        for (_, q) in queues {
-                            let c = publishers
-                                .entry(q.clone())
-                                .or_insert_with(|| b.coalescer(&q));
-                            pending.push(c.publish(out.copy.clone()));
-                        }
+                    // Not captured again: it came from elsewhere.
+                    let (queues, _) = b
+                        .route_here(
+                            topic.namespace(),
+                            &route.exchange,
+                            &out.routing_key,
+                            &out.headers,
+                        )
+                        .await?;
+                    for (_, q) in queues {
+                        let c = publishers
+                            .entry(q.clone())
+                            .or_insert_with(|| b.coalescer(&q));
+                        pending.push(c.publish(out.copy.clone()));
                     }
                 }
                 pos = e.base_offset + e.offsets;

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use magnetar_broker::format::{decode_entry, BatchHeader};
-use magnetar_broker::replicated::is_replicated;
 use magnetar_broker::service::GEO_STATE_TOPIC;
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
 use magnetar_broker::{Broker, Message, StateStore};
@@ -174,18 +172,10 @@ async fn session(ctx: &Ctx, ns: &NamespaceName, stop: &mut watch::Receiver<bool>
                 break;
             }
             for e in entries {
-                let mut data = e.data;
-                while !data.is_empty() {
-                    let h = BatchHeader::parse(&data)?;
-                    let batch = data.split_to(h.size.min(data.len()));
-                    if !is_replicated(h.producer_id) || h.is_control() {
-                        continue;
-                    }
-                    for m in decode_entry(&batch)? {
-                        apply(ctx, &stores, &mut applied, m.message).await?;
-                    }
-                }
                 pos = e.base_offset + e.offsets;
+                for m in crate::replicated_records(e.data)? {
+                    apply(ctx, &stores, &mut applied, m).await?;
+                }
             }
             sub.expire_before(pos);
         }

@@ -319,7 +319,7 @@ pub fn grpc_incoming(
             }
             let Some(tls) = tls.clone() else {
                 if tx
-                    .send(GrpcConn::new(Conn::plain(stream), timeout, ticket))
+                    .send(GrpcConn::admitted(Conn::plain(stream), timeout, ticket))
                     .await
                     .is_err()
                 {
@@ -331,7 +331,7 @@ pub fn grpc_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(timeout, tls.accept(stream)).await {
                     Ok(Ok(conn)) => {
-                        let _ = tx.send(GrpcConn::new(conn, timeout, ticket)).await;
+                        let _ = tx.send(GrpcConn::admitted(conn, timeout, ticket)).await;
                     }
                     Ok(Err(e)) => debug!(%peer, "gRPC TLS handshake failed: {e}"),
                     Err(_) => debug!(%peer, "gRPC TLS handshake timed out"),
@@ -346,18 +346,13 @@ pub fn grpc_incoming(
 
 /// One admitted gRPC connection: its slot is held until tonic drops it,
 /// and reads fail with `TimedOut` if the preface is late.
-#[derive(Debug)]
-pub struct GrpcConn {
-    stream: Prefaced<Conn>,
-    _ticket: Ticket,
-}
+pub type GrpcConn = Prefaced<Conn>;
 
 impl GrpcConn {
-    fn new(stream: Conn, timeout: Duration, ticket: Ticket) -> Self {
-        GrpcConn {
-            stream: Prefaced::new(stream, H2_PREFACE_LEN, timeout),
-            _ticket: ticket,
-        }
+    fn admitted(stream: Conn, timeout: Duration, ticket: Ticket) -> Self {
+        let mut c = Prefaced::new(stream, H2_PREFACE_LEN, timeout);
+        c.ticket = Some(ticket);
+        c
     }
 }
 
@@ -380,6 +375,9 @@ pub struct Prefaced<S> {
     /// Until the first bytes have arrived: when they must have.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     left: usize,
+    /// The admission slot the connection holds, if any, given back when
+    /// it is dropped.
+    ticket: Option<Ticket>,
 }
 
 impl<S> Prefaced<S> {
@@ -388,6 +386,7 @@ impl<S> Prefaced<S> {
             stream,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             left: len,
+            ticket: None,
         }
     }
 
@@ -456,53 +455,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefaced<S> {
     }
 }
 
-impl AsyncRead for GrpcConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for GrpcConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 impl tonic::transport::server::Connected for GrpcConn {
     type ConnectInfo = GrpcPeer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         GrpcPeer {
-            remote: self.stream.get_ref().tcp().peer_addr().ok(),
-            certificate_role: self.stream.get_ref().certificate_role().cloned(),
+            remote: self.stream.tcp().peer_addr().ok(),
+            certificate_role: self.stream.certificate_role().cloned(),
         }
     }
 }

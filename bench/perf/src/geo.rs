@@ -179,6 +179,15 @@ pub async fn run(args: GeoPerf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A record the writer's broker acknowledged, meant to go at `at_us`.
+fn count_ack(acked: &std::sync::atomic::AtomicU64, publish: &Mutex<Histogram<u64>>, at_us: u64) {
+    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = publish
+        .lock()
+        .expect("lock")
+        .record(now_us().saturating_sub(at_us).max(1));
+}
+
 // ---- Kafka (librdkafka) ----
 
 async fn write_kafka(
@@ -208,11 +217,7 @@ async fn write_kafka(
         let (publish, acked) = (Arc::clone(&publish), Arc::clone(&acked));
         pending.spawn(async move {
             if let Ok(Ok(_)) = fut.await {
-                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = publish
-                    .lock()
-                    .expect("lock")
-                    .record(now_us().saturating_sub(at).max(1));
+                count_ack(&acked, &publish, at);
             }
         });
     }
@@ -381,11 +386,7 @@ async fn write_amqp(
             if let Ok(lapin::Confirmation::Ack(_) | lapin::Confirmation::NotRequested) =
                 confirm.await
             {
-                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = publish
-                    .lock()
-                    .expect("lock")
-                    .record(now_us().saturating_sub(at).max(1));
+                count_ack(&acked, &publish, at);
             }
         });
     }
