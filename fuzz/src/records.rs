@@ -86,6 +86,9 @@ fn check_batch(b: &Bytes) {
         recompressed(b, &h);
     }
     let _ = format::check_inflated(b);
+    if let Some(h) = parsed {
+        let _ = format::replicable_to(b, &h, "west");
+    }
     let entry = format::decode_entry(b);
     let all = format::decode_all(b);
     let control = format::control_type(b);

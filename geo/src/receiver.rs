@@ -122,6 +122,15 @@ impl Receiver {
         let b = &self.broker;
         let err = |e: BrokerError| format!("error: {e}");
         let base = topic.base();
+        let missing = match partitions {
+            0 => !b.topic_exists(&base).await.map_err(err)?,
+            _ => b.partitions(&base).await.map_err(err)?.is_none(),
+        };
+        if missing && b.tombstoned(&base).await.map_err(err)? {
+            return Err(format!(
+                "remoteTopicDeleted: {base} was deleted here; create it here to replicate it again"
+            ));
+        }
         let mut last = None;
         for _ in 0..3 {
             let local = b.partitions(&base).await.map_err(err)?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use magnetar_broker::format::{with_base_offset, BatchHeader};
+use magnetar_broker::format::{replicable_to, with_base_offset, BatchHeader, Replicable};
 use magnetar_broker::replicated::is_replicated;
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
 use magnetar_broker::topic::REPLICATOR_PREFIX;
@@ -332,29 +332,59 @@ async fn session(
                     {
                         continue;
                     }
-                    let bytes = batch.len() as u64;
-                    let records = h.record_count.max(0) as u64;
-                    while let Some(wait) = throttle.delay(records, bytes) {
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = stop.changed() => return Ok(Ended::Stop),
+                    // Records whose own header keeps them from this remote
+                    // are left out; the offsets they held count as ones
+                    // with nothing to send.
+                    let parts = match replicable_to(&batch, &h, remote_name)? {
+                        Replicable::Whole => vec![with_base_offset(batch, base)],
+                        Replicable::Nothing => {
+                            let n = h.record_count.max(0) as u64;
+                            ctx.stats
+                                .update(topic, remote_name, |s| s.msg_filtered_counter += n);
+                            continue;
                         }
-                    }
-                    let m = ReplicateRequest {
-                        prev,
-                        batch: with_base_offset(batch, base),
-                        source_append_ms: u64::try_from(h.max_timestamp).unwrap_or(0),
+                        Replicable::Runs(runs) => {
+                            let kept: u64 = runs
+                                .iter()
+                                .filter_map(|r| BatchHeader::parse(r).ok())
+                                .map(|r| r.record_count.max(0) as u64)
+                                .sum();
+                            let n = (h.record_count.max(0) as u64).saturating_sub(kept);
+                            ctx.stats.update(topic, remote_name, |s| {
+                                s.msg_filtered_counter += n;
+                                s.split_batches += 1;
+                            });
+                            runs
+                        }
                     };
-                    if tx.send(m).await.is_err() {
-                        return Err(remote_err(remote_name, "the stream closed"));
+                    for part in parts {
+                        let ph = BatchHeader::parse(&part)?;
+                        let part_base = u64::try_from(ph.base_offset).unwrap_or(base);
+                        let end = part_base + ph.offset_count();
+                        let bytes = part.len() as u64;
+                        let records = ph.record_count.max(0) as u64;
+                        while let Some(wait) = throttle.delay(records, bytes) {
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = stop.changed() => return Ok(Ended::Stop),
+                            }
+                        }
+                        let m = ReplicateRequest {
+                            prev,
+                            batch: part,
+                            source_append_ms: u64::try_from(h.max_timestamp).unwrap_or(0),
+                        };
+                        if tx.send(m).await.is_err() {
+                            return Err(remote_err(remote_name, "the stream closed"));
+                        }
+                        prev = end;
+                        window.push(InFlight {
+                            end,
+                            records,
+                            bytes,
+                            sent: Instant::now(),
+                        });
                     }
-                    prev = off;
-                    window.push(InFlight {
-                        end: off,
-                        records,
-                        bytes,
-                        sent: Instant::now(),
-                    });
                 }
                 read_pos = e.base_offset + e.offsets;
             }

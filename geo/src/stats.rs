@@ -20,7 +20,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicatorStatus {
-    /// `connecting`, `running`, `partitionMismatch`, `unauthorized`,
+    /// `connecting`, `running`, `partitionMismatch`, `remoteTopicDeleted`, `unauthorized`,
     /// `refused`, `error`.
     pub state: String,
     pub connected: bool,
@@ -34,6 +34,12 @@ pub struct ReplicatorStatus {
     pub bytes_out_counter: u64,
     /// Age of the oldest batch sent and not yet stored, in seconds.
     pub replication_delay_in_seconds: u64,
+    /// Records not sent because their `pulsar.replicate-to` header left
+    /// this cluster out.
+    pub msg_filtered_counter: u64,
+    /// Stored batches that mixed records for this cluster with others,
+    /// and were sent in parts.
+    pub split_batches: u64,
     /// The broker URL the stream goes to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbound_connection: Option<String>,
@@ -84,6 +90,8 @@ impl Stats {
                     sum.replication_backlog += s.replication_backlog;
                     sum.msg_out_counter += s.msg_out_counter;
                     sum.bytes_out_counter += s.bytes_out_counter;
+                    sum.msg_filtered_counter += s.msg_filtered_counter;
+                    sum.split_batches += s.split_batches;
                     sum.connected &= s.connected;
                     sum.replication_delay_in_seconds = sum
                         .replication_delay_in_seconds
@@ -112,7 +120,7 @@ impl Stats {
     pub(crate) fn scrape<'a>(self: Arc<Self>, cluster: &'a str) -> BoxFuture<'a, Registry> {
         Box::pin(async move {
             type Key = (String, String);
-            let mut sums: BTreeMap<Key, [i64; 5]> = BTreeMap::new();
+            let mut sums: BTreeMap<Key, [i64; 7]> = BTreeMap::new();
             for (t, remote, s) in self.all() {
                 let e = sums.entry((t.namespace().to_string(), remote)).or_default();
                 e[0] += s.replication_backlog as i64;
@@ -120,6 +128,8 @@ impl Stats {
                 e[2] = e[2].max(s.replication_delay_in_seconds as i64);
                 e[3] += s.msg_out_counter as i64;
                 e[4] += s.bytes_out_counter as i64;
+                e[5] += s.msg_filtered_counter as i64;
+                e[6] += s.split_batches as i64;
             }
             let mut r = Registry::default();
             let labels = |(ns, remote): &Key| {
@@ -163,6 +173,18 @@ impl Stats {
                 "magnetar_replication_out_bytes",
                 "Bytes the remote cluster stored, since the replicators started",
                 family(4),
+            );
+            add_gauges(
+                &mut r,
+                "magnetar_replication_filtered_messages",
+                "Messages kept from the remote cluster by their pulsar.replicate-to header",
+                family(5),
+            );
+            add_gauges(
+                &mut r,
+                "magnetar_replication_split_batches",
+                "Stored batches sent in parts because only some of their messages replicate",
+                family(6),
             );
             r
         })

@@ -25,6 +25,11 @@ pub enum BrokerError {
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
 
+    /// The request needs a decision the caller did not make (deleting a
+    /// replicated topic without `force`); REST answers 409.
+    #[error("conflict: {0}")]
+    Conflict(String),
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

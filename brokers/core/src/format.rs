@@ -637,6 +637,98 @@ pub fn recompress(batch: Bytes, codec: u16) -> Result<Bytes> {
     Ok(out.freeze())
 }
 
+/// The record header that limits which clusters a record replicates to:
+/// Pulsar's per-message `replicationClusters`, as cluster names separated
+/// by commas. A record without it replicates wherever its topic does; one
+/// whose value names no other cluster stays where it was written.
+pub const REPLICATE_TO_HEADER: &str = "pulsar.replicate-to";
+
+/// What of a stored batch replicates to one cluster.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replicable {
+    /// All of it, as it is stored.
+    Whole,
+    /// None of it.
+    Nothing,
+    /// Some records only: one batch per run of neighbouring records that
+    /// go, each at its own base offset and in the stored batch's
+    /// compression.
+    Runs(Vec<Bytes>),
+}
+
+/// Which records of `batch`, a data batch with header `h`, replicate to
+/// `cluster` by their [`REPLICATE_TO_HEADER`]. The header is expected to
+/// be rare: a batch whose (inflated) bytes do not hold its name is not
+/// decoded, and only a batch that mixes records that go with ones that
+/// stay is encoded again.
+pub fn replicable_to(batch: &Bytes, h: &BatchHeader, cluster: &str) -> Result<Replicable> {
+    let name = REPLICATE_TO_HEADER.as_bytes();
+    let records = batch
+        .get(HEADER_LEN..h.size.min(batch.len()))
+        .unwrap_or_default();
+    let compression = compression_of(h.compression()).ok_or_else(|| {
+        BrokerError::CorruptBatch(format!("unknown compression codec {}", h.compression()))
+    })?;
+    let named = match compression {
+        Compression::None => memchr::memmem::find(records, name).is_some(),
+        c => {
+            let inflated = inflate(c, records, MAX_INFLATED_BATCH)
+                .map_err(|e| BrokerError::CorruptBatch(format!("decompressing records: {e}")))?;
+            memchr::memmem::find(&inflated, name).is_some()
+        }
+    };
+    if !named {
+        return Ok(Replicable::Whole);
+    }
+    let all = decode_records(h, batch)?;
+    let goes: Vec<bool> = all
+        .iter()
+        .map(|r| {
+            match r
+                .message
+                .headers
+                .iter()
+                .find(|(n, _)| n == REPLICATE_TO_HEADER)
+            {
+                None => true,
+                Some((_, v)) => v
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(|&c| c == b',')
+                    .any(|c| c.trim_ascii() == cluster.as_bytes()),
+            }
+        })
+        .collect();
+    if goes.iter().all(|&g| g) {
+        return Ok(Replicable::Whole);
+    }
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < all.len() {
+        if !goes[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 1;
+        while i < all.len() && goes[i] && all[i].offset == all[i - 1].offset + 1 {
+            i += 1;
+        }
+        let run = &all[start..i];
+        let plain = encode_with(run.iter().map(|r| &r.message), |j| j as i64, None, 0)?;
+        let batch = match compression {
+            Compression::None => plain,
+            _ => recompress(plain, h.compression())?,
+        };
+        runs.push(with_base_offset(batch, run[0].offset));
+    }
+    Ok(if runs.is_empty() {
+        Replicable::Nothing
+    } else {
+        Replicable::Runs(runs)
+    })
+}
+
 /// Decodes the records of one stored batch (any compression). Control
 /// records (transaction markers) are not messages and are skipped.
 pub fn decode_entry(entry: &Bytes) -> Result<Vec<StoredMessage>> {
@@ -927,6 +1019,82 @@ mod tests {
                     .with_header("h", format!("{i}"))
             })
             .collect()
+    }
+
+    #[test]
+    fn per_message_replication_splits_a_mixed_batch_into_runs() {
+        let to = |v: &str| {
+            (
+                REPLICATE_TO_HEADER.to_string(),
+                Some(Bytes::from(v.to_owned())),
+            )
+        };
+        let mut msgs = sample(6);
+        msgs[1].headers.push(to("east"));
+        msgs[2].headers.push(to(" east , mars "));
+        msgs[4].headers.push(to("east,west"));
+        msgs[5].headers.push(to(""));
+        for codec in [0u16, 3] {
+            let plain = with_base_offset(encode_messages(&msgs).expect("encode"), 100);
+            let batch = recompress(plain, codec).expect("recompress");
+            let h = validate_batch(&batch).expect("valid");
+            let offsets = |r: Replicable| -> Vec<Vec<u64>> {
+                let Replicable::Runs(runs) = r else {
+                    panic!("expected runs, got {r:?}")
+                };
+                runs.iter()
+                    .map(|b| {
+                        let rh = validate_batch(b).expect("a run is a valid batch");
+                        assert_eq!(rh.compression(), codec);
+                        assert_eq!(rh.offset_count(), rh.record_count as u64);
+                        decode_entry(b)
+                            .expect("decode")
+                            .iter()
+                            .map(|m| m.offset)
+                            .collect()
+                    })
+                    .collect()
+            };
+            let west = replicable_to(&batch, &h, "west").expect("select");
+            assert_eq!(offsets(west), vec![vec![100], vec![103, 104]]);
+            let mars = replicable_to(&batch, &h, "mars").expect("select");
+            assert_eq!(offsets(mars), vec![vec![100], vec![102, 103]]);
+            // What stays whole is sent as it is stored.
+            let all = encode_messages(&sample(3)).expect("encode");
+            let ah = validate_batch(&all).expect("valid");
+            assert_eq!(
+                replicable_to(&all, &ah, "west").expect("select"),
+                Replicable::Whole
+            );
+            let local: Vec<Message> = sample(2)
+                .into_iter()
+                .map(|mut m| {
+                    m.headers.push(to("east"));
+                    m
+                })
+                .collect();
+            let local =
+                recompress(encode_messages(&local).expect("encode"), codec).expect("recompress");
+            let lh = validate_batch(&local).expect("valid");
+            assert_eq!(
+                replicable_to(&local, &lh, "west").expect("select"),
+                Replicable::Nothing
+            );
+            assert_eq!(
+                replicable_to(&local, &lh, "east").expect("select"),
+                Replicable::Whole
+            );
+        }
+        // The records of a run keep their keys, headers and timestamps.
+        let batch = with_base_offset(encode_messages(&msgs).expect("encode"), 100);
+        let h = validate_batch(&batch).expect("valid");
+        let Replicable::Runs(runs) = replicable_to(&batch, &h, "west").expect("select") else {
+            panic!("runs")
+        };
+        let before = decode_entry(&batch).expect("decode");
+        let after = decode_entry(&runs[1]).expect("decode");
+        assert_eq!(after[0], before[3]);
+        assert_eq!(after[1], before[4]);
     }
 
     #[test]

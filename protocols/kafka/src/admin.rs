@@ -443,6 +443,11 @@ impl Ctx {
         if validate_only {
             return Ok(partitions);
         }
+        // An explicit create, after which other clusters' replication
+        // may fill the topic again.
+        if let Err(e) = self.broker.clear_tombstone(&base).await {
+            return Err((code_of(&e), e.to_string()));
+        }
         match self.create_topic(&base, partitions).await {
             Ok(()) => {}
             Err(BrokerError::AlreadyExists(m)) => return Err((E::TopicAlreadyExists.code(), m)),

@@ -32,6 +32,7 @@ pub fn code_of(e: &BrokerError) -> i16 {
         BrokerError::Unauthenticated(_) => E::SaslAuthenticationFailed.code(),
         BrokerError::InvalidArgument(_) => E::InvalidRequest.code(),
         BrokerError::PreconditionFailed(_) => E::InvalidRequest.code(),
+        BrokerError::Conflict(_) => E::PolicyViolation.code(),
         BrokerError::CorruptBatch(_) => E::CorruptMessage.code(),
         BrokerError::NotOwner { .. } => E::NotLeaderOrFollower.code(),
         BrokerError::TopicUnavailable(_) | BrokerError::ShuttingDown => {

@@ -5,6 +5,7 @@
 //! | `payload` (base64) | value |
 //! | `key` | key (UTF-8) |
 //! | `properties` | headers, in text |
+//! | `replicationClusters` | header `pulsar.replicate-to`, the names joined by commas: the record replicates to those clusters only |
 //! | `eventTime` | timestamp (else stamped on append) |
 //! | `publishTime` | timestamp |
 //! | `messageId` | topic tag, offset and partition (see [`IdBase`]) |
@@ -17,6 +18,8 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use bytes::Bytes;
+use magnetar_broker::format::REPLICATE_TO_HEADER;
 use magnetar_broker::subscription::Delivery;
 use magnetar_broker::Message;
 use magnetar_tenancy::TopicName;
@@ -79,14 +82,22 @@ pub fn to_record(m: &ProducerMessage) -> Result<Message> {
         Some(t) if !t.is_empty() => time::parse_ms(t)?,
         _ => 0,
     };
+    let mut headers: Vec<_> = m
+        .properties
+        .iter()
+        .filter(|(k, _)| m.replication_clusters.is_empty() || *k != REPLICATE_TO_HEADER)
+        .map(|(k, v)| (k.clone(), Some(Bytes::from(v.clone().into_bytes()))))
+        .collect();
+    if !m.replication_clusters.is_empty() {
+        headers.push((
+            REPLICATE_TO_HEADER.to_owned(),
+            Some(m.replication_clusters.join(",").into()),
+        ));
+    }
     Ok(Message {
         key: m.key.as_ref().map(|k| k.clone().into_bytes().into()),
         value: Some(value.into()),
-        headers: m
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes().into())))
-            .collect(),
+        headers,
         timestamp_ms,
     })
 }
@@ -151,6 +162,27 @@ mod tests {
             id.ledger,
             topic_tag(&"public/default/t".parse().expect("topic"))
         );
+    }
+
+    #[test]
+    fn replication_clusters_become_the_replicate_to_header() {
+        let p = ProducerMessage::parse(
+            r#"{"payload":"","properties":{"pulsar.replicate-to":"x"},"replicationClusters":["east","south"]}"#,
+        )
+        .expect("frame");
+        let r = to_record(&p).expect("record");
+        let to: Vec<_> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == REPLICATE_TO_HEADER)
+            .collect();
+        assert_eq!(to.len(), 1);
+        assert_eq!(
+            r.header(REPLICATE_TO_HEADER).map(|v| &v[..]),
+            Some(&b"east,south"[..])
+        );
+        let p = ProducerMessage::parse(r#"{"payload":""}"#).expect("frame");
+        assert!(to_record(&p).expect("record").headers.is_empty());
     }
 
     #[test]

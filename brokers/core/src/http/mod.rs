@@ -115,6 +115,7 @@ pub fn status_of(e: &BrokerError) -> StatusCode {
         BrokerError::Tenancy(t) => tenancy_status(t),
         BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
         BrokerError::AlreadyExists(_)
+        | BrokerError::Conflict(_)
         | BrokerError::ConsumerBusy(_)
         | BrokerError::OutOfOrderSequence(_)
         | BrokerError::ProducerFenced(_) => StatusCode::CONFLICT,

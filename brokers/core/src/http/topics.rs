@@ -51,6 +51,7 @@ pub(super) async fn create_topic(
         ));
     }
     owned(&b, &name, &uri).await?;
+    b.clear_tombstone(&name).await?;
     b.create_topic(&name).await?;
     Ok(no_content())
 }
@@ -103,6 +104,7 @@ pub(super) async fn set_partitions(
     let name = topic_name(&d, &t, &ns, &topic)?;
     let n: u32 = body(&raw)?;
     if create {
+        b.clear_tombstone(&name).await?;
         b.create_partitioned_topic(&name, n).await?;
     } else {
         b.update_partitions(&name, n).await?;

@@ -77,6 +77,10 @@ pub const GEO_STATE_TOPIC: &str = "__geo-state";
 /// clusters', and the local routing in) has a record, it goes.
 pub const GEO_TOPIC_PREFIX: &str = "__geo-";
 
+/// A replicated topic deleted here, followed by the topic's path: inbound
+/// replication does not make it again until it is created explicitly.
+pub const GEO_TOMBSTONE_PREFIX: &str = "/geo/tombstones/";
+
 /// Where brokers send each other publishes for topics they do not own,
 /// followed by the topic's path.
 pub const FORWARD_PATH: &str = "/internal/v1/batch/";

@@ -221,8 +221,70 @@ impl Broker {
         Ok(out)
     }
 
-    /// Deletes a topic, or every partition of a partitioned one.
+    /// Deletes a topic, or every partition of a partitioned one. A topic
+    /// that replicates to other clusters (it has `pulsar.repl.*` cursors)
+    /// goes only with `force`, and leaves a tombstone so that the other
+    /// clusters' replication does not make it again; their copies stay.
     pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        let replicated = self.has_replicators(name).await?;
+        if replicated && !force {
+            return Err(BrokerError::Conflict(format!(
+                "topic {name} is replicated to other clusters; delete it with force=true, \
+                 which leaves a tombstone so that their replication does not make it again"
+            )));
+        }
+        self.delete_topic_data(name, force).await?;
+        if replicated {
+            let tombstone = serde_json::json!({ "deletedAtMs": crate::format::now_ms() });
+            self.inner
+                .meta
+                .put(
+                    &format!("{GEO_TOMBSTONE_PREFIX}{}", name.base().path()),
+                    tombstone.to_string(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a replicated topic was deleted here and not created again
+    /// explicitly since.
+    pub async fn tombstoned(&self, base: &TopicName) -> Result<bool> {
+        let key = format!("{GEO_TOMBSTONE_PREFIX}{}", base.base().path());
+        Ok(self.inner.meta.get(&key).await?.is_some())
+    }
+
+    /// Forgets a deleted topic's tombstone: it is being created
+    /// explicitly.
+    pub async fn clear_tombstone(&self, base: &TopicName) -> Result<()> {
+        if self.tombstoned(base).await? {
+            let key = format!("{GEO_TOMBSTONE_PREFIX}{}", base.base().path());
+            self.inner.meta.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether any partition of the topic has a replicator's cursor.
+    async fn has_replicators(&self, name: &TopicName) -> Result<bool> {
+        let parts = match self.partitions(name).await? {
+            Some(n) => (0..n).map(|i| name.partition(i)).collect(),
+            None => vec![name.clone()],
+        };
+        for p in parts {
+            let prefix = format!(
+                "{}{}/{}",
+                crate::subscription::CURSOR_PREFIX,
+                p.path(),
+                crate::topic::REPLICATOR_PREFIX
+            );
+            if !self.inner.meta.list_keys(&prefix).await?.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn delete_topic_data(&self, name: &TopicName, force: bool) -> Result<()> {
         if let Some(n) = self.partitions(name).await? {
             for i in 0..n {
                 let p = name.partition(i);
