@@ -72,9 +72,18 @@ fn size_of(m: &Message) -> usize {
             .sum::<usize>()
 }
 
+/// Every publish of a failed batch gets the error. A refusal the client
+/// is told about by its protocol (a quota, a bad message) stays what it
+/// is; anything else is a retriable unavailability.
 fn fail(replies: Vec<Reply>, e: &BrokerError) {
+    let each = || match e {
+        BrokerError::QuotaExceeded(m) => BrokerError::QuotaExceeded(m.clone()),
+        BrokerError::InvalidArgument(m) => BrokerError::InvalidArgument(m.clone()),
+        BrokerError::AccessRefused(m) => BrokerError::AccessRefused(m.clone()),
+        e => BrokerError::TopicUnavailable(e.to_string()),
+    };
     for r in replies {
-        let _ = r.send(Err(BrokerError::TopicUnavailable(e.to_string())));
+        let _ = r.send(Err(each()));
     }
 }
 

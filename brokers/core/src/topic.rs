@@ -777,8 +777,11 @@ impl Topic {
             .min()
     }
 
-    /// Bytes of the ledgers not wholly acknowledged by the slowest
-    /// subscription (ledger granularity, as Pulsar measures it).
+    /// Bytes the slowest subscription has not acknowledged: the ledgers
+    /// after its position, and of the ledger it is in the share of its
+    /// offsets still ahead (Pulsar's estimated backlog size). Counting
+    /// the whole ledger instead would keep a topic over its quota until
+    /// the ledger rolls, long after the backlog drained.
     pub async fn backlog_bytes(&self) -> u64 {
         let Some(slowest) = self.slowest_mark_delete().await else {
             return 0;
@@ -786,7 +789,14 @@ impl Topic {
         self.ledgers()
             .iter()
             .filter(|l| l.end_offset() > slowest)
-            .map(|l| l.size)
+            .map(|l| {
+                if l.first_offset >= slowest || l.offsets == 0 {
+                    l.size
+                } else {
+                    let ahead = l.end_offset() - slowest;
+                    (u128::from(l.size) * u128::from(ahead) / u128::from(l.offsets)) as u64
+                }
+            })
             .sum()
     }
 

@@ -39,6 +39,12 @@ pub enum MqttError {
 }
 
 impl MqttError {
+    /// Whether the broker refused for a quota: what a v5 client is told
+    /// per publish, with 0x97.
+    pub fn is_quota(&self) -> bool {
+        matches!(self, MqttError::Broker(BrokerError::QuotaExceeded(_)))
+    }
+
     /// The reason an MQTT 5 client is told in DISCONNECT.
     pub fn reason(&self) -> DisconnectReasonCode {
         use DisconnectReasonCode as R;

@@ -592,9 +592,14 @@ impl Conn {
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
                 }
                 Some((ack, r)) = self.stores.next(), if !self.stores.is_empty() => {
-                    if let Err(e) = r {
-                        return End::Abrupt(Some(e));
-                    }
+                    // A v5 publish refused for a quota is answered with
+                    // 0x97 and the connection stays; a 3.1.1 client has
+                    // no way to be told but being disconnected.
+                    let ack = match (r, ack.over_quota()) {
+                        (Ok(()), _) => ack,
+                        (Err(e), Some(refusal)) if e.is_quota() && self.v5 => refusal,
+                        (Err(e), _) => return End::Abrupt(Some(e)),
+                    };
                     if let Reply::PubRec(id) = ack {
                         self.ctx.registry().received.entry((self.ns.clone(), self.client_id.clone())).or_default().insert(id.get());
                     }
@@ -729,7 +734,14 @@ impl Conn {
             .gate
             .wait(self.read_conn, self.read_seq, &self.ns, &topic)
             .await;
-        let mut stored = self.ctx.publish(&self.ns, &topic, record, p.retain).await?;
+        let mut stored = match self.ctx.publish(&self.ns, &topic, record, p.retain).await {
+            Ok(stored) => stored,
+            // A v5 client is told in turn, by the acknowledgement.
+            Err(e) if e.is_quota() && self.v5 && ack.over_quota().is_some() => {
+                futures::future::ready(Err(e)).boxed()
+            }
+            Err(e) => return Err(e),
+        };
         if let (Reply::PubRec(id), true) = (ack, self.expiry > 0) {
             // Remembered durably before PUBREC goes out.
             let key = format!("{}{id}", Ctx::qos2_prefix(&self.ns, &self.client_id));

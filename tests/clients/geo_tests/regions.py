@@ -54,6 +54,15 @@ def regions(names, extra=(), urls=None, replicate=None, kafka_ns=NS):
         yield out
 
 
+def replicate_default(regions_):
+    """Replicates `public/default`, where AMQP and MQTT clients land,
+    between all of `regions_`."""
+    names = [s.name for s in regions_]
+    for s in regions_:
+        ok(call(s, "POST", "/admin/v2/tenants/public", {"allowedClusters": names}))
+        ok(call(s, "POST", "/admin/v2/namespaces/public/default/replication", names))
+
+
 def connect(out, urls=None):
     for a in out.values():
         for b in out.values():

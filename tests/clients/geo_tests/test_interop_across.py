@@ -5,15 +5,12 @@ are; what enters an exchange in east is routed through west's exchange
 of the same name (exchange federation), so west's queues and MQTT
 sessions get each message once."""
 
-from geo_tests.regions import ok, regions
+from geo_tests.regions import regions, replicate_default
 from interop_tests.test_matrix import Matrix, run_matrix
-from interop_tests.test_routes import call
 
 
 def test_sixteen_of_sixteen_from_east_to_west(capsys):
     with regions(["east", "west"], kafka_ns="public/default") as r:
         east, west = r["east"], r["west"]
-        for s in (east, west):
-            ok(call(s, "POST", "/admin/v2/tenants/public", {"allowedClusters": ["east", "west"]}))
-            ok(call(s, "POST", "/admin/v2/namespaces/public/default/replication", ["east", "west"]))
+        replicate_default([east, west])
         run_matrix(Matrix(east, sink=west), capsys, title="east -> west")

@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from websockets.sync.client import connect
 
-from geo_tests.regions import ok, regions, wait_for
+from geo_tests.regions import ok, regions, replicate_default, wait_for
 from interop_tests.test_routes import call
 
 HEADER = "pulsar.replicate-to"
@@ -53,9 +53,7 @@ def replication_of(region, topic):
 def test_per_message_replicate_to_keeps_records_home_on_every_protocol():
     with regions(["east", "west"], kafka_ns=NS) as r:
         east, west = r["east"], r["west"]
-        for s in (east, west):
-            ok(call(s, "POST", "/admin/v2/tenants/public", {"allowedClusters": ["east", "west"]}))
-            ok(call(s, "POST", f"/admin/v2/namespaces/{NS}/replication", ["east", "west"]))
+        replicate_default([east, west])
 
         # Kafka: one lz4 batch that mixes records for west with ones kept
         # in east, so that it is sent in parts.

@@ -8,8 +8,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from geo_tests.regions import ok, regions
-from interop_tests.test_routes import call
+from geo_tests.regions import regions, replicate_default
 
 
 def retained_of(region, topic, wait=1.0):
@@ -58,9 +57,7 @@ def eventually(region, topic, want, timeout):
 def test_retained_messages_replicate_and_clear_across_regions():
     with regions(["east", "west"], kafka_ns="public/default") as r:
         east, west = r["east"], r["west"]
-        for s in (east, west):
-            ok(call(s, "POST", "/admin/v2/tenants/public", {"allowedClusters": ["east", "west"]}))
-            ok(call(s, "POST", "/admin/v2/namespaces/public/default/replication", ["east", "west"]))
+        replicate_default([east, west])
         time.sleep(2)
         start = time.time()
         publish(east, "s/1", b"from-east")

@@ -140,8 +140,24 @@ pub(crate) enum Reply {
     /// A v5 publish the role may not make: PUBACK or (QoS 2) PUBREC with
     /// 0x87, which ends its flow.
     Refused(NonZeroU16, QoS),
+    /// A v5 publish the broker would not store for a quota (the backlog
+    /// quota of a topic it reaches): PUBACK or PUBREC with 0x97, which
+    /// ends its flow; the connection stays.
+    OverQuota(NonZeroU16, QoS),
     /// QoS 0: nothing.
     Nothing,
+}
+
+impl Reply {
+    /// What a v5 client is told instead, when the store this reply
+    /// waited for was refused for a quota.
+    pub(crate) fn over_quota(self) -> Option<Reply> {
+        match self {
+            Reply::PubAck(id) => Some(Reply::OverQuota(id, QoS::AtLeastOnce)),
+            Reply::PubRec(id) => Some(Reply::OverQuota(id, QoS::ExactlyOnce)),
+            _ => None,
+        }
+    }
 }
 
 /// What becomes of a client's PUBLISH.
@@ -238,6 +254,17 @@ impl Publishes {
             Reply::PubRec(id) => Some(Packet::PublishReceived(codec::ack(id))),
             Reply::Refused(id, QoS::ExactlyOnce) => Some(Packet::PublishReceived(refused(id))),
             Reply::Refused(id, _) => Some(Packet::PublishAck(refused(id))),
+            Reply::OverQuota(id, qos) => {
+                let a = v5::PublishAck {
+                    reason_code: v5::PublishAckReason::QuotaExceeded,
+                    ..codec::ack(id)
+                };
+                Some(if qos == QoS::ExactlyOnce {
+                    Packet::PublishReceived(a)
+                } else {
+                    Packet::PublishAck(a)
+                })
+            }
             Reply::Nothing => None,
         }
     }

@@ -164,6 +164,32 @@ fn a_v5_publish_without_the_grant_is_refused_with_0x87_and_ends_its_flow() {
 }
 
 #[test]
+fn a_store_over_quota_is_answered_with_0x97_and_ends_its_flow() {
+    let mut c = Publishes::new(10, 1, true);
+    let mut p = publish("s/1", QoS::ExactlyOnce, 5);
+    let Admission::Store { ack, .. } = c.publish(&mut p, Grants::ALL, never).expect("admitted")
+    else {
+        panic!("stored")
+    };
+    let refusal = ack.over_quota().expect("a QoS 2 publish has a refusal");
+    assert_eq!(
+        pubrec_reason(c.stored(refusal)),
+        PublishAckReason::QuotaExceeded
+    );
+    // The budget of one in-flight QoS 2 publish is back.
+    let mut q1 = publish("s/1", QoS::AtLeastOnce, 6);
+    let Admission::Store { ack, .. } = c.publish(&mut q1, Grants::ALL, never).expect("admitted")
+    else {
+        panic!("stored")
+    };
+    match c.stored(ack.over_quota().expect("refusal")) {
+        Some(Packet::PublishAck(a)) => assert_eq!(a.reason_code, PublishAckReason::QuotaExceeded),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(Reply::Nothing.over_quota(), None);
+}
+
+#[test]
 fn a_refused_qos0_publish_is_dropped_and_a_311_client_is_disconnected() {
     let mut c = Publishes::new(10, 10, true);
     let mut p = publish("s/1", QoS::AtMostOnce, 0);
