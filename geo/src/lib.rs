@@ -145,6 +145,12 @@ impl Geo {
         broker
             .metrics()
             .add_source(Arc::new(magnetar_broker::metrics::WeakSource(
+                Arc::downgrade(&receiver),
+                stats::ReceiverMetrics::scrape,
+            )));
+        broker
+            .metrics()
+            .add_source(Arc::new(magnetar_broker::metrics::WeakSource(
                 Arc::downgrade(&stats),
                 Stats::scrape,
             )));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Stream, StreamExt};
+use magnetar_broker::format::BatchHeader;
 use magnetar_broker::listener::PeerCertificate;
 use magnetar_broker::topic::ReplicatedAppend;
 use magnetar_broker::{Broker, BrokerError};
@@ -278,6 +279,7 @@ impl Replication for Receiver {
                         };
                         metrics.lag(&cluster, m.source_append_ms);
                         let len = m.batch.len() as u64;
+                        let records = BatchHeader::parse(&m.batch).map_or(0, |h| h.record_count.max(0) as u64);
                         match t.submit_replicated(source, m.prev, m.batch).await {
                             Ok(ReplicatedAppend::Pending(p)) => {
                                 let metrics = Arc::clone(&metrics);
@@ -285,7 +287,7 @@ impl Replication for Receiver {
                                 pending.push_back(async move {
                                     match p.await {
                                         Ok(at) => {
-                                            metrics.stored(&cluster, len);
+                                            metrics.stored(&cluster, records, len);
                                             (reply(Rr::StoredAt(at)), false)
                                         }
                                         Err(e) => (reply(Rr::Error(e.to_string())), true),

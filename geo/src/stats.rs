@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
-use magnetar_broker::metrics::add_gauges;
+use magnetar_broker::metrics::{add_gauges, RateWindow};
 use magnetar_tenancy::TopicName;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -32,6 +34,10 @@ pub struct ReplicatorStatus {
     pub remote_watermark: u64,
     pub msg_out_counter: u64,
     pub bytes_out_counter: u64,
+    /// Messages and bytes per second the remote stored, over the last
+    /// minute.
+    pub msg_rate_out: f64,
+    pub msg_throughput_out: f64,
     /// Age of the oldest batch sent and not yet stored, in seconds.
     pub replication_delay_in_seconds: u64,
     /// Records not sent because their `pulsar.replicate-to` header left
@@ -49,6 +55,7 @@ pub struct ReplicatorStatus {
 #[derive(Default)]
 pub struct Stats {
     replicators: Mutex<BTreeMap<(TopicName, String), ReplicatorStatus>>,
+    rates: RateWindow<(TopicName, String), 2>,
 }
 
 impl Stats {
@@ -75,8 +82,7 @@ impl Stats {
     pub fn of_topic(&self, topic: &TopicName) -> BTreeMap<String, ReplicatorStatus> {
         let base = topic.base();
         let mut out: BTreeMap<String, ReplicatorStatus> = BTreeMap::new();
-        let all = self.replicators.lock().unwrap_or_else(|p| p.into_inner());
-        for ((t, remote), s) in all.iter() {
+        for (t, remote, s) in &self.all() {
             // A partition's own, or every partition's for the topic.
             let ours = t == topic || (topic.partition_index().is_none() && t.base() == base);
             if !ours {
@@ -91,6 +97,8 @@ impl Stats {
                     sum.msg_out_counter += s.msg_out_counter;
                     sum.bytes_out_counter += s.bytes_out_counter;
                     sum.msg_filtered_counter += s.msg_filtered_counter;
+                    sum.msg_rate_out += s.msg_rate_out;
+                    sum.msg_throughput_out += s.msg_throughput_out;
                     sum.split_batches += s.split_batches;
                     sum.connected &= s.connected;
                     sum.replication_delay_in_seconds = sum
@@ -106,13 +114,33 @@ impl Stats {
         out
     }
 
-    /// Every replicator, for `geo status`.
+    /// Every replicator, with its rates, for `geo status`.
     pub fn all(&self) -> Vec<(TopicName, String, ReplicatorStatus)> {
-        self.replicators
+        let all: Vec<_> = self
+            .replicators
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|((t, r), s)| (t.clone(), r.clone(), s.clone()))
+            .collect();
+        let counters = all
+            .iter()
+            .map(|(t, r, s)| {
+                (
+                    (t.clone(), r.clone()),
+                    [s.msg_out_counter, s.bytes_out_counter],
+                )
+            })
+            .collect();
+        let rates = self.rates.rates(Instant::now(), counters);
+        all.into_iter()
+            .map(|(t, r, mut s)| {
+                if let Some([msgs, bytes]) = rates.get(&(t.clone(), r.clone())) {
+                    s.msg_rate_out = *msgs;
+                    s.msg_throughput_out = *bytes;
+                }
+                (t, r, s)
+            })
             .collect()
     }
 
@@ -121,8 +149,13 @@ impl Stats {
         Box::pin(async move {
             type Key = (String, String);
             let mut sums: BTreeMap<Key, [i64; 7]> = BTreeMap::new();
+            let mut rates: BTreeMap<Key, [f64; 2]> = BTreeMap::new();
             for (t, remote, s) in self.all() {
-                let e = sums.entry((t.namespace().to_string(), remote)).or_default();
+                let key = (t.namespace().to_string(), remote);
+                let r = rates.entry(key.clone()).or_default();
+                r[0] += s.msg_rate_out;
+                r[1] += s.msg_throughput_out;
+                let e = sums.entry(key).or_default();
                 e[0] += s.replication_backlog as i64;
                 e[1] += i64::from(s.connected);
                 e[2] = e[2].max(s.replication_delay_in_seconds as i64);
@@ -174,6 +207,20 @@ impl Stats {
                 "Bytes the remote cluster stored, since the replicators started",
                 family(4),
             );
+            add_rates(
+                &mut r,
+                [
+                    (
+                        "pulsar_replication_rate_out",
+                        "Messages per second the remote cluster stored, over the last minute",
+                    ),
+                    (
+                        "pulsar_replication_throughput_out",
+                        "Bytes per second the remote cluster stored, over the last minute",
+                    ),
+                ],
+                rates.iter().map(|(k, v)| (labels(k), *v)),
+            );
             add_gauges(
                 &mut r,
                 "magnetar_replication_filtered_messages",
@@ -198,6 +245,9 @@ pub struct ReceiverMetrics {
     out_of_order: Family<Vec<(&'static str, String)>, Counter>,
     stored_bytes: Family<Vec<(&'static str, String)>, Counter>,
     lag_ms: Family<Vec<(&'static str, String)>, Histogram>,
+    /// Messages and bytes stored, by source cluster, for the rates.
+    totals: Mutex<BTreeMap<String, [u64; 2]>>,
+    rates: RateWindow<String, 2>,
     /// Batches stored, for tests and `geo status`.
     pub stored_batches: AtomicU64,
 }
@@ -214,6 +264,8 @@ impl ReceiverMetrics {
                     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 30000.0,
                 ])
             }),
+            totals: Mutex::default(),
+            rates: RateWindow::default(),
             stored_batches: AtomicU64::new(0),
         }
     }
@@ -235,8 +287,14 @@ impl ReceiverMetrics {
             .observe(now.saturating_sub(source_append_ms) as f64);
     }
 
-    pub(crate) fn stored(&self, source: &str, bytes: u64) {
+    pub(crate) fn stored(&self, source: &str, messages: u64, bytes: u64) {
         self.stored_batches.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            let t = totals.entry(source.to_owned()).or_default();
+            t[0] += messages;
+            t[1] += bytes;
+        }
         self.stored_bytes
             .get_or_create(&self.labels(source))
             .inc_by(bytes);
@@ -248,6 +306,35 @@ impl ReceiverMetrics {
 
     pub(crate) fn out_of_order(&self, source: &str) {
         self.out_of_order.get_or_create(&self.labels(source)).inc();
+    }
+
+    /// `pulsar_replication_rate_in` and `_throughput_in`, by source
+    /// cluster, over the last minute.
+    pub(crate) fn scrape<'a>(self: Arc<Self>, _cluster: &'a str) -> BoxFuture<'a, Registry> {
+        Box::pin(async move {
+            let totals = self
+                .totals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let rates = self.rates.rates(Instant::now(), totals);
+            let mut r = Registry::default();
+            add_rates(
+                &mut r,
+                [
+                    (
+                        "pulsar_replication_rate_in",
+                        "Messages per second stored from the remote cluster, over the last minute",
+                    ),
+                    (
+                        "pulsar_replication_throughput_in",
+                        "Bytes per second stored from the remote cluster, over the last minute",
+                    ),
+                ],
+                rates.iter().map(|(source, v)| (self.labels(source), *v)),
+            );
+            r
+        })
     }
 
     /// Registers the series with the broker's registry.
@@ -272,6 +359,24 @@ impl ReceiverMetrics {
             "From the source's append to the receipt here, in milliseconds",
             self.lag_ms.clone(),
         );
+    }
+}
+
+/// A pair of per-second gauges (messages, bytes), one row per label set.
+fn add_rates(
+    r: &mut Registry,
+    names: [(&'static str, &'static str); 2],
+    rows: impl Iterator<Item = (Vec<(&'static str, String)>, [f64; 2])>,
+) {
+    type Rate = Family<Vec<(&'static str, String)>, Gauge<f64, AtomicU64>>;
+    let families: [Rate; 2] = Default::default();
+    for (labels, v) in rows {
+        for (f, v) in families.iter().zip(v) {
+            f.get_or_create(&labels).set(v);
+        }
+    }
+    for ((name, help), f) in names.into_iter().zip(families) {
+        r.register(name, help, f);
     }
 }
 

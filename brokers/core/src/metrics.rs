@@ -133,11 +133,64 @@ pub fn add_gauges(
     r.register(name, help, f);
 }
 
-/// Every namespace's traffic counters at one moment.
-type Sample = BTreeMap<NsLabels, [u64; 4]>;
-
 /// How far back the rates look.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Per-second rates of `N` counters per key, over the samples of the last
+/// minute (Pulsar's rates are over its one-minute stats interval). A
+/// sample is taken at each read, one a second at most, so that many
+/// scrapers keep the window short; the first read has nothing to compare
+/// with, and reports 0.
+pub struct RateWindow<K, const N: usize> {
+    samples: Mutex<std::collections::VecDeque<Sample<K, N>>>,
+}
+
+/// The counters as they stood at one moment.
+type Sample<K, const N: usize> = (Instant, BTreeMap<K, [u64; N]>);
+
+impl<K, const N: usize> Default for RateWindow<K, N> {
+    fn default() -> Self {
+        RateWindow {
+            samples: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+}
+
+impl<K: Ord + Clone, const N: usize> RateWindow<K, N> {
+    /// The rates of `current`, the counters as they stand at `now`.
+    pub fn rates(&self, now: Instant, current: BTreeMap<K, [u64; N]>) -> BTreeMap<K, [f64; N]> {
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        while samples.len() > 1
+            && samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let base = samples
+            .front()
+            .filter(|(t, _)| now.duration_since(*t) >= Duration::from_millis(500));
+        let mut out = BTreeMap::new();
+        for (l, v) in &current {
+            let mut r = [0.0; N];
+            if let Some((t, old)) = base {
+                let dt = now.duration_since(*t).as_secs_f64();
+                let was = old.get(l).copied().unwrap_or([0; N]);
+                for i in 0..N {
+                    r[i] = v[i].saturating_sub(was[i]) as f64 / dt;
+                }
+            }
+            out.insert(l.clone(), r);
+        }
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            samples.push_back((now, current));
+        }
+        out
+    }
+}
 
 /// A connection counted in `pulsar_producers_count` until it is dropped.
 #[derive(Debug)]
@@ -186,9 +239,8 @@ pub struct BrokerMetrics {
     offload_errors: Family<NsLabels, Counter>,
     /// Every namespace's four traffic counters, for the rates.
     traffic: Mutex<BTreeMap<NsLabels, [Counter; 4]>>,
-    /// The traffic counters as they stood at recent scrapes, oldest
-    /// first: the rates are taken over the last minute of them.
-    samples: Mutex<std::collections::VecDeque<(Instant, Sample)>>,
+    /// The rates of the traffic counters.
+    traffic_rates: RateWindow<NsLabels, 4>,
     /// The counters and whatever collectors the process adds (the
     /// process's own, and in standalone the metadata node's and the
     /// bookie's).
@@ -227,7 +279,7 @@ impl BrokerMetrics {
             offload_ledgers: Family::default(),
             offload_errors: Family::default(),
             traffic: Mutex::new(BTreeMap::new()),
-            samples: Mutex::new(std::collections::VecDeque::new()),
+            traffic_rates: RateWindow::default(),
             registry: RwLock::new(Registry::default()),
             admissions: Mutex::new(Vec::new()),
             retired: Mutex::new(BTreeMap::new()),
@@ -363,45 +415,14 @@ impl BrokerMetrics {
     /// `pulsar_throughput_in` are over its one-minute stats interval).
     /// The first scrape has nothing to compare with, and reports 0.
     fn rates(&self, now: Instant) -> BTreeMap<NsLabels, [f64; 4]> {
-        let current: Sample = self
+        let current = self
             .traffic
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(l, c)| (l.clone(), [c[0].get(), c[1].get(), c[2].get(), c[3].get()]))
             .collect();
-        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        while samples.len() > 1
-            && samples
-                .get(1)
-                .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
-        {
-            samples.pop_front();
-        }
-        let base = samples
-            .front()
-            .filter(|(t, _)| now.duration_since(*t) >= Duration::from_millis(500));
-        let mut out = BTreeMap::new();
-        for (l, v) in &current {
-            let mut r = [0.0; 4];
-            if let Some((t, old)) = base {
-                let dt = now.duration_since(*t).as_secs_f64();
-                let was = old.get(l).copied().unwrap_or_default();
-                for i in 0..4 {
-                    r[i] = v[i].saturating_sub(was[i]) as f64 / dt;
-                }
-            }
-            out.insert(l.clone(), r);
-        }
-        // One sample a second at most: many scrapers keep the window
-        // short.
-        if samples
-            .back()
-            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            samples.push_back((now, current));
-        }
-        out
+        self.traffic_rates.rates(now, current)
     }
 
     /// The histogram a protocol times its publishes in.

@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from conftest import BIN
-from geo_tests.regions import NS, ok, partitioned, regions, replication, stats, wait_for
+from geo_tests.regions import NS, metric, ok, partitioned, regions, replication, stats, wait_for
 from interop_tests.test_routes import call
 
 
@@ -96,6 +96,9 @@ def consume(region, topic, partitions, expected, timeout=120):
 def test_one_way_records_arrive_once_in_order_with_everything_they_carry(mesh):
     east, west = mesh["east"], mesh["west"]
     partitioned([east], "orders", 6)
+    # A first sample for the rates, before anything moves.
+    metric(east, "pulsar_replication_rate_out")
+    metric(west, "pulsar_replication_rate_in")
     sent = produce(east, "orders", 100_000, "east")
     # West makes the topic as east has it, and holds exactly what east
     # acknowledged, partition by partition, in east's order.
@@ -114,6 +117,10 @@ def test_one_way_records_arrive_once_in_order_with_everything_they_carry(mesh):
     assert stats(east, "orders")["storageSize"] < 100_000 * 1024 / 2, "lz4 kept"
     r = replication(east, "orders", "west")
     assert r["connected"] and r["state"] == "running" and r["replicationBacklog"] == 0, r
+    # Rates over the last minute, on both sides.
+    assert r["msgRateOut"] > 0 and r["msgThroughputOut"] > r["msgRateOut"], r
+    assert metric(east, "pulsar_replication_rate_out", [("remoteCluster", "west")]) > 0
+    assert metric(west, "pulsar_replication_throughput_in", [("remoteCluster", "east")]) > 0
     # The operator's view: one line per namespace and remote cluster.
     done = subprocess.run([BIN, "admin", "--url", east.http, "geo", "status"],
                           capture_output=True, text=True, timeout=30)

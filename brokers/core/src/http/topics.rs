@@ -284,9 +284,17 @@ pub(super) async fn partitioned_stats(
         for (cluster, s) in r {
             let e = replication
                 .entry(cluster.clone())
-                .or_insert_with(|| json!({"replicationBacklog": 0, "msgOutCounter": 0, "bytesOutCounter": 0, "connected": true, "state": "running"}));
-            for f in ["replicationBacklog", "msgOutCounter", "bytesOutCounter"] {
-                e[f] = json!(e[f].as_u64().unwrap_or(0) + s[f].as_u64().unwrap_or(0));
+                .or_insert_with(|| json!({"connected": true, "state": "running"}));
+            // Counters, backlogs and rates add up; an age is the oldest;
+            // a partition's own position means nothing for the topic.
+            for (f, v) in s.as_object().into_iter().flatten() {
+                let Some(x) = v.as_number() else { continue };
+                e[f] = match (f.as_str(), x.as_u64(), e[f].as_u64()) {
+                    ("remoteWatermark", ..) => continue,
+                    ("replicationDelayInSeconds", Some(a), b) => json!(a.max(b.unwrap_or(0))),
+                    (_, Some(a), b) if !e[f].is_f64() => json!(a + b.unwrap_or(0)),
+                    _ => json!(x.as_f64().unwrap_or(0.0) + e[f].as_f64().unwrap_or(0.0)),
+                };
             }
             e["connected"] = json!(
                 e["connected"].as_bool().unwrap_or(false)
