@@ -239,9 +239,13 @@ def test_a_partition_count_mismatch_pauses_visibly_and_loses_nothing(mesh):
     wait_for("partitionMismatch", lambda: replication(east, "mismatch", "west")
              .get("state") == "partitionMismatch", timeout=30)
     assert replication(east, "mismatch", "west")["replicationBacklog"] == 300
-    # The operator removes west's topic: replication makes it as east has
-    # it and catches up.
+    # The operator removes west's topic, which replicates too, so with
+    # force; its tombstone keeps replication from making it again until
+    # the operator creates it as east has it. Then it catches up.
     ok(call(west, "DELETE", f"/admin/v2/persistent/{NS}/mismatch?force=true"))
+    wait_for("remoteTopicDeleted", lambda: replication(east, "mismatch", "west")
+             .get("state") == "remoteTopicDeleted", timeout=30)
+    partitioned([west], "mismatch", 3)
     got = consume(west, "mismatch", 3, 300, timeout=60)
     assert sum(len(v) for v in got.values()) == 300
     assert stats(west, "mismatch")["metadata"]["partitions"] == 3
