@@ -79,7 +79,18 @@ impl Remote {
                 )
             }
         };
-        let tls = if data.broker_client_tls_enabled || data.service_url_tls.is_some() {
+        let wants_tls = data.broker_client_tls_enabled || data.service_url_tls.is_some();
+        // A link that would take any certificate would hand the stream
+        // and the token to whoever answers; refused, visibly, rather than
+        // ignored.
+        if wants_tls && data.tls_allow_insecure_connection {
+            return Err(config(
+                "tlsAllowInsecureConnection is not supported: links between clusters verify \
+                 the remote's certificate against brokerClientTrustCertsFilePath"
+                    .into(),
+            ));
+        }
+        let tls = if wants_tls {
             match data.broker_client_trust_certs_file_path.as_deref() {
                 Some(ca) => Some(
                     magnetar_net::GrpcClientTls::load(Path::new(ca), None)
@@ -167,5 +178,29 @@ impl Remote {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(url);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insecure_tls_link_is_refused_with_a_reason() {
+        let data = ClusterData {
+            service_url_tls: Some("https://west.example:8443".into()),
+            broker_client_tls_enabled: true,
+            tls_allow_insecure_connection: true,
+            ..ClusterData::default()
+        };
+        let e = Remote::new("west", data).expect_err("refused");
+        assert!(e.to_string().contains("tlsAllowInsecureConnection"), "{e}");
+        // Without TLS the flag has nothing to loosen.
+        let plain = ClusterData {
+            service_url: Some("http://west.example:8080".into()),
+            tls_allow_insecure_connection: true,
+            ..ClusterData::default()
+        };
+        assert!(Remote::new("west", plain).is_ok());
     }
 }

@@ -1255,6 +1255,30 @@ async fn replicated_batches_are_stored_exactly_once() {
         .map(|m| String::from_utf8(m.message.value.unwrap_or_default().to_vec()).expect("utf8"))
         .collect();
     assert_eq!(values, ["east-0", "east-1", "east-2", "east-5", "east-6"]);
+    // More local idempotent producers than the partition remembers (it
+    // forgets the least recently seen): the source's watermark is not
+    // among them, and a resend is still a duplicate.
+    let mut pending = Vec::new();
+    for id in 0..10_050i64 {
+        let b = encode_batch(
+            &[Message::new("local")],
+            Some(magnetar_broker::format::ProducerSequence {
+                producer_id: id,
+                epoch: 0,
+                base_sequence: 0,
+            }),
+        )
+        .expect("batch");
+        pending.push(t.submit_batch(b).await.expect("submitted"));
+    }
+    for p in pending {
+        p.await.expect("stored");
+    }
+    let r = t
+        .submit_replicated(9, 3, second.clone())
+        .await
+        .expect("resend after churn");
+    assert!(matches!(r, ReplicatedAppend::Duplicate));
     // A client cannot pass for replicated records.
     let one = batch(0, 1);
     let forged = magnetar_broker::format::with_geo_stamp(
@@ -1275,12 +1299,12 @@ async fn replicated_batches_are_stored_exactly_once() {
         .await
         .expect("resend after reload");
     assert!(matches!(r, ReplicatedAppend::Duplicate));
-    // And what continues it is stored.
+    // And what continues it is stored, after the local records.
     let r = t
         .submit_replicated(9, 7, batch(7, 2))
         .await
         .expect("after reload");
-    assert_eq!(stored(r).await, Some(5));
+    assert_eq!(stored(r).await, Some(5 + 10_050));
     // Another source cluster has a watermark of its own, and another life
     // of the source topic is refused rather than mixed in, even after a
     // reload with nothing written since the handshake.
