@@ -325,6 +325,9 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
         )
     };
     let mut events = Some(watch(&b));
+    // A topic made here replicates from its first record, without
+    // waiting for the next rescan.
+    let mut created = b.topics_created();
     drop(b);
     let mut running: HashMap<(TopicName, String), Running> = HashMap::new();
     let mut routing_in: HashMap<TopicName, Running> = HashMap::new();
@@ -336,6 +339,12 @@ async fn reconcile_loop(ctx: Arc<Ctx>, mut stopped: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = rescan.tick() => {}
+            r = created.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             _ = stopped.changed() => break,
             _ = shutdown.changed() => break,
             ev = async {

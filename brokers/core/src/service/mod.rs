@@ -348,6 +348,8 @@ struct Inner {
     routing_generation: std::sync::atomic::AtomicU64,
     retention_holds: std::sync::RwLock<Vec<Arc<dyn RetentionHold>>>,
     replication_stats: std::sync::RwLock<Option<ReplicationStats>>,
+    /// Counts the persistent topics this broker made.
+    topics_created: tokio::sync::watch::Sender<u64>,
     metrics: Arc<crate::metrics::BrokerMetrics>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -441,6 +443,7 @@ impl Broker {
             routing_generation: std::sync::atomic::AtomicU64::new(0),
             retention_holds: std::sync::RwLock::default(),
             replication_stats: std::sync::RwLock::default(),
+            topics_created: tokio::sync::watch::Sender::new(0),
             metrics: Arc::new(crate::metrics::BrokerMetrics::new(&cfg.cluster)),
             shutdown,
             meta,

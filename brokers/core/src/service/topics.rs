@@ -69,6 +69,9 @@ impl Broker {
                     self.inner.cfg.managed_ledger.clone(),
                 )
                 .await?;
+                if !exists {
+                    self.inner.topics_created.send_modify(|n| *n += 1);
+                }
                 PartitionLog::Managed(ml)
             }
             TopicDomain::NonPersistent => PartitionLog::Memory(MemoryLog::new(
@@ -385,6 +388,12 @@ impl Broker {
         let mut stats = self.topic(name, false).await?.stats().await?;
         self.add_replication_stats(name, &mut stats);
         Ok(stats)
+    }
+
+    /// Changes whenever this broker makes a persistent topic (for
+    /// replication, which starts on it at once).
+    pub fn topics_created(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.topics_created.subscribe()
     }
 
     /// Reports replicators' stats in `topics stats` from now on.
