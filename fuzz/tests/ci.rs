@@ -177,7 +177,11 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
 /// The files of `corpus/<name>/`, in name order (read_dir's order is not
 /// the same everywhere).
 fn corpus(name: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Where the crate is now, not where a shared target directory's
+    // binary was built.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
         .join("corpus")
         .join(name);
     let Ok(entries) = std::fs::read_dir(dir) else {

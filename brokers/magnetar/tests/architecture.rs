@@ -9,7 +9,7 @@ use std::process::Command;
 const MAX_LINES: usize = 1_500;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    magnetar_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()
         .expect("the workspace root")

@@ -23,7 +23,8 @@ fn venv_python() -> PathBuf {
 }
 
 fn pytest(suite: &str) {
-    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients");
+    let clients =
+        magnetar_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients");
     let status = Command::new(venv_python())
         .current_dir(&clients)
         .args([

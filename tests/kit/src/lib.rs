@@ -18,3 +18,13 @@ pub mod faults;
 pub mod inproc;
 pub mod ports;
 pub mod process;
+
+/// The directory of the crate whose test is running: cargo's
+/// `CARGO_MANIFEST_DIR` when it runs the test, else `built_in`, where the
+/// binary was built. A target directory shared between clones may hold a
+/// test binary built in another clone.
+pub fn crate_dir(built_in: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| built_in.into())
+}

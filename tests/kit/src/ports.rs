@@ -70,9 +70,10 @@ mod tests {
 
     #[test]
     fn the_python_and_bash_helper_follows_the_same_rule() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/free_port.py");
+        let script = crate::crate_dir(env!("CARGO_MANIFEST_DIR")).join("free_port.py");
         let out = std::process::Command::new("python3")
-            .args([script, "3"])
+            .arg(&script)
+            .arg("3")
             .output()
             .expect("python3 runs");
         assert!(
