@@ -253,6 +253,15 @@ async fn session(
     // handled rather than avoided. A cursor far behind the remote (made
     // again, say) starts at the remote's watermark instead.
     let cursor = sub.mark_delete();
+    // Only this replicator moves its cursor, but for message TTL and the
+    // backlog quota's eviction: what they moved it over while the remote
+    // was away is never sent, and is counted.
+    ctx.stats.update(topic, remote_name, |s| {
+        if let Some(own) = s.own_mark.filter(|&own| cursor > own) {
+            s.replication_skipped += cursor - own;
+        }
+        s.own_mark = Some(cursor);
+    });
     let start = if next > cursor.saturating_add(MAX_RESEND) {
         next
     } else {
@@ -437,9 +446,11 @@ async fn session(
             .inflight
             .front()
             .map_or(0, |f| f.sent.elapsed().as_secs());
+        let own = sub.mark_delete();
         ctx.stats.update(topic, remote_name, |s| {
             s.replication_backlog = backlog;
             s.replication_delay_in_seconds = delay;
+            s.own_mark = Some(own);
         });
     }
 }

@@ -46,6 +46,12 @@ pub struct ReplicatorStatus {
     /// Stored batches that mixed records for this cluster with others,
     /// and were sent in parts.
     pub split_batches: u64,
+    /// Messages never sent because message TTL or the backlog quota's
+    /// eviction moved the cursor over them while the remote was away.
+    pub replication_skipped: u64,
+    /// Where this replicator last left its cursor.
+    #[serde(skip)]
+    pub(crate) own_mark: Option<u64>,
     /// The broker URL the stream goes to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbound_connection: Option<String>,
@@ -100,6 +106,7 @@ impl Stats {
                     sum.msg_rate_out += s.msg_rate_out;
                     sum.msg_throughput_out += s.msg_throughput_out;
                     sum.split_batches += s.split_batches;
+                    sum.replication_skipped += s.replication_skipped;
                     sum.connected &= s.connected;
                     sum.replication_delay_in_seconds = sum
                         .replication_delay_in_seconds

@@ -1,8 +1,9 @@
-"""The backlog quota counts what waits for another region: with west cut
-off, east's producers are refused once the replication backlog passes a
-1 MiB `producer_exception` quota (Kafka POLICY_VIOLATION, MQTT v5 PUBACK
-0x97, AMQP basic.nack), and accepted again once the link heals
-and the backlog drains. Everything acknowledged reaches west once."""
+"""The backlog quota counts what waits for another region, and message
+TTL expires it. With west cut off, east's producers are refused once the
+replication backlog passes a 1 MiB `producer_exception` quota (Kafka
+POLICY_VIOLATION, MQTT v5 PUBACK 0x97, AMQP basic.nack), and accepted
+again once the link heals and the backlog drains; everything
+acknowledged reaches west once."""
 
 import json
 import queue
@@ -16,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
 from faultproxy import FaultProxy
+from geo_tests.regions import NS as GEO_NS
 from geo_tests.regions import ok, register, regions, replicate_default, wait_for
 from interop_tests.test_routes import call
 
@@ -157,5 +159,54 @@ def test_backlog_quota_counts_the_replication_backlog_while_the_remote_is_away()
                     got.append(int(m.value()[:8]))
             c.close()
             assert Counter(got) == Counter(want)
+        finally:
+            proxy.close()
+
+
+def test_message_ttl_expires_what_waits_for_an_absent_region_and_counts_it():
+    """Pulsar's TTL applies to replicators too: what expires while west is
+    away is never sent, counted as `replicationSkipped`; what comes after
+    replicates once."""
+    with regions(["east", "west"], extra=["--retention-interval-s", "1"]) as r:
+        east, west = r["east"], r["west"]
+        proxy = FaultProxy(west.ports["http"])
+        try:
+            register(east, "west", proxy.url)
+            ok(call(east, "PUT", f"/admin/v2/persistent/{GEO_NS}/ttl"))
+            before, errors = kafka_burst(east, "ttl", 10, 0)
+            assert len(before) == 10 and not errors, errors
+
+            def west_values():
+                c = Consumer({"bootstrap.servers": west.kafka, "group.id": uuid.uuid4().hex,
+                              "enable.auto.commit": False})
+                c.assign([TopicPartition("ttl", 0, 0)])
+                got, idle = [], time.time()
+                while time.time() - idle < 2:
+                    m = c.poll(0.2)
+                    if m is not None and not m.error():
+                        got.append(int(m.value()[:8]))
+                        idle = time.time()
+                c.close()
+                return got
+            wait_for("the first records in west", lambda: len(west_values()) == 10)
+
+            proxy.cut()
+            ok(call(east, "POST", f"/admin/v2/namespaces/{GEO_NS}/messageTTL", 2))
+            expired, errors = kafka_burst(east, "ttl", 100, 100)
+            assert len(expired) == 100 and not errors, errors
+            # Past the TTL and a retention run or two.
+            time.sleep(6)
+            ok(call(east, "DELETE", f"/admin/v2/namespaces/{GEO_NS}/messageTTL"))
+            proxy.heal()
+            after, errors = kafka_burst(east, "ttl", 10, 1000)
+            assert len(after) == 10 and not errors, errors
+
+            def skipped():
+                status, body = call(east, "GET", f"/admin/v2/persistent/{GEO_NS}/ttl/stats")
+                assert status == 200, body
+                return json.loads(body)["replication"]["west"].get("replicationSkipped", 0)
+            wait_for("replicationSkipped", lambda: skipped() >= 100)
+            assert skipped() == 100
+            assert Counter(west_values()) == Counter(before + after)
         finally:
             proxy.close()
