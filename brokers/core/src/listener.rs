@@ -153,6 +153,10 @@ impl PeerCertificate {
     }
 }
 
+/// HTTP/2 flow-control windows of the HTTP listener (see `serve_http`).
+const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Serves HTTP/1.1 (with upgrades to WebSocket) and HTTP/2 (gRPC between
 /// clusters; h2c, or `h2` by ALPN over TLS) on `listener` under
 /// `admission`, over TLS with `tls`. A connection's first bytes, and then
@@ -183,14 +187,21 @@ pub async fn serve_http(
             http.http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(timeout);
-            // The flow-control window follows the measured bandwidth-delay
-            // product (as gRPC's own servers do): a fixed window caps a
-            // stream from another region at window / round trip.
+            // A stream from another region moves at most window / round
+            // trip. The windows are fixed rather than adaptive: hyper's
+            // estimate samples less and less often while a rate holds, so
+            // after a quiet minute a link took tens of seconds to open up
+            // to a higher rate. The stream window holds a replicator's
+            // whole pipeline (8 MiB in flight), and the connection window
+            // is the 16 MiB ceiling the adaptive one could be driven to by
+            // any peer anyway; data is held only while a handler has not
+            // read it, and every handler reads or drops its body at once.
             http.http2()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(20))
-                .adaptive_window(true)
+                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
                 .max_concurrent_streams(1024);
             // The shortest HTTP/1.1 request line ("GET / HTTP/1.1") and
             // the start of the HTTP/2 preface are this long.
