@@ -50,18 +50,14 @@ pub mod proto {
 /// on when they were written).
 pub(crate) fn replicated_records(
     entry: bytes::Bytes,
-) -> magnetar_broker::Result<Vec<magnetar_broker::Message>> {
+) -> magnetar_broker::Result<Vec<magnetar_broker::StoredMessage>> {
     let mut data = entry;
     let mut out = Vec::new();
     while !data.is_empty() {
         let h = magnetar_broker::format::BatchHeader::parse(&data)?;
         let batch = data.split_to(h.size.min(data.len()));
         if magnetar_broker::replicated::is_replicated(h.producer_id) && !h.is_control() {
-            out.extend(
-                magnetar_broker::format::decode_entry(&batch)?
-                    .into_iter()
-                    .map(|m| m.message),
-            );
+            out.extend(magnetar_broker::format::decode_entry(&batch)?);
         }
     }
     Ok(out)

@@ -173,7 +173,10 @@ async fn session(ctx: &Ctx, ns: &NamespaceName, stop: &mut watch::Receiver<bool>
             }
             for e in entries {
                 pos = e.base_offset + e.offsets;
-                for m in crate::replicated_records(e.data)? {
+                for m in crate::replicated_records(e.data)?
+                    .into_iter()
+                    .map(|s| s.message)
+                {
                     apply(ctx, &stores, &mut applied, m).await?;
                 }
             }

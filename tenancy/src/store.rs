@@ -16,6 +16,9 @@ const TENANTS: &str = "/admin/tenants/";
 const POLICIES: &str = "/admin/policies/";
 /// The last `geoId` given to a registered cluster.
 const GEO_IDS: &str = "/geo/cluster-ids";
+/// `geoId`s of streams routed in from another cluster (see
+/// [`TenancyStore::stream_geo_id`]), by stream.
+const GEO_STREAM_IDS: &str = "/geo/stream-ids/";
 /// Compare-and-set attempts before an update gives up with `Conflict`.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -116,6 +119,27 @@ impl TenancyStore {
         };
         self.create(&cluster_key(name), format!("cluster {name}"), &data)
             .await
+    }
+
+    /// The `geoId` of a stream other than a cluster (a life of an
+    /// exchange's capture topic routed in here), given once from the same
+    /// counter as clusters' so that no watermark is shared by two sources.
+    pub async fn stream_geo_id(&self, stream: &str) -> Result<u16> {
+        let key = format!("{GEO_STREAM_IDS}{stream}");
+        if let Some((id, _)) = self.read::<u16>(&key).await? {
+            return Ok(id);
+        }
+        let id = self.next_geo_id().await?;
+        match self.meta.create(&key, to_json(&id)).await {
+            Ok(_) => Ok(id),
+            // Another broker gave it one first; that one holds.
+            Err(MetaError::Conflict { .. }) => self
+                .read::<u16>(&key)
+                .await?
+                .map(|(id, _)| id)
+                .ok_or_else(|| TenancyError::Conflict(format!("the geoId of {stream}"))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A number never given before: a counter moved by compare-and-set.

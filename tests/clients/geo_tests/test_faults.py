@@ -1,8 +1,9 @@
 """Faults between and inside regions: the target killed and restarted,
 the link cut for a minute, the target frozen, and the source
-partition's owner killed mid-stream. Afterwards every message the source
-acknowledged is in the target exactly once, and the receiver's duplicate
-counter shows that resends happened and were absorbed."""
+partition's owner killed mid-stream, and the target killed while it
+routes an exchange's messages into a queue. Afterwards every message the
+source acknowledged is in the target exactly once, and the receiver's
+duplicate counter shows that resends happened and were absorbed."""
 
 import json
 import os
@@ -16,10 +17,11 @@ from collections import Counter
 from conftest import BIN, free_port
 from faultproxy import FaultProxy
 from geo_tests.regions import (NS, connect, metric, ok, partitioned, regions, register,
-                               replication, wait_for)
+                               replicate_default, replication, wait_for)
 from geo_tests.test_replication import consume
 from interop_tests.test_routes import call
 from confluent_kafka import Producer
+import pika
 
 
 class Paced:
@@ -203,3 +205,62 @@ def test_the_source_owner_killed_mid_stream():
             assert metric(west, "magnetar_replication_duplicates_total") > 0
         finally:
             east.stop()
+
+
+def test_routed_in_messages_reach_a_queue_once_across_a_kill_of_the_target():
+    """Exchange federation across a crash: west routes what east's
+    `amq.topic` captured into a durable queue, and is SIGKILLed while it
+    does. Whatever west had appended but not yet marked as routed is
+    routed again after the restart, and the queue's watermark for the
+    stream keeps it from being stored twice."""
+    n = 6000
+    with regions(["east", "west"]) as r:
+        east, west = r["east"], r["west"]
+        replicate_default([east, west])
+        tag = f"{time.time_ns() % 1_000_000}"
+        q = f"ri-{tag}"
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", west.amqp_port))
+        ch = conn.channel()
+        ch.queue_declare(q, durable=True)
+        ch.queue_bind(q, "amq.topic", routing_key=f"ri.{tag}.#")
+        conn.close()
+
+        confirmed = []
+
+        def publish():
+            pconn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", east.amqp_port))
+            pch = pconn.channel()
+            pch.confirm_delivery()
+            for i in range(n):
+                pch.basic_publish("amq.topic", f"ri.{tag}.m", str(i).encode(),
+                                  pika.BasicProperties(delivery_mode=2))
+                confirmed.append(i)
+            pconn.close()
+        t = threading.Thread(target=publish)
+        t.start()
+        wait_for("routing under way", lambda: len(confirmed) > n // 4, timeout=120)
+        west.kill()
+        west.start()
+        t.join()
+        assert len(confirmed) == n
+
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", west.amqp_port))
+        ch = conn.channel()
+        got = Counter()
+        deadline = time.time() + 120
+        quiet_since = None
+        while time.time() < deadline:
+            method, _props, body = ch.basic_get(q, auto_ack=True)
+            if method is None:
+                # Everything came; wait a little longer for any second copy.
+                if len(got) == n:
+                    quiet_since = quiet_since or time.time()
+                    if time.time() - quiet_since > 3:
+                        break
+                time.sleep(0.2)
+                continue
+            quiet_since = None
+            got[int(body)] += 1
+        conn.close()
+        assert set(got) == set(range(n)), sorted(set(range(n)) - set(got))[:10]
+        assert set(got.values()) == {1}, [k for k, c in got.items() if c > 1][:10]
