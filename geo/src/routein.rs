@@ -16,7 +16,7 @@ use futures::FutureExt;
 use magnetar_broker::service::GEO_EXCHANGE_PREFIX;
 use magnetar_broker::subscription::{InitialPosition, SubscriptionOptions, SubscriptionType};
 use magnetar_broker::topic::{ReplicatedAppend, Topic};
-use magnetar_broker::{format, BrokerError, Coalescer, Message, TopicRoute};
+use magnetar_broker::{coalesce, format, BrokerError, Coalescer, Message, TopicRoute};
 use magnetar_tenancy::TopicName;
 use tokio::sync::watch;
 
@@ -61,17 +61,14 @@ enum Dest {
     Coalesced(Coalescer),
 }
 
-/// Routed copies of neighbouring capture offsets `[base, next)`.
+/// Routed copies of neighbouring capture offsets `[base, next)`, sent
+/// once as large as a coalesced batch may be.
 struct Run {
     base: u64,
     next: u64,
     bytes: usize,
     messages: Vec<Message>,
 }
-
-/// A run is sent once it is this large, as the coalescer's batches are.
-const MAX_RUN_MESSAGES: usize = 2000;
-const MAX_RUN_BYTES: usize = 1 << 20;
 
 type Durable = BoxFuture<'static, magnetar_broker::Result<()>>;
 
@@ -117,8 +114,8 @@ impl Dest {
                 }
                 let fits = run.as_ref().is_some_and(|r| {
                     r.next == offset
-                        && r.messages.len() < MAX_RUN_MESSAGES
-                        && r.bytes < MAX_RUN_BYTES
+                        && r.messages.len() < coalesce::MAX_BATCH_MESSAGES
+                        && r.bytes < coalesce::MAX_BATCH_BYTES
                 });
                 if !fits {
                     if let Some(r) = run.take() {
@@ -132,7 +129,7 @@ impl Dest {
                     messages: Vec::new(),
                 });
                 r.next = offset + 1;
-                r.bytes += copy.value.as_ref().map_or(0, |v| v.len());
+                r.bytes += coalesce::size_of(&copy);
                 r.messages.push(copy);
             }
         }

@@ -25,8 +25,10 @@ use crate::topic::Published;
 /// Batches in flight before the coalescer waits; while it waits, the next
 /// batch gathers.
 const MAX_IN_FLIGHT: usize = 1;
-const MAX_BATCH_MESSAGES: usize = 2000;
-const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Bounds of one coalesced batch (by [`size_of`] for bytes); others that
+/// gather messages into batches use them too.
+pub const MAX_BATCH_MESSAGES: usize = 2000;
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 type Reply = oneshot::Sender<Result<u64>>;
 
@@ -63,7 +65,8 @@ impl Coalescer {
     }
 }
 
-fn size_of(m: &Message) -> usize {
+/// What a message counts for against [`MAX_BATCH_BYTES`].
+pub fn size_of(m: &Message) -> usize {
     m.value.as_ref().map_or(0, |v| v.len())
         + m.key.as_ref().map_or(0, |k| k.len())
         + m.headers
